@@ -1,0 +1,113 @@
+"""The ``xpbatch`` command line. It only translates: parse, build a config, call one function.
+
+Heavy modules (torch, dask, zarr) are imported inside the commands so ``xpbatch --help`` is instant.
+Shared options are defined once (``cluster_options``) and their defaults come from
+:mod:`xpbatch.config`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from xpbatch import __version__
+from xpbatch.config import ClusterConfig
+from xpbatch.errors import XPBatchError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_CLUSTER_DEFAULTS = ClusterConfig()
+
+
+def cluster_options(func: F) -> F:
+    """The ``--cluster`` family of options, shared by every command that uses Dask."""
+    options = [
+        click.option(
+            "--cluster",
+            default=None,
+            metavar="local-cuda|tcp://HOST:PORT",
+            help="Omit for a LocalCluster of CPU worker processes; 'local-cuda' for one "
+            "dask-cuda worker per GPU; or the address of a running scheduler.",
+        ),
+        click.option(
+            "--scheduler-file",
+            type=click.Path(dir_okay=False),
+            default=None,
+            help="Connect to the scheduler described by this file (Slurm, shared filesystem).",
+        ),
+        click.option(
+            "--n-workers",
+            type=int,
+            default=_CLUSTER_DEFAULTS.n_workers,
+            help="Worker processes of the local cluster [default: one per core].",
+        ),
+        click.option(
+            "--threads-per-worker",
+            type=int,
+            default=_CLUSTER_DEFAULTS.threads_per_worker,
+            show_default=True,
+            help="Threads per local worker (torch uses as many per task).",
+        ),
+        click.option(
+            "--dashboard-address",
+            default=_CLUSTER_DEFAULTS.dashboard_address,
+            show_default=True,
+            help="Where the local cluster's dashboard listens (':0' for any free port).",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def cluster_config(kwargs: dict[str, Any]) -> ClusterConfig:
+    """Pop the ``cluster_options`` from a command's kwargs into a :class:`ClusterConfig`."""
+    return ClusterConfig(
+        cluster=kwargs.pop("cluster"),
+        scheduler_file=kwargs.pop("scheduler_file"),
+        n_workers=kwargs.pop("n_workers"),
+        threads_per_worker=kwargs.pop("threads_per_worker"),
+        dashboard_address=kwargs.pop("dashboard_address"),
+    )
+
+
+class _Group(click.Group):
+    """Turns xpbatch's own errors into a one-line message and exit code 2, not a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except XPBatchError as e:
+            click.secho(f"error: {e}", fg="red", err=True)
+            sys.exit(2)
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__, prog_name="xpbatch")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+def main(verbose: int) -> None:
+    """Encode the Gaia DR3 BP/RP (XP) catalogue with a scatter VAE on Dask."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+
+
+@main.command("import-xpvae")
+@click.argument("weight", type=click.Path(exists=True, dir_okay=False))
+@click.option(
+    "--norm",
+    type=click.Path(exists=True, dir_okay=False),
+    required=True,
+    help="The authors' normalisation file (.npz with arrays 'mu' and 'sig', 110 values each).",
+)
+@click.option("-o", "--output", type=click.Path(), required=True, help="Model file to write.")
+@click.option("--name", default=None, help="Model name recorded in the file [default: file stem].")
+def import_xpvae_command(weight: str, norm: str, output: str, name: str | None) -> None:
+    """Convert the published scatter-VAE checkpoint (WEIGHT.pt) into an xpbatch model file."""
+    from xpbatch.artifact import import_xpvae
+
+    model = import_xpvae(weight, norm, output, name=name)
+    click.echo(f"wrote {output} (model {model.name}, sha256 {model.content_hash[:16]}…)")

@@ -1,0 +1,96 @@
+"""Connect to the Dask cluster a stage runs on: a LocalCluster, dask-cuda, or an existing one.
+
+The only place that creates Dask clusters. dask-cuda is imported only when asked for, because it
+needs CUDA libraries at import time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from xpbatch.config import CLUSTER_LOCAL_CUDA, ClusterConfig
+from xpbatch.errors import ClusterError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+
+def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
+    try:
+        from dask_cuda import LocalCUDACluster
+    except ImportError as e:  # also covers missing CUDA libraries at import
+        raise ClusterError(
+            f"--cluster local-cuda needs dask-cuda and CUDA libraries, but importing dask_cuda "
+            f"failed ({e}). Install the extra with `pip install 'xpbatch[cuda]'` on a GPU machine, "
+            "or omit --cluster to run on CPU workers."
+        ) from e
+    try:
+        import torch
+
+        n_gpus = torch.cuda.device_count()
+    except Exception:  # pragma: no cover - torch without CUDA support
+        n_gpus = 0
+    if n_gpus == 0:
+        raise ClusterError(
+            "--cluster local-cuda needs at least one CUDA GPU, but torch sees none. "
+            "Check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or omit --cluster to run on CPU workers."
+        )
+    return LocalCUDACluster(
+        dashboard_address=config.dashboard_address,
+        threads_per_worker=config.threads_per_worker,
+        memory_limit=config.memory_limit,
+    )
+
+
+@contextlib.contextmanager
+def connect(config: ClusterConfig) -> Iterator[Client]:
+    """Yield a ``distributed.Client`` for ``config``; close what we started on exit.
+
+    Examples
+    --------
+    >>> from xpbatch.config import ClusterConfig
+    >>> with connect(ClusterConfig(n_workers=2)) as client:  # doctest: +SKIP
+    ...     print(client.dashboard_link)
+    """
+    from distributed import Client, LocalCluster
+
+    if config.scheduler_file is not None:
+        if not os.path.exists(config.scheduler_file):
+            raise ClusterError(
+                f"scheduler file {config.scheduler_file} does not exist; start the scheduler "
+                "with `dask scheduler --scheduler-file FILE` first (see deploy/slurm/README.md)"
+            )
+        with Client(scheduler_file=config.scheduler_file) as client:
+            yield client
+        return
+    if config.cluster is not None and config.cluster != CLUSTER_LOCAL_CUDA:
+        try:
+            client = Client(config.cluster, timeout="30s")
+        except OSError as e:
+            raise ClusterError(
+                f"could not reach the Dask scheduler at {config.cluster}: {e}. "
+                "Is it running, and is the address/port right?"
+            ) from e
+        with client:
+            yield client
+        return
+    if config.cluster == CLUSTER_LOCAL_CUDA:
+        cluster = _local_cuda_cluster(config)
+    else:
+        cluster = LocalCluster(
+            n_workers=config.n_workers or os.cpu_count() or 1,
+            threads_per_worker=config.threads_per_worker,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=config.dashboard_address,
+            memory_limit=config.memory_limit,
+        )
+    with cluster, Client(cluster) as client:
+        logger.info("Dask dashboard: %s", client.dashboard_link)
+        yield client

@@ -1,0 +1,92 @@
+"""Frozen configuration dataclasses, one per stage; the single home of every default.
+
+Standard library only, so ``import xpbatch.config`` (and ``xpbatch --help``) stays instant.
+Each field's docstring is the help text the CLI shows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from xpbatch.errors import ConfigError
+
+C = TypeVar("C")
+
+
+def did_you_mean(name: str, valid: list[str]) -> str:
+    """A ' Did you mean X?' suffix for an unknown name, or '' when nothing is close."""
+    close = difflib.get_close_matches(name, valid, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def from_mapping(cls: type[C], values: Mapping[str, Any], *, where: str = "configuration") -> C:
+    """Build a config dataclass from a mapping, naming the valid keys when one is unknown."""
+    valid = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
+    for key in values:
+        if key not in valid:
+            raise ConfigError(
+                f"unknown key {key!r} in {where}.{did_you_mean(key, valid)} "
+                f"Valid keys: {', '.join(valid)}."
+            )
+    return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the scatter VAE (Laroche & Speagle 2024)."""
+
+    input_dim: int = 110
+    """Number of input coefficients (55 BP + 55 RP in DR3)."""
+    hidden_widths: tuple[int, ...] = (90, 70, 50, 30, 10)
+    """Encoder layer widths; the decoders use them in reverse."""
+    latent_dim: int = 6
+    """Size of the latent space."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden_widths", tuple(int(w) for w in self.hidden_widths))
+        if self.input_dim < 1 or self.latent_dim < 1:
+            raise ConfigError(
+                f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}"
+            )
+        if not self.hidden_widths or min(self.hidden_widths) < 1:
+            raise ConfigError(f"hidden_widths must be positive integers, got {self.hidden_widths}")
+
+
+CLUSTER_LOCAL_CUDA = "local-cuda"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusterConfig:
+    """Which Dask cluster a stage runs on (shared by ``ingest`` and ``encode-catalog``)."""
+
+    cluster: str | None = None
+    """None: a LocalCluster of worker processes on this machine; 'local-cuda': dask-cuda's
+    LocalCUDACluster, one worker per GPU; 'tcp://host:port': an existing scheduler."""
+    scheduler_file: str | None = None
+    """Path of a scheduler file written by ``dask scheduler --scheduler-file`` (Slurm, shared FS)."""
+    n_workers: int | None = None
+    """Worker processes of a LocalCluster; default one per core."""
+    threads_per_worker: int = 1
+    """Threads per worker of a LocalCluster; torch uses the same number of threads per task."""
+    memory_limit: str = "auto"
+    """Memory limit per LocalCluster worker ('auto' divides the machine's memory)."""
+    dashboard_address: str = "127.0.0.1:8787"
+    """Where a LocalCluster's dashboard listens; localhost unless asked otherwise."""
+
+    def __post_init__(self) -> None:
+        if self.cluster is not None and self.scheduler_file is not None:
+            raise ConfigError("give either --cluster or --scheduler-file, not both")
+        if self.cluster is not None and not (
+            self.cluster == CLUSTER_LOCAL_CUDA or self.cluster.startswith(("tcp://", "tls://"))
+        ):
+            raise ConfigError(
+                f"--cluster must be omitted (local CPU cluster), {CLUSTER_LOCAL_CUDA!r} or a "
+                f"scheduler address like 'tcp://host:8786', got {self.cluster!r}"
+            )
+        if self.n_workers is not None and self.n_workers < 1:
+            raise ConfigError(f"n_workers must be at least 1, got {self.n_workers}")
+        if self.threads_per_worker < 1:
+            raise ConfigError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
