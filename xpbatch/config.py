@@ -89,4 +89,6 @@ class ClusterConfig:
         if self.n_workers is not None and self.n_workers < 1:
             raise ConfigError(f"n_workers must be at least 1, got {self.n_workers}")
         if self.threads_per_worker < 1:
-            raise ConfigError(f"threads_per_worker must be at least 1, got {self.threads_per_worker}")
+            raise ConfigError(
+                f"threads_per_worker must be at least 1, got {self.threads_per_worker}"
+            )

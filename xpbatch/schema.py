@@ -31,6 +31,45 @@ COEFFICIENTS = "coefficients"
 COEFFICIENT_ERRORS = "coefficient_errors"
 PHOT_G_MEAN_FLUX = "phot_g_mean_flux"
 INPUT_FLAGS = "input_flags"
+CORRELATION = "correlation"
+"""Dimension of the packed off-diagonal correlations (55·54/2 = 1485 per band)."""
+
+
+def correlations_name(band: str) -> str:
+    """Store variable of one band's packed correlations, e.g. ``bp_coefficient_correlations``."""
+    return f"{band}_coefficient_correlations"
+
+
+# Optional DR3 per-row scalars kept in the store: name -> (dtype, units, description).
+# Integer columns hold -1 where the band is missing (DR3 has no value there).
+_BAND_SCALAR_SPECS = {
+    "basis_function_id": ("int16", "1", "identifier of the set of basis functions"),
+    "degrees_of_freedom": ("int16", "1", "degrees of freedom of the fit"),
+    "n_parameters": ("int16", "1", "number of coefficients of the fit"),
+    "n_measurements": ("int16", "1", "number of epoch spectra used"),
+    "n_rejected_measurements": ("int16", "1", "number of epoch spectra rejected"),
+    "standard_deviation": ("float32", "1", "standard deviation of the fit"),
+    "chi_squared": ("float32", "1", "chi-squared of the fit"),
+    "n_relevant_bases": ("int16", "1", "number of bases relevant to the spectrum"),
+    "relative_shrinking": ("float32", "1", "relative shrinking of the coefficient vector"),
+}
+DR3_SCALARS: dict[str, tuple[str, str, str]] = {
+    "solution_id": ("int64", "1", "Gaia solution identifier"),
+    **{
+        f"{band}_{name}": (dtype, units, f"{band.upper()} {text} (Gaia DR3)")
+        for band in BANDS
+        for name, (dtype, units, text) in _BAND_SCALAR_SPECS.items()
+    },
+}
+"""The DR3 columns besides the arrays that a store may carry (``--scalars``)."""
+
+# Group attributes of a store.
+STORE_ATTR_SCHEMA_VERSION = "xpbatch_store_schema_version"
+STORE_ATTR_COMPLETE = "complete"
+STORE_ATTR_ROW_COUNT = "row_count"
+STORE_ATTR_STORE_ID = "store_id"
+STORE_ATTR_INPUT_FILES = "input_files"
+STORE_ATTR_DATA_RELEASE = "data_release"
 
 FLUX_UNITS = "electron/s"
 # G magnitude zero point of Gaia DR3 (Riello et al. 2021), used when only the magnitude is known.
