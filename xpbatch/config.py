@@ -49,7 +49,8 @@ class ModelConfig:
         object.__setattr__(self, "hidden_widths", tuple(int(w) for w in self.hidden_widths))
         if self.input_dim < 1 or self.latent_dim < 1:
             raise ConfigError(
-                f"input_dim and latent_dim must be positive, got {self.input_dim}, {self.latent_dim}"
+                "input_dim and latent_dim must be positive, "
+                f"got {self.input_dim}, {self.latent_dim}"
             )
         if not self.hidden_widths or min(self.hidden_widths) < 1:
             raise ConfigError(f"hidden_widths must be positive integers, got {self.hidden_widths}")
@@ -66,7 +67,7 @@ class ClusterConfig:
     """None: a LocalCluster of worker processes on this machine; 'local-cuda': dask-cuda's
     LocalCUDACluster, one worker per GPU; 'tcp://host:port': an existing scheduler."""
     scheduler_file: str | None = None
-    """Path of a scheduler file written by ``dask scheduler --scheduler-file`` (Slurm, shared FS)."""
+    """Scheduler file written by ``dask scheduler --scheduler-file`` (Slurm, shared FS)."""
     n_workers: int | None = None
     """Worker processes of a LocalCluster; default one per core."""
     threads_per_worker: int = 1

@@ -8,6 +8,7 @@ so the published checkpoint loads without renaming.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +26,7 @@ def _decoder(config: ModelConfig, *, final: nn.Module | None) -> nn.Sequential:
     """Linear(latent -> last width), blocks up the widths, Linear(first width -> input)."""
     widths = list(reversed(config.hidden_widths))  # e.g. 10, 30, 50, 70, 90
     layers: list[nn.Module] = [nn.Linear(config.latent_dim, widths[0])]
-    layers += [_block(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
+    layers += [_block(a, b) for a, b in itertools.pairwise(widths)]
     head: list[nn.Module] = [nn.Linear(widths[-1], config.input_dim)]
     if final is not None:
         head.append(final)
@@ -64,9 +65,7 @@ class ScatterVAE(nn.Module):
         super().__init__()
         self.config = config or ModelConfig()
         widths = [self.config.input_dim, *self.config.hidden_widths]
-        self.encoder = nn.Sequential(
-            *[_block(a, b) for a, b in zip(widths[:-1], widths[1:], strict=True)]
-        )
+        self.encoder = nn.Sequential(*[_block(a, b) for a, b in itertools.pairwise(widths)])
         self.mu = nn.Linear(widths[-1], self.config.latent_dim)
         self.log_var = nn.Linear(widths[-1], self.config.latent_dim)
         self.decoder = _decoder(self.config, final=None)
@@ -120,7 +119,8 @@ def scatter_vae_loss(
     """Loss of the scatter VAE exactly as the published implementation computes it.
 
     ``weighted_mse = mean_rows( sum_j 1/2 [ (x - xhat)^2 / w + log w ] )`` with
-    ``w = x_err^2 + shat^2``, and ``kld = mean_rows( -1/2 sum_k (1 + log_var - mu^2 - exp(log_var)) )``;
+    ``w = x_err^2 + shat^2``, and
+    ``kld = mean_rows( -1/2 sum_k (1 + log_var - mu^2 - exp(log_var)) )``;
     ``total = weighted_mse + kl_weight * kld``.
 
     Note: the paper's printed equations normalise the KL term differently (per latent dimension

@@ -84,7 +84,7 @@ class InputFlag(enum.IntFlag):
     RP_MISSING = 2
     """No RP spectrum: the 55 RP coefficients are NaN."""
     G_FLUX_MISSING = 4
-    """phot_g_mean_flux is missing, not finite or not positive (and no G magnitude to fall back on)."""
+    """phot_g_mean_flux missing, not finite or not positive, and no G magnitude to fall back on."""
     NON_FINITE = 8
     """Some coefficient or error of a present band is NaN/inf, or an error is <= 0."""
     G_FLUX_FROM_MAG = 16
