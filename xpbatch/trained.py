@@ -24,8 +24,9 @@ from xpbatch.model import ScatterVAE
 from xpbatch.schema import CatalogFlag
 
 DEFAULT_BATCH_SIZE = 4096
-"""Rows per forward pass. Every pass is padded to exactly this many rows, so a row's result does
-not depend on which other rows share its chunk (bitwise chunk-size independence)."""
+"""Rows per forward pass. Every pass is padded to exactly this many rows, so the same kernels run
+whatever the chunk size (results then agree to float32 round-off; the same chunking gives the
+same bytes)."""
 
 LATENT_OUTLIER_SIGMA = 5.0
 """A latent mean further than this many training-set standard deviations from the training-set
@@ -234,8 +235,8 @@ class TrainedModel:
             (rows,) G-band mean flux in e-/s; rows where it is missing or not positive are
             flagged G_FLUX_MISSING and NOT_ENCODED, and their outputs are NaN.
         batch_size
-            Rows per forward pass; each pass is padded to this size so results do not depend on
-            how rows are grouped into chunks.
+            Rows per forward pass; each pass is padded to this size so results depend on how
+            rows are grouped into chunks only at float32 round-off.
         device
             Torch device for the forward pass.
 
