@@ -506,11 +506,13 @@ class XPStoreWriter:
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
-    """The array ``name`` of ``group`` (a StoreError if it is missing or a subgroup)."""
+    """The array ``name`` of ``group``, writing every chunk (a StoreError if it is missing)."""
     node = group.get(name)
     if not isinstance(node, zarr.Array):
         raise StoreError(f"{group.store_path} has no array {name!r}; was it written by xpbatch?")
-    return node
+    # write_empty_chunks is not stored in the metadata: set it on every open, so a chunk that
+    # equals the fill value is still written and a missing chunk always means "never written".
+    return node.with_config({"write_empty_chunks": True})
 
 
 def _chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
