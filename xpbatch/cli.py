@@ -111,3 +111,42 @@ def import_xpvae_command(weight: str, norm: str, output: str, name: str | None) 
 
     model = import_xpvae(weight, norm, output, name=name)
     click.echo(f"wrote {output} (model {model.name}, sha256 {model.content_hash[:16]}…)")
+
+
+@main.command("info")
+@click.argument("path", type=click.Path(exists=True))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info_command(path: str, as_json: bool) -> None:
+    """Summarise an XP store, a catalogue or a model file (kind detected from PATH)."""
+    import json
+
+    from xpbatch.info import format_summary, summarize
+
+    summary = summarize(path)
+    click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
+
+
+@main.command("export-parquet")
+@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
+)
+@click.option(
+    "--overwrite", is_flag=True, help="Replace an export of a different catalogue in OUTPUT."
+)
+@click.option(
+    "--threads", type=click.IntRange(min=1), default=None, help="Threads [default: one per core]."
+)
+def export_parquet_command(catalog: str, output: str, overwrite: bool, threads: int | None) -> None:
+    """Write CATALOG's latents, rmse and flags as Parquet, one file per DR3 partition.
+
+    Files are named XpLatent_<lo>-<hi>.parquet like the DR3 bulk files; rerunning the same
+    command completes an interrupted export.
+    """
+    from xpbatch.export import export_parquet
+
+    result = export_parquet(catalog, output, overwrite=overwrite, n_threads=threads)
+    click.echo(
+        f"wrote {result.n_rows:,} rows in {len(result.files):,} files to {result.output_dir}"
+        + (f" ({result.n_reused:,} kept from an earlier run)" if result.n_reused else "")
+    )

@@ -1,0 +1,398 @@
+"""``xpbatch export-parquet``: a catalogue as Parquet files, one per Gaia DR3 bulk partition.
+
+Each file holds the sources of one of the 3386 DR3 bulk-file partitions and is named like the
+DR3 files: ``XpLatent_<lo>-<hi>.parquet`` holds the sources of
+``XpContinuousMeanSpectrum_<lo>-<hi>.csv.gz`` and ``GaiaSource_<lo>-<hi>.csv.gz``, so a join
+with other Gaia tables can run file by file. Only partitions with rows get a file.
+
+=====================================  =======  =============================================
+column                                 type     meaning
+=====================================  =======  =============================================
+``source_id``                          int64    Gaia DR3 source identifier (rows ascending)
+``healpix_8``                          int32    HEALPix level-8 nested index, ``source_id >> 43``
+``latent_mean_0`` … ``latent_mean_5``  float32  posterior mean of each latent dimension
+``latent_std_0`` … ``latent_std_5``    float32  posterior standard deviation
+``rmse``                               float32  error-weighted reconstruction RMSE
+``flags``                              uint16   :class:`~xpbatch.schema.CatalogFlag` bits
+=====================================  =======  =============================================
+
+One flat column per latent dimension rather than a list column: pandas, DuckDB, pyarrow
+filters and LSDB/HATS all select, filter and join on plain columns without exploding lists.
+Rows that could not be encoded are kept (NaN values, flag ``NOT_ENCODED``), so every catalogue
+row is in exactly one file.
+
+Each file is written under a temporary name and renamed when whole, so a file under its final
+name is always complete. A manifest (``_xpbatch_export.json``) ties the directory to its
+catalogue; rerunning the export skips the files already there, and the manifest says
+``complete: true`` only when every row has been written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import io
+import json
+import logging
+import os
+import uuid
+from collections.abc import Sequence
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from xpbatch import __version__, schema
+from xpbatch.errors import CatalogError, OutputExistsError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import zarr
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+HEALPIX_LEVEL = 8
+HEALPIX_SHIFT = 43
+"""``source_id >> 43`` is the HEALPix level-8 nested index (Gaia's source_id convention)."""
+FILE_PREFIX = "XpLatent"
+MANIFEST_NAME = "_xpbatch_export.json"
+MANIFEST_FORMAT = "xpbatch-parquet-export"
+MANIFEST_VERSION = 1
+HEALPIX_COLUMN = "healpix_8"
+_TMP_MARK = ".tmp-"
+
+
+@functools.cache
+def partition_ranges() -> np.ndarray:
+    """The DR3 bulk-file partitions: (3386, 2) int64 inclusive HEALPix level-8 ``[lo, hi]``.
+
+    Shipped with the package (``xpbatch/data/partition_ranges.txt``); contiguous from 0 to
+    786431, so every valid source_id belongs to exactly one partition.
+
+    Examples
+    --------
+    >>> partition_ranges()[0].tolist(), len(partition_ranges())
+    ([0, 3111], 3386)
+    """
+    text = (resources.files("xpbatch") / "data" / "partition_ranges.txt").read_text()
+    ranges = np.loadtxt(io.StringIO(text), dtype=np.int64, comments="#", ndmin=2)
+    ranges.setflags(write=False)
+    return ranges
+
+
+def partition_file_name(lo: int, hi: int) -> str:
+    """``XpLatent_<lo>-<hi>.parquet`` with the DR3 bulk files' zero-padded indices."""
+    return f"{FILE_PREFIX}_{lo:06d}-{hi:06d}.parquet"
+
+
+def partition_index(source_id: np.ndarray) -> np.ndarray:
+    """Index into :func:`partition_ranges` of each source_id.
+
+    Raises
+    ------
+    CatalogError
+        A source_id is negative or beyond the last HEALPix level-8 pixel: not a Gaia id.
+    """
+    ranges = partition_ranges()
+    sid = np.asarray(source_id, dtype=np.int64)
+    pixel = sid >> HEALPIX_SHIFT
+    bad = (sid < 0) | (pixel > ranges[-1, 1])
+    if bad.any():
+        raise CatalogError(
+            f"source_id {int(sid[bad][0])} is not a Gaia source_id (its HEALPix level-8 index "
+            f"must be in 0..{int(ranges[-1, 1])}); {int(bad.sum())} such row(s) in this block"
+        )
+    return np.searchsorted(ranges[:, 0], pixel, side="right") - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export_parquet` did."""
+
+    output_dir: Path
+    n_rows: int
+    """Rows in all files together (equals the catalogue's rows)."""
+    files: dict[str, int]
+    """File name -> rows, for every partition with rows."""
+    n_reused: int
+    """Files found complete from an earlier run and kept."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """Where the tasks read the catalogue: its path and latent size (picklable)."""
+
+    path: str
+    n_latent: int
+    chunk_rows: int
+    n_rows: int
+
+
+@functools.lru_cache(maxsize=8)
+def _group(path: str) -> zarr.Group:
+    import zarr
+
+    return zarr.open_group(path, mode="r")
+
+
+def _read(source: _Source, name: str, rows: slice) -> np.ndarray:
+    return np.asarray(_group(source.path)[name][rows])  # type: ignore[index]
+
+
+# --- planning: which rows go to which file --------------------------------------------------
+def _block_plan(source: _Source, rows: slice) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """One block's first and last source_id and its row count per partition (sparse)."""
+    sid = _read(source, schema.SOURCE_ID, rows)
+    if sid.size and np.any(np.diff(sid) <= 0):
+        raise CatalogError(
+            f"source_id is not strictly ascending in rows {rows.start}..{rows.stop} of "
+            f"{source.path}; is this an xpbatch catalogue?"
+        )
+    partitions, counts = np.unique(partition_index(sid), return_counts=True)
+    return int(sid[0]), int(sid[-1]), partitions, counts
+
+
+def _partition_rows(plans: Sequence[tuple[int, int, np.ndarray, np.ndarray]]) -> np.ndarray:
+    """Rows per partition, after checking ids ascend across blocks (rows are sorted)."""
+    per_partition = np.zeros(len(partition_ranges()), dtype=np.int64)
+    previous_last = -1
+    for first, last, partitions, counts in plans:
+        if first <= previous_last:
+            raise CatalogError(
+                f"source_id {first} follows {previous_last}: the catalogue's rows are not in "
+                "ascending source_id order across chunks"
+            )
+        previous_last = last
+        np.add.at(per_partition, partitions, counts)
+    return per_partition
+
+
+# --- writing one file -----------------------------------------------------------------------
+def _arrow_schema(n_latent: int, provenance: dict[str, Any]) -> pa.Schema:
+    import pyarrow as pa
+
+    def field(name: str, kind: pa.DataType, text: str) -> pa.Field:
+        return pa.field(name, kind, nullable=False, metadata={"description": text})
+
+    fields = [
+        field(schema.SOURCE_ID, pa.int64(), "Gaia DR3 source_id"),
+        field(HEALPIX_COLUMN, pa.int32(), "HEALPix level-8 nested index, source_id >> 43"),
+        *[field(f"latent_mean_{i}", pa.float32(), f"latent mean {i}") for i in range(n_latent)],
+        *[field(f"latent_std_{i}", pa.float32(), f"latent std {i}") for i in range(n_latent)],
+        field(schema.RMSE, pa.float32(), "error-weighted reconstruction RMSE"),
+        field(schema.FLAGS, pa.uint16(), "CatalogFlag bits (xpbatch.schema)"),
+    ]
+    return pa.schema(fields, metadata={"xpbatch": json.dumps(provenance, sort_keys=True)})
+
+
+def _table(source: _Source, rows: slice, arrow_schema: pa.Schema) -> pa.Table:
+    """The Parquet columns of catalogue ``rows``, read from Zarr."""
+    import pyarrow as pa
+
+    sid = _read(source, schema.SOURCE_ID, rows)
+    mean = _read(source, schema.LATENT_MEAN, rows)  # (rows, latent)
+    std = _read(source, schema.LATENT_STD, rows)  # (rows, latent)
+    columns = [
+        sid,
+        (sid >> HEALPIX_SHIFT).astype(np.int32),
+        *[mean[:, i].astype(np.float32) for i in range(source.n_latent)],
+        *[std[:, i].astype(np.float32) for i in range(source.n_latent)],
+        _read(source, schema.RMSE, rows).astype(np.float32),
+        _read(source, schema.FLAGS, rows).astype(np.uint16),
+    ]
+    return pa.Table.from_arrays([pa.array(c) for c in columns], schema=arrow_schema)
+
+
+def _write_partition(
+    source: _Source, rows: slice, path: Path, arrow_schema: pa.Schema
+) -> tuple[str, int]:
+    """Write one partition's rows to ``path`` atomically (temporary file, then rename)."""
+    import pyarrow.parquet as pq
+
+    table = _table(source, rows, arrow_schema)
+    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path.name, table.num_rows
+
+
+def _is_whole(path: Path, n_rows: int) -> bool:
+    """A file from an earlier run is kept when its footer has the expected row count."""
+    import pyarrow.parquet as pq
+
+    try:
+        return bool(pq.read_metadata(path).num_rows == n_rows)
+    except (OSError, ValueError):
+        return False
+
+
+# --- the output directory and its manifest --------------------------------------------------
+def _fingerprint(attrs: dict[str, Any]) -> str:
+    """Identifies the catalogue an export came from (its attributes record model, input, run)."""
+    text = json.dumps(attrs, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
+    tmp = out / f"{MANIFEST_NAME}{_TMP_MARK}{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    os.replace(tmp, out / MANIFEST_NAME)
+
+
+def _prepare_output(out: Path, fingerprint: str, *, overwrite: bool) -> None:
+    """Create ``out``, or reuse it for the same catalogue; never delete files that are not ours."""
+    if out.exists() and not out.is_dir():
+        raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest_path = out / MANIFEST_NAME
+    ours = sorted(out.glob(f"{FILE_PREFIX}_*.parquet")) + sorted(out.glob(f".*{_TMP_MARK}*"))
+    if not manifest_path.exists():
+        others = [p.name for p in out.iterdir() if p not in ours]
+        if others or ours:
+            raise OutputExistsError(
+                f"{out} is not empty and holds no {MANIFEST_NAME} (e.g. {(others + ours)[0]}); "
+                "export into a new or empty directory"
+            )
+        return
+    try:
+        previous = json.loads(manifest_path.read_text())
+    except ValueError:
+        previous = {}
+    same = previous.get("catalog_fingerprint") == fingerprint
+    if same and not overwrite:
+        for tmp in out.glob(f".*{_TMP_MARK}*"):  # left by a killed run
+            tmp.unlink(missing_ok=True)
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out} holds an export of another catalogue ({previous.get('catalog')}); pass "
+            "--overwrite to replace it, or choose another -o"
+        )
+    for path in [*ours, manifest_path]:
+        path.unlink(missing_ok=True)
+
+
+def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
+    """Check the catalogue (complete, schema) and describe it for the tasks."""
+    from xpbatch.catalog import open_catalog
+
+    ds = open_catalog(path)
+    sid = _group(str(path))[schema.SOURCE_ID]
+    source = _Source(
+        path=str(path),
+        n_latent=int(ds.sizes[schema.LATENT]),
+        chunk_rows=int(sid.chunks[0]),  # type: ignore[union-attr]
+        n_rows=int(ds.sizes[schema.SOURCE]),
+    )
+    return source, dict(ds.attrs)
+
+
+def _compute(tasks: list[Any], client: Any, n_threads: int | None) -> list[Any]:
+    import dask
+
+    if client is not None:
+        return list(client.gather(client.compute(tasks)))
+    return list(dask.compute(*tasks, scheduler="threads", num_workers=n_threads))
+
+
+def export_parquet(
+    catalog: PathLike,
+    output_dir: PathLike,
+    *,
+    overwrite: bool = False,
+    client: Any = None,
+    n_threads: int | None = None,
+) -> ExportResult:
+    """Write a catalogue's latents, rmse and flags as Parquet, one file per DR3 partition.
+
+    Streams: each task reads one block of ``source_id`` to plan, then one partition's rows
+    (about 65k in DR3) to write, so memory stays flat in the catalogue's size.
+
+    Parameters
+    ----------
+    catalog
+        A complete catalogue written by ``xpbatch encode-catalog``.
+    output_dir
+        Directory for the ``XpLatent_<lo>-<hi>.parquet`` files (created if needed). If it
+        holds an earlier export of the same catalogue, the complete files are kept and only
+        the missing ones are written.
+    overwrite
+        Replace an export of a different catalogue in ``output_dir``.
+    client
+        A ``distributed.Client`` to run the tasks on; by default a local thread pool.
+    n_threads
+        Threads of the local pool (default: one per core).
+
+    Returns
+    -------
+    ExportResult
+        Output directory, rows written, files and rows per file.
+
+    Examples
+    --------
+    >>> result = export_parquet("catalog.zarr", "catalog-parquet")  # doctest: +SKIP
+    >>> import pandas as pd
+    >>> df = pd.read_parquet("catalog-parquet")  # doctest: +SKIP
+    """
+    import dask
+
+    catalog_path = Path(catalog)
+    out = Path(output_dir)
+    source, attrs = _catalog_source(catalog_path)
+    fingerprint = _fingerprint(attrs)
+    _prepare_output(out, fingerprint, overwrite=overwrite)
+    manifest: dict[str, Any] = {
+        "format": MANIFEST_FORMAT,
+        "format_version": MANIFEST_VERSION,
+        "catalog": str(catalog_path.resolve()),
+        "catalog_fingerprint": fingerprint,
+        "n_rows": source.n_rows,
+        "xpbatch_version": __version__,
+        "complete": False,
+    }
+    _write_manifest(out, manifest)
+
+    blocks = [
+        slice(start, min(start + source.chunk_rows, source.n_rows))
+        for start in range(0, source.n_rows, source.chunk_rows)
+    ]
+    plans = _compute([dask.delayed(_block_plan)(source, b) for b in blocks], client, n_threads)
+    per_partition = _partition_rows(plans)
+    starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
+
+    provenance: dict[str, Any] = {
+        "catalog": str(catalog_path.resolve()),
+        "catalog_fingerprint": fingerprint,
+        "xpbatch_version": __version__,
+        "healpix_level": HEALPIX_LEVEL,
+        **{k: attrs[k] for k in ("model_name", "model_hash", "input_store_id") if k in attrs},
+    }
+    arrow_schema = _arrow_schema(source.n_latent, provenance)
+    files: dict[str, int] = {}
+    tasks = []
+    for p in np.flatnonzero(per_partition):
+        lo, hi = (int(v) for v in partition_ranges()[p])
+        rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
+        path = out / partition_file_name(lo, hi)
+        if path.exists() and _is_whole(path, rows.stop - rows.start):
+            files[path.name] = rows.stop - rows.start
+            continue
+        tasks.append(dask.delayed(_write_partition)(source, rows, path, arrow_schema))
+    n_reused = len(files)
+    files.update(dict(_compute(tasks, client, n_threads)))
+    n_rows = sum(files.values())
+    if n_rows != source.n_rows:  # every row in exactly one file, or we say so
+        raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")
+    _write_manifest(out, {**manifest, "complete": True, "files": dict(sorted(files.items()))})
+    logger.info(
+        "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
+        n_rows, catalog_path, len(files), out, n_reused,
+    )  # fmt: skip
+    return ExportResult(output_dir=out, n_rows=n_rows, files=files, n_reused=n_reused)
