@@ -95,6 +95,62 @@ class ClusterConfig:
             )
 
 
+ENCODE_DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeConfig:
+    """How ``encode-catalog`` runs (what it computes is fixed by the store and the model)."""
+
+    batch_size: int = 4096
+    """Rows per forward pass; every pass is padded to this size, so results do not depend on
+    the chunking. Same default as xpbatch.trained.DEFAULT_BATCH_SIZE (tested)."""
+    with_reconstruction: bool = False
+    """Also store the decoder's reconstruction (source, coeff) in e-/s: about twice the size."""
+    resume: bool = False
+    """Continue an interrupted run: skip recorded chunks; refuse if model or store differ."""
+    overwrite: bool = False
+    """Replace an existing catalogue at the output path."""
+    device: str = "auto"
+    """Torch device on each worker: 'auto' = the worker's GPU when it has one, else the CPU."""
+    tasks_per_thread: int = 2
+    """Chunks in flight per worker thread: enough to keep workers busy while results come
+    back, few enough that the client and the workers hold a bounded amount of memory."""
+    max_attempts: int = 3
+    """Times a chunk is run before the run fails (a worker dying under it or an error both
+    count; every chunk write is idempotent, so rerunning one is safe)."""
+    no_workers_timeout: float = 600.0
+    """Seconds the run waits for a cluster that has no workers before failing (resumably)."""
+    verify: bool = True
+    """Re-read and check every chunk at the end, before marking the catalogue complete."""
+    progress_bar: bool = True
+    """Show a progress bar of spectra done, spectra/s and ETA on stderr."""
+    performance_report: str | None = None
+    """Save Dask's performance report of the run to this HTML file (needs a cluster)."""
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.resume and self.overwrite:
+            raise ConfigError(
+                "--resume continues an existing catalogue and --overwrite replaces it; give one"
+            )
+        if self.device not in ENCODE_DEVICES:
+            raise ConfigError(
+                f"device must be one of {', '.join(ENCODE_DEVICES)}, got {self.device!r}."
+                f"{did_you_mean(str(self.device), list(ENCODE_DEVICES))}"
+            )
+        if self.tasks_per_thread < 1 or self.max_attempts < 1:
+            raise ConfigError(
+                f"tasks_per_thread and max_attempts must be at least 1, got "
+                f"{self.tasks_per_thread} and {self.max_attempts}"
+            )
+        if not self.no_workers_timeout > 0:
+            raise ConfigError(
+                f"no_workers_timeout must be positive seconds, got {self.no_workers_timeout}"
+            )
+
+
 # Rows per chunk of an XP store. Measured on 262k mock rows (2 shared cores, blosc-zstd):
 # 65536 rows (29 MB per float32 variable) wrote and read fastest; 16384 was ~10 % slower,
 # 131072 read 2x slower. store.DEFAULT_CHUNK_ROWS re-exports it.

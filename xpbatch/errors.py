@@ -51,6 +51,10 @@ class OutputExistsError(XPBatchError, FileExistsError):
     """The output path exists and neither ``--resume`` nor ``--overwrite`` was given."""
 
 
+class ModelMismatchError(XPBatchError, ValueError):
+    """A model does not fit the data it is asked to encode (input size, units, normalisation)."""
+
+
 class ChunkError(XPBatchError, RuntimeError):
     """Processing one chunk failed; the message names the chunk and the path."""
 

@@ -1,0 +1,666 @@
+"""Stage entry point of ``encode-catalog``: map the model over every chunk of a store.
+
+The only module (besides :mod:`xpbatch.cluster`) that talks to Dask. One task per input chunk:
+read the chunk, :func:`xpbatch.encode.encode_chunk`, write its aligned region of the catalogue
+and its completion record (:class:`xpbatch.catalog.CatalogWriter`). Without a client the same
+function runs serially in this process, which the tests use as the reference.
+
+What keeps a long run cheap and safe:
+
+- the model goes to each worker once (:class:`ModelPlugin`), never into a task's graph;
+- at most ``tasks_per_thread`` chunks per worker thread are in flight, and each future is
+  released as soon as its small record has been counted, so neither the client nor the
+  scheduler accumulates results: memory is flat in catalogue size;
+- every task is idempotent, so Dask rerunning one after a worker dies is harmless, and a chunk
+  whose worker died too often is simply submitted again (up to ``max_attempts``);
+- progress lives only in the catalogue's records, so ``--resume`` after any kill redoes only
+  unrecorded chunks.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+import zarr
+from distributed import WorkerPlugin
+
+from xpbatch import __version__, catalog, schema
+from xpbatch.config import EncodeConfig
+from xpbatch.encode import INPUT_VARIABLES, encode_chunk
+from xpbatch.errors import ChunkError, ClusterError, ConfigError, ModelMismatchError
+from xpbatch.schema import CatalogFlag
+
+if TYPE_CHECKING:
+    import torch
+    import xarray as xr
+    from distributed import Client, Future, Worker
+
+    from xpbatch.trained import TrainedModel
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+T = TypeVar("T")
+R = TypeVar("R")
+
+NORMALISED_RMS_RANGE = (1e-2, 1e2)
+"""Plausible root-mean-square of standardised inputs. A model whose normalisation fits the
+store gives values of order 1; outside this range, it was made for data in other units or
+another normalisation, and encoding would silently produce garbage."""
+NORMALISATION_SAMPLE_ROWS = 4096
+"""Rows of the first chunk used to check the normalisation before any work starts."""
+
+
+# --- the run's result ---------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class EncodeSummary:
+    """What :func:`encode_catalog` did."""
+
+    path: str
+    rows: int
+    """Rows in the catalogue (all of the input's)."""
+    rows_encoded: int
+    """Rows with model outputs (the others are flagged not_encoded)."""
+    flag_counts: dict[str, int]
+    """CatalogFlag name -> rows carrying it."""
+    chunks: int
+    chunks_skipped: int
+    """Chunks already recorded by an earlier run (``--resume``)."""
+    rows_this_run: int
+    wall_s: float
+    output_bytes: int
+    verified: bool
+
+    @property
+    def spectra_per_s(self) -> float:
+        """Rows encoded by this run per second of wall time (verification included)."""
+        return self.rows_this_run / self.wall_s if self.wall_s > 0 else float("nan")
+
+    def __str__(self) -> str:
+        flagged = ", ".join(f"{k} {v:,}" for k, v in self.flag_counts.items() if v) or "none"
+        resumed = f" ({self.chunks_skipped} done before, skipped)" if self.chunks_skipped else ""
+        return "\n".join(
+            [
+                f"catalogue      {self.path}",
+                f"rows           {self.rows:,} in {self.chunks} chunks{resumed}",
+                f"rows encoded   {self.rows_encoded:,}"
+                f" ({self.rows - self.rows_encoded:,} not encoded)",
+                f"rows flagged   {flagged}",
+                f"wall time      {self.wall_s:.1f} s for {self.rows_this_run:,} rows "
+                f"({self.spectra_per_s:,.0f} spectra/s)",
+                f"output size    {self.output_bytes / 1e6:,.1f} MB"
+                + (", verified complete" if self.verified else ", NOT verified"),
+            ]
+        )
+
+
+# --- per-process caches (one per worker process; the serial path uses them too) ---------------
+_MODELS: dict[str, tuple[TrainedModel, torch.device]] = {}
+"""Model key -> (model on its device, device), filled by :class:`ModelPlugin`."""
+_OPEN: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
+"""(kind, path, run) -> opened reader or writer; a few entries, least recent evicted."""
+_MAX_OPEN = 8
+
+
+def _cached(key: tuple[str, str], make: Callable[[], T]) -> T:
+    """An object opened once per process and key (zarr arrays are cheap but not free)."""
+    if key in _OPEN:
+        _OPEN.move_to_end(key)
+    else:
+        _OPEN[key] = make()
+        while len(_OPEN) > _MAX_OPEN:
+            _OPEN.popitem(last=False)
+    return _OPEN[key]  # type: ignore[no-any-return]
+
+
+def _resolve_device(device: str) -> torch.device:
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
+    return torch.device(device)
+
+
+def _install_model(key: str, model: TrainedModel, device: str) -> None:
+    """Put ``model`` on this process's device and remember it under ``key``."""
+    where = _resolve_device(device)
+    model.network.to(where)
+    _MODELS[key] = (model, where)
+
+
+class ModelPlugin(WorkerPlugin):
+    """Loads the model once per worker (also on workers that join or restart mid-run).
+
+    Carries the model file's path (a shared filesystem, like the catalogue's) or, for a model
+    that exists only in memory, the model itself: either way it crosses the network once per
+    worker instead of once per task. Sets torch's threads to the worker's threads.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        path: str | None = None,
+        model: TrainedModel | None = None,
+        device: str = "auto",
+    ) -> None:
+        self.key, self.path, self.model, self.device = key, path, model, device
+
+    def setup(self, worker: Worker) -> None:
+        """Load the model on ``worker`` and set torch's thread count to the worker's threads."""
+        import torch
+
+        torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        self.load()
+        logger.info("worker %s loaded model %s", worker.address, self.key[:16])
+
+    def load(self) -> None:
+        """Load the model into this process (also the fallback of a worker without the plugin)."""
+        from xpbatch.artifact import load_model
+
+        model = self.model if self.model is not None else load_model(str(self.path))
+        if model.content_hash != self.key:
+            raise ModelMismatchError(
+                f"model file {self.path} has hash {model.content_hash[:16]}…, the run uses "
+                f"{self.key[:16]}…: the file changed during the run"
+            )
+        _install_model(self.key, model, self.device)
+
+    def teardown(self, worker: Worker) -> None:
+        """Free the model."""
+        _MODELS.pop(self.key, None)
+
+
+# --- one chunk -----------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ChunkJob:
+    """Everything a task needs besides the model: a few strings and numbers."""
+
+    store: str
+    out: str
+    run_id: str
+    index: int
+    model_key: str
+    model_path: str | None
+    device: str
+    batch_size: int
+    with_reconstruction: bool
+
+
+class _InputReader:
+    """Reads row ranges of the store's input variables straight from Zarr (no xarray)."""
+
+    def __init__(self, path: str) -> None:
+        group = zarr.open_group(path, mode="r")
+        self.arrays = {name: group[name] for name in INPUT_VARIABLES}
+
+    def read(self, rows: slice) -> dict[str, np.ndarray]:
+        return {name: np.asarray(array[rows]) for name, array in self.arrays.items()}
+
+
+def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
+    """The model of this process, loading it if no plugin did (e.g. a worker that missed it)."""
+    if job.model_key not in _MODELS:
+        if job.model_path is None:
+            raise ChunkError(f"model {job.model_key[:16]}… is not loaded in this process")
+        ModelPlugin(job.model_key, path=job.model_path, device=job.device).load()
+    return _MODELS[job.model_key]
+
+
+def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
+    """Read, encode and write one chunk, then record it (the body of every task).
+
+    Raises
+    ------
+    ChunkError
+        Naming the chunk, its rows, the store and the catalogue.
+    """
+    try:
+        model, device = _model_for(job)
+        reader = _cached(("reader", job.store), lambda: _InputReader(job.store))
+        writer = _cached(("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out))
+        rows = writer.layout.rows(job.index)
+        outputs = encode_chunk(
+            model,
+            reader.read(rows),
+            batch_size=job.batch_size,
+            device=device,
+            with_reconstruction=job.with_reconstruction,
+        )
+        return writer.write_chunk(job.index, outputs)
+    except ChunkError:
+        raise
+    except Exception as e:
+        raise ChunkError(
+            f"chunk {job.index} of {job.store} -> {job.out}: {type(e).__name__}: {e}"
+        ) from e
+
+
+# --- bounded, fault-tolerant map over a cluster --------------------------------------------------
+def map_bounded(
+    client: Client,
+    func: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    name: str,
+    tasks_per_thread: int = 2,
+    max_attempts: int = 3,
+    no_workers_timeout: float = 600.0,
+    poll_s: float = 2.0,
+) -> Iterator[R]:
+    """Run ``func`` on every item on ``client``'s workers; yield results as they complete.
+
+    At most ``tasks_per_thread`` × (worker threads) tasks are in flight; each future is
+    released once its result is taken. A task that fails (its worker died too often or it
+    raised) is submitted again, up to ``max_attempts`` runs, so ``func`` must be idempotent.
+    When the cluster has had no worker for ``no_workers_timeout`` seconds, raise ClusterError.
+    """
+    from distributed import wait
+
+    queue = collections.deque(enumerate(items))
+    pending: dict[Future, tuple[int, T]] = {}
+    attempts: collections.Counter[int] = collections.Counter()
+    token = uuid.uuid4().hex[:8]
+    idle_since: float | None = None
+    try:
+        while queue or pending:
+            window = tasks_per_thread * max(1, sum(client.nthreads().values()))
+            while queue and len(pending) < window:
+                number, item = queue.popleft()
+                key = f"{name}-{token}-{number}-{attempts[number]}"
+                pending[client.submit(func, item, key=key, pure=False)] = (number, item)
+            try:
+                done = wait(list(pending), timeout=poll_s, return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                idle_since = _check_workers(client, idle_since, no_workers_timeout)
+                continue
+            idle_since = None
+            for future in done:
+                number, item = pending.pop(future)
+                if future.status == "finished":
+                    result = future.result()
+                    future.release()
+                    yield result
+                    continue
+                error = future.exception()
+                future.release()
+                attempts[number] += 1
+                if attempts[number] >= max_attempts:
+                    raise ChunkError(
+                        f"{name} task {number} failed {attempts[number]} times; last error: "
+                        f"{type(error).__name__}: {error}"
+                    ) from error
+                logger.warning("%s task %d failed (%s); submitting it again", name, number, error)
+                queue.appendleft((number, item))
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def _check_workers(client: Client, idle_since: float | None, timeout: float) -> float | None:
+    """Fail when the cluster has had no worker for ``timeout`` s; return since when it has none."""
+    if client.nthreads():
+        return None
+    now = time.monotonic()
+    if idle_since is None:
+        logger.warning("the cluster has no workers; waiting up to %.0f s for some", timeout)
+        return now
+    if now - idle_since > timeout:
+        raise ClusterError(
+            f"the Dask cluster has had no workers for {timeout:.0f} s; start workers and rerun "
+            "with --resume (finished chunks are kept)"
+        )
+    return idle_since
+
+
+# --- checks before any work ----------------------------------------------------------------------
+def _open_store(store: Path) -> xr.Dataset:
+    from xpbatch.store import open_xp_store
+
+    return open_xp_store(store)
+
+
+def check_model_fits(model: TrainedModel, ds: xr.Dataset) -> None:
+    """Refuse a model whose input size, coefficient order, units or normalisation do not fit.
+
+    Raises
+    ------
+    ModelMismatchError
+        Naming what the model expects and what the store has.
+    """
+    n_coeff = ds.sizes[schema.COEFF]
+    n_in = model.config.input_dim
+    if n_coeff != n_in:
+        raise ModelMismatchError(
+            f"model {model.name!r} takes {n_in} coefficients per spectrum, the store has "
+            f"{n_coeff}; use a model trained on stores like this one"
+        )
+    if schema.COEFF in ds.coords:
+        labels = [str(v) for v in ds[schema.COEFF].values]
+        expected = schema.coeff_labels(n_in // 2, n_in - n_in // 2)
+        if labels != expected:
+            raise ModelMismatchError(
+                f"the model reads coefficients in the order {expected[0]} … {expected[-1]} "
+                f"(BP then RP), the store's coeff axis is {labels[:2]} … {labels[-1:]}"
+            )
+    units = ds[schema.COEFFICIENTS].attrs.get("units")
+    if units not in (None, schema.FLUX_UNITS):
+        raise ModelMismatchError(
+            f"the model's input recipe expects coefficients in {schema.FLUX_UNITS}, the store "
+            f"has {units!r}"
+        )
+    _check_normalisation(model, ds)
+
+
+def _check_normalisation(model: TrainedModel, ds: xr.Dataset) -> None:
+    """Standardise a sample of the store with the model's recipe: values must be of order 1."""
+    from xpbatch.trained import standardise
+
+    rows = slice(0, min(NORMALISATION_SAMPLE_ROWS, ds.sizes[schema.SOURCE]))
+    sample = ds[[schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, schema.PHOT_G_MEAN_FLUX]]
+    sample = sample.isel({schema.SOURCE: rows}).compute()
+    inp = standardise(
+        sample[schema.COEFFICIENTS].values,
+        sample[schema.COEFFICIENT_ERRORS].values,
+        sample[schema.PHOT_G_MEAN_FLUX].values,
+        model.normalisation,
+    )
+    usable = inp.encodable
+    if not usable.any():
+        return  # nothing to judge by; every row will be flagged anyway
+    x = inp.x[usable]
+    valid = inp.valid[usable]
+    rms = float(np.median(np.sqrt((x**2).sum(axis=1) / valid.sum(axis=1))))
+    low, high = NORMALISED_RMS_RANGE
+    if not low <= rms <= high:
+        raise ModelMismatchError(
+            f"model {model.name!r}'s normalisation does not fit this store: its standardised "
+            f"inputs have a median RMS of {rms:.3g} over {int(usable.sum())} rows, expected "
+            f"{low:g}..{high:g}. Was it trained on data in other units, or is it the wrong "
+            "model? (Inputs are coefficients / phot_g_mean_flux, standardised with the model's "
+            "mean and std.)"
+        )
+
+
+def _input_layout(ds: xr.Dataset, model: TrainedModel, with_reconstruction: bool) -> Any:
+    """The catalogue layout: the store's rows in the store's chunks."""
+    chunks = ds[schema.COEFFICIENTS].encoding.get("chunks") or ds[schema.COEFFICIENTS].chunks
+    chunk_rows = int(chunks[0] if isinstance(chunks[0], int) else chunks[0][0])
+    return catalog.CatalogLayout(
+        n_rows=int(ds.sizes[schema.SOURCE]),
+        chunk_rows=chunk_rows,
+        latent_dim=model.config.latent_dim,
+        n_coeff=model.config.input_dim,
+        with_reconstruction=with_reconstruction,
+    )
+
+
+def _versions() -> dict[str, str]:
+    import dask
+    import distributed
+    import torch
+    import xarray
+
+    return {
+        "xpbatch": __version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+        "xarray": xarray.__version__,
+        "dask": dask.__version__,
+        "distributed": distributed.__version__,
+    }
+
+
+def _run_attrs(
+    model: TrainedModel, model_hash: str, store: Path, store_id: str, config: EncodeConfig
+) -> dict[str, Any]:
+    return {
+        "title": "Gaia DR3 BP/RP (XP) scatter-VAE catalogue (xpbatch encode-catalog)",
+        "references": "Laroche & Speagle (2024), arXiv:2407.15016",
+        catalog.ATTR_MODEL_HASH: model_hash,
+        "model_name": model.name,
+        "model_provenance": model.provenance,
+        catalog.ATTR_STORE_ID: store_id,
+        "input_store": str(store.resolve()),
+        catalog.ATTR_OPTIONS: {"batch_size": config.batch_size},
+        "versions": _versions(),
+        "command_line": shlex.join(sys.argv),
+        "run_id": uuid.uuid4().hex,
+    }
+
+
+def _model_and_hash(model: TrainedModel | PathLike) -> tuple[TrainedModel, str, str | None]:
+    """(model, content hash, file path or None) for a model file or an in-memory model."""
+    from xpbatch.artifact import load_model, save_model
+
+    if not hasattr(model, "encode_arrays"):
+        path = str(Path(model).resolve())  # type: ignore[arg-type]
+        loaded = load_model(path)
+        return loaded, loaded.content_hash, path
+    trained: TrainedModel = model  # type: ignore[assignment]
+    if not trained.content_hash:  # never saved: hash its would-be file content
+        with tempfile.TemporaryDirectory() as tmp:
+            save_model(trained, Path(tmp) / "model.safetensors")
+    return trained, trained.content_hash, None
+
+
+# --- the stage ---------------------------------------------------------------------------------
+def encode_catalog(
+    store: PathLike,
+    model: TrainedModel | PathLike,
+    out: PathLike,
+    *,
+    client: Client | None = None,
+    config: EncodeConfig | None = None,
+) -> EncodeSummary:
+    """Encode every row of an XP store into a catalogue, resumably.
+
+    Parameters
+    ----------
+    store
+        The input XP store (``xpbatch ingest`` / ``xpbatch mock``).
+    model
+        A model file (``.safetensors``) or a :class:`~xpbatch.trained.TrainedModel`.
+    out
+        The catalogue to write (a directory; on a filesystem every worker sees).
+    client
+        A ``distributed.Client``: one task per chunk on its workers. None: serially here.
+    config
+        Options (resume, overwrite, batch size, ...); see :class:`~xpbatch.config.EncodeConfig`.
+
+    Returns
+    -------
+    EncodeSummary
+        Rows, flags, wall time, spectra/s and output size; ``str()`` gives a readable summary.
+
+    Raises
+    ------
+    StoreNotFoundError, StoreError
+        The store is missing or malformed (checked before anything is written).
+    ModelMismatchError
+        The model does not fit the store (checked before anything is written).
+    OutputExistsError, ResumeRefusedError
+        ``out`` exists without ``resume``/``overwrite``, or belongs to another run.
+    ChunkError
+        A chunk failed ``max_attempts`` times; finished chunks are kept for ``--resume``.
+
+    Examples
+    --------
+    >>> summary = encode_catalog("dr3.zarr", "model.safetensors", "catalog.zarr")  # doctest: +SKIP
+    >>> print(summary)  # doctest: +SKIP
+    """
+    config = config or EncodeConfig()
+    started = time.perf_counter()
+    store, out = Path(store), Path(out)
+    if config.performance_report and client is None:
+        raise ConfigError("--performance-report needs a Dask cluster (it reports on one)")
+    if out.resolve() == store.resolve():
+        raise ConfigError(f"the output {out} is the input store; choose another output path")
+    ds = _open_store(store)
+    trained, model_hash, model_path = _model_and_hash(model)
+    check_model_fits(trained, ds)
+    layout = _input_layout(ds, trained, config.with_reconstruction)
+    from xpbatch.store import store_id
+
+    attrs = _run_attrs(trained, model_hash, store, store_id(ds), config)
+    done = catalog.prepare_output(
+        out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
+    )
+    run_id = catalog.read_attrs(out)["run_id"]
+    jobs = [
+        ChunkJob(
+            str(store), str(out), run_id, i, model_hash, model_path, config.device,
+            config.batch_size, config.with_reconstruction,
+        )
+        for i in range(layout.n_chunks)
+        if i not in done
+    ]  # fmt: skip
+    logger.info("encoding %d of %d chunks of %s into %s", len(jobs), layout.n_chunks, store, out)
+    report: Any = contextlib.nullcontext()
+    if config.performance_report and client is not None:
+        from distributed import performance_report
+
+        report = performance_report(filename=config.performance_report)
+    with report, _progress(layout, done, config.progress_bar) as bar:
+        if client is None:
+            _install_model(model_hash, trained, config.device)
+            records: Iterable[catalog.ChunkRecord] = map(run_chunk, jobs)
+        else:
+            records = _distributed_records(client, jobs, trained, model_path, config)
+        rows_this_run = 0
+        for record in records:
+            rows_this_run += record.rows
+            bar.update(record.rows)
+        verified = _verify(out, store, client, config)
+    summary = _summarise(out, layout, len(done), rows_this_run, started, verified)
+    logger.info("encode-catalog finished:\n%s", summary)
+    return summary
+
+
+def _distributed_records(
+    client: Client,
+    jobs: list[ChunkJob],
+    model: TrainedModel,
+    model_path: str | None,
+    config: EncodeConfig,
+) -> Iterator[catalog.ChunkRecord]:
+    """Register the model plugin, then map :func:`run_chunk` over the jobs with a bound."""
+    if not jobs:
+        return
+    key = jobs[0].model_key
+    plugin = ModelPlugin(
+        key, path=model_path, model=None if model_path else model, device=config.device
+    )
+    name = f"xpbatch-model-{key[:16]}"
+    client.register_plugin(plugin, name=name)
+    try:
+        yield from map_bounded(
+            client,
+            run_chunk,
+            jobs,
+            name="xpbatch-encode",
+            tasks_per_thread=config.tasks_per_thread,
+            max_attempts=config.max_attempts,
+            no_workers_timeout=config.no_workers_timeout,
+        )
+    finally:
+        with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
+            client.unregister_worker_plugin(name)
+
+
+def _worker_mapper(client: Client, config: EncodeConfig) -> catalog.ChunkMapper:
+    """A ``map`` that runs per-chunk checks on the cluster, bounded like the encode tasks."""
+
+    def mapper(check: Callable[[int], list[str]], chunks: Iterable[int]) -> Iterable[list[str]]:
+        return map_bounded(
+            client,
+            check,
+            chunks,
+            name="xpbatch-verify",
+            tasks_per_thread=config.tasks_per_thread,
+            max_attempts=config.max_attempts,
+            no_workers_timeout=config.no_workers_timeout,
+        )
+
+    return mapper
+
+
+def _verify(out: Path, store: Path, client: Client | None, config: EncodeConfig) -> bool:
+    """Verify the catalogue (on the workers when there are some), then mark it complete."""
+    if not config.verify:
+        return False
+    mapper = None if client is None else _worker_mapper(client, config)
+    report = catalog.verify_catalog(out, store, map_chunks=mapper)
+    report.raise_if_failed()
+    catalog.mark_complete(out)
+    return True
+
+
+@contextlib.contextmanager
+def _progress(layout: catalog.CatalogLayout, done: set[int], enabled: bool) -> Iterator[Any]:
+    from tqdm.auto import tqdm
+
+    initial = sum(layout.rows(i).stop - layout.rows(i).start for i in done)
+    with tqdm(
+        total=layout.n_rows,
+        initial=initial,
+        unit="spectra",
+        unit_scale=True,
+        desc="encode-catalog",
+        disable=not enabled,
+        smoothing=0.1,
+    ) as bar:
+        yield bar
+
+
+def _summarise(
+    out: Path,
+    layout: catalog.CatalogLayout,
+    skipped: int,
+    rows_this_run: int,
+    started: float,
+    verified: bool,
+) -> EncodeSummary:
+    records = catalog.read_records(out)
+    counts = {str(f.name).lower(): 0 for f in CatalogFlag}
+    for record in records:
+        for name, value in record.flag_counts.items():
+            counts[name] += value
+    return EncodeSummary(
+        path=str(out),
+        rows=layout.n_rows,
+        rows_encoded=sum(r.rows_encoded for r in records),
+        flag_counts=counts,
+        chunks=layout.n_chunks,
+        chunks_skipped=skipped,
+        rows_this_run=rows_this_run,
+        wall_s=time.perf_counter() - started,
+        output_bytes=catalog.catalog_nbytes(out),
+        verified=verified,
+    )
+
+
+def verify(
+    path: PathLike, store: PathLike | None = None, *, client: Client | None = None
+) -> catalog.VerifyReport:
+    """:func:`xpbatch.catalog.verify_catalog`, on ``client``'s workers when one is given."""
+    mapper = None if client is None else _worker_mapper(client, EncodeConfig())
+    return catalog.verify_catalog(path, store, map_chunks=mapper)
