@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
+import tomllib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -187,3 +189,134 @@ class IngestConfig:
                 f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}."
                 f"{did_you_mean(self.on_bad_row, list(ON_BAD_ROW_CHOICES))}"
             )
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a TOML configuration file; errors name the file and say what is wrong."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"configuration file {path} does not exist") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from e
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+TRAIN_DEVICES = ("auto", "cpu", "cuda")
+TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
+TRAIN_DATA_PLACEMENTS = ("auto", "device", "stream")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """How ``xpbatch train`` fits the scatter VAE; the defaults reproduce the published run.
+
+    In a TOML file (``--config``) every field is a top-level key, and the architecture is the
+    table ``[model]`` (keys of :class:`ModelConfig`).
+    """
+
+    epochs: int = 5000
+    """Passes over the training rows (published: 5000)."""
+    learning_rate: float = 1e-4
+    """AdamW learning rate at the start of every cosine cycle (published: 1e-4)."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay (published: torch's default, 0.01)."""
+    cycle_epochs: int = 500
+    """Epochs per cosine-annealing cycle before each warm restart (T_0; published: 500)."""
+    min_learning_rate: float = 1e-10
+    """Learning rate at the end of every cycle (eta_min; published: 1e-10)."""
+    batch_size: int = 1024
+    """Spectra per optimisation step (published: 1024)."""
+    kl_weight: float = 1.0
+    """Weight of the KL term in the loss; 1 is the published loss."""
+    seed: int = 0
+    """Seed of the sample, the split, the initial weights, the shuffles and the latent draws."""
+    validation_fraction: float = 0.1
+    """Fraction of the selected rows held out for validation (0: no validation)."""
+    sample: int | None = None
+    """Train on a seeded random sample of this many usable rows instead of all of them."""
+    source_ids: str | None = None
+    """File of the source_ids to train on: one per line, or a CSV/Parquet column 'source_id'."""
+    partial_rows: bool = False
+    """Also train on rows with a missing band or non-finite values (masked in the loss); by
+    default they are excluded, as in the published training set."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every this many epochs (and always at the end)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
+    precision: str = "fp32"
+    """'fp32'; on CUDA also 'tf32' (TF32 matmuls) or 'bf16' (bfloat16 autocast)."""
+    data_placement: str = "auto"
+    """'device': load the rows onto the device once; 'stream': read shuffled chunks from the
+    store every epoch; 'auto': 'device' when they fit in device_memory_fraction."""
+    device_memory_fraction: float = 0.5
+    """Share of the free device memory (available host memory on CPU) resident data may use."""
+    shuffle_chunks: int = 4
+    """Streaming: store chunks read and shuffled together (more mixes better, costs memory)."""
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    """Architecture of the network (TOML table [model])."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, Mapping):
+            model = from_mapping(ModelConfig, self.model, where="[model]")
+            object.__setattr__(self, "model", model)
+        positive = {
+            "epochs": self.epochs,
+            "cycle_epochs": self.cycle_epochs,
+            "batch_size": self.batch_size,
+            "checkpoint_every": self.checkpoint_every,
+            "shuffle_chunks": self.shuffle_chunks,
+        }
+        for name, value in positive.items():
+            if not _is_int(value) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.batch_size < 2:
+            raise ConfigError(f"batch_size must be at least 2 (BatchNorm), got {self.batch_size}")
+        if self.sample is not None and (not _is_int(self.sample) or self.sample < 2):
+            raise ConfigError(f"sample must be an integer of at least 2 rows, got {self.sample!r}")
+        if not _is_int(self.seed) or self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed!r}")
+        if not self.learning_rate > 0 or not 0 <= self.min_learning_rate <= self.learning_rate:
+            raise ConfigError(
+                f"need learning_rate > 0 and 0 <= min_learning_rate <= learning_rate, got "
+                f"{self.learning_rate} and {self.min_learning_rate}"
+            )
+        if self.weight_decay < 0 or self.kl_weight < 0:
+            raise ConfigError(
+                f"weight_decay and kl_weight must be >= 0, got {self.weight_decay}, "
+                f"{self.kl_weight}"
+            )
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(
+                f"validation_fraction must be in [0, 1), got {self.validation_fraction}"
+            )
+        if not 0 < self.device_memory_fraction <= 1:
+            raise ConfigError(
+                f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}"
+            )
+        choices = {
+            "device": (self.device, TRAIN_DEVICES),
+            "precision": (self.precision, TRAIN_PRECISIONS),
+            "data_placement": (self.data_placement, TRAIN_DATA_PLACEMENTS),
+        }
+        for option, (choice, valid) in choices.items():
+            if choice not in valid:
+                raise ConfigError(
+                    f"{option} must be one of {', '.join(valid)}, got {choice!r}."
+                    f"{did_you_mean(str(choice), list(valid))}"
+                )
+        if self.precision != "fp32" and self.device == "cpu":
+            raise ConfigError(f"precision {self.precision!r} needs device 'cuda' (or 'auto')")
+
+    @classmethod
+    def from_toml(
+        cls, path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+    ) -> TrainConfig:
+        """The settings of the file at ``path`` (if any) with ``overrides`` (CLI flags) on top."""
+        values = read_toml(path) if path is not None else {}
+        where = f"configuration file {path}" if path is not None else "configuration"
+        return from_mapping(cls, {**values, **(overrides or {})}, where=where)
