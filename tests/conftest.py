@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XPBATCH_SHARED", REPO.parent / "shared"))
@@ -32,3 +37,53 @@ def reference_dir() -> Path:
 def dr3_samples_dir() -> Path:
     """../shared/dr3/samples: real DR3 XP rows in three encodings."""
     return shared_path("dr3", "samples")
+
+
+@pytest.fixture(scope="session")
+def dask_client() -> Iterator[Client]:
+    """One real LocalCluster (2 worker processes, 1 thread each) shared by the tests needing Dask.
+
+    Worker processes, not threads, so that every task and plugin is really pickled.
+    """
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        ) as cluster,
+        Client(cluster) as client,
+    ):
+        yield client
+
+
+@pytest.fixture(scope="session")
+def make_xp_store() -> Callable[..., Path]:
+    """A factory of small random XP stores: ``make_xp_store(path, n_rows, chunk_rows=, seed=)``.
+
+    Coefficients are standard normal times the G flux (what an identity-normalised model
+    expects), with a few rows of every defect: no G flux, no BP, a NaN coefficient.
+    """
+
+    def make(path: Path, n_rows: int, *, chunk_rows: int = 512, seed: int = 0) -> Path:
+        import numpy as np
+
+        from xpbatch.store import write_xp_store
+
+        rng = np.random.default_rng(seed)
+        g_flux = rng.lognormal(mean=0.0, sigma=0.5, size=n_rows)
+        coefficients = (rng.normal(size=(n_rows, 110)) * g_flux[:, None]).astype(np.float32)
+        errors = (rng.uniform(0.05, 0.2, size=(n_rows, 110)) * g_flux[:, None]).astype(np.float32)
+        g_flux[3::997] = np.nan  # G_FLUX_MISSING -> not encoded
+        coefficients[5::991, :55] = np.nan  # BP missing
+        coefficients[7::983, 60] = np.nan  # NON_FINITE
+        source_id = np.arange(1, n_rows + 1, dtype=np.int64) * 1000 + 17
+        return write_xp_store(
+            path,
+            source_id=source_id,
+            coefficients=coefficients,
+            coefficient_errors=errors,
+            phot_g_mean_flux=g_flux,
+            chunk_rows=chunk_rows,
+        )
+
+    return make

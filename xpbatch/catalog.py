@@ -238,7 +238,7 @@ def create_catalog(
         Group attributes of the run; must contain the :data:`FINGERPRINT_ATTRS` other than
         the layout and schema version (which are added here).
     coeff_labels
-        Labels of the coefficient axis; default ``bp_0 … rp_54``.
+        Labels of the coefficient axis; default ``bp_0 … bp_{n/2-1}, rp_0 …``.
     """
     path = Path(path)
     group = zarr.open_group(path, mode="w-", zarr_format=3)
@@ -272,7 +272,10 @@ def create_catalog(
     _write_axis(
         group, schema.LATENT, np.arange(layout.latent_dim, dtype=np.int16), "latent dimension"
     )
-    labels = np.array(coeff_labels or schema.coeff_labels())
+    n_bp = layout.n_coeff // 2
+    labels = np.array(coeff_labels or schema.coeff_labels(n_bp, layout.n_coeff - n_bp))
+    if labels.shape != (layout.n_coeff,):
+        raise InputShapeError(f"need {layout.n_coeff} coefficient labels, got {labels.shape}")
     _write_axis(group, schema.COEFF, labels, "coefficient label: band and order")
     records = group.create_group(
         RECORDS_GROUP,
@@ -332,7 +335,7 @@ def prepare_output(
     if path.exists() and not resume:
         _refuse_or_remove(path, overwrite)
     if path.exists() and resume:
-        group = _open_group(path)
+        group = _open_group(path, mode="r+")
         if RECORDS_GROUP not in group:
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 import click
 
 from xpbatch import __version__
-from xpbatch.config import ClusterConfig
+from xpbatch.config import ENCODE_DEVICES, ClusterConfig, EncodeConfig
 from xpbatch.errors import XPBatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,3 +150,111 @@ def export_parquet_command(catalog: str, output: str, overwrite: bool, threads: 
         f"wrote {result.n_rows:,} rows in {len(result.files):,} files to {result.output_dir}"
         + (f" ({result.n_reused:,} kept from an earlier run)" if result.n_reused else "")
     )
+
+
+_ENCODE_DEFAULTS = EncodeConfig()
+
+
+@main.command("encode-catalog")
+@click.argument("store", type=click.Path(), required=False)
+@click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
+@click.option("-o", "--output", type=click.Path(file_okay=False), help="Catalogue to write.")
+@click.option(
+    "--demo",
+    is_flag=True,
+    help="No input needed: build (once, cached) a mock store and a small model, and encode them.",
+)
+@click.option(
+    "--resume", is_flag=True, help="Continue an interrupted run (same store, model and options)."
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at OUTPUT.")
+@click.option(
+    "--with-reconstruction",
+    is_flag=True,
+    help="Also store the decoder's reconstruction in e-/s (about twice the output size).",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=_ENCODE_DEFAULTS.batch_size,
+    show_default=True,
+    help="Rows per forward pass.",
+)
+@click.option(
+    "--device",
+    type=click.Choice(ENCODE_DEVICES),
+    default=_ENCODE_DEFAULTS.device,
+    show_default=True,
+    help="Torch device of each worker; auto = its GPU when it has one.",
+)
+@click.option("--no-verify", is_flag=True, help="Skip the final verification (not recommended).")
+@click.option(
+    "--performance-report",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Save Dask's performance report to this HTML file.",
+)
+@cluster_options
+def encode_catalog_command(
+    store: str | None, model: str | None, output: str | None, demo: bool, **kwargs: Any
+) -> None:
+    """Encode every spectrum of STORE with the model into a Zarr catalogue, on a Dask cluster.
+
+    Killing it is safe: rerun with --resume to finish, redoing only unfinished chunks.
+    """
+    cluster = cluster_config(kwargs)
+    if demo:
+        from xpbatch.demo import demo_inputs
+
+        if store or model:
+            raise click.UsageError("--demo brings its own store and model; omit STORE and --model")
+        inputs = demo_inputs(echo=click.echo)
+        store, model = str(inputs.store), str(inputs.model)
+        if output is None:
+            output, kwargs["overwrite"] = str(inputs.catalog), not kwargs["resume"]
+    if store is None or model is None or output is None:
+        raise click.UsageError("give STORE, --model and --output (or --demo)")
+    config = EncodeConfig(
+        batch_size=kwargs["batch_size"],
+        with_reconstruction=kwargs["with_reconstruction"],
+        resume=kwargs["resume"],
+        overwrite=kwargs["overwrite"],
+        device=kwargs["device"],
+        verify=not kwargs["no_verify"],
+        performance_report=kwargs["performance_report"],
+    )
+    from xpbatch.cluster import connect
+    from xpbatch.pipeline import encode_catalog
+
+    with connect(cluster) as client:
+        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+        summary = encode_catalog(store, model, output, client=client, config=config)
+    click.echo(str(summary))
+    if demo:
+        click.echo(
+            "\nOpen it with xarray:\n"
+            "  import xpbatch\n"
+            f"  ds = xpbatch.open_catalog({output!r})  # or xarray.open_zarr({output!r})\n"
+            "  ds.latent_mean.isel(source=slice(0, 5)).values"
+        )
+
+
+@main.command("verify")
+@click.argument("catalog", type=click.Path())
+@click.option(
+    "--store",
+    type=click.Path(),
+    default=None,
+    help="The input XP store: also check the row count, store id and source_id values.",
+)
+def verify_command(catalog: str, store: str | None) -> None:
+    """Check that every chunk of CATALOG was written completely and consistently.
+
+    Exit code 0 when sound, 1 when a problem was found (each one is listed).
+    """
+    from xpbatch.catalog import verify_catalog
+
+    report = verify_catalog(catalog, store)
+    click.echo(str(report))
+    if not report.ok:
+        sys.exit(1)

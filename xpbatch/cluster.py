@@ -48,6 +48,16 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
     )
 
 
+def _quiet_distributed() -> None:
+    """Let distributed's loggers follow the application's level (its own default is INFO).
+
+    The scheduler of a LocalCluster runs in this process, so without this every worker start
+    and stop would be printed by a command run without ``-v``.
+    """
+    level = max(logging.getLogger().getEffectiveLevel(), logging.INFO)
+    logging.getLogger("distributed").setLevel(level)
+
+
 @contextlib.contextmanager
 def connect(config: ClusterConfig) -> Iterator[Client]:
     """Yield a ``distributed.Client`` for ``config``; close what we started on exit.
@@ -60,6 +70,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     """
     from distributed import Client, LocalCluster
 
+    _quiet_distributed()
     if config.scheduler_file is not None:
         if not os.path.exists(config.scheduler_file):
             raise ClusterError(

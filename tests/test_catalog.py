@@ -1,0 +1,284 @@
+"""The output catalogue on its own: layout, template, region writes, records, resume rules,
+open and verify. Outputs are synthetic here (no model); the pipeline tests use real ones."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from xpbatch import catalog, schema
+from xpbatch.catalog import CatalogLayout, CatalogWriter
+from xpbatch.errors import CatalogError, InputShapeError, OutputExistsError, ResumeRefusedError
+from xpbatch.schema import CatalogFlag
+
+ATTRS = {catalog.ATTR_MODEL_HASH: "m" * 64, catalog.ATTR_STORE_ID: "s1", "run_id": "r1"}
+ATTRS[catalog.ATTR_OPTIONS] = {"batch_size": 4096}
+
+
+def _outputs(layout: CatalogLayout, index: int) -> dict[str, np.ndarray]:
+    """Deterministic outputs of one chunk; every 7th row is not encoded (NaN, flagged)."""
+    rows = np.arange(layout.rows(index).start, layout.rows(index).stop)
+    n = rows.size
+    dead = rows % 7 == 3
+    values = {
+        schema.SOURCE_ID: rows.astype(np.int64) * 10 + 1,
+        schema.LATENT_MEAN: np.repeat(rows[:, None] / 10, layout.latent_dim, 1).astype("f4"),
+        schema.LATENT_STD: np.full((n, layout.latent_dim), 0.5, np.float32),
+        schema.SCATTER: np.full((n, layout.n_coeff), 2.0, np.float32),
+        schema.RMSE: np.ones(n, np.float32),
+        schema.FLAGS: np.where(dead, CatalogFlag.NOT_ENCODED | CatalogFlag.G_FLUX_MISSING, 0),
+    }
+    values[schema.FLAGS] = values[schema.FLAGS].astype(np.uint16)
+    if layout.with_reconstruction:
+        values[schema.RECONSTRUCTION] = np.ones((n, layout.n_coeff), np.float32)
+    for name in (schema.LATENT_MEAN, schema.LATENT_STD, schema.SCATTER, schema.RMSE):
+        values[name][dead] = np.nan
+    return values
+
+
+def _write_catalog(path: Path, layout: CatalogLayout, *, complete: bool = True) -> Path:
+    catalog.create_catalog(path, layout, attrs=ATTRS)
+    writer = CatalogWriter(path)
+    for index in range(layout.n_chunks):
+        writer.write_chunk(index, _outputs(layout, index))
+    if complete:
+        catalog.mark_complete(path)
+    return path
+
+
+LAYOUT = CatalogLayout(n_rows=50, chunk_rows=16, latent_dim=3, n_coeff=4)
+
+
+@pytest.fixture
+def written(tmp_path: Path) -> Path:
+    return _write_catalog(tmp_path / "c.zarr", LAYOUT)
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "chunk_rows", "n_chunks", "last"),
+    [(50, 16, 4, slice(48, 50)), (48, 16, 3, slice(32, 48)), (5, 16, 1, slice(0, 5))],
+    ids=["ragged-end", "exact", "one-short-chunk"],
+)
+def test_layout_rows(n_rows: int, chunk_rows: int, n_chunks: int, last: slice) -> None:
+    layout = CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
+    assert layout.n_chunks == n_chunks
+    assert layout.rows(n_chunks - 1) == last
+    with pytest.raises(IndexError):
+        layout.rows(n_chunks)
+
+
+def test_written_catalogue_opens_lazily_with_units_and_records(written: Path) -> None:
+    ds = catalog.open_catalog(written)
+    assert dict(ds.sizes) == {"source": 50, "latent": 3, "coeff": 4}
+    assert ds[schema.SCATTER].chunks[0] == (16, 16, 16, 2)  # still lazy, in the store's chunks
+    assert schema.SOURCE_ID in ds.coords
+    for name, variable in ds.variables.items():
+        assert {"units", "description"} <= set(variable.attrs), name
+    np.testing.assert_array_equal(ds.source_id.values, np.arange(50) * 10 + 1)
+    records = catalog.read_records(written)
+    assert [r.rows for r in records] == [16, 16, 16, 2]
+    assert sum(r.flag_counts["not_encoded"] for r in records) == np.sum(np.arange(50) % 7 == 3)
+    assert ds.attrs[catalog.ATTR_COMPLETE] is True
+
+
+def test_record_round_trips_through_its_row() -> None:
+    outputs = _outputs(LAYOUT, 1)
+    record = catalog.ChunkRecord.from_outputs(1, outputs)
+    assert catalog.ChunkRecord.from_row(1, record.to_row()) == record
+    assert record.rows - record.rows_encoded == record.flag_counts["not_encoded"] > 0
+
+
+def test_write_refuses_wrong_shapes(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    outputs = _outputs(LAYOUT, 0)
+    outputs[schema.SCATTER] = outputs[schema.SCATTER][:-1]
+    with pytest.raises(InputShapeError, match="scatter must have shape"):
+        CatalogWriter(path).write_chunk(0, outputs)
+    assert catalog.completed_chunks(path) == set()
+
+
+def test_writer_refuses_arrays_not_chunked_like_the_layout(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    group = zarr.open_group(path, mode="r+")
+    group.attrs[catalog.ATTR_LAYOUT] = {**LAYOUT.to_attrs(), "chunk_rows": 8}
+    with pytest.raises(CatalogError, match="would not be aligned"):
+        CatalogWriter(path).write_chunk(0, _outputs(LAYOUT, 0))
+
+
+# --- existing outputs ---------------------------------------------------------------------------
+def _snapshot(path: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(path)): p.read_bytes() for p in path.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("complete", [True, False], ids=["complete", "incomplete"])
+def test_existing_output_is_never_touched_without_resume_or_overwrite(
+    tmp_path: Path, complete: bool
+) -> None:
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=complete)
+    before = _snapshot(path)
+    with pytest.raises(OutputExistsError, match=r"--resume .* --overwrite"):
+        catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=False)
+    assert _snapshot(path) == before
+
+
+def test_overwrite_replaces_a_catalogue_but_never_another_directory(tmp_path: Path) -> None:
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT)
+    assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=True) == set()
+    assert catalog.completed_chunks(path) == set()
+    precious = tmp_path / "home"
+    precious.mkdir()
+    (precious / "thesis.tex").write_text("years of work")
+    with pytest.raises(OutputExistsError, match="not an xpbatch catalogue"):
+        catalog.prepare_output(precious, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
+    assert (precious / "thesis.tex").read_text() == "years of work"
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({catalog.ATTR_MODEL_HASH: "other"}, "model_hash"),
+        ({catalog.ATTR_STORE_ID: "other"}, "input_store_id"),
+        ({catalog.ATTR_OPTIONS: {"batch_size": 512}}, "options"),
+    ],
+    ids=["other-model", "other-store", "other-options"],
+)
+def test_resume_refuses_another_run(tmp_path: Path, change: dict, key: str) -> None:
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=False)
+    before = _snapshot(path)
+    with pytest.raises(ResumeRefusedError, match=key):
+        catalog.prepare_output(
+            path, LAYOUT, attrs={**ATTRS, **change}, resume=True, overwrite=False
+        )
+    assert _snapshot(path) == before
+
+
+def test_resume_returns_done_chunks_and_clears_interrupted_writes(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    CatalogWriter(path).write_chunk(2, _outputs(LAYOUT, 2))
+    partial = path / "scatter" / "c" / "1" / "0.0123abcd.partial"  # as zarr leaves after a kill
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    partial.write_bytes(b"half")
+    done = catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+    assert done == {2}
+    assert not partial.exists()
+
+
+def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    zarr.open_group(path, mode="r+").__delitem__(catalog.RECORDS_GROUP)
+    assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
+    assert isinstance(zarr.open_group(path)[catalog.RECORDS_GROUP], zarr.Group)
+
+
+# --- open ----------------------------------------------------------------------------------------
+def test_open_refuses_an_incomplete_catalogue_and_says_how_to_finish(tmp_path: Path) -> None:
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=False)
+    with pytest.raises(CatalogError, match=r"incomplete: 4 of 4 chunks.*--resume"):
+        catalog.open_catalog(path)
+    with pytest.warns(UserWarning, match="incomplete"):
+        assert catalog.open_catalog(path, allow_incomplete=True).sizes["source"] == 50
+
+
+@pytest.mark.parametrize(
+    ("make", "error"),
+    [
+        (lambda p: p, FileNotFoundError),
+        (lambda p: (p.mkdir(), p)[1], CatalogError),
+        (lambda p: (zarr.open_group(p, mode="w"), p)[1], CatalogError),
+    ],
+    ids=["missing", "empty-directory", "other-zarr-group"],
+)
+def test_open_refuses_what_is_not_a_catalogue(
+    tmp_path: Path, make: Callable[[Path], Path], error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        catalog.open_catalog(make(tmp_path / "x.zarr"))
+
+
+# --- verify --------------------------------------------------------------------------------------
+def _delete_scatter_chunk(path: Path) -> None:
+    (path / "scatter" / "c" / "2" / "0").unlink()
+
+
+def _drop_record(path: Path) -> None:
+    (path / catalog.RECORDS_GROUP / catalog.RECORDS_ARRAY / "c" / "1" / "0").unlink()
+
+
+def _flip_a_byte(path: Path) -> None:
+    chunk = path / "latent_mean" / "c" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+
+
+def _unexplained_nan(path: Path) -> None:
+    rmse = zarr.open_array(path / "rmse", mode="r+")
+    rmse[16] = np.nan  # row 16 is encoded (16 % 7 != 3)
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_delete_scatter_chunk, r"chunk 2 .*scatter chunk file scatter/c/2/0 is missing"),
+        (_drop_record, r"chunk 1 .*no completion record"),
+        (_flip_a_byte, r"chunk 0 .*unreadable.*checksum"),
+        (_unexplained_nan, r"chunk 1 .*rmse is NaN in 1 row\(s\) without the not_encoded flag"),
+    ],
+    ids=["deleted-chunk-file", "missing-record", "flipped-byte", "nan-without-flag"],
+)
+def test_verify_finds_damage(written: Path, damage: Callable[[Path], None], message: str) -> None:
+    assert catalog.verify_catalog(written).ok
+    damage(written)
+    report = catalog.verify_catalog(written)
+    assert not report.ok
+    assert any(__import__("re").search(message, p) for p in report.problems), report.problems
+    with pytest.raises(CatalogError, match="problem"):
+        report.raise_if_failed()
+
+
+def test_verify_compares_with_the_input_store(
+    tmp_path: Path, make_xp_store: Callable[..., Path]
+) -> None:
+    store = make_xp_store(tmp_path / "s.zarr", 50, chunk_rows=16)
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT)
+    report = catalog.verify_catalog(path, store)
+    assert any("store id" in p for p in report.problems)
+    group = zarr.open_group(path, mode="r+")
+    from xpbatch.store import store_id
+
+    group.attrs[catalog.ATTR_STORE_ID] = store_id(store)
+    report = catalog.verify_catalog(path, store)
+    assert report.problems and all("source_id differs" in p for p in report.problems)
+    assert len(report.problems) == LAYOUT.n_chunks
+
+
+def test_verify_reads_one_chunk_at_a_time(written: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The client never holds more than one chunk of a variable (memory flat in size)."""
+    largest = 0
+    original = zarr.Array.__getitem__
+
+    def spy(self: zarr.Array, selection: object) -> object:
+        nonlocal largest
+        value = original(self, selection)
+        if self.basename != catalog.RECORDS_ARRAY and hasattr(value, "shape") and value.shape:
+            largest = max(largest, value.shape[0])
+        return value
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    assert catalog.verify_catalog(written).ok
+    assert largest == LAYOUT.chunk_rows
+
+
+def test_catalog_nbytes_counts_files(written: Path) -> None:
+    assert catalog.catalog_nbytes(written) == sum(
+        os.path.getsize(p) for p in written.rglob("*") if p.is_file()
+    )
