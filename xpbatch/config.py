@@ -191,6 +191,70 @@ class IngestConfig:
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class MockConfig:
+    """How ``xpbatch mock`` draws its synthetic catalogue: populations and defects."""
+
+    giant_fraction: float = 0.3
+    """Fraction of stars on the giant branch (red clump included); the rest are dwarfs."""
+    metallicity_mean: float = -0.1
+    """Mean [M/H] (dex) of the normal distribution stars are drawn from."""
+    metallicity_std: float = 0.3
+    """Standard deviation of [M/H] (dex); draws are clipped to [-2.5, 0.6]."""
+    extinction_plane: float = 1.2
+    """Mean A_V (mag, exponential distribution) in the Galactic plane; it falls with |b|."""
+    extinction_pole: float = 0.05
+    """Mean A_V (mag) towards the Galactic poles."""
+    g_mag_min: float = 3.0
+    """Brightest G magnitude drawn."""
+    g_mag_limit: float = 17.65
+    """G magnitude up to which the number counts rise (DR3's XP selection limit)."""
+    counts_slope: float = 0.35
+    """Slope of log10 number counts per magnitude (stars per 0.1 mag grow by 10**slope per mag)."""
+    faint_fraction: float = 0.005
+    """Fraction of sources fainter than g_mag_limit (down to G = 20.5), like DR3's few."""
+    bp_missing_fraction: float = 0.001
+    """Fraction of rows without a BP spectrum (DR3 has one; more here so the path is exercised)."""
+    rp_missing_fraction: float = 0.0002
+    """Fraction of rows without an RP spectrum."""
+    non_finite_fraction: float = 0.001
+    """Fraction of rows with a NaN/inf coefficient or a zero error in a present band."""
+    g_flux_missing_fraction: float = 0.001
+    """Fraction of rows without phot_g_mean_flux and without phot_g_mean_mag."""
+    add_noise: bool = True
+    """Add Gaussian noise with the coefficient errors; False gives the noiseless spectra."""
+
+    def __post_init__(self) -> None:
+        fractions = {
+            "giant_fraction": self.giant_fraction,
+            "faint_fraction": self.faint_fraction,
+            "bp_missing_fraction": self.bp_missing_fraction,
+            "rp_missing_fraction": self.rp_missing_fraction,
+            "non_finite_fraction": self.non_finite_fraction,
+            "g_flux_missing_fraction": self.g_flux_missing_fraction,
+        }
+        for name, value in fractions.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{name} must be a fraction in [0, 1], got {value}")
+        defects = sum(v for k, v in fractions.items() if k.endswith("missing_fraction"))
+        defects += self.non_finite_fraction
+        if defects > 0.5:
+            raise ConfigError(
+                f"the defect fractions (missing BP, RP, G flux, non-finite) add up to {defects}; "
+                "they are exclusive per row and must add up to at most 0.5"
+            )
+        if self.metallicity_std < 0 or self.extinction_plane < 0 or self.extinction_pole < 0:
+            raise ConfigError(
+                "metallicity_std, extinction_plane and extinction_pole must be >= 0, got "
+                f"{self.metallicity_std}, {self.extinction_plane}, {self.extinction_pole}"
+            )
+        if not self.g_mag_min < self.g_mag_limit:
+            raise ConfigError(
+                f"g_mag_min ({self.g_mag_min}) must be brighter (smaller) than g_mag_limit "
+                f"({self.g_mag_limit})"
+            )
+
+
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a TOML configuration file; errors name the file and say what is wrong."""
     try:
