@@ -696,13 +696,13 @@ def write_xp_store(
 
 
 # --- reading ----------------------------------------------------------------------------------
-def _open_group(path: Path) -> zarr.Group:
+def _open_group(path: Path, *, use_consolidated: bool | None = None) -> zarr.Group:
     if not path.exists():
         raise StoreNotFoundError(
             f"XP store {path} does not exist; build one with `xpbatch ingest` or `xpbatch mock`"
         )
     try:
-        return zarr.open_group(path, mode="r")
+        return zarr.open_group(path, mode="r", use_consolidated=use_consolidated)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:
         raise StoreError(f"{path} is not a Zarr v3 group ({e}); is it an XP store?") from e
 
@@ -793,11 +793,12 @@ def open_xp_store(path: PathLike) -> xr.Dataset:
     import xarray as xr
 
     path = Path(path)
-    group = _open_group(path)
+    # Validate the arrays' own metadata, not the consolidated copy, which may be stale.
+    group = _open_group(path, use_consolidated=False)
     problems = _schema_problems(group)
     if problems:
         raise StoreError(f"{path} is not a usable XP store: " + "; ".join(problems))
-    consolidated = group.metadata.consolidated_metadata is not None
+    consolidated = _open_group(path).metadata.consolidated_metadata is not None
     return xr.open_zarr(path, consolidated=consolidated)
 
 
