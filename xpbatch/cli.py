@@ -15,7 +15,15 @@ from typing import Any, TypeVar
 import click
 
 from xpbatch import __version__
-from xpbatch.config import ENCODE_DEVICES, ClusterConfig, EncodeConfig
+from xpbatch.config import (
+    ENCODE_DEVICES,
+    TRAIN_DATA_PLACEMENTS,
+    TRAIN_DEVICES,
+    TRAIN_PRECISIONS,
+    ClusterConfig,
+    EncodeConfig,
+    TrainConfig,
+)
 from xpbatch.errors import XPBatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -258,3 +266,139 @@ def verify_command(catalog: str, store: str | None) -> None:
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
+
+
+_TRAIN_DEFAULTS = TrainConfig()
+
+# (flag, TrainConfig field, click type, help); every default comes from TrainConfig.
+_TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
+    ("--epochs", "epochs", click.IntRange(min=1), "Passes over the training rows."),
+    ("--learning-rate", "learning_rate", float, "AdamW learning rate at each cycle's start."),
+    ("--min-learning-rate", "min_learning_rate", float, "Learning rate at each cycle's end."),
+    ("--cycle-epochs", "cycle_epochs", click.IntRange(min=1), "Epochs per cosine cycle."),
+    ("--weight-decay", "weight_decay", float, "AdamW weight decay."),
+    ("--batch-size", "batch_size", click.IntRange(min=2), "Spectra per optimisation step."),
+    ("--kl-weight", "kl_weight", float, "Weight of the KL term (1: the published loss)."),
+    ("--seed", "seed", click.IntRange(min=0), "Seed of sample, split, weights and shuffles."),
+    ("--validation-fraction", "validation_fraction", float, "Share of rows held out."),
+    ("--sample", "sample", click.IntRange(min=2), "Train on a random sample of N usable rows."),
+    (
+        "--source-ids",
+        "source_ids",
+        click.Path(exists=True, dir_okay=False),
+        "Train on these sources only (one id per line, or a CSV/Parquet column source_id).",
+    ),
+    (
+        "--checkpoint-every",
+        "checkpoint_every",
+        click.IntRange(min=1),
+        "Epochs between checkpoints.",
+    ),
+    ("--device", "device", click.Choice(TRAIN_DEVICES), "Where to train."),
+    ("--precision", "precision", click.Choice(TRAIN_PRECISIONS), "fp32; tf32 or bf16 on CUDA."),
+    (
+        "--data-placement",
+        "data_placement",
+        click.Choice(TRAIN_DATA_PLACEMENTS),
+        "Rows resident on the device, streamed from the store, or auto (device when they fit).",
+    ),
+]
+
+
+def train_options(func: F) -> F:
+    """The TrainConfig options of ``xpbatch train``; unset ones leave the file's value alone."""
+    options = [
+        click.option(
+            flag,
+            field,
+            type=kind,
+            default=None,
+            help=f"{text} [default: {getattr(_TRAIN_DEFAULTS, field)}]",
+        )
+        for flag, field, kind, text in _TRAIN_OPTIONS
+    ]
+    options.append(
+        click.option(
+            "--partial-rows/--complete-rows",
+            "partial_rows",
+            default=None,
+            help="Also train on rows with a missing band or non-finite values (masked in the "
+            "loss) [default: complete rows only, as published].",
+        )
+    )
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@main.command("train")
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    required=True,
+    help="Model file to write (.safetensors); checkpoint and metrics go beside it.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML file of TrainConfig settings; flags given here win.",
+)
+@train_options
+@click.option("--resume", is_flag=True, help="Continue the run from the checkpoint beside OUTPUT.")
+@click.option(
+    "--overwrite", is_flag=True, help="Start again even if OUTPUT or its checkpoint exist."
+)
+@click.option(
+    "--progress/--no-progress",
+    default=True,
+    show_default=True,
+    help="Show a progress bar (epoch, losses, samples/s).",
+)
+def train_command(
+    store: str,
+    output: str,
+    config_file: str | None,
+    resume: bool,
+    overwrite: bool,
+    progress: bool,
+    **options: Any,
+) -> None:
+    """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
+
+    The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
+    restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs).
+    """
+    from xpbatch.train import RunPaths, train_model
+
+    overrides = {k: v for k, v in options.items() if v is not None}
+    config = TrainConfig.from_toml(config_file, overrides)
+    try:
+        history = train_model(
+            store, output, config, resume=resume, overwrite=overwrite, progress=progress
+        )
+    except KeyboardInterrupt:
+        checkpoint = RunPaths.for_model(output).checkpoint
+        click.echo(f"interrupted; checkpoint in {checkpoint}; continue with --resume", err=True)
+        sys.exit(130)
+    counts = history.counts
+    click.echo(
+        f"trained {len(history.records)} epochs on {counts['train']:,} rows "
+        f"({counts['validation']:,} validation) on {history.device} ({history.data_placement})"
+    )
+    if counts["excluded"]:
+        reasons = ", ".join(
+            f"{k.removeprefix('excluded_')} {v:,}"
+            for k, v in counts.items()
+            if k.startswith("excluded_") and v
+        )
+        click.echo(f"excluded {counts['excluded']:,} unusable rows ({reasons})")
+    if counts.get("unknown_source_ids"):
+        click.echo(f"{counts['unknown_source_ids']:,} listed source ids are not in the store")
+    last = history.records[-1]
+    validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"
+    click.echo(f"final train loss {last.train_loss:.4g}, validation loss {validation}")
+    click.echo(f"wrote {history.model_path}; metrics {history.metrics_path}")

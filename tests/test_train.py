@@ -1,0 +1,371 @@
+"""Training: selection, normalisation, feeding, exact resume, NaN/Ctrl-C, CLI, learning labels."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+
+from xpbatch import train as train_module
+from xpbatch.artifact import load_model
+from xpbatch.cli import main
+from xpbatch.config import TrainConfig
+from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
+from xpbatch.store import open_xp_store, write_xp_store
+from xpbatch.train import RunPaths, train_model
+from xpbatch.train_data import (
+    ResidentRows,
+    StreamedRows,
+    compute_normalisation,
+    read_source_id_file,
+    row_chunks,
+    select_rows,
+)
+
+N_SMALL = 3000
+FAST = {"learning_rate": 1e-3, "batch_size": 256, "device": "cpu", "checkpoint_every": 1}
+"""Settings of the small runs: a larger learning rate than published so a few epochs learn."""
+
+
+def _spectra(n: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Coefficients, errors (e-/s) and G flux of spectra on a 2-D nonlinear manifold."""
+    rng = np.random.default_rng(seed)
+    z = rng.uniform(-1, 1, (n, 2))
+    w1, w2 = np.random.default_rng(99).normal(size=(2, 2, 110))
+    shape = np.exp(-(np.arange(110) % 55) / 10.0)
+    spectrum = shape * (1 + 0.5 * np.tanh(z @ w1) + 0.2 * (z**2) @ w2)  # (n, 110)
+    g = 10 ** rng.uniform(3, 5, n)
+    c = spectrum * g[:, None]
+    e = 0.02 * np.abs(c) + 1e-4 * g[:, None]
+    c = c + rng.normal(size=c.shape) * e
+    return c.astype(np.float32), e.astype(np.float32), g
+
+
+def _write_store(path: Path, n: int = N_SMALL, *, seed: int = 0, defects: bool = True) -> Path:
+    """A store of manifold spectra; with defects: rows 0-3 lack BP, 4-6 lack G, 7-8 have a NaN."""
+    c, e, g = _spectra(n, seed)
+    if defects:
+        c[0:4, :55] = np.nan
+        g[4:7] = np.nan
+        c[7:9, 60] = np.nan
+    write_xp_store(
+        path,
+        source_id=np.arange(n, dtype=np.int64) * 10 + 5,
+        coefficients=c,
+        coefficient_errors=e,
+        phot_g_mean_flux=g,
+        chunk_rows=700,  # several chunks, the last one short
+    )
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """One torch thread: on 2 shared cores, two spinning OpenMP threads run up to 30x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _write_store(tmp_path_factory.mktemp("train") / "small.zarr")
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 4-epoch run on the resident path (the resume tests compare with it)."""
+    out = tmp_path_factory.mktemp("reference") / "ref.safetensors"
+    train_model(small_store, out, TrainConfig(epochs=4, **FAST), progress=False)
+    return out
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_model(path).network.state_dict()
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"weights differ: {different[:5]}"
+
+
+# --- selection and normalisation ------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("partial_rows", "excluded"),
+    [
+        pytest.param(False, {"g_flux_missing": 3, "bp_missing": 4, "non_finite": 2}, id="complete"),
+        pytest.param(True, {"g_flux_missing": 3}, id="partial-rows"),
+    ],
+)
+def test_selection_counts_and_split(
+    small_store: Path, partial_rows: bool, excluded: dict[str, int]
+) -> None:
+    ds = open_xp_store(small_store)
+    config = TrainConfig(partial_rows=partial_rows, seed=3)
+    sel = select_rows(ds, config)
+    n_excluded = sum(excluded.values())
+    for name in ("g_flux_missing", "bp_missing", "rp_missing", "non_finite"):
+        assert sel.counts[f"excluded_{name}"] == excluded.get(name, 0), name
+    assert sel.counts["excluded"] == n_excluded
+    assert sel.train.size + sel.validation.size == N_SMALL - n_excluded
+    assert sel.validation.size == round(0.1 * (N_SMALL - n_excluded))
+    assert np.intersect1d(sel.train_source_id, sel.validation_source_id).size == 0
+    np.testing.assert_array_equal(sel.train_source_id, sel.train * 10 + 5)
+    assert select_rows(ds, config).fingerprint() == sel.fingerprint()  # seeded
+    assert select_rows(ds, TrainConfig(partial_rows=partial_rows, seed=4)).fingerprint() != (
+        sel.fingerprint()
+    )
+
+
+def test_sample_draws_usable_rows(small_store: Path) -> None:
+    ds = open_xp_store(small_store)
+    sel = select_rows(ds, TrainConfig(sample=500, validation_fraction=0.2))
+    assert (sel.train.size, sel.validation.size) == (400, 100)
+    assert np.all(np.concatenate([sel.train, sel.validation]) >= 9)  # rows 0-8 are unusable
+
+
+def test_streamed_normalisation_equals_numpy(small_store: Path) -> None:
+    ds = open_xp_store(small_store)
+    sel = select_rows(ds, TrainConfig())
+    norm = compute_normalisation(ds, sel.train, row_chunks(ds))
+    c = ds.coefficients.values[sel.train].astype(np.float64)
+    g = ds.phot_g_mean_flux.values[sel.train]
+    y = c / g[:, None]
+    np.testing.assert_allclose(norm.mean, y.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(norm.std, y.std(axis=0), rtol=1e-5)
+
+
+@pytest.mark.parametrize("placement", ["device", "stream"])
+@pytest.mark.parametrize("batch_size", [256, 301])
+def test_every_row_once_per_epoch(small_store: Path, placement: str, batch_size: int) -> None:
+    ds = open_xp_store(small_store)
+    sel = select_rows(ds, TrainConfig())
+    chunks = row_chunks(ds)
+    norm = compute_normalisation(ds, sel.train, chunks)
+    cpu = torch.device("cpu")
+    rows = (
+        ResidentRows.load(ds, sel.train, chunks, norm, cpu)
+        if placement == "device"
+        else StreamedRows(ds, sel.train, chunks, norm, cpu, shuffle_chunks=2)
+    )
+    ordered = torch.cat([b[0] for b in rows.ordered_batches(1000)])
+    generator = torch.Generator().manual_seed(1)
+    batches = list(rows.shuffled_batches(batch_size, seed=1, generator=generator))
+    shuffled = torch.cat([b[0] for b in batches])
+    expected = sel.train.size - (1 if sel.train.size % batch_size == 1 else 0)
+    assert shuffled.shape[0] == expected
+    assert all(b[0].shape[0] >= 2 for b in batches)
+    assert not torch.equal(shuffled[:100], ordered[:100])
+    assert ordered.shape[0] == sel.train.size
+    assert torch.unique(shuffled[:, 0]).numel() == expected  # no row twice
+    assert torch.isin(shuffled[:, 0], ordered[:, 0]).all()  # only training rows
+
+
+# --- exact resume, Ctrl-C, NaN --------------------------------------------------------------
+@pytest.mark.parametrize("placement", ["device", "stream"])
+def test_resume_reaches_the_same_weights(
+    small_store: Path, tmp_path: Path, placement: str, reference_run: Path
+) -> None:
+    settings = {**FAST, "data_placement": placement}
+    whole = tmp_path / "whole.safetensors"
+    if placement == "device":
+        whole = reference_run
+    else:
+        train_model(small_store, whole, TrainConfig(epochs=4, **settings), progress=False)
+    split = tmp_path / "split.safetensors"
+    train_model(small_store, split, TrainConfig(epochs=2, **settings), progress=False)
+    history = train_model(
+        small_store, split, TrainConfig(epochs=4, **settings), resume=True, progress=False
+    )
+    _assert_same_weights(whole, split)
+    assert [r.epoch for r in history.records] == [1, 2, 3, 4]
+    metrics = [json.loads(line) for line in history.metrics_path.read_text().splitlines()]
+    assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
+
+
+def _loss_failing_at(call: int, failure: str):  # type: ignore[no-untyped-def]
+    """scatter_vae_loss that, from its ``call``-th call on, raises Ctrl-C or returns NaN."""
+    real = train_module.scatter_vae_loss
+    calls = {"n": 0}
+
+    def loss(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        terms = real(*args, **kwargs)
+        if calls["n"] >= call:
+            if failure == "interrupt":
+                raise KeyboardInterrupt
+            return type(terms)(terms.total * torch.nan, terms.weighted_mse, terms.kld)
+        return terms
+
+    return loss
+
+
+def _steps_per_epoch(store: Path) -> int:
+    sel = select_rows(open_xp_store(store), TrainConfig())
+    return -(-sel.train.size // FAST["batch_size"])  # type: ignore[operator]
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(
+    small_store: Path, tmp_path: Path, reference_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.safetensors"
+    steps = _steps_per_epoch(small_store)
+    validation_calls = 1  # one validation batch per epoch
+    mid_epoch_3 = 2 * (steps + validation_calls) + steps // 2
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "scatter_vae_loss", _loss_failing_at(mid_epoch_3, "interrupt"))
+        with pytest.raises(KeyboardInterrupt):
+            train_model(small_store, out, TrainConfig(epochs=4, **FAST), progress=False)
+    assert not out.exists()
+    checkpoint = RunPaths.for_model(out).checkpoint
+    state, _ = train_module._Snapshot.read(checkpoint)
+    assert state.meta["epoch"] == 2
+    train_model(small_store, out, TrainConfig(epochs=4, **FAST), resume=True, progress=False)
+    _assert_same_weights(reference_run, out)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
+    small_store: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "m.safetensors"
+    steps = _steps_per_epoch(small_store)
+    monkeypatch.setattr(
+        train_module, "scatter_vae_loss", _loss_failing_at(2 * (steps + 1) + 3, "nan")
+    )
+    with pytest.raises(TrainingError, match=r"not finite.*epoch 3.*after epoch 2"):
+        train_model(small_store, out, TrainConfig(epochs=5, **FAST), progress=False)
+    assert not out.exists()
+    state, run = train_module._Snapshot.read(RunPaths.for_model(out).checkpoint)
+    assert state.meta["epoch"] == 2 and len(run["records"]) == 2
+    assert all(torch.isfinite(t).all() for t in state.tensors.values() if t.is_floating_point())
+
+
+# --- bad input ------------------------------------------------------------------------------
+def _no_g_flux_store(path: Path) -> Path:
+    c, e, _ = _spectra(50, 0)
+    write_xp_store(
+        path,
+        source_id=np.arange(1, 51, dtype=np.int64),
+        coefficients=c,
+        coefficient_errors=e,
+        phot_g_mean_flux=np.full(50, np.nan),
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("case", "error", "match"),
+    [
+        pytest.param(
+            "unknown-ids-only", TrainingError, r"nothing to train on.*3 of them not in", id="empty"
+        ),
+        pytest.param("no-g-flux", TrainingError, r"50 excluded.*g_flux_missing: 50", id="no-g"),
+        pytest.param("sample-too-large", TrainingError, r"sample of 5000 rows", id="sample"),
+        pytest.param("bad-id-line", ConfigError, r"line 3: expected a source_id", id="bad-file"),
+        pytest.param("exists", OutputExistsError, r"--resume.*--overwrite", id="exists"),
+        pytest.param("resume-nothing", TrainingError, r"no checkpoint", id="resume-missing"),
+    ],
+)
+def test_bad_input(
+    small_store: Path, tmp_path: Path, case: str, error: type[Exception], match: str
+) -> None:
+    store, out = small_store, tmp_path / "m.safetensors"
+    settings: dict[str, object] = {"epochs": 1, **FAST}
+    resume = False
+    ids = tmp_path / "ids.txt"
+    if case == "unknown-ids-only":
+        ids.write_text("1\n2\n3\n")
+        settings["source_ids"] = str(ids)
+    elif case == "no-g-flux":
+        store = _no_g_flux_store(tmp_path / "nog.zarr")
+    elif case == "sample-too-large":
+        settings["sample"] = 5000
+    elif case == "bad-id-line":
+        ids.write_text("source_id\n15\nabc\n")
+        settings["source_ids"] = str(ids)
+    elif case == "exists":
+        out.write_bytes(b"")
+    elif case == "resume-nothing":
+        resume = True
+    with pytest.raises(error, match=match):
+        train_model(store, out, TrainConfig(**settings), resume=resume, progress=False)  # type: ignore[arg-type]
+
+
+def test_unknown_source_ids_are_counted_and_reported(small_store: Path, tmp_path: Path) -> None:
+    ids = tmp_path / "ids.csv"
+    known = np.arange(100, 400) * 10 + 5
+    rows = [*map(str, known), "7", "8", str(known[0])]  # two unknown ids, one duplicate
+    ids.write_text("source_id,teff\n" + "".join(f"{r},5000\n" for r in rows))
+    np.testing.assert_array_equal(read_source_id_file(ids)[:3], known[:3])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            str(small_store),
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            "--source-ids",
+            str(ids),
+            "--epochs",
+            "1",
+            "--device",
+            "cpu",
+            "--no-progress",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "2 listed source ids are not in the store" in result.output
+    model = load_model(tmp_path / "m.safetensors")
+    counts = model.provenance["counts"]
+    assert (counts["unknown_source_ids"], counts["duplicate_source_ids"]) == (2, 1)
+    seen = np.concatenate([model.train_source_id, model.validation_source_id])
+    np.testing.assert_array_equal(np.sort(seen), known)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        pytest.param(
+            "epochs = 3\nlearnin_rate = 1e-3\n",
+            r"'learnin_rate'.*Did you mean "
+            r"'learning_rate'.*Valid keys: epochs, learning_rate",
+            id="unknown-key",
+        ),
+        pytest.param("[model]\nlatent = 4\n", r"'latent' in \[model\].*latent_dim", id="model-key"),
+        pytest.param("batch_size = 1\n", r"batch_size must be at least 2", id="bad-value"),
+        pytest.param("device = 'gpu'\n", r"device must be one of auto, cpu, cuda", id="bad-choice"),
+        pytest.param("epochs = \n", r"not valid TOML", id="bad-toml"),
+    ],
+)
+def test_config_file_errors(tmp_path: Path, text: str, match: str) -> None:
+    path = tmp_path / "train.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        TrainConfig.from_toml(path)
+
+
+def test_cli_flags_override_the_config_file(small_store: Path, tmp_path: Path) -> None:
+    config = tmp_path / "train.toml"
+    config.write_text("epochs = 5\nlearning_rate = 2e-3\nsample = 600\n[model]\nlatent_dim = 4\n")
+    out = tmp_path / "m.safetensors"
+    args = ["train", str(small_store), "-o", str(out), "--config", str(config), "--epochs", "1"]
+    result = CliRunner().invoke(main, [*args, "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    recorded = load_model(out).provenance["config"]
+    assert (recorded["epochs"], recorded["learning_rate"], recorded["sample"]) == (1, 2e-3, 600)
+    assert load_model(out).config.latent_dim == 4
+    again = CliRunner().invoke(main, [*args, "--device", "cpu", "--no-progress"])
+    assert again.exit_code == 2 and "--resume" in again.output
+    changed = CliRunner().invoke(
+        main, [*args, "--epochs", "2", "--seed", "9", "--resume", "--no-progress"]
+    )
+    assert changed.exit_code == 2 and "belongs to another run" in changed.output
+    assert "seed 0 (now 9)" in changed.output
