@@ -87,3 +87,30 @@ def make_xp_store() -> Callable[..., Path]:
         )
 
     return make
+
+
+def _chunk_files(path: Path) -> dict[str, bytes]:
+    """Every chunk file of a Zarr catalogue (not its metadata), by relative path."""
+    return {
+        str(p.relative_to(path)): p.read_bytes()
+        for p in path.rglob("*")
+        if p.is_file() and p.name != "zarr.json"
+    }
+
+
+@pytest.fixture(scope="session")
+def assert_same_catalogue() -> Callable[[Path, Path], None]:
+    """``check(a, b)``: two catalogues hold the same chunk files, byte for byte, and values."""
+
+    def check(a: Path, b: Path) -> None:
+        import xarray as xr
+
+        from xpbatch.catalog import open_catalog
+
+        files_a, files_b = _chunk_files(Path(a)), _chunk_files(Path(b))
+        assert sorted(files_a) == sorted(files_b)
+        differing = [name for name in files_a if files_a[name] != files_b[name]]
+        assert not differing, f"chunk files differ: {differing[:5]}"
+        xr.testing.assert_identical(open_catalog(a).drop_attrs(), open_catalog(b).drop_attrs())
+
+    return check

@@ -340,9 +340,11 @@ def prepare_output(
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
-            _check_fingerprint(path, group.attrs.asdict(), attrs, layout)
-            _remove_partial_files(path)
-            group.attrs.update({"resumed": [*group.attrs.get("resumed", []), _utc_now()]})
+            found = group.attrs.asdict()
+            _check_fingerprint(path, found, attrs, layout)
+            if found.get(ATTR_COMPLETE) is not True:  # a complete catalogue is left as it is
+                _remove_partial_files(path)
+                group.attrs.update({"resumed": [*found.get("resumed", []), _utc_now()]})
             return completed_chunks(path)
     create_catalog(path, layout, attrs=attrs)
     return set()

@@ -510,8 +510,8 @@ def encode_catalog(
     config = config or EncodeConfig()
     started = time.perf_counter()
     store, out = Path(store), Path(out)
-    if config.performance_report and client is None:
-        raise ConfigError("--performance-report needs a Dask cluster (it reports on one)")
+    if config.performance_report:
+        _check_can_report(client)
     if out.resolve() == store.resolve():
         raise ConfigError(f"the output {out} is the input store; choose another output path")
     ds = _open_store(store)
@@ -524,7 +524,8 @@ def encode_catalog(
     done = catalog.prepare_output(
         out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
     )
-    run_id = catalog.read_attrs(out)["run_id"]
+    out_attrs = catalog.read_attrs(out)
+    run_id, was_complete = out_attrs["run_id"], out_attrs[catalog.ATTR_COMPLETE] is True
     jobs = [
         ChunkJob(
             str(store), str(out), run_id, i, model_hash, model_path, config.device,
@@ -549,10 +550,22 @@ def encode_catalog(
         for record in records:
             rows_this_run += record.rows
             bar.update(record.rows)
-        verified = _verify(out, store, client, config)
+        verified = was_complete or _verify(out, store, client, config)
     summary = _summarise(out, layout, len(done), rows_this_run, started, verified)
     logger.info("encode-catalog finished:\n%s", summary)
     return summary
+
+
+def _check_can_report(client: Client | None) -> None:
+    """--performance-report needs a cluster and bokeh (which draws the report)."""
+    import importlib.util
+
+    if client is None:
+        raise ConfigError("--performance-report needs a Dask cluster (it reports on one)")
+    if importlib.util.find_spec("bokeh") is None:
+        raise ConfigError(
+            "--performance-report needs bokeh to draw the report: `pip install 'bokeh>=3.1'`"
+        )
 
 
 def _distributed_records(
