@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from xpbatch import schema
 from xpbatch.artifact import save_model
 from xpbatch.cli import main
+from xpbatch.config import EncodeConfig
 from xpbatch.errors import ModelFileError, StoreError, StoreNotFoundError
 from xpbatch.info import format_summary, human_bytes, summarize
+from xpbatch.pipeline import encode_catalog
 from xpbatch.store import XPStoreWriter, write_xp_store
 from xpbatch.trained import TrainedModel
 
@@ -57,6 +59,18 @@ def model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory, make_xp_store) -> Path:
+    root = tmp_path_factory.mktemp("info")
+    store = make_xp_store(root / "random.zarr", 1500, chunk_rows=500)
+    save_model(TrainedModel.untrained(seed=5), root / "identity.safetensors")
+    out = root / "catalog.zarr"
+    encode_catalog(
+        store, root / "identity.safetensors", out, config=EncodeConfig(progress_bar=False)
+    )
+    return out
+
+
 def _files_size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
@@ -78,6 +92,24 @@ def test_store_summary_counts_every_flag_bit(store: Path) -> None:
     assert by_name[schema.COEFFICIENTS]["shape"] == [N_ROWS, schema.N_COEFF]
     assert by_name[schema.COEFFICIENTS]["bytes_on_disk"] == _files_size(store / schema.COEFFICIENTS)
     json.dumps(summary)  # --json must be able to print it
+
+
+def test_catalog_summary_counts_every_flag_bit_and_the_finished_chunks(catalog: Path) -> None:
+    summary = summarize(catalog)
+    flags = np.asarray(zarr.open_group(catalog, mode="r")[schema.FLAGS][:])
+    expected = {bit.name: int(np.count_nonzero(flags & bit)) for bit in schema.CatalogFlag}
+    expected["none"] = int(np.count_nonzero(flags == 0))
+
+    assert summary["kind"] == "catalog"
+    assert (summary["rows"], summary["n_chunks"], summary["chunks_recorded"]) == (1500, 3, 3)
+    assert summary["flags"] == {"variable": schema.FLAGS, "rows": expected}
+    assert expected["NOT_ENCODED"] == 2  # the two rows without G flux (conftest.make_xp_store)
+    assert summary["complete"] is True
+    assert (
+        summary["attributes"]["model_hash"]
+        == summarize(catalog.parent / "identity.safetensors")["content_sha256"]
+    )
+    assert "chunks done  3 of 3" in format_summary(summary)
 
 
 def test_model_summary_reads_the_header_and_tensor_shapes(model_file: Path) -> None:
@@ -136,6 +168,7 @@ def test_paths_that_are_not_ours_get_a_clear_error(
             "store", ["XP store", "rows per flag bit (input_flags)", "BP_MISSING"], id="store"
         ),
         pytest.param("model_file", ["model", "info-test", "parameters"], id="model"),
+        pytest.param("catalog", ["catalogue", "NOT_ENCODED", "chunks done"], id="catalog"),
     ],
 )
 def test_cli_prints_the_summary(

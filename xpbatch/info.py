@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from xpbatch import schema
+from xpbatch import catalog, schema
 from xpbatch.errors import StoreError, StoreNotFoundError
 
 if TYPE_CHECKING:
@@ -50,7 +50,7 @@ def detect_kind(path: PathLike) -> Kind:
     group = _open_group(path)
     if schema.STORE_ATTR_SCHEMA_VERSION in group.attrs or schema.COEFFICIENTS in group:
         return "store"
-    if schema.LATENT_MEAN in group:
+    if catalog.ATTR_SCHEMA_VERSION in group.attrs or schema.LATENT_MEAN in group:
         return "catalog"
     raise StoreError(
         f"{path} is a Zarr group but neither an XP store (no {schema.COEFFICIENTS!r}) nor a "
@@ -126,10 +126,20 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
         "complete": attrs.get(schema.STORE_ATTR_COMPLETE) is True,
         "attributes": {k: _short(v) for k, v in sorted(attrs.items())},
     }
+    if kind == "catalog":
+        summary["chunks_recorded"] = _chunks_recorded(path)
     flags = arrays.get(flags_name)
     if isinstance(flags, zarr.Array):
         summary["flags"] = {"variable": flags_name, "rows": _flag_counts(flags, flag_bits)}
     return summary
+
+
+def _chunks_recorded(path: Path) -> int | None:
+    """How many chunks a catalogue's run has finished (its completion records)."""
+    try:
+        return len(catalog.completed_chunks(path))
+    except (OSError, ValueError):  # template not finished: no records array yet
+        return None
 
 
 def _variable_summary(path: Path, name: str, array: zarr.Array) -> dict[str, Any]:
@@ -256,6 +266,7 @@ def _format_zarr(s: dict[str, Any]) -> str:
             ("rows", f"{s['rows']:,} in {s['n_chunks']:,} chunks of {s['chunk_rows']:,}"),
             ("on disk", f"{human_bytes(s['bytes_on_disk'])} ({human_bytes(uncompressed)} raw)"),
             ("complete", "yes" if s["complete"] else "NO (still being written, or failed)"),
+            *_progress_row(s),
             ("source_id", "-" if sid is None else f"{sid[0]} ... {sid[1]}"),
         ]
     )
@@ -278,6 +289,12 @@ def _format_zarr(s: dict[str, Any]) -> str:
     lines.append("  attributes")
     lines += _rows([(k, _text(v)) for k, v in s["attributes"].items()], indent=4)
     return "\n".join(lines)
+
+
+def _progress_row(s: dict[str, Any]) -> list[tuple[str, str]]:
+    if s.get("chunks_recorded") is None:
+        return []
+    return [("chunks done", f"{s['chunks_recorded']:,} of {s['n_chunks']:,}")]
 
 
 def _format_model(s: dict[str, Any]) -> str:
