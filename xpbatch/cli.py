@@ -16,13 +16,19 @@ import click
 
 from xpbatch import __version__
 from xpbatch.config import (
+    DEFAULT_CHUNK_ROWS,
+    DEFAULT_ROWS_PER_FILE,
     ENCODE_DEVICES,
+    MOCK_FORMATS,
     TRAIN_DATA_PLACEMENTS,
     TRAIN_DEVICES,
     TRAIN_PRECISIONS,
     ClusterConfig,
     EncodeConfig,
+    MockConfig,
     TrainConfig,
+    from_mapping,
+    read_toml,
 )
 from xpbatch.errors import XPBatchError
 
@@ -402,3 +408,109 @@ def train_command(
     validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"
     click.echo(f"final train loss {last.train_loss:.4g}, validation loss {validation}")
     click.echo(f"wrote {history.model_path}; metrics {history.metrics_path}")
+
+
+@main.command("mock")
+@click.option("-n", "n_rows", type=click.IntRange(min=1), required=True, help="Number of sources.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(),
+    required=True,
+    help="The store to write (store) or the directory of bulk files (dr3-bulk).",
+)
+@click.option(
+    "--format",
+    "output_format",
+    type=click.Choice(MOCK_FORMATS),
+    default="store",
+    show_default=True,
+    help="An XP store, or Gaia DR3 bulk files (XpContinuousMeanSpectrum_*.csv.gz + GaiaSource "
+    "companions + _MD5SUM.txt) to feed `xpbatch ingest`.",
+)
+@click.option(
+    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed."
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=DEFAULT_CHUNK_ROWS,
+    show_default=True,
+    help="Rows per store chunk (store).",
+)
+@click.option(
+    "--rows-per-file",
+    type=click.IntRange(min=1),
+    default=DEFAULT_ROWS_PER_FILE,
+    show_default=True,
+    help="Rows per bulk file, about: files hold whole HEALPix pixels (dr3-bulk).",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Bulk files written at once, in threads (dr3-bulk).",
+)
+@click.option(
+    "--with-correlations",
+    is_flag=True,
+    help="Also store the packed correlation arrays, like `xpbatch ingest --with-correlations`.",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="TOML file of MockConfig settings (giant_fraction, bp_missing_fraction, ...).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace an existing store or bulk files.")
+def mock_command(
+    n_rows: int,
+    output: str,
+    output_format: str,
+    seed: int,
+    chunk_rows: int,
+    rows_per_file: int,
+    workers: int,
+    with_correlations: bool,
+    config_file: str | None,
+    overwrite: bool,
+) -> None:
+    """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
+
+    The same N and --seed give the same rows in both formats, so ingesting the dr3-bulk files
+    reproduces the store. The labels are saved beside the output (OUTPUT.labels.parquet for a
+    store, mock_labels.parquet in the bulk directory); read them with xpbatch.read_mock_labels.
+    """
+    from xpbatch.mock import labels_path, write_mock_dr3_bulk, write_mock_store
+
+    settings = read_toml(config_file) if config_file else {}
+    config = from_mapping(MockConfig, settings, where=config_file or "mock configuration")
+    if output_format == "store":
+        path = write_mock_store(
+            output,
+            n_rows,
+            seed=seed,
+            chunk_rows=chunk_rows,
+            config=config,
+            with_correlations=with_correlations,
+            overwrite=overwrite,
+        )
+        click.echo(f"wrote {n_rows:,} mock sources to {path}; labels {labels_path(path)}")
+    else:
+        if with_correlations:
+            raise click.UsageError("--with-correlations applies to --format store only")
+        files = write_mock_dr3_bulk(
+            output,
+            n_rows,
+            seed=seed,
+            rows_per_file=rows_per_file,
+            config=config,
+            overwrite=overwrite,
+            workers=workers,
+        )
+        click.echo(
+            f"wrote {n_rows:,} mock sources in {len(files):,} XpContinuousMeanSpectrum files "
+            f"(+ GaiaSource companions, _MD5SUM.txt, labels) to {output}"
+        )

@@ -191,6 +191,11 @@ class IngestConfig:
             )
 
 
+MOCK_FORMATS = ("store", "dr3-bulk")
+# Rows per mock bulk file: DR3's 3386 XpContinuousMeanSpectrum files hold 64.7k rows on average.
+DEFAULT_ROWS_PER_FILE = 65_000
+
+
 @dataclasses.dataclass(frozen=True)
 class MockConfig:
     """How ``xpbatch mock`` draws its synthetic catalogue: populations and defects."""
@@ -225,6 +230,13 @@ class MockConfig:
     """Add Gaussian noise with the coefficient errors; False gives the noiseless spectra."""
 
     def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            is_flag = field.type == "bool"
+            if isinstance(value, bool) != is_flag or not isinstance(value, int | float):
+                raise ConfigError(
+                    f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})"
+                )
         fractions = {
             "giant_fraction": self.giant_fraction,
             "faint_fraction": self.faint_fraction,
