@@ -1,0 +1,136 @@
+"""Faults made for real: a worker process SIGKILLed mid-run, the driver SIGKILLed mid-run and
+resumed, a deleted output chunk. The result must equal an uninterrupted run, byte for byte."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+from click.testing import CliRunner
+
+from xpbatch.artifact import save_model
+from xpbatch.catalog import completed_chunks, open_catalog
+from xpbatch.cli import main
+from xpbatch.config import EncodeConfig
+from xpbatch.errors import CatalogError
+from xpbatch.pipeline import encode_catalog
+from xpbatch.trained import TrainedModel
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+N_CHUNKS = 40
+CHUNK_ROWS = 512
+BATCH = 128
+CONFIG = EncodeConfig(batch_size=BATCH, progress_bar=False)
+
+
+class Inputs:
+    """Many small chunks (so a kill lands mid-run) and the uninterrupted serial catalogue."""
+
+    def __init__(self, root: Path, make_xp_store: Callable[..., Path]) -> None:
+        self.store = make_xp_store(root / "s.zarr", N_CHUNKS * CHUNK_ROWS, chunk_rows=CHUNK_ROWS)
+        self.model = root / "m.safetensors"
+        save_model(TrainedModel.untrained(seed=8), self.model)
+        self.reference = root / "reference.zarr"
+        encode_catalog(self.store, self.model, self.reference, config=CONFIG)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory, make_xp_store: Callable[..., Path]) -> Inputs:
+    return Inputs(tmp_path_factory.mktemp("faults"), make_xp_store)
+
+
+def _wait_for_records(out: Path, at_least: int, timeout: float) -> int:
+    """Poll (not sleep blindly) until ``out`` records ``at_least`` finished chunks."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            done = len(completed_chunks(out))
+        except (OSError, ValueError):  # not created yet, or mid-creation
+            done = 0
+        if done >= at_least:
+            return done
+        time.sleep(0.02)
+    raise TimeoutError(f"{out} recorded fewer than {at_least} chunks in {timeout} s")
+
+
+def test_a_worker_killed_mid_run_does_not_fail_the_run(
+    inputs: Inputs,
+    dask_client: Client,
+    tmp_path: Path,
+    assert_same_catalogue: Callable[[Path, Path], None],
+) -> None:
+    out = tmp_path / "c.zarr"
+    victim = next(iter(dask_client.run(os.getpid).values()))
+    killed_after: list[int] = []
+
+    def kill_when_started() -> None:
+        killed_after.append(_wait_for_records(out, 2, timeout=120))
+        os.kill(victim, signal.SIGKILL)
+
+    killer = threading.Thread(target=kill_when_started)
+    killer.start()
+    try:
+        summary = encode_catalog(inputs.store, inputs.model, out, client=dask_client, config=CONFIG)
+    finally:
+        killer.join()
+        dask_client.wait_for_workers(2, timeout=60)  # the nanny restarts it for later tests
+    assert killed_after and killed_after[0] < N_CHUNKS, "the kill came after the run"
+    assert victim not in dask_client.run(os.getpid).values()
+    assert summary.verified and summary.rows_this_run == N_CHUNKS * CHUNK_ROWS
+    assert_same_catalogue(inputs.reference, out)
+
+
+def test_a_driver_killed_mid_run_is_completed_by_resume(
+    inputs: Inputs,
+    dask_client: Client,
+    tmp_path: Path,
+    assert_same_catalogue: Callable[[Path, Path], None],
+) -> None:
+    out = tmp_path / "c.zarr"
+    command = [
+        *(str(Path(sys.executable).parent / "xpbatch"), "encode-catalog", str(inputs.store)),
+        *("--model", str(inputs.model), "--output", str(out), "--batch-size", str(BATCH)),
+        *("--n-workers", "2", "--dashboard-address", ":0"),
+    ]
+    # Its own session: killpg takes the driver, its scheduler, nannies and workers at once.
+    driver = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        done_at_kill = _wait_for_records(out, 1, timeout=240)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    assert done_at_kill < N_CHUNKS, "the kill came after the run"
+    with pytest.raises(CatalogError, match="incomplete"):
+        open_catalog(out)
+
+    config = EncodeConfig(batch_size=BATCH, progress_bar=False, resume=True)
+    summary = encode_catalog(inputs.store, inputs.model, out, client=dask_client, config=config)
+    assert summary.chunks_skipped >= done_at_kill
+    assert summary.verified
+    assert_same_catalogue(inputs.reference, out)
+
+
+def test_verify_command_reports_a_deleted_output_chunk(inputs: Inputs, tmp_path: Path) -> None:
+    out = shutil.copytree(inputs.reference, tmp_path / "c.zarr")
+    runner = CliRunner()
+    clean = runner.invoke(main, ["verify", str(out), "--store", str(inputs.store)])
+    assert clean.exit_code == 0 and "no problem found" in clean.output
+    (out / "latent_mean" / "c" / "3" / "0").unlink()
+    damaged = runner.invoke(main, ["verify", str(out)])
+    assert damaged.exit_code == 1
+    assert "chunk 3 (rows 1536..): latent_mean chunk file latent_mean/c/3/0 is missing" in (
+        damaged.output
+    )
