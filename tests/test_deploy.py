@@ -4,12 +4,16 @@ other and with the CLI, and the Slurm recipe (a scheduler file, workers started 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import yaml
 
@@ -153,11 +157,19 @@ def test_kubernetes_manifests_agree_with_each_other() -> None:
         job["spec"]["template"]["spec"],
     ]
     for spec in pod_specs:
-        claims = [v["persistentVolumeClaim"]["claimName"] for v in spec["volumes"] if "persistentVolumeClaim" in v]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"]
+            for v in spec["volumes"]
+            if "persistentVolumeClaim" in v
+        ]
         assert claims == [claim["metadata"]["name"]]
     assert policy["spec"]["podSelector"]["matchLabels"] == {"dask.org/cluster-name": name}
     job_labels = job["spec"]["template"]["metadata"]["labels"]
-    allowed = [f["podSelector"]["matchLabels"] for f in policy["spec"]["ingress"][0]["from"] if "podSelector" in f]
+    allowed = [
+        f["podSelector"]["matchLabels"]
+        for f in policy["spec"]["ingress"][0]["from"]
+        if "podSelector" in f
+    ]
     assert any(labels.items() <= job_labels.items() for labels in allowed)
 
 
@@ -186,3 +198,199 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repo"
         assert f"!{source}" in ignore or f"!{source}/" in ignore
     assert 'pip install ".[cuda]"' in dockerfile
+
+
+# --- the real thing: a scheduler file, workers started against it, encode-catalog -----------
+BIN = Path(sys.executable).parent  # dask and xpbatch of this environment
+
+
+@pytest.fixture(scope="module")
+def encode_inputs(tmp_path_factory: pytest.TempPathFactory, make_xp_store) -> dict[str, Path]:
+    """A 3-chunk store, a model, and the catalogue encoded serially (the reference)."""
+    import xpbatch
+    from xpbatch.artifact import save_model
+    from xpbatch.config import EncodeConfig
+    from xpbatch.trained import TrainedModel
+
+    root = tmp_path_factory.mktemp("deploy")
+    store = make_xp_store(root / "store.zarr", 1500, chunk_rows=500)
+    model = root / "model.safetensors"
+    save_model(TrainedModel.untrained(seed=7), model)
+    serial = root / "serial.zarr"
+    xpbatch.encode_catalog(store, model, serial, config=EncodeConfig(progress_bar=False))
+    return {"store": store, "model": model, "serial": serial}
+
+
+def _assert_same_catalog(got: Path, expected: Path) -> None:
+    import xpbatch
+
+    a, b = xpbatch.open_catalog(got).load(), xpbatch.open_catalog(expected).load()
+    assert sorted(a.variables) == sorted(b.variables)
+    for name in b.variables:
+        np.testing.assert_array_equal(a[name].values, b[name].values, err_msg=name)
+
+
+def _wait_for(condition, what: str, timeout: float, procs: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        dead = [p.args for p in procs if p.poll() is not None]
+        if dead or time.monotonic() > deadline:
+            raise AssertionError(f"{what} did not happen within {timeout} s; exited: {dead}")
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def scheduler_file_cluster(tmp_path: Path) -> Iterator[Path]:
+    """`dask scheduler --scheduler-file` and two `dask worker --scheduler-file`, as encode.sbatch
+    starts them (here on 127.0.0.1); every process is stopped in the end."""
+    scheduler_file = tmp_path / "scheduler.json"
+    log = open(tmp_path / "cluster.log", "w")  # noqa: SIM115 - closed in finally
+    procs: list[subprocess.Popen] = []
+
+    def start(*args: str) -> None:
+        procs.append(subprocess.Popen([BIN / "dask", *args], stdout=log, stderr=subprocess.STDOUT))
+
+    try:
+        start(
+            "scheduler",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--dashboard-address",
+            "127.0.0.1:0",
+        )
+        _wait_for(scheduler_file.exists, "the scheduler file", 60, procs)
+        for _ in range(2):
+            start(
+                "worker",
+                "--scheduler-file",
+                str(scheduler_file),
+                "--host",
+                "127.0.0.1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--local-directory",
+                str(tmp_path),
+            )
+        from distributed import Client
+
+        with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
+            client.wait_for_workers(2, timeout=60)
+        yield scheduler_file
+    finally:
+        # Workers first, then the scheduler (as encode.sbatch does): a worker whose scheduler
+        # is gone first tries to reconnect, which only makes the shutdown slower.
+        for group in (procs[1:], procs[:1]):
+            for proc in group:
+                proc.terminate()
+            for proc in group:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        log.close()
+
+
+def test_encode_catalog_on_a_scheduler_file_cluster_equals_serial(
+    encode_inputs: dict[str, Path], scheduler_file_cluster: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cluster.zarr"
+    result = subprocess.run(
+        [
+            BIN / "xpbatch",
+            "encode-catalog",
+            encode_inputs["store"],
+            "--model",
+            encode_inputs["model"],
+            "-o",
+            out,
+            "--scheduler-file",
+            scheduler_file_cluster,
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "verified complete" in result.stdout
+    _assert_same_catalog(out, encode_inputs["serial"])
+
+
+def _slurm_is_up() -> bool:
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    idle = subprocess.run(
+        ["sinfo", "--noheader", "--states=idle,mixed"], capture_output=True, text=True, timeout=20
+    )
+    return idle.returncode == 0 and bool(idle.stdout.strip())
+
+
+@pytest.mark.slow
+def test_encode_sbatch_runs_on_a_single_node_slurm(
+    encode_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The real batch script through real Slurm (deploy/slurm/single-node-slurm.sh starts one)."""
+    if not _slurm_is_up():
+        pytest.skip("no Slurm with an idle node here (sudo deploy/slurm/single-node-slurm.sh)")
+    out = tmp_path / "slurm.zarr"
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "XPBATCH_WORKER_CMD": "dask worker --nworkers 2 --nthreads 1 --no-dashboard",
+        "XPBATCH_N_WORKERS": "2",
+        "XPBATCH_WAIT_TIMEOUT": "120",
+    }
+    submit = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--nodes=1",
+            "--gpus-per-node=0",
+            "--cpus-per-task=2",
+            "--mem=2G",
+            "--time=10",
+            f"--output={tmp_path}/slurm-%j.log",
+            f"--chdir={tmp_path}",
+            DEPLOY / "slurm" / "encode.sbatch",
+            encode_inputs["store"],
+            encode_inputs["model"],
+            out,
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
+    try:
+        state = ""
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            show = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True)
+            state = (
+                show.stdout.split("JobState=")[1].split()[0] if "JobState=" in show.stdout else ""
+            )
+            if state in {
+                "COMPLETED",
+                "FAILED",
+                "CANCELLED",
+                "TIMEOUT",
+                "NODE_FAIL",
+                "OUT_OF_MEMORY",
+            }:
+                break
+            time.sleep(0.5)
+        log = "".join(p.read_text() for p in tmp_path.glob("slurm-*.log"))
+        assert state == "COMPLETED", f"job {job} ended {state or 'unknown'}:\n{log[-3000:]}"
+    finally:
+        subprocess.run(["scancel", job], capture_output=True)
+    assert "encode-catalog exited with status 0" in log
+    assert not list(tmp_path.glob("xpbatch-scheduler-*.json"))  # cleaned up
+    _assert_same_catalog(out, encode_inputs["serial"])

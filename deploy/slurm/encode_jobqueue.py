@@ -78,14 +78,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.print_job_script:
             print(cluster.job_script())
             return 0
-        import xpbatch
         from distributed import Client
 
+        import xpbatch
+        from xpbatch.config import EncodeConfig
+
         with Client(cluster) as client:
-            logger.info("dashboard: %s (ssh -L 8787:localhost:8787 THIS-HOST)", client.dashboard_link)
+            logger.info("dashboard %s (ssh -L 8787:localhost:8787 HOST)", client.dashboard_link)
             cluster.scale(jobs=args.jobs)
-            xpbatch.encode_catalog(args.store, args.model, args.output, client=client, resume=True)
-    logger.info("catalogue complete: %s", args.output)
+            summary = xpbatch.encode_catalog(
+                args.store, args.model, args.output, client=client, config=EncodeConfig(resume=True)
+            )
+            print(summary)
     return 0
 
 
