@@ -20,11 +20,13 @@ from xpbatch.config import (
     DEFAULT_ROWS_PER_FILE,
     ENCODE_DEVICES,
     MOCK_FORMATS,
+    ON_BAD_ROW_CHOICES,
     TRAIN_DATA_PLACEMENTS,
     TRAIN_DEVICES,
     TRAIN_PRECISIONS,
     ClusterConfig,
     EncodeConfig,
+    IngestConfig,
     MockConfig,
     TrainConfig,
     from_mapping,
@@ -514,3 +516,124 @@ def mock_command(
             f"wrote {n_rows:,} mock sources in {len(files):,} XpContinuousMeanSpectrum files "
             f"(+ GaiaSource companions, _MD5SUM.txt, labels) to {output}"
         )
+
+
+_INGEST_DEFAULTS = IngestConfig()
+
+
+@main.command("ingest")
+@click.argument("xp_files", nargs=-1, required=True, type=click.Path())
+@click.option(
+    "--gaia-source",
+    "gaia_source",
+    multiple=True,
+    required=True,
+    type=click.Path(),
+    help="gaia_source companion file or directory (repeat for several): the same-suffix "
+    "GaiaSource_*.csv.gz, or any CSV/Parquet with source_id and phot_g_mean_flux/_mag.",
+)
+@click.option("-o", "--output", type=click.Path(), required=True, help="The store to write.")
+@click.option(
+    "--on-bad-row",
+    type=click.Choice(ON_BAD_ROW_CHOICES),
+    default=_INGEST_DEFAULTS.on_bad_row,
+    show_default=True,
+    help="error: a malformed row stops the ingest; skip: leave it out (recorded in the store).",
+)
+@click.option(
+    "--with-correlations",
+    is_flag=True,
+    help="Also parse and store the 1485 packed correlations per band (15x the size).",
+)
+@click.option(
+    "--scalars",
+    default=None,
+    metavar="NAMES",
+    help="Comma-separated DR3 scalar columns to keep (e.g. bp_chi_squared), or 'none' "
+    "[default: all].",
+)
+@click.option(
+    "--chunk-rows",
+    type=click.IntRange(min=1),
+    default=_INGEST_DEFAULTS.chunk_rows,
+    show_default=True,
+    help="Rows per store chunk.",
+)
+@click.option("--no-verify-md5", is_flag=True, help="Do not check files against _MD5SUM.txt.")
+@click.option("--keep-parts", is_flag=True, help="Keep the per-file staging parts afterwards.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store at OUTPUT.")
+@cluster_options
+def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kwargs: Any) -> None:
+    """Ingest Gaia DR3 XP continuous-spectrum files (or directories of them) into an XP store.
+
+    Reads bulk XpContinuousMeanSpectrum_*.csv.gz files and archive CSV/ECSV, gzipped or not.
+    Interrupted or failed runs resume: rerun the same command and finished files are reused.
+    """
+    from xpbatch.cluster import connect
+    from xpbatch.ingest import (
+        GAIA_SOURCE_GLOB,
+        XP_GLOB,
+        expand_inputs,
+        ingest_files,
+        pair_files,
+    )
+
+    cluster = cluster_config(kwargs)
+    scalars = kwargs["scalars"]
+    config = IngestConfig(
+        chunk_rows=kwargs["chunk_rows"],
+        on_bad_row=kwargs["on_bad_row"],
+        with_correlations=kwargs["with_correlations"],
+        scalars=None if scalars is None else tuple(s for s in scalars.split(",") if s != "none"),
+        verify_md5=not kwargs["no_verify_md5"],
+        overwrite=kwargs["overwrite"],
+        keep_parts=kwargs["keep_parts"],
+    )
+    xp = expand_inputs(xp_files, XP_GLOB)
+    gs = expand_inputs(gaia_source, GAIA_SOURCE_GLOB)
+    pair_files(xp, gs)  # refuse missing companions before starting a cluster
+    with connect(cluster) as client:
+        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+        out = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
+    from xpbatch.store import open_xp_store
+
+    attrs = open_xp_store(out).attrs
+    click.echo(f"wrote {out}: {attrs['row_count']:,} rows from {len(xp):,} XP file(s)")
+    if attrs["skipped_row_count"]:
+        click.echo(f"skipped {attrs['skipped_row_count']:,} malformed row(s), e.g.:", err=True)
+        for row in attrs["skipped_rows"][:5]:
+            click.echo(f"  {row['file']}, line {row['line']}: {row['reason']}", err=True)
+
+
+@main.group("bench")
+def bench_group() -> None:
+    """Measure throughput on mock data (CPU time is per core; shared machines add noise)."""
+
+
+@bench_group.command("ingest")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=100),
+    default=12_000,
+    show_default=True,
+    help="Mock sources to generate (dr3-bulk files, cached in --workdir).",
+)
+@click.option("--rows-per-file", type=click.IntRange(min=50), default=1_500, show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to keep the mock files between runs [default: a temporary directory].",
+)
+@cluster_options
+def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **kwargs: Any) -> None:
+    """Ingest rows/s per core against a plain pandas + np.fromstring reader, and the DR3 time."""
+    from xpbatch.benchmarks.ingest import run_ingest_benchmark
+    from xpbatch.cluster import connect
+
+    cluster = cluster_config(kwargs)
+    with connect(cluster) as client:
+        result = run_ingest_benchmark(
+            rows, rows_per_file=rows_per_file, workdir=workdir, client=client, echo=click.echo
+        )
+    click.echo(result.report())

@@ -60,6 +60,8 @@ PathLike = str | os.PathLike[str]
 
 XP_NAME = re.compile(r"^XpContinuousMeanSpectrum_(\d+-\d+)\.", re.IGNORECASE)
 GAIA_SOURCE_NAME = re.compile(r"^GaiaSource_(\d+-\d+)\.", re.IGNORECASE)
+XP_GLOB = "XpContinuousMeanSpectrum_*"
+GAIA_SOURCE_GLOB = "GaiaSource_*"
 MD5_MANIFEST = "_MD5SUM.txt"
 MAX_RECORDED_BAD_ROWS = 10_000
 """At most this many skipped rows are listed in the store's attributes (all are counted)."""
@@ -981,7 +983,9 @@ def pair_files(
         )
     for path in [*xp_files, *gaia_source_files]:
         if not Path(path).is_file():
-            raise ParseError(f"{path}: file not found")
+            raise ParseError(
+                f"{path}: file not found" if not Path(path).exists() else f"{path}: not a file"
+            )
     by_suffix: dict[str, str] = {}
     for path in map(str, gaia_source_files):
         match = GAIA_SOURCE_NAME.match(Path(path).name)
@@ -1000,6 +1004,24 @@ def pair_files(
         else:
             pairs[path] = tuple(map(str, gaia_source_files))
     return pairs
+
+
+def expand_inputs(paths: Sequence[PathLike], pattern: str) -> list[str]:
+    """Files as given, with each directory replaced by its files matching ``pattern``, sorted.
+
+    Lets ``xpbatch ingest dr3/ --gaia-source gaia_source/`` name the 3386 DR3 files without
+    overflowing the shell's argument list.
+    """
+    files: list[str] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = sorted(str(p) for p in path.glob(pattern) if p.is_file())
+            if not found:
+                raise ParseError(f"{path}: the directory has no {pattern} files")
+            files.extend(found)
+        else:
+            files.append(str(path))
+    return files
 
 
 def _part_dir(staging: Path, xp_file: str) -> Path:
@@ -1031,9 +1053,11 @@ def ingest_files(
     Parameters
     ----------
     xp_files
-        ``XpContinuousMeanSpectrum_*.csv.gz`` bulk files or archive CSV/ECSV files.
+        ``XpContinuousMeanSpectrum_*.csv.gz`` bulk files or archive CSV/ECSV files; a directory
+        stands for its ``XpContinuousMeanSpectrum_*`` files.
     gaia_source_files
-        Companions with source_id and phot_g_mean_flux/phot_g_mean_mag (CSV(.gz) or Parquet).
+        Companions with source_id and phot_g_mean_flux/phot_g_mean_mag (CSV(.gz) or Parquet);
+        a directory stands for its ``GaiaSource_*`` files.
     out
         The store to write (Zarr v3 directory).
     client
@@ -1058,7 +1082,8 @@ def ingest_files(
         raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     if out.exists() and not (out / "zarr.json").is_file():
         raise OutputExistsError(f"{out} exists but is not a Zarr store; refusing to overwrite it")
-    pairs = pair_files(xp_files, gaia_source_files)
+    xp_files = expand_inputs(xp_files, XP_GLOB)
+    pairs = pair_files(xp_files, expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB))
     staging = out.with_name(out.name + ".parts")
     scalars = tuple(schema.DR3_SCALARS) if config.scalars is None else config.scalars
     tasks = [

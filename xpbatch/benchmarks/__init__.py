@@ -1,0 +1,1 @@
+"""Benchmarks run by ``xpbatch bench ...``: each measures one stage on mock data."""

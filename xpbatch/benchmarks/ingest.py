@@ -1,0 +1,211 @@
+"""``xpbatch bench ingest``: our ingest against a plain reader, on the same mock DR3 bulk files.
+
+The plain reader is what most people write (and what GaiaXPy does): ``pandas.read_csv`` of each
+file, then ``np.fromstring`` on every array cell, correlations included. Rates are rows per
+second of CPU time of this process (serial runs), so they are per core and less sensitive to
+other jobs on a shared machine than wall time; the cluster run is timed on the wall clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from xpbatch import schema
+from xpbatch.config import IngestConfig
+from xpbatch.ingest import ingest_files, parse_xp_file
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+DR3_FILES = 3386
+DR3_ROWS = 219_197_643
+_ARRAY_COLUMNS = tuple(
+    f"{band}_{name}"
+    for band in ("bp", "rp")
+    for name in ("coefficients", "coefficient_errors", "coefficient_correlations")
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestBenchmark:
+    """The measured CPU and wall seconds of one benchmark run."""
+
+    rows: int
+    files: int
+    plain_cpu_s: float
+    """Plain reader, every array parsed (GaiaXPy-style)."""
+    plain_no_correlations_cpu_s: float
+    """Plain reader, correlations left as text."""
+    inflate_cpu_s: float
+    """gzip decompression alone: a floor for any reader of these files."""
+    parse_cpu_s: float
+    """Our parser alone (parse_xp_file on every file)."""
+    ingest_cpu_s: float
+    """Our whole serial ingest: parse, join, parts, store."""
+    ingest_wall_s: float
+    cluster_wall_s: float | None
+    cluster_threads: int
+
+    def per_core(self, cpu_s: float) -> float:
+        """Rows per second of one core."""
+        return self.rows / cpu_s
+
+    def report(self) -> str:
+        """The figures as printed by the CLI."""
+        ours = self.per_core(self.ingest_cpu_s)
+        plain = self.per_core(self.plain_cpu_s)
+        light = self.per_core(self.plain_no_correlations_cpu_s)
+        lines = [
+            f"ingest benchmark: {self.rows:,} mock rows in {self.files} DR3-format bulk files "
+            "(rows/s per core, CPU time; a shared machine adds noise)",
+            f"  plain reader (pandas + np.fromstring per cell, GaiaXPy-style): {plain:9,.0f}",
+            f"  plain reader, correlations not parsed:                        {light:9,.0f}",
+            f"  xpbatch ingest, whole pipeline (parse, join, store):          {ours:9,.0f}"
+            f"  ({self.ingest_wall_s:.1f} s wall)",
+            f"    of which parsing alone:                                     "
+            f"{self.per_core(self.parse_cpu_s):9,.0f}",
+            f"  gzip inflate alone, a floor for any reader:                   "
+            f"{self.per_core(self.inflate_cpu_s):9,.0f}",
+            f"  ratio: {ours / plain:.1f}x the plain reader (target >= 10x); "
+            f"{ours / light:.1f}x the one that skips correlations",
+            f"  DR3 ({DR3_FILES} files, {DR3_ROWS:,} rows): "
+            f"{DR3_ROWS / ours / 3600:,.0f} core-hours (plain reader: "
+            f"{DR3_ROWS / plain / 3600:,.0f})",
+        ]
+        if self.cluster_wall_s is not None:
+            rate = self.rows / self.cluster_wall_s
+            lines += [
+                f"  on the cluster ({self.cluster_threads} worker threads): {rate:,.0f} rows/s "
+                f"-> DR3 in {DR3_ROWS / rate / 3600:,.1f} h at this rate; "
+                f"{DR3_ROWS / (ours * self.cluster_threads) / 3600:,.1f} h at the per-core rate "
+                "(a small run is dominated by start-up and the serial assembly)",
+            ]
+        return "\n".join(lines)
+
+
+@contextmanager
+def _cpu_timer() -> Iterator[list[float]]:
+    """Yields a list that holds [cpu seconds, wall seconds] of the block once it ends."""
+    result: list[float] = []
+    cpu, wall = time.process_time(), time.perf_counter()
+    yield result
+    result += [time.process_time() - cpu, time.perf_counter() - wall]
+
+
+def plain_read(path: Path, *, correlations: bool = True) -> int:
+    """Read one bulk file the plain way: pandas, then np.fromstring per array cell."""
+    import pandas as pd
+
+    frame = pd.read_csv(path, comment="#")
+    columns = [c for c in _ARRAY_COLUMNS if correlations or "correlations" not in c]
+    with warnings.catch_warnings():
+        # NaN/Infinity tokens end np.fromstring early with a DeprecationWarning; it does no
+        # validation, which only flatters it.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        for column in columns:
+            frame[column] = [
+                np.fromstring(cell[1:-1], sep=",") if isinstance(cell, str) else None
+                for cell in frame[column]
+            ]
+    return len(frame)
+
+
+def _inflate(path: Path) -> None:
+    from xpbatch.ingest import _gzip
+
+    with _gzip.open(path, "rb") as f:
+        while f.read(1 << 24):
+            pass
+
+
+def mock_files(rows: int, rows_per_file: int, workdir: Path) -> tuple[list[Path], list[Path]]:
+    """DR3-format mock bulk files (XP, gaia_source), generated once per size in ``workdir``."""
+    from xpbatch.mock import write_mock_dr3_bulk
+
+    folder = workdir / f"mock-bulk-{rows}-{rows_per_file}"
+    if not (folder / "_MD5SUM.txt").is_file():  # the mock writes its manifest last
+        write_mock_dr3_bulk(folder, rows, seed=0, rows_per_file=rows_per_file, overwrite=True)
+    return sorted(folder.glob("XpContinuousMeanSpectrum_*")), sorted(folder.glob("GaiaSource_*"))
+
+
+def run_ingest_benchmark(
+    rows: int,
+    *,
+    rows_per_file: int = 1_500,
+    workdir: str | Path | None = None,
+    client: Client | None = None,
+    echo: Callable[[str], object] = logger.info,
+) -> IngestBenchmark:
+    """Time the plain reader and our ingest on the same mock bulk files.
+
+    Parameters
+    ----------
+    rows, rows_per_file
+        Size of the mock catalogue and of its files.
+    workdir
+        Keeps the generated files between runs; a temporary directory when None.
+    client
+        Also time the ingest on this Dask cluster.
+    echo
+        Where progress lines go.
+
+    Returns
+    -------
+    IngestBenchmark
+        The timings; ``report()`` formats them.
+    """
+    scratch = Path(tempfile.mkdtemp(prefix="xpbatch-bench-"))
+    folder = Path(workdir) if workdir is not None else scratch
+    try:
+        echo(f"writing {rows:,} mock rows as DR3 bulk files in {folder} ...")
+        xp, gs = mock_files(rows, rows_per_file, folder)
+        echo("timing the plain reader ...")
+        with _cpu_timer() as plain:
+            for f in xp:
+                plain_read(f)
+        with _cpu_timer() as light:
+            for f in xp:
+                plain_read(f, correlations=False)
+        with _cpu_timer() as inflate:
+            for f in xp:
+                _inflate(f)
+        echo("timing xpbatch ingest ...")
+        with _cpu_timer() as parse:
+            for f in xp:
+                parse_xp_file(f, scalars=tuple(schema.DR3_SCALARS))
+        config = IngestConfig(overwrite=True)
+        with _cpu_timer() as ours:
+            ingest_files(xp, gs, scratch / "serial.zarr", config=config)
+        cluster_wall = None
+        if client is not None:
+            echo("timing xpbatch ingest on the cluster ...")
+            with _cpu_timer() as on_cluster:
+                ingest_files(xp, gs, scratch / "cluster.zarr", client=client, config=config)
+            cluster_wall = on_cluster[1]
+        return IngestBenchmark(
+            rows=rows,
+            files=len(xp),
+            plain_cpu_s=plain[0],
+            plain_no_correlations_cpu_s=light[0],
+            inflate_cpu_s=inflate[0],
+            parse_cpu_s=parse[0],
+            ingest_cpu_s=ours[0],
+            ingest_wall_s=ours[1],
+            cluster_wall_s=cluster_wall,
+            cluster_threads=sum(client.nthreads().values()) if client is not None else 0,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
