@@ -637,3 +637,40 @@ def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **k
             rows, rows_per_file=rows_per_file, workdir=workdir, client=client, echo=click.echo
         )
     click.echo(result.report())
+
+
+@bench_group.command("encode")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1000),
+    default=1_000_000,
+    show_default=True,
+    help="Mock spectra to encode (generated once per size in --workdir).",
+)
+@click.option(
+    "--memory-rows",
+    type=click.IntRange(min=1000),
+    default=None,
+    help="Second, larger size for the memory comparison [default: 4 x --rows].",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to keep the mock stores between runs [default: a temporary directory].",
+)
+@cluster_options
+def bench_encode_command(
+    rows: int, memory_rows: int | None, workdir: str | None, **kwargs: Any
+) -> None:
+    """encode-catalog spectra/s against a bare loop, worker memory at two sizes, DR3 time."""
+    from xpbatch.benchmarks.encode import run_encode_benchmark
+    from xpbatch.cluster import connect
+
+    cluster = cluster_config(kwargs)
+    with connect(cluster) as client:
+        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+        result = run_encode_benchmark(
+            rows, client=client, memory_rows=memory_rows, workdir=workdir, echo=click.echo
+        )
+    click.echo(result.report())

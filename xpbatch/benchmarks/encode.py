@@ -1,0 +1,332 @@
+"""``xpbatch bench encode``: encode-catalog on a cluster against a bare loop, on the same store.
+
+The bare loop is what one would write without Dask: one process, torch using every core, for
+each chunk read it, :func:`~xpbatch.encode.encode_chunk` it, write it with zarr (same layout and
+codecs; no completion records, no fsync, no verification). ``encode-catalog`` is timed end to
+end as users run it (template, tasks, records, final verification). Both are wall-clock rates on
+the same machine in the same run; on a machine shared with other jobs the figures are noisy.
+
+Memory: every worker samples its own resident set size (RSS) in a background thread while the
+catalogue is encoded, at two catalogue sizes; flat memory means equal peaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from xpbatch import catalog, schema
+from xpbatch.config import EncodeConfig
+from xpbatch.encode import INPUT_VARIABLES, encode_chunk
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from xpbatch.trained import TrainedModel
+
+logger = logging.getLogger(__name__)
+
+DR3_ROWS = 219_197_643
+"""Spectra in Gaia DR3's XP catalogue (what the projection is for)."""
+SAMPLE_INTERVAL_S = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeBenchmark:
+    """Measured rates and memory of one ``bench encode`` run."""
+
+    rows: int
+    memory_rows: int
+    bare_wall_s: float
+    cluster_wall_s: float
+    cluster_threads: int
+    cluster_workers: int
+    worker_peak_rss: dict[int, int]
+    """Rows of the catalogue -> largest peak RSS of any worker (bytes) while encoding it."""
+    bare_peak_rss: int
+    """Peak RSS of this process during the bare loop (bytes)."""
+
+    @property
+    def bare_rate(self) -> float:
+        """Spectra/s of the bare single-process loop."""
+        return self.rows / self.bare_wall_s
+
+    @property
+    def cluster_rate(self) -> float:
+        """Spectra/s of encode-catalog end to end."""
+        return self.rows / self.cluster_wall_s
+
+    @property
+    def ratio(self) -> float:
+        """encode-catalog rate / bare loop rate (target on one machine: at least 0.9)."""
+        return self.cluster_rate / self.bare_rate
+
+    @property
+    def memory_growth(self) -> float:
+        """Peak worker RSS at the larger size / at the smaller size, minus 1."""
+        small, large = self.worker_peak_rss[self.rows], self.worker_peak_rss[self.memory_rows]
+        return large / small - 1
+
+    def report(self) -> str:
+        """The figures as the CLI prints them."""
+        hours = DR3_ROWS / self.cluster_rate / 3600
+        mb = {rows: rss / 2**20 for rows, rss in self.worker_peak_rss.items()}
+        return "\n".join(
+            [
+                f"encode benchmark on {self.rows:,} mock spectra (wall clock; a shared machine "
+                "adds noise)",
+                f"  bare loop, 1 process, torch on {os.cpu_count()} cores: "
+                f"{self.bare_rate:10,.0f} spectra/s ({self.bare_wall_s:.1f} s)",
+                f"  encode-catalog, {self.cluster_workers} workers x "
+                f"{self.cluster_threads // max(self.cluster_workers, 1)} thread(s):     "
+                f"{self.cluster_rate:10,.0f} spectra/s ({self.cluster_wall_s:.1f} s, "
+                "verification included)",
+                f"  ratio encode-catalog / bare loop: {self.ratio:.2f} (target >= 0.9)",
+                "  peak RSS per worker: "
+                + ", ".join(f"{mb[r]:,.0f} MiB at {r:,} rows" for r in sorted(mb))
+                + f" ({self.memory_growth:+.1%}; target within 10 %)",
+                f"  peak RSS of the bare loop: {self.bare_peak_rss / 2**20:,.0f} MiB",
+                f"  projected wall time for all {DR3_ROWS:,} DR3 spectra on this cluster: "
+                f"{hours:,.1f} h",
+            ]
+        )
+
+
+# --- inputs -------------------------------------------------------------------------------------
+def mock_store(rows: int, workdir: Path, *, echo: Callable[[str], object]) -> Path:
+    """A mock store of ``rows`` spectra, generated once per size in ``workdir``."""
+    from xpbatch.mock import write_mock_store
+
+    path = workdir / f"mock-{rows}.zarr"
+    if not _complete(path):
+        echo(f"generating {rows:,} mock spectra in {path} (once)…")
+        write_mock_store(path, rows, seed=0, overwrite=True)
+    return path
+
+
+def tiled_store(source: Path, rows: int, workdir: Path, *, echo: Callable[[str], object]) -> Path:
+    """A store of ``rows`` rows repeating ``source``'s spectra (with new, ascending source_ids).
+
+    Generating physical mock spectra is slower than encoding them; for a memory and throughput
+    measurement, repeated spectra are as good as new ones.
+    """
+    from xpbatch.store import XPStoreWriter
+
+    path = workdir / f"tiled-{rows}.zarr"
+    if _complete(path):
+        return path
+    echo(f"writing {rows:,} rows (tiles of {source.name}) to {path} (once)…")
+    group = zarr.open_group(source, mode="r")
+    arrays = {name: group[name] for name in INPUT_VARIABLES if name != schema.SOURCE_ID}
+    n_source = group[schema.SOURCE_ID].shape[0]
+    chunk_rows = group[schema.COEFFICIENTS].chunks[0]
+    writer = XPStoreWriter.create(path, rows, chunk_rows=chunk_rows, overwrite=True)
+    for region in writer.chunk_slices():
+        picks = np.arange(region.start, region.stop) % n_source
+        lo, hi = int(picks.min()), int(picks.max()) + 1
+        block = {name: np.asarray(a[lo:hi])[picks - lo] for name, a in arrays.items()}
+        writer.write_rows(
+            region.start,
+            source_id=np.arange(region.start, region.stop, dtype=np.int64) + 1,
+            **block,
+        )
+    writer.finalize()
+    return path
+
+
+def _complete(path: Path) -> bool:
+    from xpbatch.errors import StoreError
+    from xpbatch.store import open_xp_store
+
+    try:
+        open_xp_store(path)
+    except (StoreError, FileNotFoundError):
+        return False
+    return True
+
+
+def bench_model(store: Path, workdir: Path) -> Path:
+    """An untrained network with the store's normalisation (speed does not depend on weights)."""
+    from xpbatch.artifact import save_model
+    from xpbatch.trained import Normalisation, TrainedModel, standardise
+
+    sample = zarr.open_group(store, mode="r")
+    rows = slice(0, 20_000)
+    coefficients = np.asarray(sample[schema.COEFFICIENTS][rows])
+    inp = standardise(
+        coefficients,
+        np.asarray(sample[schema.COEFFICIENT_ERRORS][rows]),
+        np.asarray(sample[schema.PHOT_G_MEAN_FLUX][rows]),
+        Normalisation.identity(schema.N_COEFF),
+    )
+    usable = inp.valid.all(axis=1) & inp.encodable
+    x = inp.x[usable]  # (rows, 110) coefficients / G flux
+    model = TrainedModel.untrained(seed=0).with_updates(
+        name="bench-untrained", normalisation=Normalisation(x.mean(axis=0), x.std(axis=0) + 1e-6)
+    )
+    path = workdir / "bench-model.safetensors"
+    save_model(model, path)
+    return path
+
+
+# --- the two contenders -------------------------------------------------------------------------
+def bare_loop(store: Path, model: TrainedModel, out: Path) -> None:
+    """Read chunk -> encode -> write chunk, in this process, torch on every core."""
+    import torch
+
+    group = zarr.open_group(store, mode="r")
+    inputs = {name: group[name] for name in INPUT_VARIABLES}
+    n_rows = inputs[schema.SOURCE_ID].shape[0]
+    chunk_rows = inputs[schema.COEFFICIENTS].chunks[0]
+    layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
+    shutil.rmtree(out, ignore_errors=True)
+    catalog.create_catalog(out, layout, attrs={})
+    target = zarr.open_group(out, mode="r+")
+    outputs = {spec.name: target[spec.name] for spec in layout.variables()}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)
+    try:
+        for index in range(layout.n_chunks):
+            rows = layout.rows(index)
+            chunk = {name: np.asarray(array[rows]) for name, array in inputs.items()}
+            result = encode_chunk(model, chunk)
+            for name, array in outputs.items():
+                array[rows] = result[name]
+    finally:
+        torch.set_num_threads(threads)
+
+
+class _PeakRSS:
+    """Samples this process's resident set size in a daemon thread and keeps the peak."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self._process = psutil.Process()
+        self.peak = self._process.memory_info().rss
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True, name="xpbatch-rss")
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_INTERVAL_S):
+            self.peak = max(self.peak, self._process.memory_info().rss)
+
+    def start(self) -> _PeakRSS:
+        self._thread.start()
+        return self
+
+    def stop(self) -> int:
+        """Stop sampling; the peak RSS seen, in bytes."""
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._process.memory_info().rss)
+
+
+_SAMPLERS: dict[int, _PeakRSS] = {}
+
+
+def _start_rss_sampler() -> None:
+    """Start sampling this process's RSS (run on every worker with ``client.run``)."""
+    _SAMPLERS[os.getpid()] = _PeakRSS().start()
+
+
+def _stop_rss_sampler() -> int:
+    """Stop this process's sampler; its peak RSS in bytes."""
+    return _SAMPLERS.pop(os.getpid()).stop()
+
+
+def _timed_encode(client: Client, store: Path, model: Path, out: Path) -> tuple[float, int]:
+    """Wall seconds of encode-catalog on ``client`` and the largest worker peak RSS."""
+    from xpbatch.pipeline import encode_catalog
+
+    # Steady state: workers import torch and xpbatch once per cluster, not once per catalogue.
+    client.run(importlib.import_module, "xpbatch.pipeline")
+    client.run(_start_rss_sampler)
+    try:
+        started = time.perf_counter()
+        encode_catalog(
+            store,
+            model,
+            out,
+            client=client,
+            config=EncodeConfig(overwrite=True, progress_bar=False),
+        )
+        wall = time.perf_counter() - started
+    finally:
+        peaks = client.run(_stop_rss_sampler)
+    return wall, max(peaks.values())
+
+
+def run_encode_benchmark(
+    rows: int = 1_000_000,
+    *,
+    client: Client,
+    memory_rows: int | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    echo: Callable[[str], object] = logger.info,
+) -> EncodeBenchmark:
+    """Measure encode-catalog against the bare loop, and worker memory at two sizes.
+
+    Parameters
+    ----------
+    rows
+        Mock spectra of the throughput comparison (generated once per size in ``workdir``).
+    client
+        The cluster to measure (the CLI's default: a LocalCluster on every core).
+    memory_rows
+        The second, larger catalogue size for the memory comparison; default ``4 * rows``.
+    workdir
+        Where the stores, model and catalogues go (default: a temporary directory, removed
+        after); on a filesystem the workers see.
+    echo
+        Progress messages.
+    """
+    from xpbatch.artifact import load_model
+
+    memory_rows = memory_rows or 4 * rows
+    scratch = Path(tempfile.mkdtemp(prefix="xpbatch-bench-"))
+    folder = Path(workdir) if workdir is not None else scratch
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        store = mock_store(rows, folder, echo=echo)
+        big = tiled_store(store, memory_rows, folder, echo=echo)
+        model_path = bench_model(store, folder)
+
+        echo("bare loop…")
+        sampler = _PeakRSS().start()
+        started = time.perf_counter()
+        bare_loop(store, load_model(model_path), folder / "bare.zarr")
+        bare_wall = time.perf_counter() - started
+        bare_peak = sampler.stop()
+
+        echo("encode-catalog…")
+        cluster_wall, small_peak = _timed_encode(client, store, model_path, folder / "c.zarr")
+        echo(f"encode-catalog on {memory_rows:,} rows (memory)…")
+        _, large_peak = _timed_encode(client, big, model_path, folder / "c-large.zarr")
+        nthreads = client.nthreads()
+        return EncodeBenchmark(
+            rows=rows,
+            memory_rows=memory_rows,
+            bare_wall_s=bare_wall,
+            cluster_wall_s=cluster_wall,
+            cluster_threads=sum(nthreads.values()),
+            cluster_workers=len(nthreads),
+            worker_peak_rss={rows: small_peak, memory_rows: large_peak},
+            bare_peak_rss=bare_peak,
+        )
+    finally:
+        for name in ("bare.zarr", "c.zarr", "c-large.zarr"):
+            shutil.rmtree(folder / name, ignore_errors=True)
+        shutil.rmtree(scratch, ignore_errors=True)
