@@ -26,7 +26,7 @@ import io
 import logging
 import math
 import os
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -626,36 +626,21 @@ class MockRows:
 
     def take(self, rows: slice) -> MockRows:
         """The rows ``rows`` (views, not copies)."""
-        return MockRows(
-            **{
-                name: (
-                    {k: v[rows] for k, v in value.items()}
-                    if isinstance(value, dict)
-                    else value[rows]
-                )
-                for name, value in self._columns().items()
-            }
-        )
+        return MockRows.concat([self], lambda arrays: arrays[0][rows])
 
     @staticmethod
-    def concat(parts: list[MockRows]) -> MockRows:
-        """The rows of ``parts`` one after the other."""
-        if len(parts) == 1:
-            return parts[0]
-        first = parts[0]._columns()
-        return MockRows(
-            **{
-                name: (
-                    {k: np.concatenate([p._columns()[name][k] for p in parts]) for k in value}
-                    if isinstance(value, dict)
-                    else np.concatenate([p._columns()[name] for p in parts])
-                )
-                for name, value in first.items()
-            }
-        )
-
-    def _columns(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    def concat(
+        parts: list[MockRows], combine: Callable[[list[np.ndarray]], np.ndarray] = np.concatenate
+    ) -> MockRows:
+        """The rows of ``parts`` one after the other (or ``combine`` applied column by column)."""
+        columns: dict[str, Any] = {}
+        for field in dataclasses.fields(MockRows):
+            values = [getattr(part, field.name) for part in parts]
+            if isinstance(values[0], dict):
+                columns[field.name] = {k: combine([v[k] for v in values]) for k in values[0]}
+            else:
+                columns[field.name] = combine(values)
+        return MockRows(**columns)
 
     def correlations(self, band: str) -> np.ndarray:
         """(rows, 1485) float32 packed correlations of one band; NaN where the band is missing."""
@@ -694,7 +679,7 @@ def _source_ids(rows: np.ndarray, bounds: np.ndarray, jitter: np.ndarray) -> np.
 _SPECTRUM_BATCH = 1024  # rows per spectrum computation, to keep temporary arrays small
 
 
-@functools.lru_cache(maxsize=2)
+@functools.lru_cache(maxsize=1)  # consecutive ranges (store chunks) reuse the last block
 def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
     """Block ``index`` (BLOCK_ROWS rows, some past ``n`` in the last block) of a catalogue.
 
@@ -752,9 +737,10 @@ def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
         scalars=scalars,
         labels=labels,
     )
-    for array in [*block._columns().values(), *scalars.values(), *labels.values()]:
-        if isinstance(array, np.ndarray):
-            array.setflags(write=False)  # cached: callers get views and must not modify them
+    for field in dataclasses.fields(block):  # cached: callers get views and must not modify them
+        value = getattr(block, field.name)
+        for array in value.values() if isinstance(value, dict) else [value]:
+            array.setflags(write=False)
     return block
 
 
@@ -863,7 +849,7 @@ def mock_rows(
         offset = index * BLOCK_ROWS
         part = slice(max(start, offset) - offset, min(stop, offset + BLOCK_ROWS) - offset)
         parts.append(_block(seed, index, n, config).take(part))
-    return MockRows.concat(parts)
+    return parts[0] if len(parts) == 1 else MockRows.concat(parts)
 
 
 def _check_size(n: int, seed: int) -> None:
