@@ -153,6 +153,10 @@ BAD_ROWS = {
         _replace(170, f"{NO_GAIA},4545469030156206080,", f"{NO_GAIA},"),
         r"line 170: expected 26 fields, found 25",
     ),
+    "unbalanced quote": (
+        _replace(168, '"[56947.03696840172,', "[56947.03696840172,"),
+        r"line 168: unbalanced double quote",
+    ),
     "duplicate source_id": (
         lambda lines: [*lines, lines[167]],
         r"source_id 5853498713190525696 appears twice \(lines 168 and 171\)",
