@@ -130,6 +130,15 @@ def test_source_ids_are_ascending_unique_and_gaia_like(store: Path) -> None:
     assert low_latitude.mean() > 0.4
 
 
+@pytest.mark.parametrize("n", [10_000_000, 219_197_643], ids=["ten-million", "dr3-size"])
+def test_large_catalogues_are_addressable_without_generating_them(n: int) -> None:
+    tail = mock.mock_rows(n, n - 10, n, seed=0)
+    assert np.all(np.diff(tail.source_id) > 0)
+    assert tail.source_id[-1] >> mock.SOURCE_ID_PIXEL_SHIFT < mock.N_PIXELS
+    plan = mock.bulk_file_plan(n)
+    assert plan[-1].stop == n and abs(len(plan) - n / 65_000) < 0.05 * n / 65_000
+
+
 # --- labels ---------------------------------------------------------------------------------
 def test_labels_match_the_rows(store: Path) -> None:
     labels = mock.read_mock_labels(store)

@@ -17,9 +17,9 @@ import click
 from xpbatch import __version__
 from xpbatch.config import (
     DEFAULT_CHUNK_ROWS,
-    DEFAULT_ROWS_PER_FILE,
     ENCODE_DEVICES,
     MOCK_FORMATS,
+    MOCK_ROWS_PER_FILE,
     ON_BAD_ROW_CHOICES,
     TRAIN_DATA_PLACEMENTS,
     TRAIN_DEVICES,
@@ -443,7 +443,7 @@ def train_command(
 @click.option(
     "--rows-per-file",
     type=click.IntRange(min=1),
-    default=DEFAULT_ROWS_PER_FILE,
+    default=MOCK_ROWS_PER_FILE,
     show_default=True,
     help="Rows per bulk file, about: files hold whole HEALPix pixels (dr3-bulk).",
 )

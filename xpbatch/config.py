@@ -193,7 +193,7 @@ class IngestConfig:
 
 MOCK_FORMATS = ("store", "dr3-bulk")
 # Rows per mock bulk file: DR3's 3386 XpContinuousMeanSpectrum files hold 64.7k rows on average.
-DEFAULT_ROWS_PER_FILE = 65_000
+MOCK_ROWS_PER_FILE = 65_000
 
 
 @dataclasses.dataclass(frozen=True)

@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from xpbatch import __version__, schema
-from xpbatch.config import DEFAULT_ROWS_PER_FILE, MockConfig
+from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.errors import ConfigError, InputShapeError, OutputExistsError, StoreNotFoundError
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, N_RP
 from xpbatch.store import DEFAULT_CHUNK_ROWS, INT_MISSING, XPStoreWriter
@@ -1202,7 +1202,7 @@ class BulkFile:
         return f"GaiaSource_{self.suffix}.csv.gz"
 
 
-def bulk_file_plan(n: int, rows_per_file: int = DEFAULT_ROWS_PER_FILE) -> list[BulkFile]:
+def bulk_file_plan(n: int, rows_per_file: int = MOCK_ROWS_PER_FILE) -> list[BulkFile]:
     """How ``n`` rows are cut into bulk files: whole pixels, about ``rows_per_file`` rows each.
 
     Like DR3's partition, the files' pixel ranges are contiguous and cover all 786432 level-8
@@ -1336,7 +1336,7 @@ def write_mock_dr3_bulk(
     n: int,
     *,
     seed: int = 0,
-    rows_per_file: int = DEFAULT_ROWS_PER_FILE,
+    rows_per_file: int = MOCK_ROWS_PER_FILE,
     config: MockConfig | None = None,
     overwrite: bool = False,
     workers: int = 1,
