@@ -60,7 +60,7 @@ PathLike = str | os.PathLike[str]
 
 RECORDS_GROUP = "_xpbatch"
 RECORDS_ARRAY = "chunk_records"
-RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{f.name.lower()}" for f in CatalogFlag))
+RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{str(f.name).lower()}" for f in CatalogFlag))
 """Columns of a completion record: row count, rows encoded, rows with each CatalogFlag bit."""
 RECORD_MISSING = -1
 """Fill value of ``chunk_records``: a record still holding it was never written."""
@@ -340,7 +340,7 @@ def prepare_output(
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
-            found = group.attrs.asdict()
+            found: dict[str, Any] = group.attrs.asdict()
             _check_fingerprint(path, found, attrs, layout)
             if found.get(ATTR_COMPLETE) is not True:  # a complete catalogue is left as it is
                 _remove_partial_files(path)
@@ -370,7 +370,7 @@ def _refuse_or_remove(path: Path, overwrite: bool) -> None:
 def _describe_existing(path: Path) -> str:
     if not _is_catalog(path):
         return "not an xpbatch catalogue"
-    attrs = zarr.open_group(path, mode="r").attrs.asdict()
+    attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     if attrs.get(ATTR_COMPLETE) is True:
         return "a complete catalogue"
     try:
@@ -545,6 +545,12 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
     return node
 
 
+def open_arrays(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array]:
+    """Read-only arrays of the Zarr group at ``path``, by name (CatalogError if one is missing)."""
+    group = _open_group(Path(path))
+    return {name: _array(group, name) for name in names}
+
+
 def read_attrs(path: PathLike) -> dict[str, Any]:
     """The group attributes of a catalogue (a CatalogError when it is not one)."""
     path = Path(path)
@@ -716,7 +722,7 @@ class ChunkVerifier:
             if actual != record:
                 problems.append(f"flags do not match the completion record ({record} vs {actual})")
         if self.store is not None and schema.SOURCE_ID in values:
-            expected = zarr.open_group(self.store, mode="r")[schema.SOURCE_ID][rows]
+            expected = open_arrays(self.store, [schema.SOURCE_ID])[schema.SOURCE_ID][rows]
             if not np.array_equal(values[schema.SOURCE_ID], expected):
                 problems.append(f"source_id differs from the input store {self.store}")
         return problems

@@ -83,7 +83,7 @@ def demo_inputs(
         catalog=base / "demo-catalog.zarr",
     )
     base.mkdir(parents=True, exist_ok=True)
-    if not _store_ready(inputs.store):
+    if not store_ready(inputs.store):
         from xpbatch.mock import write_mock_store
 
         echo(f"building the demo store {inputs.store} ({DEMO_ROWS:,} mock spectra, once)…")
@@ -100,7 +100,8 @@ def demo_inputs(
     return inputs
 
 
-def _store_ready(path: Path) -> bool:
+def store_ready(path: Path) -> bool:
+    """Whether ``path`` is a complete, valid XP store (else it is (re)built)."""
     from xpbatch.store import open_xp_store
 
     try:

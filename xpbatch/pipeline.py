@@ -207,8 +207,7 @@ class _InputReader:
     """Reads row ranges of the store's input variables straight from Zarr (no xarray)."""
 
     def __init__(self, path: str) -> None:
-        group = zarr.open_group(path, mode="r")
-        self.arrays = {name: group[name] for name in INPUT_VARIABLES}
+        self.arrays = catalog.open_arrays(path, INPUT_VARIABLES)
 
     def read(self, rows: slice) -> dict[str, np.ndarray]:
         return {name: np.asarray(array[rows]) for name, array in self.arrays.items()}
@@ -398,13 +397,14 @@ def _check_normalisation(model: TrainedModel, ds: xr.Dataset) -> None:
         )
 
 
-def _input_layout(ds: xr.Dataset, model: TrainedModel, with_reconstruction: bool) -> Any:
+def _input_layout(
+    store: Path, model: TrainedModel, with_reconstruction: bool
+) -> catalog.CatalogLayout:
     """The catalogue layout: the store's rows in the store's chunks."""
-    chunks = ds[schema.COEFFICIENTS].encoding.get("chunks") or ds[schema.COEFFICIENTS].chunks
-    chunk_rows = int(chunks[0] if isinstance(chunks[0], int) else chunks[0][0])
+    coefficients = catalog.open_arrays(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
     return catalog.CatalogLayout(
-        n_rows=int(ds.sizes[schema.SOURCE]),
-        chunk_rows=chunk_rows,
+        n_rows=int(coefficients.shape[0]),
+        chunk_rows=int(coefficients.chunks[0]),
         latent_dim=model.config.latent_dim,
         n_coeff=model.config.input_dim,
         with_reconstruction=with_reconstruction,
@@ -517,7 +517,7 @@ def encode_catalog(
     ds = _open_store(store)
     trained, model_hash, model_path = _model_and_hash(model)
     check_model_fits(trained, ds)
-    layout = _input_layout(ds, trained, config.with_reconstruction)
+    layout = _input_layout(store, trained, config.with_reconstruction)
     from xpbatch.store import store_id
 
     attrs = _run_attrs(trained, model_hash, store, store_id(ds), config)
@@ -585,33 +585,32 @@ def _distributed_records(
     name = f"xpbatch-model-{key[:16]}"
     client.register_plugin(plugin, name=name)
     try:
-        yield from map_bounded(
-            client,
-            run_chunk,
-            jobs,
-            name="xpbatch-encode",
-            tasks_per_thread=config.tasks_per_thread,
-            max_attempts=config.max_attempts,
-            no_workers_timeout=config.no_workers_timeout,
-        )
+        yield from _map_on(client, run_chunk, jobs, name="xpbatch-encode", config=config)
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
             client.unregister_worker_plugin(name)
+
+
+def _map_on(
+    client: Client, func: Callable[[T], R], items: Iterable[T], *, name: str, config: EncodeConfig
+) -> Iterator[R]:
+    """:func:`map_bounded` with the bounds and retries of ``config``."""
+    return map_bounded(
+        client,
+        func,
+        items,
+        name=name,
+        tasks_per_thread=config.tasks_per_thread,
+        max_attempts=config.max_attempts,
+        no_workers_timeout=config.no_workers_timeout,
+    )
 
 
 def _worker_mapper(client: Client, config: EncodeConfig) -> catalog.ChunkMapper:
     """A ``map`` that runs per-chunk checks on the cluster, bounded like the encode tasks."""
 
     def mapper(check: Callable[[int], list[str]], chunks: Iterable[int]) -> Iterable[list[str]]:
-        return map_bounded(
-            client,
-            check,
-            chunks,
-            name="xpbatch-verify",
-            tasks_per_thread=config.tasks_per_thread,
-            max_attempts=config.max_attempts,
-            no_workers_timeout=config.no_workers_timeout,
-        )
+        return _map_on(client, check, chunks, name="xpbatch-verify", config=config)
 
     return mapper
 

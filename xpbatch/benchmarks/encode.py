@@ -29,6 +29,7 @@ import zarr
 
 from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
+from xpbatch.demo import store_ready
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def mock_store(rows: int, workdir: Path, *, echo: Callable[[str], object]) -> Pa
     from xpbatch.mock import write_mock_store
 
     path = workdir / f"mock-{rows}.zarr"
-    if not _complete(path):
+    if not store_ready(path):
         echo(f"generating {rows:,} mock spectra in {path} (once)…")
         write_mock_store(path, rows, seed=0, overwrite=True)
     return path
@@ -125,13 +126,12 @@ def tiled_store(source: Path, rows: int, workdir: Path, *, echo: Callable[[str],
     from xpbatch.store import XPStoreWriter
 
     path = workdir / f"tiled-{rows}.zarr"
-    if _complete(path):
+    if store_ready(path):
         return path
     echo(f"writing {rows:,} rows (tiles of {source.name}) to {path} (once)…")
-    group = zarr.open_group(source, mode="r")
-    arrays = {name: group[name] for name in INPUT_VARIABLES if name != schema.SOURCE_ID}
-    n_source = group[schema.SOURCE_ID].shape[0]
-    chunk_rows = group[schema.COEFFICIENTS].chunks[0]
+    arrays = catalog.open_arrays(source, [n for n in INPUT_VARIABLES if n != schema.SOURCE_ID])
+    n_source = arrays[schema.COEFFICIENTS].shape[0]
+    chunk_rows = arrays[schema.COEFFICIENTS].chunks[0]
     writer = XPStoreWriter.create(path, rows, chunk_rows=chunk_rows, overwrite=True)
     for region in writer.chunk_slices():
         picks = np.arange(region.start, region.stop) % n_source
@@ -146,23 +146,12 @@ def tiled_store(source: Path, rows: int, workdir: Path, *, echo: Callable[[str],
     return path
 
 
-def _complete(path: Path) -> bool:
-    from xpbatch.errors import StoreError
-    from xpbatch.store import open_xp_store
-
-    try:
-        open_xp_store(path)
-    except (StoreError, FileNotFoundError):
-        return False
-    return True
-
-
 def bench_model(store: Path, workdir: Path) -> Path:
     """An untrained network with the store's normalisation (speed does not depend on weights)."""
     from xpbatch.artifact import save_model
     from xpbatch.trained import Normalisation, TrainedModel, standardise
 
-    sample = zarr.open_group(store, mode="r")
+    sample = catalog.open_arrays(store, INPUT_VARIABLES)
     rows = slice(0, 20_000)
     coefficients = np.asarray(sample[schema.COEFFICIENTS][rows])
     inp = standardise(
@@ -186,15 +175,15 @@ def bare_loop(store: Path, model: TrainedModel, out: Path) -> None:
     """Read chunk -> encode -> write chunk, in this process, torch on every core."""
     import torch
 
-    group = zarr.open_group(store, mode="r")
-    inputs = {name: group[name] for name in INPUT_VARIABLES}
+    inputs = catalog.open_arrays(store, INPUT_VARIABLES)
     n_rows = inputs[schema.SOURCE_ID].shape[0]
     chunk_rows = inputs[schema.COEFFICIENTS].chunks[0]
     layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
     shutil.rmtree(out, ignore_errors=True)
     catalog.create_catalog(out, layout, attrs={})
-    target = zarr.open_group(out, mode="r+")
-    outputs = {spec.name: target[spec.name] for spec in layout.variables()}
+    outputs = {
+        spec.name: zarr.open_array(out / spec.name, mode="r+") for spec in layout.variables()
+    }
     threads = torch.get_num_threads()
     torch.set_num_threads(os.cpu_count() or 1)
     try:

@@ -1,0 +1,40 @@
+"""``xpbatch bench encode`` at a tiny size: it measures both contenders and reports the figures."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import zarr
+
+from xpbatch import schema
+from xpbatch.benchmarks.encode import run_encode_benchmark
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+
+def test_bench_encode_reports_rates_memory_and_projection(
+    dask_client: Client, tmp_path: Path
+) -> None:
+    said: list[str] = []
+    result = run_encode_benchmark(
+        2000, client=dask_client, memory_rows=5000, workdir=tmp_path, echo=said.append
+    )
+    assert result.bare_rate > 0 and result.cluster_rate > 0
+    assert set(result.worker_peak_rss) == {2000, 5000}
+    assert min(result.worker_peak_rss.values()) > 50 * 2**20  # a worker with torch loaded
+    report = result.report()
+    for text in ("bare loop", "ratio encode-catalog / bare loop", "peak RSS per worker", "DR3"):
+        assert text in report
+    # The larger store repeats the mock spectra, with its own ascending source_ids.
+    small, large = (
+        zarr.open_group(tmp_path / "mock-2000.zarr"),
+        zarr.open_group(tmp_path / "tiled-5000.zarr"),
+    )
+    np.testing.assert_array_equal(
+        large[schema.COEFFICIENTS][4000:4100], small[schema.COEFFICIENTS][0:100]
+    )
+    assert np.all(np.diff(large[schema.SOURCE_ID][:]) > 0)
+    assert not (tmp_path / "c.zarr").exists()  # catalogues are removed, inputs kept
