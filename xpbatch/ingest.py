@@ -468,7 +468,7 @@ def _with_cells(
     has_cell = np.zeros(n, dtype=bool)
     has_cell[rows] = True
     # One slice per cell (not per value): an index gather would move 8 bytes of index per byte.
-    view = memoryview(buffer)
+    view = memoryview(buffer.data)
     text = b"".join([view[a:b] for a, b in zip(starts.tolist(), stops.tolist(), strict=True)])
     cells = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(text))
     if has_cell.all():
