@@ -118,6 +118,39 @@ def test_real_samples_ingest_to_the_text_values(
     assert ds.attrs["skipped_row_count"] == 0
 
 
+def test_interleaved_files_parquet_companion_and_correlations(
+    dr3_samples_dir: Path, tmp_path: Path
+) -> None:
+    """Files whose source_id ranges overlap are merged in order; correlations on request."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    lines = (dr3_samples_dir / "XP_CONTINUOUS_bulk_style_null.ecsv").read_text().splitlines()
+    header, (bright, rp_only, no_gaia) = lines[:167], lines[167:]
+    (tmp_path / "a.csv").write_text("\n".join([*header, bright, rp_only]))  # ids 5853.., 5405..
+    (tmp_path / "b.csv").write_text("\n".join([*header, no_gaia]))  # 5762.., inside a's range
+    gaia = tmp_path / "gaia.parquet"
+    table = {"Source_Id": [BRIGHT, NO_GAIA], "phot_g_mean_flux": [1e5, 2e4]}
+    pq.write_table(pa.table(table), gaia)
+    config = IngestConfig(with_correlations=True, scalars=("rp_chi_squared",))
+    out = ingest_files(
+        [tmp_path / "a.csv", tmp_path / "b.csv"], [gaia], tmp_path / "s.zarr", config=config
+    )
+    ds = open_xp_store(out)
+    assert ds.source_id.values.tolist() == [RP_ONLY, NO_GAIA, BRIGHT]
+    assert ds.phot_g_mean_flux.values[1:].tolist() == [2e4, 1e5]
+    assert ds.input_flags.values[0] == InputFlag.BP_MISSING | InputFlag.G_FLUX_MISSING
+    correlations = next(csv.reader([bright]))[11].strip("[]").split(",")
+    expected = np.array(correlations, float).astype(np.float32)
+    np.testing.assert_array_equal(ds.bp_coefficient_correlations.values[2], expected)
+    assert np.isnan(ds.bp_coefficient_correlations.values[0]).all()
+    assert sorted(v for v in ds.data_vars if v.startswith(("bp_", "rp_"))) == [
+        "bp_coefficient_correlations",
+        "rp_chi_squared",
+        "rp_coefficient_correlations",
+    ]
+
+
 # --- malformed inputs -------------------------------------------------------------------------
 # The bulk-style sample: 166 '#' lines, the column names on line 167, data on lines 168-170
 # (BRIGHT, RP_ONLY, NO_GAIA).
