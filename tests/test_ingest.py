@@ -414,3 +414,13 @@ def test_cli_reports_errors_in_one_line(dr3_samples_dir: Path, tmp_path: Path) -
     result = CliRunner().invoke(main, [*args, "--gaia-source", str(tmp_path / "missing.csv")])
     assert result.exit_code == 2
     assert "missing.csv" in result.output
+
+
+def test_bench_ingest_runs_and_reports_the_ratio(tmp_path: Path) -> None:
+    from xpbatch.benchmarks.ingest import run_ingest_benchmark
+
+    result = run_ingest_benchmark(300, rows_per_file=100, workdir=tmp_path, echo=lambda _: None)
+    assert result.rows == 300 and result.files >= 2
+    assert result.plain_cpu_s > 0 and result.ingest_cpu_s > 0
+    report = result.report()
+    assert "x the plain reader" in report and "219,197,643 rows" in report

@@ -1265,6 +1265,8 @@ def ingest_files(
         The store to write (Zarr v3 directory).
     client
         A ``distributed.Client`` to parse files and write chunks in parallel; None runs serially.
+        Workers read and write ``<out>.parts/`` and ``out``: on several machines both must be
+        on a filesystem they share.
     config
         Options; see :class:`~xpbatch.config.IngestConfig`.
 
