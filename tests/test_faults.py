@@ -21,8 +21,8 @@ from xpbatch.artifact import save_model
 from xpbatch.catalog import completed_chunks, open_catalog
 from xpbatch.cli import main
 from xpbatch.config import EncodeConfig
-from xpbatch.errors import CatalogError
-from xpbatch.pipeline import encode_catalog
+from xpbatch.errors import CatalogError, ChunkError, ClusterError
+from xpbatch.pipeline import encode_catalog, map_bounded
 from xpbatch.trained import TrainedModel
 
 if TYPE_CHECKING:
@@ -134,3 +134,33 @@ def test_verify_command_reports_a_deleted_output_chunk(inputs: Inputs, tmp_path:
     assert "chunk 3 (rows 1536..): latent_mean chunk file latent_mean/c/3/0 is missing" in (
         damaged.output
     )
+
+
+# --- the bounded map's own fault handling ------------------------------------------------------
+def test_a_failing_task_is_retried_then_reported_with_its_number(
+    dask_client: Client, tmp_path: Path
+) -> None:
+    def flaky(i: int) -> int:  # a closure: pickled by value, so workers need not import tests
+        flag = tmp_path / f"failed-{i}"
+        if i == 1 and not flag.exists():
+            flag.touch()
+            raise RuntimeError("transient")
+        if i == 3:
+            raise RuntimeError("always")
+        return 2 * i
+
+    results = map_bounded(dask_client, flaky, range(3), name="t", max_attempts=2)
+    assert sorted(results) == [0, 2, 4]
+    with pytest.raises(ChunkError, match=r"t task 0 failed 2 times; last error: .*always"):
+        list(map_bounded(dask_client, flaky, [3], name="t", max_attempts=2))
+
+
+def test_a_cluster_without_workers_fails_the_run_resumably() -> None:
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=0, processes=False, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+        pytest.raises(ClusterError, match=r"no workers for 0 s.*--resume"),
+    ):
+        list(map_bounded(client, abs, [1], name="t", no_workers_timeout=0.3, poll_s=0.1))

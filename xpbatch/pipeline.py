@@ -19,6 +19,7 @@ What keeps a long run cheap and safe:
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextlib
 import dataclasses
@@ -297,7 +298,7 @@ def map_bounded(
                     future.release()
                     yield result
                     continue
-                error = future.exception()
+                error = _failure(future)
                 future.release()
                 attempts[number] += 1
                 if attempts[number] >= max_attempts:
@@ -310,6 +311,14 @@ def map_bounded(
     finally:
         for future in pending:
             future.cancel()
+
+
+def _failure(future: Future) -> BaseException:
+    """Why a future did not finish: its exception, or the error of asking (e.g. cancelled)."""
+    try:
+        return future.exception() or RuntimeError(f"task ended as {future.status!r}")
+    except (Exception, asyncio.CancelledError) as e:  # a cancelled future raises instead
+        return e
 
 
 def _check_workers(client: Client, idle_since: float | None, timeout: float) -> float | None:
