@@ -42,7 +42,13 @@ import pyarrow.csv as pacsv
 from xpbatch import __version__, schema
 from xpbatch.config import IngestConfig
 from xpbatch.errors import ChecksumError, ConfigError, OutputExistsError, ParseError
-from xpbatch.store import INT_MISSING, XPStoreWriter, compute_input_flags, n_correlations
+from xpbatch.store import (
+    INT_MISSING,
+    XPStoreWriter,
+    compute_input_flags,
+    n_correlations,
+    source_id_order,
+)
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -834,9 +840,9 @@ def read_gaia_source(paths: Sequence[PathLike], *, verify_md5: bool = True) -> G
         mags.append(mag)
         files.append(info)
     source_id = np.concatenate(ids) if ids else np.empty(0, np.int64)
-    order = np.argsort(source_id, kind="stable")
+    order, repeats = source_id_order(source_id)
     source_id = source_id[order]
-    repeated = source_id[1:][np.diff(source_id) == 0]
+    repeated = source_id[repeats]
     if repeated.size:
         raise ParseError(
             f"gaia_source files {[str(p) for p in paths]} list source_id {int(repeated[0])} more "
@@ -1026,12 +1032,11 @@ def ingest_file(task: FileTask) -> PartInfo:
 
 
 def _sorted_part_columns(parsed: ParsedFile, gaia: GaiaSourceTable) -> dict[str, np.ndarray]:
-    order = np.argsort(parsed.source_id, kind="stable")
+    order, repeats = source_id_order(parsed.source_id)
     sid = parsed.source_id[order]
-    repeats = np.flatnonzero(np.diff(sid) == 0)
     if repeats.size:
         lines = parsed.line[order]
-        i = repeats[0]
+        i = repeats[0] - 1
         raise ParseError(
             f"{parsed.path}: source_id {int(sid[i])} appears twice (lines {int(lines[i])} and "
             f"{int(lines[i + 1])}); every source must be listed once. Remove the duplicate row."
@@ -1110,10 +1115,9 @@ def _merge_group(group: list[PartInfo], staging: Path) -> PartInfo:
     names = [n.name[:-4] for n in sorted(Path(group[0].part_dir).glob("*.npy"))]
     sid = np.concatenate([_load(p.part_dir, schema.SOURCE_ID) for p in group])
     origin = np.concatenate([np.full(p.rows, i) for i, p in enumerate(group)])
-    order = np.argsort(sid, kind="stable")
-    repeats = np.flatnonzero(np.diff(sid[order]) == 0)
+    order, repeats = source_id_order(sid)
     if repeats.size:
-        a, b = order[repeats[0]], order[repeats[0] + 1]
+        a, b = order[repeats[0] - 1], order[repeats[0]]
         lines = np.concatenate([_load(p.part_dir, "line") for p in group])
         files = [p.files[0]["path"] for p in group]
         raise ParseError(

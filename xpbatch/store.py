@@ -597,6 +597,15 @@ def compute_input_flags(
 
 
 # --- in-memory arrays -> store ----------------------------------------------------------------
+def source_id_order(source_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The stable order that sorts ``source_id``, and the sorted positions holding a repeat.
+
+    ``repeats`` lists each ``i`` where ``source_id[order][i]`` equals the id before it.
+    """
+    order = np.argsort(source_id, kind="stable")
+    return order, np.flatnonzero(np.diff(source_id[order]) == 0) + 1
+
+
 def write_xp_store(
     path: PathLike,
     *,
@@ -649,9 +658,9 @@ def write_xp_store(
     sid = np.asarray(source_id)
     if sid.ndim != 1 or not np.issubdtype(sid.dtype, np.integer):
         raise InputShapeError(f"source_id must be a 1-D integer array, got {sid.dtype} {sid.shape}")
-    order = np.argsort(sid, kind="stable")
+    order, repeats = source_id_order(sid)
     sorted_ids = sid[order]
-    duplicated = sorted_ids[1:][np.diff(sorted_ids) == 0]
+    duplicated = sorted_ids[repeats]
     if duplicated.size:
         raise StoreError(
             f"source_id must be unique, but {np.unique(duplicated).size} id(s) repeat, e.g. "
