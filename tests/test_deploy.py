@@ -394,3 +394,38 @@ def test_encode_sbatch_runs_on_a_single_node_slurm(
     assert "encode-catalog exited with status 0" in log
     assert not list(tmp_path.glob("xpbatch-scheduler-*.json"))  # cleaned up
     _assert_same_catalog(out, encode_inputs["serial"])
+
+
+@pytest.mark.slow
+def test_jobqueue_launcher_runs_on_a_single_node_slurm(
+    encode_inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """encode_jobqueue.py with jobqueue.yaml made CPU-only: worker jobs really go through Slurm."""
+    if not _slurm_is_up():
+        pytest.skip("no Slurm with an idle node here (sudo deploy/slurm/single-node-slurm.sh)")
+    config = _load(DEPLOY / "slurm" / "jobqueue.yaml")
+    slurm = config["jobqueue"]["slurm"]
+    slurm["job-extra-directives"].remove("--gpus=1")
+    slurm.update({"memory": "2GiB", "job-cpu": 1, "local-directory": str(tmp_path)})
+    slurm["log-directory"] = str(tmp_path / "logs")
+    (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "jobqueue.zarr"
+    result = subprocess.run(
+        [
+            sys.executable,
+            DEPLOY / "slurm" / "encode_jobqueue.py",
+            encode_inputs["store"],
+            encode_inputs["model"],
+            out,
+            "--jobs",
+            "2",
+            "--config",
+            tmp_path / "cpu.yaml",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_catalog(out, encode_inputs["serial"])

@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
         with Client(cluster) as client:
             logger.info("dashboard %s (ssh -L 8787:localhost:8787 HOST)", client.dashboard_link)
             cluster.scale(jobs=args.jobs)
-            summary = xpbatch.encode_catalog(
+            # Logs its summary (rows, flags, speed) at INFO when it is done.
+            xpbatch.encode_catalog(
                 args.store, args.model, args.output, client=client, config=EncodeConfig(resume=True)
             )
-            print(summary)
     return 0
 
 
