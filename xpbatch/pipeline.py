@@ -113,7 +113,8 @@ class EncodeSummary:
 _MODELS: dict[str, tuple[TrainedModel, torch.device]] = {}
 """Model key -> (model on its device, device), filled by :class:`ModelPlugin`."""
 _OPEN: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
-"""(kind, path, run) -> opened reader or writer; a few entries, least recent evicted."""
+"""(kind, path + store id or run id) -> opened reader or writer; least recent evicted. The id
+keeps a long-lived worker from reusing arrays of an earlier store or catalogue at the same path."""
 _MAX_OPEN = 8
 
 
@@ -194,6 +195,7 @@ class ChunkJob:
     """Everything a task needs besides the model: a few strings and numbers."""
 
     store: str
+    store_id: str
     out: str
     run_id: str
     index: int
@@ -233,7 +235,7 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
     """
     try:
         model, device = _model_for(job)
-        reader = _cached(("reader", job.store), lambda: _InputReader(job.store))
+        reader = _cached(("reader", job.store + job.store_id), lambda: _InputReader(job.store))
         writer = _cached(("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out))
         rows = writer.layout.rows(job.index)
         outputs = encode_chunk(
@@ -518,51 +520,84 @@ def encode_catalog(
     """
     config = config or EncodeConfig()
     started = time.perf_counter()
-    store, out = Path(store), Path(out)
     if config.performance_report:
         _check_can_report(client)
+    plan = _plan(Path(store), model, Path(out), config)
+    report: Any = contextlib.nullcontext()
+    if config.performance_report and client is not None:
+        from distributed import performance_report
+
+        report = performance_report(filename=config.performance_report)
+    with report, _progress(plan.layout, plan.done, config.progress_bar) as bar:
+        if client is None:
+            _install_model(plan.model_hash, plan.model, config.device)
+            records: Iterable[catalog.ChunkRecord] = map(run_chunk, plan.jobs)
+        else:
+            records = _distributed_records(client, plan, config)
+        rows_this_run = 0
+        for record in records:
+            rows_this_run += record.rows
+            bar.update(record.rows)
+        verified = plan.was_complete or _verify(Path(out), Path(store), client, config)
+    summary = _summarise(Path(out), plan, rows_this_run, started, verified)
+    logger.info("encode-catalog finished:\n%s", summary)
+    return summary
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a run will do, decided (and checked) before any task starts."""
+
+    model: TrainedModel
+    model_hash: str
+    model_path: str | None
+    layout: catalog.CatalogLayout
+    done: set[int]
+    """Chunks recorded by an earlier run."""
+    jobs: list[ChunkJob]
+    was_complete: bool
+
+
+def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: EncodeConfig) -> _Plan:
+    """Check store, model and output, create (or reopen) the catalogue, list the chunks to do."""
+    from xpbatch.store import store_id
+
     if out.resolve() == store.resolve():
         raise ConfigError(f"the output {out} is the input store; choose another output path")
     ds = _open_store(store)
     trained, model_hash, model_path = _model_and_hash(model)
     check_model_fits(trained, ds)
     layout = _input_layout(store, trained, config.with_reconstruction)
-    from xpbatch.store import store_id
-
-    attrs = _run_attrs(trained, model_hash, store, store_id(ds), config)
+    input_id = store_id(ds)
+    attrs = _run_attrs(trained, model_hash, store, input_id, config)
     done = catalog.prepare_output(
         out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
     )
     out_attrs = catalog.read_attrs(out)
-    run_id, was_complete = out_attrs["run_id"], out_attrs[catalog.ATTR_COMPLETE] is True
-    jobs = [
-        ChunkJob(
-            str(store), str(out), run_id, i, model_hash, model_path, config.device,
-            config.batch_size, config.with_reconstruction,
-        )
-        for i in range(layout.n_chunks)
-        if i not in done
-    ]  # fmt: skip
+    # Absolute paths: workers of a remote cluster do not share this process's directory.
+    template = ChunkJob(
+        store=str(store.resolve()),
+        store_id=input_id,
+        out=str(out.resolve()),
+        run_id=out_attrs["run_id"],
+        index=-1,
+        model_key=model_hash,
+        model_path=model_path,
+        device=config.device,
+        batch_size=config.batch_size,
+        with_reconstruction=config.with_reconstruction,
+    )
+    jobs = [dataclasses.replace(template, index=i) for i in range(layout.n_chunks) if i not in done]
     logger.info("encoding %d of %d chunks of %s into %s", len(jobs), layout.n_chunks, store, out)
-    report: Any = contextlib.nullcontext()
-    if config.performance_report and client is not None:
-        from distributed import performance_report
-
-        report = performance_report(filename=config.performance_report)
-    with report, _progress(layout, done, config.progress_bar) as bar:
-        if client is None:
-            _install_model(model_hash, trained, config.device)
-            records: Iterable[catalog.ChunkRecord] = map(run_chunk, jobs)
-        else:
-            records = _distributed_records(client, jobs, trained, model_path, config)
-        rows_this_run = 0
-        for record in records:
-            rows_this_run += record.rows
-            bar.update(record.rows)
-        verified = was_complete or _verify(out, store, client, config)
-    summary = _summarise(out, layout, len(done), rows_this_run, started, verified)
-    logger.info("encode-catalog finished:\n%s", summary)
-    return summary
+    return _Plan(
+        trained,
+        model_hash,
+        model_path,
+        layout,
+        done,
+        jobs,
+        out_attrs[catalog.ATTR_COMPLETE] is True,
+    )
 
 
 def _check_can_report(client: Client | None) -> None:
@@ -578,23 +613,18 @@ def _check_can_report(client: Client | None) -> None:
 
 
 def _distributed_records(
-    client: Client,
-    jobs: list[ChunkJob],
-    model: TrainedModel,
-    model_path: str | None,
-    config: EncodeConfig,
+    client: Client, plan: _Plan, config: EncodeConfig
 ) -> Iterator[catalog.ChunkRecord]:
     """Register the model plugin, then map :func:`run_chunk` over the jobs with a bound."""
-    if not jobs:
+    if not plan.jobs:
         return
-    key = jobs[0].model_key
-    plugin = ModelPlugin(
-        key, path=model_path, model=None if model_path else model, device=config.device
-    )
+    key = plan.model_hash
+    in_memory = None if plan.model_path else plan.model
+    plugin = ModelPlugin(key, path=plan.model_path, model=in_memory, device=config.device)
     name = f"xpbatch-model-{key[:16]}"
     client.register_plugin(plugin, name=name)
     try:
-        yield from _map_on(client, run_chunk, jobs, name="xpbatch-encode", config=config)
+        yield from _map_on(client, run_chunk, plan.jobs, name="xpbatch-encode", config=config)
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
             client.unregister_worker_plugin(name)
@@ -653,12 +683,7 @@ def _progress(layout: catalog.CatalogLayout, done: set[int], enabled: bool) -> I
 
 
 def _summarise(
-    out: Path,
-    layout: catalog.CatalogLayout,
-    skipped: int,
-    rows_this_run: int,
-    started: float,
-    verified: bool,
+    out: Path, plan: _Plan, rows_this_run: int, started: float, verified: bool
 ) -> EncodeSummary:
     records = catalog.read_records(out)
     counts = {str(f.name).lower(): 0 for f in CatalogFlag}
@@ -667,11 +692,11 @@ def _summarise(
             counts[name] += value
     return EncodeSummary(
         path=str(out),
-        rows=layout.n_rows,
+        rows=plan.layout.n_rows,
         rows_encoded=sum(r.rows_encoded for r in records),
         flag_counts=counts,
-        chunks=layout.n_chunks,
-        chunks_skipped=skipped,
+        chunks=plan.layout.n_chunks,
+        chunks_skipped=len(plan.done),
         rows_this_run=rows_this_run,
         wall_s=time.perf_counter() - started,
         output_bytes=catalog.catalog_nbytes(out),
