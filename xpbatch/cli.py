@@ -171,6 +171,20 @@ def export_parquet_command(catalog: str, output: str, overwrite: bool, threads: 
 _ENCODE_DEFAULTS = EncodeConfig()
 
 
+def _exit_on_sigterm() -> None:
+    """Make SIGTERM (Slurm or Kubernetes preemption) a normal exit that closes the cluster.
+
+    Finished chunks are recorded already; ``--resume`` continues from them.
+    """
+    import signal
+
+    def leave(signum: int, frame: object) -> None:
+        click.echo("terminated: rerun with --resume to finish", err=True)
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, leave)
+
+
 @main.command("encode-catalog")
 @click.argument("store", type=click.Path(), required=False)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
@@ -218,6 +232,7 @@ def encode_catalog_command(
 
     Killing it is safe: rerun with --resume to finish, redoing only unfinished chunks.
     """
+    _exit_on_sigterm()
     cluster = cluster_config(kwargs)
     if demo:
         from xpbatch.demo import demo_inputs
