@@ -23,6 +23,9 @@ How a run stays correct when it is killed at any moment (see ../shared/RELIABILI
    runs twice (Dask may do that after a worker dies) writes the same bytes.
 4. :func:`verify_catalog` then checks every chunk and :func:`mark_complete` sets
    ``complete = true``; :func:`open_catalog` refuses a catalogue without it.
+
+The catalogue is written to a POSIX filesystem that every worker sees (local disk, NFS, Lustre,
+GPFS): records rely on atomic renames and chunk files are fsynced before their record.
 """
 
 from __future__ import annotations
