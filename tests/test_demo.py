@@ -36,6 +36,24 @@ def test_demo_inputs_are_built_once_and_a_broken_one_is_rebuilt(tmp_path: Path) 
     assert said == [f"building the demo store {inputs.store} (3,000 mock spectra, once)…"]
 
 
+@pytest.mark.usefixtures("tiny_demo")
+def test_encode_catalog_demo_command_needs_no_input(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from xpbatch.catalog import open_catalog
+    from xpbatch.cli import main
+
+    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
+    command = ["encode-catalog", "--demo", "--n-workers", "1", "--dashboard-address", ":0"]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 0, result.output
+    assert "rows           3,000 in 3 chunks" in result.output
+    assert "xpbatch.open_catalog(" in result.output
+    assert open_catalog(tmp_path / "demo-catalog.zarr").attrs["complete"] is True
+
+
 def test_demo_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path / "cache"))
     assert demo.demo_dir() == tmp_path / "cache"
