@@ -127,7 +127,8 @@ def standardise(
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         x = ((c / g_safe - normalisation.mean) / normalisation.std).astype(np.float32)
         x_err = ((e / g_safe) / normalisation.std).astype(np.float32)
-    x = np.where(valid, x, np.float32(0))
+    usable = valid & ((flags & np.uint16(CatalogFlag.NOT_ENCODED)) == 0)[:, None]
+    x = np.where(usable, x, np.float32(0))  # neutral input for whatever cannot be used
     x_err = np.where(valid, x_err, np.float32(1))
     return StandardisedInput(x=x, x_err=x_err, valid=valid, flags=flags)
 
@@ -289,27 +290,27 @@ class TrainedModel:
     ) -> EncodeResult:
         """Residuals in model space; reconstruction and scatter back in e-/s; NaN where unusable."""
         flags = inp.flags.copy()
+        # Rows that cannot be encoded went through the network as neutral input: blank them
+        # first, so nothing below computes (or warns) on their meaningless values.
+        dead = ~inp.encodable
+        for array in (mu, log_var, xhat, shat):
+            array[dead] = np.nan
+        g = np.where(dead, np.nan, np.asarray(phot_g_mean_flux, np.float64))[:, None]
+
         n_valid = inp.valid.sum(axis=1)
         with np.errstate(invalid="ignore", divide="ignore"):
             z = np.where(inp.valid, (inp.x - xhat) / inp.x_err, np.float32(0))
             rmse = np.sqrt((z**2).sum(axis=1) / n_valid).astype(np.float32)
         std = self.normalisation.std
-        g = np.asarray(phot_g_mean_flux, np.float64)[:, None]
         reconstruction = ((xhat * std + self.normalisation.mean) * g).astype(np.float32)
         scatter = (shat * std * g).astype(np.float32)
         latent_std = np.exp(np.float32(0.5) * log_var)
 
         assert self.latent_reference_mean is not None and self.latent_reference_std is not None
-        with np.errstate(invalid="ignore"):
-            distance = np.abs(mu - self.latent_reference_mean) / self.latent_reference_std
-        flags[np.any(distance > LATENT_OUTLIER_SIGMA, axis=1)] |= np.uint16(
-            CatalogFlag.LATENT_OUTLIER
-        )
-
-        dead = ~inp.encodable
-        for array in (mu, latent_std, reconstruction, scatter, rmse):
-            array[dead] = np.nan
-        flags[dead] &= ~np.uint16(CatalogFlag.LATENT_OUTLIER)
+        distance = np.abs(mu - self.latent_reference_mean) / self.latent_reference_std
+        with np.errstate(invalid="ignore"):  # NaN distances of dead rows compare False
+            outlier = np.any(distance > LATENT_OUTLIER_SIGMA, axis=1)
+        flags[outlier] |= np.uint16(CatalogFlag.LATENT_OUTLIER)
         return EncodeResult(
             latent_mean=mu,
             latent_std=latent_std,
