@@ -171,6 +171,16 @@ def test_resume_returns_done_chunks_and_clears_interrupted_writes(tmp_path: Path
     assert not partial.exists()
 
 
+def test_resume_never_touches_what_is_not_a_catalogue(
+    tmp_path: Path, make_xp_store: Callable[..., Path]
+) -> None:
+    store = make_xp_store(tmp_path / "s.zarr", 20)
+    before = _snapshot(store)
+    with pytest.raises(ResumeRefusedError, match="not an xpbatch catalogue"):
+        catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+    assert _snapshot(store) == before
+
+
 def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     catalog.create_catalog(path, LAYOUT, attrs=ATTRS)

@@ -244,16 +244,19 @@ def create_catalog(
         Labels of the coefficient axis; default ``bp_0 … bp_{n/2-1}, rp_0 …``.
     """
     path = Path(path)
-    group = zarr.open_group(path, mode="w-", zarr_format=3)
-    group.attrs.update(
-        {
+    # Attributes in the same write as the group: from its first file on, it is recognisably ours.
+    group = zarr.open_group(
+        path,
+        mode="w-",
+        zarr_format=3,
+        attributes={
             **attrs,
             ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
             ATTR_LAYOUT: layout.to_attrs(),
             ATTR_COMPLETE: False,
             "start_time": _utc_now(),
             "end_time": None,
-        }
+        },
     )
     compressors = default_compressors()
     for spec in layout.variables():
@@ -338,11 +341,15 @@ def prepare_output(
     if path.exists() and not resume:
         _refuse_or_remove(path, overwrite)
     if path.exists() and resume:
-        group = _open_group(path, mode="r+")
-        if RECORDS_GROUP not in group:
+        if not (_is_empty_dir(path) or _is_catalog(path)):
+            raise ResumeRefusedError(
+                f"cannot --resume {path}: it is not an xpbatch catalogue. Nothing was changed."
+            )
+        if _is_empty_dir(path) or RECORDS_GROUP not in _open_group(path):
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
+            group = _open_group(path, mode="r+")
             found: dict[str, Any] = group.attrs.asdict()
             _check_fingerprint(path, found, attrs, layout)
             if found.get(ATTR_COMPLETE) is not True:  # a complete catalogue is left as it is
@@ -353,15 +360,18 @@ def prepare_output(
     return set()
 
 
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
 def _refuse_or_remove(path: Path, overwrite: bool) -> None:
-    empty_dir = path.is_dir() and not any(path.iterdir())
     if not overwrite:
         what = _describe_existing(path)
         raise OutputExistsError(
             f"{path} already exists ({what}); pass --resume to continue it, --overwrite to "
             "replace it, or choose another output path. Nothing was changed."
         )
-    if not (empty_dir or _is_catalog(path)):
+    if not (_is_empty_dir(path) or _is_catalog(path)):
         # Never rm -rf something that is not ours, whatever the flag says.
         raise OutputExistsError(
             f"{path} exists and is not an xpbatch catalogue; refusing to overwrite it"
