@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -47,13 +48,18 @@ def dask_client() -> Iterator[Client]:
     """
     from distributed import Client, LocalCluster
 
-    with (
-        LocalCluster(
-            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-        ) as cluster,
-        Client(cluster) as client,
-    ):
+    cluster = LocalCluster(
+        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+    )
+    client = Client(cluster)
+    try:
         yield client
+    finally:
+        client.close()
+        # After tests killed workers, closing a SpecCluster can raise KeyError from its worker
+        # bookkeeping (dask/distributed#5407); the tests are over by then.
+        with contextlib.suppress(KeyError):
+            cluster.close()
 
 
 @pytest.fixture(scope="session")

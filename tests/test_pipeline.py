@@ -109,23 +109,17 @@ def test_cluster_writes_the_same_bytes_as_serial(
 
 
 def test_one_worker_and_an_in_memory_model_give_the_same_bytes(
-    inputs: Inputs,
-    dask_client: Client,
-    tmp_path: Path,
-    assert_same_catalogue: Callable[[Path, Path], None],
+    inputs: Inputs, tmp_path: Path, assert_same_catalogue: Callable[[Path, Path], None]
 ) -> None:
-    cluster = dask_client.cluster
-    cluster.scale(1)
-    try:
-        dask_client.wait_for_workers(1)
-        while len(dask_client.nthreads()) > 1:
-            dask_client.wait_for_workers(1, timeout=10)
+    from distributed import Client, LocalCluster
+
+    with (
+        LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster,
+        Client(cluster) as client,
+    ):
         encode_catalog(
-            inputs.store, inputs.model_obj, tmp_path / "c.zarr", client=dask_client, config=CONFIG
+            inputs.store, inputs.model_obj, tmp_path / "c.zarr", client=client, config=CONFIG
         )
-    finally:
-        cluster.scale(2)
-        dask_client.wait_for_workers(2, timeout=60)
     assert_same_catalogue(inputs.serial, tmp_path / "c.zarr")
 
 
