@@ -52,7 +52,7 @@ def test_outputs_have_the_catalogue_shapes_and_dtypes(
 
 
 def test_blocks_give_bitwise_the_result_of_one_call(model: TrainedModel) -> None:
-    batch = 64
+    batch = 16
     n = 3 * batch * BATCHES_PER_BLOCK + 5  # several blocks and a ragged end
     chunk = _chunk(n, seed=2)
     out = encode_chunk(model, chunk, batch_size=batch, with_reconstruction=True)
