@@ -169,6 +169,17 @@ def test_summary_and_attributes_describe_the_run(inputs: Inputs) -> None:
     assert attrs["complete"] is True and attrs["end_time"] >= attrs["start_time"]
 
 
+def test_reconstruction_is_written_when_asked(inputs: Inputs, tmp_path: Path) -> None:
+    config = EncodeConfig(batch_size=BATCH, progress_bar=False, with_reconstruction=True)
+    encode_catalog(inputs.store, inputs.model, tmp_path / "c.zarr", config=config)
+    ds = open_catalog(tmp_path / "c.zarr")
+    assert ds[schema.RECONSTRUCTION].attrs["units"] == schema.FLUX_UNITS
+    assert ds[schema.RECONSTRUCTION].shape == (N_ROWS, 110)
+    xr.testing.assert_identical(
+        ds.drop_vars(schema.RECONSTRUCTION).drop_attrs(), open_catalog(inputs.serial).drop_attrs()
+    )
+
+
 def test_a_task_carries_no_model(inputs: Inputs) -> None:
     """The network goes to each worker once (plugin); a task is a few strings and numbers."""
     job = ChunkJob(

@@ -29,6 +29,7 @@ import platform
 import shlex
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -118,15 +119,19 @@ keeps a long-lived worker from reusing arrays of an earlier store or catalogue a
 _MAX_OPEN = 8
 
 
+_OPEN_LOCK = threading.Lock()  # workers with several threads share the caches
+
+
 def _cached(key: tuple[str, str], make: Callable[[], T]) -> T:
     """An object opened once per process and key (zarr arrays are cheap but not free)."""
-    if key in _OPEN:
-        _OPEN.move_to_end(key)
-    else:
-        _OPEN[key] = make()
-        while len(_OPEN) > _MAX_OPEN:
-            _OPEN.popitem(last=False)
-    return _OPEN[key]  # type: ignore[no-any-return]
+    with _OPEN_LOCK:
+        if key in _OPEN:
+            _OPEN.move_to_end(key)
+        else:
+            _OPEN[key] = make()
+            while len(_OPEN) > _MAX_OPEN:
+                _OPEN.popitem(last=False)
+        return _OPEN[key]  # type: ignore[no-any-return]
 
 
 def _resolve_device(device: str) -> torch.device:
