@@ -42,6 +42,7 @@ import pyarrow.csv as pacsv
 from xpbatch import __version__, schema
 from xpbatch.config import IngestConfig
 from xpbatch.errors import ChecksumError, ConfigError, OutputExistsError, ParseError
+from xpbatch.partitions import range_of_file_name, ranges_from_file_names
 from xpbatch.store import (
     INT_MISSING,
     XPStoreWriter,
@@ -1324,7 +1325,7 @@ def ingest_files(
     chunks = _chunk_pieces(ordered, n_rows, config.chunk_rows)
     starts = [i * config.chunk_rows for i in range(len(chunks))]
     _run(client, _write_chunk, [writer] * len(chunks), starts, chunks)
-    writer.finalize(extra_attrs=_provenance(parts))
+    writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
@@ -1332,6 +1333,22 @@ def ingest_files(
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s: %d rows from %d file(s)", out, n_rows, len(tasks))
     return out
+
+
+def _partition_attrs(xp_files: Sequence[str]) -> dict[str, Any]:
+    """The DR3 partition ranges of the XP files, when every one is named like a bulk file.
+
+    Recorded so that ``export-parquet`` can split the catalogue like the files it came from.
+    """
+    names = [Path(path).name for path in xp_files]
+    if not all(range_of_file_name(name) for name in names):
+        return {}
+    try:
+        ranges = ranges_from_file_names(names, origin="the XP file names")
+    except ConfigError as error:  # overlapping names: not a DR3 partition, so none recorded
+        logger.warning("no partition ranges recorded in the store: %s", error)
+        return {}
+    return {schema.STORE_ATTR_PARTITION_RANGES: ranges.to_list()}
 
 
 def _provenance(parts: list[PartInfo]) -> dict[str, Any]:

@@ -46,6 +46,7 @@ import pyarrow.compute as pc
 from xpbatch import __version__, schema
 from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.errors import ConfigError, InputShapeError, OutputExistsError, StoreNotFoundError
+from xpbatch.partitions import file_name
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, N_RP
 from xpbatch.store import DEFAULT_CHUNK_ROWS, INT_MISSING, XPStoreWriter
 
@@ -928,12 +929,15 @@ def write_mock_store(
     config: MockConfig | None = None,
     scalars: Collection[str] = (),
     with_correlations: bool = False,
+    rows_per_file: int = MOCK_ROWS_PER_FILE,
     overwrite: bool = False,
 ) -> Path:
     """Write an ``n``-row mock catalogue as an XP store, chunk by chunk (memory flat in ``n``).
 
     The labels go beside the store, to ``<path>.labels.parquet`` (``mock.zarr`` ->
-    ``mock.zarr.labels.parquet``); read them with :func:`read_mock_labels`.
+    ``mock.zarr.labels.parquet``); read them with :func:`read_mock_labels`. The store records
+    the partition ranges of the bulk files :func:`write_mock_dr3_bulk` would write (attribute
+    ``partition_ranges``, as ``xpbatch ingest`` records them from DR3 file names).
 
     Parameters
     ----------
@@ -951,6 +955,9 @@ def write_mock_store(
     scalars, with_correlations
         Also store these DR3 scalar columns / the packed correlations, like ``xpbatch ingest``
         with ``--scalars`` / ``--with-correlations``.
+    rows_per_file
+        Rows per bulk file, about, of the partition ranges recorded (see
+        :func:`bulk_file_plan`).
     overwrite
         Replace an existing store at ``path``.
 
@@ -967,11 +974,12 @@ def write_mock_store(
     """
     config = config or MockConfig()
     _check_size(n, seed)
+    partitions = [[file.lo, file.hi] for file in bulk_file_plan(n, rows_per_file)]
     writer = XPStoreWriter.create(
         path,
         n,
         chunk_rows=chunk_rows,
-        attrs=_mock_attrs(n, seed, config),
+        attrs={**_mock_attrs(n, seed, config), schema.STORE_ATTR_PARTITION_RANGES: partitions},
         scalars=scalars,
         with_correlations=with_correlations,
         overwrite=overwrite,
@@ -1197,16 +1205,12 @@ class BulkFile:
     stop: int
 
     @property
-    def suffix(self) -> str:
-        return f"{self.lo:06d}-{self.hi:06d}"
-
-    @property
     def xp_name(self) -> str:
-        return f"XpContinuousMeanSpectrum_{self.suffix}.csv.gz"
+        return file_name("XpContinuousMeanSpectrum", self.lo, self.hi, ".csv.gz")
 
     @property
     def gaia_source_name(self) -> str:
-        return f"GaiaSource_{self.suffix}.csv.gz"
+        return file_name("GaiaSource", self.lo, self.hi, ".csv.gz")
 
 
 def bulk_file_plan(n: int, rows_per_file: int = MOCK_ROWS_PER_FILE) -> list[BulkFile]:

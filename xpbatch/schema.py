@@ -70,6 +70,9 @@ STORE_ATTR_ROW_COUNT = "row_count"
 STORE_ATTR_STORE_ID = "store_id"
 STORE_ATTR_INPUT_FILES = "input_files"
 STORE_ATTR_DATA_RELEASE = "data_release"
+STORE_ATTR_PARTITION_RANGES = "partition_ranges"
+"""``[[lo, hi], ...]``: the DR3 bulk partitions (HEALPix level-8, inclusive) of the input files,
+when their names follow the DR3 pattern; export-parquet splits its files by them."""
 
 FLUX_UNITS = "electron/s"
 # G magnitude zero point of Gaia DR3 (Riello et al. 2021), used when only the magnitude is known.
