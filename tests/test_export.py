@@ -1,5 +1,6 @@
 """`xpbatch export-parquet`: one Parquet file per DR3 partition that holds rows, every catalogue
-row exactly once with its values, atomic files, resume, and refusals."""
+row exactly once with its values, atomic files, resume, refusals, and where the partition ranges
+come from (--partitions, the catalogue, --store, else a clear error)."""
 
 from __future__ import annotations
 
@@ -13,44 +14,58 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from conftest import shared_path
 
 import xpbatch
 from xpbatch import schema
 from xpbatch.artifact import save_model
 from xpbatch.cli import main
 from xpbatch.config import EncodeConfig
-from xpbatch.errors import CatalogError, OutputExistsError
-from xpbatch.export import (
-    MANIFEST_NAME,
-    export_parquet,
-    partition_file_name,
-    partition_index,
-    partition_ranges,
-)
+from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
+from xpbatch.export import MANIFEST_NAME, export_parquet, resolve_partitions
 from xpbatch.mock import mock_rows
-from xpbatch.store import write_xp_store
+from xpbatch.partitions import PartitionRanges, file_name
+from xpbatch.store import open_xp_store, store_id, write_xp_store
 from xpbatch.trained import Normalisation, TrainedModel
 
 # Rows 0:1200 of a 1e6-row mock catalogue fall in the first three DR3 partitions (564, 533 and
 # 103 rows); chunks of 500 rows straddle the partition boundaries.
 MOCK_ROWS, N_ROWS, CHUNK_ROWS = 1_000_000, 1200, 500
+DR3_FIRST = PartitionRanges([[0, 3111], [3112, 5263], [5264, 6601]], "the first DR3 ranges")
+"""The first three DR3 bulk partitions, as in shared/dr3/partition_ranges.txt."""
+DR3_FIRST_FILES = {
+    "XpLatent_000000-003111.parquet": 564,
+    "XpLatent_003112-005263.parquet": 533,
+    "XpLatent_005264-006601.parquet": 103,
+}
+# A _MD5SUM.txt of the DR3 bulk download lists the same three partitions (checksums made up).
+MD5SUM = "".join(
+    f"{i:032x}  {table}_{suffix}.csv.gz\n"
+    for i, suffix in enumerate(["000000-003111", "003112-005263", "005264-006601"])
+    for table in ("XpContinuousMeanSpectrum", "GaiaSource")
+)
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A real catalogue: a mock store encoded by an untrained model fitted to its scale."""
-    root = tmp_path_factory.mktemp("export")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The input store, recording its partitions as `xpbatch ingest` does for DR3 bulk files."""
     rows = mock_rows(MOCK_ROWS, 0, N_ROWS, seed=2)
-    store = write_xp_store(
-        root / "store.zarr",
+    return write_xp_store(
+        tmp_path_factory.mktemp("store") / "store.zarr",
         source_id=rows.source_id,
         coefficients=rows.coefficients,
         coefficient_errors=rows.coefficient_errors,
         phot_g_mean_flux=rows.phot_g_mean_flux,
         chunk_rows=CHUNK_ROWS,
+        attrs={schema.STORE_ATTR_PARTITION_RANGES: DR3_FIRST.to_list()},
     )
-    x = rows.coefficients / rows.phot_g_mean_flux[:, None]
+
+
+@pytest.fixture(scope="module")
+def catalog(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real catalogue: the store encoded by an untrained model fitted to its scale."""
+    root = tmp_path_factory.mktemp("export")
+    ds = open_xp_store(store)
+    x = ds[schema.COEFFICIENTS].values / ds[schema.PHOT_G_MEAN_FLUX].values[:, None]
     x = x[np.isfinite(x).all(axis=1)]
     model = TrainedModel.untrained(seed=4)
     model.normalisation = Normalisation(x.mean(axis=0), x.std(axis=0))
@@ -89,23 +104,15 @@ def _assert_export_equals_catalog(out: Path, catalog: Path) -> None:
 
 def test_every_row_is_exported_once_with_its_values(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
-    result = export_parquet(catalog, out, n_threads=2)
+    result = export_parquet(catalog, out, partitions=DR3_FIRST, n_threads=2)
 
-    expected_rows = np.bincount(partition_index(_catalog_columns(catalog)["source_id"]))
+    expected_rows = np.bincount(DR3_FIRST.index_of(_catalog_columns(catalog)["source_id"]))
     expected_files = {
-        partition_file_name(*partition_ranges()[p]): int(n)
-        for p, n in enumerate(expected_rows)
+        file_name("XpLatent", lo, hi): int(n)
+        for (lo, hi), n in zip(DR3_FIRST, expected_rows, strict=True)
         if n
     }
-    assert (
-        result.files
-        == expected_files
-        == {
-            "XpLatent_000000-003111.parquet": 564,
-            "XpLatent_003112-005263.parquet": 533,
-            "XpLatent_005264-006601.parquet": 103,
-        }
-    )
+    assert result.files == expected_files == DR3_FIRST_FILES
     assert sorted(p.name for p in out.iterdir()) == sorted([*expected_files, MANIFEST_NAME])
     assert result.n_rows == N_ROWS and result.n_reused == 0
     _assert_export_equals_catalog(out, catalog)
@@ -121,23 +128,27 @@ def test_every_row_is_exported_once_with_its_values(catalog: Path, tmp_path: Pat
 
 def test_rerun_keeps_whole_files_and_rewrites_missing_ones(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
-    first = export_parquet(catalog, out)
+    first = export_parquet(catalog, out, partitions=DR3_FIRST)
     victim = out / sorted(first.files)[1]
     victim.unlink()
     (out / f".{victim.name}.tmp-dead").write_bytes(b"half a file from a killed run")
 
-    again = export_parquet(catalog, out)
+    again = export_parquet(catalog, out, partitions=DR3_FIRST)
 
     assert again.files == first.files and again.n_reused == len(first.files) - 1
     assert not list(out.glob(".*tmp*"))
     _assert_export_equals_catalog(out, catalog)
+    with pytest.raises(OutputExistsError, match="split by other partition ranges"):
+        export_parquet(catalog, out, partitions=PartitionRanges([[0, 786431]]))
 
 
 def test_export_on_a_dask_cluster_equals_the_local_one(
     catalog: Path, tmp_path: Path, dask_client
 ) -> None:
-    local = export_parquet(catalog, tmp_path / "local")
-    distributed = export_parquet(catalog, tmp_path / "cluster", client=dask_client)
+    local = export_parquet(catalog, tmp_path / "local", partitions=DR3_FIRST)
+    distributed = export_parquet(
+        catalog, tmp_path / "cluster", partitions=DR3_FIRST, client=dask_client
+    )
     assert distributed.files == local.files
     for name in local.files:  # frame_equal: NaN (rows not encoded) equals NaN
         pd.testing.assert_frame_equal(
@@ -170,7 +181,7 @@ def test_refuses_outputs_that_are_not_its_own(
     out = tmp_path / "parquet"
     prepare(out)
     with pytest.raises(OutputExistsError, match=message):
-        export_parquet(catalog, out)
+        export_parquet(catalog, out, partitions=DR3_FIRST)
 
 
 def test_overwrite_replaces_an_export_of_another_catalogue(catalog: Path, tmp_path: Path) -> None:
@@ -178,7 +189,7 @@ def test_overwrite_replaces_an_export_of_another_catalogue(catalog: Path, tmp_pa
     out.mkdir()
     (out / MANIFEST_NAME).write_text('{"catalog_fingerprint": "another"}')
     (out / "XpLatent_786097-786431.parquet").write_bytes(b"from the other catalogue")
-    result = export_parquet(catalog, out, overwrite=True)
+    result = export_parquet(catalog, out, partitions=DR3_FIRST, overwrite=True)
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(result.files)
 
 
@@ -191,47 +202,118 @@ def test_incomplete_catalogue_is_refused(catalog: Path, tmp_path: Path) -> None:
     shutil.copytree(catalog, partial)
     zarr.open_group(partial, mode="r+").attrs["complete"] = False
     with pytest.raises(CatalogError, match="incomplete"):
-        export_parquet(partial, tmp_path / "parquet")
+        export_parquet(partial, tmp_path / "parquet", partitions=DR3_FIRST)
+
+
+def test_a_source_in_no_partition_is_an_error(catalog: Path, tmp_path: Path) -> None:
+    """Ranges that miss some rows (here the last partition) name a row instead of dropping it."""
+    two = PartitionRanges(DR3_FIRST.ranges[:2], "two ranges")
+    message = r"source_id \d+ \(HEALPix level-8 pixel \d+\) is in none of the 2 partition ranges"
+    with pytest.raises(ConfigError, match=message):
+        export_parquet(catalog, tmp_path / "parquet", partitions=two)
+
+
+# --- where the partition ranges come from -----------------------------------------------------
+WHOLE_SKY = [[0, 786431]]
+
+
+@pytest.fixture(scope="module")
+def other_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A store the catalogue was not made from, recording no partition ranges."""
+    n = 3
+    return write_xp_store(
+        tmp_path_factory.mktemp("other") / "other.zarr",
+        source_id=np.arange(1, n + 1),
+        coefficients=np.ones((n, schema.N_COEFF)),
+        coefficient_errors=np.ones((n, schema.N_COEFF)),
+        phot_g_mean_flux=np.full(n, 1e4),
+    )
 
 
 @pytest.mark.parametrize(
-    ("source_id", "partition"),
+    ("partitions", "catalogue_ranges", "use_store", "expected"),
     [
-        (0, 0),
-        ((3112 << 43) - 1, 0),
-        (3112 << 43, 1),
-        (
-            5405570973190252288,
-            int(np.searchsorted(partition_ranges()[:, 0], 5405570973190252288 >> 43, "right") - 1),
-        ),
-        ((786432 << 43) - 1, 3385),
+        pytest.param("md5sum", WHOLE_SKY, True, DR3_FIRST, id="--partitions-first"),
+        pytest.param(None, WHOLE_SKY, True, PartitionRanges(WHOLE_SKY), id="catalogue-next"),
+        pytest.param(None, None, True, DR3_FIRST, id="--store-last"),
     ],
-    ids=["first", "last-of-first", "first-of-second", "real-dr3-id", "last"],
 )
-def test_partition_index(source_id: int, partition: int) -> None:
-    assert partition_index(np.array([source_id]))[0] == partition
-    lo, hi = partition_ranges()[partition]
-    assert lo <= source_id >> 43 <= hi
+def test_partition_ranges_are_taken_in_order(
+    store: Path, tmp_path: Path, partitions, catalogue_ranges, use_store, expected
+) -> None:
+    attrs = {"input_store_id": store_id(store)}
+    if catalogue_ranges is not None:
+        attrs[schema.STORE_ATTR_PARTITION_RANGES] = catalogue_ranges
+    if partitions == "md5sum":
+        partitions = tmp_path / "_MD5SUM.txt"
+        partitions.write_text(MD5SUM)
+    got = resolve_partitions(
+        "cat.zarr", attrs, partitions=partitions, store=store if use_store else None
+    )
+    assert got == expected
 
 
-@pytest.mark.parametrize("source_id", [-1, 786432 << 43], ids=["negative", "beyond-last-pixel"])
-def test_ids_outside_the_sky_are_an_error(source_id: int) -> None:
-    with pytest.raises(CatalogError, match="not a Gaia source_id"):
-        partition_index(np.array([5, source_id]))
+@pytest.mark.parametrize(
+    ("which_store", "store_of_catalogue", "messages"),
+    [
+        pytest.param(
+            "store",
+            "other",
+            ["--store", "has store id", "pass the store that encode-catalog read"],
+            id="store-of-another-catalogue",
+        ),
+        pytest.param(
+            "other",
+            "other",
+            ["records no partition ranges", "--partitions", "_MD5SUM.txt"],
+            id="store-without-ranges",
+        ),
+        pytest.param(
+            None,
+            "store",
+            [
+                "needs the DR3 partition ranges",
+                "cat.zarr",
+                "--partitions _MD5SUM.txt",
+                "--partitions DIR",
+                "XpContinuousMeanSpectrum_000000-003111.csv.gz",
+                "'lo hi' lines",
+                "--store STORE",
+            ],
+            id="nothing-given",
+        ),
+    ],
+)
+def test_missing_or_wrong_partition_sources_are_explained(
+    store: Path, other_store: Path, which_store, store_of_catalogue, messages
+) -> None:
+    stores = {"store": store, "other": other_store}
+    attrs = {"input_store_id": store_id(stores[store_of_catalogue])}
+    with pytest.raises(ConfigError) as error:
+        resolve_partitions("cat.zarr", attrs, store=stores.get(which_store))
+    for text in messages:
+        assert text in str(error.value)
 
 
-def test_shipped_ranges_equal_the_dr3_bulk_file_ranges() -> None:
-    text = shared_path("dr3", "partition_ranges.txt").read_text()
-    rows = [line.split() for line in text.splitlines() if line and not line.startswith("#")]
-    dr3 = np.array([[int(r[0]), int(r[1])] for r in rows])
-    np.testing.assert_array_equal(partition_ranges(), dr3)
-    assert np.all(partition_ranges()[1:, 0] == partition_ranges()[:-1, 1] + 1)  # contiguous
-
-
-def test_cli_exports_and_reports(catalog: Path, tmp_path: Path) -> None:
-    out = tmp_path / "parquet"
-    result = CliRunner().invoke(main, ["export-parquet", os.fspath(catalog), "-o", os.fspath(out)])
+def test_cli_exports_and_reports(catalog: Path, store: Path, tmp_path: Path) -> None:
+    """--store, then the same ranges from a _MD5SUM.txt: the second run keeps every file."""
+    out, md5sum = tmp_path / "parquet", tmp_path / "_MD5SUM.txt"
+    md5sum.write_text(MD5SUM)
+    command = ["export-parquet", os.fspath(catalog), "-o", os.fspath(out)]
+    result = CliRunner().invoke(main, [*command, "--store", os.fspath(store)])
     assert result.exit_code == 0, result.output
     assert "wrote 1,200 rows in 3 files" in result.output
-    again = CliRunner().invoke(main, ["export-parquet", os.fspath(catalog), "-o", os.fspath(out)])
+    again = CliRunner().invoke(main, [*command, "--partitions", os.fspath(md5sum)])
     assert "(3 kept from an earlier run)" in again.output
+    assert f"partition ranges from {md5sum}" in again.output
+    assert sorted(p.name for p in out.glob("*.parquet")) == sorted(DR3_FIRST_FILES)
+
+
+def test_cli_reports_unusable_partitions_in_one_line(catalog: Path, tmp_path: Path) -> None:
+    listing = tmp_path / "files.txt"
+    listing.write_text("README.md\nnotes.txt\n")
+    command = ["export-parquet", os.fspath(catalog), "-o", os.fspath(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*command, "--partitions", os.fspath(listing)])
+    assert result.exit_code == 2
+    assert "no DR3 bulk file names found" in result.output
+    assert not (tmp_path / "out").exists()

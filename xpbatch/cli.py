@@ -148,12 +148,33 @@ def info_command(path: str, as_json: bool) -> None:
     "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
 )
 @click.option(
+    "--partitions",
+    type=click.Path(exists=True),
+    default=None,
+    help="DR3 partition ranges: the _MD5SUM.txt of the DR3 bulk download, the directory of "
+    "bulk files, or a text file of 'lo hi' lines [default: recorded in CATALOG or --store].",
+)
+@click.option(
+    "--store",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="The XP store CATALOG was encoded from: its partition ranges (recorded by `xpbatch "
+    "ingest` from DR3 bulk files) are used when CATALOG records none.",
+)
+@click.option(
     "--overwrite", is_flag=True, help="Replace an export of a different catalogue in OUTPUT."
 )
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="Threads [default: one per core]."
 )
-def export_parquet_command(catalog: str, output: str, overwrite: bool, threads: int | None) -> None:
+def export_parquet_command(
+    catalog: str,
+    output: str,
+    partitions: str | None,
+    store: str | None,
+    overwrite: bool,
+    threads: int | None,
+) -> None:
     """Write CATALOG's latents, rmse and flags as Parquet, one file per DR3 partition.
 
     Files are named XpLatent_<lo>-<hi>.parquet like the DR3 bulk files; rerunning the same
@@ -161,10 +182,18 @@ def export_parquet_command(catalog: str, output: str, overwrite: bool, threads: 
     """
     from xpbatch.export import export_parquet
 
-    result = export_parquet(catalog, output, overwrite=overwrite, n_threads=threads)
+    result = export_parquet(
+        catalog,
+        output,
+        partitions=partitions,
+        store=store,
+        overwrite=overwrite,
+        n_threads=threads,
+    )
     click.echo(
         f"wrote {result.n_rows:,} rows in {len(result.files):,} files to {result.output_dir}"
         + (f" ({result.n_reused:,} kept from an earlier run)" if result.n_reused else "")
+        + f"; partition ranges from {result.partitions.origin}"
     )
 
 

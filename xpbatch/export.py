@@ -1,9 +1,15 @@
 """``xpbatch export-parquet``: a catalogue as Parquet files, one per Gaia DR3 bulk partition.
 
-Each file holds the sources of one of the 3386 DR3 bulk-file partitions and is named like the
-DR3 files: ``XpLatent_<lo>-<hi>.parquet`` holds the sources of
+Each file holds the sources of one of the DR3 bulk-file partitions (3386 HEALPix level-8
+ranges) and is named like the DR3 files: ``XpLatent_<lo>-<hi>.parquet`` holds the sources of
 ``XpContinuousMeanSpectrum_<lo>-<hi>.csv.gz`` and ``GaiaSource_<lo>-<hi>.csv.gz``, so a join
 with other Gaia tables can run file by file. Only partitions with rows get a file.
+
+xpbatch ships no copy of the partition table: the ranges come, in this order, from
+``partitions`` (``--partitions``: the ``_MD5SUM.txt`` of the DR3 bulk download, the directory
+of bulk files or a ``lo hi`` text file, see :func:`xpbatch.partitions.read_partition_ranges`),
+the catalogue's ``partition_ranges`` attribute, or the ``partition_ranges`` attribute of the
+input store (``--store``), which ``xpbatch ingest`` records when it reads DR3 bulk files.
 
 =====================================  =======  =============================================
 column                                 type     meaning
@@ -32,20 +38,26 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import io
 import json
 import logging
 import os
 import uuid
 from collections.abc import Sequence
-from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from xpbatch import __version__, schema
-from xpbatch.errors import CatalogError, OutputExistsError
+from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
+from xpbatch.partitions import (
+    EXAMPLE_NAME,
+    HEALPIX_LEVEL,
+    HEALPIX_SHIFT,
+    PartitionRanges,
+    file_name,
+    read_partition_ranges,
+)
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -55,9 +67,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-HEALPIX_LEVEL = 8
-HEALPIX_SHIFT = 43
-"""``source_id >> 43`` is the HEALPix level-8 nested index (Gaia's source_id convention)."""
 FILE_PREFIX = "XpLatent"
 MANIFEST_NAME = "_xpbatch_export.json"
 MANIFEST_FORMAT = "xpbatch-parquet-export"
@@ -66,47 +75,66 @@ HEALPIX_COLUMN = "healpix_8"
 _TMP_MARK = ".tmp-"
 
 
-@functools.cache
-def partition_ranges() -> np.ndarray:
-    """The DR3 bulk-file partitions: (3386, 2) int64 inclusive HEALPix level-8 ``[lo, hi]``.
-
-    Shipped with the package (``xpbatch/data/partition_ranges.txt``); contiguous from 0 to
-    786431, so every valid source_id belongs to exactly one partition.
-
-    Examples
-    --------
-    >>> partition_ranges()[0].tolist(), len(partition_ranges())
-    ([0, 3111], 3386)
-    """
-    text = (resources.files("xpbatch") / "data" / "partition_ranges.txt").read_text()
-    ranges = np.loadtxt(io.StringIO(text), dtype=np.int64, comments="#", ndmin=2)
-    ranges.setflags(write=False)
-    return ranges
+_NO_PARTITIONS = (
+    "export-parquet needs the DR3 partition ranges (the HEALPix level-8 [lo, hi] of the bulk "
+    "files) to split {catalog} into files, and found none: the catalogue has no "
+    "partition_ranges attribute and no --store was given. Pass one of: --partitions "
+    "_MD5SUM.txt (the checksum list of the DR3 bulk download, e.g. cdn.gea.esac.esa.int/Gaia/"
+    "gdr3/Spectroscopy/xp_continuous_mean_spectrum/_MD5SUM.txt); --partitions DIR (the "
+    "directory of the bulk files, names like {example}); --partitions FILE (a text file of "
+    "'lo hi' lines); or --store STORE (the XP store this catalogue was encoded from, when "
+    "`xpbatch ingest` made it from DR3 bulk files). In Python: partitions=... or store=..."
+)
 
 
-def partition_file_name(lo: int, hi: int) -> str:
-    """``XpLatent_<lo>-<hi>.parquet`` with the DR3 bulk files' zero-padded indices."""
-    return f"{FILE_PREFIX}_{lo:06d}-{hi:06d}.parquet"
-
-
-def partition_index(source_id: np.ndarray) -> np.ndarray:
-    """Index into :func:`partition_ranges` of each source_id.
+def resolve_partitions(
+    catalog: PathLike,
+    catalog_attrs: dict[str, Any],
+    *,
+    partitions: PartitionRanges | PathLike | None = None,
+    store: PathLike | None = None,
+) -> PartitionRanges:
+    """The DR3 partition ranges to export by: the first of ``partitions``, the catalogue's
+    ``partition_ranges`` attribute, the ``partition_ranges`` attribute of ``store``.
 
     Raises
     ------
-    CatalogError
-        A source_id is negative or beyond the last HEALPix level-8 pixel: not a Gaia id.
+    ConfigError
+        None of them gives ranges, the ranges are invalid, or ``store`` is not the store the
+        catalogue was encoded from.
     """
-    ranges = partition_ranges()
-    sid = np.asarray(source_id, dtype=np.int64)
-    pixel = sid >> HEALPIX_SHIFT
-    bad = (sid < 0) | (pixel > ranges[-1, 1])
-    if bad.any():
-        raise CatalogError(
-            f"source_id {int(sid[bad][0])} is not a Gaia source_id (its HEALPix level-8 index "
-            f"must be in 0..{int(ranges[-1, 1])}); {int(bad.sum())} such row(s) in this block"
+    if isinstance(partitions, PartitionRanges):
+        return partitions
+    if partitions is not None:
+        return read_partition_ranges(partitions)
+    recorded = catalog_attrs.get(schema.STORE_ATTR_PARTITION_RANGES)
+    if recorded is not None:
+        return PartitionRanges(recorded, origin=f"the partition_ranges attribute of {catalog}")
+    if store is not None:
+        return _store_partitions(Path(store), catalog_attrs)
+    raise ConfigError(_NO_PARTITIONS.format(catalog=catalog, example=EXAMPLE_NAME))
+
+
+def _store_partitions(store: Path, catalog_attrs: dict[str, Any]) -> PartitionRanges:
+    """The ranges a store records, once it is known to be the catalogue's input."""
+    from xpbatch.catalog import ATTR_STORE_ID
+    from xpbatch.store import open_xp_store, store_id
+
+    ds = open_xp_store(store)
+    expected = catalog_attrs.get(ATTR_STORE_ID)
+    if store_id(ds) != expected:
+        raise ConfigError(
+            f"--store {store} has store id {store_id(ds)}, but the catalogue was encoded from "
+            f"store {expected}: pass the store that encode-catalog read, or --partitions"
         )
-    return np.searchsorted(ranges[:, 0], pixel, side="right") - 1
+    recorded = ds.attrs.get(schema.STORE_ATTR_PARTITION_RANGES)
+    if recorded is None:
+        raise ConfigError(
+            f"{store} records no partition ranges (its XP files were not named like DR3 bulk "
+            f"files, e.g. {EXAMPLE_NAME}); pass --partitions with the _MD5SUM.txt or the "
+            "directory of the DR3 bulk files instead"
+        )
+    return PartitionRanges(recorded, origin=f"the partition_ranges attribute of {store}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,6 +142,8 @@ class ExportResult:
     """What :func:`export_parquet` did."""
 
     output_dir: Path
+    partitions: PartitionRanges
+    """The ranges the rows were split by (``partitions.origin`` says where they came from)."""
     n_rows: int
     """Rows in all files together (equals the catalogue's rows)."""
     files: dict[str, int]
@@ -144,7 +174,9 @@ def _read(source: _Source, name: str, rows: slice) -> np.ndarray:
 
 
 # --- planning: which rows go to which file --------------------------------------------------
-def _block_plan(source: _Source, rows: slice) -> tuple[int, int, np.ndarray, np.ndarray]:
+def _block_plan(
+    source: _Source, ranges: PartitionRanges, rows: slice
+) -> tuple[int, int, np.ndarray, np.ndarray]:
     """One block's first and last source_id and its row count per partition (sparse)."""
     sid = _read(source, schema.SOURCE_ID, rows)
     if sid.size and np.any(np.diff(sid) <= 0):
@@ -152,13 +184,15 @@ def _block_plan(source: _Source, rows: slice) -> tuple[int, int, np.ndarray, np.
             f"source_id is not strictly ascending in rows {rows.start}..{rows.stop} of "
             f"{source.path}; is this an xpbatch catalogue?"
         )
-    partitions, counts = np.unique(partition_index(sid), return_counts=True)
+    partitions, counts = np.unique(ranges.index_of(sid), return_counts=True)
     return int(sid[0]), int(sid[-1]), partitions, counts
 
 
-def _partition_rows(plans: Sequence[tuple[int, int, np.ndarray, np.ndarray]]) -> np.ndarray:
+def _partition_rows(
+    plans: Sequence[tuple[int, int, np.ndarray, np.ndarray]], n_partitions: int
+) -> np.ndarray:
     """Rows per partition, after checking ids ascend across blocks (rows are sorted)."""
-    per_partition = np.zeros(len(partition_ranges()), dtype=np.int64)
+    per_partition = np.zeros(n_partitions, dtype=np.int64)
     previous_last = -1
     for first, last, partitions, counts in plans:
         if first <= previous_last:
@@ -234,9 +268,10 @@ def _is_whole(path: Path, n_rows: int) -> bool:
 
 
 # --- the output directory and its manifest --------------------------------------------------
-def _fingerprint(attrs: dict[str, Any]) -> str:
-    """Identifies the catalogue an export came from (its attributes record model, input, run)."""
-    text = json.dumps(attrs, sort_keys=True, default=str)
+def _fingerprint(value: Any) -> str:
+    """Identifies the catalogue an export came from (its attributes record model, input, run),
+    or the partition ranges it was split by."""
+    text = json.dumps(value, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -246,8 +281,11 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
     os.replace(tmp, out / MANIFEST_NAME)
 
 
-def _prepare_output(out: Path, fingerprint: str, *, overwrite: bool) -> None:
-    """Create ``out``, or reuse it for the same catalogue; never delete files that are not ours."""
+def _prepare_output(
+    out: Path, fingerprint: str, partitions_fingerprint: str, *, overwrite: bool
+) -> None:
+    """Create ``out``, or reuse it for the same catalogue and partitions; never delete files
+    that are not ours."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
     out.mkdir(parents=True, exist_ok=True)
@@ -265,15 +303,21 @@ def _prepare_output(out: Path, fingerprint: str, *, overwrite: bool) -> None:
         previous = json.loads(manifest_path.read_text())
     except ValueError:
         previous = {}
-    same = previous.get("catalog_fingerprint") == fingerprint
-    if same and not overwrite:
+    same_catalog = previous.get("catalog_fingerprint") == fingerprint
+    same_partitions = previous.get("partitions_fingerprint") == partitions_fingerprint
+    if same_catalog and same_partitions and not overwrite:
         for tmp in out.glob(f".*{_TMP_MARK}*"):  # left by a killed run
             tmp.unlink(missing_ok=True)
         return
     if not overwrite:
+        what = (
+            f"an export of this catalogue split by other partition ranges "
+            f"({previous.get('partitions_origin')})"
+            if same_catalog
+            else f"an export of another catalogue ({previous.get('catalog')})"
+        )
         raise OutputExistsError(
-            f"{out} holds an export of another catalogue ({previous.get('catalog')}); pass "
-            "--overwrite to replace it, or choose another -o"
+            f"{out} holds {what}; pass --overwrite to replace it, or choose another -o"
         )
     for path in [*ours, manifest_path]:
         path.unlink(missing_ok=True)
@@ -306,6 +350,8 @@ def export_parquet(
     catalog: PathLike,
     output_dir: PathLike,
     *,
+    partitions: PartitionRanges | PathLike | None = None,
+    store: PathLike | None = None,
     overwrite: bool = False,
     client: Any = None,
     n_threads: int | None = None,
@@ -323,6 +369,15 @@ def export_parquet(
         Directory for the ``XpLatent_<lo>-<hi>.parquet`` files (created if needed). If it
         holds an earlier export of the same catalogue, the complete files are kept and only
         the missing ones are written.
+    partitions
+        The DR3 partition ranges: a :class:`~xpbatch.partitions.PartitionRanges`, or a path
+        for :func:`~xpbatch.partitions.read_partition_ranges` (the ``_MD5SUM.txt`` of the DR3
+        bulk download, the directory of bulk files, or a text file of ``lo hi`` lines). By
+        default the catalogue's ``partition_ranges`` attribute, else ``store``'s.
+    store
+        The XP store the catalogue was encoded from, to take its ``partition_ranges``
+        attribute (recorded by ``xpbatch ingest`` from DR3 bulk file names) when neither
+        ``partitions`` nor the catalogue gives them. Its store id must match the catalogue's.
     overwrite
         Replace an export of a different catalogue in ``output_dir``.
     client
@@ -333,11 +388,18 @@ def export_parquet(
     Returns
     -------
     ExportResult
-        Output directory, rows written, files and rows per file.
+        Output directory, partition ranges used, rows written, files and rows per file.
+
+    Raises
+    ------
+    ConfigError
+        No partition ranges (the message lists where they can come from), invalid ranges,
+        a ``store`` that is not the catalogue's input, or a source in no range.
 
     Examples
     --------
-    >>> result = export_parquet("catalog.zarr", "catalog-parquet")  # doctest: +SKIP
+    >>> result = export_parquet("catalog.zarr", "catalog-parquet",
+    ...                         partitions="dr3/_MD5SUM.txt")  # doctest: +SKIP
     >>> import pandas as pd
     >>> df = pd.read_parquet("catalog-parquet")  # doctest: +SKIP
     """
@@ -346,13 +408,18 @@ def export_parquet(
     catalog_path = Path(catalog)
     out = Path(output_dir)
     source, attrs = _catalog_source(catalog_path)
+    ranges = resolve_partitions(catalog_path, attrs, partitions=partitions, store=store)
+    logger.info("exporting by %r", ranges)
     fingerprint = _fingerprint(attrs)
-    _prepare_output(out, fingerprint, overwrite=overwrite)
+    partitions_fingerprint = _fingerprint(ranges.to_list())
+    _prepare_output(out, fingerprint, partitions_fingerprint, overwrite=overwrite)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "catalog": str(catalog_path.resolve()),
         "catalog_fingerprint": fingerprint,
+        "partitions_origin": ranges.origin,
+        "partitions_fingerprint": partitions_fingerprint,
         "n_rows": source.n_rows,
         "xpbatch_version": __version__,
         "complete": False,
@@ -363,8 +430,11 @@ def export_parquet(
         slice(start, min(start + source.chunk_rows, source.n_rows))
         for start in range(0, source.n_rows, source.chunk_rows)
     ]
-    plans = _compute([dask.delayed(_block_plan)(source, b) for b in blocks], client, n_threads)
-    per_partition = _partition_rows(plans)
+    shared_ranges = dask.delayed(ranges)  # one copy in the graph, not one per task
+    plans = _compute(
+        [dask.delayed(_block_plan)(source, shared_ranges, b) for b in blocks], client, n_threads
+    )
+    per_partition = _partition_rows(plans, len(ranges))
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
     provenance: dict[str, Any] = {
@@ -372,15 +442,16 @@ def export_parquet(
         "catalog_fingerprint": fingerprint,
         "xpbatch_version": __version__,
         "healpix_level": HEALPIX_LEVEL,
+        "partitions_origin": ranges.origin,
         **{k: attrs[k] for k in ("model_name", "model_hash", "input_store_id") if k in attrs},
     }
     arrow_schema = _arrow_schema(source.n_latent, provenance)
     files: dict[str, int] = {}
     tasks = []
     for p in np.flatnonzero(per_partition):
-        lo, hi = (int(v) for v in partition_ranges()[p])
+        lo, hi = (int(v) for v in ranges.ranges[p])
         rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
-        path = out / partition_file_name(lo, hi)
+        path = out / file_name(FILE_PREFIX, lo, hi)
         if path.exists() and _is_whole(path, rows.stop - rows.start):
             files[path.name] = rows.stop - rows.start
             continue
@@ -395,4 +466,6 @@ def export_parquet(
         "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
         n_rows, catalog_path, len(files), out, n_reused,
     )  # fmt: skip
-    return ExportResult(output_dir=out, n_rows=n_rows, files=files, n_reused=n_reused)
+    return ExportResult(
+        output_dir=out, partitions=ranges, n_rows=n_rows, files=files, n_reused=n_reused
+    )
