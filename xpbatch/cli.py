@@ -718,3 +718,52 @@ def bench_encode_command(
             rows, client=client, memory_rows=memory_rows, workdir=workdir, echo=click.echo
         )
     click.echo(result.report())
+
+
+@bench_group.command("train")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1000),
+    default=100_000,
+    show_default=True,
+    help="Mock spectra to train on (generated once per size in --workdir).",
+)
+@click.option("--epochs", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=2),
+    default=_TRAIN_DEFAULTS.batch_size,
+    show_default=True,
+)
+@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True)
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="torch threads on CPU [default: torch's choice, one per core].",
+)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Where to keep the mock store between runs [default: a temporary directory].",
+)
+def bench_train_command(
+    rows: int,
+    epochs: int,
+    batch_size: int,
+    device: str,
+    threads: int | None,
+    workdir: str | None,
+) -> None:
+    """Training samples/s of xpbatch train against a straightforward loop, on the same rows."""
+    import torch
+
+    from xpbatch.benchmarks.train import run_train_benchmark
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    result = run_train_benchmark(
+        rows, epochs=epochs, batch_size=batch_size, device=device, workdir=workdir, echo=click.echo
+    )
+    click.echo(result.report())
