@@ -20,13 +20,14 @@ def test_bench_encode_reports_rates_memory_and_projection(
 ) -> None:
     said: list[str] = []
     result = run_encode_benchmark(
-        2000, client=dask_client, memory_rows=5000, workdir=tmp_path, echo=said.append
+        2000, client=dask_client, memory_rows=5000, repeats=1, workdir=tmp_path, echo=said.append
     )
     assert result.bare_rate > 0 and result.cluster_rate > 0
+    assert result.bare_cpu_s > 0 and result.cluster_cpu_s > 0
     assert set(result.worker_peak_rss) == {2000, 5000}
     assert min(result.worker_peak_rss.values()) > 50 * 2**20  # a worker with torch loaded
     report = result.report()
-    for text in ("bare loop", "ratio encode-catalog / bare loop", "peak RSS per worker", "DR3"):
+    for text in ("ratio encode-catalog / bare loop", "CPU seconds", "peak RSS per worker", "DR3"):
         assert text in report
     # The larger store repeats the mock spectra, with its own ascending source_ids.
     small, large = (

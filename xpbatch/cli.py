@@ -698,6 +698,13 @@ def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **k
     help="Second, larger size for the memory comparison [default: 4 x --rows].",
 )
 @click.option(
+    "--repeats",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Alternating runs of each contender; the fastest of each is reported.",
+)
+@click.option(
     "--workdir",
     type=click.Path(file_okay=False),
     default=None,
@@ -705,7 +712,7 @@ def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **k
 )
 @cluster_options
 def bench_encode_command(
-    rows: int, memory_rows: int | None, workdir: str | None, **kwargs: Any
+    rows: int, memory_rows: int | None, repeats: int, workdir: str | None, **kwargs: Any
 ) -> None:
     """encode-catalog spectra/s against a bare loop, worker memory at two sizes, DR3 time."""
     from xpbatch.benchmarks.encode import run_encode_benchmark
@@ -715,7 +722,12 @@ def bench_encode_command(
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         result = run_encode_benchmark(
-            rows, client=client, memory_rows=memory_rows, workdir=workdir, echo=click.echo
+            rows,
+            client=client,
+            memory_rows=memory_rows,
+            repeats=repeats,
+            workdir=workdir,
+            echo=click.echo,
         )
     click.echo(result.report())
 
@@ -737,6 +749,13 @@ def bench_encode_command(
 )
 @click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True)
 @click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Run each this many times, alternately, and keep each one's best round.",
+)
+@click.option(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
@@ -753,6 +772,7 @@ def bench_train_command(
     epochs: int,
     batch_size: int,
     device: str,
+    rounds: int,
     threads: int | None,
     workdir: str | None,
 ) -> None:
@@ -764,6 +784,12 @@ def bench_train_command(
     if threads is not None:
         torch.set_num_threads(threads)
     result = run_train_benchmark(
-        rows, epochs=epochs, batch_size=batch_size, device=device, workdir=workdir, echo=click.echo
+        rows,
+        epochs=epochs,
+        batch_size=batch_size,
+        device=device,
+        rounds=rounds,
+        workdir=workdir,
+        echo=click.echo,
     )
     click.echo(result.report())

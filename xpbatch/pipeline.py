@@ -151,12 +151,41 @@ def _install_model(key: str, model: TrainedModel, device: str) -> None:
     _MODELS[key] = (model, where)
 
 
+MALLOC_MMAP_THRESHOLD = 32 * 2**20
+"""Allocations below this come from the reusable heap (glibc's largest allowed value)."""
+MALLOC_TRIM_THRESHOLD = 256 * 2**20
+"""Free heap kept for the next chunk instead of being returned to the system."""
+
+
+def tune_malloc() -> bool:
+    """Let a worker reuse freed memory between batches instead of mapping it anew each time.
+
+    distributed's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins
+    glibc's mmap threshold at 128 KiB: every MB-sized temporary of the encode kernel is then
+    mapped, page-faulted and unmapped again. Measured on 1M mock spectra with 2 workers, that
+    cost 11 s of system time against 1-2 s with these settings, and doubled the wall time.
+    Memory stays flat: at most :data:`MALLOC_TRIM_THRESHOLD` of free heap is kept. Only glibc
+    (Linux) has ``mallopt``; elsewhere this does nothing and returns False.
+    """
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mmap_ok = libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
+    trim_ok = libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
+    return bool(mmap_ok and trim_ok)
+
+
 class ModelPlugin(WorkerPlugin):
     """Loads the model once per worker (also on workers that join or restart mid-run).
 
     Carries the model file's path (a shared filesystem, like the catalogue's) or, for a model
     that exists only in memory, the model itself: either way it crosses the network once per
-    worker instead of once per task. Sets torch's threads to the worker's threads.
+    worker instead of once per task. Sets torch's threads to the worker's threads and tunes
+    the worker's allocator (:func:`tune_malloc`).
     """
 
     def __init__(
@@ -174,6 +203,7 @@ class ModelPlugin(WorkerPlugin):
         import torch
 
         torch.set_num_threads(max(1, int(worker.state.nthreads)))
+        tune_malloc()
         self.load()
         logger.info("worker %s loaded model %s", worker.address, self.key[:16])
 
