@@ -77,7 +77,9 @@ def _rewrite_header(path, edit):
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8 : 8 + n])
     edit(header)
-    new = json.dumps(header, separators=(",", ":")).encode().ljust(n)  # keep the same length so offsets stay valid
+    new = (
+        json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    )  # keep the same length so offsets stay valid
     assert len(new) == n
     path.write_bytes(raw[:8] + new + raw[8 + n :])
 
