@@ -153,7 +153,7 @@ def _install_model(key: str, model: TrainedModel, device: str) -> None:
 
 MALLOC_MMAP_THRESHOLD = 32 * 2**20
 """Allocations below this come from the reusable heap (glibc's largest allowed value)."""
-MALLOC_TRIM_THRESHOLD = 256 * 2**20
+MALLOC_TRIM_THRESHOLD = 64 * 2**20
 """Free heap kept for the next chunk instead of being returned to the system."""
 
 
