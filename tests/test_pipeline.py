@@ -27,7 +27,7 @@ from xpbatch.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from xpbatch.pipeline import ChunkJob, encode_catalog
+from xpbatch.pipeline import ChunkJob, encode_catalog, tune_malloc
 from xpbatch.store import write_xp_store
 from xpbatch.trained import Normalisation, TrainedModel
 
@@ -187,6 +187,12 @@ def test_a_task_carries_no_model(inputs: Inputs) -> None:
         "auto", 4096, False,
     )  # fmt: skip
     assert len(pickle.dumps(job)) < 1000
+
+
+def test_workers_allocator_is_tuned_where_glibc_allows_it() -> None:
+    import platform
+
+    assert tune_malloc() is (platform.libc_ver()[0] == "glibc")
 
 
 def test_resume_of_a_complete_catalogue_does_nothing(inputs: Inputs) -> None:
