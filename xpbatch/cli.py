@@ -357,6 +357,10 @@ _TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+def _with_default(text: str, default: Any) -> str:
+    return text if default is None else f"{text} [default: {default}]"
+
+
 def train_options(func: F) -> F:
     """The TrainConfig options of ``xpbatch train``; unset ones leave the file's value alone."""
     options = [
@@ -365,7 +369,7 @@ def train_options(func: F) -> F:
             field,
             type=kind,
             default=None,
-            help=f"{text} [default: {getattr(_TRAIN_DEFAULTS, field)}]",
+            help=_with_default(text, getattr(_TRAIN_DEFAULTS, field)),
         )
         for flag, field, kind, text in _TRAIN_OPTIONS
     ]
@@ -759,7 +763,8 @@ def bench_encode_command(
     "--threads",
     type=click.IntRange(min=1),
     default=None,
-    help="torch threads on CPU [default: torch's choice, one per core].",
+    help="torch threads on CPU [default: torch's choice, one per core]; on a machine shared "
+    "with other jobs use 1: spinning OpenMP threads make rates swing 30-fold.",
 )
 @click.option(
     "--workdir",
