@@ -130,7 +130,9 @@ def test_sample_draws_usable_rows(small_store: Path) -> None:
     ds = open_xp_store(small_store)
     sel = select_rows(ds, TrainConfig(sample=500, validation_fraction=0.2))
     assert (sel.train.size, sel.validation.size) == (400, 100)
-    assert np.all(np.concatenate([sel.train, sel.validation]) >= 9)  # rows 0-8 are unusable
+    rows = np.concatenate([sel.train, sel.validation])
+    assert np.unique(rows).size == 500 and rows.min() >= 9  # rows 0-8 are unusable
+    assert np.unique(rows // 700).size == 5  # drawn from every chunk
 
 
 def test_streamed_normalisation_equals_numpy(small_store: Path) -> None:

@@ -1,7 +1,8 @@
 """Which rows of an XP store training uses, their normalisation, and how they reach the device.
 
-Everything here reads the store one Zarr chunk at a time, so memory is flat in the store's size
-(apart from the positions of the selected rows, which the model file records anyway).
+Everything here reads the store one Zarr chunk at a time. Memory grows by one bit per store row
+(the usable-row masks) plus the positions of the selected rows, which the model file records
+anyway; nothing else depends on the store's size.
 
 Which rows are usable for training
 ----------------------------------
@@ -225,7 +226,7 @@ def select_rows(
     """
     unusable = unusable_flags(config.partial_rows)
     both_bands = np.uint8(InputFlag.BP_MISSING | InputFlag.RP_MISSING)
-    counts = {"store_rows": int(ds.sizes[schema.SOURCE]), "candidates": 0}
+    counts = {"store_rows": int(ds.sizes[schema.SOURCE]), "candidates": 0, "excluded": 0}
     counts.update({f"excluded_{flag.name.lower()}": 0 for flag in EXCLUDING_FLAGS})  # type: ignore[union-attr]
     wanted = None
     if wanted_source_id is not None:
@@ -233,8 +234,9 @@ def select_rows(
         counts["requested_source_ids"] = int(wanted_source_id.size)
         counts["duplicate_source_ids"] = int(wanted_source_id.size - wanted.size)
     matched = 0
-    usable_parts: list[np.ndarray] = []
-    for start, stop in row_chunks(ds):
+    usable_bits: list[np.ndarray] = []  # per chunk, packed 8 rows a byte: memory ~ rows / 8
+    chunks = row_chunks(ds)
+    for start, stop in chunks:
         sid, flags, g = read_rows(
             ds, (schema.SOURCE_ID, schema.INPUT_FLAGS, schema.PHOT_G_MEAN_FLUX), start, stop
         )
@@ -247,13 +249,12 @@ def select_rows(
         for flag in EXCLUDING_FLAGS:
             has = (flags & np.uint8(flag)) != 0
             counts[f"excluded_{flag.name.lower()}"] += int((excluded & has).sum())  # type: ignore[union-attr]
-        usable_parts.append(np.flatnonzero(candidate & ~excluded) + start)
+        usable_bits.append(np.packbits(candidate & ~excluded))
+        counts["excluded"] += int(excluded.sum())
     counts["candidates"] = matched
     if wanted is not None:
         counts["unknown_source_ids"] = int(wanted.size - matched)
-    usable = np.concatenate(usable_parts) if usable_parts else np.empty(0, np.int64)
-    counts["excluded"] = matched - int(usable.size)
-    selected = _sample(usable, config, counts)
+    selected = _sample(usable_bits, chunks, config, counts)
     return _split(ds, selected, config, counts)
 
 
@@ -283,17 +284,38 @@ def _describe(counts: dict[str, int]) -> str:
     return text + (f" ({reasons})" if reasons else "")
 
 
-def _sample(usable: np.ndarray, config: TrainConfig, counts: dict[str, int]) -> np.ndarray:
-    """All usable rows, or a seeded sample of ``config.sample`` of them (sorted positions)."""
-    if config.sample is None:
-        return usable
-    if config.sample > usable.size:
-        raise TrainingError(
-            f"asked for a sample of {config.sample} rows but only {usable.size} usable rows "
-            f"were found ({_describe(counts)}); lower --sample or leave it out"
-        )
-    pick = rng_for(config.seed, _SAMPLE).choice(usable.size, size=config.sample, replace=False)
-    return usable[np.sort(pick)]
+def _sample(
+    usable_bits: list[np.ndarray],
+    chunks: list[tuple[int, int]],
+    config: TrainConfig,
+    counts: dict[str, int],
+) -> np.ndarray:
+    """Positions of all usable rows, or of a seeded sample of ``config.sample`` of them.
+
+    The sample is drawn as ranks among the usable rows, so only the sampled positions are ever
+    held in memory, not those of every usable row of the store.
+    """
+    n_usable = counts["candidates"] - counts["excluded"]
+    ranks = None
+    if config.sample is not None:
+        if config.sample > n_usable:
+            raise TrainingError(
+                f"asked for a sample of {config.sample} rows but only {n_usable} usable rows "
+                f"were found ({_describe(counts)}); lower --sample or leave it out"
+            )
+        pick = rng_for(config.seed, _SAMPLE).choice(n_usable, size=config.sample, replace=False)
+        ranks = np.sort(pick)
+    parts = [np.empty(0, np.int64)]
+    first_rank = 0  # rank of the first usable row of the chunk
+    for (start, stop), bits in zip(chunks, usable_bits, strict=True):
+        rows = np.flatnonzero(np.unpackbits(bits, count=stop - start)) + start
+        if ranks is not None:
+            lo, hi = np.searchsorted(ranks, [first_rank, first_rank + rows.size])
+            picked = rows[ranks[lo:hi] - first_rank]
+            first_rank += rows.size
+            rows = picked
+        parts.append(rows)
+    return np.concatenate(parts)
 
 
 def _split(
