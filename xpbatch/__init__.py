@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 _API = {
     "ScatterVAE": "xpbatch.model",
     "ModelConfig": "xpbatch.config",
+    "TrainConfig": "xpbatch.config",
     "TrainedModel": "xpbatch.artifact",
     "save_model": "xpbatch.artifact",
     "load_model": "xpbatch.artifact",
