@@ -22,6 +22,7 @@ from xpbatch.config import ModelConfig
 from xpbatch.errors import InputShapeError
 from xpbatch.model import ScatterVAE
 from xpbatch.schema import CatalogFlag
+from xpbatch.store import compute_input_flags
 
 DEFAULT_BATCH_SIZE = 4096
 """Rows per forward pass. Every pass is padded to exactly this many rows, so the same kernels run
@@ -107,20 +108,12 @@ def standardise(
         raise InputShapeError(
             f"phot_g_mean_flux must have one value per row ({c.shape[0]},), got {g.shape}"
         )
-    flags = np.zeros(c.shape[0], np.uint16)
+    # The same bits as the store's input_flags (one definition), widened to the catalogue's.
+    flags = compute_input_flags(c, e, g, n_bp=n_in // 2).astype(np.uint16)
     g_ok = np.isfinite(g) & (g > 0)
-    flags[~g_ok] |= np.uint16(CatalogFlag.G_FLUX_MISSING)
     g_safe = np.where(g_ok, g, 1.0)[:, None]
-
-    n_bp = n_in // 2
-    flags[np.all(np.isnan(c[:, :n_bp]), axis=1)] |= np.uint16(CatalogFlag.BP_MISSING)
-    flags[np.all(np.isnan(c[:, n_bp:]), axis=1)] |= np.uint16(CatalogFlag.RP_MISSING)
     with np.errstate(invalid="ignore"):
         valid = np.isfinite(c) & np.isfinite(e) & (e > 0)
-    band_present = np.zeros_like(valid)
-    band_present[:, :n_bp] = ~(flags & np.uint16(CatalogFlag.BP_MISSING)).astype(bool)[:, None]
-    band_present[:, n_bp:] = ~(flags & np.uint16(CatalogFlag.RP_MISSING)).astype(bool)[:, None]
-    flags[np.any(band_present & ~valid, axis=1)] |= np.uint16(CatalogFlag.NON_FINITE)
     flags[~g_ok | ~valid.any(axis=1)] |= np.uint16(CatalogFlag.NOT_ENCODED)
 
     # Computed in float64 then rounded once, like the published numpy preprocessing.
