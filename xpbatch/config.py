@@ -36,6 +36,15 @@ def from_mapping(cls: type[C], values: Mapping[str, Any], *, where: str = "confi
     return cls(**values)
 
 
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise ConfigError naming the valid choices (and the closest one) if value is not one."""
+    if value not in choices:
+        raise ConfigError(
+            f"{name} must be one of {', '.join(choices)}, got {value!r}."
+            f"{did_you_mean(str(value), list(choices))}"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the scatter VAE (Laroche & Speagle 2024)."""
@@ -137,11 +146,7 @@ class EncodeConfig:
             raise ConfigError(
                 "--resume continues an existing catalogue and --overwrite replaces it; give one"
             )
-        if self.device not in ENCODE_DEVICES:
-            raise ConfigError(
-                f"device must be one of {', '.join(ENCODE_DEVICES)}, got {self.device!r}."
-                f"{did_you_mean(str(self.device), list(ENCODE_DEVICES))}"
-            )
+        _check_choice("device", self.device, ENCODE_DEVICES)
         if self.tasks_per_thread < 1 or self.max_attempts < 1:
             raise ConfigError(
                 f"tasks_per_thread and max_attempts must be at least 1, got "
@@ -184,11 +189,7 @@ class IngestConfig:
             object.__setattr__(self, "scalars", tuple(self.scalars))
         if not 1 <= self.chunk_rows <= 1 << 20:
             raise ConfigError(f"chunk_rows must be in 1..{1 << 20}, got {self.chunk_rows}")
-        if self.on_bad_row not in ON_BAD_ROW_CHOICES:
-            raise ConfigError(
-                f"on_bad_row must be 'error' or 'skip', got {self.on_bad_row!r}."
-                f"{did_you_mean(self.on_bad_row, list(ON_BAD_ROW_CHOICES))}"
-            )
+        _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
 
 
 MOCK_FORMATS = ("store", "dr3-bulk")
@@ -374,17 +375,9 @@ class TrainConfig:
             raise ConfigError(
                 f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}"
             )
-        choices = {
-            "device": (self.device, TRAIN_DEVICES),
-            "precision": (self.precision, TRAIN_PRECISIONS),
-            "data_placement": (self.data_placement, TRAIN_DATA_PLACEMENTS),
-        }
-        for option, (choice, valid) in choices.items():
-            if choice not in valid:
-                raise ConfigError(
-                    f"{option} must be one of {', '.join(valid)}, got {choice!r}."
-                    f"{did_you_mean(str(choice), list(valid))}"
-                )
+        _check_choice("device", self.device, TRAIN_DEVICES)
+        _check_choice("precision", self.precision, TRAIN_PRECISIONS)
+        _check_choice("data_placement", self.data_placement, TRAIN_DATA_PLACEMENTS)
         if self.precision != "fp32" and self.device == "cpu":
             raise ConfigError(f"precision {self.precision!r} needs device 'cuda' (or 'auto')")
 
