@@ -235,6 +235,11 @@ def _unexplained_nan(path: Path) -> None:
     rmse[16] = np.nan  # row 16 is encoded (16 % 7 != 3)
 
 
+def _value_without_encoding(path: Path) -> None:
+    rmse = zarr.open_array(path / "rmse", mode="r+")
+    rmse[17] = 1.0  # row 17 is not encoded (17 % 7 == 3)
+
+
 @pytest.mark.parametrize(
     ("damage", "message"),
     [
@@ -242,8 +247,15 @@ def _unexplained_nan(path: Path) -> None:
         (_drop_record, r"chunk 1 .*no completion record"),
         (_flip_a_byte, r"chunk 0 .*unreadable.*checksum"),
         (_unexplained_nan, r"chunk 1 .*rmse is NaN in 1 row\(s\) without the not_encoded flag"),
+        (_value_without_encoding, r"chunk 1 .*rmse has values in 1 row\(s\) flagged not_encoded"),
     ],
-    ids=["deleted-chunk-file", "missing-record", "flipped-byte", "nan-without-flag"],
+    ids=[
+        "deleted-chunk-file",
+        "missing-record",
+        "flipped-byte",
+        "nan-without-flag",
+        "value-without-encoding",
+    ],
 )
 def test_verify_finds_damage(written: Path, damage: Callable[[Path], None], message: str) -> None:
     assert catalog.verify_catalog(written).ok

@@ -742,7 +742,7 @@ class ChunkVerifier:
 
 
 def _value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
-    """NaN without the NOT_ENCODED flag explaining it; source_id never written."""
+    """NaN exactly where the NOT_ENCODED flag is; source_id never written."""
     problems = []
     if schema.SOURCE_ID in values and np.any(values[schema.SOURCE_ID] == -1):
         problems.append("source_id holds the fill value -1 (never written)")
@@ -752,13 +752,15 @@ def _value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
     for name, array in values.items():
         if array.dtype.kind != "f":
             continue
-        nan_rows = np.isnan(array).reshape(len(array), -1).any(axis=1)
-        unexplained = np.flatnonzero(nan_rows & ~not_encoded)
-        if unexplained.size:
-            problems.append(
-                f"{name} is NaN in {unexplained.size} row(s) without the not_encoded flag, e.g. "
-                f"row {rows.start + int(unexplained[0])}"
-            )
+        nan = np.isnan(array).reshape(len(array), -1)  # (rows, values per row)
+        for wrong, what in (
+            (nan.any(axis=1) & ~not_encoded, "is NaN in {} row(s) without the not_encoded flag"),
+            (~nan.all(axis=1) & not_encoded, "has values in {} row(s) flagged not_encoded"),
+        ):
+            where = np.flatnonzero(wrong)
+            if where.size:
+                example = rows.start + int(where[0])
+                problems.append(f"{name} {what.format(where.size)}, e.g. row {example}")
     return problems
 
 
