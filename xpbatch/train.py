@@ -376,6 +376,19 @@ def _json_roundtrip(value: Any) -> Any:
 
 
 # --- network, optimizer, scheduler and their checkpoint --------------------------------------
+def make_optimizer(
+    network: ScatterVAE, config: TrainConfig
+) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.CosineAnnealingWarmRestarts]:
+    """AdamW and its cosine schedule with warm restarts every ``config.cycle_epochs`` epochs."""
+    optimizer = torch.optim.AdamW(
+        network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
+        optimizer, T_0=config.cycle_epochs, eta_min=config.min_learning_rate
+    )
+    return optimizer, scheduler
+
+
 @dataclass
 class _TrainingState:
     """Everything that evolves during training, and its (safe) serialisation."""
@@ -392,13 +405,7 @@ class _TrainingState:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.seed)
             network = ScatterVAE(config.model).to(device)
-        optimizer = torch.optim.AdamW(
-            network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=config.cycle_epochs, eta_min=config.min_learning_rate
-        )
-        return cls(network, optimizer, scheduler)
+        return cls(network, *make_optimizer(network, config))
 
     def capture(self) -> _Snapshot:
         """A copy of the current state (on the device: no host synchronisation)."""

@@ -28,7 +28,7 @@ from xpbatch.benchmarks.encode import mock_store
 from xpbatch.config import TrainConfig
 from xpbatch.model import ScatterVAE, scatter_vae_loss
 from xpbatch.store import open_xp_store
-from xpbatch.train import resolve_device, train_model
+from xpbatch.train import make_optimizer, resolve_device, train_model
 from xpbatch.train_data import ResidentRows, compute_normalisation, row_chunks, select_rows
 
 PUBLISHED_EPOCHS = 5000
@@ -103,12 +103,7 @@ def plain_loop(
     """Train the straightforward way; samples/s of each epoch."""
     torch.manual_seed(config.seed)
     network = ScatterVAE(config.model).to(device)
-    optimizer = torch.optim.AdamW(
-        network.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-    )
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-        optimizer, T_0=config.cycle_epochs, eta_min=config.min_learning_rate
-    )
+    optimizer, scheduler = make_optimizer(network, config)  # the same as xpbatch train's
     rng = np.random.default_rng(config.seed)
     n, size = x.shape[0], config.batch_size
     rates = []
