@@ -126,6 +126,17 @@ def test_every_row_is_exported_once_with_its_values(catalog: Path, tmp_path: Pat
     assert manifest["complete"] is True and manifest["files"] == expected_files
 
 
+def test_encode_catalog_carries_the_store_partitions_so_export_needs_no_flag(
+    catalog: Path, tmp_path: Path
+) -> None:
+    assert xpbatch.open_catalog(catalog).attrs[schema.STORE_ATTR_PARTITION_RANGES] == (
+        DR3_FIRST.to_list()
+    )
+    result = export_parquet(catalog, tmp_path / "out")  # neither partitions= nor store=
+    assert {p.name for p in (tmp_path / "out").glob("*.parquet")} == set(DR3_FIRST_FILES)
+    assert result.partitions == DR3_FIRST
+
+
 def test_rerun_keeps_whole_files_and_rewrites_missing_ones(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
     first = export_parquet(catalog, out, partitions=DR3_FIRST)

@@ -32,7 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -476,9 +476,17 @@ def _versions() -> dict[str, str]:
 
 
 def _run_attrs(
-    model: TrainedModel, model_hash: str, store: Path, store_id: str, config: EncodeConfig
+    model: TrainedModel,
+    model_hash: str,
+    store: Path,
+    store_attrs: Mapping[str, Any],
+    store_id: str,
+    config: EncodeConfig,
 ) -> dict[str, Any]:
+    # The DR3 partition ranges travel with the rows, so export-parquet finds them here.
+    partitions = store_attrs.get(schema.STORE_ATTR_PARTITION_RANGES)
     return {
+        **({schema.STORE_ATTR_PARTITION_RANGES: partitions} if partitions else {}),
         "title": "Gaia DR3 BP/RP (XP) scatter-VAE catalogue (xpbatch encode-catalog)",
         "references": "Laroche & Speagle (2024), arXiv:2407.15016",
         catalog.ATTR_MODEL_HASH: model_hash,
@@ -604,7 +612,7 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
     check_model_fits(trained, ds)
     layout = _input_layout(store, trained, config.with_reconstruction)
     input_id = store_id(ds)
-    attrs = _run_attrs(trained, model_hash, store, input_id, config)
+    attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config)
     done = catalog.prepare_output(
         out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
     )
