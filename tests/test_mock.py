@@ -415,3 +415,12 @@ def test_existing_output_needs_overwrite(tmp_path: Path) -> None:
         mock.write_mock_dr3_bulk(tmp_path / "b", 5)
     mock.write_mock_dr3_bulk(tmp_path / "b", 5, overwrite=True)
     assert (tmp_path / "b" / "notes.txt").read_text() == "mine"  # only our files are replaced
+
+
+def test_cli_store_records_the_partition_plan_it_was_asked_for(tmp_path: Path) -> None:
+    out = tmp_path / "m.zarr"
+    args = ["mock", "-n", "600", "-o", str(out), "--rows-per-file", "200", "--chunk-rows", "300"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    recorded = open_xp_store(out).attrs["partition_ranges"]
+    assert len(recorded) == 3 and recorded[0][0] == 0 and recorded[-1][1] == 786431

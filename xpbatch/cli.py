@@ -543,6 +543,7 @@ def mock_command(
             n_rows,
             seed=seed,
             chunk_rows=chunk_rows,
+            rows_per_file=rows_per_file,  # the partition plan the store records
             config=config,
             with_correlations=with_correlations,
             overwrite=overwrite,
