@@ -259,13 +259,14 @@ class TrainedModel:
         xhat = np.full((n_rows, n_in), np.nan, np.float32)
         shat = np.full((n_rows, n_in), np.nan, np.float32)
         network = self.network.to(device)
-        pad = torch.zeros(batch_size, n_in, dtype=torch.float32, device=device)
+        x = torch.from_numpy(inp.x)  # (rows, input), shares memory with inp.x
         with torch.inference_mode():
             for start in range(0, n_rows, batch_size):
                 stop = min(start + batch_size, n_rows)
-                batch = pad.clone()
-                batch[: stop - start] = torch.from_numpy(inp.x[start:stop]).to(device)
-                out = network(batch)  # every tensor (batch_size, ...), padding rows dropped below
+                batch = x[start:stop]
+                if stop - start < batch_size:  # only the last pass needs padding
+                    batch = torch.cat([batch, batch.new_zeros(batch_size - (stop - start), n_in)])
+                out = network(batch.to(device))  # (batch_size, ...); padding rows dropped below
                 mu[start:stop] = out.mu[: stop - start].cpu().numpy()
                 log_var[start:stop] = out.log_var[: stop - start].cpu().numpy()
                 xhat[start:stop] = out.xhat[: stop - start].cpu().numpy()
