@@ -153,7 +153,6 @@ def test_training_membership_flags():
     model = TrainedModel.untrained().with_updates(
         train_source_id=np.array([5, 1, 9]), validation_source_id=np.array([4])
     )
-    model.__post_init__()
     flags = model.training_membership(np.array([1, 4, 7, 9, 10]))
     assert [bool(f & CatalogFlag.IN_TRAINING_SET) for f in flags] == [1, 0, 0, 1, 0]
     assert [bool(f & CatalogFlag.IN_VALIDATION_SET) for f in flags] == [0, 1, 0, 0, 0]

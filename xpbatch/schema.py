@@ -120,7 +120,3 @@ class CatalogFlag(enum.IntFlag):
     """The model was fitted on this source."""
     IN_VALIDATION_SET = 2048
     """The source was in this model's validation set."""
-
-
-# Input bits that make a row impossible to encode on their own.
-UNENCODABLE_INPUT = InputFlag.G_FLUX_MISSING
