@@ -20,6 +20,7 @@ from xpbatch import mock
 from xpbatch.cli import main
 from xpbatch.config import MockConfig
 from xpbatch.errors import ConfigError, OutputExistsError, StoreNotFoundError
+from xpbatch.partitions import HEALPIX_SHIFT, N_PIXELS
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, InputFlag
 from xpbatch.store import compute_input_flags, open_xp_store
 
@@ -122,8 +123,8 @@ def test_any_range_equals_the_slice_of_the_whole(
 def test_source_ids_are_ascending_unique_and_gaia_like(store: Path) -> None:
     sid = _arrays(store)["source_id"]
     assert sid.dtype == np.int64 and np.all(np.diff(sid) > 0)
-    pixel = sid >> mock.SOURCE_ID_PIXEL_SHIFT
-    assert pixel.min() >= 0 and pixel.max() < mock.N_PIXELS
+    pixel = sid >> HEALPIX_SHIFT
+    assert pixel.min() >= 0 and pixel.max() < N_PIXELS
     assert np.all((sid >> 32) & 7 == 1)  # the processing bit real DR3 ids carry
     # Sources crowd the Galactic plane: |b| < 10 deg is 17 % of the sky but most of the sources.
     low_latitude = np.abs(mock._sky().sin_b[pixel]) < math.sin(math.radians(10))
@@ -134,7 +135,7 @@ def test_source_ids_are_ascending_unique_and_gaia_like(store: Path) -> None:
 def test_large_catalogues_are_addressable_without_generating_them(n: int) -> None:
     tail = mock.mock_rows(n, n - 10, n, seed=0)
     assert np.all(np.diff(tail.source_id) > 0)
-    assert tail.source_id[-1] >> mock.SOURCE_ID_PIXEL_SHIFT < mock.N_PIXELS
+    assert tail.source_id[-1] >> HEALPIX_SHIFT < N_PIXELS
     plan = mock.bulk_file_plan(n)
     assert plan[-1].stop == n and abs(len(plan) - n / 65_000) < 0.05 * n / 65_000
 
@@ -250,7 +251,7 @@ def test_bulk_labels_are_the_rows_labels(bulk: Path) -> None:
 )
 def test_bulk_file_plan_covers_the_sky_with_whole_pixels(n: int, rows_per_file: int) -> None:
     plan = mock.bulk_file_plan(n, rows_per_file)
-    assert plan[0].lo == 0 and plan[-1].hi == mock.N_PIXELS - 1
+    assert plan[0].lo == 0 and plan[-1].hi == N_PIXELS - 1
     assert plan[0].start == 0 and plan[-1].stop == n
     for before, after in itertools.pairwise(plan):
         assert after.lo == before.hi + 1 and after.start == before.stop

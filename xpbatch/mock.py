@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 from xpbatch import __version__, schema
 from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.errors import ConfigError, InputShapeError, OutputExistsError, StoreNotFoundError
-from xpbatch.partitions import file_name
+from xpbatch.partitions import HEALPIX_LEVEL, HEALPIX_SHIFT, N_PIXELS, file_name
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, N_RP
 from xpbatch.store import DEFAULT_CHUNK_ROWS, INT_MISSING, XPStoreWriter
 
@@ -64,10 +64,6 @@ MAX_ROWS = 10**12
 _INSTRUMENT_SEED = 20220613
 
 # --- the sky: where the rows are, hence their source_id -------------------------------------
-HEALPIX_LEVEL = 8
-NSIDE = 2**HEALPIX_LEVEL
-N_PIXELS = 12 * NSIDE**2
-SOURCE_ID_PIXEL_SHIFT = 43  # source_id >> 43 is the HEALPix level-8 index (Gaia convention)
 SOLUTION_ID = 4545469030156206080  # the DR3 value seen in real rows
 
 # Equatorial coordinates of the north Galactic pole and the Galactic longitude of the north
@@ -676,12 +672,7 @@ def _source_ids(rows: np.ndarray, bounds: np.ndarray, jitter: np.ndarray) -> np.
     first = np.where(pixel > 0, bounds[pixel - 1], 0)
     spacing = (1 << 32) // np.maximum(bounds[pixel] - first, 1)
     slot = (rows - first) * spacing + (jitter * spacing).astype(np.int64)
-    return (
-        (pixel << SOURCE_ID_PIXEL_SHIFT)
-        | ((slot >> 24) << 35)
-        | (1 << 32)
-        | ((slot & 0xFFFFFF) << 8)
-    )
+    return (pixel << HEALPIX_SHIFT) | ((slot >> 24) << 35) | (1 << 32) | ((slot & 0xFFFFFF) << 8)
 
 
 _SPECTRUM_BATCH = 1024  # rows per spectrum computation, to keep temporary arrays small
