@@ -36,7 +36,7 @@ import logging
 import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -844,8 +844,3 @@ def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Path
             f"{ds.sizes[schema.SOURCE]}"
         )
     return problems
-
-
-def iter_chunks(layout: CatalogLayout, skip: set[int]) -> Iterator[int]:
-    """Chunk indices still to do, in order."""
-    return (i for i in range(layout.n_chunks) if i not in skip)
