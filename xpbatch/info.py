@@ -11,6 +11,7 @@ from __future__ import annotations
 import enum
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -100,8 +101,6 @@ def summarize(path: PathLike) -> dict[str, Any]:
 
 # --- stores and catalogues ------------------------------------------------------------------
 def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
-    import zarr
-
     group = _open_group(path)
     arrays = dict(group.arrays())
     source_id = arrays.get(schema.SOURCE_ID)
@@ -129,7 +128,7 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     if kind == "catalog":
         summary["chunks_recorded"] = _chunks_recorded(path)
     flags = arrays.get(flags_name)
-    if isinstance(flags, zarr.Array):
+    if flags is not None:
         summary["flags"] = {"variable": flags_name, "rows": _flag_counts(flags, flag_bits)}
     return summary
 
@@ -204,7 +203,7 @@ def _model_summary(path: Path) -> dict[str, Any]:
         shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118
 
     def n_values(prefix: str) -> int:
-        return sum(_product(s) for name, s in shapes.items() if name.startswith(prefix))
+        return sum(math.prod(s) for name, s in shapes.items() if name.startswith(prefix))
 
     return {
         "kind": "model",
@@ -218,13 +217,6 @@ def _model_summary(path: Path) -> dict[str, Any]:
         "n_validation": n_values("split.validation_source_id"),
         "provenance": {k: _short(v) for k, v in sorted((meta.get("provenance") or {}).items())},
     }
-
-
-def _product(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= int(s)
-    return n
 
 
 # --- text -----------------------------------------------------------------------------------
