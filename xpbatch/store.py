@@ -338,25 +338,7 @@ class XPStoreWriter:
         base.update(attrs or {})
         return base
 
-    @classmethod
-    def open(cls, path: PathLike) -> XPStoreWriter:
-        """Reopen a store created by :meth:`create` (e.g. to resume writing its chunks)."""
-        group = _open_group(Path(path))
-        attrs: dict[str, Any] = group.attrs.asdict()
-        return cls(
-            path,
-            n_rows=int(attrs[schema.STORE_ATTR_ROW_COUNT]),
-            chunk_rows=int(attrs["chunk_rows"]),
-            scalars=attrs.get("scalars", []),
-            with_correlations=bool(attrs.get("with_correlations", False)),
-        )
-
     # --- writing --------------------------------------------------------------------------
-    @property
-    def n_chunks(self) -> int:
-        """Number of chunks along ``source``."""
-        return -(-self.n_rows // self.chunk_rows)
-
     def chunk_slices(self) -> list[slice]:
         """The row range of every chunk, in order: the regions :meth:`write_rows` accepts."""
         return [
