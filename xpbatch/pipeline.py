@@ -25,7 +25,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -40,7 +39,7 @@ import numpy as np
 import zarr
 from distributed import WorkerPlugin
 
-from xpbatch import __version__, catalog, schema
+from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 from xpbatch.errors import ChunkError, ClusterError, ConfigError, ModelMismatchError
@@ -458,16 +457,15 @@ def _input_layout(
 
 
 def _versions() -> dict[str, str]:
+    """The model's provenance versions plus the libraries that write the catalogue."""
     import dask
     import distributed
-    import torch
     import xarray
 
+    from xpbatch.artifact import runtime_versions
+
     return {
-        "xpbatch": __version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
+        **runtime_versions(),
         "zarr": zarr.__version__,
         "xarray": xarray.__version__,
         "dask": dask.__version__,
