@@ -661,14 +661,15 @@ class MockRows:
         return pa.table(columns)
 
 
-def _source_ids(rows: np.ndarray, bounds: np.ndarray, jitter: np.ndarray) -> np.ndarray:
-    """Gaia-style source_id of global rows ``rows``, ascending and unique for the catalogue.
+def _source_ids(
+    rows: np.ndarray, pixel: np.ndarray, bounds: np.ndarray, jitter: np.ndarray
+) -> np.ndarray:
+    """Gaia-style source_id of global rows ``rows`` in level-8 ``pixel``, ascending and unique.
 
     ``pixel << 43 | level-12 sub-pixel << 35 | 1 << 32 | running number << 8``, like real DR3
     ids; the k-th of a pixel's m rows gets the slot ``k * 2**32 // m`` plus a random offset
     smaller than the spacing, so the ids never collide and keep the row order.
     """
-    pixel = np.minimum(np.searchsorted(bounds, rows, side="right"), N_PIXELS - 1)
     first = np.where(pixel > 0, bounds[pixel - 1], 0)
     spacing = (1 << 32) // np.maximum(bounds[pixel] - first, 1)
     slot = (rows - first) * spacing + (jitter * spacing).astype(np.int64)
@@ -726,7 +727,7 @@ def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
     _apply_defects(rng, config, coefficients, errors32, scalars, (g_flux, g_mag, g_error32))
 
     block = MockRows(
-        source_id=_source_ids(rows, bounds, rng.random(size)),
+        source_id=_source_ids(rows, pixel, bounds, rng.random(size)),
         coefficients=coefficients,
         coefficient_errors=errors32,
         phot_g_mean_flux=g_flux,
