@@ -41,11 +41,12 @@ import pyarrow.csv as pacsv
 
 from xpbatch import __version__, schema
 from xpbatch.config import IngestConfig
-from xpbatch.errors import ChecksumError, ConfigError, OutputExistsError, ParseError
+from xpbatch.errors import ChecksumError, ConfigError, ParseError
 from xpbatch.partitions import range_of_file_name, ranges_from_file_names
 from xpbatch.store import (
     INT_MISSING,
     XPStoreWriter,
+    check_overwritable,
     compute_input_flags,
     n_correlations,
     source_id_order,
@@ -1288,10 +1289,7 @@ def ingest_files(
     PosixPath('dr3.zarr')
     """
     out = Path(out)
-    if out.exists() and not config.overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    if out.exists() and not (out / "zarr.json").is_file():
-        raise OutputExistsError(f"{out} exists but is not a Zarr store; refusing to overwrite it")
+    check_overwritable(out, config.overwrite)  # out itself is only replaced once all went well
     xp_files = expand_inputs(xp_files, XP_GLOB)
     pairs = pair_files(xp_files, expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB))
     staging = out.with_name(out.name + ".parts")

@@ -190,8 +190,8 @@ def _check_scalar_names(scalars: Collection[str]) -> list[str]:
     return list(scalars)
 
 
-def _remove_existing(path: Path, overwrite: bool) -> None:
-    """Refuse an existing output, or remove it when ``overwrite`` and it is a Zarr store."""
+def check_overwritable(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output unless ``overwrite`` is set and it is a Zarr store."""
     if not path.exists():
         return
     if not overwrite:
@@ -204,7 +204,13 @@ def _remove_existing(path: Path, overwrite: bool) -> None:
         raise OutputExistsError(
             f"{path} exists but is not a Zarr store (no zarr.json); refusing to overwrite it"
         )
-    shutil.rmtree(path)
+
+
+def _remove_existing(path: Path, overwrite: bool) -> None:
+    """Refuse an existing output, or remove it when ``overwrite`` and it is a Zarr store."""
+    check_overwritable(path, overwrite)
+    if path.exists():
+        shutil.rmtree(path)
 
 
 class XPStoreWriter:
