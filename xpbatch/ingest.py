@@ -1135,12 +1135,12 @@ def _merge_group(group: list[PartInfo], staging: Path) -> PartInfo:
     return PartInfo.load(merged)
 
 
-def _chunk_pieces(parts: list[PartInfo], n_rows: int, chunk_rows: int) -> list[list[Piece]]:
-    """For each store chunk, the slices of the (ordered, disjoint) parts that fill it."""
+def _chunk_pieces(parts: list[PartInfo], regions: Sequence[slice]) -> list[list[Piece]]:
+    """For each store chunk (``regions``), the slices of the ordered, disjoint parts filling it."""
     bounds = np.cumsum([0] + [p.rows for p in parts])  # global first row of each part
     chunks = []
-    for start in range(0, n_rows, chunk_rows):
-        stop = min(start + chunk_rows, n_rows)
+    for region in regions:
+        start, stop = region.start, region.stop
         pieces = []
         for i in range(np.searchsorted(bounds, start, side="right") - 1, len(parts)):
             lo, hi = max(start, bounds[i]), min(stop, bounds[i + 1])
@@ -1320,9 +1320,9 @@ def ingest_files(
         with_correlations=config.with_correlations,
         overwrite=True,  # a leftover .partial is ours, from a failed run
     )
-    chunks = _chunk_pieces(ordered, n_rows, config.chunk_rows)
-    starts = [i * config.chunk_rows for i in range(len(chunks))]
-    _run(client, _write_chunk, [writer] * len(chunks), starts, chunks)
+    regions = writer.chunk_slices()
+    chunks = _chunk_pieces(ordered, regions)
+    _run(client, _write_chunk, [writer] * len(chunks), [r.start for r in regions], chunks)
     writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
     if out.exists():
         shutil.rmtree(out)
