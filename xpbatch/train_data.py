@@ -41,7 +41,7 @@ import torch
 from xpbatch import schema
 from xpbatch.errors import ConfigError, TrainingError
 from xpbatch.schema import InputFlag
-from xpbatch.trained import Normalisation, standardise
+from xpbatch.trained import Normalisation, _isin_sorted, standardise
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -256,14 +256,6 @@ def select_rows(
         counts["unknown_source_ids"] = int(wanted.size - matched)
     selected = _sample(usable_bits, chunks, config, counts)
     return _split(ds, selected, config, counts)
-
-
-def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:
-    """Membership of ``values`` in the sorted array ``sorted_set``."""
-    if sorted_set.size == 0:
-        return np.zeros(values.shape, bool)
-    pos = np.searchsorted(sorted_set, values).clip(0, sorted_set.size - 1)
-    return sorted_set[pos] == values
 
 
 def _describe(counts: dict[str, int]) -> str:
