@@ -184,7 +184,7 @@ def test_a_task_carries_no_model(inputs: Inputs) -> None:
     """The network goes to each worker once (plugin); a task is a few strings and numbers."""
     job = ChunkJob(
         str(inputs.store), "s" * 32, "out.zarr", "r" * 32, 3, "k" * 64, str(inputs.model),
-        "auto", 4096, False,
+        "auto", 4096,
     )  # fmt: skip
     assert len(pickle.dumps(job)) < 1000
 

@@ -237,7 +237,6 @@ class ChunkJob:
     model_path: str | None
     device: str
     batch_size: int
-    with_reconstruction: bool
 
 
 class _InputReader:
@@ -277,7 +276,8 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
             reader.read(rows),
             batch_size=job.batch_size,
             device=device,
-            with_reconstruction=job.with_reconstruction,
+            # The catalogue's layout decides, so a task always writes what its template holds.
+            with_reconstruction=writer.layout.with_reconstruction,
         )
         return writer.write_chunk(job.index, outputs)
     except ChunkError:
@@ -626,7 +626,6 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
         model_path=model_path,
         device=config.device,
         batch_size=config.batch_size,
-        with_reconstruction=config.with_reconstruction,
     )
     jobs = [dataclasses.replace(template, index=i) for i in range(layout.n_chunks) if i not in done]
     logger.info("encoding %d of %d chunks of %s into %s", len(jobs), layout.n_chunks, store, out)
