@@ -25,9 +25,11 @@ while the device trains on the current one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import itertools
 import logging
+import operator
 import queue
 import threading
 from collections.abc import Iterator
@@ -81,12 +83,7 @@ def unusable_flags(partial_rows: bool) -> InputFlag:
     """The input flags that exclude a row from training."""
     if partial_rows:
         return InputFlag.G_FLUX_MISSING
-    return (
-        InputFlag.G_FLUX_MISSING
-        | InputFlag.BP_MISSING
-        | InputFlag.RP_MISSING
-        | (InputFlag.NON_FINITE)
-    )
+    return functools.reduce(operator.or_, EXCLUDING_FLAGS)
 
 
 # --- reading the store chunk by chunk ---------------------------------------------------------
