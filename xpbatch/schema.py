@@ -17,6 +17,8 @@ N_BP = 55
 N_RP = 55
 N_COEFF = N_BP + N_RP
 BANDS = ("bp", "rp")
+DR3_N_SOURCES = 219_197_643
+"""Rows of gaiadr3.xp_continuous_mean_spectrum: what the benchmarks project to."""
 
 
 def coeff_labels(n_bp: int = N_BP, n_rp: int = N_RP) -> list[str]:

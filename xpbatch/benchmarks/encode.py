@@ -31,6 +31,7 @@ from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
 from xpbatch.demo import store_ready
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
+from xpbatch.schema import DR3_N_SOURCES
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -39,8 +40,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DR3_ROWS = 219_197_643
-"""Spectra in Gaia DR3's XP catalogue (what the projection is for)."""
 SAMPLE_INTERVAL_S = 0.05
 
 
@@ -89,7 +88,7 @@ class EncodeBenchmark:
 
     def report(self) -> str:
         """The figures as the CLI prints them."""
-        hours = DR3_ROWS / self.cluster_rate / 3600
+        hours = DR3_N_SOURCES / self.cluster_rate / 3600
         mb = {rows: rss / 2**20 for rows, rss in self.worker_peak_rss.items()}
         return "\n".join(
             [
@@ -110,7 +109,7 @@ class EncodeBenchmark:
                 + ", ".join(f"{mb[r]:,.0f} MiB at {r:,} rows" for r in sorted(mb))
                 + f" ({self.memory_growth:+.1%}; target within 10 %)",
                 f"  peak RSS of the bare loop: {self.bare_peak_rss / 2**20:,.0f} MiB",
-                f"  projected wall time for all {DR3_ROWS:,} DR3 spectra on this cluster: "
+                f"  projected wall time for all {DR3_N_SOURCES:,} DR3 spectra on this cluster: "
                 f"{hours:,.1f} h",
             ]
         )
