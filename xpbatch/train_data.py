@@ -121,6 +121,13 @@ class RowBlock:
 _VALUES = (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, schema.PHOT_G_MEAN_FLUX)
 
 
+def _position_spans(positions: np.ndarray, chunks: list[tuple[int, int]]) -> list[slice]:
+    """For each chunk, the slice of the sorted ``positions`` that fall in it."""
+    starts = np.searchsorted(positions, [a for a, _ in chunks])
+    stops = np.searchsorted(positions, [b for _, b in chunks])
+    return [slice(int(i), int(j)) for i, j in zip(starts, stops, strict=True)]
+
+
 def iter_blocks(
     ds: xr.Dataset,
     positions: np.ndarray,
@@ -131,10 +138,9 @@ def iter_blocks(
 
     ``order`` visits the chunks in another order (indices into ``chunks``).
     """
-    starts = np.searchsorted(positions, [a for a, _ in chunks])
-    stops = np.searchsorted(positions, [b for _, b in chunks])
+    spans = _position_spans(positions, chunks)
     for i in range(len(chunks)) if order is None else order:
-        rows = positions[starts[i] : stops[i]]
+        rows = positions[spans[i]]
         if rows.size == 0:
             continue
         start, stop = chunks[i]
@@ -252,7 +258,7 @@ def select_rows(
     if wanted is not None:
         counts["unknown_source_ids"] = int(wanted.size - matched)
     selected = _sample(usable_bits, chunks, config, counts)
-    return _split(ds, selected, config, counts)
+    return _split(ds, selected, chunks, config, counts)
 
 
 def _describe(counts: dict[str, int]) -> str:
@@ -308,7 +314,11 @@ def _sample(
 
 
 def _split(
-    ds: xr.Dataset, selected: np.ndarray, config: TrainConfig, counts: dict[str, int]
+    ds: xr.Dataset,
+    selected: np.ndarray,
+    chunks: list[tuple[int, int]],
+    config: TrainConfig,
+    counts: dict[str, int],
 ) -> Selection:
     """Seeded training/validation split of the selected positions."""
     n = int(selected.size)
@@ -334,22 +344,19 @@ def _split(
     return Selection(
         train=train,
         validation=validation,
-        train_source_id=_source_ids(ds, train),
-        validation_source_id=_source_ids(ds, validation),
+        train_source_id=_source_ids(ds, train, chunks),
+        validation_source_id=_source_ids(ds, validation, chunks),
         counts=counts,
     )
 
 
-def _source_ids(ds: xr.Dataset, positions: np.ndarray) -> np.ndarray:
+def _source_ids(ds: xr.Dataset, positions: np.ndarray, chunks: list[tuple[int, int]]) -> np.ndarray:
     """source_id at sorted store positions, read chunk by chunk."""
-    chunks = row_chunks(ds)
     out = np.empty(positions.size, np.int64)
-    starts = np.searchsorted(positions, [a for a, _ in chunks])
-    stops = np.searchsorted(positions, [b for _, b in chunks])
-    for (start, stop), i, j in zip(chunks, starts, stops, strict=True):
-        if j > i:
+    for (start, stop), span in zip(chunks, _position_spans(positions, chunks), strict=True):
+        if span.stop > span.start:
             (sid,) = read_rows(ds, (schema.SOURCE_ID,), start, stop)
-            out[i:j] = sid[positions[i:j] - start]
+            out[span] = sid[positions[span] - start]
     return out
 
 
