@@ -255,7 +255,6 @@ def train_model(
         config=config,
         store=ds,
         device=device,
-        placement=train_rows.placement,
         timings=timings,
     )
     return TrainingHistory(
@@ -723,7 +722,6 @@ def _write_model(
     config: TrainConfig,
     store: xr.Dataset,
     device: torch.device,
-    placement: str,
     timings: dict[str, float],
 ) -> TrainedModel:
     """Save the trained network with its normalisation, split and provenance."""
@@ -740,7 +738,7 @@ def _write_model(
         "final_train_loss": None if last is None else last.train_loss,
         "final_validation_loss": None if last is None else last.validation_loss,
         "device": str(device),
-        "data_placement": placement,
+        "data_placement": train_rows.placement,
         "timings": timings,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "versions": runtime_versions(),
