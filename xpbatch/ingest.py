@@ -55,6 +55,11 @@ from xpbatch.store import (
 if TYPE_CHECKING:
     from distributed import Client
 
+try:  # the compiled fast path; without numba every block goes through the pyarrow reader
+    from xpbatch import fastscan
+except ImportError:  # pragma: no cover - numba is a dependency
+    fastscan = None  # type: ignore[assignment]
+
 try:  # ISA-L inflates gzip ~3x faster than zlib: decompression is a third of the parse time.
     from isal import igzip as _gzip
     from isal.isal_zlib import crc32 as _crc32
@@ -75,6 +80,9 @@ MAX_RECORDED_BAD_ROWS = 10_000
 """At most this many skipped rows are listed in the store's attributes (all are counted)."""
 
 _BLOCK_BYTES = 1 << 26  # pyarrow reads 64 MB of text per batch: ~1700 bulk rows, flat memory
+# The XP scanner inflates 4 MB (~100 bulk rows) at a time: the text is still in cache when it
+# is scanned, and gzip itself runs 25% slower into 64 MB buffers (measured, isal).
+_SCAN_BLOCK_BYTES = 1 << 22
 _NULLS = ["", "null", "NULL", "nan", "NaN"]
 _INT = r"[-+]?\d+"
 _FLOAT = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)"
@@ -303,12 +311,12 @@ _MARK = ord("Q")
 
 
 def _blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int, int]]:
-    """Decompressed text in ~64 MB blocks of whole lines: ``data[start:end]``.
+    """Decompressed text in ~4 MB blocks of whole lines: ``data[start:end]``.
 
     Only a line cut by a read is copied (into a small block of its own), never a whole block.
     """
     rest = b""
-    while data := stream.read(_BLOCK_BYTES):
+    while data := stream.read(_SCAN_BLOCK_BYTES):
         first = data.find(b"\n") + 1
         if not first:  # a line longer than a block
             rest += data
@@ -367,22 +375,123 @@ def _blank_unbalanced_lines(
     return buffer, quotes[~np.isin(line_of_quote, odd)]
 
 
-def _scan_batches(
-    text: _TextFile, wanted: Sequence[str], problems: _Problems
-) -> Iterator[pa.RecordBatch]:
-    """Like :func:`_read_batches` for files whose arrays are quoted cells (every DR3 encoding)."""
-    first_row = 0
+def _parse_blocks(
+    text: _TextFile,
+    scalars: Sequence[str],
+    with_correlations: bool,
+    problems: _Problems,
+) -> Iterator[dict[str, np.ndarray]]:
+    """The parsed columns of each block of lines of an XP file whose arrays are quoted cells.
+
+    The compiled scanner (:mod:`xpbatch.fastscan`) reads well-formed blocks; a block it gives up
+    on is read by the general pyarrow reader, which also explains any malformed row.
+    """
+    wanted = _xp_columns(scalars, with_correlations)
+    fast = _FastLayout.of(text.columns, scalars, with_correlations)
+    first_row = row0 = 0
     try:
         for data, start, end in _blocks(text.stream):
             buffer = np.frombuffer(data, dtype=np.uint8, count=end - start, offset=start)
             quotes = _quote_positions(data, start, end)
-            if len(quotes) % 2:
-                buffer, quotes = _blank_unbalanced_lines(buffer, quotes, first_row, problems)
-            batch, n_lines = _scan_block(text, buffer, quotes, wanted, problems, first_row)
+            piece = fast.parse(buffer, quotes) if fast is not None else None
+            if piece is not None:
+                n_lines = len(piece[schema.SOURCE_ID])
+            else:
+                if len(quotes) % 2:
+                    buffer, quotes = _blank_unbalanced_lines(buffer, quotes, first_row, problems)
+                batch, n_lines = _scan_block(text, buffer, quotes, wanted, problems, first_row)
+                piece = _parse_xp_batch(batch, scalars, with_correlations, problems, row0)
             first_row += n_lines
-            yield batch
+            row0 += len(piece[schema.SOURCE_ID])
+            yield piece
     except (EOFError, OSError) as e:
         raise _unreadable(text, text.first_line + first_row, e) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class _FastLayout:
+    """How the compiled scanner lays out an XP file's columns, and how to unpack its output."""
+
+    layout: Any
+    """A :class:`xpbatch.fastscan.Layout`."""
+    integers: list[str]
+    """Names of the scanner's integer slots: source_id, both n_parameters, integer scalars."""
+    floats: list[str]
+    """Names of its float slots (float scalars)."""
+    scalars: Sequence[str]
+    with_correlations: bool
+
+    @classmethod
+    def of(
+        cls, columns: Sequence[str], scalars: Sequence[str], with_correlations: bool
+    ) -> _FastLayout | None:
+        """The layout for a file with these columns; None without numba."""
+        if fastscan is None:  # pragma: no cover - numba is a dependency
+            return None
+        n_parameters = [f"{band}_n_parameters" for band in schema.BANDS]
+        integers = [schema.SOURCE_ID, *n_parameters]
+        integers += [s for s in scalars if _is_integer(s) and s not in integers]
+        floats = [s for s in scalars if not _is_integer(s)]
+        # BP then RP side by side, so coefficients (and errors) are one (rows, 110) slice.
+        arrays = [f"{band}_{schema.COEFFICIENTS}" for band in schema.BANDS]
+        arrays += [f"{band}_{schema.COEFFICIENT_ERRORS}" for band in schema.BANDS]
+        if with_correlations:
+            arrays += [schema.correlations_name(band) for band in schema.BANDS]
+        missing = {schema.SOURCE_ID: 0, **dict.fromkeys(integers[1:], INT_MISSING)}
+        layout = fastscan.make_layout(
+            columns,
+            integers=[(name, missing[name]) for name in integers],
+            floats=floats,
+            arrays=[(name, _band_width(name)) for name in arrays],
+        )
+        return cls(layout, integers, floats, scalars, with_correlations)
+
+    def parse(self, buffer: np.ndarray, quotes: np.ndarray) -> dict[str, np.ndarray] | None:
+        """The columns of :func:`_parse_xp_batch` for this block; None when the block (or one of
+        its rows) needs the general reader."""
+        block = fastscan.scan_block(buffer, quotes, self.layout)  # type: ignore[union-attr]
+        if block is None:
+            return None
+        integer = {name: block.integers[:, i] for i, name in enumerate(self.integers)}
+        if (integer[schema.SOURCE_ID] <= 0).any():
+            return None
+        for band_index, band in enumerate(schema.BANDS):
+            # an array present needs its band's n_parameters to be the store's width
+            present = block.present[:, band_index :: len(schema.BANDS)].any(axis=1)
+            if (integer[f"{band}_n_parameters"][present] != _n_coefficients(band)).any():
+                return None
+        n_coeff = schema.N_BP + schema.N_RP
+        out = {
+            schema.SOURCE_ID: integer[schema.SOURCE_ID].copy(),
+            schema.COEFFICIENTS: block.values[:, :n_coeff],
+            schema.COEFFICIENT_ERRORS: block.values[:, n_coeff : 2 * n_coeff],
+        }
+        start = 2 * n_coeff
+        for band in schema.BANDS if self.with_correlations else ():
+            width = n_correlations(_n_coefficients(band))
+            out[schema.correlations_name(band)] = block.values[:, start : start + width]
+            start += width
+        for name in self.scalars:
+            dtype = np.dtype(schema.DR3_SCALARS[name][0])
+            if name in integer:
+                out[name] = integer[name].astype(dtype)
+            else:
+                out[name] = block.floats[:, self.floats.index(name)].astype(dtype)
+        return out
+
+
+def _is_integer(scalar: str) -> bool:
+    return np.dtype(schema.DR3_SCALARS[scalar][0]).kind == "i"
+
+
+def _n_coefficients(band: str) -> int:
+    return schema.N_BP if band == "bp" else schema.N_RP
+
+
+def _band_width(array_name: str) -> int:
+    """Values per row of a DR3 array column (coefficients, errors or correlations of a band)."""
+    width = _n_coefficients(array_name[:2])
+    return n_correlations(width) if array_name.endswith("correlations") else width
 
 
 def _scan_block(
@@ -727,9 +836,9 @@ def parse_xp_file(
         problems = _Problems(path, _LineMap(text.first_line))
         pieces: list[dict[str, Any]] = []
         row0 = 0
-        for batch in _scan_batches(text, wanted, problems):
-            pieces.append(_parse_xp_batch(batch, scalars, with_correlations, problems, row0))
-            row0 += batch.num_rows
+        for piece in _parse_blocks(text, scalars, with_correlations, problems):
+            pieces.append(piece)
+            row0 += len(piece[schema.SOURCE_ID])
             if on_bad_row == "error":
                 problems.raise_first()
         file_info = text.hashing.finish(path)
@@ -789,7 +898,7 @@ def _parse_xp_batch(
             row0,
         )
         expected = _int_values(n_par, -1)
-        width = schema.N_BP if band == "bp" else schema.N_RP
+        width = _n_coefficients(band)
         for name, sink in (
             (f"{band}_coefficients", coefficients),
             (f"{band}_coefficient_errors", errors),
