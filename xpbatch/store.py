@@ -24,6 +24,7 @@ stores that are not complete.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import datetime
 import hashlib
@@ -32,13 +33,14 @@ import logging
 import shutil
 import uuid
 import warnings
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.sync import sync as zarr_sync
 
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError, StoreNotFoundError
@@ -64,15 +66,16 @@ PathLike = str | Path
 
 
 def default_compressors() -> tuple[Any, ...]:
-    """The codec chain of every array: Blosc zstd level 5 with bit shuffle, then a crc32c checksum.
+    """The codec chain of every array: Blosc lz4 with bit shuffle, then a crc32c checksum.
 
-    Measured on mock-like coefficients (random mantissas, like DR3's): size 0.84 of raw at
-    ~215 MB/s write and ~750 MB/s read per core, against 0.89 for blosc-lz4 (840/1500 MB/s) and
-    0.93 for plain zstd; both speeds are far above text parsing and encoding, so the smaller wins.
+    Measured on 48k mock bulk rows (coefficients and errors, one core): lz4 writes at 2.1 us/row
+    and stores 0.855 of raw; zstd level 5 takes 6.7 us/row for 0.835, level 1 3.1 us/row for
+    0.859. Once parsing became fast (~15 us/row besides gzip), zstd's write cost was a tenth of
+    the ingest for 2% of size; lz4 also reads twice as fast, which the encoders feel.
     The crc32c codec turns a corrupted chunk into a read error instead of silent wrong values.
     """
     return (
-        zarr.codecs.BloscCodec(cname="zstd", clevel=5, shuffle="bitshuffle"),
+        zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"),
         zarr.codecs.Crc32cCodec(),
     )
 
@@ -271,7 +274,9 @@ class XPStoreWriter:
         n_rows
             Number of sources the store will hold.
         chunk_rows
-            Rows per chunk; every :meth:`write_rows` call covers whole chunks.
+            Rows per chunk; every :meth:`write_rows` call covers whole chunks. A store of fewer
+            rows gets one chunk of exactly its size (Zarr encodes a chunk's full shape, so a
+            65536-row chunk holding 24k rows costs 3x as much to write).
         attrs
             Extra group attributes (e.g. ``data_release``, ``input_files``).
         scalars
@@ -288,7 +293,7 @@ class XPStoreWriter:
         writer = cls(
             path,
             n_rows=n_rows,
-            chunk_rows=chunk_rows,
+            chunk_rows=min(chunk_rows, max(n_rows, 1)),
             scalars=scalars,
             with_correlations=with_correlations,
         )
@@ -425,7 +430,7 @@ class XPStoreWriter:
             schema.SOURCE_ID: sid,
         }
         group = self._open()
-        # source_id goes last: finalize treats a chunk whose source_id is written as finished.
+        writes = []
         for spec in self._specs:
             expected = (n, spec.width) if spec.width else (n,)
             array = np.asarray(values[spec.name])
@@ -434,7 +439,11 @@ class XPStoreWriter:
                     f"{spec.name} for rows {start}..{start + n} must have shape {expected}, "
                     f"got {array.shape}"
                 )
-            _array(group, spec.name)[start : start + n] = array.astype(spec.dtype, copy=False)
+            writes.append((_array(group, spec.name), array.astype(spec.dtype, copy=False)))
+        # source_id goes last: finalize treats a chunk whose source_id is written as finished.
+        *variables, (source_id_array, source_id_values) = writes
+        _write_together(variables, slice(start, start + n))
+        source_id_array[start : start + n] = source_id_values
 
     def _named_extras(
         self,
@@ -490,6 +499,18 @@ class XPStoreWriter:
             zarr.consolidate_metadata(str(self.path))
         logger.info("finalized store %s (%d rows)", self.path, self.n_rows)
         return self.path
+
+
+def _write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice) -> None:
+    """Write ``rows`` of several arrays in one trip through Zarr's event loop.
+
+    Measured on a 24k-row chunk of 25 variables: 40% less CPU than writing them one by one.
+    """
+
+    async def write_all() -> None:
+        await asyncio.gather(*(array.async_array.setitem(rows, v) for array, v in writes))
+
+    zarr_sync(write_all())
 
 
 def _array(group: zarr.Group, name: str) -> zarr.Array:
