@@ -663,11 +663,18 @@ def bench_group() -> None:
 @click.option(
     "--rows",
     type=click.IntRange(min=100),
-    default=12_000,
+    default=24_000,
     show_default=True,
     help="Mock sources to generate (dr3-bulk files, cached in --workdir).",
 )
-@click.option("--rows-per-file", type=click.IntRange(min=50), default=1_500, show_default=True)
+@click.option(
+    "--rows-per-file",
+    type=click.IntRange(min=50),
+    default=6_000,
+    show_default=True,
+    help="Rows per mock bulk file (a DR3 file holds 64.7k on average; small files add "
+    "per-file costs).",
+)
 @click.option(
     "--workdir",
     type=click.Path(file_okay=False),
