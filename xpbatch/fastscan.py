@@ -10,14 +10,16 @@ what it accepts it converts exactly as the general reader does (checked by tests
 
 * a number becomes float32(float64(text)), the general reader's double rounding. The scanner
   computes x = m * 10**e in float64 (m: the first 18 significant digits, the rest truncated)
-  with at most seven roundings, so within 2**-50 of the decimal value, and keeps float32(x) only
+  with at most seven roundings (m, three powers of ten, three products), so within 2**-50 of
+  the decimal value, and keeps float32(x) only
   when the interval x * (1 +- 2**-47), which holds both the decimal value and its float64,
   rounds to one float32. Otherwise (a value within 2**-47 of a float32 rounding midpoint: about
   one in several million, never for DR3's float32 errors) it gives up, as it does outside
   float32's normal range.
 * ``null``, ``NULL``, ``nan``, ``NaN`` and an empty field mean missing (NaN for floats, the
   column's missing value for integers), as pyarrow's ``null_values`` in the general reader;
-  inside arrays ``inf``/``Infinity`` (any case, signed) are infinities, like pyarrow's parser.
+  inside arrays ``inf``/``Infinity`` (any case, signed, spaces around) are infinities, like
+  pyarrow's parser. An empty array value gives up.
 * integers are ``-?[0-9]+`` (what ``pyarrow.compute.cast`` accepts); float scalars take no
   spaces; array values may have spaces around them (the archive's ``"(1.0, 2.0)"``).
 """
@@ -39,7 +41,7 @@ _NEG_POW10 = np.array([float(f"1e-{k}") for k in range(23)])  # correctly rounde
 _FLOAT32_MIN_NORMAL = float(np.finfo(np.float32).tiny)
 _FLOAT32_MAX = float(np.finfo(np.float32).max)
 _INFINITY = np.frombuffer(b"infinity", dtype=np.uint8)
-_MARGIN = 2.0**-47  # covers float64(m), the power of ten and the products (<= 6 roundings)
+_MARGIN = 2.0**-47  # 64 float64 ulps: covers the <= 7 roundings of x and the general reader's one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,17 +193,16 @@ def _to_float32(mantissa: int, exp10: int, negative: bool) -> tuple[np.float32, 
     """float32(float64(mantissa * 10**exp10)) when provably that; (0, False) otherwise."""
     if mantissa == 0:
         return np.float32(-0.0 if negative else 0.0), True
-    if exp10 > 44 or exp10 < -44:
+    if exp10 > 66 or exp10 < -66:  # beyond float32 whatever the 18 digits are
         return np.float32(0.0), False
     x = np.float64(mantissa)
-    if exp10 > 22:
-        x = x * 1e22 * _POW10[exp10 - 22]
-    elif exp10 >= 0:
-        x = x * _POW10[exp10]
-    elif exp10 >= -22:
-        x = x * _NEG_POW10[-exp10]
-    else:
-        x = x * 1e-22 * _NEG_POW10[-exp10 - 22]
+    while exp10 > 22:
+        x *= 1e22
+        exp10 -= 22
+    while exp10 < -22:
+        x *= 1e-22
+        exp10 += 22
+    x = x * _POW10[exp10] if exp10 >= 0 else x * _NEG_POW10[-exp10]
     if not (_FLOAT32_MIN_NORMAL <= x <= _FLOAT32_MAX):
         return np.float32(0.0), False
     slack = x * _MARGIN
@@ -273,7 +274,7 @@ def _parse_number(buf: np.ndarray, start: int, stop: int) -> tuple[np.float32, i
             exponent = min(exponent * 10 + (buf[i] - 48), 100_000)
             exp_digits += 1
             i += 1
-        if exp_digits == 0:
+        if exp_digits == 0 or exponent == 100_000:  # clamped: leave it to the general reader
             return np.float32(0.0), -1
         exp10 += -exponent if exp_negative else exponent
     value, ok = _to_float32(mantissa, exp10, negative)
@@ -282,9 +283,14 @@ def _parse_number(buf: np.ndarray, start: int, stop: int) -> tuple[np.float32, i
 
 @numba.njit(cache=True, nogil=True)
 def _parse_special(buf: np.ndarray, start: int, stop: int) -> tuple[np.float32, bool]:
-    """A non-numeric array value (spaces trimmed): a null token (NaN) or a signed infinity."""
-    if _is_null(buf, start, stop):
+    """A non-numeric array value: a null token, exactly (NaN: pyarrow's null_values match whole
+    untrimmed tokens), or a signed infinity with spaces around it."""
+    if start < stop and _is_null(buf, start, stop):
         return np.float32(np.nan), True
+    while start < stop and buf[start] == _SPACE:
+        start += 1
+    while stop > start and buf[stop - 1] == _SPACE:
+        stop -= 1
     negative = start < stop and buf[start] == 45
     if start < stop and (buf[start] == 45 or buf[start] == 43):
         start += 1
@@ -319,10 +325,6 @@ def _parse_array(
     buf: np.ndarray, start: int, stop: int, out: np.ndarray, offset: int, width: int
 ) -> bool:
     """'[a,b,...]' or '(a, b, ...)' of exactly ``width`` values into out[offset:offset+width]."""
-    while start < stop and buf[start] == _SPACE:
-        start += 1
-    while stop > start and buf[stop - 1] == _SPACE:
-        stop -= 1
     if stop - start < 2:
         return False
     first, last = buf[start], buf[stop - 1]
@@ -331,19 +333,15 @@ def _parse_array(
     i = start + 1
     end = stop - 1
     for count in range(width):
+        token_start = i
         while i < end and buf[i] == _SPACE:
             i += 1
         value, after = _parse_number(buf, i, end)
         if after < 0:  # not a plain number: a null token or an infinity, or give up
-            after = i
+            after = token_start
             while after < end and buf[after] != _COMMA:
                 after += 1
-            token_end = after
-            while token_end > i and buf[token_end - 1] == _SPACE:
-                token_end -= 1
-            if token_end == i:
-                return False  # an empty value
-            value, ok = _parse_special(buf, i, token_end)
+            value, ok = _parse_special(buf, token_start, after)
             if not ok:
                 return False
         out[offset + count] = value
