@@ -88,9 +88,10 @@ _BLOCK_BYTES = 1 << 26  # pyarrow reads 64 MB of text per batch: ~1700 bulk rows
 # is scanned, and gzip itself runs 25% slower into 64 MB buffers (measured, isal).
 _SCAN_BLOCK_BYTES = 1 << 22
 _NULLS = ["", "null", "NULL", "nan", "NaN"]
-_INT = r"[-+]?\d+"
 _FLOAT = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)"
-_ARRAY_CELL = re.compile(rf"^[\[(]\s*(({_FLOAT}|null)\s*(,\s*({_FLOAT}|null)\s*)*)?[\])]$", re.I)
+# An array value: a number (spaces allowed around it), or one of pyarrow's null tokens exactly.
+_ARRAY_VALUE = rf"(\s*({_FLOAT})\s*|(?-i:null|NULL))"
+_ARRAY_CELL = re.compile(rf"^[\[(]({_ARRAY_VALUE}(,{_ARRAY_VALUE})*)?[\])]$", re.I)
 
 
 # --- reading text files -----------------------------------------------------------------------
@@ -478,6 +479,8 @@ class _FastLayout:
         for name in self.scalars:
             dtype = np.dtype(schema.DR3_SCALARS[name][0])
             if name in integer:
+                if not _fits(integer[name], dtype).all():
+                    return None
                 out[name] = integer[name].astype(dtype)
             else:
                 out[name] = block.floats[:, self.floats.index(name)].astype(dtype)
@@ -619,13 +622,24 @@ def _numbers(
     try:
         return pc.cast(column, dtype)
     except pa.ArrowInvalid:
-        pattern = _INT if pa.types.is_integer(dtype) else _FLOAT
-        ok = pc.match_substring_regex(column, f"^\\s*({pattern})\\s*$", ignore_case=True)
-        bad = np.flatnonzero(~pc.fill_null(ok, True).to_numpy(zero_copy_only=False))
+        # Only on bad input: find the offending tokens one by one, with pyarrow's own rules.
         values = column.to_pylist()
-        problems.add(bad + row0, lambda r: f"{name} is not a number: {values[r - row0]!r}")
-        cleaned = pc.if_else(pc.fill_null(ok, True), column, pa.scalar(None, pa.string()))
-        return pc.cast(cleaned, dtype)
+        bad = [i for i, v in enumerate(values) if v is not None and not _castable(v, dtype)]
+        problems.add(
+            np.array(bad, dtype=np.int64) + row0,
+            lambda r: f"{name} is not a number: {values[r - row0]!r}",
+        )
+        keep = np.ones(len(values), dtype=bool)
+        keep[bad] = False
+        return pc.cast(pc.if_else(pa.array(keep), column, pa.scalar(None, pa.string())), dtype)
+
+
+def _castable(text: str, dtype: pa.DataType) -> bool:
+    try:
+        pc.cast(pa.array([text]), dtype)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def _int_values(column: pa.Array, missing: int) -> np.ndarray:
@@ -772,7 +786,7 @@ def _rows_with_bad_tokens(column: pa.StringArray, good: np.ndarray) -> np.ndarra
 def _bad_token_reason(column: pa.StringArray, row: int, name: str) -> str:
     cell = str(column[row].as_py())
     for token in cell.strip("[]()").split(","):
-        if not re.fullmatch(rf"\s*({_FLOAT}|null)\s*", token, re.I):
+        if not re.fullmatch(_ARRAY_VALUE, token, re.I):
             return f"{name} holds {token.strip()!r}, which is not a number"
     return f"{name} is not a valid array"  # pragma: no cover
 
@@ -908,14 +922,14 @@ def _parse_xp_batch(
             (f"{band}_coefficient_errors", errors),
         ):
             cells = _array_cells(_string_column(batch, name), expected, width, name, problems, row0)
-            sink.append(cells.astype(np.float32))
+            sink.append(_to_float32(cells))
         if with_correlations:
             name = schema.correlations_name(band)
             n_corr = np.where(expected >= 0, expected * (expected - 1) // 2, -1)
             cells = _array_cells(
                 _string_column(batch, name), n_corr, n_correlations(width), name, problems, row0
             )
-            out[name] = cells.astype(np.float32)
+            out[name] = _to_float32(cells)
     out[schema.COEFFICIENTS] = np.hstack(coefficients)  # (rows, 110): BP then RP
     out[schema.COEFFICIENT_ERRORS] = np.hstack(errors)
     for name in scalars:
@@ -923,10 +937,26 @@ def _parse_xp_batch(
         arrow_type = pa.int64() if dtype.kind == "i" else pa.float64()
         values = _numbers(_string_column(batch, name), arrow_type, name, problems, row0)
         if dtype.kind == "i":
-            out[name] = _int_values(values, INT_MISSING).astype(dtype)
+            integers = _int_values(values, INT_MISSING)
+            for row in np.flatnonzero(~_fits(integers, dtype)).tolist():  # bad input only
+                reason = f"{name} = {integers[row]} does not fit {dtype}"
+                problems.add(np.array([row0 + row]), reason)
+            out[name] = integers.astype(dtype)
         else:
-            out[name] = pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False).astype(dtype)
+            out[name] = _to_float32(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False))
     return out
+
+
+def _fits(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Which integers ``dtype`` can hold (DR3's int16 columns: a larger value is malformed)."""
+    limits = np.iinfo(dtype)
+    return (values >= limits.min) & (values <= limits.max)
+
+
+def _to_float32(values: np.ndarray) -> np.ndarray:
+    """float32 of float64 values; one beyond float32's range becomes inf (flagged downstream)."""
+    with np.errstate(over="ignore"):
+        return values.astype(np.float32)
 
 
 # --- gaia_source ------------------------------------------------------------------------------
