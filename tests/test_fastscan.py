@@ -17,7 +17,6 @@ from hypothesis import strategies as st
 
 from xpbatch import fastscan, ingest, schema
 from xpbatch.config import MockConfig
-from xpbatch.errors import ParseError
 from xpbatch.mock import write_mock_dr3_bulk
 from xpbatch.store import n_correlations
 
@@ -148,13 +147,6 @@ _BELOW_2_21 = 6.3
             "float64-repr",
             (-30, 30),
             id="float64-repr-down-to-1e-30",
-            marks=pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="_to_float32 gives up at a decimal exponent below -44, so every "
-                "16-17 digit number below ~1e-28 (2% of this range), although float32 is "
-                "normal down to 1.2e-38",
-            ),
         ),
     ],
 )
@@ -243,12 +235,6 @@ def test_near_a_float32_rounding_midpoint_the_scanner_gives_up_or_rounds_twice(
         pytest.param(
             "0." + "0" * 100_000 + "1e100001",
             id="exponent-beyond-the-clamp",
-            marks=pytest.mark.xfail(
-                raises=AssertionError,
-                strict=True,
-                reason="fastscan._parse_number clamps the exponent at 100000 but counts all "
-                "fraction zeros: 10**-100001 * 10**100001 is read as 0.1, not 1.0",
-            ),
         ),
     ],
 )
@@ -397,20 +383,6 @@ _NON_FINITE = {0: "Infinity", 1: "-Infinity", 2: "inf", 3: "-INF", 4: "+inf", 5:
 _NON_FINITE |= {6: "nan", 7: "null", 8: "NULL", 9: "iNfInItY"}
 _SHAPES = {0: "+1.5", 1: "1.", 2: ".5", 3: "1.e5", 4: "007.5", 5: "1E-3", 6: "-2.5E+02"}
 _SHAPES |= {7: "1234567890123456789012345e-20", 8: "0.000000000000000000000012345", 9: "-.5"}
-_SPACES_OUTSIDE = pytest.mark.xfail(
-    raises=ParseError,
-    strict=True,
-    reason="the scanner trims spaces around the brackets; the general reader's _check_cells "
-    "calls such a cell 'not an array like [1.0,2.0,...]' (a bad row)",
-)
-_NULL_WITH_SPACES = pytest.mark.xfail(
-    raises=ParseError,
-    strict=True,
-    reason="the scanner reads ' null' / 'NULL ' inside an array as NaN; the general reader's "
-    "pyarrow null_values match untrimmed tokens only, so it raises ParseError '... holds a "
-    "value pyarrow cannot parse'",
-)
-
 _WELL_FORMED_ROWS = [
     pytest.param({}, "\n", id="plain"),
     pytest.param({"bp_coefficients": _archive(_COEFFICIENTS)}, "\n", id="archive-parentheses"),
@@ -463,18 +435,6 @@ _WELL_FORMED_ROWS = [
     ),
     pytest.param({}, "\r\n", id="crlf"),
     pytest.param({"rp_relative_shrinking": '""'}, "\r\n", id="crlf-after-a-quoted-cell"),
-    pytest.param(
-        {"rp_coefficients": '" ' + _json(_COEFFICIENTS)[1:-1] + ' "'},
-        "\n",
-        id="spaces-outside-brackets",
-        marks=_SPACES_OUTSIDE,
-    ),
-    pytest.param(
-        {"bp_coefficients": _archive(_with(_COEFFICIENTS, {3: "null", 4: "NULL "}))},
-        "\n",
-        id="null-token-with-spaces",
-        marks=_NULL_WITH_SPACES,
-    ),
 ]
 
 
@@ -494,6 +454,44 @@ def test_well_formed_rows_read_the_same_through_the_fast_path(
     fast = _parse(path, with_correlations=with_correlations)
     assert fast_blocks == [True]
     _assert_identical(fast, _parse(path, with_correlations=with_correlations, general=True))
+
+
+# Rows the scanner must leave to the general reader: (cells, bad rows the general reader records).
+_LEFT_TO_THE_GENERAL_READER = [
+    pytest.param(
+        {"rp_coefficients": '" ' + _json(_COEFFICIENTS)[1:-1] + ' "'},
+        1,
+        id="spaces-outside-brackets",
+    ),
+    pytest.param(
+        {"bp_coefficients": _archive(_with(_COEFFICIENTS, {3: "null", 4: "NULL "}))},
+        1,
+        id="null-token-with-spaces",
+    ),
+    pytest.param({"bp_n_measurements": "+5"}, 1, id="integer-with-plus"),
+    pytest.param({"bp_n_measurements": " 5"}, 1, id="integer-with-space"),
+    pytest.param({"bp_n_measurements": "99999999999999999999"}, 1, id="integer-beyond-int64"),
+    pytest.param({"bp_n_measurements": "70000"}, 1, id="integer-beyond-int16"),
+    pytest.param({"rp_chi_squared": " 1.5"}, 1, id="float-with-space"),
+    pytest.param({"rp_chi_squared": "1e39"}, 0, id="float-beyond-float32"),
+    pytest.param({"bp_coefficients": _json(_with(_COEFFICIENTS, {0: "1e39"}))}, 0, id="array-1e39"),
+]
+
+
+@pytest.mark.parametrize(("cells", "n_bad"), _LEFT_TO_THE_GENERAL_READER)
+def test_rows_left_to_the_general_reader_read_as_without_the_scanner(
+    tmp_path: Path, fast_blocks: list[bool], cells: dict[str, str], n_bad: int
+) -> None:
+    """The scanner gives up; the general reader records the bad row (or reads the odd value)
+    with a clear reason, exactly as it does without the scanner."""
+    lines = [_xp_line(11, {}), _xp_line(12, cells), _xp_line(13, {})]
+    path = tmp_path / "xp.csv"
+    path.write_bytes("\n".join([",".join(COLUMNS), *lines, ""]).encode())
+    fast = _parse(path, with_correlations=False, on_bad_row="skip")
+    assert fast_blocks == [False]
+    _assert_identical(fast, _parse(path, with_correlations=False, general=True, on_bad_row="skip"))
+    assert [(b.line, bool(b.reason)) for b in fast.bad_rows] == [(3, True)] * n_bad
+    assert len(fast.source_id) == 3 - n_bad
 
 
 def test_columns_not_asked_for_are_not_read(tmp_path: Path, fast_blocks: list[bool]) -> None:
