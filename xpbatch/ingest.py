@@ -869,7 +869,8 @@ def parse_xp_file(
     columns = _concat(pieces)
     keep = np.ones(row0, dtype=bool)
     keep[list(problems.rows)] = False
-    columns = {k: v[keep] for k, v in columns.items()}
+    if not keep.all():
+        columns = {k: v[keep] for k, v in columns.items()}
     return ParsedFile(
         path=path,
         source_id=columns.pop(schema.SOURCE_ID),
@@ -1178,28 +1179,33 @@ def ingest_file(task: FileTask) -> PartInfo:
 
 def _sorted_part_columns(parsed: ParsedFile, gaia: GaiaSourceTable) -> dict[str, np.ndarray]:
     order, repeats = source_id_order(parsed.source_id)
-    sid = parsed.source_id[order]
+    in_order = bool(np.all(order[1:] > order[:-1]))  # DR3 files are sorted: then copy nothing
+
+    def sort(values: np.ndarray) -> np.ndarray:
+        return values if in_order else values[order]
+
+    sid = sort(parsed.source_id)
     if repeats.size:
-        lines = parsed.line[order]
+        lines = sort(parsed.line)
         i = repeats[0] - 1
         raise ParseError(
             f"{parsed.path}: source_id {int(sid[i])} appears twice (lines {int(lines[i])} and "
             f"{int(lines[i + 1])}); every source must be listed once. Remove the duplicate row."
         )
     flux, from_mag = join_g_flux(sid, gaia)
-    coefficients = parsed.coefficients[order]
-    errors = parsed.coefficient_errors[order]
+    coefficients = sort(parsed.coefficients)
+    errors = sort(parsed.coefficient_errors)
     columns = {
         schema.SOURCE_ID: sid,
-        "line": parsed.line[order],
+        "line": sort(parsed.line),
         schema.COEFFICIENTS: coefficients,
         schema.COEFFICIENT_ERRORS: errors,
         schema.PHOT_G_MEAN_FLUX: flux,
         schema.INPUT_FLAGS: compute_input_flags(coefficients, errors, flux, flux_from_mag=from_mag),
-        **{name: values[order] for name, values in parsed.scalars.items()},
+        **{name: sort(values) for name, values in parsed.scalars.items()},
     }
     for band, values in (parsed.correlations or {}).items():
-        columns[schema.correlations_name(band)] = values[order]
+        columns[schema.correlations_name(band)] = sort(values)
     return columns
 
 
