@@ -663,17 +663,25 @@ def bench_group() -> None:
 @click.option(
     "--rows",
     type=click.IntRange(min=100),
-    default=24_000,
+    default=48_000,
     show_default=True,
     help="Mock sources to generate (dr3-bulk files, cached in --workdir).",
 )
 @click.option(
     "--rows-per-file",
     type=click.IntRange(min=50),
-    default=6_000,
+    default=12_000,
     show_default=True,
     help="Rows per mock bulk file (a DR3 file holds 64.7k on average; small files add "
     "per-file costs).",
+)
+@click.option(
+    "--rounds",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Repeat every measurement, in turn with the others, and keep the best (a shared "
+    "machine's speed varies).",
 )
 @click.option(
     "--workdir",
@@ -682,7 +690,9 @@ def bench_group() -> None:
     help="Where to keep the mock files between runs [default: a temporary directory].",
 )
 @cluster_options
-def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **kwargs: Any) -> None:
+def bench_ingest_command(
+    rows: int, rows_per_file: int, rounds: int, workdir: str | None, **kwargs: Any
+) -> None:
     """Ingest rows/s per core against a plain pandas + np.fromstring reader, and the DR3 time."""
     from xpbatch.benchmarks.ingest import run_ingest_benchmark
     from xpbatch.cluster import connect
@@ -690,7 +700,12 @@ def bench_ingest_command(rows: int, rows_per_file: int, workdir: str | None, **k
     cluster = cluster_config(kwargs)
     with connect(cluster) as client:
         result = run_ingest_benchmark(
-            rows, rows_per_file=rows_per_file, workdir=workdir, client=client, echo=click.echo
+            rows,
+            rows_per_file=rows_per_file,
+            rounds=rounds,
+            workdir=workdir,
+            client=client,
+            echo=click.echo,
         )
     click.echo(result.report())
 
