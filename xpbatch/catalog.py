@@ -52,6 +52,7 @@ from xpbatch.errors import (
     ResumeRefusedError,
     StoreNotFoundError,
 )
+from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
 
 if TYPE_CHECKING:
@@ -59,7 +60,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 RECORDS_GROUP = "_xpbatch"
 RECORDS_ARRAY = "chunk_records"

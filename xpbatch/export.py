@@ -58,6 +58,7 @@ from xpbatch.partitions import (
     file_name,
     read_partition_ranges,
 )
+from xpbatch.paths import PathLike
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -65,7 +66,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 FILE_PREFIX = "XpLatent"
 MANIFEST_NAME = "_xpbatch_export.json"

@@ -20,6 +20,7 @@ import numpy as np
 
 from xpbatch import catalog, schema
 from xpbatch.errors import StoreError, StoreNotFoundError
+from xpbatch.paths import PathLike
 
 if TYPE_CHECKING:
     import zarr
@@ -27,7 +28,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 Kind = Literal["store", "catalog", "model"]
-PathLike = str | os.PathLike[str]
 
 _MAX_ATTR_CHARS = 120
 """Longer attribute values (lists of input files, per-chunk ranges) are shown summarised."""

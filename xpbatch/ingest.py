@@ -47,6 +47,7 @@ from xpbatch import __version__, schema
 from xpbatch.config import IngestConfig
 from xpbatch.errors import ChecksumError, ConfigError, ParseError
 from xpbatch.partitions import range_of_file_name, ranges_from_file_names
+from xpbatch.paths import PathLike
 from xpbatch.store import (
     INT_MISSING,
     XPStoreWriter,
@@ -73,7 +74,6 @@ except ImportError:  # pragma: no cover - the plain zlib path is exercised where
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 
 XP_NAME = re.compile(r"^XpContinuousMeanSpectrum_(\d+-\d+)\.", re.IGNORECASE)
 GAIA_SOURCE_NAME = re.compile(r"^GaiaSource_(\d+-\d+)\.", re.IGNORECASE)

@@ -21,8 +21,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from xpbatch.errors import ConfigError
-
-PathLike = str | os.PathLike[str]
+from xpbatch.paths import PathLike
 
 HEALPIX_LEVEL = 8
 HEALPIX_SHIFT = 43

@@ -24,7 +24,6 @@ import collections
 import contextlib
 import dataclasses
 import logging
-import os
 import shlex
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 from xpbatch.errors import ChunkError, ClusterError, ConfigError, ModelMismatchError
+from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
 
 if TYPE_CHECKING:
@@ -54,7 +54,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-PathLike = str | os.PathLike[str]
 T = TypeVar("T")
 R = TypeVar("R")
 

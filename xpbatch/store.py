@@ -30,6 +30,7 @@ import datetime
 import hashlib
 import json
 import logging
+import os
 import shutil
 import uuid
 import warnings
@@ -44,6 +45,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError, StoreNotFoundError
+from xpbatch.paths import PathLike
 from xpbatch.schema import InputFlag
 
 if TYPE_CHECKING:
@@ -61,8 +63,6 @@ SOURCE_ID_FILL = -1
 """Fill value of ``source_id``: a chunk still holding it was never written."""
 INT_MISSING = -1
 """Value of DR3 integer scalars where the band is missing."""
-
-PathLike = str | Path
 
 
 def default_compressors() -> tuple[Any, ...]:
@@ -826,7 +826,7 @@ def store_id(ds_or_path: xr.Dataset | PathLike) -> str:
     A hash of the store's creation uuid, row count and per-chunk source_id ranges, computed once
     by :meth:`XPStoreWriter.finalize`; two different stores never share it.
     """
-    if isinstance(ds_or_path, str | Path):
+    if isinstance(ds_or_path, str | os.PathLike):
         attrs: dict[str, Any] = _open_group(Path(ds_or_path)).attrs.asdict()
         where = str(ds_or_path)
     else:
