@@ -30,6 +30,7 @@ from xpbatch import __version__
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
 from xpbatch.model import ScatterVAE
+from xpbatch.paths import atomic_path
 from xpbatch.trained import Normalisation, TrainedModel
 
 FORMAT_NAME = "xpbatch-model"
@@ -118,9 +119,8 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
         "content_sha256": content_hash,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     model.content_hash = content_hash
     return content_hash
 

@@ -40,8 +40,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,7 +56,7 @@ from xpbatch.partitions import (
     file_name,
     read_partition_ranges,
 )
-from xpbatch.paths import PathLike
+from xpbatch.paths import TMP_MARK, PathLike, atomic_path
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -72,7 +70,6 @@ MANIFEST_NAME = "_xpbatch_export.json"
 MANIFEST_FORMAT = "xpbatch-parquet-export"
 MANIFEST_VERSION = 1
 HEALPIX_COLUMN = "healpix_8"
-_TMP_MARK = ".tmp-"
 
 
 _NO_PARTITIONS = (
@@ -248,12 +245,8 @@ def _write_partition(
     import pyarrow.parquet as pq
 
     table = _table(source, rows, arrow_schema)
-    tmp = path.with_name(f".{path.name}{_TMP_MARK}{uuid.uuid4().hex}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path.name, table.num_rows
 
 
@@ -276,9 +269,8 @@ def _fingerprint(value: Any) -> str:
 
 
 def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    tmp = out / f"{MANIFEST_NAME}{_TMP_MARK}{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    os.replace(tmp, out / MANIFEST_NAME)
+    with atomic_path(out / MANIFEST_NAME) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
 def _prepare_output(
@@ -290,7 +282,7 @@ def _prepare_output(
         raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_NAME
-    ours = sorted(out.glob(f"{FILE_PREFIX}_*.parquet")) + sorted(out.glob(f".*{_TMP_MARK}*"))
+    ours = sorted(out.glob(f"{FILE_PREFIX}_*.parquet")) + sorted(out.glob(f".*{TMP_MARK}*"))
     if not manifest_path.exists():
         others = [p.name for p in out.iterdir() if p not in ours]
         if others or ours:
@@ -306,7 +298,7 @@ def _prepare_output(
     same_catalog = previous.get("catalog_fingerprint") == fingerprint
     same_partitions = previous.get("partitions_fingerprint") == partitions_fingerprint
     if same_catalog and same_partitions and not overwrite:
-        for tmp in out.glob(f".*{_TMP_MARK}*"):  # left by a killed run
+        for tmp in out.glob(f".*{TMP_MARK}*"):  # left by a killed run
             tmp.unlink(missing_ok=True)
         return
     if not overwrite:

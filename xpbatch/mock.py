@@ -47,6 +47,7 @@ from xpbatch import __version__, schema
 from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.errors import ConfigError, InputShapeError, OutputExistsError, StoreNotFoundError
 from xpbatch.partitions import HEALPIX_LEVEL, HEALPIX_SHIFT, N_PIXELS, file_name
+from xpbatch.paths import atomic_path
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, N_RP
 from xpbatch.store import DEFAULT_CHUNK_ROWS, INT_MISSING, XPStoreWriter
 
@@ -1405,7 +1406,6 @@ def write_mock_dr3_bulk(
             labels.write_table(table)
     labels.close()
     manifest = "".join(f"{md5}  {name}\n" for name, md5 in sorted(checksums.items()))
-    partial = out_dir / (MD5SUM_FILE + ".partial")
-    partial.write_text(manifest)
-    os.replace(partial, out_dir / MD5SUM_FILE)
+    with atomic_path(out_dir / MD5SUM_FILE) as tmp:
+        tmp.write_text(manifest)
     return [out_dir / file.xp_name for file in plan]

@@ -5,7 +5,42 @@ Standard library only, so that any module (the CLI included) can import it for f
 
 from __future__ import annotations
 
+import contextlib
 import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 PathLike = str | os.PathLike[str]
 """A path as callers pass it: a string or any ``os.PathLike`` (``pathlib.Path``)."""
+
+TMP_MARK = ".tmp-"
+"""In the name of every temporary file :func:`atomic_path` makes, ``.<name>.tmp-<random>``, so
+that code cleaning up after a killed run can recognise them (``.*.tmp-*``)."""
+
+
+@contextlib.contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, rename it onto ``path``.
+
+    A reader never sees a half-written file: ``path`` holds either its old content or the
+    whole new one (``os.replace`` is atomic within a directory). If the block raises, the
+    temporary file is removed and ``path`` is untouched. The temporary name is hidden (leading
+    dot) and random, so concurrent writers of the same ``path`` do not collide.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "out.txt"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_text("whole")
+    >>> target.read_text()
+    'whole'
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}{TMP_MARK}{uuid.uuid4().hex}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

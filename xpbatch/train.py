@@ -39,6 +39,7 @@ from xpbatch.artifact import runtime_versions, save_model
 from xpbatch.config import TrainConfig
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
 from xpbatch.model import ScatterVAE, VAEOutput, scatter_vae_loss
+from xpbatch.paths import atomic_path
 from xpbatch.store import open_xp_store, store_id
 from xpbatch.train_data import (
     Batch,
@@ -481,9 +482,8 @@ class _Snapshot:
             "state": json.dumps(self.meta),
             "run": json.dumps(extra),
         }
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
     @classmethod
     def read(cls, path: Path) -> tuple[_Snapshot, dict[str, Any]]:
