@@ -9,40 +9,36 @@ import pytest
 from xpbatch.paths import TMP_MARK, atomic_path
 
 
-@pytest.mark.parametrize(
-    "old",
-    [pytest.param(None, id="new-file"), pytest.param("old", id="replaces-existing")],
-)
-def test_success_publishes_the_whole_file_and_leaves_no_temporary(
-    tmp_path: Path, old: str | None
-) -> None:
-    target = tmp_path / "out.json"
-    if old is not None:
-        target.write_text(old)
+def _content(path: Path) -> str | None:
+    return path.read_text() if path.exists() else None
+
+
+@pytest.fixture(params=[None, "old"], ids=["new-file", "existing-file"])
+def target(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """``out.json`` in an empty directory, absent or holding "old"."""
+    path = tmp_path / "out.json"
+    if request.param is not None:
+        path.write_text(request.param)
+    return path
+
+
+def test_success_publishes_the_whole_file_and_leaves_no_temporary(target: Path) -> None:
+    old = _content(target)
     with atomic_path(str(target)) as tmp:
-        assert tmp.parent == tmp_path and tmp.name.startswith(f".out.json{TMP_MARK}")
+        assert tmp.parent == target.parent and tmp.name.startswith(f".out.json{TMP_MARK}")
         tmp.write_text("whole")
-        # until the block ends, the target is untouched
-        assert (target.read_text() if target.exists() else None) == old
+        assert _content(target) == old  # untouched until the block ends
     assert target.read_text() == "whole"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]
+    assert [p.name for p in target.parent.iterdir()] == ["out.json"]
 
 
-@pytest.mark.parametrize(
-    "old",
-    [pytest.param(None, id="new-file"), pytest.param("old", id="keeps-existing")],
-)
-def test_failure_removes_the_temporary_and_keeps_the_target(
-    tmp_path: Path, old: str | None
-) -> None:
-    target = tmp_path / "out.json"
-    if old is not None:
-        target.write_text(old)
+def test_failure_removes_the_temporary_and_keeps_the_target(target: Path) -> None:
+    old = _content(target)
     with pytest.raises(RuntimeError, match="writer died"), atomic_path(target) as tmp:
         tmp.write_text("half")
         raise RuntimeError("writer died")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if old is None else ["out.json"])
-    assert old is None or target.read_text() == old
+    assert _content(target) == old
+    assert [p.name for p in target.parent.iterdir()] == ([] if old is None else ["out.json"])
 
 
 def test_a_killed_writers_temporary_is_recognisable(tmp_path: Path) -> None:
