@@ -382,6 +382,7 @@ def _blank_unbalanced_lines(
 
 def _parse_blocks(
     text: _TextFile,
+    wanted: Sequence[str],
     scalars: Sequence[str],
     with_correlations: bool,
     problems: _Problems,
@@ -391,7 +392,6 @@ def _parse_blocks(
     The compiled scanner (:mod:`xpbatch.fastscan`) reads well-formed blocks; a block it gives up
     on is read by the general pyarrow reader, which also explains any malformed row.
     """
-    wanted = _xp_columns(scalars, with_correlations)
     fast = _FastLayout.of(text.columns, scalars, with_correlations)
     first_row = row0 = 0
     try:
@@ -417,8 +417,8 @@ def _parse_blocks(
 class _FastLayout:
     """How the compiled scanner lays out an XP file's columns, and how to unpack its output."""
 
-    layout: Any
-    """A :class:`xpbatch.fastscan.Layout`."""
+    layout: fastscan.Layout
+    """Where the scanner puts each column."""
     integers: list[str]
     """Names of the scanner's integer slots: source_id, both n_parameters, integer scalars."""
     floats: list[str]
@@ -854,7 +854,7 @@ def parse_xp_file(
         problems = _Problems(path, _LineMap(text.first_line))
         pieces: list[dict[str, Any]] = []
         row0 = 0
-        for piece in _parse_blocks(text, scalars, with_correlations, problems):
+        for piece in _parse_blocks(text, wanted, scalars, with_correlations, problems):
             pieces.append(piece)
             row0 += len(piece[schema.SOURCE_ID])
             if on_bad_row == "error":
@@ -923,14 +923,14 @@ def _parse_xp_batch(
             (f"{band}_coefficient_errors", errors),
         ):
             cells = _array_cells(_string_column(batch, name), expected, width, name, problems, row0)
-            sink.append(_to_float32(cells))
+            sink.append(_as_float32(cells))
         if with_correlations:
             name = schema.correlations_name(band)
             n_corr = np.where(expected >= 0, expected * (expected - 1) // 2, -1)
             cells = _array_cells(
                 _string_column(batch, name), n_corr, n_correlations(width), name, problems, row0
             )
-            out[name] = _to_float32(cells)
+            out[name] = _as_float32(cells)
     out[schema.COEFFICIENTS] = np.hstack(coefficients)  # (rows, 110): BP then RP
     out[schema.COEFFICIENT_ERRORS] = np.hstack(errors)
     for name in scalars:
@@ -944,7 +944,7 @@ def _parse_xp_batch(
                 problems.add(np.array([row0 + row]), reason)
             out[name] = integers.astype(dtype)
         else:
-            out[name] = _to_float32(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False))
+            out[name] = _as_float32(pc.fill_null(values, np.nan).to_numpy(zero_copy_only=False))
     return out
 
 
@@ -954,7 +954,7 @@ def _fits(values: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return (values >= limits.min) & (values <= limits.max)
 
 
-def _to_float32(values: np.ndarray) -> np.ndarray:
+def _as_float32(values: np.ndarray) -> np.ndarray:
     """float32 of float64 values; one beyond float32's range becomes inf (flagged downstream)."""
     with np.errstate(over="ignore"):
         return values.astype(np.float32)
