@@ -7,8 +7,11 @@ Shared options are defined once (``cluster_options``) and their defaults come fr
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -32,7 +35,7 @@ from xpbatch.config import (
     from_mapping,
     read_toml,
 )
-from xpbatch.errors import XPBatchError
+from xpbatch.errors import ChunkError, ClusterError, XPBatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -91,15 +94,102 @@ def cluster_config(kwargs: dict[str, Any]) -> ClusterConfig:
     )
 
 
+def holds_output(command: str, output: str = "output") -> Callable[[F], F]:
+    """Add ``--break-lock`` and hold the output's lock (:mod:`xpbatch.outputs`) for the command.
+
+    Taken here, before a cluster starts, so a second run on the same output is refused at once;
+    the stage function's own hold is then free (nested in the same process).
+    """
+
+    def decorate(func: F) -> F:
+        @click.option(
+            "--break-lock",
+            is_flag=True,
+            help="Take over the output's lock from a run on another host that you checked is "
+            "gone (a dead run on this host is recognised by itself).",
+        )
+        @functools.wraps(func)
+        def wrapper(*args: Any, break_lock: bool, **kwargs: Any) -> Any:
+            if kwargs.get(output) is None:  # e.g. --demo picks its output itself
+                return func(*args, **kwargs)
+            from xpbatch.outputs import output_lock
+
+            with output_lock(kwargs[output], command=command, break_lock=break_lock):
+                return func(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+_RERUN = {
+    "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
+    "train": "rerun with --resume to continue from the last checkpoint",
+    "ingest": "rerun the same command to continue (finished files are reused)",
+    "export-parquet": "rerun the same command to continue (finished files are kept)",
+}
+"""What to do after a failure that a rerun recovers from, per command."""
+
+
 class _Group(click.Group):
-    """Turns xpbatch's own errors into a one-line message and exit code 2, not a traceback."""
+    """Turns every failure a user can cause into one message and an exit code, not a traceback.
+
+    xpbatch's own errors, Ctrl-C, the operating system's refusals (read-only or full disk,
+    permissions) and a lost Dask scheduler each end in one line saying what happened and, where
+    a rerun continues the work, how. ``-v`` also prints the traceback.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except XPBatchError as e:
-            click.secho(f"error: {e}", fg="red", err=True)
-            sys.exit(2)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except BaseException as e:
+            message, code = _failure_message(e, ctx.invoked_subcommand or "")
+            if message is None:
+                raise
+            if ctx.params.get("verbose"):
+                traceback.print_exc()
+            click.secho(f"error: {message}", fg="red", err=True)
+            sys.exit(code)
+
+
+def _failure_message(error: BaseException, command: str) -> tuple[str | None, int]:
+    """The one-line message and exit code of ``error``; (None, 0) to let it propagate."""
+    rerun = _RERUN.get(command)
+    then = f"; {rerun}" if rerun else ""
+    if isinstance(error, XPBatchError):
+        message = str(error)
+        if isinstance(error, ChunkError | ClusterError) and "rerun" not in message:
+            message += then  # a failed task or a lost cluster: a rerun continues
+        return message, 2
+    if isinstance(error, KeyboardInterrupt):
+        return f"interrupted (Ctrl-C){then}", 130
+    if isinstance(error, OSError) and error.errno in _OS_ERRORS:
+        where = f" ({error.filename})" if error.filename else ""
+        return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
+    if _is_lost_cluster(error):
+        return f"lost the Dask scheduler or its workers ({type(error).__name__}: {error}){then}", 1
+    return None, 0
+
+
+_OS_ERRORS = {
+    errno.EROFS: "cannot write: the filesystem is read-only",
+    errno.EACCES: "cannot write: permission denied",
+    errno.EPERM: "cannot write: operation not permitted",
+    errno.ENOSPC: "the disk is full",
+    errno.EDQUOT: "the disk quota is exceeded",
+    errno.EFBIG: "a file grew beyond the allowed size",
+}
+"""OS errors a user causes (and fixes), with what to say."""
+
+
+def _is_lost_cluster(error: BaseException) -> bool:
+    """A Dask communication failure: the scheduler or every worker went away mid-run."""
+    module = type(error).__module__ or ""
+    return module.startswith(("distributed", "tornado")) or (
+        isinstance(error, OSError | TimeoutError) and "scheduler" in str(error).lower()
+    )
 
 
 @click.group(cls=_Group)
@@ -143,6 +233,7 @@ def info_command(path: str, as_json: bool) -> None:
 
 
 @main.command("export-parquet")
+@holds_output("export-parquet")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
@@ -215,6 +306,7 @@ def _exit_on_sigterm() -> None:
 
 
 @main.command("encode-catalog")
+@holds_output("encode-catalog")
 @click.argument("store", type=click.Path(), required=False)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Catalogue to write.")
@@ -388,6 +480,7 @@ def train_options(func: F) -> F:
 
 
 @main.command("train")
+@holds_output("train")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o",
@@ -571,6 +664,7 @@ _INGEST_DEFAULTS = IngestConfig()
 
 
 @main.command("ingest")
+@holds_output("ingest")
 @click.argument("xp_files", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--gaia-source",

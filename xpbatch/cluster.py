@@ -12,11 +12,13 @@ import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
+from distributed import WorkerPlugin
+
 from xpbatch.config import CLUSTER_LOCAL_CUDA, ClusterConfig
 from xpbatch.errors import ClusterError
 
 if TYPE_CHECKING:
-    from distributed import Client
+    from distributed import Client, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +48,31 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
         threads_per_worker=config.threads_per_worker,
         memory_limit=config.memory_limit,
     )
+
+
+class WorkerLogLevel(WorkerPlugin):
+    """A worker plugin: the workers' ``distributed.worker`` logger at the application's level.
+
+    Without it each failed task prints a "Compute Failed" block with its traceback from the
+    worker process, even though the run retries it and reports the final error once (``-v``
+    shows them).
+    """
+
+    name = "xpbatch-worker-log-level"
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def setup(self, worker: Worker) -> None:
+        """Set the level in the worker's process."""
+        logging.getLogger("distributed.worker").setLevel(self.level)
+
+
+def quiet_workers(client: Client) -> None:
+    """Silence per-task failure logs on ``client``'s workers unless the application logs INFO."""
+    level = logging.getLogger().getEffectiveLevel()
+    plugin = WorkerLogLevel(logging.CRITICAL if level > logging.INFO else level)
+    client.register_plugin(plugin, name=WorkerLogLevel.name)
 
 
 def _quiet_distributed() -> None:
@@ -78,6 +105,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
                 "with `dask scheduler --scheduler-file FILE` first (see deploy/slurm/README.md)"
             )
         with Client(scheduler_file=config.scheduler_file) as client:
+            quiet_workers(client)
             yield client
         return
     if config.cluster is not None and config.cluster != CLUSTER_LOCAL_CUDA:
@@ -89,6 +117,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
                 "Is it running, and is the address/port right?"
             ) from e
         with client:
+            quiet_workers(client)
             yield client
         return
     if config.cluster == CLUSTER_LOCAL_CUDA:
@@ -104,4 +133,5 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         )
     with cluster, Client(cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
+        quiet_workers(client)
         yield client

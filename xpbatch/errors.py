@@ -65,3 +65,7 @@ class TrainingError(XPBatchError, RuntimeError):
 
 class ClusterError(XPBatchError, RuntimeError):
     """A Dask cluster could not be created or reached (e.g. dask-cuda or a GPU missing)."""
+
+
+class OutputLockedError(XPBatchError, RuntimeError):
+    """Another run holds the output's lock; the message names it (run id, host, pid, start)."""

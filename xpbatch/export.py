@@ -48,6 +48,7 @@ import numpy as np
 
 from xpbatch import __version__, schema
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
+from xpbatch.outputs import locked_output
 from xpbatch.partitions import (
     EXAMPLE_NAME,
     HEALPIX_LEVEL,
@@ -338,6 +339,7 @@ def _compute(tasks: list[Any], client: Any, n_threads: int | None) -> list[Any]:
     return list(dask.compute(*tasks, scheduler="threads", num_workers=n_threads))
 
 
+@locked_output("output_dir", "export-parquet")
 def export_parquet(
     catalog: PathLike,
     output_dir: PathLike,

@@ -127,6 +127,12 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     }
     if kind == "catalog":
         summary["chunks_recorded"] = _chunks_recorded(path)
+    elif summary["complete"]:
+        from xpbatch.store import chunk_file_problems
+
+        # A deleted chunk file reads as the fill value: a store missing one is not complete.
+        summary["damaged_chunks"] = chunk_file_problems(path, group)
+        summary["complete"] = not summary["damaged_chunks"]
     flags = arrays.get(flags_name)
     if flags is not None:
         summary["flags"] = {"variable": flags_name, "rows": _flag_counts(flags, flag_bits)}
@@ -257,7 +263,7 @@ def _format_zarr(s: dict[str, Any]) -> str:
         [
             ("rows", f"{s['rows']:,} in {s['n_chunks']:,} chunks of {s['chunk_rows']:,}"),
             ("on disk", f"{human_bytes(s['bytes_on_disk'])} ({human_bytes(uncompressed)} raw)"),
-            ("complete", "yes" if s["complete"] else "NO (still being written, or failed)"),
+            ("complete", _completeness(s)),
             *_progress_row(s),
             ("source_id", "-" if sid is None else f"{sid[0]} ... {sid[1]}"),
         ]
@@ -281,6 +287,17 @@ def _format_zarr(s: dict[str, Any]) -> str:
     lines.append("  attributes")
     lines += _rows([(k, _text(v)) for k, v in s["attributes"].items()], indent=4)
     return "\n".join(lines)
+
+
+def _completeness(s: dict[str, Any]) -> str:
+    damaged = s.get("damaged_chunks")
+    if damaged:
+        from xpbatch.store import DAMAGED_STORE_REMEDY, describe_chunk_problems
+
+        return f"NO, {len(damaged)} chunk file(s) damaged: {describe_chunk_problems(damaged)}; " + (
+            DAMAGED_STORE_REMEDY
+        )
+    return "yes" if s["complete"] else "NO (still being written, or failed)"
 
 
 def _progress_row(s: dict[str, Any]) -> list[tuple[str, str]]:

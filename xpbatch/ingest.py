@@ -46,6 +46,7 @@ import pyarrow.csv as pacsv
 from xpbatch import __version__, schema
 from xpbatch.config import IngestConfig
 from xpbatch.errors import ChecksumError, ConfigError, ParseError
+from xpbatch.outputs import locked_output
 from xpbatch.partitions import range_of_file_name, ranges_from_file_names
 from xpbatch.paths import PathLike
 from xpbatch.store import (
@@ -1398,6 +1399,7 @@ def _run(client: Client | None, func: Callable[..., Any], *iterables: Sequence[A
         client.cancel(futures)
 
 
+@locked_output("out", "ingest")
 def ingest_files(
     xp_files: Sequence[PathLike],
     gaia_source_files: Sequence[PathLike],

@@ -42,6 +42,7 @@ from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 from xpbatch.errors import ChunkError, ClusterError, ConfigError, ModelMismatchError
+from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
 
@@ -514,6 +515,7 @@ def _model_and_hash(model: TrainedModel | PathLike) -> tuple[TrainedModel, str, 
 
 
 # --- the stage ---------------------------------------------------------------------------------
+@locked_output("out", "encode-catalog")
 def encode_catalog(
     store: PathLike,
     model: TrainedModel | PathLike,

@@ -59,6 +59,11 @@ DEFAULT_CHUNK_ROWS = config.DEFAULT_CHUNK_ROWS
 MAX_CHUNK_ROWS = 1 << 20
 """Largest chunk a reader accepts (461 MB per float32 coefficient chunk)."""
 
+CHUNK_FILES = "_xpbatch/chunk_files"
+"""(chunk, variable) int64 array: the byte size of every chunk file, recorded by the writer of
+that chunk right after writing it (-1: never written). Readers check each file against it, so a
+chunk file deleted or truncated later is an error, never the fill value standing in for data.
+Its attribute ``variables`` names the columns."""
 SOURCE_ID_FILL = -1
 """Fill value of ``source_id``: a chunk still holding it was never written."""
 INT_MISSING = -1
@@ -327,6 +332,19 @@ class XPStoreWriter:
             attributes={"units": "1", "description": "coefficient label: band and order"},
         )
         labels[:] = np.array(schema.coeff_labels())
+        names = [spec.name for spec in writer._specs]
+        group.create_array(
+            CHUNK_FILES,
+            shape=(len(writer.chunk_slices()), len(names)),
+            chunks=(1, len(names)),  # one record per store chunk: written in one file rename
+            dtype="int64",
+            fill_value=-1,
+            attributes={
+                "variables": names,
+                "description": "bytes of each variable's chunk file, recorded when written",
+            },
+            config={"write_empty_chunks": True},
+        )
         writer._group = group
         logger.info("created store %s: %d rows in chunks of %d", writer.path, n_rows, chunk_rows)
         return writer
@@ -444,6 +462,20 @@ class XPStoreWriter:
         *variables, (source_id_array, source_id_values) = writes
         _write_together(variables, slice(start, start + n))
         source_id_array[start : start + n] = source_id_values
+        self._record_chunk_files(group, [array for array, _ in writes], start, n)
+
+    def _record_chunk_files(
+        self, group: zarr.Group, arrays: Sequence[zarr.Array], start: int, n: int
+    ) -> None:
+        """Record the size of each chunk file of rows ``start..start+n`` (after all are written)."""
+        records = group.get(CHUNK_FILES)
+        if not isinstance(records, zarr.Array):
+            return  # a store created before chunk records existed
+        records = records.with_config({"write_empty_chunks": True})
+        first = start // self.chunk_rows
+        for index in range(first, first + -(-n // self.chunk_rows)):
+            sizes = [os.stat(_chunk_file(self.path, a, index)).st_size for a in arrays]
+            records[index] = np.array(sizes, np.int64)
 
     def _named_extras(
         self,
@@ -480,6 +512,12 @@ class XPStoreWriter:
         """
         group = self._open()
         ranges = _chunk_ranges(_array(group, schema.SOURCE_ID), self.chunk_rows, self.path)
+        problems = chunk_file_problems(self.path, group)
+        if problems:
+            raise StoreError(
+                f"{self.path} cannot be finalized: {describe_chunk_problems(problems)}. The writer "
+                "of those chunks did not finish; rerun the command that builds this store."
+            )
         attrs: dict[str, Any] = group.attrs.asdict()
         fingerprint = json.dumps([attrs["store_uuid"], self.n_rows, ranges])
         group.attrs.update(
@@ -521,6 +559,78 @@ def _array(group: zarr.Group, name: str) -> zarr.Array:
     # write_empty_chunks is not stored in the metadata: set it on every open, so a chunk that
     # equals the fill value is still written and a missing chunk always means "never written".
     return node.with_config({"write_empty_chunks": True})
+
+
+def _chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
+    """The file of chunk ``index`` (along ``source``) of ``array`` in the store at ``path``."""
+    return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+
+
+MAX_LISTED_PROBLEMS = 10
+"""Chunk-file problems named one by one in a message; the rest are counted."""
+
+
+def chunk_file_problems(path: PathLike, group: zarr.Group | None = None) -> list[str]:
+    """Every chunk file of the store's variables that is missing or not the size recorded.
+
+    Uses the chunk records (:data:`CHUNK_FILES`) when the store has them; a store written before
+    them is checked for the existence of every chunk file. One ``stat`` per chunk file, no data
+    read: a 219M-row store of 25 variables costs about 84k stats.
+
+    Returns
+    -------
+    list[str]
+        One sentence per problem naming the variable, chunk, rows and file.
+    """
+    path = Path(path)
+    group = group if group is not None else _open_group(path)
+    record_node = group.get(CHUNK_FILES)
+    if isinstance(record_node, zarr.Array):
+        names = list(record_node.attrs.get("variables", []))
+        recorded = np.asarray(record_node[:])  # (chunk, variable)
+    else:
+        attrs = group.attrs.asdict()
+        specs = _variable_specs(attrs.get("scalars", []), bool(attrs.get("with_correlations")))
+        names, recorded = [spec.name for spec in specs], None
+    problems = []
+    for column, name in enumerate(names):
+        array = group.get(name)
+        if not isinstance(array, zarr.Array):
+            continue  # the schema check names missing variables
+        chunk_rows = array.chunks[0]
+        for index in range(-(-array.shape[0] // chunk_rows)):
+            file = _chunk_file(path, array, index)
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            expected = -1 if recorded is None or index >= len(recorded) else recorded[index, column]
+            where = (
+                f"{name} chunk {index} (rows {index * chunk_rows}.."
+                f"{min((index + 1) * chunk_rows, array.shape[0])}): file "
+                f"{file.relative_to(path)}"
+            )
+            if size < 0:
+                problems.append(f"{where} is missing")
+            elif recorded is not None and expected < 0:
+                problems.append(f"{where} was never recorded as written")
+            elif recorded is not None and size != expected:
+                problems.append(f"{where} has {size} bytes, {expected} were written")
+    return problems
+
+
+def describe_chunk_problems(problems: Sequence[str]) -> str:
+    """The first :data:`MAX_LISTED_PROBLEMS` chunk problems and how many more, in one sentence."""
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
+
+
+DAMAGED_STORE_REMEDY = (
+    "the store is damaged (a chunk file was deleted or cut short after it was written; Zarr "
+    "would read the fill value in its place): restore the file from a backup, or rebuild the "
+    "store with the `xpbatch ingest ... --overwrite` (or `xpbatch mock`) that made it"
+)
 
 
 def _chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
@@ -725,8 +835,8 @@ def _open_group(path: Path, *, use_consolidated: bool | None = None) -> zarr.Gro
         raise StoreError(f"{path} is not a Zarr v3 group ({e}); is it an XP store?") from e
 
 
-def _schema_problems(group: zarr.Group) -> list[str]:
-    """Every way in which ``group`` departs from the store schema (empty when it conforms)."""
+def _schema_problems(group: zarr.Group, path: Path) -> list[str]:
+    """Every way in which the store ``group`` at ``path`` departs from the schema (or is damaged)."""
     attrs: dict[str, Any] = group.attrs.asdict()
     version = attrs.get(schema.STORE_ATTR_SCHEMA_VERSION)
     if version != schema.STORE_SCHEMA_VERSION:
@@ -765,6 +875,10 @@ def _schema_problems(group: zarr.Group) -> list[str]:
     if schema.COEFF not in arrays or arrays[schema.COEFF].shape != (schema.N_COEFF,):
         problems.append(f"coordinate {schema.COEFF!r} with {schema.N_COEFF} labels is missing")
     problems.extend(_order_problems(attrs, arrays.get(schema.SOURCE_ID)))
+    if not problems and attrs.get(schema.STORE_ATTR_COMPLETE) is True:
+        missing = chunk_file_problems(path, group)
+        if missing:
+            problems.append(f"{describe_chunk_problems(missing)}; {DAMAGED_STORE_REMEDY}")
     return problems
 
 
@@ -813,7 +927,7 @@ def open_xp_store(path: PathLike) -> xr.Dataset:
     path = Path(path)
     # Validate the arrays' own metadata, not the consolidated copy, which may be stale.
     group = _open_group(path, use_consolidated=False)
-    problems = _schema_problems(group)
+    problems = _schema_problems(group, path)
     if problems:
         raise StoreError(f"{path} is not a usable XP store: " + "; ".join(problems))
     consolidated = _open_group(path).metadata.consolidated_metadata is not None

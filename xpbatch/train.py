@@ -39,6 +39,7 @@ from xpbatch.artifact import runtime_versions, save_model
 from xpbatch.config import TrainConfig
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
 from xpbatch.model import ScatterVAE, VAEOutput, scatter_vae_loss
+from xpbatch.outputs import locked_output
 from xpbatch.paths import atomic_path
 from xpbatch.store import open_xp_store, store_id
 from xpbatch.train_data import (
@@ -166,6 +167,7 @@ class RunPaths:
 
 
 # --- the public entry point -----------------------------------------------------------------
+@locked_output("out", "train")
 def train_model(
     store: str | os.PathLike[str] | xr.Dataset,
     out: str | os.PathLike[str],
