@@ -6,7 +6,9 @@ A model file is one safetensors file (``.safetensors``):
 - tensors ``normalisation.mean`` / ``normalisation.std``: the input recipe's arrays;
 - tensors ``latent_reference.mean`` / ``.std``: training-set distribution of latent means;
 - tensors ``split.train_source_id`` / ``split.validation_source_id``: which sources it saw;
-- metadata ``xpbatch`` (JSON): name, architecture, input recipe, provenance;
+- metadata ``xpbatch`` (JSON): name, architecture, input recipe, provenance and (files written
+  since it exists) ``fit_statistics``, what the training data looked like to the model
+  (:mod:`xpbatch.fit`);
 - metadata ``content_sha256``: sha256 over the JSON and every tensor (name, dtype, shape,
   bytes). Loading recomputes it, so a tampered file is refused; a truncated one fails to parse.
 """
@@ -29,6 +31,7 @@ import torch
 from xpbatch import __version__
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
+from xpbatch.fit import FitStatistics
 from xpbatch.model import ScatterVAE
 from xpbatch.paths import atomic_path
 from xpbatch.trained import Normalisation, TrainedModel
@@ -46,6 +49,8 @@ INPUT_RECIPE = {
     "units": "electron/s",
 }
 
+FIT_STATISTICS = "fit_statistics"
+"""Key of the training-data statistics in a model file's description."""
 _NETWORK = "network."
 _MAX_HEADER_BYTES = 100_000_000  # a sane bound: real headers are a few kB
 
@@ -101,15 +106,15 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
     from safetensors.torch import save_file
 
     path = Path(path)
-    description = json.dumps(
-        {
-            "name": model.name,
-            "architecture": dataclasses.asdict(model.config),
-            "input_recipe": INPUT_RECIPE,
-            "provenance": model.provenance,
-        },
-        sort_keys=True,
-    )
+    described: dict[str, Any] = {
+        "name": model.name,
+        "architecture": dataclasses.asdict(model.config),
+        "input_recipe": INPUT_RECIPE,
+        "provenance": model.provenance,
+    }
+    if model.fit_statistics is not None:  # absent in older files, whose hash must not change
+        described[FIT_STATISTICS] = model.fit_statistics
+    description = json.dumps(described, sort_keys=True)
     tensors = _tensors(model)
     content_hash = _content_hash(description, tensors)
     metadata = {
@@ -200,7 +205,8 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"model file {path} is truncated or corrupt: {e}") from e
     stored_hash = description.pop("content_sha256")
-    plain = {k: description[k] for k in ("name", "architecture", "input_recipe", "provenance")}
+    described = ("name", "architecture", "input_recipe", "provenance", FIT_STATISTICS)
+    plain = {k: description[k] for k in described if k in description}
     actual = _content_hash(json.dumps(plain, sort_keys=True), tensors)
     if actual != stored_hash:
         raise ModelFileError(
@@ -235,6 +241,7 @@ def load_model(
         train_source_id=tensors["split.train_source_id"].numpy(),
         validation_source_id=tensors["split.validation_source_id"].numpy(),
         content_hash=stored_hash,
+        fit_statistics=description.get(FIT_STATISTICS),
     )
 
 
@@ -332,6 +339,9 @@ def import_xpvae(
             "created": datetime.now(UTC).isoformat(timespec="seconds"),
             "versions": runtime_versions(),
         },
+        # The published training rows are not available: record what the normalisation
+        # file implies about them (their standardised values spread about 1).
+        fit_statistics=FitStatistics.from_normalisation().to_dict(),
     )
     save_model(model, out)
     return model

@@ -693,6 +693,13 @@ class VerifyReport:
             raise CatalogError(str(self))
 
 
+VERIFY_CHECKS = (
+    "every chunk's completion record, every chunk file present and decoding (crc32c), NaN exactly "
+    "where not_encoded, flags equal to the records"
+)
+"""What :func:`verify_catalog` checks, as the run summary says it (with a store: also the row
+count, store id and every source_id against it)."""
+
 ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
 """Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
 
@@ -728,7 +735,13 @@ class ChunkVerifier:
             if not (self.path / spec.name / key).is_file():
                 problems.append(f"{spec.name} chunk file {spec.name}/{key} is missing")
                 continue
-            values[spec.name] = np.asarray(array[rows])
+            try:
+                values[spec.name] = np.asarray(array[rows])
+            except (ValueError, RuntimeError, OSError) as e:  # e.g. a checksum mismatch
+                problems.append(
+                    f"{spec.name} chunk file {spec.name}/{key} is unreadable "
+                    f"({type(e).__name__}: {e})"
+                )
         problems.extend(_value_problems(values, rows))
         if record is not None and schema.FLAGS in values:
             actual = ChunkRecord.from_outputs(index, values)

@@ -35,7 +35,7 @@ from xpbatch.config import (
     from_mapping,
     read_toml,
 )
-from xpbatch.errors import ChunkError, ClusterError, XPBatchError
+from xpbatch.errors import ChunkError, ClusterError, StoreError, XPBatchError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -160,7 +160,8 @@ def _failure_message(error: BaseException, command: str) -> tuple[str | None, in
     then = f"; {rerun}" if rerun else ""
     if isinstance(error, XPBatchError):
         message = str(error)
-        if isinstance(error, ChunkError | ClusterError) and "rerun" not in message:
+        mendable = not isinstance(error.__cause__, StoreError)  # a damaged store stays damaged
+        if isinstance(error, ChunkError | ClusterError) and mendable and "rerun" not in message:
             message += then  # a failed task or a lost cluster: a rerun continues
         return message, 2
     if isinstance(error, KeyboardInterrupt):
@@ -340,6 +341,12 @@ def _exit_on_sigterm() -> None:
 )
 @click.option("--no-verify", is_flag=True, help="Skip the final verification (not recommended).")
 @click.option(
+    "--skip-fit-check",
+    is_flag=True,
+    help="Encode even when the store's first rows do not look like the model's training data "
+    "(scaled coefficients, another normalisation): only if you know why they differ.",
+)
+@click.option(
     "--performance-report",
     type=click.Path(dir_okay=False),
     default=None,
@@ -373,6 +380,7 @@ def encode_catalog_command(
         overwrite=kwargs["overwrite"],
         device=kwargs["device"],
         verify=not kwargs["no_verify"],
+        check_fit=not kwargs["skip_fit_check"],
         performance_report=kwargs["performance_report"],
     )
     from xpbatch.cluster import connect

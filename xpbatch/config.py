@@ -134,6 +134,9 @@ class EncodeConfig:
     """Seconds the run waits for a cluster that has no workers before failing (resumably)."""
     verify: bool = True
     """Re-read and check every chunk at the end, before marking the catalogue complete."""
+    check_fit: bool = True
+    """Before any work, refuse a model whose training data do not look like the store's first
+    rows (xpbatch.fit: scaled or foreign-unit coefficients, a foreign normalisation)."""
     progress_bar: bool = True
     """Show a progress bar of spectra done, spectra/s and ETA on stderr."""
     performance_report: str | None = None

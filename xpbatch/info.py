@@ -131,7 +131,7 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
         from xpbatch.store import chunk_file_problems
 
         # A deleted chunk file reads as the fill value: a store missing one is not complete.
-        summary["damaged_chunks"] = chunk_file_problems(path, group)
+        summary["damaged_chunks"] = chunk_file_problems(path)
         summary["complete"] = not summary["damaged_chunks"]
     flags = arrays.get(flags_name)
     if flags is not None:

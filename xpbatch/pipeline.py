@@ -41,7 +41,14 @@ from distributed import WorkerPlugin
 from xpbatch import catalog, schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
-from xpbatch.errors import ChunkError, ClusterError, ConfigError, ModelMismatchError
+from xpbatch.errors import (
+    CatalogError,
+    ChunkError,
+    ClusterError,
+    ConfigError,
+    ModelMismatchError,
+    StoreError,
+)
 from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
@@ -57,13 +64,6 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-NORMALISED_RMS_RANGE = (1e-2, 1e2)
-"""Plausible root-mean-square of standardised inputs. A model whose normalisation fits the
-store gives values of order 1; outside this range, it was made for data in other units or
-another normalisation, and encoding would silently produce garbage."""
-NORMALISATION_SAMPLE_ROWS = 4096
-"""Rows of the first chunk used to check the normalisation before any work starts."""
 
 
 # --- the run's result ---------------------------------------------------------------------------
@@ -85,6 +85,9 @@ class EncodeSummary:
     wall_s: float
     output_bytes: int
     verified: bool
+    """Whether :func:`xpbatch.catalog.verify_catalog` ran on the whole catalogue and passed."""
+    checks: str = ""
+    """What the verification checked, or why nothing was checked (printed by ``str()``)."""
 
     @property
     def spectra_per_s(self) -> float:
@@ -105,6 +108,7 @@ class EncodeSummary:
                 f"({self.spectra_per_s:,.0f} spectra/s)",
                 f"output size    {self.output_bytes / 1e6:,.1f} MB"
                 + (", verified complete" if self.verified else ", NOT verified"),
+                f"checks         {self.checks or 'none'}",
             ]
         )
 
@@ -243,10 +247,15 @@ class _InputReader:
     """Reads row ranges of the store's input variables straight from Zarr (no xarray)."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.arrays = catalog.open_arrays(path, INPUT_VARIABLES)
 
     def read(self, rows: slice) -> dict[str, np.ndarray]:
-        return {name: np.asarray(array[rows]) for name, array in self.arrays.items()}
+        from xpbatch.store import read_rows_checked
+
+        return {
+            name: read_rows_checked(self.path, array, rows) for name, array in self.arrays.items()
+        }
 
 
 def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
@@ -280,7 +289,7 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
             with_reconstruction=writer.layout.with_reconstruction,
         )
         return writer.write_chunk(job.index, outputs)
-    except ChunkError:
+    except (ChunkError, StoreError):  # a damaged input chunk names itself; no rerun mends it
         raise
     except Exception as e:
         raise ChunkError(
@@ -380,8 +389,11 @@ def _open_store(store: Path) -> xr.Dataset:
     return open_xp_store(store)
 
 
-def check_model_fits(model: TrainedModel, ds: xr.Dataset) -> None:
+def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, statistics: bool = True) -> None:
     """Refuse a model whose input size, coefficient order, units or normalisation do not fit.
+
+    With ``statistics``, also measure the store's first rows against what the model's training
+    data looked like (:func:`xpbatch.fit.check_fit`).
 
     Raises
     ------
@@ -409,37 +421,25 @@ def check_model_fits(model: TrainedModel, ds: xr.Dataset) -> None:
             f"the model's input recipe expects coefficients in {schema.FLUX_UNITS}, the store "
             f"has {units!r}"
         )
-    _check_normalisation(model, ds)
+    if statistics:
+        _check_normalisation(model, ds)
 
 
 def _check_normalisation(model: TrainedModel, ds: xr.Dataset) -> None:
-    """Standardise a sample of the store with the model's recipe: values must be of order 1."""
-    from xpbatch.trained import standardise
+    """Measure the store's first rows as the model's training rows were (:mod:`xpbatch.fit`)."""
+    from xpbatch import fit
 
-    rows = slice(0, min(NORMALISATION_SAMPLE_ROWS, ds.sizes[schema.SOURCE]))
+    rows = slice(0, min(fit.SAMPLE_ROWS, ds.sizes[schema.SOURCE]))
     sample = ds[[schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, schema.PHOT_G_MEAN_FLUX]]
     sample = sample.isel({schema.SOURCE: rows}).compute()
-    inp = standardise(
+    found = fit.measure_physical(
+        model,
         sample[schema.COEFFICIENTS].values,
         sample[schema.COEFFICIENT_ERRORS].values,
         sample[schema.PHOT_G_MEAN_FLUX].values,
-        model.normalisation,
+        source="store",
     )
-    usable = inp.encodable
-    if not usable.any():
-        return  # nothing to judge by; every row will be flagged anyway
-    x = inp.x[usable]
-    valid = inp.valid[usable]
-    rms = float(np.median(np.sqrt((x**2).sum(axis=1) / valid.sum(axis=1))))
-    low, high = NORMALISED_RMS_RANGE
-    if not low <= rms <= high:
-        raise ModelMismatchError(
-            f"model {model.name!r}'s normalisation does not fit this store: its standardised "
-            f"inputs have a median RMS of {rms:.3g} over {int(usable.sum())} rows, expected "
-            f"{low:g}..{high:g}. Was it trained on data in other units, or is it the wrong "
-            "model? (Inputs are coefficients / phot_g_mean_flux, standardised with the model's "
-            "mean and std.)"
-        )
+    fit.check_fit(model, found, where=f"rows {rows.start}..{rows.stop} of the store")
 
 
 def _input_layout(
@@ -580,8 +580,15 @@ def encode_catalog(
         for record in records:
             rows_this_run += record.rows
             bar.update(record.rows)
-        verified = plan.was_complete or _verify(Path(out), Path(store), client, config)
+        # A catalogue found complete is verified again (not trusted): it may have been damaged
+        # since; it is not marked again, so its files stay as they were.
+        verified = _verify(Path(out), Path(store), client, config, mark=not plan.was_complete)
     summary = _summarise(Path(out), plan, rows_this_run, started, verified)
+    if not verified:
+        summary = dataclasses.replace(
+            summary,
+            checks=f"none (--no-verify); `xpbatch verify {out} --store {store}` checks it all",
+        )
     logger.info("encode-catalog finished:\n%s", summary)
     return summary
 
@@ -606,9 +613,14 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
 
     if out.resolve() == store.resolve():
         raise ConfigError(f"the output {out} is the input store; choose another output path")
+    if out.resolve().is_relative_to(store.resolve()):
+        raise ConfigError(
+            f"the output {out} is inside the input store {store}: the store would then carry the "
+            "catalogue's files; choose an output path outside it"
+        )
     ds = _open_store(store)
     trained, model_hash, model_path = _model_and_hash(model)
-    check_model_fits(trained, ds)
+    check_model_fits(trained, ds, statistics=config.check_fit)
     layout = _input_layout(store, trained, config.with_reconstruction)
     input_id = store_id(ds)
     attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config)
@@ -695,14 +707,22 @@ def _worker_mapper(client: Client, config: EncodeConfig) -> catalog.ChunkMapper:
     return mapper
 
 
-def _verify(out: Path, store: Path, client: Client | None, config: EncodeConfig) -> bool:
+def _verify(
+    out: Path, store: Path, client: Client | None, config: EncodeConfig, *, mark: bool
+) -> bool:
     """Verify the catalogue (on the workers when there are some), then mark it complete."""
     if not config.verify:
         return False
     mapper = None if client is None else _worker_mapper(client, config)
     report = catalog.verify_catalog(out, store, map_chunks=mapper)
-    report.raise_if_failed()
-    catalog.mark_complete(out)
+    if not report.ok:
+        raise CatalogError(
+            f"verification FAILED, the catalogue is not sound: {report}\nNothing of it was "
+            "reported as verified. Encode it again with --overwrite (or restore the damaged "
+            "files from a backup)."
+        )
+    if mark:
+        catalog.mark_complete(out)
     return True
 
 
@@ -742,6 +762,7 @@ def _summarise(
         wall_s=time.perf_counter() - started,
         output_bytes=catalog.catalog_nbytes(out),
         verified=verified,
+        checks=catalog.VERIFY_CHECKS + " and against the input store" if verified else "",
     )
 
 

@@ -512,7 +512,7 @@ class XPStoreWriter:
         """
         group = self._open()
         ranges = _chunk_ranges(_array(group, schema.SOURCE_ID), self.chunk_rows, self.path)
-        problems = chunk_file_problems(self.path, group)
+        problems = chunk_file_problems(self.path)
         if problems:
             raise StoreError(
                 f"{self.path} cannot be finalized: {describe_chunk_problems(problems)}. The writer "
@@ -570,7 +570,7 @@ MAX_LISTED_PROBLEMS = 10
 """Chunk-file problems named one by one in a message; the rest are counted."""
 
 
-def chunk_file_problems(path: PathLike, group: zarr.Group | None = None) -> list[str]:
+def chunk_file_problems(path: PathLike) -> list[str]:
     """Every chunk file of the store's variables that is missing or not the size recorded.
 
     Uses the chunk records (:data:`CHUNK_FILES`) when the store has them; a store written before
@@ -583,7 +583,7 @@ def chunk_file_problems(path: PathLike, group: zarr.Group | None = None) -> list
         One sentence per problem naming the variable, chunk, rows and file.
     """
     path = Path(path)
-    group = group if group is not None else _open_group(path)
+    group = _open_group(path, use_consolidated=False)  # what is on disk, not what was listed
     record_node = group.get(CHUNK_FILES)
     if isinstance(record_node, zarr.Array):
         names = list(record_node.attrs.get("variables", []))
@@ -627,10 +627,27 @@ def describe_chunk_problems(problems: Sequence[str]) -> str:
 
 
 DAMAGED_STORE_REMEDY = (
-    "the store is damaged (a chunk file was deleted or cut short after it was written; Zarr "
-    "would read the fill value in its place): restore the file from a backup, or rebuild the "
+    "the store is damaged (a chunk file was deleted, cut short or altered after it was written; "
+    "a missing one would read as the fill value): restore the file from a backup, or rebuild the "
     "store with the `xpbatch ingest ... --overwrite` (or `xpbatch mock`) that made it"
 )
+
+
+def read_rows_checked(path: PathLike, array: zarr.Array, rows: slice) -> np.ndarray:
+    """``array[rows]``, or a StoreError naming the variable, chunk and file that cannot be read.
+
+    Every chunk carries a crc32c checksum: a flipped byte fails here instead of reading as
+    wrong values.
+    """
+    try:
+        return np.asarray(array[rows])
+    except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable chunk
+        index = rows.start // array.chunks[0]
+        file = _chunk_file(Path(path), array, index)
+        raise StoreError(
+            f"{array.basename} chunk {index} (rows {rows.start}..{rows.stop}) of {path} cannot "
+            f"be read from {file} ({type(e).__name__}: {e}); {DAMAGED_STORE_REMEDY}"
+        ) from e
 
 
 def _chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
@@ -836,7 +853,7 @@ def _open_group(path: Path, *, use_consolidated: bool | None = None) -> zarr.Gro
 
 
 def _schema_problems(group: zarr.Group, path: Path) -> list[str]:
-    """Every way in which the store ``group`` at ``path`` departs from the schema (or is damaged)."""
+    """Every way in which the store ``group`` at ``path`` departs from the schema or is damaged."""
     attrs: dict[str, Any] = group.attrs.asdict()
     version = attrs.get(schema.STORE_ATTR_SCHEMA_VERSION)
     if version != schema.STORE_SCHEMA_VERSION:
@@ -876,7 +893,7 @@ def _schema_problems(group: zarr.Group, path: Path) -> list[str]:
         problems.append(f"coordinate {schema.COEFF!r} with {schema.N_COEFF} labels is missing")
     problems.extend(_order_problems(attrs, arrays.get(schema.SOURCE_ID)))
     if not problems and attrs.get(schema.STORE_ATTR_COMPLETE) is True:
-        missing = chunk_file_problems(path, group)
+        missing = chunk_file_problems(path)
         if missing:
             problems.append(f"{describe_chunk_problems(missing)}; {DAMAGED_STORE_REMEDY}")
     return problems

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from xpbatch import fit
 from xpbatch.artifact import runtime_versions, save_model
 from xpbatch.config import TrainConfig
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
@@ -713,6 +714,15 @@ def _latent_reference(network: ScatterVAE, rows: Rows) -> tuple[np.ndarray, np.n
     return mean.cpu().numpy(), std.cpu().numpy()
 
 
+def _fit_statistics(model: TrainedModel, rows: Rows) -> dict[str, Any] | None:
+    """What the first training rows look like to the trained model (:mod:`xpbatch.fit`)."""
+    x, x_err, valid = next(iter(rows.ordered_batches(fit.SAMPLE_ROWS)))  # (rows, input) each
+    x_np, x_err_np = x.float().cpu().numpy(), x_err.float().cpu().numpy()
+    valid_np = np.ones(x_np.shape, bool) if valid is None else valid.cpu().numpy()
+    stats = fit.measure(model, x_np, x_err_np, valid_np, source=fit.SOURCE_TRAINING)
+    return None if stats is None else stats.to_dict()
+
+
 def _write_model(
     network: ScatterVAE,
     normalisation: Normalisation,
@@ -755,6 +765,7 @@ def _write_model(
         train_source_id=selection.train_source_id,
         validation_source_id=selection.validation_source_id,
     )
+    model.fit_statistics = _fit_statistics(model, train_rows)
     save_model(model, path)
     logger.info("wrote %s (%d epochs)", path, len(records))
     return model

@@ -163,6 +163,9 @@ class TrainedModel:
     validation_source_id: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))
     content_hash: str = ""
     """sha256 of the saved file's content; empty until the model is saved or loaded."""
+    fit_statistics: dict[str, Any] | None = None
+    """What the model's training data looked like to it (:class:`xpbatch.fit.FitStatistics`
+    as a dict), to check that a store fits before encoding it; None in older files."""
 
     def __post_init__(self) -> None:
         self.network.eval()
