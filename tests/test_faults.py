@@ -3,6 +3,7 @@ resumed, a deleted output chunk. The result must equal an uninterrupted run, byt
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from xpbatch.catalog import completed_chunks, open_catalog
 from xpbatch.cli import main
 from xpbatch.config import EncodeConfig
 from xpbatch.errors import CatalogError, ChunkError, ClusterError
+from xpbatch.outputs import lock_path
 from xpbatch.pipeline import encode_catalog, map_bounded
 from xpbatch.trained import TrainedModel
 
@@ -115,12 +117,15 @@ def test_a_driver_killed_mid_run_is_completed_by_resume(
     assert done_at_kill < N_CHUNKS, "the kill came after the run"
     with pytest.raises(CatalogError, match="incomplete"):
         open_catalog(out)
+    stale = json.loads(lock_path(out).read_text())  # the killed run's lock is left behind
+    assert stale["pid"] == driver.pid
 
     config = EncodeConfig(batch_size=BATCH, progress_bar=False, resume=True)
     summary = encode_catalog(inputs.store, inputs.model, out, client=dask_client, config=config)
     assert summary.chunks_skipped >= done_at_kill
     assert summary.verified
     assert_same_catalogue(inputs.reference, out)
+    assert not lock_path(out).exists()  # taken over (its pid was gone), then released
 
 
 def test_verify_command_reports_a_deleted_output_chunk(inputs: Inputs, tmp_path: Path) -> None:
