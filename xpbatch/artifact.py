@@ -141,6 +141,12 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
+        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip, or a bare pickle
+            raise ModelFileError(
+                f"{path} is a PyTorch checkpoint, not an xpbatch model file; convert it once "
+                f"with `xpbatch import-xpvae {path} --norm NORM.npz -o MODEL.safetensors` "
+                "(NORM.npz: the authors' normalisation, arrays 'mu' and 'sig')"
+            )
         if len(head) < 8:
             raise ModelFileError(f"model file {path} is truncated ({size} bytes)")
         (n,) = struct.unpack("<Q", head)

@@ -170,7 +170,8 @@ def _failure_message(error: BaseException, command: str) -> tuple[str | None, in
         where = f" ({error.filename})" if error.filename else ""
         return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
     if _is_lost_cluster(error):
-        return f"lost the Dask scheduler or its workers ({type(error).__name__}: {error}){then}", 1
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        return f"lost the Dask scheduler or its workers ({type(error).__name__}: {first}){then}", 1
     return None, 0
 
 
@@ -383,9 +384,11 @@ def encode_catalog_command(
         check_fit=not kwargs["skip_fit_check"],
         performance_report=kwargs["performance_report"],
     )
+    from xpbatch.artifact import read_model_metadata
     from xpbatch.cluster import connect
     from xpbatch.pipeline import encode_catalog
 
+    read_model_metadata(model)  # a wrong file is refused before a cluster starts
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         summary = encode_catalog(store, model, output, client=client, config=config)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -18,7 +20,7 @@ from xpbatch.config import CLUSTER_LOCAL_CUDA, ClusterConfig
 from xpbatch.errors import ClusterError
 
 if TYPE_CHECKING:
-    from distributed import Client, Worker
+    from distributed import Client, LocalCluster, Worker
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,30 @@ def _quiet_distributed() -> None:
     """
     level = max(logging.getLogger().getEffectiveLevel(), logging.INFO)
     logging.getLogger("distributed").setLevel(level)
+    if level > logging.INFO:  # without -v: distributed's own messages keep one line each
+        for name in _TRACEBACK_LOGGERS:
+            logger_ = logging.getLogger(name)
+            if not any(isinstance(f, _NoTraceback) for f in logger_.filters):
+                logger_.addFilter(_NoTraceback())
+
+
+_TRACEBACK_LOGGERS = (
+    "distributed.client",
+    "distributed.core",
+    "distributed.utils",
+    "distributed.nanny",
+    "distributed.scheduler",
+    "distributed.deploy.spec",
+)
+"""Loggers of the driver process that attach tracebacks to messages about a lost connection."""
+
+
+class _NoTraceback(logging.Filter):
+    """Keep a record's message, drop its traceback (the run reports the failure itself once)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.exc_info, record.exc_text, record.stack_info = None, None, None
+        return True
 
 
 @contextlib.contextmanager
@@ -95,7 +121,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     >>> with connect(ClusterConfig(n_workers=2)) as client:  # doctest: +SKIP
     ...     print(client.dashboard_link)
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     _quiet_distributed()
     if config.scheduler_file is not None:
@@ -120,18 +146,44 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
             quiet_workers(client)
             yield client
         return
-    if config.cluster == CLUSTER_LOCAL_CUDA:
-        cluster = _local_cuda_cluster(config)
-    else:
-        cluster = LocalCluster(
-            n_workers=config.n_workers or os.cpu_count() or 1,
-            threads_per_worker=config.threads_per_worker,
-            processes=True,
-            host="127.0.0.1",
-            dashboard_address=config.dashboard_address,
-            memory_limit=config.memory_limit,
+    with _workers_ignore_ctrl_c():
+        cluster = (
+            _local_cuda_cluster(config)
+            if config.cluster == CLUSTER_LOCAL_CUDA
+            else _local_cluster(config)
         )
     with cluster, Client(cluster) as client:
         logger.info("Dask dashboard: %s", client.dashboard_link)
         quiet_workers(client)
         yield client
+
+
+@contextlib.contextmanager
+def _workers_ignore_ctrl_c() -> Iterator[None]:
+    """Start worker processes with SIGINT ignored, which they inherit.
+
+    Ctrl-C in a terminal reaches the whole process group; only the driver should act on it (it
+    closes the cluster and says how to resume), instead of every worker printing its own
+    KeyboardInterrupt traceback. A Ctrl-C during the few seconds of the start is ignored too.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _local_cluster(config: ClusterConfig) -> LocalCluster:
+    from distributed import LocalCluster
+
+    return LocalCluster(
+        n_workers=config.n_workers or os.cpu_count() or 1,
+        threads_per_worker=config.threads_per_worker,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=config.dashboard_address,
+        memory_limit=config.memory_limit,
+    )

@@ -123,9 +123,7 @@ def measure(
         rows=len(x),
         input_spread=float(np.nanmedian(_robust_std(x, valid))) if enough else None,
         latent_spread=(
-            float(np.sqrt(np.sum(_robust_std(mu, np.ones_like(mu, bool)) ** 2)))
-            if enough
-            else None
+            float(np.sqrt(np.sum(_robust_std(mu, np.ones_like(mu, bool)) ** 2))) if enough else None
         ),
         rmse_median=float(np.median(rmse)),
     )
