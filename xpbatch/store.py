@@ -585,13 +585,15 @@ def chunk_file_problems(path: PathLike) -> list[str]:
     path = Path(path)
     group = _open_group(path, use_consolidated=False)  # what is on disk, not what was listed
     record_node = group.get(CHUNK_FILES)
+    recorded: np.ndarray | None = None
     if isinstance(record_node, zarr.Array):
-        names = list(record_node.attrs.get("variables", []))
+        record_attrs: dict[str, Any] = record_node.attrs.asdict()
+        names = [str(name) for name in record_attrs.get("variables", [])]
         recorded = np.asarray(record_node[:])  # (chunk, variable)
     else:
-        attrs = group.attrs.asdict()
+        attrs: dict[str, Any] = group.attrs.asdict()
         specs = _variable_specs(attrs.get("scalars", []), bool(attrs.get("with_correlations")))
-        names, recorded = [spec.name for spec in specs], None
+        names = [spec.name for spec in specs]
     problems = []
     for column, name in enumerate(names):
         array = group.get(name)
