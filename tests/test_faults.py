@@ -141,6 +141,22 @@ def test_verify_command_reports_a_deleted_output_chunk(inputs: Inputs, tmp_path:
     )
 
 
+def test_resume_of_a_complete_catalogue_with_a_flipped_byte_is_not_verified(
+    inputs: Inputs, tmp_path: Path
+) -> None:
+    out = shutil.copytree(inputs.reference, tmp_path / "c.zarr")
+    chunk = out / "latent_mean" / "c" / "3" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    args = ["encode-catalog", str(inputs.store), "-m", str(inputs.model), "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--resume", "--batch-size", str(BATCH)])
+    assert result.exit_code == 2
+    assert "verified" not in result.output and "Traceback" not in result.output
+    assert "verification FAILED" in result.output
+    assert "latent_mean chunk file latent_mean/c/3/0 is unreadable" in result.output
+
+
 # --- the bounded map's own fault handling ------------------------------------------------------
 def test_a_failing_task_is_retried_then_reported_with_its_number(
     dask_client: Client, tmp_path: Path

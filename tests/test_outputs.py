@@ -191,3 +191,23 @@ def test_the_lock_survives_removal_of_the_output(tmp_path: Path) -> None:
     with output_lock(out) as path:
         shutil.rmtree(out)  # what --overwrite does
         assert path.exists()
+
+
+def test_every_stage_function_holds_the_lock_before_any_work(
+    tmp_path: Path, holder: Callable[[Path], subprocess.Popen[str]]
+) -> None:
+    from xpbatch.export import export_parquet
+    from xpbatch.ingest import ingest_files
+    from xpbatch.train import train_model
+
+    stages: dict[str, Callable[[Path], object]] = {
+        "train": lambda out: train_model(tmp_path / "no-store.zarr", out),
+        "ingest": lambda out: ingest_files([], [], out),
+        "export-parquet": lambda out: export_parquet(tmp_path / "no-catalogue.zarr", out),
+        "encode-catalog": lambda out: encode_catalog(tmp_path / "s", tmp_path / "m", out),
+    }
+    for name, stage in stages.items():
+        out = tmp_path / f"{name}.out"
+        holder(out)
+        with pytest.raises(OutputLockedError, match="test-holder"):
+            stage(out)

@@ -152,3 +152,26 @@ def test_a_sound_store_has_a_size_record_for_every_chunk_file(pristine: Path) ->
     assert records.shape[0] == N_ROWS // CHUNK_ROWS
     assert (records[:] > 0).all()
     assert chunk_file_problems(pristine) == []
+
+
+def test_a_flipped_byte_in_a_store_chunk_names_the_array_and_file(
+    pristine: Path, model: Path, tmp_path: Path
+) -> None:
+    store = Path(shutil.copytree(pristine, tmp_path / "s.zarr"))
+    chunk = store / "coefficients/c/2/0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the crc32c checksum can tell
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError) as refused:
+        encode_catalog(store, model, tmp_path / "c.zarr", config=CONFIG)
+    message = str(refused.value)
+    assert "coefficients chunk 2 (rows 512..768)" in message and str(chunk) in message
+    assert "checksum" in message
+
+
+def test_an_output_inside_the_input_store_is_refused(pristine: Path, model: Path) -> None:
+    from xpbatch.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="inside the input store"):
+        encode_catalog(pristine, model, pristine / "cat.zarr", config=CONFIG)
+    assert not (pristine / "cat.zarr").exists()

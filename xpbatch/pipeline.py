@@ -717,9 +717,8 @@ def _verify(
     report = catalog.verify_catalog(out, store, map_chunks=mapper)
     if not report.ok:
         raise CatalogError(
-            f"verification FAILED, the catalogue is not sound: {report}\nNothing of it was "
-            "reported as verified. Encode it again with --overwrite (or restore the damaged "
-            "files from a backup)."
+            f"verification FAILED, the catalogue is not sound: {report}\nEncode it again with "
+            "--overwrite (or restore the damaged files from a backup)."
         )
     if mark:
         catalog.mark_complete(out)
