@@ -169,6 +169,12 @@ def _failure_message(error: BaseException, command: str) -> tuple[str | None, in
     if isinstance(error, OSError) and error.errno in _OS_ERRORS:
         where = f" ({error.filename})" if error.filename else ""
         return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
+    if isinstance(error, ValueError) and "checksum" in str(error):  # zarr's crc32c codec
+        return (
+            f"a chunk file failed its crc32c checksum ({error}): the data is damaged; for a "
+            "catalogue `xpbatch verify` names the file, -v shows where it was read",
+            2,
+        )
     if _is_lost_cluster(error):
         first = str(error).strip().splitlines()[0] if str(error).strip() else ""
         return f"lost the Dask scheduler or its workers ({type(error).__name__}: {first}){then}", 1

@@ -389,11 +389,11 @@ def _open_store(store: Path) -> xr.Dataset:
     return open_xp_store(store)
 
 
-def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, statistics: bool = True) -> None:
+def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None = None) -> None:
     """Refuse a model whose input size, coefficient order, units or normalisation do not fit.
 
-    With ``statistics``, also measure the store's first rows against what the model's training
-    data looked like (:func:`xpbatch.fit.check_fit`).
+    With ``store`` (the path of ``ds``), also measure its first rows against what the model's
+    training data looked like (:func:`xpbatch.fit.check_fit`).
 
     Raises
     ------
@@ -421,22 +421,22 @@ def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, statistics: bool = 
             f"the model's input recipe expects coefficients in {schema.FLUX_UNITS}, the store "
             f"has {units!r}"
         )
-    if statistics:
-        _check_normalisation(model, ds)
+    if store is not None:
+        _check_normalisation(model, store)
 
 
-def _check_normalisation(model: TrainedModel, ds: xr.Dataset) -> None:
+def _check_normalisation(model: TrainedModel, store: Path) -> None:
     """Measure the store's first rows as the model's training rows were (:mod:`xpbatch.fit`)."""
     from xpbatch import fit
 
-    rows = slice(0, min(fit.SAMPLE_ROWS, ds.sizes[schema.SOURCE]))
-    sample = ds[[schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, schema.PHOT_G_MEAN_FLUX]]
-    sample = sample.isel({schema.SOURCE: rows}).compute()
+    reader = _InputReader(str(store))
+    rows = slice(0, min(fit.SAMPLE_ROWS, reader.arrays[schema.SOURCE_ID].shape[0]))
+    sample = reader.read(rows)  # a damaged chunk is named, never read as fill values
     found = fit.measure_physical(
         model,
-        sample[schema.COEFFICIENTS].values,
-        sample[schema.COEFFICIENT_ERRORS].values,
-        sample[schema.PHOT_G_MEAN_FLUX].values,
+        sample[schema.COEFFICIENTS],
+        sample[schema.COEFFICIENT_ERRORS],
+        sample[schema.PHOT_G_MEAN_FLUX],
         source="store",
     )
     fit.check_fit(model, found, where=f"rows {rows.start}..{rows.stop} of the store")
@@ -620,7 +620,7 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
         )
     ds = _open_store(store)
     trained, model_hash, model_path = _model_and_hash(model)
-    check_model_fits(trained, ds, statistics=config.check_fit)
+    check_model_fits(trained, ds, store=store if config.check_fit else None)
     layout = _input_layout(store, trained, config.with_reconstruction)
     input_id = store_id(ds)
     attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config)

@@ -644,12 +644,18 @@ def read_rows_checked(path: PathLike, array: zarr.Array, rows: slice) -> np.ndar
     try:
         return np.asarray(array[rows])
     except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable chunk
-        index = rows.start // array.chunks[0]
-        file = _chunk_file(Path(path), array, index)
-        raise StoreError(
-            f"{array.basename} chunk {index} (rows {rows.start}..{rows.stop}) of {path} cannot "
-            f"be read from {file} ({type(e).__name__}: {e}); {DAMAGED_STORE_REMEDY}"
-        ) from e
+        chunk_rows = array.chunks[0]
+        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+            start, stop = index * chunk_rows, min((index + 1) * chunk_rows, array.shape[0])
+            try:  # only on this error path: find the chunk that fails
+                array[start:stop]
+            except (ValueError, RuntimeError, OSError) as bad:
+                raise StoreError(
+                    f"{array.basename} chunk {index} (rows {start}..{stop}) of {path} cannot "
+                    f"be read from {_chunk_file(Path(path), array, index)} "
+                    f"({type(bad).__name__}: {bad}); {DAMAGED_STORE_REMEDY}"
+                ) from e
+        raise
 
 
 def _chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
