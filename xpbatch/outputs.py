@@ -135,7 +135,10 @@ def _take_over(path: Path, stale: dict[str, Any]) -> None:
 
 def _refusal(output: Path, path: Path, holder: dict[str, Any]) -> OutputLockedError:
     if holder.get("host") == socket.gethostname():
-        how = "wait for it to finish or stop it; it is alive on this host, so its lock is not stale"
+        how = (
+            "wait for it to finish or stop it (its process is alive on this host, so the lock "
+            "is not stale; only if that pid is not an xpbatch run, rerun with --break-lock)"
+        )
     else:
         how = (
             f"if that run is no longer alive (check on host {holder.get('host', '?')}, e.g. "
