@@ -175,3 +175,21 @@ def test_an_output_inside_the_input_store_is_refused(pristine: Path, model: Path
     with pytest.raises(ConfigError, match="inside the input store"):
         encode_catalog(pristine, model, pristine / "cat.zarr", config=CONFIG)
     assert not (pristine / "cat.zarr").exists()
+
+
+def test_a_complete_catalogue_missing_a_chunk_file_is_not_opened_nor_exported(
+    pristine: Path, model: Path, tmp_path: Path
+) -> None:
+    from xpbatch.catalog import open_catalog
+    from xpbatch.errors import CatalogError
+    from xpbatch.export import export_parquet
+
+    out = tmp_path / "c.zarr"
+    encode_catalog(pristine, model, out, config=CONFIG)
+    (out / "latent_mean/c/4/0").unlink()
+    message = "latent_mean chunk 4 (rows 1024..1280): file latent_mean/c/4/0 is missing"
+    with pytest.raises(CatalogError, match="damaged") as refused:
+        open_catalog(out)
+    assert message in str(refused.value)
+    with pytest.raises(CatalogError, match="damaged"):
+        export_parquet(out, tmp_path / "parquet", store=pristine)

@@ -629,7 +629,8 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
     Raises
     ------
     CatalogError
-        Not a catalogue, or incomplete without ``allow_incomplete``.
+        Not a catalogue, incomplete without ``allow_incomplete``, or complete but missing a
+        chunk file (deleted since; it would read as fill values).
 
     Examples
     --------
@@ -655,8 +656,28 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
             UserWarning,
             stacklevel=2,
         )
+    else:
+        _refuse_missing_chunk_files(path, CatalogLayout.from_attrs(attrs[ATTR_LAYOUT]))
     consolidated = _open_group(path).metadata.consolidated_metadata is not None
     return xr.open_zarr(path, consolidated=consolidated)
+
+
+def _refuse_missing_chunk_files(path: Path, layout: CatalogLayout) -> None:
+    """A complete catalogue with a chunk file deleted since would read fill values: refuse it."""
+    from xpbatch.store import chunk_file_sizes, describe_chunk_problems
+
+    group = _open_group(path)
+    missing = [
+        f"{where} is missing"
+        for spec in layout.variables()
+        for _, where, size in chunk_file_sizes(path, _array(group, spec.name))
+        if size < 0
+    ]
+    if missing:
+        raise CatalogError(
+            f"catalogue {path} is damaged: {describe_chunk_problems(missing)}. Zarr would read "
+            "fill values in their place. Encode it again with --overwrite, or restore the files."
+        )
 
 
 # --- verifying ----------------------------------------------------------------------------------

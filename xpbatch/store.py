@@ -34,7 +34,7 @@ import os
 import shutil
 import uuid
 import warnings
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -566,6 +566,24 @@ def _chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
     return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
 
 
+def chunk_file_sizes(path: Path, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
+    """(chunk index, "NAME chunk I (rows A..B): file F", size or -1 if missing) of every chunk
+    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each."""
+    chunk_rows = array.chunks[0]
+    for index in range(-(-array.shape[0] // chunk_rows)):
+        file = _chunk_file(path, array, index)
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            size = -1
+        stop = min((index + 1) * chunk_rows, array.shape[0])
+        where = (
+            f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file "
+            f"{file.relative_to(path)}"
+        )
+        yield index, where, size
+
+
 MAX_LISTED_PROBLEMS = 10
 """Chunk-file problems named one by one in a message; the rest are counted."""
 
@@ -599,19 +617,8 @@ def chunk_file_problems(path: PathLike) -> list[str]:
         array = group.get(name)
         if not isinstance(array, zarr.Array):
             continue  # the schema check names missing variables
-        chunk_rows = array.chunks[0]
-        for index in range(-(-array.shape[0] // chunk_rows)):
-            file = _chunk_file(path, array, index)
-            try:
-                size = file.stat().st_size
-            except FileNotFoundError:
-                size = -1
+        for index, where, size in chunk_file_sizes(path, array):
             expected = -1 if recorded is None or index >= len(recorded) else recorded[index, column]
-            where = (
-                f"{name} chunk {index} (rows {index * chunk_rows}.."
-                f"{min((index + 1) * chunk_rows, array.shape[0])}): file "
-                f"{file.relative_to(path)}"
-            )
             if size < 0:
                 problems.append(f"{where} is missing")
             elif recorded is not None and expected < 0:
@@ -639,12 +646,19 @@ def read_rows_checked(path: PathLike, array: zarr.Array, rows: slice) -> np.ndar
     """``array[rows]``, or a StoreError naming the variable, chunk and file that cannot be read.
 
     Every chunk carries a crc32c checksum: a flipped byte fails here instead of reading as
-    wrong values.
+    wrong values; a chunk file deleted since the store was opened is an error, not fill values.
     """
+    chunk_rows = array.chunks[0]
+    for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+        file = _chunk_file(Path(path), array, index)
+        if not file.exists():
+            raise StoreError(
+                f"{array.basename} chunk {index} of {path}: file {file} is missing; "
+                f"{DAMAGED_STORE_REMEDY}"
+            )
     try:
         return np.asarray(array[rows])
     except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable chunk
-        chunk_rows = array.chunks[0]
         for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
             start, stop = index * chunk_rows, min((index + 1) * chunk_rows, array.shape[0])
             try:  # only on this error path: find the chunk that fails
