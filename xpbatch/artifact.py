@@ -141,7 +141,7 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     size = path.stat().st_size
     with path.open("rb") as f:
         head = f.read(8)
-        if head.startswith((b"PK\x03\x04", b"\x80")):  # torch.save: a zip, or a bare pickle
+        if head.startswith(b"PK\x03\x04"):  # what torch.save writes: a zip archive
             raise ModelFileError(
                 f"{path} is a PyTorch checkpoint, not an xpbatch model file; convert it once "
                 f"with `xpbatch import-xpvae {path} --norm NORM.npz -o MODEL.safetensors` "
@@ -153,7 +153,8 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         if n > min(size - 8, _MAX_HEADER_BYTES):
             raise ModelFileError(
                 f"model file {path} is truncated or not a safetensors file "
-                f"(header says {n} bytes, file has {size})"
+                f"(header says {n} bytes, file has {size}); a PyTorch checkpoint is converted "
+                "with `xpbatch import-xpvae`"
             )
         try:
             header = json.loads(f.read(n))
