@@ -186,10 +186,14 @@ class IngestConfig:
     """Replace an existing output store."""
     keep_parts: bool = False
     """Keep the per-file staging parts (<output>.parts/) after a successful ingest."""
+    columns: tuple[tuple[str, str], ...] = ()
+    """(DR3 name, the file's name) for XP columns named otherwise; '{i}' in the file's name
+    stands for the coefficient index (e.g. ('bp_coefficients', 'BPc{i}'))."""
 
     def __post_init__(self) -> None:
         if self.scalars is not None:
             object.__setattr__(self, "scalars", tuple(self.scalars))
+        object.__setattr__(self, "columns", tuple((str(a), str(b)) for a, b in self.columns))
         if not 1 <= self.chunk_rows <= 1 << 20:
             raise ConfigError(f"chunk_rows must be in 1..{1 << 20}, got {self.chunk_rows}")
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)

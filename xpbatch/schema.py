@@ -7,16 +7,18 @@ from __future__ import annotations
 
 import enum
 
+from xpbatch import dr3
+
 # --- dimensions -----------------------------------------------------------------------------
 SOURCE = "source"
 COEFF = "coeff"
 LATENT = "latent"
 
 # --- coefficients ---------------------------------------------------------------------------
-N_BP = 55
-N_RP = 55
+N_BP = dr3.N_COEFFICIENTS["bp"]
+N_RP = dr3.N_COEFFICIENTS["rp"]
 N_COEFF = N_BP + N_RP
-BANDS = ("bp", "rp")
+BANDS = dr3.BANDS
 DR3_N_SOURCES = 219_197_643
 """Rows of gaiadr3.xp_continuous_mean_spectrum: what the benchmarks project to."""
 
@@ -28,10 +30,10 @@ def coeff_labels(n_bp: int = N_BP, n_rp: int = N_RP) -> list[str]:
 
 # --- the input XP store ---------------------------------------------------------------------
 STORE_SCHEMA_VERSION = 1
-SOURCE_ID = "source_id"
+SOURCE_ID = dr3.SOURCE_ID
 COEFFICIENTS = "coefficients"
 COEFFICIENT_ERRORS = "coefficient_errors"
-PHOT_G_MEAN_FLUX = "phot_g_mean_flux"
+PHOT_G_MEAN_FLUX = dr3.PHOT_G_MEAN_FLUX
 INPUT_FLAGS = "input_flags"
 CORRELATION = "correlation"
 """Dimension of the packed off-diagonal correlations (55·54/2 = 1485 per band)."""
@@ -42,28 +44,39 @@ def correlations_name(band: str) -> str:
     return f"{band}_coefficient_correlations"
 
 
-# Optional DR3 per-row scalars kept in the store: name -> (dtype, units, description).
-# Integer columns hold -1 where the band is missing (DR3 has no value there).
-_BAND_SCALAR_SPECS = {
-    "basis_function_id": ("int16", "1", "identifier of the set of basis functions"),
-    "degrees_of_freedom": ("int16", "1", "degrees of freedom of the fit"),
-    "n_parameters": ("int16", "1", "number of coefficients of the fit"),
-    "n_measurements": ("int16", "1", "number of epoch spectra used"),
-    "n_rejected_measurements": ("int16", "1", "number of epoch spectra rejected"),
-    "standard_deviation": ("float32", "1", "standard deviation of the fit"),
-    "chi_squared": ("float32", "1", "chi-squared of the fit"),
-    "n_relevant_bases": ("int16", "1", "number of bases relevant to the spectrum"),
-    "relative_shrinking": ("float32", "1", "relative shrinking of the coefficient vector"),
+# Optional DR3 per-row scalars kept in the store: name -> (dtype, units, description); the
+# dtypes are DR3's (xpbatch.dr3). Integer columns hold -1 where the band is missing (DR3 has no
+# value there) or the input file did not have the column.
+_BAND_SCALAR_TEXT = {
+    "basis_function_id": "identifier of the set of basis functions",
+    "degrees_of_freedom": "degrees of freedom of the fit",
+    "n_parameters": "number of coefficients of the fit",
+    "n_measurements": "number of epoch spectra used",
+    "n_rejected_measurements": "number of epoch spectra rejected",
+    "standard_deviation": "standard deviation of the fit",
+    "chi_squared": "chi-squared of the fit",
+    "n_relevant_bases": "number of bases relevant to the spectrum",
+    "relative_shrinking": "relative shrinking of the coefficient vector",
 }
 DR3_SCALARS: dict[str, tuple[str, str, str]] = {
-    "solution_id": ("int64", "1", "Gaia solution identifier"),
+    dr3.SOLUTION_ID: (dr3.SCALARS[dr3.SOLUTION_ID], "1", "Gaia solution identifier"),
     **{
-        f"{band}_{name}": (dtype, units, f"{band.upper()} {text} (Gaia DR3)")
+        f"{band}_{name}": (dr3.SCALARS[f"{band}_{name}"], "1", f"{band.upper()} {text} (Gaia DR3)")
         for band in BANDS
-        for name, (dtype, units, text) in _BAND_SCALAR_SPECS.items()
+        for name, text in _BAND_SCALAR_TEXT.items()
     },
 }
 """The DR3 columns besides the arrays that a store may carry (``--scalars``)."""
+
+# Sky positions, kept when the XP file or its gaia_source companion has them (optional).
+RA = dr3.RA
+DEC = dr3.DEC
+POSITIONS: dict[str, tuple[str, str, str]] = {
+    RA: ("float64", "deg", "right ascension (ICRS, epoch J2016.0, Gaia DR3 gaia_source)"),
+    DEC: ("float64", "deg", "declination (ICRS, epoch J2016.0, Gaia DR3 gaia_source)"),
+}
+POSITION_ATTRS = {"frame": "ICRS", "epoch": "J2016.0"}
+"""Attributes of the ``ra`` and ``dec`` variables besides units and description."""
 
 # Group attributes of a store.
 STORE_ATTR_SCHEMA_VERSION = "xpbatch_store_schema_version"
@@ -77,8 +90,8 @@ STORE_ATTR_PARTITION_RANGES = "partition_ranges"
 when their names follow the DR3 pattern; export-parquet splits its files by them."""
 
 FLUX_UNITS = "electron/s"
-# G magnitude zero point of Gaia DR3 (Riello et al. 2021), used when only the magnitude is known.
-G_ZERO_POINT_MAG = 25.6873668671
+G_ZERO_POINT_MAG = dr3.G_ZERO_POINT_MAG
+"""Used when only the magnitude is known (see :mod:`xpbatch.dr3`)."""
 
 
 class InputFlag(enum.IntFlag):
@@ -94,6 +107,8 @@ class InputFlag(enum.IntFlag):
     """Some coefficient or error of a present band is NaN/inf, or an error is <= 0."""
     G_FLUX_FROM_MAG = 16
     """phot_g_mean_flux was missing and was computed from phot_g_mean_mag."""
+    G_FLUX_FROM_XP_FILE = 32
+    """The G flux (or magnitude) came from the XP file itself, not from a gaia_source companion."""
 
 
 # --- the output catalogue -------------------------------------------------------------------
@@ -114,6 +129,7 @@ class CatalogFlag(enum.IntFlag):
     G_FLUX_MISSING = InputFlag.G_FLUX_MISSING
     NON_FINITE = InputFlag.NON_FINITE
     G_FLUX_FROM_MAG = InputFlag.G_FLUX_FROM_MAG
+    G_FLUX_FROM_XP_FILE = InputFlag.G_FLUX_FROM_XP_FILE
     NOT_ENCODED = 256
     """No output for this row (all outputs NaN); the input bits say why."""
     LATENT_OUTLIER = 512

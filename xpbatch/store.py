@@ -155,6 +155,11 @@ def _variable_specs(scalars: Collection[str], with_correlations: bool) -> list[_
         ),
     ]
     for name in scalars:
+        if name in schema.POSITIONS:
+            dtype, units, description = schema.POSITIONS[name]
+            position_attrs = tuple(schema.POSITION_ATTRS.items())
+            specs.append(_VarSpec(name, dtype, rows, np.nan, units, description, 0, position_attrs))
+            continue
         dtype, units, description = schema.DR3_SCALARS[name]
         fill = INT_MISSING if dtype.startswith("int") else np.nan
         if fill == INT_MISSING:
@@ -189,11 +194,11 @@ def _variable_specs(scalars: Collection[str], with_correlations: bool) -> list[_
 
 
 def _check_scalar_names(scalars: Collection[str]) -> list[str]:
-    unknown = [s for s in scalars if s not in schema.DR3_SCALARS]
+    unknown = [s for s in scalars if s not in schema.DR3_SCALARS and s not in schema.POSITIONS]
     if unknown:
         raise StoreError(
             f"unknown DR3 scalar column(s) {unknown}; a store can carry "
-            f"{', '.join(schema.DR3_SCALARS)}"
+            f"{', '.join([*schema.DR3_SCALARS, *schema.POSITIONS])}"
         )
     return list(scalars)
 
@@ -702,6 +707,7 @@ def compute_input_flags(
     phot_g_mean_flux: np.ndarray,
     *,
     flux_from_mag: np.ndarray | None = None,
+    flux_from_xp_file: np.ndarray | None = None,
     n_bp: int = schema.N_BP,
 ) -> np.ndarray:
     """The :class:`~xpbatch.schema.InputFlag` bits of each row.
@@ -714,6 +720,8 @@ def compute_input_flags(
         (n,) G flux; missing when not finite or not positive.
     flux_from_mag
         (n,) bool, rows whose flux was computed from ``phot_g_mean_mag``.
+    flux_from_xp_file
+        (n,) bool, rows whose flux (or magnitude) came from the XP file, not a companion.
     n_bp
         Number of BP columns.
 
@@ -751,6 +759,8 @@ def compute_input_flags(
     flags[~(np.isfinite(flux) & (flux > 0))] |= np.uint8(InputFlag.G_FLUX_MISSING)
     if flux_from_mag is not None:
         flags[np.asarray(flux_from_mag, dtype=bool)] |= np.uint8(InputFlag.G_FLUX_FROM_MAG)
+    if flux_from_xp_file is not None:
+        flags[np.asarray(flux_from_xp_file, dtype=bool)] |= np.uint8(InputFlag.G_FLUX_FROM_XP_FILE)
     return flags
 
 

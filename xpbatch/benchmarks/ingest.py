@@ -139,7 +139,7 @@ def plain_read(path: Path, *, correlations: bool = True) -> int:
 
 def _inflate(path: Path) -> int:
     """Decompress a file (the gzip floor of any reader); its size in bytes."""
-    from xpbatch.ingest import _gzip
+    from xpbatch.ingest.common import gzip_module as _gzip
 
     size = 0
     with _gzip.open(path, "rb") as f:

@@ -1,0 +1,37 @@
+"""VOTable XP files: BINARY2 (astroquery's default), BINARY and TABLEDATA (``votable_plain``).
+
+astropy parses the XML; ``arraysize="*"`` fields come as variable-length cells (a missing band
+is a zero-length array or an empty ``<TD>``), scalars as masked values. The shared table code
+(:mod:`xpbatch.ingest.table`) does the rest.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from pathlib import Path
+from typing import Any
+
+from xpbatch.errors import ParseError
+from xpbatch.ingest.common import ParsedFile, ReadRequest
+from xpbatch.ingest.table import arrow_table, parse_table
+
+
+def read_votable(
+    path: Path, data: bytes, request: ReadRequest, file_info: dict[str, Any]
+) -> ParsedFile:
+    """Parse the first table of a VOTable."""
+    from astropy.io.votable import parse
+
+    try:
+        with warnings.catch_warnings():  # astropy warns about UCDs and units it does not know
+            warnings.simplefilter("ignore")
+            votable = parse(io.BytesIO(data), verify="ignore", filename=str(path))
+            table = votable.get_first_table().to_table(use_names_over_ids=True)
+    except Exception as e:  # expat's ExpatError, astropy's VOTable errors, IndexError (no table)
+        where = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+        raise ParseError(
+            f"{path}{where}: not a readable VOTable ({type(e).__name__}: {e}); is it truncated "
+            "or not XML? Download it again."
+        ) from e
+    return parse_table(arrow_table(table), path, request, file_info)
