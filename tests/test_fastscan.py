@@ -15,8 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpbatch import fastscan, ingest, schema
+from xpbatch import fastscan, schema
 from xpbatch.config import MockConfig
+from xpbatch.ingest import ReadRequest, parse_xp_file
+from xpbatch.ingest import text as ingest
 from xpbatch.mock import write_mock_dr3_bulk
 from xpbatch.store import n_correlations
 
@@ -264,9 +266,7 @@ def _parse(path: Path, *, with_correlations: bool, general: bool = False, **kw: 
     with pytest.MonkeyPatch.context() as patch:
         if general:
             patch.setattr(ingest, "fastscan", None)  # every block through the general reader
-        return ingest.parse_xp_file(
-            path, scalars=SCALARS, with_correlations=with_correlations, **kw
-        )
+        return parse_xp_file(path, scalars=SCALARS, with_correlations=with_correlations, **kw)
 
 
 def _assert_identical(fast: Any, general: Any) -> None:
@@ -682,7 +682,7 @@ def test_the_fast_path_leaves_rows_the_general_reader_must_judge(cells: dict[str
     data = "\n".join([_xp_line(11, {}), _xp_line(12, cells), ""]).encode()
     buffer = np.frombuffer(data, dtype=np.uint8)
     quotes = ingest._quote_positions(data, 0, len(data))
-    fast = ingest._FastLayout.of(COLUMNS, SCALARS, with_correlations=False)
+    fast = ingest._FastLayout.of(COLUMNS, COLUMNS, ReadRequest(SCALARS))
     assert fast is not None
     assert fastscan.scan_block(buffer, quotes, fast.layout) is not None  # the scanner reads it
     assert fast.parse(buffer, quotes) is None  # the checks after it refuse

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from xpbatch import schema
 from xpbatch.cli import main
 from xpbatch.config import IngestConfig
-from xpbatch.errors import ChecksumError, ConfigError, ParseError
+from xpbatch.errors import ChecksumError, ParseError
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import write_mock_dr3_bulk, write_mock_store
 from xpbatch.schema import InputFlag
@@ -253,10 +253,10 @@ BAD_FILES = {
         ParseError,
         r"GaiaSource_000001-000002\.csv\.gz is not among the --gaia-source files",
     ),
-    "no gaia_source at all": (
+    "no G flux anywhere": (
         lambda s, t: ([s / "XP_CONTINUOUS_RAW.csv"], []),
-        ConfigError,
-        r"no gaia_source files given",
+        ParseError,
+        r"XP_CONTINUOUS_RAW\.csv: no G flux: .*neither phot_g_mean_flux nor phot_g_mean_mag",
     ),
     "duplicate source_id across files": (
         lambda s, t: (
@@ -324,7 +324,7 @@ def test_skip_leaves_bad_rows_out_and_records_them(
 def test_a_rerun_after_a_failure_reuses_the_finished_files(
     dr3_samples_dir: Path, tmp_path: Path, gaia: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import xpbatch.ingest as ingest
+    import xpbatch.ingest.parts as parts
 
     good = dr3_samples_dir / "XP_CONTINUOUS_RAW.csv"
     text = (dr3_samples_dir / "XP_CONTINUOUS_bulk_style_null.ecsv").read_text()
@@ -338,11 +338,11 @@ def test_a_rerun_after_a_failure_reuses_the_finished_files(
     assert len(list((tmp_path / "s.zarr.parts").glob("*/done.json"))) == 1  # the good file
     second.write_text(text)
     parsed: list[str] = []
-    real_parse = ingest.parse_xp_file
+    real_read = parts.read_xp_file
     monkeypatch.setattr(
-        ingest,
-        "parse_xp_file",
-        lambda path, **kw: parsed.append(Path(path).name) or real_parse(path, **kw),
+        parts,
+        "read_xp_file",
+        lambda path, request: parsed.append(Path(path).name) or real_read(path, request),
     )
     resumed = open_xp_store(ingest_files([good, second], [gaia], out))
     assert parsed == ["second.ecsv"]

@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from xpbatch import __version__, schema
+from xpbatch import __version__, dr3, schema
 from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.errors import ConfigError, InputShapeError, OutputExistsError, StoreNotFoundError
 from xpbatch.partitions import HEALPIX_LEVEL, HEALPIX_SHIFT, N_PIXELS, file_name
@@ -752,7 +752,8 @@ def _dr3_scalars(rng: np.random.Generator, n_transits: np.ndarray) -> dict[str, 
     """Plausible values of every DR3 scalar column (schema.DR3_SCALARS) for both bands."""
     size = len(n_transits)
     out: dict[str, np.ndarray] = {"solution_id": np.full(size, SOLUTION_ID, dtype=np.int64)}
-    for band, basis_function_id, n_coeff in (("bp", 56, N_BP), ("rp", 57, N_RP)):
+    for band, basis_function_id in dr3.BASIS_FUNCTION_ID.items():
+        n_coeff = dr3.N_COEFFICIENTS[band]
         samples = n_transits * _SAMPLES_PER_TRANSIT
         n_measurements = samples - rng.binomial(samples, 0.03)
         rejected = rng.binomial(n_measurements, rng.uniform(0.002, 0.02, size))
@@ -1050,34 +1051,39 @@ class _Column(NamedTuple):
     subtype: str | None = None
 
 
-# gaiadr3.xp_continuous_mean_spectrum, per band ({B} is BP or RP).
-_BAND_COLUMNS = (
-    _Column("basis_function_id", "int16", "meta.id", "Identifier defining the set of basis "
-            "functions for the {B} spectrum representation"),
-    _Column("degrees_of_freedom", "int16", "stat.fit.dof", "Degrees of freedom for the {B} "
-            "spectrum representation"),
-    _Column("n_parameters", "int16", "stat.fit.param", "Number of parameters for the {B} "
-            "spectrum representation"),
-    _Column("n_measurements", "int16", "meta.number", "Number of measurements used for the {B} "
-            "spectrum generation"),
-    _Column("n_rejected_measurements", "int16", "meta.number", "Number of rejected measurements "
-            "in the {B} spectrum generation"),
-    _Column("standard_deviation", "float32", "stat.stdev", "Standard deviation for the {B} "
-            "spectrum representation"),
-    _Column("chi_squared", "float32", "stat.fit.chi2", "Chi squared for the {B} spectrum "
-            "representation"),
-    _Column("coefficients", "string", "stat.fit.param", "Basis function coefficients for the "
-            "{B} spectrum representation", "float64[null]"),
-    _Column("coefficient_errors", "string", "stat.error", "Basis function coefficient errors "
-            "for the {B} spectrum representation", "float32[null]"),
-    _Column("coefficient_correlations", "string", "stat.correlation", "Correlation matrix for "
-            "{B} coefficients", "float32[null]"),
-    _Column("n_relevant_bases", "int16", "meta.number", "Number of bases that are relevant for "
-            "the representation of this mean {B} spectrum"),
-    _Column("relative_shrinking", "float32", "stat.fit.param", "Measure of the relative "
-            "shrinking of the coefficient vector when truncation is applied for the mean {B} "
-            "spectrum"),
-)  # fmt: skip
+# gaiadr3.xp_continuous_mean_spectrum, per band ({B} is BP or RP): names, order and dtypes are
+# xpbatch.dr3's (arrays are ECSV strings); the ECSV metadata is the archive's.
+_BAND_COLUMN_META = {
+    "basis_function_id": ("meta.id", "Identifier defining the set of basis functions for the {B} "
+                          "spectrum representation"),
+    "degrees_of_freedom": ("stat.fit.dof", "Degrees of freedom for the {B} spectrum "
+                           "representation"),
+    "n_parameters": ("stat.fit.param", "Number of parameters for the {B} spectrum "
+                     "representation"),
+    "n_measurements": ("meta.number", "Number of measurements used for the {B} spectrum "
+                       "generation"),
+    "n_rejected_measurements": ("meta.number", "Number of rejected measurements in the {B} "
+                                "spectrum generation"),
+    "standard_deviation": ("stat.stdev", "Standard deviation for the {B} spectrum "
+                           "representation"),
+    "chi_squared": ("stat.fit.chi2", "Chi squared for the {B} spectrum representation"),
+    "coefficients": ("stat.fit.param", "Basis function coefficients for the {B} spectrum "
+                     "representation"),
+    "coefficient_errors": ("stat.error", "Basis function coefficient errors for the {B} "
+                           "spectrum representation"),
+    "coefficient_correlations": ("stat.correlation", "Correlation matrix for {B} coefficients"),
+    "n_relevant_bases": ("meta.number", "Number of bases that are relevant for the "
+                         "representation of this mean {B} spectrum"),
+    "relative_shrinking": ("stat.fit.param", "Measure of the relative shrinking of the "
+                           "coefficient vector when truncation is applied for the mean {B} "
+                           "spectrum"),
+}  # fmt: skip
+_BAND_COLUMNS = tuple(
+    _Column(name, "string", *_BAND_COLUMN_META[name], f"{dtype}[null]")
+    if name in dr3.ARRAYS
+    else _Column(name, dtype, *_BAND_COLUMN_META[name])
+    for name, dtype in dr3.BAND_COLUMNS.items()
+)
 _SOURCE_ID_COLUMN = _Column(
     "source_id", "int64", "meta.id;meta.main",
     "Unique source identifier (unique within a particular Data Release)",
