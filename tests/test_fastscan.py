@@ -468,7 +468,7 @@ _LEFT_TO_THE_GENERAL_READER = [
         1,
         id="null-token-with-spaces",
     ),
-    pytest.param({"bp_n_measurements": "+5"}, 1, id="integer-with-plus"),
+    pytest.param({"bp_n_measurements": "+5"}, 0, id="integer-with-plus"),  # read as a float: 5
     pytest.param({"bp_n_measurements": " 5"}, 1, id="integer-with-space"),
     pytest.param({"bp_n_measurements": "99999999999999999999"}, 1, id="integer-beyond-int64"),
     pytest.param({"bp_n_measurements": "70000"}, 1, id="integer-beyond-int16"),

@@ -687,10 +687,11 @@ _INGEST_DEFAULTS = IngestConfig()
     "--gaia-source",
     "gaia_source",
     multiple=True,
-    required=True,
     type=click.Path(),
     help="gaia_source companion file or directory (repeat for several): the same-suffix "
-    "GaiaSource_*.csv.gz, or any CSV/Parquet with source_id and phot_g_mean_flux/_mag.",
+    "GaiaSource_*.csv.gz, or any CSV/Parquet with source_id and phot_g_mean_flux/_mag (and "
+    "optionally ra, dec). Not needed for XP files that carry phot_g_mean_flux or _mag; a "
+    "companion's value wins over the XP file's.",
 )
 @click.option("-o", "--output", type=click.Path(), required=True, help="The store to write.")
 @click.option(
@@ -709,8 +710,16 @@ _INGEST_DEFAULTS = IngestConfig()
     "--scalars",
     default=None,
     metavar="NAMES",
-    help="Comma-separated DR3 scalar columns to keep (e.g. bp_chi_squared), or 'none' "
-    "[default: all].",
+    help="Comma-separated DR3 scalar columns to keep when the files have them (e.g. "
+    "bp_chi_squared), or 'none' [default: all present].",
+)
+@click.option(
+    "--columns",
+    default=None,
+    metavar="MAPPING",
+    help="DR3 names of XP columns named otherwise, comma-separated DR3_NAME=FILE_NAME; {i} "
+    "stands for the coefficient index of one-column-per-coefficient tables (e.g. "
+    "'bp_coefficients=BPc{i},bp_coefficient_errors=BPe{i}').",
 )
 @click.option(
     "--chunk-rows",
@@ -726,7 +735,9 @@ _INGEST_DEFAULTS = IngestConfig()
 def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kwargs: Any) -> None:
     """Ingest Gaia DR3 XP continuous-spectrum files (or directories of them) into an XP store.
 
-    Reads bulk XpContinuousMeanSpectrum_*.csv.gz files and archive CSV/ECSV, gzipped or not.
+    Reads bulk XpContinuousMeanSpectrum_*.csv.gz files, the archive's CSV, ECSV, VOTable and
+    FITS (astroquery's downloads), DPAC AVRO, Parquet and zip bundles of these, gzipped or not,
+    recognised from their content.
     Interrupted or failed runs resume: rerun the same command and finished files are reused.
     """
     from xpbatch.cluster import connect
@@ -748,6 +759,7 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
         verify_md5=not kwargs["no_verify_md5"],
         overwrite=kwargs["overwrite"],
         keep_parts=kwargs["keep_parts"],
+        columns=_column_mapping(kwargs["columns"]),
     )
     xp = expand_inputs(xp_files, XP_GLOB)
     gs = expand_inputs(gaia_source, GAIA_SOURCE_GLOB)
@@ -763,6 +775,22 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
         click.echo(f"skipped {attrs['skipped_row_count']:,} malformed row(s), e.g.:", err=True)
         for row in attrs["skipped_rows"][:5]:
             click.echo(f"  {row['file']}, line {row['line']}: {row['reason']}", err=True)
+
+
+def _column_mapping(text: str | None) -> tuple[tuple[str, str], ...]:
+    """'a=b,c=d' -> (('a', 'b'), ('c', 'd'))."""
+    pairs = []
+    for item in (text or "").split(","):
+        if not item.strip():
+            continue
+        target, sep, given = item.partition("=")
+        if not sep or not target.strip() or not given.strip():
+            raise click.BadParameter(
+                f"{item!r} is not DR3_NAME=FILE_NAME (e.g. bp_coefficients=BPc{{i}})",
+                param_hint="--columns",
+            )
+        pairs.append((target.strip(), given.strip()))
+    return tuple(pairs)
 
 
 @main.group("bench")
