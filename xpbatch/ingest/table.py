@@ -223,13 +223,14 @@ def _array(
     kind = column.type
     if pa.types.is_fixed_size_list(kind):
         column = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-        flat = _float_values(column.flatten())
-        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False))
         size = kind.list_size
+        valid = np.asarray(column.is_valid().to_numpy(zero_copy_only=False))
         length = np.where(valid, size, 0)
         if size != width:
             return np.full((n, width), np.nan), length
-        values = flat.reshape(n, size) if n else np.empty((0, width))
+        # .values keeps the slots of null rows (flatten() drops them): row i is values[i*size:]
+        slots = column.values.slice(column.offset * size, n * size)
+        values = _float_values(slots).reshape(n, size).copy()
         values[~valid] = np.nan
         return values, length
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):

@@ -8,6 +8,7 @@ is a zero-length array or an empty ``<TD>``), scalars as masked values. The shar
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,9 @@ def read_votable(
             votable = parse(io.BytesIO(data), verify="ignore", filename=str(path))
             table = votable.get_first_table().to_table(use_names_over_ids=True)
     except Exception as e:  # expat's ExpatError, astropy's VOTable errors, IndexError (no table)
-        where = f", line {e.lineno}" if getattr(e, "lineno", None) else ""
+        # expat and astropy put the position first in the message: 'line:column: ...'
+        position = re.match(r"(\d+):(\d+):", str(e))
+        where = f", line {position.group(1)}" if position else ""
         raise ParseError(
             f"{path}{where}: not a readable VOTable ({type(e).__name__}: {e}); is it truncated "
             "or not XML? Download it again."
