@@ -46,7 +46,7 @@ def read_avro(
                 f"(DPAC MeanSpectrumSolutionWithCov, as GaiaXPy reads), but this one has "
                 f"{fields[:8]}{'...' if len(fields) > 8 else ''}"
             )
-        records = list(reader)
+        records: list[dict[str, Any]] = list(reader)  # type: ignore[arg-type]
     except ParseError:
         raise
     except Exception as e:  # fastavro raises ValueError, EOFError, SchemaResolutionError ...
@@ -96,8 +96,8 @@ def _band_arrays(
     """
     n_par = np.array([len(p) for p in parameters], dtype=np.int64)
     n_cov = np.array([len(c) for c in covariance], dtype=np.int64)
-    values = np.concatenate([np.asarray(p, dtype=np.float64) for p in parameters if p] or [[]])
-    flat_cov = np.concatenate([np.asarray(c, dtype=np.float64) for c in covariance if c] or [[]])
+    values = _joined(parameters)
+    flat_cov = _joined(covariance)
     cov_start = np.concatenate([[0], np.cumsum(n_cov)[:-1]])
     n = len(parameters)
     errors: list[np.ndarray | None] = [None] * n
@@ -118,6 +118,12 @@ def _band_arrays(
         _ragged(errors),
         _ragged(correlations),
     )
+
+
+def _joined(cells: list[list[float]]) -> np.ndarray:
+    """All cells' values end to end (numpy converts each list in C)."""
+    arrays = [np.asarray(c, dtype=np.float64) for c in cells if c]
+    return np.concatenate(arrays) if arrays else np.empty(0)
 
 
 def _packed(i: np.ndarray, j: np.ndarray) -> np.ndarray:

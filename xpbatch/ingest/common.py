@@ -153,7 +153,8 @@ class Problems:
             more = f" ({len(bad) - 1} more bad row(s) in this file)" if len(bad) > 1 else ""
             raise ParseError(
                 f"{self.path}, {self.unit} {bad[0].line}: {bad[0].reason}{more}. Fix or remove "
-                "the row, or pass --on-bad-row skip to leave malformed rows out (they are recorded)."
+                "the row, or pass --on-bad-row skip to leave malformed rows out (they are "
+                "recorded)."
             )
 
 

@@ -157,9 +157,7 @@ def parse_columns(
             width_corr = dr3.n_correlations(width)
             if layout.has(name):
                 corr, n_corr = _array(table, layout, name, width_corr, problems, n)
-                wrong = np.flatnonzero((n_corr > 0) & (n_corr != width_corr))
-                reason = f"{name} has {{}} values, not {width_corr}"
-                problems.add(wrong, lambda r, c=n_corr, why=reason: why.format(c[r]))
+                _check_width(name, n_corr, width_corr, problems)
             else:
                 corr = np.full((n, width_corr), np.nan)
             out[name] = as_float32(corr)
@@ -201,6 +199,11 @@ def _check_lengths(
     said = np.flatnonzero(present & (declared >= 0) & (declared != n_coeff))
     problems.add(said, lambda r: f"{name} has {n_coeff[r]} values but n_parameters says "
                                  f"{declared[r]}")  # fmt: skip
+
+
+def _check_width(name: str, length: np.ndarray, width: int, problems: Problems) -> None:
+    wrong = np.flatnonzero((length > 0) & (length != width))
+    problems.add(wrong, lambda r: f"{name} has {length[r]} values, not {width}")
 
 
 def _array(
@@ -337,7 +340,7 @@ def _arrow_column(column: Any) -> pa.Array:
     data = data.astype(data.dtype.newbyteorder("="))  # FITS is big-endian; arrow wants native
     if data.ndim == 2:
         if mask is not None and mask.ndim == 2:
-            mask = mask.all(axis=1)
+            mask = np.asarray(mask.all(axis=1))
         flat = pa.array(data.reshape(-1))
         return pa.FixedSizeListArray.from_arrays(flat, data.shape[1], mask=_arrow_mask(mask))
     if data.dtype.kind in "US":
