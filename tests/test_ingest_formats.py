@@ -24,9 +24,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import shared_path
 
+import xpbatch
 from xpbatch import dr3, schema
 from xpbatch.errors import ParseError
-from xpbatch.ingest import ingest_files, ingest_table, parse_xp_file, sniff
+from xpbatch.ingest import ingest_files, parse_xp_file, sniff
 from xpbatch.schema import InputFlag
 from xpbatch.store import open_xp_store
 
@@ -419,7 +420,9 @@ def test_ingest_table_builds_the_same_store_as_the_file(
         table = _arrow(rows).to_pandas()
     else:
         table = _astropy_table(rows, fixed=kind == "astropy-fixed")
-    from_table = open_xp_store(ingest_table(table, tmp_path / "t.zarr", gaia_source_files=[gaia]))
+    from_table = open_xp_store(
+        xpbatch.ingest_table(table, tmp_path / "t.zarr", gaia_source_files=[gaia])
+    )
     path = _write_fits(rows, tmp_path / "xp.fits")
     from_file = open_xp_store(ingest_files([path], [gaia], tmp_path / "f.zarr"))
     for name in from_file.variables:

@@ -26,6 +26,8 @@ _API = {
     "write_mock_store": "xpbatch.mock",
     "write_mock_dr3_bulk": "xpbatch.mock",
     "read_mock_labels": "xpbatch.mock",
+    "ingest_files": "xpbatch.ingest",
+    "ingest_table": "xpbatch.ingest",
     "train_model": "xpbatch.train",
     "encode_catalog": "xpbatch.pipeline",
     "open_catalog": "xpbatch.catalog",
