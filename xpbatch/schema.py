@@ -35,6 +35,11 @@ COEFFICIENTS = "coefficients"
 COEFFICIENT_ERRORS = "coefficient_errors"
 PHOT_G_MEAN_FLUX = dr3.PHOT_G_MEAN_FLUX
 INPUT_FLAGS = "input_flags"
+RA = "ra"
+DEC = "dec"
+POSITION_ATTRS = {"units": "deg", "frame": "ICRS", "epoch": "J2016.0"}
+"""Attributes of ``ra``/``dec`` (store and catalogue): gaia_source positions, degrees, ICRS at
+the Gaia DR3 reference epoch J2016.0."""
 CORRELATION = "correlation"
 """Dimension of the packed off-diagonal correlations (55·54/2 = 1485 per band)."""
 
@@ -67,16 +72,6 @@ DR3_SCALARS: dict[str, tuple[str, str, str]] = {
     },
 }
 """The DR3 columns besides the arrays that a store may carry (``--scalars``)."""
-
-# Sky positions, kept when the XP file or its gaia_source companion has them (optional).
-RA = dr3.RA
-DEC = dr3.DEC
-POSITIONS: dict[str, tuple[str, str, str]] = {
-    RA: ("float64", "deg", "right ascension (ICRS, epoch J2016.0, Gaia DR3 gaia_source)"),
-    DEC: ("float64", "deg", "declination (ICRS, epoch J2016.0, Gaia DR3 gaia_source)"),
-}
-POSITION_ATTRS = {"frame": "ICRS", "epoch": "J2016.0"}
-"""Attributes of the ``ra`` and ``dec`` variables besides units and description."""
 
 # Group attributes of a store.
 STORE_ATTR_SCHEMA_VERSION = "xpbatch_store_schema_version"

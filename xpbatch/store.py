@@ -11,6 +11,7 @@ variable                      dims                 dtype      note
 ``coefficient_errors``        (source, coeff)      float32    e-/s
 ``phot_g_mean_flux``          (source,)            float64    e-/s
 ``input_flags``               (source,)            uint8      :class:`~xpbatch.schema.InputFlag`
+``ra``, ``dec`` (optional)    (source,)            float64    deg, ICRS, epoch J2016.0 (gaia_source)
 DR3 scalars (optional)        (source,)            see schema ``bp_chi_squared`` ...
 ``*_coefficient_correlations``  (source, correlation)  float32  only when asked for
 ============================  ===================  =========  ===============================
@@ -113,7 +114,22 @@ def _flag_attrs() -> tuple[tuple[str, Any], ...]:
     )
 
 
-def _variable_specs(scalars: Collection[str], with_correlations: bool) -> list[_VarSpec]:
+def position_specs() -> list[_VarSpec]:
+    """``ra`` and ``dec``: the gaia_source position of each source (NaN where unknown)."""
+    units = schema.POSITION_ATTRS["units"]
+    extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != "units")
+    return [
+        _VarSpec(name, "float64", (schema.SOURCE,), np.nan, units, text, extra_attrs=extra)
+        for name, text in (
+            (schema.RA, "right ascension (gaia_source ra), ICRS at epoch J2016.0"),
+            (schema.DEC, "declination (gaia_source dec), ICRS at epoch J2016.0"),
+        )
+    ]
+
+
+def _variable_specs(
+    scalars: Collection[str], with_correlations: bool, with_positions: bool = False
+) -> list[_VarSpec]:
     """Every row variable of a store with these options; ``source_id`` comes last on purpose."""
     rows = (schema.SOURCE,)
     table = (schema.SOURCE, schema.COEFF)
@@ -154,12 +170,9 @@ def _variable_specs(scalars: Collection[str], with_correlations: bool) -> list[_
             extra_attrs=_flag_attrs(),
         ),
     ]
+    if with_positions:
+        specs.extend(position_specs())
     for name in scalars:
-        if name in schema.POSITIONS:
-            dtype, units, description = schema.POSITIONS[name]
-            position_attrs = tuple(schema.POSITION_ATTRS.items())
-            specs.append(_VarSpec(name, dtype, rows, np.nan, units, description, 0, position_attrs))
-            continue
         dtype, units, description = schema.DR3_SCALARS[name]
         fill = INT_MISSING if dtype.startswith("int") else np.nan
         if fill == INT_MISSING:
@@ -194,11 +207,11 @@ def _variable_specs(scalars: Collection[str], with_correlations: bool) -> list[_
 
 
 def _check_scalar_names(scalars: Collection[str]) -> list[str]:
-    unknown = [s for s in scalars if s not in schema.DR3_SCALARS and s not in schema.POSITIONS]
+    unknown = [s for s in scalars if s not in schema.DR3_SCALARS]
     if unknown:
         raise StoreError(
             f"unknown DR3 scalar column(s) {unknown}; a store can carry "
-            f"{', '.join([*schema.DR3_SCALARS, *schema.POSITIONS])}"
+            f"{', '.join(schema.DR3_SCALARS)}"
         )
     return list(scalars)
 
@@ -248,13 +261,15 @@ class XPStoreWriter:
         chunk_rows: int,
         scalars: Collection[str] = (),
         with_correlations: bool = False,
+        with_positions: bool = False,
     ) -> None:
         self.path = Path(path)
         self.n_rows = int(n_rows)
         self.chunk_rows = int(chunk_rows)
         self.scalars = _check_scalar_names(scalars)
         self.with_correlations = bool(with_correlations)
-        self._specs = _variable_specs(self.scalars, self.with_correlations)
+        self.with_positions = bool(with_positions)
+        self._specs = _variable_specs(self.scalars, self.with_correlations, self.with_positions)
         self._group: zarr.Group | None = None
 
     def __getstate__(self) -> dict[str, Any]:
@@ -273,6 +288,7 @@ class XPStoreWriter:
         attrs: Mapping[str, Any] | None = None,
         scalars: Collection[str] = (),
         with_correlations: bool = False,
+        with_positions: bool = False,
         overwrite: bool = False,
     ) -> XPStoreWriter:
         """Create the whole store's metadata (every array, NaN-filled) and return its writer.
@@ -293,6 +309,8 @@ class XPStoreWriter:
             DR3 scalar columns to carry (names in :data:`xpbatch.schema.DR3_SCALARS`).
         with_correlations
             Also create the packed ``bp_/rp_coefficient_correlations`` arrays.
+        with_positions
+            Also create ``ra`` and ``dec`` (float64 degrees, ICRS, epoch J2016.0).
         overwrite
             Replace an existing store at ``path``.
         """
@@ -306,6 +324,7 @@ class XPStoreWriter:
             chunk_rows=min(chunk_rows, max(n_rows, 1)),
             scalars=scalars,
             with_correlations=with_correlations,
+            with_positions=with_positions,
         )
         _remove_existing(writer.path, overwrite)
         group = zarr.open_group(writer.path, mode="w-", zarr_format=3)
@@ -366,6 +385,7 @@ class XPStoreWriter:
             "chunk_rows": self.chunk_rows,
             "scalars": self.scalars,
             "with_correlations": self.with_correlations,
+            "with_positions": self.with_positions,
             schema.STORE_ATTR_ROW_COUNT: self.n_rows,
             schema.STORE_ATTR_COMPLETE: False,
         }
@@ -409,6 +429,7 @@ class XPStoreWriter:
         input_flags: np.ndarray | None = None,
         scalars: Mapping[str, np.ndarray] | None = None,
         correlations: Mapping[str, np.ndarray] | None = None,
+        positions: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         """Write rows ``[start, start + len(source_id))``, a chunk-aligned region.
 
@@ -429,6 +450,8 @@ class XPStoreWriter:
         correlations
             Band ('bp', 'rp') -> (n, 1485) packed correlations; only for stores created
             ``with_correlations``.
+        positions
+            ``{"ra": (n,), "dec": (n,)}`` in degrees; only for stores created ``with_positions``.
         """
         sid = np.asarray(source_id)
         n = sid.shape[0] if sid.ndim == 1 else -1
@@ -450,6 +473,7 @@ class XPStoreWriter:
             schema.PHOT_G_MEAN_FLUX: phot_g_mean_flux,
             schema.INPUT_FLAGS: input_flags,
             **self._named_extras(scalars, correlations),
+            **self._positions(positions),
             schema.SOURCE_ID: sid,
         }
         group = self._open()
@@ -505,6 +529,19 @@ class XPStoreWriter:
                 raise InputShapeError(f"correlations lacks band {band!r}")
             extras[schema.correlations_name(band)] = correlations[band]  # type: ignore[index]
         return extras
+
+    def _positions(self, positions: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+        if self.with_positions != (positions is not None):
+            raise InputShapeError(
+                "positions (ra, dec) must be given exactly when the store was created "
+                f"with_positions (with_positions={self.with_positions})"
+            )
+        if positions is None:
+            return {}
+        missing = {schema.RA, schema.DEC} - set(positions)
+        if missing:
+            raise InputShapeError(f"positions lacks {sorted(missing)}")
+        return {name: positions[name] for name in (schema.RA, schema.DEC)}
 
     # --- finishing ------------------------------------------------------------------------
     def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
@@ -784,6 +821,7 @@ def write_xp_store(
     input_flags: np.ndarray | None = None,
     scalars: Mapping[str, np.ndarray] | None = None,
     correlations: Mapping[str, np.ndarray] | None = None,
+    positions: Mapping[str, np.ndarray] | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
@@ -803,7 +841,7 @@ def write_xp_store(
         (n, 110) float, BP coefficients 0..54 then RP 0..54, in e-/s; NaN for a missing band.
     phot_g_mean_flux
         (n,) float, e-/s.
-    input_flags, scalars, correlations
+    input_flags, scalars, correlations, positions
         See :meth:`XPStoreWriter.write_rows`.
     chunk_rows, attrs, overwrite
         See :meth:`XPStoreWriter.create`.
@@ -854,6 +892,7 @@ def write_xp_store(
         attrs=attrs,
         scalars=list(scalars or {}),
         with_correlations=correlations is not None,
+        with_positions=positions is not None,
         overwrite=overwrite,
     )
     for region in writer.chunk_slices():
@@ -867,6 +906,11 @@ def write_xp_store(
                 None
                 if correlations is None
                 else {b: np.asarray(v)[rows] for b, v in correlations.items()}
+            ),
+            positions=(
+                None
+                if positions is None
+                else {k: np.asarray(v)[rows] for k, v in positions.items()}
             ),
         )
     return writer.finalize()
@@ -901,7 +945,11 @@ def _schema_problems(group: zarr.Group, path: Path) -> list[str]:
         )
     arrays = dict(group.arrays())
     n_rows = attrs.get(schema.STORE_ATTR_ROW_COUNT)
-    specs = _variable_specs(attrs.get("scalars", []), bool(attrs.get("with_correlations")))
+    specs = _variable_specs(
+        attrs.get("scalars", []),
+        bool(attrs.get("with_correlations")),
+        bool(attrs.get("with_positions")),
+    )
     for spec in specs:
         array = arrays.get(spec.name)
         if array is None:

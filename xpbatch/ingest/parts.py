@@ -142,13 +142,16 @@ def _sorted_part_columns(parsed: ParsedFile, gaia: GaiaSourceTable) -> dict[str,
     return columns
 
 
-OPTIONAL = (*schema.DR3_SCALARS, *schema.POSITIONS)
+POSITIONS = (schema.RA, schema.DEC)
+OPTIONAL = (*schema.DR3_SCALARS, *POSITIONS)
 """Store variables a part may lack (its file had no such column), in store order."""
 
 
 def _fill(name: str) -> tuple[str, Any]:
     """dtype and value of an optional variable where the file had no such column."""
-    dtype = (schema.DR3_SCALARS | schema.POSITIONS)[name][0]
+    if name in POSITIONS:
+        return "float64", np.nan
+    dtype = schema.DR3_SCALARS[name][0]
     return dtype, INT_MISSING if dtype.startswith("int") else np.nan
 
 
@@ -269,5 +272,6 @@ def write_chunk(writer: XPStoreWriter, start: int, pieces: list[Piece]) -> int:
             if writer.with_correlations
             else None
         ),
+        positions={p: column(p) for p in POSITIONS} if writer.with_positions else None,
     )
     return start

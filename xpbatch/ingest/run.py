@@ -23,7 +23,6 @@ from xpbatch.dr3 import GAIA_SOURCE_GLOB, GAIA_SOURCE_NAME, XP_GLOB, XP_NAME
 from xpbatch.errors import ConfigError, ParseError
 from xpbatch.ingest.common import ReadRequest
 from xpbatch.ingest.parts import (
-    OPTIONAL,
     FileTask,
     PartInfo,
     chunk_pieces,
@@ -169,7 +168,7 @@ def ingest_files(
     parts: list[PartInfo] = _run(client, ingest_file, tasks)
     ordered = merge_overlapping(parts, staging)
     present = {name for part in parts for name in part.optional}
-    optional = [name for name in OPTIONAL if name in present]  # what any input file had
+    kept = [name for name in schema.DR3_SCALARS if name in present]  # what any input file had
     n_rows = sum(p.rows for p in ordered)
     partial = out.with_name(out.name + ".partial")
     writer = XPStoreWriter.create(
@@ -177,8 +176,9 @@ def ingest_files(
         n_rows,
         chunk_rows=config.chunk_rows,
         attrs={"ingest_options": {"on_bad_row": config.on_bad_row}},
-        scalars=optional,
+        scalars=kept,
         with_correlations=config.with_correlations,
+        with_positions=schema.RA in present,
         overwrite=True,  # a leftover .partial is ours, from a failed run
     )
     regions = writer.chunk_slices()
