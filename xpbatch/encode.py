@@ -7,14 +7,18 @@ worker (the rechunker habit). Reading the input chunk and writing the result are
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import collections
+import contextlib
+import threading
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from xpbatch import schema
 from xpbatch.errors import InputShapeError
-from xpbatch.trained import DEFAULT_BATCH_SIZE, TrainedModel
+from xpbatch.schema import CatalogFlag
+from xpbatch.trained import DEFAULT_BATCH_SIZE, LATENT_OUTLIER_SIGMA, TrainedModel
 
 INPUT_VARIABLES = (
     schema.SOURCE_ID,
@@ -26,12 +30,284 @@ INPUT_VARIABLES = (
 """The store variables one chunk must carry."""
 
 BATCHES_PER_BLOCK = 8
-"""The kernel works through a chunk in blocks of this many forward passes, so the float64
-temporaries of the input recipe are bounded by the block, not the chunk (memory flat in chunk
-size). Blocks are whole batches, so results stay bitwise identical to one call on the chunk."""
+"""The kernel works through a chunk in blocks of this many forward passes, so its temporaries
+(host and device) are bounded by the block, not the chunk (memory flat in chunk size). Blocks
+are whole batches, so results stay bitwise identical to one call on the chunk."""
 
 Chunk = Mapping[str, np.ndarray]
 """Variable name -> numpy array of one chunk's rows (the store's names, see INPUT_VARIABLES)."""
+
+
+class EncodeKernel:
+    """The encode recipe of one model as torch operations on one device, in float32.
+
+    Built once per model and device (the network moves to the device here, once); safe to share
+    between threads: each thread gets its own pinned staging buffers and CUDA stream, so the
+    device work of one task overlaps the reads, writes and host copies of the others.
+
+    Per block of rows: the inputs go to the device in one copy (``[c | e | g]`` packed from
+    pinned memory on CUDA; zero-copy views on the CPU), the input recipe, the forward passes and
+    the outputs run there, and the stored outputs come back in one packed copy. Only the outputs
+    asked for are computed.
+    """
+
+    def __init__(self, model: TrainedModel, device: str | torch.device = "cpu") -> None:
+        self.model = model
+        self.device = torch.device(device)
+        self.network = model.network.to(self.device)
+        self.network.eval()
+
+        def constant(values: np.ndarray | None) -> torch.Tensor:
+            return torch.as_tensor(np.asarray(values, np.float32), device=self.device)
+
+        self.mean = constant(model.normalisation.mean)  # (input,)
+        self.std = constant(model.normalisation.std)  # (input,)
+        self.reference_mean = constant(model.latent_reference_mean)  # (latent,)
+        self.reference_std = constant(model.latent_reference_std)  # (latent,)
+        self.n_in = model.config.input_dim
+        self.n_bp = self.n_in // 2
+        self._local = threading.local()
+
+    @property
+    def on_cuda(self) -> bool:
+        """Whether the device is a CUDA GPU (pinned memory and streams are used)."""
+        return self.device.type == "cuda"
+
+    def widths(self, names: Sequence[str]) -> dict[str, int]:
+        """Columns per row of each kernel output (name -> width)."""
+        latent = self.model.config.latent_dim
+        known = {
+            schema.LATENT_MEAN: latent,
+            schema.LATENT_STD: latent,
+            schema.SCATTER: self.n_in,
+            schema.RMSE: 1,
+            schema.FLAGS: 1,
+            schema.RECONSTRUCTION: self.n_in,
+        }
+        return {name: known[name] for name in names}
+
+    def run(
+        self,
+        coefficients: np.ndarray,
+        coefficient_errors: np.ndarray,
+        phot_g_mean_flux: np.ndarray,
+        out: Mapping[str, np.ndarray],
+        *,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+    ) -> None:
+        """Encode one block of rows into the host arrays ``out`` (name -> (rows, ...) array).
+
+        ``out``'s keys choose what is computed (see :meth:`widths`); ``flags`` receives the
+        CatalogFlag bits found in the input and the model's (not the membership bits).
+        """
+        n_rows = len(phot_g_mean_flux)
+        if n_rows == 0:
+            return
+        names = list(out)
+        with torch.inference_mode(), self._stream():
+            c, e, g = self._to_device(coefficients, coefficient_errors, phot_g_mean_flux)
+            results = self._compute(c, e, g, names, batch_size)
+            self._to_host(results, out)
+
+    # --- steps ----------------------------------------------------------------------------------
+    def _stream(self) -> contextlib.AbstractContextManager[object]:
+        """This thread's CUDA stream (a no-op context on the CPU)."""
+        if not self.on_cuda:
+            return contextlib.nullcontext()
+        if getattr(self._local, "stream", None) is None:
+            self._local.stream = torch.cuda.Stream(device=self.device)
+        return torch.cuda.stream(self._local.stream)
+
+    def _staging(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """This thread's pinned host buffer ``name``, grown as needed; ``shape`` rows of it."""
+        buffer: torch.Tensor | None = getattr(self._local, name, None)
+        if buffer is None or buffer.shape[0] < shape[0] or buffer.shape[1] != shape[1]:
+            buffer = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+            setattr(self._local, name, buffer)
+        return buffer[: shape[0]]
+
+    def _to_device(
+        self, c: np.ndarray, e: np.ndarray, g: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, input), (rows, input), (rows,) float32 tensors on the device.
+
+        G flux is rounded to float32 here; a flux outside float32's normal range (no real
+        source has one) is then treated as missing by :meth:`_recipe`.
+        """
+        n = len(g)
+        if not self.on_cuda:  # views of the caller's arrays where dtypes allow (no copy)
+            return (
+                torch.from_numpy(np.ascontiguousarray(c, np.float32)),
+                torch.from_numpy(np.ascontiguousarray(e, np.float32)),
+                torch.from_numpy(np.asarray(g, np.float32)),
+            )
+        packed = self._staging("inputs", (n, 2 * self.n_in + 1))  # (rows, c | e | g)
+        host = packed.numpy()
+        host[:, : self.n_in] = c
+        host[:, self.n_in : 2 * self.n_in] = e
+        host[:, -1] = g
+        on_device = packed.to(self.device, non_blocking=True)  # the block's one H2D copy
+        return (
+            on_device[:, : self.n_in],
+            on_device[:, self.n_in : 2 * self.n_in],
+            on_device[:, -1],
+        )
+
+    def _recipe(
+        self, c: torch.Tensor, e: torch.Tensor, g: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x, x_err (rows, input), valid (rows, input) and flags (rows,) int32: the input
+        recipe of :func:`xpbatch.trained.standardise` in float32."""
+        g_ok = torch.isfinite(g) & (g >= _FLOAT32_TINY)  # (rows,)
+        valid = torch.isfinite(c) & torch.isfinite(e) & (e > 0)  # (rows, input)
+        flags = torch.where(g_ok, 0, int(CatalogFlag.G_FLUX_MISSING)).to(torch.int32)
+        bands = (
+            (slice(0, self.n_bp), int(CatalogFlag.BP_MISSING)),
+            (slice(self.n_bp, None), int(CatalogFlag.RP_MISSING)),
+        )
+        for columns, missing_bit in bands:
+            missing = torch.isnan(c[:, columns]).all(dim=1)  # (rows,)
+            broken = ~missing & ~valid[:, columns].all(dim=1)
+            flags |= missing.int() * missing_bit | broken.int() * int(CatalogFlag.NON_FINITE)
+        encodable = g_ok & valid.any(dim=1)  # (rows,)
+        flags |= (~encodable).int() * int(CatalogFlag.NOT_ENCODED)
+        g_safe = torch.where(g_ok, g, 1.0)[:, None]  # (rows, 1)
+        usable = valid & encodable[:, None]
+        x = torch.where(usable, (c / g_safe - self.mean) / self.std, 0.0)
+        x_err = torch.where(valid, e / g_safe / self.std, 1.0)
+        return x, x_err, valid, flags
+
+    def _forward(self, x: torch.Tensor, batch_size: int) -> tuple[torch.Tensor, ...]:
+        """mu, log_var (rows, latent), xhat, shat (rows, input) of padded passes of batch_size."""
+        n_rows = x.shape[0]
+        parts: list[list[torch.Tensor]] = [[], [], [], []]
+        for start in range(0, n_rows, batch_size):
+            batch = x[start : start + batch_size]
+            n = batch.shape[0]
+            if n < batch_size:  # only the last pass is padded, so kernels never change shape
+                batch = torch.cat([batch, batch.new_zeros(batch_size - n, self.n_in)])
+            out = self.network(batch)  # (batch_size, ...)
+            for part, value in zip(parts, (out.mu, out.log_var, out.xhat, out.shat), strict=True):
+                part.append(value[:n])
+        return tuple(p[0] if len(p) == 1 else torch.cat(p) for p in parts)
+
+    def _compute(
+        self,
+        c: torch.Tensor,
+        e: torch.Tensor,
+        g: torch.Tensor,
+        names: Sequence[str],
+        batch_size: int,
+    ) -> dict[str, torch.Tensor]:
+        """The outputs ``names`` (rows, width) float32 on the device; NaN where not encoded."""
+        x, x_err, valid, flags = self._recipe(c, e, g)
+        mu, log_var, xhat, shat = self._forward(x, batch_size)
+        dead = ((flags & int(CatalogFlag.NOT_ENCODED)) != 0)[:, None]  # (rows, 1)
+        nan = torch.tensor(float("nan"), device=self.device)
+        g_col = g[:, None]
+        # One line per output; each is computed only when it will be stored.
+        make: dict[str, Callable[[], torch.Tensor]] = {
+            schema.LATENT_MEAN: lambda: mu,
+            schema.LATENT_STD: lambda: torch.exp(0.5 * log_var),
+            schema.SCATTER: lambda: shat * self.std * g_col,
+            schema.RECONSTRUCTION: lambda: (xhat * self.std + self.mean) * g_col,
+            schema.RMSE: lambda: _rmse(x, xhat, x_err, valid)[:, None],
+            schema.FLAGS: lambda: (flags | self._outlier_bits(mu, dead))[:, None].float(),
+        }
+        results = {}
+        for name in names:
+            value = make[name]()
+            results[name] = value if name == schema.FLAGS else torch.where(dead, nan, value)
+        return results
+
+    def _outlier_bits(self, mu: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """(rows,) int32 LATENT_OUTLIER bits of latent means far from the training set's."""
+        distance = (mu - self.reference_mean).abs() / self.reference_std  # (rows, latent)
+        outlier = (distance > LATENT_OUTLIER_SIGMA).any(dim=1) & ~dead[:, 0]
+        return outlier.int() * int(CatalogFlag.LATENT_OUTLIER)
+
+    def _to_host(self, results: Mapping[str, torch.Tensor], out: Mapping[str, np.ndarray]) -> None:
+        """Copy the outputs into the host arrays: directly on the CPU, one packed copy on CUDA."""
+        if self.on_cuda:
+            packed = torch.cat([results[name] for name in out], dim=1)  # (rows, sum of widths)
+            host = self._staging("outputs", tuple(packed.shape))  # type: ignore[arg-type]
+            host.copy_(packed, non_blocking=True)  # the block's one D2H copy
+            torch.cuda.current_stream(self.device).synchronize()
+            columns = host.numpy()
+            start = 0
+            for name, array in out.items():
+                width = results[name].shape[1]
+                _store(array, columns[:, start : start + width])
+                start += width
+            return
+        for name, array in out.items():
+            _store(array, results[name].numpy())
+
+
+_FLOAT32_TINY = float(np.finfo(np.float32).tiny)
+"""Smallest normal float32; a G flux below it (or not finite) counts as missing on the device."""
+
+
+def _rmse(
+    x: torch.Tensor, xhat: torch.Tensor, x_err: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """(rows,) sqrt(mean over valid j of ((x - xhat) / x_err)^2)."""
+    z = torch.where(valid, (x - xhat) / x_err, 0.0)  # (rows, input)
+    return torch.sqrt((z * z).sum(dim=1) / valid.sum(dim=1))
+
+
+def _store(array: np.ndarray, columns: np.ndarray) -> None:
+    """Copy (rows, width) float32 columns into a (rows,) or (rows, width) output array."""
+    if array.ndim == 1:
+        columns = columns[:, 0]
+    if array.dtype.kind == "u":  # flags travel as exact small floats
+        array[:] = columns.astype(array.dtype)
+    else:
+        array[:] = columns
+
+
+_KERNELS: collections.OrderedDict[tuple[int, str], EncodeKernel] = collections.OrderedDict()
+"""(id of the model, device) -> its kernel; a few recent ones (each holds its model, so the id
+cannot be reused while the entry lives)."""
+_MAX_KERNELS = 4
+_KERNELS_LOCK = threading.Lock()
+
+
+def kernel_for(model: TrainedModel, device: str | torch.device = "cpu") -> EncodeKernel:
+    """The :class:`EncodeKernel` of ``model`` on ``device``, built once and then reused."""
+    key = (id(model), str(torch.device(device)))
+    with _KERNELS_LOCK:
+        if key in _KERNELS:
+            _KERNELS.move_to_end(key)
+        else:
+            _KERNELS[key] = EncodeKernel(model, device)
+            while len(_KERNELS) > _MAX_KERNELS:
+                _KERNELS.popitem(last=False)
+        return _KERNELS[key]
+
+
+def encode_rows(
+    kernel: EncodeKernel,
+    coefficients: np.ndarray,
+    coefficient_errors: np.ndarray,
+    phot_g_mean_flux: np.ndarray,
+    out: Mapping[str, np.ndarray],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> None:
+    """Run ``kernel`` over any number of rows block by block, into the host arrays ``out``."""
+    if batch_size < 1:
+        raise InputShapeError(f"batch_size must be at least 1, got {batch_size}")
+    block = batch_size * BATCHES_PER_BLOCK
+    for start in range(0, len(phot_g_mean_flux), block):
+        rows = slice(start, start + block)
+        kernel.run(
+            coefficients[rows],
+            coefficient_errors[rows],
+            phot_g_mean_flux[rows],
+            {name: array[rows] for name, array in out.items()},
+            batch_size=batch_size,
+        )
 
 
 def output_variables(*, with_reconstruction: bool) -> tuple[str, ...]:
@@ -108,23 +384,14 @@ def encode_chunk(
     n_rows = _check_chunk(chunk)
     names = output_variables(with_reconstruction=with_reconstruction)
     out = _empty_outputs(model, n_rows, names)
-    block = batch_size * BATCHES_PER_BLOCK
-    for start in range(0, n_rows, block):
-        rows = slice(start, min(start + block, n_rows))
-        result = model.encode_arrays(
-            chunk[schema.COEFFICIENTS][rows],
-            chunk[schema.COEFFICIENT_ERRORS][rows],
-            chunk[schema.PHOT_G_MEAN_FLUX][rows],
-            batch_size=batch_size,
-            device=device,
-        )
-        out[schema.LATENT_MEAN][rows] = result.latent_mean
-        out[schema.LATENT_STD][rows] = result.latent_std
-        out[schema.SCATTER][rows] = result.scatter
-        out[schema.RMSE][rows] = result.rmse
-        out[schema.FLAGS][rows] = result.flags
-        if with_reconstruction:
-            out[schema.RECONSTRUCTION][rows] = result.reconstruction
+    encode_rows(
+        kernel_for(model, device),
+        chunk[schema.COEFFICIENTS],
+        chunk[schema.COEFFICIENT_ERRORS],
+        chunk[schema.PHOT_G_MEAN_FLUX],
+        {name: out[name] for name in names[1:]},
+        batch_size=batch_size,
+    )
     source_id = np.asarray(chunk[schema.SOURCE_ID], np.int64)
     out[schema.SOURCE_ID][:] = source_id
     # The low byte repeats the store's InputFlag bits (some, like G_FLUX_FROM_MAG, are known

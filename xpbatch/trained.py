@@ -78,6 +78,23 @@ class StandardisedInput:
         return (self.flags & np.uint16(CatalogFlag.NOT_ENCODED)) == 0
 
 
+def _check_shapes(c: np.ndarray, e: np.ndarray, g: np.ndarray, n_in: int) -> None:
+    """InputShapeError unless c and e are (rows, n_in) and g is (rows,)."""
+    if c.ndim != 2 or c.shape[1] != n_in:
+        raise InputShapeError(
+            f"coefficients must be a 2-D array with {n_in} columns (BP 0-{n_in // 2 - 1} then "
+            f"RP 0-{n_in - n_in // 2 - 1}), got shape {c.shape}"
+        )
+    if e.shape != c.shape:
+        raise InputShapeError(
+            f"coefficient_errors must have the shape of coefficients {c.shape}, got {e.shape}"
+        )
+    if g.shape != (c.shape[0],):
+        raise InputShapeError(
+            f"phot_g_mean_flux must have one value per row ({c.shape[0]},), got {g.shape}"
+        )
+
+
 def standardise(
     coefficients: np.ndarray,
     coefficient_errors: np.ndarray,
@@ -95,19 +112,7 @@ def standardise(
     e = np.asarray(coefficient_errors)
     g = np.asarray(phot_g_mean_flux, dtype=np.float64)
     n_in = normalisation.mean.shape[0]
-    if c.ndim != 2 or c.shape[1] != n_in:
-        raise InputShapeError(
-            f"coefficients must be a 2-D array with {n_in} columns (BP 0-{n_in // 2 - 1} then "
-            f"RP 0-{n_in - n_in // 2 - 1}), got shape {c.shape}"
-        )
-    if e.shape != c.shape:
-        raise InputShapeError(
-            f"coefficient_errors must have the shape of coefficients {c.shape}, got {e.shape}"
-        )
-    if g.shape != (c.shape[0],):
-        raise InputShapeError(
-            f"phot_g_mean_flux must have one value per row ({c.shape[0]},), got {g.shape}"
-        )
+    _check_shapes(c, e, g, n_in)
     # The same bits as the store's input_flags (one definition), widened to the catalogue's.
     flags = compute_input_flags(c, e, g, n_bp=n_in // 2).astype(np.uint16)
     g_ok = np.isfinite(g) & (g > 0)
@@ -252,70 +257,25 @@ class TrainedModel:
         >>> bool(r.flags[0] & 256), bool(np.isnan(r.rmse[0]))  # NOT_ENCODED, NaN output
         (True, True)
         """
-        if batch_size < 1:
-            raise InputShapeError(f"batch_size must be at least 1, got {batch_size}")
-        inp = standardise(coefficients, coefficient_errors, phot_g_mean_flux, self.normalisation)
-        n_rows, n_in = inp.x.shape
+        from xpbatch.encode import encode_rows, kernel_for  # the kernel builds on this module
+
+        c = np.asarray(coefficients)
+        e = np.asarray(coefficient_errors)
+        g = np.asarray(phot_g_mean_flux)
+        _check_shapes(c, e, g, self.config.input_dim)
+        n_rows, n_in = c.shape
         latent = self.config.latent_dim
-        mu = np.full((n_rows, latent), np.nan, np.float32)
-        log_var = np.full((n_rows, latent), np.nan, np.float32)
-        xhat = np.full((n_rows, n_in), np.nan, np.float32)
-        shat = np.full((n_rows, n_in), np.nan, np.float32)
-        network = self.network.to(device)
-        x = torch.from_numpy(inp.x)  # (rows, input), shares memory with inp.x
-        with torch.inference_mode():
-            for start in range(0, n_rows, batch_size):
-                stop = min(start + batch_size, n_rows)
-                batch = x[start:stop]
-                if stop - start < batch_size:  # only the last pass needs padding
-                    batch = torch.cat([batch, batch.new_zeros(batch_size - (stop - start), n_in)])
-                out = network(batch.to(device))  # (batch_size, ...); padding rows dropped below
-                mu[start:stop] = out.mu[: stop - start].cpu().numpy()
-                log_var[start:stop] = out.log_var[: stop - start].cpu().numpy()
-                xhat[start:stop] = out.xhat[: stop - start].cpu().numpy()
-                shat[start:stop] = out.shat[: stop - start].cpu().numpy()
-        return self._to_physical(inp, phot_g_mean_flux, mu, log_var, xhat, shat)
-
-    def _to_physical(
-        self,
-        inp: StandardisedInput,
-        phot_g_mean_flux: np.ndarray,
-        mu: np.ndarray,
-        log_var: np.ndarray,
-        xhat: np.ndarray,
-        shat: np.ndarray,
-    ) -> EncodeResult:
-        """Residuals in model space; reconstruction and scatter back in e-/s; NaN where unusable."""
-        flags = inp.flags.copy()
-        # Rows that cannot be encoded went through the network as neutral input: blank them
-        # first, so nothing below computes (or warns) on their meaningless values.
-        dead = ~inp.encodable
-        for array in (mu, log_var, xhat, shat):
-            array[dead] = np.nan
-        g = np.where(dead, np.nan, np.asarray(phot_g_mean_flux, np.float64))[:, None]
-
-        n_valid = inp.valid.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            z = np.where(inp.valid, (inp.x - xhat) / inp.x_err, np.float32(0))
-            rmse = np.sqrt((z**2).sum(axis=1) / n_valid).astype(np.float32)
-        std = self.normalisation.std
-        reconstruction = ((xhat * std + self.normalisation.mean) * g).astype(np.float32)
-        scatter = (shat * std * g).astype(np.float32)
-        latent_std = np.exp(np.float32(0.5) * log_var)
-
-        assert self.latent_reference_mean is not None and self.latent_reference_std is not None
-        distance = np.abs(mu - self.latent_reference_mean) / self.latent_reference_std
-        with np.errstate(invalid="ignore"):  # NaN distances of dead rows compare False
-            outlier = np.any(distance > LATENT_OUTLIER_SIGMA, axis=1)
-        flags[outlier] |= np.uint16(CatalogFlag.LATENT_OUTLIER)
-        return EncodeResult(
-            latent_mean=mu,
-            latent_std=latent_std,
-            reconstruction=reconstruction,
-            scatter=scatter,
-            rmse=rmse,
-            flags=flags,
+        result = EncodeResult(
+            latent_mean=np.empty((n_rows, latent), np.float32),
+            latent_std=np.empty((n_rows, latent), np.float32),
+            reconstruction=np.empty((n_rows, n_in), np.float32),
+            scatter=np.empty((n_rows, n_in), np.float32),
+            rmse=np.empty(n_rows, np.float32),
+            flags=np.empty(n_rows, np.uint16),
         )
+        outputs = {field.name: getattr(result, field.name) for field in dataclasses.fields(result)}
+        encode_rows(kernel_for(self, device), c, e, g, outputs, batch_size=batch_size)
+        return result
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

@@ -1,0 +1,209 @@
+"""The device kernel against the float64 NumPy recipe, on ordinary and edge rows."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from xpbatch.encode import EncodeKernel, encode_rows, kernel_for
+from xpbatch.schema import CatalogFlag
+from xpbatch.trained import LATENT_OUTLIER_SIGMA, Normalisation, TrainedModel, standardise
+
+N_BP = 55
+
+
+def _numpy_reference(
+    model: TrainedModel, c: np.ndarray, e: np.ndarray, g: np.ndarray
+) -> dict[str, np.ndarray]:
+    """The recipe as xpbatch computed it before the device kernel: float64 NumPy around the
+    network (the test oracle)."""
+    inp = standardise(c, e, g, model.normalisation)
+    with torch.inference_mode():
+        out = model.network(torch.from_numpy(inp.x))
+    mu, log_var, xhat, shat = (t.numpy().copy() for t in (out.mu, out.log_var, out.xhat, out.shat))
+    dead = ~inp.encodable
+    for array in (mu, log_var, xhat, shat):
+        array[dead] = np.nan
+    gg = np.where(dead, np.nan, g.astype(np.float64))[:, None]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = np.where(inp.valid, (inp.x - xhat) / inp.x_err, np.float32(0))
+        rmse = np.sqrt((z**2).sum(axis=1) / inp.valid.sum(axis=1)).astype(np.float32)
+    norm = model.normalisation
+    distance = np.abs(mu - model.latent_reference_mean) / model.latent_reference_std
+    flags = inp.flags.copy()
+    with np.errstate(invalid="ignore"):
+        flags[np.any(distance > LATENT_OUTLIER_SIGMA, axis=1)] |= np.uint16(
+            CatalogFlag.LATENT_OUTLIER
+        )
+    return {
+        "latent_mean": mu,
+        "latent_std": np.exp(np.float32(0.5) * log_var),
+        "scatter": (shat * norm.std * gg).astype(np.float32),
+        "reconstruction": ((xhat * norm.std + norm.mean) * gg).astype(np.float32),
+        "rmse": rmse,
+        "flags": flags,
+    }
+
+
+def _edge_rows() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """Ordinary rows followed by one row per edge case; the case names."""
+    rng = np.random.default_rng(3)
+    cases = [
+        "clean",
+        "clean-bright",
+        "bp-missing",
+        "rp-missing",
+        "both-missing",
+        "g-zero",
+        "g-negative",
+        "g-nan",
+        "g-inf",
+        "coefficient-nan",
+        "coefficient-inf",
+        "error-zero",
+        "error-negative",
+        "error-nan",
+        "all-invalid",
+    ]
+    n = len(cases)
+    g = rng.uniform(1e3, 1e6, n)
+    g[1] = 3e8
+    x = rng.normal(size=(n, 110)).astype(np.float32)
+    c = (x * g[:, None]).astype(np.float32)
+    e = (rng.uniform(0.01, 0.1, (n, 110)) * g[:, None]).astype(np.float32)
+    row = {name: i for i, name in enumerate(cases)}
+    c[row["bp-missing"], :N_BP] = np.nan
+    e[row["bp-missing"], :N_BP] = np.nan
+    c[row["rp-missing"], N_BP:] = np.nan
+    c[row["both-missing"]] = np.nan
+    g[row["g-zero"]] = 0.0
+    g[row["g-negative"]] = -5.0
+    g[row["g-nan"]] = np.nan
+    g[row["g-inf"]] = np.inf
+    c[row["coefficient-nan"], 7] = np.nan
+    c[row["coefficient-inf"], 60] = np.inf
+    e[row["error-zero"], 3] = 0.0
+    e[row["error-negative"], 90] = -1.0
+    e[row["error-nan"], 100] = np.nan
+    e[row["all-invalid"]] = 0.0
+    return c, e, g, cases
+
+
+@pytest.fixture(scope="module")
+def model() -> TrainedModel:
+    rng = np.random.default_rng(0)
+    normalisation = Normalisation(rng.normal(0, 0.1, 110), rng.uniform(0.5, 2.0, 110))
+    base = TrainedModel.untrained(seed=4)
+    return base.with_updates(
+        normalisation=normalisation,
+        latent_reference_mean=np.zeros(6, np.float32),
+        latent_reference_std=np.full(6, 0.05, np.float32),  # so some rows are outliers
+    )
+
+
+def _kernel_outputs(
+    model: TrainedModel, c: np.ndarray, e: np.ndarray, g: np.ndarray, names: list[str]
+) -> dict[str, np.ndarray]:
+    n = len(g)
+    widths = kernel_for(model).widths(names)
+    dtypes = {"flags": np.uint16}
+    out = {
+        name: np.full((n, w) if w > 1 else (n,), 7, dtypes.get(name, np.float32))
+        for name, w in widths.items()
+    }
+    encode_rows(kernel_for(model), c, e, g, out, batch_size=len(g))
+    return out
+
+
+ALL_OUTPUTS = ["latent_mean", "latent_std", "scatter", "reconstruction", "rmse", "flags"]
+
+
+def test_kernel_matches_the_numpy_recipe_on_edge_rows(model: TrainedModel) -> None:
+    c, e, g, cases = _edge_rows()
+    got = _kernel_outputs(model, c, e, g, ALL_OUTPUTS)
+    want = _numpy_reference(model, c, e, g)
+    for i, case in enumerate(cases):
+        assert int(got["flags"][i]) == int(want["flags"][i]), case
+        for name in ALL_OUTPUTS[:-1]:
+            a, b = got[name][i], want[name][i]
+            np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{case} {name}")
+            scale = np.maximum(np.abs(b), 1.0) if name in ("scatter", "reconstruction") else 1.0
+            finite = ~np.isnan(b)
+            assert np.all(np.abs(a - b)[finite] / np.broadcast_to(scale, b.shape)[finite] < 1e-4), (
+                case,
+                name,
+            )
+
+
+@pytest.mark.parametrize(
+    ("case", "bits"),
+    [
+        ("bp-missing", CatalogFlag.BP_MISSING),
+        ("rp-missing", CatalogFlag.RP_MISSING),
+        ("both-missing", CatalogFlag.BP_MISSING | CatalogFlag.RP_MISSING | CatalogFlag.NOT_ENCODED),
+        ("g-zero", CatalogFlag.G_FLUX_MISSING | CatalogFlag.NOT_ENCODED),
+        ("g-nan", CatalogFlag.G_FLUX_MISSING | CatalogFlag.NOT_ENCODED),
+        ("coefficient-inf", CatalogFlag.NON_FINITE),
+        ("error-zero", CatalogFlag.NON_FINITE),
+        ("all-invalid", CatalogFlag.NON_FINITE | CatalogFlag.NOT_ENCODED),
+    ],
+)
+def test_edge_rows_carry_their_input_bits(
+    model: TrainedModel, case: str, bits: CatalogFlag
+) -> None:
+    c, e, g, cases = _edge_rows()
+    flags = _kernel_outputs(model, c, e, g, ["flags"])["flags"]
+    row = cases.index(case)
+    assert CatalogFlag(int(flags[row])) & ~CatalogFlag.LATENT_OUTLIER == bits
+
+
+def test_only_the_outputs_asked_for_are_written(model: TrainedModel) -> None:
+    c, e, g, _ = _edge_rows()
+    got = _kernel_outputs(model, c, e, g, ["rmse", "flags"])
+    assert set(got) == {"rmse", "flags"}
+    full = _kernel_outputs(model, c, e, g, ALL_OUTPUTS)
+    np.testing.assert_array_equal(got["rmse"], full["rmse"])
+
+
+def test_a_g_flux_outside_float32_is_not_encoded(model: TrainedModel) -> None:
+    """The one documented difference from the float64 recipe: a flux float32 cannot hold."""
+    c, e, g, _ = _edge_rows()
+    g = g[:2].copy()
+    g[0] = 1e-40
+    flags = _kernel_outputs(model, c[:2], e[:2], g, ["flags"])["flags"]
+    assert flags[0] & CatalogFlag.NOT_ENCODED and flags[0] & CatalogFlag.G_FLUX_MISSING
+    assert not flags[1] & CatalogFlag.NOT_ENCODED
+
+
+def test_threads_sharing_one_kernel_get_the_serial_result(model: TrainedModel) -> None:
+    rng = np.random.default_rng(5)
+    blocks = []
+    for _ in range(4):
+        g = rng.uniform(1e3, 1e5, 300)
+        c = (rng.normal(size=(300, 110)) * g[:, None]).astype(np.float32)
+        blocks.append((c, np.abs(c) * 0.05 + 1, g))
+    serial = [_kernel_outputs(model, *block, ALL_OUTPUTS) for block in blocks]
+    results: list[dict[str, np.ndarray] | None] = [None] * len(blocks)
+
+    def work(i: int) -> None:
+        for _ in range(3):
+            results[i] = _kernel_outputs(model, *blocks[i], ALL_OUTPUTS)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(blocks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for want, got in zip(serial, results, strict=True):
+        assert got is not None
+        for name in ALL_OUTPUTS:
+            np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_the_kernel_is_built_once_per_model_and_device(model: TrainedModel) -> None:
+    assert kernel_for(model) is kernel_for(model, "cpu")
+    assert isinstance(kernel_for(model), EncodeKernel)
+    assert kernel_for(model.with_updates(name="other")) is not kernel_for(model)
