@@ -94,6 +94,7 @@ def _edge_rows() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
 
 @pytest.fixture(scope="module")
 def model() -> TrainedModel:
+    """A model with a non-trivial normalisation and a tight latent reference (some outliers)."""
     rng = np.random.default_rng(0)
     normalisation = Normalisation(rng.normal(0, 0.1, 110), rng.uniform(0.5, 2.0, 110))
     base = TrainedModel.untrained(seed=4)
@@ -104,26 +105,41 @@ def model() -> TrainedModel:
     )
 
 
+@pytest.fixture(params=[True, False], ids=["fused-cpu", "torch-ops"])
+def kernel(request: pytest.FixtureRequest, model: TrainedModel) -> EncodeKernel:
+    """Both paths of the kernel: the CPU's fused loops and the torch operations of a GPU."""
+    return EncodeKernel(model, "cpu", fused=request.param)
+
+
 def _kernel_outputs(
-    model: TrainedModel, c: np.ndarray, e: np.ndarray, g: np.ndarray, names: list[str]
+    kernel: EncodeKernel,
+    c: np.ndarray,
+    e: np.ndarray,
+    g: np.ndarray,
+    names: list[str],
+    *,
+    batch_size: int | None = None,
 ) -> dict[str, np.ndarray]:
     n = len(g)
-    widths = kernel_for(model).widths(names)
+    widths = kernel.widths(names)
     dtypes = {"flags": np.uint16}
     out = {
         name: np.full((n, w) if w > 1 else (n,), 7, dtypes.get(name, np.float32))
         for name, w in widths.items()
     }
-    encode_rows(kernel_for(model), c, e, g, out, batch_size=len(g))
+    encode_rows(kernel, c, e, g, out, batch_size=batch_size or len(g))
     return out
 
 
 ALL_OUTPUTS = ["latent_mean", "latent_std", "scatter", "reconstruction", "rmse", "flags"]
 
 
-def test_kernel_matches_the_numpy_recipe_on_edge_rows(model: TrainedModel) -> None:
+@pytest.mark.parametrize("batch_size", [4, None], ids=["batches-of-4", "one-batch"])
+def test_kernel_matches_the_numpy_recipe_on_edge_rows(
+    kernel: EncodeKernel, model: TrainedModel, batch_size: int | None
+) -> None:
     c, e, g, cases = _edge_rows()
-    got = _kernel_outputs(model, c, e, g, ALL_OUTPUTS)
+    got = _kernel_outputs(kernel, c, e, g, ALL_OUTPUTS, batch_size=batch_size)
     want = _numpy_reference(model, c, e, g)
     for i, case in enumerate(cases):
         assert int(got["flags"][i]) == int(want["flags"][i]), case
@@ -152,45 +168,45 @@ def test_kernel_matches_the_numpy_recipe_on_edge_rows(model: TrainedModel) -> No
     ],
 )
 def test_edge_rows_carry_their_input_bits(
-    model: TrainedModel, case: str, bits: CatalogFlag
+    kernel: EncodeKernel, case: str, bits: CatalogFlag
 ) -> None:
     c, e, g, cases = _edge_rows()
-    flags = _kernel_outputs(model, c, e, g, ["flags"])["flags"]
+    flags = _kernel_outputs(kernel, c, e, g, ["flags"])["flags"]
     row = cases.index(case)
     assert CatalogFlag(int(flags[row])) & ~CatalogFlag.LATENT_OUTLIER == bits
 
 
-def test_only_the_outputs_asked_for_are_written(model: TrainedModel) -> None:
+def test_only_the_outputs_asked_for_are_written(kernel: EncodeKernel) -> None:
     c, e, g, _ = _edge_rows()
-    got = _kernel_outputs(model, c, e, g, ["rmse", "flags"])
+    got = _kernel_outputs(kernel, c, e, g, ["rmse", "flags"])
     assert set(got) == {"rmse", "flags"}
-    full = _kernel_outputs(model, c, e, g, ALL_OUTPUTS)
+    full = _kernel_outputs(kernel, c, e, g, ALL_OUTPUTS)
     np.testing.assert_array_equal(got["rmse"], full["rmse"])
 
 
-def test_a_g_flux_outside_float32_is_not_encoded(model: TrainedModel) -> None:
+def test_a_g_flux_outside_float32_is_not_encoded(kernel: EncodeKernel) -> None:
     """The one documented difference from the float64 recipe: a flux float32 cannot hold."""
     c, e, g, _ = _edge_rows()
     g = g[:2].copy()
     g[0] = 1e-40
-    flags = _kernel_outputs(model, c[:2], e[:2], g, ["flags"])["flags"]
+    flags = _kernel_outputs(kernel, c[:2], e[:2], g, ["flags"])["flags"]
     assert flags[0] & CatalogFlag.NOT_ENCODED and flags[0] & CatalogFlag.G_FLUX_MISSING
     assert not flags[1] & CatalogFlag.NOT_ENCODED
 
 
-def test_threads_sharing_one_kernel_get_the_serial_result(model: TrainedModel) -> None:
+def test_threads_sharing_one_kernel_get_the_serial_result(kernel: EncodeKernel) -> None:
     rng = np.random.default_rng(5)
     blocks = []
     for _ in range(4):
         g = rng.uniform(1e3, 1e5, 300)
         c = (rng.normal(size=(300, 110)) * g[:, None]).astype(np.float32)
         blocks.append((c, np.abs(c) * 0.05 + 1, g))
-    serial = [_kernel_outputs(model, *block, ALL_OUTPUTS) for block in blocks]
+    serial = [_kernel_outputs(kernel, *block, ALL_OUTPUTS) for block in blocks]
     results: list[dict[str, np.ndarray] | None] = [None] * len(blocks)
 
     def work(i: int) -> None:
         for _ in range(3):
-            results[i] = _kernel_outputs(model, *blocks[i], ALL_OUTPUTS)
+            results[i] = _kernel_outputs(kernel, *blocks[i], ALL_OUTPUTS)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(len(blocks))]
     for t in threads:
@@ -201,6 +217,21 @@ def test_threads_sharing_one_kernel_get_the_serial_result(model: TrainedModel) -
         assert got is not None
         for name in ALL_OUTPUTS:
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_the_fused_and_torch_paths_agree_on_many_rows(model: TrainedModel) -> None:
+    rng = np.random.default_rng(6)
+    g = rng.uniform(1e3, 1e6, 3000)
+    c = (rng.normal(size=(3000, 110)) * g[:, None]).astype(np.float32)
+    e = (np.abs(c) * 0.05 + g[:, None] * 0.01).astype(np.float32)
+    fused, ops = EncodeKernel(model, fused=True), EncodeKernel(model, fused=False)
+    a = _kernel_outputs(fused, c, e, g, ALL_OUTPUTS, batch_size=512)
+    b = _kernel_outputs(ops, c, e, g, ALL_OUTPUTS, batch_size=512)
+    np.testing.assert_array_equal(a["flags"], b["flags"])
+    for name in ("latent_mean", "latent_std", "rmse"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
+    for name in ("scatter", "reconstruction"):
+        np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)
 
 
 def test_the_kernel_is_built_once_per_model_and_device(model: TrainedModel) -> None:
