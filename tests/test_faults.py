@@ -23,8 +23,9 @@ from xpbatch.catalog import completed_chunks, open_catalog
 from xpbatch.cli import main
 from xpbatch.config import EncodeConfig
 from xpbatch.errors import CatalogError, ChunkError, ClusterError
+from xpbatch.executor import map_bounded
 from xpbatch.outputs import lock_path
-from xpbatch.pipeline import encode_catalog, map_bounded
+from xpbatch.pipeline import encode_catalog
 from xpbatch.trained import TrainedModel
 
 if TYPE_CHECKING:
@@ -172,7 +173,7 @@ def test_a_failing_task_is_retried_then_reported_with_its_number(
 
     results = map_bounded(dask_client, flaky, range(3), name="t", max_attempts=2)
     assert sorted(results) == [0, 2, 4]
-    with pytest.raises(ChunkError, match=r"t task 0 failed 2 times; last error: .*always"):
+    with pytest.raises(ChunkError, match=r"t task 0 \(3\) failed 2 times; last error: .*always"):
         list(map_bounded(dask_client, flaky, [3], name="t", max_attempts=2))
 
 

@@ -27,9 +27,10 @@ from xpbatch.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from xpbatch.pipeline import ChunkJob, encode_catalog, tune_malloc
+from xpbatch.pipeline import ChunkJob, encode_catalog
 from xpbatch.store import write_xp_store
 from xpbatch.trained import Normalisation, TrainedModel
+from xpbatch.workers import tune_malloc
 
 if TYPE_CHECKING:
     from distributed import Client

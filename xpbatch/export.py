@@ -48,6 +48,7 @@ import numpy as np
 
 from xpbatch import __version__, schema
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
+from xpbatch.executor import map_ordered
 from xpbatch.outputs import locked_output
 from xpbatch.partitions import (
     EXAMPLE_NAME,
@@ -240,11 +241,12 @@ def _table(source: _Source, rows: slice, arrow_schema: pa.Schema) -> pa.Table:
 
 
 def _write_partition(
-    source: _Source, rows: slice, path: Path, arrow_schema: pa.Schema
+    source: _Source, arrow_schema: pa.Schema, task: tuple[slice, Path]
 ) -> tuple[str, int]:
-    """Write one partition's rows to ``path`` atomically (temporary file, then rename)."""
+    """Write one partition's rows to its path atomically (temporary file, then rename)."""
     import pyarrow.parquet as pq
 
+    rows, path = task
     table = _table(source, rows, arrow_schema)
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
@@ -331,14 +333,6 @@ def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
     return source, dict(ds.attrs)
 
 
-def _compute(tasks: list[Any], client: Any, n_threads: int | None) -> list[Any]:
-    import dask
-
-    if client is not None:
-        return list(client.gather(client.compute(tasks)))
-    return list(dask.compute(*tasks, scheduler="threads", num_workers=n_threads))
-
-
 @locked_output("output_dir", "export-parquet")
 def export_parquet(
     catalog: PathLike,
@@ -397,8 +391,6 @@ def export_parquet(
     >>> import pandas as pd
     >>> df = pd.read_parquet("catalog-parquet")  # doctest: +SKIP
     """
-    import dask
-
     catalog_path = Path(catalog)
     out = Path(output_dir)
     source, attrs = _catalog_source(catalog_path)
@@ -424,10 +416,8 @@ def export_parquet(
         slice(start, min(start + source.chunk_rows, source.n_rows))
         for start in range(0, source.n_rows, source.chunk_rows)
     ]
-    shared_ranges = dask.delayed(ranges)  # one copy in the graph, not one per task
-    plans = _compute(
-        [dask.delayed(_block_plan)(source, shared_ranges, b) for b in blocks], client, n_threads
-    )
+    plan = functools.partial(_block_plan, source, ranges)
+    plans = map_ordered(client, plan, blocks, name="xpbatch-export-plan", n_threads=n_threads)
     per_partition = _partition_rows(plans, len(ranges))
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
@@ -441,7 +431,7 @@ def export_parquet(
     }
     arrow_schema = _arrow_schema(source.n_latent, provenance)
     files: dict[str, int] = {}
-    tasks = []
+    tasks: list[tuple[slice, Path]] = []
     for p in np.flatnonzero(per_partition):
         lo, hi = (int(v) for v in ranges.ranges[p])
         rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
@@ -449,9 +439,10 @@ def export_parquet(
         if path.exists() and _is_whole(path, rows.stop - rows.start):
             files[path.name] = rows.stop - rows.start
             continue
-        tasks.append(dask.delayed(_write_partition)(source, rows, path, arrow_schema))
+        tasks.append((rows, path))
     n_reused = len(files)
-    files.update(dict(_compute(tasks, client, n_threads)))
+    write = functools.partial(_write_partition, source, arrow_schema)
+    files.update(map_ordered(client, write, tasks, name="xpbatch-export", n_threads=n_threads))
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")

@@ -1,16 +1,21 @@
 """Stage entry point of ``encode-catalog``: map the model over every chunk of a store.
 
-The only module (besides :mod:`xpbatch.cluster`) that talks to Dask. One task per input chunk:
-read the chunk, :func:`xpbatch.encode.encode_chunk`, write its aligned region of the catalogue
-and its completion record (:class:`xpbatch.catalog.CatalogWriter`). Without a client the same
-function runs serially in this process, which the tests use as the reference.
+One task per input chunk: read the chunk (its five arrays read concurrently), run the encode
+kernel (:func:`xpbatch.encode.encode_chunk`) on the worker's device, write its aligned region of
+the catalogue (the variables written concurrently) and its completion record
+(:class:`xpbatch.catalog.CatalogWriter`). Without a client the same function runs serially in
+this process, which the tests use as the reference.
 
-What keeps a long run cheap and safe:
+The Dask machinery is not here: :mod:`xpbatch.executor` submits the tasks (bounded, retried,
+failures named) and :mod:`xpbatch.workers` holds what each worker process keeps (the model on
+its device, loaded once by :class:`~xpbatch.workers.ModelPlugin`; opened arrays). What keeps a
+long run cheap and safe:
 
-- the model goes to each worker once (:class:`ModelPlugin`), never into a task's graph;
-- at most ``tasks_per_thread`` chunks per worker thread are in flight, and each future is
-  released as soon as its small record has been counted, so neither the client nor the
-  scheduler accumulates results: memory is flat in catalogue size;
+- the model goes to each worker once, never into a task's graph;
+- at most ``tasks_per_thread`` chunks per worker thread are in flight, and results are released
+  as soon as counted: memory is flat in catalogue size;
+- a worker runs several chunks at once (its threads share one model and, on a GPU, each has its
+  own CUDA stream), so one chunk's reads and writes overlap another's device work;
 - every task is idempotent, so Dask rerunning one after a worker dies is harmless, and a chunk
   whose worker died too often is simply submitted again (up to ``max_attempts``);
 - progress lives only in the catalogue's records, so ``--resume`` after any kill redoes only
@@ -19,15 +24,12 @@ What keeps a long run cheap and safe:
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
 import shlex
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -36,19 +38,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import zarr
-from distributed import WorkerPlugin
 
-from xpbatch import catalog, schema
+from xpbatch import catalog, schema, workers
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 from xpbatch.errors import (
     CatalogError,
     ChunkError,
-    ClusterError,
     ConfigError,
     ModelMismatchError,
     StoreError,
 )
+from xpbatch.executor import map_bounded
 from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
@@ -56,7 +57,7 @@ from xpbatch.schema import CatalogFlag
 if TYPE_CHECKING:
     import torch
     import xarray as xr
-    from distributed import Client, Future, Worker
+    from distributed import Client
 
     from xpbatch.trained import TrainedModel
 
@@ -113,120 +114,6 @@ class EncodeSummary:
         )
 
 
-# --- per-process caches (one per worker process; the serial path uses them too) ---------------
-_MODELS: dict[str, tuple[TrainedModel, torch.device]] = {}
-"""Model key -> (model on its device, device), filled by :class:`ModelPlugin`."""
-_OPEN: collections.OrderedDict[tuple[str, str], Any] = collections.OrderedDict()
-"""(kind, path + store id or run id) -> opened reader or writer; least recent evicted. The id
-keeps a long-lived worker from reusing arrays of an earlier store or catalogue at the same path."""
-_MAX_OPEN = 8
-
-
-_OPEN_LOCK = threading.Lock()  # workers with several threads share the caches
-
-
-def _cached(key: tuple[str, str], make: Callable[[], T]) -> T:
-    """An object opened once per process and key (zarr arrays are cheap but not free)."""
-    with _OPEN_LOCK:
-        if key in _OPEN:
-            _OPEN.move_to_end(key)
-        else:
-            _OPEN[key] = make()
-            while len(_OPEN) > _MAX_OPEN:
-                _OPEN.popitem(last=False)
-        return _OPEN[key]  # type: ignore[no-any-return]
-
-
-def _resolve_device(device: str) -> torch.device:
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' was asked for, but torch sees no CUDA GPU here")
-    return torch.device(device)
-
-
-def _install_model(key: str, model: TrainedModel, device: str) -> None:
-    """Put ``model`` on this process's device and remember it under ``key``."""
-    where = _resolve_device(device)
-    model.network.to(where)
-    _MODELS[key] = (model, where)
-
-
-MALLOC_MMAP_THRESHOLD = 32 * 2**20
-"""Allocations below this come from the reusable heap (glibc's largest allowed value)."""
-MALLOC_TRIM_THRESHOLD = 64 * 2**20
-"""Free heap kept for the next chunk instead of being returned to the system."""
-
-
-def tune_malloc() -> bool:
-    """Let a worker reuse freed memory between batches instead of mapping it anew each time.
-
-    distributed's nannies start workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins
-    glibc's mmap threshold at 128 KiB: every MB-sized temporary of the encode kernel is then
-    mapped, page-faulted and unmapped again. Measured on 1M mock spectra with 2 workers, that
-    cost 11 s of system time against 1-2 s with these settings, and doubled the wall time.
-    Memory stays flat: at most :data:`MALLOC_TRIM_THRESHOLD` of free heap is kept. Only glibc
-    (Linux) has ``mallopt``; elsewhere this does nothing and returns False.
-    """
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
-    mmap_ok = libc.mallopt(m_mmap_threshold, MALLOC_MMAP_THRESHOLD)
-    trim_ok = libc.mallopt(m_trim_threshold, MALLOC_TRIM_THRESHOLD)
-    return bool(mmap_ok and trim_ok)
-
-
-class ModelPlugin(WorkerPlugin):
-    """Loads the model once per worker (also on workers that join or restart mid-run).
-
-    Carries the model file's path (a shared filesystem, like the catalogue's) or, for a model
-    that exists only in memory, the model itself: either way it crosses the network once per
-    worker instead of once per task. Sets torch's threads to the worker's threads and tunes
-    the worker's allocator (:func:`tune_malloc`).
-    """
-
-    def __init__(
-        self,
-        key: str,
-        *,
-        path: str | None = None,
-        model: TrainedModel | None = None,
-        device: str = "auto",
-    ) -> None:
-        self.key, self.path, self.model, self.device = key, path, model, device
-
-    def setup(self, worker: Worker) -> None:
-        """Load the model on ``worker`` and set torch's thread count to the worker's threads."""
-        import torch
-
-        torch.set_num_threads(max(1, int(worker.state.nthreads)))
-        tune_malloc()
-        self.load()
-        logger.info("worker %s loaded model %s", worker.address, self.key[:16])
-
-    def load(self) -> None:
-        """Load the model into this process (also the fallback of a worker without the plugin)."""
-        from xpbatch.artifact import load_model
-
-        model = self.model if self.model is not None else load_model(str(self.path))
-        if model.content_hash != self.key:
-            raise ModelMismatchError(
-                f"model file {self.path} has hash {model.content_hash[:16]}…, the run uses "
-                f"{self.key[:16]}…: the file changed during the run"
-            )
-        _install_model(self.key, model, self.device)
-
-    def teardown(self, worker: Worker) -> None:
-        """Free the model."""
-        _MODELS.pop(self.key, None)
-
-
 # --- one chunk -----------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ChunkJob:
@@ -260,11 +147,14 @@ class _InputReader:
 
 def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
     """The model of this process, loading it if no plugin did (e.g. a worker that missed it)."""
-    if job.model_key not in _MODELS:
+    found = workers.installed_model(job.model_key)
+    if found is None:
         if job.model_path is None:
             raise ChunkError(f"model {job.model_key[:16]}… is not loaded in this process")
-        ModelPlugin(job.model_key, path=job.model_path, device=job.device).load()
-    return _MODELS[job.model_key]
+        workers.ModelPlugin(job.model_key, path=job.model_path, device=job.device).load()
+        found = workers.installed_model(job.model_key)
+        assert found is not None
+    return found
 
 
 def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
@@ -277,8 +167,12 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
     """
     try:
         model, device = _model_for(job)
-        reader = _cached(("reader", job.store + job.store_id), lambda: _InputReader(job.store))
-        writer = _cached(("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out))
+        reader = workers.cached(
+            ("reader", job.store + job.store_id), lambda: _InputReader(job.store)
+        )
+        writer = workers.cached(
+            ("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out)
+        )
         rows = writer.layout.rows(job.index)
         outputs = encode_chunk(
             model,
@@ -295,91 +189,6 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
         raise ChunkError(
             f"chunk {job.index} of {job.store} -> {job.out}: {type(e).__name__}: {e}"
         ) from e
-
-
-# --- bounded, fault-tolerant map over a cluster --------------------------------------------------
-def map_bounded(
-    client: Client,
-    func: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    name: str,
-    tasks_per_thread: int = 2,
-    max_attempts: int = 3,
-    no_workers_timeout: float = 600.0,
-    poll_s: float = 2.0,
-) -> Iterator[R]:
-    """Run ``func`` on every item on ``client``'s workers; yield results as they complete.
-
-    At most ``tasks_per_thread`` × (worker threads) tasks are in flight; each future is
-    released once its result is taken. A task that fails (its worker died too often or it
-    raised) is submitted again, up to ``max_attempts`` runs, so ``func`` must be idempotent.
-    When the cluster has had no worker for ``no_workers_timeout`` seconds, raise ClusterError.
-    """
-    from distributed import wait
-
-    queue = collections.deque(enumerate(items))
-    pending: dict[Future, tuple[int, T]] = {}
-    attempts: collections.Counter[int] = collections.Counter()
-    token = uuid.uuid4().hex[:8]
-    idle_since: float | None = None
-    try:
-        while queue or pending:
-            window = tasks_per_thread * max(1, sum(client.nthreads().values()))
-            while queue and len(pending) < window:
-                number, item = queue.popleft()
-                key = f"{name}-{token}-{number}-{attempts[number]}"
-                pending[client.submit(func, item, key=key, pure=False)] = (number, item)
-            try:
-                done = wait(list(pending), timeout=poll_s, return_when="FIRST_COMPLETED").done
-            except TimeoutError:
-                idle_since = _check_workers(client, idle_since, no_workers_timeout)
-                continue
-            idle_since = None
-            for future in done:
-                number, item = pending.pop(future)
-                if future.status == "finished":
-                    result = future.result()
-                    future.release()
-                    yield result
-                    continue
-                error = _failure(future)
-                future.release()
-                attempts[number] += 1
-                if attempts[number] >= max_attempts:
-                    raise ChunkError(
-                        f"{name} task {number} failed {attempts[number]} times; last error: "
-                        f"{type(error).__name__}: {error}"
-                    ) from error
-                logger.warning("%s task %d failed (%s); submitting it again", name, number, error)
-                queue.appendleft((number, item))
-    finally:
-        for future in pending:
-            future.cancel()
-
-
-def _failure(future: Future) -> BaseException:
-    """Why a future did not finish: its exception, or the error of asking (e.g. cancelled)."""
-    try:
-        return future.exception() or RuntimeError(f"task ended as {future.status!r}")
-    except (Exception, asyncio.CancelledError) as e:  # a cancelled future raises instead
-        return e
-
-
-def _check_workers(client: Client, idle_since: float | None, timeout: float) -> float | None:
-    """Fail when the cluster has had no worker for ``timeout`` s; return since when it has none."""
-    if client.nthreads():
-        return None
-    now = time.monotonic()
-    if idle_since is None:
-        logger.warning("the cluster has no workers; waiting up to %.0f s for some", timeout)
-        return now
-    if now - idle_since > timeout:
-        raise ClusterError(
-            f"the Dask cluster has had no workers for {timeout:.0f} s; start workers and rerun "
-            "with --resume (finished chunks are kept)"
-        )
-    return idle_since
 
 
 # --- checks before any work ----------------------------------------------------------------------
@@ -572,7 +381,7 @@ def encode_catalog(
         report = performance_report(filename=config.performance_report)
     with report, _progress(plan.layout, plan.done, config.progress_bar) as bar:
         if client is None:
-            _install_model(plan.model_hash, plan.model, config.device)
+            workers.install_model(plan.model_hash, plan.model, config.device)
             records: Iterable[catalog.ChunkRecord] = map(run_chunk, plan.jobs)
         else:
             records = _distributed_records(client, plan, config)
@@ -673,7 +482,7 @@ def _distributed_records(
         return
     key = plan.model_hash
     in_memory = None if plan.model_path else plan.model
-    plugin = ModelPlugin(key, path=plan.model_path, model=in_memory, device=config.device)
+    plugin = workers.ModelPlugin(key, path=plan.model_path, model=in_memory, device=config.device)
     name = f"xpbatch-model-{key[:16]}"
     client.register_plugin(plugin, name=name)
     try:
@@ -686,7 +495,7 @@ def _distributed_records(
 def _map_on(
     client: Client, func: Callable[[T], R], items: Iterable[T], *, name: str, config: EncodeConfig
 ) -> Iterator[R]:
-    """:func:`map_bounded` with the bounds and retries of ``config``."""
+    """:func:`xpbatch.executor.map_bounded` with the bounds and retries of ``config``."""
     return map_bounded(
         client,
         func,
