@@ -18,10 +18,39 @@ from xpbatch.errors import ClusterError
 )
 def test_local_cuda_without_dask_cuda_says_how_to_get_it() -> None:
     with (
-        pytest.raises(ClusterError, match=r"pip install 'xpbatch\[cuda\]'.*omit --cluster"),
+        pytest.raises(ClusterError, match=r"pip install 'xpbatch\[cuda13\]'.*omit --cluster"),
         connect(ClusterConfig(cluster="local-cuda")),
     ):
         pass
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("dask_cuda") is None, reason="needs dask-cuda (the cuda13 extra)"
+)
+def test_local_cuda_without_a_gpu_says_why_in_one_line() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with (
+        pytest.raises(ClusterError, match=r"needs a CUDA GPU, but .*omit --cluster") as caught,
+        connect(ClusterConfig(cluster="local-cuda")),
+    ):
+        pass
+    assert "\n" not in str(caught.value)
+
+
+def test_a_dask_cuda_worker_without_cuda_is_an_error_not_a_cpu_run() -> None:
+    import torch
+
+    from xpbatch.errors import ConfigError
+    from xpbatch.workers import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=r"started by dask-cuda .* sees no CUDA GPU"):
+        resolve_device("auto", on_dask_cuda=True)
+    assert resolve_device("auto").type == "cpu"  # a CPU worker may well run on the CPU
 
 
 def test_a_missing_scheduler_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -108,7 +108,7 @@ def test_jobqueue_config_makes_a_valid_one_gpu_worker_job() -> None:
     )
     assert result.returncode == 0, result.stderr
     script = result.stdout
-    assert "#SBATCH --gpus=1" in script and "--nthreads 1" in script
+    assert "#SBATCH --gpus=1" in script and "--nthreads 8" in script  # 8 tasks per GPU
     assert "distributed.cli.dask_worker tcp://" in script
     syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
     assert syntax.returncode == 0, syntax.stderr
@@ -197,7 +197,8 @@ def test_dockerfile_copies_files_that_exist_and_are_not_ignored() -> None:
     for source in sources:
         assert (REPO / source).exists(), f"Dockerfile copies {source}, which is not in the repo"
         assert f"!{source}" in ignore or f"!{source}/" in ignore
-    assert 'pip install ".[cuda]"' in dockerfile
+    assert 'pip install ".[cuda13]"' in dockerfile
+    assert 'python -c "import dask_cuda"' in dockerfile  # checked when the image is built
 
 
 # --- the real thing: a scheduler file, workers started against it, encode-catalog -----------
@@ -409,7 +410,7 @@ def test_jobqueue_launcher_runs_on_a_single_node_slurm(
     config = _load(DEPLOY / "slurm" / "jobqueue.yaml")
     slurm = config["jobqueue"]["slurm"]
     slurm["job-extra-directives"].remove("--gpus=1")
-    slurm.update({"memory": "2GiB", "job-cpu": 1, "local-directory": str(tmp_path)})
+    slurm.update({"memory": "2GiB", "cores": 1, "job-cpu": 1, "local-directory": str(tmp_path)})
     slurm["log-directory"] = str(tmp_path / "logs")
     (tmp_path / "cpu.yaml").write_text(yaml.safe_dump(config))
     out = tmp_path / "jobqueue.zarr"

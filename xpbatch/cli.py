@@ -21,6 +21,7 @@ from xpbatch import __version__
 from xpbatch.config import (
     DEFAULT_CHUNK_ROWS,
     ENCODE_DEVICES,
+    GPU_THREADS_PER_WORKER,
     MOCK_FORMATS,
     MOCK_ROWS_PER_FILE,
     ON_BAD_ROW_CHOICES,
@@ -68,8 +69,8 @@ def cluster_options(func: F) -> F:
             "--threads-per-worker",
             type=int,
             default=_CLUSTER_DEFAULTS.threads_per_worker,
-            show_default=True,
-            help="Threads per local worker (torch uses as many per task).",
+            help="Chunk tasks at once per local worker [default: 1 per CPU worker, "
+            f"{GPU_THREADS_PER_WORKER} per GPU worker of --cluster local-cuda].",
         ),
         click.option(
             "--dashboard-address",

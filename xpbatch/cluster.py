@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin
 
-from xpbatch.config import CLUSTER_LOCAL_CUDA, ClusterConfig
+from xpbatch.config import CLUSTER_LOCAL_CUDA, GPU_THREADS_PER_WORKER, ClusterConfig
 from xpbatch.errors import ClusterError
 
 if TYPE_CHECKING:
@@ -30,26 +30,34 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
         from dask_cuda import LocalCUDACluster
     except ImportError as e:  # also covers missing CUDA libraries at import
         raise ClusterError(
-            f"--cluster local-cuda needs dask-cuda and CUDA libraries, but importing dask_cuda "
-            f"failed ({e}). Install the extra with `pip install 'xpbatch[cuda]'` on a GPU machine, "
-            "or omit --cluster to run on CPU workers."
+            f"--cluster local-cuda needs dask-cuda, but importing dask_cuda failed ({e}). Install "
+            "`pip install 'xpbatch[cuda13]'` (or [cuda12], matching torch's CUDA build) on a GPU "
+            "machine, or omit --cluster to run on CPU workers."
         ) from e
-    try:
-        import torch
+    import torch
 
-        n_gpus = torch.cuda.device_count()
-    except Exception:  # pragma: no cover - torch without CUDA support
-        n_gpus = 0
-    if n_gpus == 0:
-        raise ClusterError(
-            "--cluster local-cuda needs at least one CUDA GPU, but torch sees none. "
-            "Check `nvidia-smi` and CUDA_VISIBLE_DEVICES, or omit --cluster to run on CPU workers."
+    if not torch.cuda.is_available():
+        why = (
+            "this torch is a CPU-only build"
+            if torch.version.cuda is None
+            else f"torch (built for CUDA {torch.version.cuda}) finds no GPU or no usable driver"
         )
-    return LocalCUDACluster(
-        dashboard_address=config.dashboard_address,
-        threads_per_worker=config.threads_per_worker,
-        memory_limit=config.memory_limit,
-    )
+        raise ClusterError(
+            f"--cluster local-cuda needs a CUDA GPU, but {why}. Check `nvidia-smi` and "
+            "CUDA_VISIBLE_DEVICES, or omit --cluster to run on CPU workers."
+        )
+    try:
+        return LocalCUDACluster(
+            dashboard_address=config.dashboard_address,
+            threads_per_worker=config.threads_per_worker or GPU_THREADS_PER_WORKER,
+            memory_limit=config.memory_limit,
+        )
+    except Exception as e:  # e.g. NVMLError_LibraryNotFound: no driver on this machine
+        raise ClusterError(
+            f"--cluster local-cuda could not start dask-cuda's LocalCUDACluster "
+            f"({type(e).__name__}: {e}); check `nvidia-smi`, or omit --cluster to run on CPU "
+            "workers."
+        ) from e
 
 
 class WorkerLogLevel(WorkerPlugin):
@@ -181,7 +189,7 @@ def _local_cluster(config: ClusterConfig) -> LocalCluster:
 
     return LocalCluster(
         n_workers=config.n_workers or os.cpu_count() or 1,
-        threads_per_worker=config.threads_per_worker,
+        threads_per_worker=config.threads_per_worker or 1,
         processes=True,
         host="127.0.0.1",
         dashboard_address=config.dashboard_address,

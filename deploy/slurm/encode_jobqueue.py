@@ -2,7 +2,7 @@
 """Encode an XP store on Slurm with dask-jobqueue: this process runs the Dask scheduler and the
 encode; every Dask worker is a Slurm job with one GPU (see jobqueue.yaml beside this file).
 
-    pip install 'xpbatch[cuda]' dask-jobqueue
+    pip install 'xpbatch[cuda13]' dask-jobqueue
     python deploy/slurm/encode_jobqueue.py STORE MODEL OUTPUT --jobs 8
     python deploy/slurm/encode_jobqueue.py --print-job-script   # what each worker job runs
 
