@@ -29,6 +29,12 @@ def test_bench_encode_reports_rates_memory_and_projection(
     report = result.report()
     for text in ("ratio encode-catalog / bare loop", "CPU seconds", "peak RSS per worker", "DR3"):
         assert text in report
+    efficiency = result.efficiency
+    assert efficiency.forward_cpu_s > 0 and efficiency.encode_cpu_s > efficiency.forward_cpu_s
+    assert efficiency.ratio == efficiency.encode_cpu_s / efficiency.forward_cpu_s
+    assert efficiency.gpu_node_rate(16) == 16 / efficiency.host_cpu_s
+    for text in ("ratio encode_catalog / forward pass", "non-network CPU", "GPU node with 16"):
+        assert text in report
     # The larger store repeats the mock spectra, with its own ascending source_ids.
     small, large = (
         zarr.open_group(tmp_path / "mock-2000.zarr"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -114,6 +115,8 @@ def test_catalog_summary_counts_every_flag_bit_and_the_finished_chunks(catalog: 
         == summarize(catalog.parent / "identity.safetensors")["content_sha256"]
     )
     assert "chunks done  3 of 3" in format_summary(summary)
+    assert summary["chunk_devices"] == {"cpu": 3}  # each chunk records what encoded it
+    assert re.search(r"encoded on +cpu \(3 chunks\)", format_summary(summary))
 
 
 def test_model_summary_reads_the_header_and_tensor_shapes(model_file: Path) -> None:

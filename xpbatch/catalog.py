@@ -30,6 +30,7 @@ GPFS): records rely on atomic renames and chunk files are fsynced before their r
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import datetime
 import logging
@@ -67,6 +68,9 @@ RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{str(f.name).lower()}" for f i
 """Columns of a completion record: row count, rows encoded, rows with each CatalogFlag bit."""
 RECORD_MISSING = -1
 """Fill value of ``chunk_records``: a record still holding it was never written."""
+DEVICES_ARRAY = "chunk_devices"
+"""Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
+written; absent in catalogues written before xpbatch recorded it)."""
 
 ATTR_COMPLETE = "complete"
 ATTR_SCHEMA_VERSION = "xpbatch_catalog_schema_version"
@@ -287,7 +291,18 @@ def create_catalog(
         RECORDS_GROUP,
         attributes={"description": "xpbatch bookkeeping: one completion record per chunk"},
     )
-    # Created last: a catalogue without this group has an unfinished template.
+    records.create_array(
+        DEVICES_ARRAY,
+        shape=(layout.n_chunks,),
+        chunks=(1,),
+        dtype=str,
+        fill_value="",
+        compressors=(zarr.codecs.Crc32cCodec(),),
+        dimension_names=["chunk"],
+        attributes={"description": "device that encoded each chunk ('' until it is written)"},
+        config={"write_empty_chunks": True},
+    )
+    # Created last: a catalogue without this array has an unfinished template.
     records.create_array(
         RECORDS_ARRAY,
         shape=(layout.n_chunks, len(RECORD_FIELDS)),
@@ -470,10 +485,17 @@ class CatalogWriter:
         self.path = Path(path)
         self._arrays: dict[str, zarr.Array] | None = None
         self._records: zarr.Array | None = None
+        self._devices: zarr.Array | None = None
         self.layout = read_layout(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "layout": self.layout, "_arrays": None, "_records": None}
+        return {
+            "path": self.path,
+            "layout": self.layout,
+            "_arrays": None,
+            "_records": None,
+            "_devices": None,
+        }
 
     def _open(self) -> tuple[dict[str, zarr.Array], zarr.Array]:
         if self._arrays is None or self._records is None:
@@ -491,9 +513,13 @@ class CatalogWriter:
                 arrays[spec.name] = array
             records = _array(group, f"{RECORDS_GROUP}/{RECORDS_ARRAY}")
             self._arrays, self._records = arrays, records.with_config({"write_empty_chunks": True})
+            devices = group.get(f"{RECORDS_GROUP}/{DEVICES_ARRAY}")  # None in older catalogues
+            self._devices = devices if isinstance(devices, zarr.Array) else None
         return self._arrays, self._records
 
-    def write_chunk(self, index: int, outputs: Mapping[str, np.ndarray]) -> ChunkRecord:
+    def write_chunk(
+        self, index: int, outputs: Mapping[str, np.ndarray], *, device: str = ""
+    ) -> ChunkRecord:
         """Write chunk ``index`` of every variable, flush it to disk, then record it done.
 
         Parameters
@@ -502,6 +528,8 @@ class CatalogWriter:
             Chunk number; its rows are ``layout.rows(index)``.
         outputs
             Variable name -> array of exactly those rows (see :func:`xpbatch.encode.encode_chunk`).
+        device
+            What encoded the chunk (e.g. 'cuda:0 (NVIDIA H200)'), kept in :data:`DEVICES_ARRAY`.
 
         Returns
         -------
@@ -521,6 +549,8 @@ class CatalogWriter:
                 )
             array[rows] = values.astype(array.dtype, copy=False)
         record = ChunkRecord.from_outputs(index, outputs)
+        if device and self._devices is not None:
+            self._devices[index] = device
         self._flush(index)
         # Last, and atomically (one file rename): the record says every variable is on disk.
         records[index] = record.to_row()
@@ -590,6 +620,15 @@ def read_records(path: PathLike) -> list[ChunkRecord]:
         ChunkRecord.from_row(int(i), table[i])
         for i in np.flatnonzero(table[:, 0] != RECORD_MISSING)
     ]
+
+
+def chunk_devices(path: PathLike) -> dict[str, int] | None:
+    """Device -> chunks it encoded; None for a catalogue written before devices were recorded."""
+    node = _open_group(Path(path)).get(f"{RECORDS_GROUP}/{DEVICES_ARRAY}")
+    if not isinstance(node, zarr.Array):
+        return None
+    counts = collections.Counter(str(name) for name in np.asarray(node[:]).tolist())
+    return {name: n for name, n in sorted(counts.items()) if name}
 
 
 def completed_chunks(path: PathLike) -> set[int]:

@@ -127,6 +127,7 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     }
     if kind == "catalog":
         summary["chunks_recorded"] = _chunks_recorded(path)
+        summary["chunk_devices"] = catalog.chunk_devices(path)
     elif summary["complete"]:
         from xpbatch.store import chunk_file_problems
 
@@ -303,7 +304,12 @@ def _completeness(s: dict[str, Any]) -> str:
 def _progress_row(s: dict[str, Any]) -> list[tuple[str, str]]:
     if s.get("chunks_recorded") is None:
         return []
-    return [("chunks done", f"{s['chunks_recorded']:,} of {s['n_chunks']:,}")]
+    rows = [("chunks done", f"{s['chunks_recorded']:,} of {s['n_chunks']:,}")]
+    devices = s.get("chunk_devices")
+    if devices is not None:
+        text = ", ".join(f"{name} ({n:,} chunks)" for name, n in devices.items()) or "-"
+        rows.append(("encoded on", text))
+    return rows
 
 
 def _format_model(s: dict[str, Any]) -> str:

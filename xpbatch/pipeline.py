@@ -182,7 +182,7 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
             # The catalogue's layout decides, so a task always writes what its template holds.
             with_reconstruction=writer.layout.with_reconstruction,
         )
-        return writer.write_chunk(job.index, outputs)
+        return writer.write_chunk(job.index, outputs, device=workers.device_name(device))
     except (ChunkError, StoreError):  # a damaged input chunk names itself; no rerun mends it
         raise
     except Exception as e:

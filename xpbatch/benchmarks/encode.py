@@ -41,6 +41,92 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SAMPLE_INTERVAL_S = 0.05
+GPU_NODE_CORES = 16
+"""Cores of the GPU node the projection is for (the H200 node of issue 12: 1 GPU, 16 cores)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuEfficiency:
+    """CPU time per spectrum of serial ``encode_catalog`` against the bare network forward pass.
+
+    Both measured in this process with one torch thread, in alternating rounds; the smallest
+    (least disturbed) figure of each is kept.
+    """
+
+    rows: int
+    rounds: int
+    forward_cpu_s: float
+    """CPU seconds per spectrum of the network's forward pass alone (batches of 4096)."""
+    encode_cpu_s: float
+    """CPU seconds per spectrum of serial encode_catalog: plan, read, kernel, write, records,
+    verification."""
+
+    @property
+    def ratio(self) -> float:
+        """encode_catalog / forward pass (target at most 2.0, aim 1.5)."""
+        return self.encode_cpu_s / self.forward_cpu_s
+
+    @property
+    def host_cpu_s(self) -> float:
+        """CPU seconds per spectrum that are not the network: what a GPU node's cores must do."""
+        return self.encode_cpu_s - self.forward_cpu_s
+
+    def gpu_node_rate(self, cores: int = GPU_NODE_CORES) -> float:
+        """Projected spectra/s of a GPU node: ``cores`` / host CPU per spectrum.
+
+        The model: the GPU runs the network and the kernel's arithmetic (~0.13 TFLOP/s at 1 M/s,
+        under 1 % of an H100), so the node is bound by its cores doing everything else, which
+        parallelises over chunks; the figure is an upper bound that ignores memory bandwidth.
+        """
+        return cores / self.host_cpu_s
+
+    def report(self, cores: int = GPU_NODE_CORES) -> str:
+        """The figures as the CLI prints them."""
+        return "\n".join(
+            [
+                f"CPU efficiency on {self.rows:,} spectra (1 process, 1 torch thread, best of "
+                f"{self.rounds} alternating rounds):",
+                f"  network forward pass: {self.forward_cpu_s * 1e6:6.2f} CPU µs/spectrum",
+                f"  serial encode_catalog (verification included): "
+                f"{self.encode_cpu_s * 1e6:6.2f} CPU µs/spectrum",
+                f"  ratio encode_catalog / forward pass: {self.ratio:.2f} (target <= 2.0, aim 1.5)",
+                f"  non-network CPU: {self.host_cpu_s * 1e6:.2f} µs/spectrum",
+                f"  projected GPU node with {cores} cores (cores / non-network CPU; the GPU does "
+                f"the rest): {self.gpu_node_rate(cores):,.0f} spectra/s",
+            ]
+        )
+
+
+def measure_cpu_efficiency(
+    store: Path, model_path: Path, out: Path, *, rounds: int = 3
+) -> CpuEfficiency:
+    """Alternate the bare forward pass and serial encode_catalog on ``store``; keep the best."""
+    import torch
+
+    from xpbatch.artifact import load_model
+    from xpbatch.pipeline import encode_catalog
+
+    model = load_model(model_path)
+    n_rows = int(catalog.open_arrays(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
+    x = torch.randn(n_rows, model.config.input_dim, generator=torch.Generator().manual_seed(0))
+    config = EncodeConfig(overwrite=True, progress_bar=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    forward, encode = [], []
+    try:
+        for _ in range(rounds):
+            cpu = _cpu_seconds()
+            with torch.inference_mode():
+                for start in range(0, n_rows, config.batch_size):
+                    model.network(x[start : start + config.batch_size])
+            forward.append((_cpu_seconds() - cpu) / n_rows)
+            cpu = _cpu_seconds()
+            encode_catalog(store, model_path, out, config=config)
+            encode.append((_cpu_seconds() - cpu) / n_rows)
+    finally:
+        torch.set_num_threads(threads)
+        shutil.rmtree(out, ignore_errors=True)
+    return CpuEfficiency(n_rows, rounds, min(forward), min(encode))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +150,8 @@ class EncodeBenchmark:
     """Rows of the catalogue -> largest peak RSS of any worker (bytes) while encoding it."""
     bare_peak_rss: int
     """Peak RSS of this process during the bare loop (bytes)."""
+    efficiency: CpuEfficiency
+    """CPU time per spectrum of serial encode_catalog against the bare forward pass."""
 
     @property
     def bare_rate(self) -> float:
@@ -111,6 +199,7 @@ class EncodeBenchmark:
                 f"  peak RSS of the bare loop: {self.bare_peak_rss / 2**20:,.0f} MiB",
                 f"  projected wall time for all {DR3_N_SOURCES:,} DR3 spectra on this cluster: "
                 f"{hours:,.1f} h",
+                self.efficiency.report(),
             ]
         )
 
@@ -337,6 +426,8 @@ def run_encode_benchmark(
             echo(f"run {attempt} of {repeats}: bare loop, then encode-catalog…")
             bare_runs.append(_run_bare(store, model, folder / "bare.zarr"))
             cluster_runs.append(_run_cluster(client, store, model_path, folder / "c.zarr"))
+        echo("CPU efficiency: forward pass and serial encode_catalog, alternating…")
+        efficiency = measure_cpu_efficiency(store, model_path, folder / "s.zarr", rounds=repeats)
         echo(f"encode-catalog on {memory_rows:,} rows (memory)…")
         large = _run_cluster(client, big, model_path, folder / "c-large.zarr")
         bare = min(bare_runs, key=lambda r: r.wall_s)
@@ -357,6 +448,7 @@ def run_encode_benchmark(
                 memory_rows: large.peak_rss,
             },
             bare_peak_rss=max(r.peak_rss for r in bare_runs),
+            efficiency=efficiency,
         )
     finally:
         for name in ("bare.zarr", "c.zarr", "c-large.zarr"):
