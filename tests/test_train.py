@@ -207,6 +207,26 @@ def test_resume_reaches_the_same_weights(
     assert [m["epoch"] for m in metrics] == [1, 2, 3, 4]
 
 
+def test_resume_with_another_data_placement_is_refused_and_says_so(
+    small_store: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "m.safetensors"
+    settings = {**FAST, "data_placement": "device"}
+    train_model(small_store, out, TrainConfig(epochs=1, **settings), progress=False)
+    moved = {**FAST, "data_placement": "stream"}
+    with pytest.raises(TrainingError, match=r"data_placement 'device' \(now 'stream'\)"):
+        train_model(small_store, out, TrainConfig(epochs=2, **moved), resume=True, progress=False)
+
+
+def test_bf16_autocast_keeps_the_output_heads_in_float32() -> None:
+    from xpbatch.model import ScatterVAE
+
+    network = ScatterVAE().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = network(torch.randn(8, 110))
+    assert {t.dtype for t in (out.mu, out.log_var, out.xhat, out.shat)} == {torch.float32}
+
+
 def _loss_failing_at(call: int, failure: str):  # type: ignore[no-untyped-def]
     """scatter_vae_loss that, from its ``call``-th call on, raises Ctrl-C or returns NaN."""
     real = train_module.scatter_vae_loss

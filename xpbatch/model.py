@@ -34,6 +34,18 @@ def _decoder(config: ModelConfig, *, final: nn.Module | None) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def _full_precision(t: torch.Tensor) -> torch.autocast:
+    """A region where autocast is off (its ops run in the inputs' dtype, float32 here)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def _with_fp32_head(layers: nn.Sequential, z: torch.Tensor) -> torch.Tensor:
+    """Run ``layers`` with the last one (the output head) in float32 even under autocast."""
+    h = layers[:-1](z)  # (batch, first width)
+    with _full_precision(h):
+        return layers[-1](h.float())  # type: ignore[no-any-return]
+
+
 @dataclass(frozen=True)
 class VAEOutput:
     """Everything one forward pass produces, in the model's standardised space."""
@@ -74,11 +86,13 @@ class ScatterVAE(nn.Module):
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance of standardised coefficients ``x`` (batch, input)."""
         h = self.encoder(x)  # (batch, last width)
-        return self.mu(h), self.log_var(h)  # (batch, latent) each
+        with _full_precision(h):  # the heads stay float32 under bf16 autocast
+            h = h.float()
+            return self.mu(h), self.log_var(h)  # (batch, latent) each
 
     def decode(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Reconstruction and scatter (both (batch, input)) at latent points ``z``."""
-        return self.decoder(z), self.scatter(z)
+        return _with_fp32_head(self.decoder, z), _with_fp32_head(self.scatter, z)
 
     def forward(
         self, x: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None

@@ -239,7 +239,7 @@ def train_model(
     prepare_s = time.perf_counter() - started
 
     state = _TrainingState.new(config, device)
-    fingerprint = _fingerprint(store_id(ds), selection, config)
+    fingerprint = _fingerprint(store_id(ds), selection, config, device, train_rows.placement)
     records: list[EpochRecord] = []
     if resume:
         records = state.load_checkpoint(paths.checkpoint, fingerprint, epochs=config.epochs)
@@ -364,12 +364,22 @@ def _matmul_precision(precision: str) -> Iterator[None]:
         torch.set_float32_matmul_precision(before)
 
 
-def _fingerprint(store: str, selection: Selection, config: TrainConfig) -> dict[str, Any]:
-    """What a checkpoint must match to be resumed: the store, the split, the settings."""
+def _fingerprint(
+    store: str, selection: Selection, config: TrainConfig, device: torch.device, placement: str
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the store, the split, the settings, and the
+    device type and data placement (they change the random stream and the arithmetic, so a
+    resumed run would not continue the same trajectory)."""
     settings = {k: getattr(config, k) for k in _RESULT_KEYS}
     settings["model"] = dataclasses.asdict(config.model)
     return _json_roundtrip(
-        {"store_id": store, "split_sha256": selection.fingerprint(), "settings": settings}
+        {
+            "store_id": store,
+            "split_sha256": selection.fingerprint(),
+            "settings": settings,
+            "device": device.type,
+            "data_placement": placement,
+        }
     )
 
 
