@@ -165,7 +165,7 @@ def test_import_xpvae_cli_reproduces_the_reference(reference_dir, identity_norm,
     ref = np.load(reference_dir / "reference_outputs.npz")
     res = model.encode_arrays(ref["x"], ref["x_err"], np.ones(len(ref["x"])))
     np.testing.assert_allclose(res.latent_mean, ref["mu"], atol=1e-4, rtol=0)
-    np.testing.assert_allclose(res.rmse, ref["rmse"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(res.rmse, ref["rmse"], atol=1e-4, rtol=1e-5)  # see test_trained
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,9 @@ def test_encode_arrays_reproduces_the_published_outputs(published_model, referen
     np.testing.assert_allclose(out.latent_std, np.exp(0.5 * ref["log_var"]), rtol=0, atol=1e-4)
     np.testing.assert_allclose(out.reconstruction, ref["xhat"], rtol=0, atol=1e-4)
     np.testing.assert_allclose(out.scatter, ref["shat"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(out.rmse, ref["rmse"], rtol=0, atol=1e-4)
+    # rmse sums up to 110 squared float32 residuals scaled by small errors: CPU kernels of other
+    # families move its last ~50 ulps, so it is held to 1e-5 relative as well (rows with rmse > 10).
+    np.testing.assert_allclose(out.rmse, ref["rmse"], rtol=1e-5, atol=1e-4)
     assert not np.any(out.flags & np.uint16(CatalogFlag.NOT_ENCODED))
 
 
