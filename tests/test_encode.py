@@ -44,6 +44,7 @@ def test_outputs_have_the_catalogue_shapes_and_dtypes(
         schema.SCATTER: ((7, 110), np.float32),
         schema.RMSE: ((7,), np.float32),
         schema.FLAGS: ((7,), np.uint16),
+        schema.ANOMALY_SCORE: ((7,), np.float32),
     }
     if with_reconstruction:
         expected[schema.RECONSTRUCTION] = ((7, 110), np.float32)

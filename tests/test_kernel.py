@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 
 import numpy as np
 import pytest
 import torch
 
+from xpbatch.density import LatentDensity
 from xpbatch.encode import EncodeKernel, encode_rows, kernel_for
 from xpbatch.schema import CatalogFlag
-from xpbatch.trained import LATENT_OUTLIER_SIGMA, Normalisation, TrainedModel, standardise
+from xpbatch.trained import Normalisation, TrainedModel, standardise
 
 N_BP = 55
 
@@ -32,18 +34,18 @@ def _numpy_reference(
         z = np.where(inp.valid, (inp.x - xhat) / inp.x_err, np.float32(0))
         rmse = np.sqrt((z**2).sum(axis=1) / inp.valid.sum(axis=1)).astype(np.float32)
     norm = model.normalisation
-    distance = np.abs(mu - model.latent_reference_mean) / model.latent_reference_std
+    assert model.density is not None
+    score = model.density.score_numpy(mu, rmse).astype(np.float32)  # NaN where not encoded
     flags = inp.flags.copy()
     with np.errstate(invalid="ignore"):
-        flags[np.any(distance > LATENT_OUTLIER_SIGMA, axis=1)] |= np.uint16(
-            CatalogFlag.LATENT_OUTLIER
-        )
+        flags[score > model.density.threshold] |= np.uint16(CatalogFlag.LATENT_OUTLIER)
     return {
         "latent_mean": mu,
         "latent_std": np.exp(np.float32(0.5) * log_var),
         "scatter": (shat * norm.std * gg).astype(np.float32),
         "reconstruction": ((xhat * norm.std + norm.mean) * gg).astype(np.float32),
         "rmse": rmse,
+        "anomaly_score": score,
         "flags": flags,
     }
 
@@ -94,14 +96,14 @@ def _edge_rows() -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
 
 @pytest.fixture(scope="module")
 def model() -> TrainedModel:
-    """A model with a non-trivial normalisation and a tight latent reference (some outliers)."""
+    """A model with a non-trivial normalisation and a tight latent density (some outliers)."""
     rng = np.random.default_rng(0)
     normalisation = Normalisation(rng.normal(0, 0.1, 110), rng.uniform(0.5, 2.0, 110))
     base = TrainedModel.untrained(seed=4)
     return base.with_updates(
         normalisation=normalisation,
-        latent_reference_mean=np.zeros(6, np.float32),
-        latent_reference_std=np.full(6, 0.05, np.float32),  # so some rows are outliers
+        # the prior squeezed to a spread of 0.05, so some rows are outliers
+        density=dataclasses.replace(LatentDensity.prior(6), scale=np.full(6, 0.05)),
     )
 
 
@@ -131,7 +133,9 @@ def _kernel_outputs(
     return out
 
 
-ALL_OUTPUTS = ["latent_mean", "latent_std", "scatter", "reconstruction", "rmse", "flags"]
+ALL_OUTPUTS = [
+    "latent_mean", "latent_std", "scatter", "reconstruction", "rmse", "anomaly_score", "flags"
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("batch_size", [4, None], ids=["batches-of-4", "one-batch"])
@@ -146,7 +150,8 @@ def test_kernel_matches_the_numpy_recipe_on_edge_rows(
         for name in ALL_OUTPUTS[:-1]:
             a, b = got[name][i], want[name][i]
             np.testing.assert_array_equal(np.isnan(a), np.isnan(b), err_msg=f"{case} {name}")
-            scale = np.maximum(np.abs(b), 1.0) if name in ("scatter", "reconstruction") else 1.0
+            relative = ("scatter", "reconstruction", "anomaly_score")
+            scale = np.maximum(np.abs(b), 1.0) if name in relative else 1.0
             finite = ~np.isnan(b)
             assert np.all(np.abs(a - b)[finite] / np.broadcast_to(scale, b.shape)[finite] < 1e-4), (
                 case,
@@ -228,7 +233,7 @@ def test_the_fused_and_torch_paths_agree_on_many_rows(model: TrainedModel) -> No
     a = _kernel_outputs(fused, c, e, g, ALL_OUTPUTS, batch_size=512)
     b = _kernel_outputs(ops, c, e, g, ALL_OUTPUTS, batch_size=512)
     np.testing.assert_array_equal(a["flags"], b["flags"])
-    for name in ("latent_mean", "latent_std", "rmse"):
+    for name in ("latent_mean", "latent_std", "rmse", "anomaly_score"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-5, err_msg=name)
     for name in ("scatter", "reconstruction"):
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, err_msg=name)

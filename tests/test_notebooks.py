@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
 
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
@@ -124,3 +125,26 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     import xpbatch
 
     assert xpbatch.load_model(out).provenance["epochs"] == 2
+
+
+def test_anomalies_ranks_sources_and_finds_neighbours(
+    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = _execute(
+        "04_anomalies",
+        tmp_path,
+        monkeypatch,
+        CATALOG=small_inputs["catalog"],
+        STORE=small_inputs["store"],
+        MODEL=small_inputs["model"],
+        TOP=5,
+        SHOWN=2,
+        K=4,
+    )
+    import xpbatch
+
+    ds = xpbatch.open_catalog(small_inputs["catalog"])
+    n_encoded = int(np.isfinite(ds.anomaly_score.values).sum())
+    assert f"the 5 most anomalous of {n_encoded:,} encoded sources" in text
+    assert str(int(ds.source_id.values[np.nanargmax(ds.anomaly_score.values)])) in text
+    assert "4 neighbours of source " in text and "'teff'" in text  # the mock labels joined

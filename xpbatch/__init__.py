@@ -32,6 +32,7 @@ _API = {
     "encode_catalog": "xpbatch.pipeline",
     "open_catalog": "xpbatch.catalog",
     "verify_catalog": "xpbatch.catalog",
+    "find_neighbours": "xpbatch.neighbours",
 }
 
 __all__ = ["__version__", *sorted(_API)]

@@ -6,6 +6,9 @@ A model file is one safetensors file (``.safetensors``):
 - tensors ``normalisation.mean`` / ``normalisation.std``: the input recipe's arrays;
 - tensors ``latent_reference.mean`` / ``.std``: training-set distribution of latent means;
 - tensors ``split.train_source_id`` / ``split.validation_source_id``: which sources it saw;
+- tensors ``latent_density.*`` and metadata key ``latent_density`` (optional: files written
+  before it lack them and fall back to the prior): per-dimension KL, the training latents'
+  Gaussian mixture and outlier threshold (:mod:`xpbatch.density`);
 - metadata ``xpbatch`` (JSON): name, architecture, input recipe, provenance and (files written
   since it exists) ``fit_statistics``, what the training data looked like to the model
   (:mod:`xpbatch.fit`);
@@ -30,6 +33,7 @@ import torch
 
 from xpbatch import __version__
 from xpbatch.config import ModelConfig
+from xpbatch.density import LatentDensity, latent_kl
 from xpbatch.errors import ModelFileError
 from xpbatch.fit import FitStatistics
 from xpbatch.model import ScatterVAE
@@ -52,6 +56,16 @@ INPUT_RECIPE = {
 FIT_STATISTICS = "fit_statistics"
 """Key of the training-data statistics in a model file's description."""
 _NETWORK = "network."
+_DENSITY = "latent_density."
+_DESCRIPTION_KEYS = (
+    "name",
+    "architecture",
+    "input_recipe",
+    "provenance",
+    "latent_density",
+    FIT_STATISTICS,
+)
+"""Keys of the JSON description, in the content hash when present (older files lack the last)."""
 _MAX_HEADER_BYTES = 100_000_000  # a sane bound: real headers are a few kB
 
 
@@ -76,6 +90,8 @@ def _tensors(model: TrainedModel) -> dict[str, torch.Tensor]:
         "split.train_source_id": model.train_source_id,
         "split.validation_source_id": model.validation_source_id,
     }
+    assert model.density is not None
+    arrays.update({_DENSITY + k: v for k, v in model.density.to_tensors().items()})
     tensors.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
     return {k: v.contiguous() for k, v in tensors.items()}
 
@@ -111,6 +127,7 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
         "architecture": dataclasses.asdict(model.config),
         "input_recipe": INPUT_RECIPE,
         "provenance": model.provenance,
+        "latent_density": model.density.describe() if model.density else None,
     }
     if model.fit_statistics is not None:  # absent in older files, whose hash must not change
         described[FIT_STATISTICS] = model.fit_statistics
@@ -212,8 +229,7 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"model file {path} is truncated or corrupt: {e}") from e
     stored_hash = description.pop("content_sha256")
-    described = ("name", "architecture", "input_recipe", "provenance", FIT_STATISTICS)
-    plain = {k: description[k] for k in described if k in description}
+    plain = {k: description[k] for k in _DESCRIPTION_KEYS if k in description}
     actual = _content_hash(json.dumps(plain, sort_keys=True), tensors)
     if actual != stored_hash:
         raise ModelFileError(
@@ -249,7 +265,18 @@ def load_model(
         validation_source_id=tensors["split.validation_source_id"].numpy(),
         content_hash=stored_hash,
         fit_statistics=description.get(FIT_STATISTICS),
+        density=_stored_density(tensors, description.get("latent_density"), config),
     )
+
+
+def _stored_density(
+    tensors: dict[str, torch.Tensor], described: dict[str, Any] | None, config: ModelConfig
+) -> LatentDensity:
+    """The file's latent density; the prior for files written before densities were stored."""
+    if described is None:
+        return LatentDensity.prior(config.latent_dim)
+    arrays = {k[len(_DENSITY) :]: v.numpy() for k, v in tensors.items() if k.startswith(_DENSITY)}
+    return LatentDensity.from_stored(arrays, described)
 
 
 def _architecture_from_state_dict(state: dict[str, torch.Tensor]) -> ModelConfig:
@@ -286,8 +313,16 @@ def import_xpvae(
     out: str | os.PathLike[str],
     *,
     name: str | None = None,
+    store: str | os.PathLike[str] | None = None,
 ) -> TrainedModel:
     """Convert the authors' checkpoint and normalisation file into an xpbatch model file.
+
+    The checkpoint has no record of its training set, so the file gets the prior N(0, I) as its
+    latent density (:meth:`LatentDensity.prior`) and per-dimension KLs measured on ``store`` when
+    one is given (its first :data:`KL_ROWS` encodable rows: real spectra, the best stand-in for
+    the training set), else on :data:`KL_ROWS` spectra the model itself generates
+    (``x = decoder(z) + noise``, ``z ~ N(0, I)``, errors 0.05; the recipe of the authors'
+    reference outputs). Both find the checkpoint's two collapsed dimensions (KL ≈ 0).
 
     Parameters
     ----------
@@ -301,6 +336,8 @@ def import_xpvae(
         Model file to write.
     name
         Model name recorded in the file; default the output file's stem.
+    store
+        An XP store whose rows measure the per-dimension KL (optional, see above).
     """
     weight, norm, out = Path(weight), Path(norm), Path(out)
     try:
@@ -333,11 +370,17 @@ def import_xpvae(
             f"normalisation arrays must have {config.input_dim} values each (BP then RP), got "
             f"mu {mean.shape} and sig {std.shape} in {norm}"
         )
+    normalisation = Normalisation(mean, std)
+    kl, kl_source = (
+        _prior_predictive_kl(network) if store is None else _store_kl(network, normalisation, store)
+    )
     model = TrainedModel(
         network=network,
-        normalisation=Normalisation(mean, std),
+        normalisation=normalisation,
         name=name or out.stem,
+        density=LatentDensity.prior(config.latent_dim, kl),
         provenance={
+            "latent_kl_source": kl_source,
             "source": "imported",
             "checkpoint": weight.name,
             "checkpoint_sha256": _sha256_file(weight),
@@ -352,3 +395,43 @@ def import_xpvae(
     )
     save_model(model, out)
     return model
+
+
+KL_ROWS = 20_000
+"""Spectra on which an imported model's per-dimension KL is measured."""
+
+
+@torch.no_grad()
+def _prior_predictive_kl(network: ScatterVAE) -> tuple[np.ndarray, str]:
+    """Mean KL per dimension over spectra the model generates from its prior (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    network.eval()
+    z = torch.randn(KL_ROWS, network.config.latent_dim, generator=generator)
+    xhat, shat = network.decode(z)  # (rows, input) each
+    x_err = torch.full_like(xhat, 0.05)
+    noise = torch.randn(xhat.shape, generator=generator)
+    mu, log_var = network.encode(xhat + noise * torch.sqrt(x_err**2 + shat**2))
+    kl = (latent_kl(mu, log_var) / KL_ROWS).numpy()
+    return kl, f"{KL_ROWS} spectra generated by the model from N(0, I) (seed 0)"
+
+
+def _store_kl(
+    network: ScatterVAE, normalisation: Normalisation, store: str | os.PathLike[str]
+) -> tuple[np.ndarray, str]:
+    """Mean KL per dimension over the first KL_ROWS encodable rows of an XP store."""
+    from xpbatch import schema
+    from xpbatch.store import open_xp_store, store_id
+
+    ds = open_xp_store(Path(store)).isel({schema.SOURCE: slice(0, KL_ROWS)})
+    result = TrainedModel(network=network, normalisation=normalisation).encode_arrays(
+        ds[schema.COEFFICIENTS].values,
+        ds[schema.COEFFICIENT_ERRORS].values,
+        ds[schema.PHOT_G_MEAN_FLUX].values,
+    )
+    ok = np.isfinite(result.latent_mean).all(axis=1)
+    if not ok.any():
+        raise ModelFileError(f"no row of the first {KL_ROWS} of {store} can be encoded")
+    mu = torch.from_numpy(result.latent_mean[ok])
+    log_var = torch.from_numpy(2 * np.log(result.latent_std[ok]))
+    kl = (latent_kl(mu, log_var) / int(ok.sum())).numpy()
+    return kl, f"the first {int(ok.sum())} encodable rows of store {store_id(ds)}"

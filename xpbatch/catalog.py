@@ -7,6 +7,7 @@ Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
     latent_mean, latent_std   (source, latent) float32
     scatter                   (source, coeff) float32, e-/s
     rmse, flags               (source,) float32 / uint16
+    anomaly_score             (source,) float32, nats; absent from catalogues written before it
     reconstruction            (source, coeff) float32, e-/s, only ``with_reconstruction``
     _xpbatch/chunk_records    (chunk, field) int64: one completion record per chunk
 
@@ -114,6 +115,8 @@ class CatalogLayout:
     """Coefficients per spectrum."""
     with_reconstruction: bool = False
     """Whether the catalogue holds the decoder's reconstruction."""
+    with_anomaly_score: bool = False
+    """Whether it holds ``anomaly_score`` (every new one does; older catalogues lack it)."""
 
     def __post_init__(self) -> None:
         if self.n_rows < 0 or self.chunk_rows < 1:
@@ -214,6 +217,15 @@ def _variable_specs(layout: CatalogLayout) -> list[VariableSpec]:
             extra_attrs=_flag_attrs(),
         ),
     ]  # fmt: skip
+    if layout.with_anomaly_score:
+        specs.append(
+            VariableSpec(
+                schema.ANOMALY_SCORE, "float32", None, 0, np.nan, "nat",
+                "-log density of (latent mean on the active dimensions, ln rmse), standardised, "
+                "under the model's training-set density (attribute latent_density); higher is "
+                "rarer; NaN where flags has not_encoded",
+            )
+        )  # fmt: skip
     if layout.with_reconstruction:
         specs.append(
             VariableSpec(

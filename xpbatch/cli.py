@@ -220,11 +220,20 @@ def main(verbose: int) -> None:
 )
 @click.option("-o", "--output", type=click.Path(), required=True, help="Model file to write.")
 @click.option("--name", default=None, help="Model name recorded in the file [default: file stem].")
-def import_xpvae_command(weight: str, norm: str, output: str, name: str | None) -> None:
+@click.option(
+    "--store",
+    type=click.Path(exists=True, file_okay=False),
+    default=None,
+    help="Measure the latent dimensions' KL on this XP store's first rows [default: on spectra "
+    "the model generates].",
+)
+def import_xpvae_command(
+    weight: str, norm: str, output: str, name: str | None, store: str | None
+) -> None:
     """Convert the published scatter-VAE checkpoint (WEIGHT.pt) into an xpbatch model file."""
     from xpbatch.artifact import import_xpvae
 
-    model = import_xpvae(weight, norm, output, name=name)
+    model = import_xpvae(weight, norm, output, name=name, store=store)
     click.echo(f"wrote {output} (model {model.name}, sha256 {model.content_hash[:16]}…)")
 
 
@@ -407,6 +416,60 @@ def encode_catalog_command(
             f"  ds = xpbatch.open_catalog({output!r})  # or xarray.open_zarr({output!r})\n"
             "  ds.latent_mean.isel(source=slice(0, 5)).values"
         )
+
+
+@main.command("neighbours")
+@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "--source-id",
+    "source_ids",
+    multiple=True,
+    required=True,
+    metavar="ID[,ID...]",
+    help="Query source(s) of CATALOG; repeat the option or separate ids with commas.",
+)
+@click.option("-k", type=click.IntRange(min=1), default=100, show_default=True, help="Neighbours.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Write the table here (.parquet, else CSV) [default: CSV on stdout].",
+)
+@click.option(
+    "-m",
+    "--model",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The catalogue's model; needed only for catalogues that do not record their latent "
+    "density (written before it existed).",
+)
+@cluster_options
+def neighbours_command(
+    catalog: str,
+    source_ids: tuple[str, ...],
+    k: int,
+    output: str | None,
+    model: str | None,
+    **kwargs: Any,
+) -> None:
+    """The K nearest sources of CATALOG to each query source in latent space (exact scan)."""
+    try:
+        ids = [int(part) for text in source_ids for part in text.split(",") if part.strip()]
+    except ValueError as e:
+        raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
+    from xpbatch.artifact import load_model
+    from xpbatch.cluster import connect
+    from xpbatch.neighbours import find_neighbours, write_table
+
+    trained = load_model(model) if model else None
+    with connect(cluster_config(kwargs)) as client:
+        table = find_neighbours(catalog, ids, k=k, client=client, model=trained)
+    if output is None:
+        click.echo(table.to_csv(index=False), nl=False)
+    else:
+        write_table(table, output)
+        click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
 @main.command("verify")
@@ -625,6 +688,13 @@ def train_command(
     default=None,
     help="TOML file of MockConfig settings (giant_fraction, bp_missing_fraction, ...).",
 )
+@click.option(
+    "--rare",
+    multiple=True,
+    metavar="POPULATION=FRACTION",
+    help="Inject a rare population (binary, emission_line, white_dwarf) into this fraction of "
+    "the rows, labelled in the labels' population column; repeatable; overrides --config.",
+)
 @click.option("--overwrite", is_flag=True, help="Replace an existing store or bulk files.")
 def mock_command(
     n_rows: int,
@@ -636,6 +706,7 @@ def mock_command(
     workers: int,
     with_correlations: bool,
     config_file: str | None,
+    rare: tuple[str, ...],
     overwrite: bool,
 ) -> None:
     """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
@@ -647,6 +718,7 @@ def mock_command(
     from xpbatch.mock import labels_path, write_mock_dr3_bulk, write_mock_store
 
     settings = read_toml(config_file) if config_file else {}
+    settings.update(_rare_fractions(rare))
     config = from_mapping(MockConfig, settings, where=config_file or "mock configuration")
     if output_format == "store":
         path = write_mock_store(
@@ -676,6 +748,27 @@ def mock_command(
             f"wrote {n_rows:,} mock sources in {len(files):,} XpContinuousMeanSpectrum files "
             f"(+ GaiaSource companions, _MD5SUM.txt, labels) to {output}"
         )
+
+
+def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
+    """``('binary=0.002', ...)`` -> ``{'binary_fraction': 0.002, ...}``."""
+    from xpbatch.mock import POPULATIONS
+
+    fractions = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        if name not in POPULATIONS[1:]:
+            raise click.BadParameter(
+                f"{option!r}: the rare populations are {', '.join(POPULATIONS[1:])}",
+                param_hint="--rare",
+            )
+        try:
+            fractions[f"{name}_fraction"] = float(value)
+        except ValueError:
+            raise click.BadParameter(
+                f"{option!r}: expected POPULATION=FRACTION, e.g. binary=0.002", param_hint="--rare"
+            ) from None
+    return fractions
 
 
 _INGEST_DEFAULTS = IngestConfig()
@@ -961,3 +1054,76 @@ def bench_train_command(
         echo=click.echo,
     )
     click.echo(result.report())
+
+
+@bench_group.command("anomalies")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=10_000),
+    default=60_000,
+    show_default=True,
+    help="Mock spectra to build, train on and encode.",
+)
+@click.option(
+    "--rare-fraction",
+    type=click.FloatRange(0.0005, 0.5),
+    default=0.005,
+    show_default=True,
+    help="Fraction of rare sources (binaries, emission-line stars, white dwarfs, a third each).",
+)
+@click.option("--queries", type=click.IntRange(min=10), default=1000, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the mock, model and catalogue here [default: a temporary directory].",
+)
+def bench_anomalies_command(
+    rows: int, rare_fraction: float, queries: int, epochs: int, workdir: str | None
+) -> None:
+    """ROC AUC of anomaly_score, rmse and the 5-sigma rule; neighbours' label differences."""
+    import dataclasses
+
+    from xpbatch.benchmarks.anomalies import TRAINING, run_anomaly_benchmark
+
+    training = dataclasses.replace(TRAINING, epochs=epochs, cycle_epochs=epochs)
+    result = run_anomaly_benchmark(
+        rows,
+        rare_fraction=rare_fraction,
+        n_queries=queries,
+        training=training,
+        workdir=workdir,
+        echo=click.echo,
+    )
+    click.echo(result.report())
+
+
+@bench_group.command("neighbours")
+@click.option(
+    "--rows",
+    type=click.IntRange(min=1000),
+    default=4_000_000,
+    show_default=True,
+    help="Rows of the synthetic catalogue (written once per size in --workdir).",
+)
+@click.option("--queries", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("-k", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option(
+    "--workdir",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Keep the synthetic catalogue here [default: a temporary directory].",
+)
+@cluster_options
+def bench_neighbours_command(
+    rows: int, queries: int, k: int, workdir: str | None, **kwargs: Any
+) -> None:
+    """Time and peak memory of the exact latent search, and its equality with NumPy."""
+    from xpbatch.benchmarks.neighbours import run_neighbours_benchmark
+    from xpbatch.cluster import connect
+
+    with connect(cluster_config(kwargs)) as client:
+        click.echo(
+            run_neighbours_benchmark(rows, client=client, queries=queries, k=k, workdir=workdir)
+        )

@@ -244,6 +244,12 @@ class MockConfig:
     """Fraction of rows without phot_g_mean_flux and without phot_g_mean_mag."""
     add_noise: bool = True
     """Add Gaussian noise with the coefficient errors; False gives the noiseless spectra."""
+    binary_fraction: float = 0.0
+    """Fraction of unresolved binaries: the sum of two stars' spectra (population 'binary')."""
+    emission_line_fraction: float = 0.0
+    """Fraction of stars with Hα and Hβ in emission (population 'emission_line')."""
+    white_dwarf_fraction: float = 0.0
+    """Fraction of DA white dwarfs, 7000-30000 K with broad Balmer lines ('white_dwarf')."""
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -260,6 +266,7 @@ class MockConfig:
             "rp_missing_fraction": self.rp_missing_fraction,
             "non_finite_fraction": self.non_finite_fraction,
             "g_flux_missing_fraction": self.g_flux_missing_fraction,
+            **self.rare_fractions,
         }
         for name, value in fractions.items():
             if not 0.0 <= value <= 1.0:
@@ -271,6 +278,10 @@ class MockConfig:
                 f"the defect fractions (missing BP, RP, G flux, non-finite) add up to {defects}; "
                 "they are exclusive per row and must add up to at most 0.5"
             )
+        if sum(self.rare_fractions.values()) > 1.0:
+            raise ConfigError(
+                f"the rare-population fractions {self.rare_fractions} add up to more than 1"
+            )
         if self.metallicity_std < 0 or self.extinction_plane < 0 or self.extinction_pole < 0:
             raise ConfigError(
                 "metallicity_std, extinction_plane and extinction_pole must be >= 0, got "
@@ -281,6 +292,15 @@ class MockConfig:
                 f"g_mag_min ({self.g_mag_min}) must be brighter (smaller) than g_mag_limit "
                 f"({self.g_mag_limit})"
             )
+
+    @property
+    def rare_fractions(self) -> dict[str, float]:
+        """The rare populations' fractions by field name (binary, emission_line, white_dwarf)."""
+        return {
+            "binary_fraction": self.binary_fraction,
+            "emission_line_fraction": self.emission_line_fraction,
+            "white_dwarf_fraction": self.white_dwarf_fraction,
+        }
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:

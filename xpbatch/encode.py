@@ -18,7 +18,8 @@ import torch
 from xpbatch import encode_cpu, schema
 from xpbatch.errors import InputShapeError
 from xpbatch.schema import CatalogFlag
-from xpbatch.trained import DEFAULT_BATCH_SIZE, LATENT_OUTLIER_SIGMA, TrainedModel
+from xpbatch.model import reconstruction_rmse
+from xpbatch.trained import DEFAULT_BATCH_SIZE, TrainedModel
 
 INPUT_VARIABLES = (
     schema.SOURCE_ID,
@@ -69,12 +70,10 @@ class EncodeKernel:
 
         self.mean = constant(model.normalisation.mean)  # (input,)
         self.std = constant(model.normalisation.std)  # (input,)
-        self.reference_mean = constant(model.latent_reference_mean)  # (latent,)
-        self.reference_std = constant(model.latent_reference_std)  # (latent,)
         self._mean_np = model.normalisation.mean  # float32 host copies for the fused path
         self._std_np = model.normalisation.std
-        self._reference_mean_np = np.asarray(model.latent_reference_mean, np.float32)
-        self._reference_std_np = np.asarray(model.latent_reference_std, np.float32)
+        assert model.density is not None  # TrainedModel puts the prior there when none was fitted
+        self.density = model.density
         self.n_in = model.config.input_dim
         self.n_bp = self.n_in // 2
         self._local = threading.local()
@@ -94,6 +93,7 @@ class EncodeKernel:
             schema.RMSE: 1,
             schema.FLAGS: 1,
             schema.RECONSTRUCTION: self.n_in,
+            schema.ANOMALY_SCORE: 1,
         }
         return {name: known[name] for name in names}
 
@@ -140,7 +140,10 @@ class EncodeKernel:
         flags = out.get(schema.FLAGS)
         if flags is None:
             flags = np.empty(n_rows, np.uint16)
-        rmse = out.get(schema.RMSE, np.empty(0, np.float32))
+        rmse = out.get(schema.RMSE)
+        if rmse is None:  # the anomaly score and LATENT_OUTLIER need it
+            rmse = np.empty(n_rows, np.float32)
+        score = out.get(schema.ANOMALY_SCORE)
 
         def target(name: str, rows: slice) -> np.ndarray:
             return out[name][rows] if name in out else unused
@@ -158,12 +161,16 @@ class EncodeKernel:
                 x[:n], x_err[:n], valid[:n], g32[:n],
                 result.mu[:n].numpy(), result.log_var[:n].numpy(),
                 result.xhat[:n].numpy(), result.shat[:n].numpy(),
-                self._mean_np, self._std_np, self._reference_mean_np, self._reference_std_np,
-                LATENT_OUTLIER_SIGMA,
+                self._mean_np, self._std_np,
                 target(schema.LATENT_MEAN, rows), target(schema.LATENT_STD, rows),
                 target(schema.SCATTER, rows), target(schema.RECONSTRUCTION, rows),
-                rmse[rows] if rmse.size else rmse, flags[rows],
+                rmse[rows], flags[rows],
             )  # fmt: skip
+            dead = torch.from_numpy((flags[rows] & int(CatalogFlag.NOT_ENCODED)) != 0)  # (rows,)
+            scores = self._score(result.mu[:n], torch.from_numpy(rmse[rows]), dead)
+            flags[rows] |= self._outlier_bits(scores).numpy().astype(np.uint16)
+            if score is not None:
+                score[rows] = scores.numpy()
 
     def _fused_buffers(self, batch_size: int) -> tuple[np.ndarray, ...]:
         """This thread's x, x_err, valid (batch_size, input) and g32 (batch_size,) buffers."""
@@ -275,14 +282,17 @@ class EncodeKernel:
         dead = ((flags & int(CatalogFlag.NOT_ENCODED)) != 0)[:, None]  # (rows, 1)
         nan = torch.tensor(float("nan"), device=self.device)
         g_col = g[:, None]
+        rmse = reconstruction_rmse(x, xhat, x_err, valid)  # (rows,)
+        score = self._score(mu, rmse, dead[:, 0])  # (rows,), NaN where not encoded
         # One line per output; each is computed only when it will be stored.
         make: dict[str, Callable[[], torch.Tensor]] = {
             schema.LATENT_MEAN: lambda: mu,
             schema.LATENT_STD: lambda: torch.exp(0.5 * log_var),
             schema.SCATTER: lambda: shat * self.std * g_col,
             schema.RECONSTRUCTION: lambda: (xhat * self.std + self.mean) * g_col,
-            schema.RMSE: lambda: _rmse(x, xhat, x_err, valid)[:, None],
-            schema.FLAGS: lambda: (flags | self._outlier_bits(mu, dead))[:, None].float(),
+            schema.RMSE: lambda: rmse[:, None],
+            schema.FLAGS: lambda: (flags | self._outlier_bits(score))[:, None].float(),
+            schema.ANOMALY_SCORE: lambda: score[:, None],
         }
         results = {}
         for name in names:
@@ -290,11 +300,14 @@ class EncodeKernel:
             results[name] = value if name == schema.FLAGS else torch.where(dead, nan, value)
         return results
 
-    def _outlier_bits(self, mu: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
-        """(rows,) int32 LATENT_OUTLIER bits of latent means far from the training set's."""
-        distance = (mu - self.reference_mean).abs() / self.reference_std  # (rows, latent)
-        outlier = (distance > LATENT_OUTLIER_SIGMA).any(dim=1) & ~dead[:, 0]
-        return outlier.int() * int(CatalogFlag.LATENT_OUTLIER)
+    def _score(self, mu: torch.Tensor, rmse: torch.Tensor, dead: torch.Tensor) -> torch.Tensor:
+        """(rows,) float32 anomaly score (:mod:`xpbatch.density`), NaN on rows not encoded."""
+        score = self.density.score(mu, rmse).float()
+        return torch.where(dead, torch.nan, score)
+
+    def _outlier_bits(self, score: torch.Tensor) -> torch.Tensor:
+        """(rows,) int32 LATENT_OUTLIER bits: a score above the training set's threshold."""
+        return (score > self.density.threshold).int() * int(CatalogFlag.LATENT_OUTLIER)
 
     def _to_host(self, results: Mapping[str, torch.Tensor], out: Mapping[str, np.ndarray]) -> None:
         """Copy the outputs into the host arrays: directly on the CPU, one packed copy on CUDA."""
@@ -315,14 +328,6 @@ class EncodeKernel:
 
 
 _FLOAT32_TINY = float(encode_cpu.FLOAT32_TINY)
-
-
-def _rmse(
-    x: torch.Tensor, xhat: torch.Tensor, x_err: torch.Tensor, valid: torch.Tensor
-) -> torch.Tensor:
-    """(rows,) sqrt(mean over valid j of ((x - xhat) / x_err)^2)."""
-    z = torch.where(valid, (x - xhat) / x_err, 0.0)  # (rows, input)
-    return torch.sqrt((z * z).sum(dim=1) / valid.sum(dim=1))
 
 
 def _store(array: np.ndarray, columns: np.ndarray) -> None:
@@ -388,6 +393,7 @@ def output_variables(*, with_reconstruction: bool) -> tuple[str, ...]:
         schema.SCATTER,
         schema.RMSE,
         schema.FLAGS,
+        schema.ANOMALY_SCORE,
     )
     return (*names, schema.RECONSTRUCTION) if with_reconstruction else names
 
@@ -435,8 +441,9 @@ def encode_chunk(
     dict of numpy.ndarray
         The names of :func:`output_variables`: ``source_id`` (copied), ``latent_mean`` and
         ``latent_std`` (n, latent) float32, ``scatter`` (n, 110) float32 in e-/s, ``rmse`` (n,)
-        float32 and ``flags`` (n,) uint16 = the store's input flags in the low byte, the model's
-        flags and the training/validation membership bits. Rows flagged NOT_ENCODED are NaN.
+        float32, ``flags`` (n,) uint16 = the store's input flags in the low byte, the model's
+        flags and the training/validation membership bits, and ``anomaly_score`` (n,) float32
+        (:mod:`xpbatch.density`). Rows flagged NOT_ENCODED are NaN.
 
     Examples
     --------
@@ -483,5 +490,6 @@ def _empty_outputs(
         schema.RMSE: ((n_rows,), "float32"),
         schema.FLAGS: ((n_rows,), "uint16"),
         schema.RECONSTRUCTION: ((n_rows, n_coeff), "float32"),
+        schema.ANOMALY_SCORE: ((n_rows,), "float32"),
     }
     return {name: np.empty(*shapes[name]) for name in names}

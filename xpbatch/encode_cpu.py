@@ -22,7 +22,6 @@ _RP_MISSING = np.uint16(CatalogFlag.RP_MISSING)
 _G_FLUX_MISSING = np.uint16(CatalogFlag.G_FLUX_MISSING)
 _NON_FINITE = np.uint16(CatalogFlag.NON_FINITE)
 _NOT_ENCODED = np.uint16(CatalogFlag.NOT_ENCODED)
-_LATENT_OUTLIER = np.uint16(CatalogFlag.LATENT_OUTLIER)
 FLOAT32_TINY = np.float32(np.finfo(np.float32).tiny)
 """Smallest normal float32; a G flux below it (or not finite) counts as missing."""
 
@@ -87,34 +86,26 @@ def output_rows(
     shat: np.ndarray,  # (rows, input)
     mean: np.ndarray,  # (input,)
     std: np.ndarray,  # (input,)
-    reference_mean: np.ndarray,  # (latent,)
-    reference_std: np.ndarray,  # (latent,)
-    outlier_sigma: float,
     latent_mean: np.ndarray,  # out (rows, latent) or (0, 0) when not wanted
     latent_std: np.ndarray,  # out (rows, latent) or (0, 0)
     scatter: np.ndarray,  # out (rows, input) or (0, 0)
     reconstruction: np.ndarray,  # out (rows, input) or (0, 0)
     rmse: np.ndarray,  # out (rows,) or (0,)
-    flags: np.ndarray,  # in: input bits; out: plus LATENT_OUTLIER (rows,) uint16
+    flags: np.ndarray,  # (rows,) uint16 input bits (NOT_ENCODED marks rows left NaN)
 ) -> None:
     """The stored outputs in e-/s, NaN on rows flagged NOT_ENCODED; an empty out is skipped."""
     n_rows, n_in = x.shape
     latent = mu.shape[1]
     nan, half, zero = np.float32(np.nan), np.float32(0.5), np.float32(0)
-    sigma = np.float32(outlier_sigma)
     for i in range(n_rows):
         dead = (flags[i] & _NOT_ENCODED) != 0
         gi = g32[i]
-        outlier = False
         for k in range(latent):
             m = mu[i, k]
-            outlier = outlier or abs(m - reference_mean[k]) / reference_std[k] > sigma
             if latent_mean.shape[0]:
                 latent_mean[i, k] = nan if dead else m
             if latent_std.shape[0]:
                 latent_std[i, k] = nan if dead else np.exp(half * log_var[i, k])
-        if outlier and not dead:
-            flags[i] |= _LATENT_OUTLIER
         if scatter.shape[0]:
             for j in range(n_in):
                 scatter[i, j] = nan if dead else shat[i, j] * std[j] * gi

@@ -208,6 +208,7 @@ def _model_summary(path: Path) -> dict[str, Any]:
     meta = read_model_metadata(path)
     with safe_open(str(path), framework="numpy") as f:
         shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118
+        kl = f.get_tensor("latent_density.kl").tolist() if "latent_density.kl" in shapes else None
 
     def n_values(prefix: str) -> int:
         return sum(math.prod(s) for name, s in shapes.items() if name.startswith(prefix))
@@ -222,6 +223,7 @@ def _model_summary(path: Path) -> dict[str, Any]:
         "n_parameters": n_values("network."),
         "n_train": n_values("split.train_source_id"),
         "n_validation": n_values("split.validation_source_id"),
+        "latent_density": {**(meta.get("latent_density") or {}), "kl": kl},
         "provenance": {k: _short(v) for k, v in sorted((meta.get("provenance") or {}).items())},
     }
 
@@ -325,9 +327,34 @@ def _format_model(s: dict[str, Any]) -> str:
             ("training set", f"{s['n_train']:,} sources ({s['n_validation']:,} validation)"),
         ]
     )
+    lines.append("  latent space")
+    lines += _rows(_latent_rows(s["latent_density"]), indent=4)
     lines.append("  provenance")
     lines += _rows([(k, _text(v)) for k, v in s["provenance"].items()], indent=4)
     return "\n".join(lines)
+
+
+def _latent_rows(density: dict[str, Any]) -> list[tuple[str, str]]:
+    """Per-dimension KL, active dimensions and the density behind anomaly_score."""
+    if not density.get("kind"):
+        return [("density", "not recorded (file predates it): prior N(0, I), all dims active")]
+    kl = density.get("kl")
+    rows = [
+        ("KL per dim", "not recorded" if kl is None else ", ".join(f"{v:.3g}" for v in kl)),
+        ("active dims", f"{density['active_dims']} (KL >= {density['active_kl_nats']} nats)"),
+    ]
+    if density["kind"] == "prior":
+        rows.append(("density", "prior N(0, I) on the active dims (no training-set density)"))
+    else:
+        rows.append(("density", f"Gaussian mixture of {density['components']} components"))
+    rows.append(
+        (
+            "latent_outlier",
+            f"anomaly_score > {density['threshold']:.4g} nats "
+            f"(the {100 * density['outlier_quantile']:g} % quantile)",
+        )
+    )
+    return rows
 
 
 def _text(value: Any) -> str:

@@ -437,16 +437,22 @@ def _response() -> np.ndarray:
 
 def _observe(labels: dict[str, np.ndarray], g_flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Noiseless coefficients (rows, 110) and BP, RP total fluxes (rows, 2), both in e-/s."""
-    projected = photon_spectrum(labels) @ _response()  # (rows, 110 + 3)
+    return _project(photon_spectrum(labels), g_flux)
+
+
+def _project(photons: np.ndarray, g_flux: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_observe` of photon spectra (rows, n_wavelength) already computed."""
+    projected = photons @ _response()  # (rows, 110 + 3)
     n_coeff = N_BP + N_RP
     per_g = g_flux / projected[:, n_coeff]
     return projected[:, :n_coeff] * per_g[:, None], projected[:, n_coeff + 1 :] * per_g[:, None]
 
 
 # --- labels ---------------------------------------------------------------------------------
-LABEL_COLUMNS = ("teff", "logg", "m_h", "alpha_m", "a_v", "g_mag", "is_giant")
+LABEL_COLUMNS = ("teff", "logg", "m_h", "alpha_m", "a_v", "g_mag", "is_giant", "population")
 """Columns of the labels table besides ``source_id``: Teff (K), log g (cgs dex), [M/H] and
-[α/M] (dex), A_V (mag), the true G magnitude, and whether the star is a giant."""
+[α/M] (dex), A_V (mag), the true G magnitude, whether the star is a giant, and its population
+(int8, an index into :data:`POPULATIONS`)."""
 
 _FAINTEST_G = 20.5
 
@@ -493,6 +499,69 @@ def draw_labels(
         "g_mag": _draw_g_mag(rng, size, config),
         "is_giant": is_giant,
     }
+
+
+# --- rare populations (MockConfig.*_fraction, ``xpbatch mock --rare``) -----------------------
+POPULATIONS = ("normal", "binary", "emission_line", "white_dwarf")
+"""The labels table's ``population`` codes: the index of the name here."""
+_RARE_STREAM = 1  # rare populations draw from their own stream: the others' rows never change
+_BALMER_NM = (656.28, 486.13, 434.05, 410.17, 397.01, 388.91)
+
+
+def _draw_population(seed: int, index: int, size: int, config: MockConfig) -> np.ndarray:
+    """(size,) int8 population codes of block ``index``; 0 everywhere without rare fractions."""
+    if not any(config.rare_fractions.values()):
+        return np.zeros(size, np.int8)
+    u = np.random.default_rng([seed, index, _RARE_STREAM]).random(size)
+    cuts = np.cumsum(list(config.rare_fractions.values()))  # in POPULATIONS[1:] order
+    return ((np.searchsorted(cuts, u, side="right") + 1) % len(POPULATIONS)).astype(np.int8)
+
+
+def _rare_photons(
+    rng: np.random.Generator, labels: dict[str, np.ndarray], population: np.ndarray
+) -> np.ndarray:
+    """Photon spectra (rows, n_wavelength) of rare rows; white dwarfs' labels are updated.
+
+    Binary: the primary plus a companion of very different Teff (an M dwarf beside a star
+    hotter than 5000 K, a 7000-10000 K star beside a cooler one) giving 25-50 % of the G flux.
+    Emission line: Hα with an equivalent width of 2-8 nm in emission, Hβ a third of it.
+    White dwarf: a 7000-30000 K continuum with Balmer lines 4 nm wide; log g 8.
+    """
+    size = len(population)
+    white_dwarf = population == POPULATIONS.index("white_dwarf")
+    labels["teff"][white_dwarf] = rng.uniform(7000.0, 30000.0, size)[white_dwarf]
+    labels["logg"][white_dwarf] = 8.0
+    labels["is_giant"][white_dwarf] = False
+    photons = photon_spectrum(labels)
+    g_column = _response()[:, N_BP + N_RP]
+
+    binary = population == POPULATIONS.index("binary")
+    companion = {k: v.copy() for k, v in labels.items()}
+    cool = rng.uniform(3200.0, 3800.0, size)
+    hot = rng.uniform(7000.0, 10000.0, size)
+    companion["teff"] = np.where(labels["teff"] > 5000.0, cool, hot)
+    companion["logg"] = np.full(size, 4.5)
+    light = rng.uniform(0.25, 0.5, size)[:, None]
+    second = photon_spectrum(companion)
+    mixed = (1 - light) * photons / (photons @ g_column)[:, None]
+    mixed += light * second / (second @ g_column)[:, None]
+    photons = np.where(binary[:, None], mixed, photons)
+
+    emission = population == POPULATIONS.index("emission_line")
+    width = rng.uniform(2.0, 8.0, size)[:, None]  # equivalent width, nm
+    for centre, strength in ((_BALMER_NM[0], 1.0), (_BALMER_NM[1], 1.0 / 3.0)):
+        at_line = photons[:, np.argmin(np.abs(WAVELENGTH_NM - centre))][:, None]
+        profile = np.exp(-0.5 * ((WAVELENGTH_NM - centre) / 1.5) ** 2) / (
+            1.5 * math.sqrt(2 * math.pi)
+        )
+        photons = photons + np.where(emission[:, None], strength * width * at_line * profile, 0.0)
+
+    depth = 1.5 * np.exp(-0.5 * ((labels["teff"] - 12000.0) / 9000.0) ** 2)[:, None]
+    tau = sum(
+        np.exp(-0.5 * ((WAVELENGTH_NM - centre) / 4.0) ** 2) for centre in _BALMER_NM
+    ) * depth + np.outer(labels["a_v"] * (0.4 * np.log(10.0)), _extinction_on_grid())
+    dwarf_star = _photon_continuum(labels["teff"]) * np.exp(-tau)
+    return np.where(white_dwarf[:, None], dwarf_star, photons)
 
 
 def _draw_g_mag(rng: np.random.Generator, size: int, config: MockConfig) -> np.ndarray:
@@ -658,7 +727,7 @@ class MockRows:
         columns = {"source_id": self.source_id}
         for name in LABEL_COLUMNS:
             value = self.labels[name]
-            columns[name] = value if value.dtype == bool else value.astype(np.float32)
+            columns[name] = value if value.dtype.kind in "bi" else value.astype(np.float32)
         return pa.table(columns)
 
 
@@ -693,6 +762,7 @@ def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
     bounds = _pixel_row_bounds(n)
     pixel = np.minimum(np.searchsorted(bounds, rows, side="right"), N_PIXELS - 1)
     labels = draw_labels(rng, size, _sky().sin_b[pixel], config)
+    labels["population"] = _draw_population(seed, index, size, config)
     g_true = _g_flux_from_mag(labels["g_mag"])
     n_transits = np.round(15.0 + rng.gamma(2.5, 16.0, size)).astype(np.int64)
 
@@ -703,6 +773,14 @@ def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
         true[part], band_flux[part] = _observe(
             {k: v[part] for k, v in labels.items()}, g_true[part]
         )
+    rare = np.flatnonzero(labels["population"])
+    if rare.size:
+        rare_rng = np.random.default_rng([seed, index, _RARE_STREAM, 1])
+        rare_labels = {k: v[rare] for k, v in labels.items()}
+        photons = _rare_photons(rare_rng, rare_labels, labels["population"][rare])
+        true[rare], band_flux[rare] = _project(photons, g_true[rare])
+        for name, values in rare_labels.items():
+            labels[name][rare] = values
     errors = _coefficient_errors(band_flux, n_transits, np.exp(rng.normal(0.0, 0.15, true.shape)))
     template = rng.integers(0, N_CORRELATION_TEMPLATES, (size, 2))
     z = rng.standard_normal(true.shape)
@@ -892,6 +970,10 @@ def _mock_attrs(n: int, seed: int, config: MockConfig) -> dict[str, Any]:
     }
 
 
+_LABEL_TYPES = {"is_giant": pa.bool_(), "population": pa.int8()}
+"""Arrow types of the label columns that are not float32."""
+
+
 class _LabelsWriter:
     """Streams the labels table to Parquet under a temporary name; ``close`` publishes it."""
 
@@ -902,7 +984,7 @@ class _LabelsWriter:
         self._partial = path.with_name(path.name + ".partial")
         schema_ = pa.schema(
             [("source_id", pa.int64())]
-            + [(c, pa.bool_() if c == "is_giant" else pa.float32()) for c in LABEL_COLUMNS]
+            + [(c, _LABEL_TYPES.get(c, pa.float32())) for c in LABEL_COLUMNS]
         )
         self._writer = pq.ParquetWriter(self._partial, schema_, compression="zstd")
 
@@ -1014,7 +1096,8 @@ def read_mock_labels(path: str | Path) -> pd.DataFrame:
     -------
     pandas.DataFrame
         Columns :data:`LABEL_COLUMNS` (Teff in K, log g, [M/H], [α/M], A_V in mag, the true G
-        magnitude, is_giant), one row per source in source_id order.
+        magnitude, is_giant, population: an index into :data:`POPULATIONS`), one row per
+        source in source_id order.
     """
     import pandas as pd
 

@@ -153,3 +153,17 @@ def scatter_vae_loss(
     weighted_mse = per_coeff.sum(dim=1).mean()
     kld = (-0.5 * (1 + out.log_var - out.mu**2 - torch.exp(out.log_var)).sum(dim=1)).mean()
     return LossTerms(total=weighted_mse + kl_weight * kld, weighted_mse=weighted_mse, kld=kld)
+
+
+def reconstruction_rmse(
+    x: torch.Tensor, xhat: torch.Tensor, x_err: torch.Tensor, valid: torch.Tensor | None
+) -> torch.Tensor:
+    """(batch,) ``sqrt(mean over valid j of ((x_j - xhat_j) / x_err_j)^2)``, all (batch, input).
+
+    The catalogue's ``rmse`` (eq. 7 of Laroche & Speagle 2024, over the valid coefficients).
+    """
+    z = (x - xhat) / x_err
+    if valid is None:
+        return torch.sqrt((z**2).mean(dim=1))
+    z = torch.where(valid, z, torch.zeros_like(z))
+    return torch.sqrt((z**2).sum(dim=1) / valid.sum(dim=1))

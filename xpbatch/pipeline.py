@@ -262,6 +262,7 @@ def _input_layout(
         latent_dim=model.config.latent_dim,
         n_coeff=model.config.input_dim,
         with_reconstruction=with_reconstruction,
+        with_anomaly_score=True,
     )
 
 
@@ -299,6 +300,7 @@ def _run_attrs(
         catalog.ATTR_MODEL_HASH: model_hash,
         "model_name": model.name,
         "model_provenance": model.provenance,
+        schema.ATTR_LATENT_DENSITY: model.density.attrs() if model.density else None,
         catalog.ATTR_STORE_ID: store_id,
         "input_store": str(store.resolve()),
         catalog.ATTR_OPTIONS: {"batch_size": config.batch_size},

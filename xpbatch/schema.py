@@ -114,6 +114,10 @@ SCATTER = "scatter"
 RMSE = "rmse"
 FLAGS = "flags"
 RECONSTRUCTION = "reconstruction"
+ANOMALY_SCORE = "anomaly_score"
+"""Optional: catalogues written before it existed lack it (layout ``with_anomaly_score``)."""
+ATTR_LATENT_DENSITY = "latent_density"
+"""Catalogue attribute: the model's active dimensions, latent centre and scale, outlier cut."""
 
 
 class CatalogFlag(enum.IntFlag):
@@ -128,7 +132,8 @@ class CatalogFlag(enum.IntFlag):
     NOT_ENCODED = 256
     """No output for this row (all outputs NaN); the input bits say why."""
     LATENT_OUTLIER = 512
-    """Some latent mean lies more than 5 training-set standard deviations from the training mean."""
+    """anomaly_score is above the model's threshold: the 99.9 % quantile of the training set's
+    scores (of the prior's, for a model without a fitted density); see xpbatch.density."""
     IN_TRAINING_SET = 1024
     """The model was fitted on this source."""
     IN_VALIDATION_SET = 2048

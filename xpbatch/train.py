@@ -38,8 +38,9 @@ import torch
 from xpbatch import fit
 from xpbatch.artifact import runtime_versions, save_model
 from xpbatch.config import TrainConfig
+from xpbatch.density import LatentDensity, fit_density, latent_kl
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
-from xpbatch.model import ScatterVAE, VAEOutput, scatter_vae_loss
+from xpbatch.model import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.outputs import locked_output
 from xpbatch.paths import atomic_path
 from xpbatch.store import open_xp_store, store_id
@@ -708,20 +709,21 @@ def _rewrite_metrics(path: Path, records: list[EpochRecord]) -> None:
 
 # --- the model file -------------------------------------------------------------------------
 @torch.no_grad()
-def _latent_reference(network: ScatterVAE, rows: Rows) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and std over the training rows of their latent means (for LATENT_OUTLIER)."""
+def _latent_density(network: ScatterVAE, rows: Rows, *, seed: int) -> LatentDensity:
+    """Per-dimension KL and the density of the training rows' (latent mean, rmse) pairs."""
     network.eval()
     device = next(network.parameters()).device
-    latent = network.config.latent_dim
-    s1 = torch.zeros(latent, dtype=torch.float64, device=device)
-    s2 = torch.zeros(latent, dtype=torch.float64, device=device)
-    for x, _, _ in rows.ordered_batches(EVAL_BATCH_SIZE):
-        mu = network.encode(x)[0].double()  # (batch, latent)
-        s1 += mu.sum(dim=0)
-        s2 += (mu**2).sum(dim=0)
-    mean = s1 / rows.n_rows
-    std = torch.sqrt(torch.clamp(s2 / rows.n_rows - mean**2, min=0))
-    return mean.cpu().numpy(), std.cpu().numpy()
+    kl = torch.zeros(network.config.latent_dim, dtype=torch.float64, device=device)
+    means, rmse = [], []
+    for x, x_err, valid in rows.ordered_batches(EVAL_BATCH_SIZE):
+        out = network(x)  # at the posterior mean, like encode-catalog
+        kl += latent_kl(out.mu, out.log_var)
+        means.append(out.mu.float().cpu().numpy())  # (batch, latent)
+        rmse.append(reconstruction_rmse(x, out.xhat, x_err, valid).float().cpu().numpy())
+    if not means:
+        return LatentDensity.prior(network.config.latent_dim)
+    kl_per_row = (kl / rows.n_rows).cpu().numpy()
+    return fit_density(np.concatenate(means), kl_per_row, np.concatenate(rmse), seed=seed)
 
 
 def _fit_statistics(model: TrainedModel, rows: Rows) -> dict[str, Any] | None:
@@ -747,7 +749,7 @@ def _write_model(
     timings: dict[str, float],
 ) -> TrainedModel:
     """Save the trained network with its normalisation, split and provenance."""
-    mean, std = _latent_reference(network, train_rows)
+    density = _latent_density(network, train_rows, seed=config.seed)
     last = records[-1] if records else None
     provenance = {
         "source": "trained",
@@ -770,8 +772,9 @@ def _write_model(
         normalisation=normalisation,
         name=path.name.removesuffix(".safetensors"),
         provenance=provenance,
-        latent_reference_mean=mean,
-        latent_reference_std=std,
+        latent_reference_mean=density.centre,
+        latent_reference_std=density.scale,
+        density=density,
         train_source_id=selection.train_source_id,
         validation_source_id=selection.validation_source_id,
     )

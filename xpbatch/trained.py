@@ -19,8 +19,9 @@ import numpy as np
 import torch
 
 from xpbatch.config import ModelConfig
+from xpbatch.density import LatentDensity
 from xpbatch.errors import InputShapeError
-from xpbatch.model import ScatterVAE
+from xpbatch.model import ScatterVAE, reconstruction_rmse
 from xpbatch.schema import CatalogFlag
 from xpbatch.store import compute_input_flags
 
@@ -28,10 +29,6 @@ DEFAULT_BATCH_SIZE = 4096
 """Rows per forward pass. Every pass is padded to exactly this many rows, so the same kernels run
 whatever the chunk size (results then agree to float32 round-off; the same chunking gives the
 same bytes)."""
-
-LATENT_OUTLIER_SIGMA = 5.0
-"""A latent mean further than this many training-set standard deviations from the training-set
-mean, in any latent dimension, sets CatalogFlag.LATENT_OUTLIER."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +138,7 @@ class EncodeResult:
     scatter: np.ndarray  # (rows, input) float32, e-/s (input units)
     rmse: np.ndarray  # (rows,) float32, sqrt(mean over valid j of ((x - xhat) / x_err)^2)
     flags: np.ndarray  # (rows,) uint16 CatalogFlag bits
+    anomaly_score: np.ndarray  # (rows,) float32, -log p(latent mean), nats (xpbatch.density)
 
 
 @dataclass
@@ -171,10 +169,14 @@ class TrainedModel:
     fit_statistics: dict[str, Any] | None = None
     """What the model's training data looked like to it (:class:`xpbatch.fit.FitStatistics`
     as a dict), to check that a store fits before encoding it; None in older files."""
+    density: LatentDensity | None = None
+    """Active dimensions and the training latents' density; None: the prior N(0, I) stands in."""
 
     def __post_init__(self) -> None:
         self.network.eval()
         latent = self.config.latent_dim
+        if self.density is None:
+            self.density = LatentDensity.prior(latent)
         if self.latent_reference_mean is None:
             self.latent_reference_mean = np.zeros(latent, np.float32)
         if self.latent_reference_std is None:
@@ -272,6 +274,7 @@ class TrainedModel:
             scatter=np.empty((n_rows, n_in), np.float32),
             rmse=np.empty(n_rows, np.float32),
             flags=np.empty(n_rows, np.uint16),
+            anomaly_score=np.empty(n_rows, np.float32),
         )
         outputs = {field.name: getattr(result, field.name) for field in dataclasses.fields(result)}
         encode_rows(kernel_for(self, device), c, e, g, outputs, batch_size=batch_size)
