@@ -17,8 +17,8 @@ import torch
 
 from xpbatch import encode_cpu, schema
 from xpbatch.errors import InputShapeError
-from xpbatch.schema import CatalogFlag
 from xpbatch.model import reconstruction_rmse
+from xpbatch.schema import CatalogFlag
 from xpbatch.trained import DEFAULT_BATCH_SIZE, TrainedModel
 
 INPUT_VARIABLES = (

@@ -21,7 +21,7 @@ import torch
 from xpbatch.config import ModelConfig
 from xpbatch.density import LatentDensity
 from xpbatch.errors import InputShapeError
-from xpbatch.model import ScatterVAE, reconstruction_rmse
+from xpbatch.model import ScatterVAE
 from xpbatch.schema import CatalogFlag
 from xpbatch.store import compute_input_flags
 
