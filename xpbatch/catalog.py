@@ -8,6 +8,7 @@ Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
     scatter                   (source, coeff) float32, e-/s
     rmse, flags               (source,) float32 / uint16
     anomaly_score             (source,) float32, nats; absent from catalogues written before it
+    ra, dec                   (source,) float64 coordinates, deg ICRS J2016.0, when the store has them
     reconstruction            (source, coeff) float32, e-/s, only ``with_reconstruction``
     _xpbatch/chunk_records    (chunk, field) int64: one completion record per chunk
 
@@ -117,6 +118,8 @@ class CatalogLayout:
     """Whether the catalogue holds the decoder's reconstruction."""
     with_anomaly_score: bool = False
     """Whether it holds ``anomaly_score`` (every new one does; older catalogues lack it)."""
+    with_positions: bool = False
+    """Whether the catalogue carries the store's ``ra`` and ``dec`` (copied, as coordinates)."""
 
     def __post_init__(self) -> None:
         if self.n_rows < 0 or self.chunk_rows < 1:
@@ -226,6 +229,18 @@ def _variable_specs(layout: CatalogLayout) -> list[VariableSpec]:
                 "rarer; NaN where flags has not_encoded",
             )
         )  # fmt: skip
+    if layout.with_positions:
+        units = schema.POSITION_ATTRS["units"]
+        extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != "units")
+        specs += [
+            VariableSpec(
+                name, "float64", None, 0, np.nan, units,
+                f"{text} of the source (gaia_source), ICRS at epoch J2016.0; copied from the "
+                "input store (NaN where it had none)",
+                extra,
+            )
+            for name, text in ((schema.RA, "right ascension"), (schema.DEC, "declination"))
+        ]  # fmt: skip
     if layout.with_reconstruction:
         specs.append(
             VariableSpec(
@@ -275,11 +290,14 @@ def create_catalog(
         },
     )
     compressors = default_compressors()
+    coordinates = [schema.SOURCE_ID]
+    if layout.with_positions:
+        coordinates += [schema.RA, schema.DEC]
     for spec in layout.variables():
         attributes: dict[str, Any] = {"units": spec.units, "description": spec.description}
         attributes.update(spec.extra_attrs)
-        if spec.name != schema.SOURCE_ID:
-            attributes["coordinates"] = schema.SOURCE_ID  # xarray makes it a coordinate
+        if spec.name not in coordinates:
+            attributes["coordinates"] = " ".join(coordinates)  # xarray makes them coordinates
         group.create_array(
             spec.name,
             shape=spec.shape(layout.n_rows),
@@ -835,7 +853,7 @@ def _value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
         return problems
     not_encoded = (values[schema.FLAGS] & np.uint16(CatalogFlag.NOT_ENCODED)) != 0
     for name, array in values.items():
-        if array.dtype.kind != "f":
+        if array.dtype.kind != "f" or name in (schema.RA, schema.DEC):  # copied inputs
             continue
         nan = np.isnan(array).reshape(len(array), -1)  # (rows, values per row)
         for wrong, what in (

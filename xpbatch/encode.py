@@ -29,6 +29,8 @@ INPUT_VARIABLES = (
     schema.INPUT_FLAGS,
 )
 """The store variables one chunk must carry."""
+PASSTHROUGH_VARIABLES = (schema.RA, schema.DEC)
+"""Store variables copied unchanged into the outputs when a chunk carries them (positions)."""
 
 BATCHES_PER_BLOCK = 8
 """The kernel works through a chunk in blocks of this many forward passes, so its temporaries
@@ -444,6 +446,7 @@ def encode_chunk(
         float32, ``flags`` (n,) uint16 = the store's input flags in the low byte, the model's
         flags and the training/validation membership bits, and ``anomaly_score`` (n,) float32
         (:mod:`xpbatch.density`). Rows flagged NOT_ENCODED are NaN.
+        ``ra`` and ``dec`` are copied when the chunk has them.
 
     Examples
     --------
@@ -474,6 +477,9 @@ def encode_chunk(
     # only to the store); the high byte holds the model's own bits.
     out[schema.FLAGS] |= np.asarray(chunk[schema.INPUT_FLAGS]).astype(np.uint16)
     out[schema.FLAGS] |= model.training_membership(source_id)
+    for name in PASSTHROUGH_VARIABLES:
+        if name in chunk:
+            out[name] = np.array(chunk[name], np.float64)  # (n,)
     return out
 
 

@@ -691,6 +691,8 @@ class MockRows:
     phot_g_mean_flux: np.ndarray  # (rows,) float64, NaN where missing
     phot_g_mean_flux_error: np.ndarray  # (rows,) float32
     phot_g_mean_mag: np.ndarray  # (rows,) float32
+    ra: np.ndarray  # (rows,) float64 degrees, inside the level-12 pixel of source_id
+    dec: np.ndarray  # (rows,) float64 degrees
     correlation_template: np.ndarray  # (rows, 2) int64: template of BP, RP
     scalars: dict[str, np.ndarray]  # every schema.DR3_SCALARS column; -1 / NaN for a missing band
     labels: dict[str, np.ndarray]  # LABEL_COLUMNS
@@ -744,6 +746,25 @@ def _source_ids(
     spacing = (1 << 32) // np.maximum(bounds[pixel] - first, 1)
     slot = (rows - first) * spacing + (jitter * spacing).astype(np.int64)
     return (pixel << HEALPIX_SHIFT) | ((slot >> 24) << 35) | (1 << 32) | ((slot & 0xFFFFFF) << 8)
+
+
+_POSITION_DEPTH = 29
+"""A position is the centre of a random level-29 sub-pixel of the source's level-12 pixel."""
+
+
+def _positions(source_id: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """ICRS ra, dec (degrees) inside each source_id's level-12 pixel (``source_id >> 35``).
+
+    DR3 ids encode the level-12 nested pixel of the position when the id was assigned; the mock
+    keeps every source there (real stars with high proper motion may have left it).
+    """
+    import cdshealpix.nested
+
+    shift = 2 * (_POSITION_DEPTH - 12)
+    within = rng.integers(0, 1 << shift, len(source_id), dtype=np.int64)
+    pixel = ((source_id >> 35) << shift) | within
+    lon, lat = cdshealpix.nested.healpix_to_lonlat(pixel.astype(np.uint64), _POSITION_DEPTH)
+    return np.asarray(lon.deg, np.float64), np.asarray(lat.deg, np.float64)
 
 
 _SPECTRUM_BATCH = 1024  # rows per spectrum computation, to keep temporary arrays small
@@ -805,13 +826,17 @@ def _block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
     scalars = _dr3_scalars(rng, n_transits)
     _apply_defects(rng, config, coefficients, errors32, scalars, (g_flux, g_mag, g_error32))
 
+    source_id = _source_ids(rows, pixel, bounds, rng.random(size))
+    ra, dec = _positions(source_id, rng)  # drawn last: the earlier draws stay as they were
     block = MockRows(
-        source_id=_source_ids(rows, pixel, bounds, rng.random(size)),
+        source_id=source_id,
         coefficients=coefficients,
         coefficient_errors=errors32,
         phot_g_mean_flux=g_flux,
         phot_g_mean_flux_error=g_error32,
         phot_g_mean_mag=g_mag,
+        ra=ra,
+        dec=dec,
         correlation_template=template,
         scalars=scalars,
         labels=labels,
@@ -1058,6 +1083,7 @@ def write_mock_store(
         attrs={**_mock_attrs(n, seed, config), schema.STORE_ATTR_PARTITION_RANGES: partitions},
         scalars=scalars,
         with_correlations=with_correlations,
+        with_positions=True,
         overwrite=overwrite,
     )
     labels = _LabelsWriter(labels_path(writer.path))
@@ -1075,6 +1101,7 @@ def write_mock_store(
                 if with_correlations
                 else None
             ),
+            positions={schema.RA: rows.ra, schema.DEC: rows.dec},
         )
         labels.write_table(rows.labels_table())
         logger.debug("mock store %s: wrote rows %d..%d", writer.path, region.start, region.stop)
@@ -1182,6 +1209,8 @@ _XP_COLUMNS = (
 )
 _GAIA_SOURCE_COLUMNS = (
     _SOURCE_ID_COLUMN,
+    _Column("ra", "float64", "pos.eq.ra;meta.main", "Right ascension (deg)"),
+    _Column("dec", "float64", "pos.eq.dec;meta.main", "Declination (deg)"),
     _Column("phot_g_mean_flux", "float64", "phot.flux;stat.mean;em.opt",
             "G-band mean flux (electron/s)"),
     _Column("phot_g_mean_flux_error", "float32", "stat.error;phot.flux;em.opt",
@@ -1269,9 +1298,10 @@ def _xp_text(rows: MockRows) -> memoryview:
 
 
 def _gaia_source_text(rows: MockRows) -> memoryview:
-    """The GaiaSource companion lines of ``rows``: source_id and the G photometry."""
+    """The GaiaSource companion lines of ``rows``: source_id, ra, dec and the G photometry."""
     missing = np.isnan(rows.phot_g_mean_flux)
     columns = [pc.cast(pa.array(rows.source_id), pa.string())]
+    columns += [_float_text(rows.ra), _float_text(rows.dec)]
     for values in (rows.phot_g_mean_flux, rows.phot_g_mean_flux_error, rows.phot_g_mean_mag):
         columns.append(_null_where(missing, _float_text(values)))
     return _csv_lines(columns)

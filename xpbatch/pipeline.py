@@ -41,7 +41,7 @@ import zarr
 
 from xpbatch import catalog, schema, workers
 from xpbatch.config import EncodeConfig
-from xpbatch.encode import INPUT_VARIABLES, encode_chunk
+from xpbatch.encode import INPUT_VARIABLES, PASSTHROUGH_VARIABLES, encode_chunk
 from xpbatch.errors import (
     CatalogError,
     ChunkError,
@@ -135,7 +135,7 @@ class _InputReader:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.arrays = catalog.open_arrays(path, INPUT_VARIABLES)
+        self.arrays = catalog.open_arrays(path, (*INPUT_VARIABLES, *_passthrough(path)))
 
     def read(self, rows: slice) -> dict[str, np.ndarray]:
         from xpbatch.store import read_rows_checked
@@ -143,6 +143,12 @@ class _InputReader:
         return {
             name: read_rows_checked(self.path, array, rows) for name, array in self.arrays.items()
         }
+
+
+def _passthrough(store: PathLike) -> tuple[str, ...]:
+    """The store's variables that the catalogue copies (``ra``, ``dec`` when it has them)."""
+    group = zarr.open_group(store, mode="r")
+    return tuple(name for name in PASSTHROUGH_VARIABLES if name in group)
 
 
 def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
@@ -263,6 +269,7 @@ def _input_layout(
         n_coeff=model.config.input_dim,
         with_reconstruction=with_reconstruction,
         with_anomaly_score=True,
+        with_positions=_passthrough(store) == PASSTHROUGH_VARIABLES,
     )
 
 
