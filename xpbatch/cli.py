@@ -30,6 +30,7 @@ from xpbatch.config import (
     TRAIN_PRECISIONS,
     ClusterConfig,
     EncodeConfig,
+    HatsExportConfig,
     IngestConfig,
     MockConfig,
     TrainConfig,
@@ -304,6 +305,84 @@ def export_parquet_command(
         + (f" ({result.n_reused:,} kept from an earlier run)" if result.n_reused else "")
         + f"; partition ranges from {result.partitions.origin}"
     )
+
+
+_HATS_DEFAULTS = HatsExportConfig()
+
+
+@main.command("export-hats")
+@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.option(
+    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Collection to write."
+)
+@click.option(
+    "--name", default=_HATS_DEFAULTS.name, show_default=True, help="Name of the HATS catalogue."
+)
+@click.option(
+    "--pixel-threshold",
+    type=click.IntRange(min=1),
+    default=_HATS_DEFAULTS.pixel_threshold,
+    show_default=True,
+    help="Most rows per HEALPix partition (denser sky gets smaller partitions).",
+)
+@click.option(
+    "--highest-order",
+    type=click.IntRange(0, 19),
+    default=_HATS_DEFAULTS.highest_order,
+    show_default=True,
+    help="Highest HEALPix order of a partition.",
+)
+@click.option(
+    "--margin-arcsec",
+    type=float,
+    default=None,
+    help="Also write a margin cache this wide (arcsec) for cross-matches [default: none].",
+)
+@click.option("--with-scatter", is_flag=True, help="Also export the scatter (110 columns).")
+@click.option(
+    "--positions-from-source-id",
+    is_flag=True,
+    help="For rows without ra/dec: use the centre of the source_id's HEALPix level-12 pixel "
+    "(~0.86 arcmin), marked in the column position_from_source_id.",
+)
+@click.option("--resume", is_flag=True, help="Continue an interrupted export (same options).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing export at OUTPUT.")
+@cluster_options
+def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
+    """Write CATALOG as a HATS collection (catalogue, source_id index, optional margin) that
+    lsdb.open_catalog opens, cone-searches and joins; hats-import does the partitioning."""
+    cluster = cluster_config(kwargs)
+    config = HatsExportConfig(**kwargs)
+    from xpbatch.cluster import connect
+    from xpbatch.hats_export import export_hats
+
+    with connect(cluster) as client:
+        summary = export_hats(catalog, output, client=client, config=config)
+    click.echo(str(summary))
+
+
+@main.command("skymap")
+@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@click.option(
+    "--order",
+    type=click.IntRange(0, 12),
+    default=5,
+    show_default=True,
+    help="HEALPix order of the maps (5: 12,288 pixels of ~1.8 degrees).",
+)
+@cluster_options
+def skymap_command(catalog: str, output: str, order: int, **kwargs: Any) -> None:
+    """Draw HEALPix maps of CATALOG (sources, fraction encoded, median rmse, mean of each
+    latent) in Mollweide, accumulated chunk by chunk on a Dask cluster."""
+    cluster = cluster_config(kwargs)
+    from xpbatch.cluster import connect
+    from xpbatch.skymap import compute_sky_maps, draw_sky_maps
+
+    with connect(cluster) as client:
+        maps = compute_sky_maps(catalog, order=order, client=client)
+    draw_sky_maps(maps, output, title=catalog)
+    click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
 
 
 _ENCODE_DEFAULTS = EncodeConfig()

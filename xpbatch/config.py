@@ -424,3 +424,41 @@ class TrainConfig:
         values = read_toml(path) if path is not None else {}
         where = f"configuration file {path}" if path is not None else "configuration"
         return from_mapping(cls, {**values, **(overrides or {})}, where=where)
+
+
+@dataclasses.dataclass(frozen=True)
+class HatsExportConfig:
+    """How ``export-hats`` writes a catalogue as a HATS collection (hats-import does the work)."""
+
+    name: str = "xpbatch_latents"
+    """Name of the HATS catalogue inside the collection (its index and margin are named after it)."""
+    pixel_threshold: int = 1_000_000
+    """Most rows of one partition: denser sky gets smaller (higher-order) HEALPix partitions."""
+    highest_order: int = 10
+    """Highest HEALPix order a partition may have."""
+    margin_arcsec: float | None = None
+    """Also write a margin cache of this width (arcsec), for cross-matches across partition
+    edges; None writes none."""
+    with_scatter: bool = False
+    """Also export the predicted scatter, one column per coefficient (110 float32 columns)."""
+    positions_from_source_id: bool = False
+    """For a catalogue without ra/dec: place every row at the centre of its source_id's
+    HEALPix level-12 pixel (about 0.86 arcmin across) and mark it ``position_from_source_id``."""
+    resume: bool = False
+    """Continue an interrupted export of the same catalogue with the same options."""
+    overwrite: bool = False
+    """Replace an existing export at the output path."""
+    progress_bar: bool = True
+    """Show hats-import's progress bars on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.pixel_threshold < 1:
+            raise ConfigError(f"pixel_threshold must be at least 1, got {self.pixel_threshold}")
+        if not 0 <= self.highest_order <= 19:
+            raise ConfigError(f"highest_order must be in 0..19, got {self.highest_order}")
+        if self.margin_arcsec is not None and not self.margin_arcsec > 0:
+            raise ConfigError(f"margin_arcsec must be positive, got {self.margin_arcsec}")
+        if not self.name.replace("_", "").replace("-", "").isalnum():
+            raise ConfigError(f"name may hold letters, digits, '_' and '-' only, got {self.name!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues an existing export and --overwrite replaces it")
