@@ -1,6 +1,8 @@
 """Inputs of ``xpbatch encode-catalog --demo``: a mock store and a small model, built once.
 
-Both are cached in ``./xpbatch-demo/`` (or ``$XPBATCH_DEMO_DIR``): the first demo builds them
+Both are cached in the repository's ``xpbatch-demo/`` (or ``$XPBATCH_DEMO_DIR``; see
+:func:`demo_dir`, which finds it from the repository root or any directory below it, such as
+``notebooks/`` where Jupyter starts the notebooks): the first demo builds them
 (about a minute on 2 cores), later demos only encode. Every file is written atomically by the
 module that owns it, and a half-built input is rebuilt, so killing a demo is harmless.
 """
@@ -50,9 +52,29 @@ class DemoInputs:
     catalog: Path
 
 
-def demo_dir() -> Path:
-    """The demo cache: ``$XPBATCH_DEMO_DIR`` or ``./xpbatch-demo``."""
-    return Path(os.environ.get(DEMO_DIR_ENV, "xpbatch-demo"))
+DEMO_DIR_NAME = "xpbatch-demo"
+
+
+def demo_dir(start: str | os.PathLike[str] | None = None) -> Path:
+    """The demo cache: ``$XPBATCH_DEMO_DIR``, else ``xpbatch-demo`` in the xpbatch checkout
+    holding ``start`` (default: the working directory), else ``./xpbatch-demo``.
+
+    The checkout is the nearest directory at or above ``start`` with an ``xpbatch-demo``
+    directory or xpbatch's ``pyproject.toml``, so the demo, the README commands (run from the
+    repository root) and the notebooks (started in ``notebooks/``) share one cache.
+    """
+    if DEMO_DIR_ENV in os.environ:
+        return Path(os.environ[DEMO_DIR_ENV])
+    here = Path(start if start is not None else Path.cwd()).resolve()
+    for directory in (here, *here.parents):
+        if (directory / DEMO_DIR_NAME).is_dir() or _is_checkout(directory):
+            return directory / DEMO_DIR_NAME
+    return Path(DEMO_DIR_NAME)
+
+
+def _is_checkout(directory: Path) -> bool:
+    project = directory / "pyproject.toml"
+    return project.is_file() and 'name = "xpbatch"' in project.read_text(errors="replace")
 
 
 def demo_inputs(
@@ -102,13 +124,14 @@ def demo_inputs(
 
 def store_ready(path: Path) -> bool:
     """Whether ``path`` is a complete, valid XP store (else it is (re)built)."""
+    from xpbatch import schema
     from xpbatch.store import open_xp_store
 
     try:
-        open_xp_store(path)
+        ds = open_xp_store(path)
     except (StoreError, FileNotFoundError):
         return False
-    return True
+    return schema.RA in ds  # a store from before positions is rebuilt with them
 
 
 def _model_ready(path: Path) -> bool:
