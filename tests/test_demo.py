@@ -57,3 +57,36 @@ def test_encode_catalog_demo_command_needs_no_input(
 def test_demo_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path / "cache"))
     assert demo.demo_dir() == tmp_path / "cache"
+
+
+@pytest.mark.slow  # builds the demo, then two CLI clusters (~80 s on 2 cores)
+@pytest.mark.usefixtures("tiny_demo")
+def test_skymap_of_the_demo_catalogue_counts_every_row(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from xpbatch.cli import main
+
+    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
+    cluster = ["--n-workers", "1", "--dashboard-address", ":0"]
+    assert CliRunner().invoke(main, ["encode-catalog", "--demo", *cluster]).exit_code == 0
+    png = tmp_path / "maps.png"
+    catalog = str(tmp_path / "demo-catalog.zarr")
+    result = CliRunner().invoke(main, ["skymap", catalog, "-o", str(png), "--order", "3", *cluster])
+    assert result.exit_code == 0, result.output
+    assert f"wrote {png}: 3,000 sources on 768 pixels" in result.output
+    assert png.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("where", ["", "notebooks", "notebooks/deeper"])
+def test_demo_dir_is_the_checkouts_wherever_jupyter_starts(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, where: str
+) -> None:
+    monkeypatch.delenv(demo.DEMO_DIR_ENV, raising=False)
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "xpbatch"\n')
+    start = tmp_path / where
+    start.mkdir(parents=True, exist_ok=True)
+    assert demo.demo_dir(start) == tmp_path / "xpbatch-demo"
+    repo = Path(__file__).resolve().parents[1]
+    assert demo.demo_dir(repo / "notebooks") == repo / "xpbatch-demo"

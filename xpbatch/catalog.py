@@ -8,7 +8,7 @@ Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
     scatter                   (source, coeff) float32, e-/s
     rmse, flags               (source,) float32 / uint16
     anomaly_score             (source,) float32, nats; absent from catalogues written before it
-    ra, dec                   (source,) float64 coordinates, deg ICRS J2016.0, when the store has them
+    ra, dec                   (source,) float64 coordinates in deg (ICRS, J2016.0), if the store has
     reconstruction            (source, coeff) float32, e-/s, only ``with_reconstruction``
     _xpbatch/chunk_records    (chunk, field) int64: one completion record per chunk
 

@@ -363,7 +363,9 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
 
 @main.command("skymap")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
-@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write.")
+@click.option(
+    "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
+)
 @click.option(
     "--order",
     type=click.IntRange(0, 12),

@@ -431,7 +431,7 @@ class HatsExportConfig:
     """How ``export-hats`` writes a catalogue as a HATS collection (hats-import does the work)."""
 
     name: str = "xpbatch_latents"
-    """Name of the HATS catalogue inside the collection (its index and margin are named after it)."""
+    """Name of the HATS catalogue in the collection (its index and margin are named after it)."""
     pixel_threshold: int = 1_000_000
     """Most rows of one partition: denser sky gets smaller (higher-order) HEALPix partitions."""
     highest_order: int = 10

@@ -39,7 +39,7 @@ from hats_import.catalog.file_readers import InputReader
 
 from xpbatch import schema
 from xpbatch.config import HatsExportConfig
-from xpbatch.errors import OutputExistsError, ResumeRefusedError
+from xpbatch.errors import CatalogError, OutputExistsError, ResumeRefusedError
 from xpbatch.paths import PathLike, atomic_path
 from xpbatch.sky import POSITION_FROM_SOURCE_ID, SkySource
 
@@ -266,9 +266,18 @@ def export_hats(
 
 
 def _n_partitions(catalog_dir: Path) -> int:
-    from hats import read_hats
+    return len(_partitions(catalog_dir))
 
-    return len(read_hats(catalog_dir).get_healpix_pixels())
+
+def _partitions(catalog_dir: Path) -> list[Any]:
+    """The HEALPix pixels (``HealpixPixel``) of the HATS catalogue hats-import wrote."""
+    from hats import read_hats
+    from hats.catalog import Catalog
+
+    catalog = read_hats(catalog_dir)
+    if not isinstance(catalog, Catalog):
+        raise CatalogError(f"{catalog_dir} is not a HATS catalogue (hats-import did not finish?)")
+    return list(catalog.get_healpix_pixels())
 
 
 # --- the source_id index ----------------------------------------------------------------------
@@ -284,7 +293,8 @@ class _IndexTask:
     pixels: np.ndarray
 
     def __call__(self, chunk: int) -> int:
-        """Write ``part.<chunk>.parquet`` (unless a whole one is there); rows placed approximately."""
+        """Write ``part.<chunk>.parquet`` unless a whole one is there; return the rows placed
+        at their source_id's pixel centre."""
         import pyarrow as pa
         import pyarrow.parquet as pq
         from hats.pixel_math.spatial_index import compute_spatial_index
@@ -325,11 +335,10 @@ def write_source_id_index(
 
     Returns the number of rows placed at their source_id's pixel centre.
     """
-    from hats import read_hats
     from hats.catalog import TableProperties
     from hats.io.parquet_metadata import write_parquet_metadata
 
-    pixels = sorted(read_hats(catalog_dir).get_healpix_pixels())
+    pixels = sorted(_partitions(catalog_dir))
     starts = np.array([p.pixel << (2 * (29 - p.order)) for p in pixels], np.int64)
     order = np.argsort(starts)
     task = _IndexTask(
@@ -341,13 +350,14 @@ def write_source_id_index(
     )
     futures = client.map(task, range(source.n_chunks), pure=False)
     n_approximate = sum(client.gather(futures))
-    TableProperties(
-        catalog_name=index_dir.name,
-        catalog_type="index",
-        total_rows=source.layout.n_rows,
-        primary_catalog=str(catalog_dir),
-        indexing_column=schema.SOURCE_ID,
-    ).to_properties_file(index_dir)
+    properties: dict[str, Any] = {
+        "catalog_name": index_dir.name,
+        "catalog_type": "index",
+        "total_rows": source.layout.n_rows,
+        "primary_catalog": str(catalog_dir),
+        "indexing_column": schema.SOURCE_ID,
+    }
+    TableProperties(**properties).to_properties_file(index_dir)
     write_parquet_metadata(index_dir, order_by_healpix=False)
     return n_approximate
 

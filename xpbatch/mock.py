@@ -1469,8 +1469,9 @@ def write_mock_dr3_bulk(
     Writes ``XpContinuousMeanSpectrum_<lo>-<hi>.csv.gz`` files in the format of the DR3 CDN
     (ECSV ``#`` header, JSON arrays in double quotes, ``null`` in every field of a missing
     band, the 1485 correlations of each band), same-suffix ``GaiaSource_<lo>-<hi>.csv.gz``
-    companions (source_id, phot_g_mean_flux, phot_g_mean_flux_error, phot_g_mean_mag; ``null``
-    where missing), the ``_MD5SUM.txt`` manifest (written last) and ``mock_labels.parquet``.
+    companions (source_id, ra, dec, phot_g_mean_flux, phot_g_mean_flux_error,
+    phot_g_mean_mag; ``null`` where missing), the ``_MD5SUM.txt`` manifest (written last) and
+    ``mock_labels.parquet``.
 
     The rows are exactly those of :func:`write_mock_store` with the same ``(n, seed, config)``:
     coefficients are float32 values written as float64 text, errors and magnitudes as float32

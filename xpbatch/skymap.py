@@ -51,7 +51,7 @@ TASKS_IN_FLIGHT_PER_THREAD = 2
 
 def _rmse_edges() -> np.ndarray:
     lo, hi = np.log10(RMSE_RANGE)
-    return np.linspace(lo, hi, int(round((hi - lo) * RMSE_BINS_PER_DEX)) + 1)  # log10 edges
+    return np.linspace(lo, hi, round((hi - lo) * RMSE_BINS_PER_DEX) + 1)  # log10 edges
 
 
 @dataclasses.dataclass
@@ -100,7 +100,9 @@ class SkyMaps:
     def mean_latent(self) -> np.ndarray:
         """(pixel, latent) mean latent over encoded rows; NaN where a pixel has none."""
         with np.errstate(invalid="ignore", divide="ignore"):
-            return np.where(self.encoded[:, None] > 0, self.latent_sum / self.encoded[:, None], np.nan)
+            return np.where(
+                self.encoded[:, None] > 0, self.latent_sum / self.encoded[:, None], np.nan
+            )
 
     @property
     def median_rmse(self) -> np.ndarray:
@@ -116,7 +118,9 @@ class SkyMaps:
             fraction = np.clip((half - below) / inside, 0, 1)
         j = np.clip(k - 1, 0, inner.shape[1] - 1)  # inner bin index
         log_value = edges[j] + fraction * (edges[j + 1] - edges[j])
-        log_value = np.where(k == 0, edges[0], np.where(k == inner.shape[1] + 1, edges[-1], log_value))
+        log_value = np.where(
+            k == 0, edges[0], np.where(k == inner.shape[1] + 1, edges[-1], log_value)
+        )
         return np.where(self.encoded > 0, 10.0**log_value, np.nan)
 
 
@@ -226,7 +230,7 @@ def _panels(maps: SkyMaps) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
     """(title, per-pixel values, imshow options) of every panel."""
     with np.errstate(divide="ignore"):
         log_count = np.where(maps.count > 0, np.log10(maps.count.astype(float)), np.nan)
-    panels = [
+    panels: list[tuple[str, np.ndarray, dict[str, Any]]] = [
         ("log10 sources per pixel", log_count, {"cmap": "viridis"}),
         ("fraction encoded", maps.fraction_encoded, {"cmap": "magma", "vmin": 0, "vmax": 1}),
         ("median rmse", maps.median_rmse, {"cmap": "cividis", **_robust_limits(maps.median_rmse)}),

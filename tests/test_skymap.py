@@ -1,0 +1,97 @@
+"""skymap: per-pixel sums over every row, the same serially and on a cluster, drawn as a PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import pytest
+
+from xpbatch.config import EncodeConfig
+from xpbatch.schema import CatalogFlag
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+N_ROWS, CHUNK_ROWS, ORDER = 2500, 1000, 2
+
+
+@pytest.fixture(scope="module")
+def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from xpbatch.mock import write_mock_store
+    from xpbatch.pipeline import encode_catalog
+    from xpbatch.trained import TrainedModel
+
+    root = tmp_path_factory.mktemp("skymap")
+    store = write_mock_store(root / "mock.zarr", N_ROWS, seed=3, chunk_rows=CHUNK_ROWS)
+    out = root / "catalog.zarr"
+    encode_catalog(store, TrainedModel.untrained(), out, config=EncodeConfig(progress_bar=False))
+    return out
+
+
+def test_maps_count_every_row_in_its_pixel(catalog: Path) -> None:
+    import cdshealpix.nested
+    from astropy import units as u
+
+    from xpbatch.catalog import open_catalog
+    from xpbatch.skymap import compute_sky_maps
+
+    maps = compute_sky_maps(catalog, order=ORDER)
+    ds = open_catalog(catalog).compute()
+    pixel = cdshealpix.nested.lonlat_to_healpix(ds.ra.values * u.deg, ds.dec.values * u.deg, ORDER)
+    pixel = np.asarray(pixel, np.int64)
+    assert maps.count.sum() == N_ROWS
+    np.testing.assert_array_equal(maps.count, np.bincount(pixel, minlength=12 * 4**ORDER))
+    encoded = (ds.flags.values & CatalogFlag.NOT_ENCODED) == 0
+    assert maps.encoded.sum() == encoded.sum() < N_ROWS  # the mock has unencodable rows
+    busiest = int(np.argmax(maps.count))
+    rows = (pixel == busiest) & encoded
+    np.testing.assert_allclose(
+        maps.mean_latent[busiest], ds.latent_mean.values[rows].mean(axis=0), rtol=1e-6
+    )
+    # The histogram median is exact to half a bin (1/40 dex).
+    exact = np.median(ds.rmse.values[rows])
+    assert abs(np.log10(maps.median_rmse[busiest]) - np.log10(exact)) <= 1 / 40 + 1e-9
+    assert maps.fraction_encoded[busiest] == pytest.approx(rows.sum() / (pixel == busiest).sum())
+    empty = maps.count == 0
+    assert np.isnan(maps.fraction_encoded[empty]).all() and np.isnan(maps.median_rmse[empty]).all()
+
+
+def test_the_cluster_gives_the_same_maps(catalog: Path, dask_client: Client) -> None:
+    from xpbatch.skymap import compute_sky_maps
+
+    serial = compute_sky_maps(catalog, order=ORDER)
+    parallel = compute_sky_maps(catalog, order=ORDER, client=dask_client)
+    np.testing.assert_array_equal(serial.count, parallel.count)
+    np.testing.assert_array_equal(serial.rmse_histogram, parallel.rmse_histogram)
+    np.testing.assert_allclose(serial.latent_sum, parallel.latent_sum, rtol=1e-12)
+
+
+def test_median_of_a_known_histogram() -> None:
+    from xpbatch.skymap import SkyMaps
+
+    maps = SkyMaps.empty(0, 1)
+    values = np.array([0.5, 1.0, 2.0, 4.0, 8.0])  # median 2
+    from xpbatch.skymap import _rmse_edges
+
+    bins = np.searchsorted(_rmse_edges(), np.log10(values), side="right")
+    np.add.at(maps.rmse_histogram[0], bins, 1)
+    maps.count[0] = maps.encoded[0] = len(values)
+    assert abs(np.log10(maps.median_rmse[0]) - np.log10(2.0)) <= 1 / 40
+    assert np.isnan(maps.median_rmse[1])
+
+
+def test_the_figure_is_drawn(catalog: Path, tmp_path: Path) -> None:
+    from xpbatch.skymap import compute_sky_maps, draw_sky_maps
+
+    png = draw_sky_maps(compute_sky_maps(catalog, order=ORDER), tmp_path / "maps.png", width=120)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+def test_an_order_beyond_the_source_id_pixel_is_refused(catalog: Path) -> None:
+    from xpbatch.errors import ConfigError
+    from xpbatch.skymap import compute_sky_maps
+
+    with pytest.raises(ConfigError, match=r"0\.\.12"):
+        compute_sky_maps(catalog, order=13)
