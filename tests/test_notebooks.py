@@ -1,5 +1,6 @@
 """notebooks/: each notebook runs from top to bottom on small data (nbclient, a real kernel),
-does the work it promises, and is stored without outputs."""
+from the repository root or from notebooks/ (where Jupyter starts them), does the work it
+promises, and is stored without outputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import nbformat
 import numpy as np
 import pytest
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+REPO = Path(__file__).resolve().parents[1]
+NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
 N_ROWS, CHUNK_ROWS = 3000, 1000
 
@@ -33,8 +35,9 @@ def small_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "store": store, "model": model, "catalog": catalog}
 
 
-def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: object) -> str:
-    """Run ``notebooks/<name>.ipynb`` in a fresh kernel; return all the text it printed."""
+def _execute(name: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, **env: object) -> str:
+    """Run ``notebooks/<name>.ipynb`` in a fresh kernel started in ``cwd``; return all the text
+    it printed. Every path it writes comes from ``env``, so running in the checkout is safe."""
     from nbclient import NotebookClient
 
     monkeypatch.setenv("MPLBACKEND", "Agg")
@@ -42,7 +45,7 @@ def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **env: 
         monkeypatch.setenv(f"XPBATCH_NB_{key}", str(value))
     book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
-        book, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+        book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     ).execute()
     texts = []
     for cell in book.cells:
@@ -67,7 +70,7 @@ def test_quickstart_runs_a_cluster_and_encodes(
     out = tmp_path / "quickstart.zarr"
     text = _execute(
         "01_quickstart",
-        tmp_path,
+        NOTEBOOKS,
         monkeypatch,
         STORE=small_inputs["store"],
         MODEL=small_inputs["model"],
@@ -89,12 +92,13 @@ def test_explore_aggregates_every_row_and_plots(
 ) -> None:
     text = _execute(
         "02_explore_catalog",
-        tmp_path,
+        REPO,
         monkeypatch,
         CATALOG=small_inputs["catalog"],
         STORE=small_inputs["store"],
         MODEL=small_inputs["model"],
         BINS=20,
+        SKY_ORDER=2,
     )
     import xpbatch
     from xpbatch.schema import CatalogFlag
@@ -105,6 +109,7 @@ def test_explore_aggregates_every_row_and_plots(
     assert f"of the {n_encoded:,} encoded rows" in text
     assert "no labels beside" not in text  # the mock labels were found and used
     assert "is not the model that made this catalogue" not in text
+    assert f"sky maps: {N_ROWS:,} sources on 192 pixels" in text
 
 
 def test_train_fits_a_model_and_counts_active_dimensions(
@@ -113,7 +118,7 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     out = tmp_path / "nb-model.safetensors"
     text = _execute(
         "03_train",
-        tmp_path,
+        NOTEBOOKS,
         monkeypatch,
         STORE=small_inputs["store"],
         MODEL_OUT=out,
@@ -148,3 +153,22 @@ def test_anomalies_ranks_sources_and_finds_neighbours(
     assert f"the 5 most anomalous of {n_encoded:,} encoded sources" in text
     assert str(int(ds.source_id.values[np.nanargmax(ds.anomaly_score.values)])) in text
     assert "4 neighbours of source " in text and "'teff'" in text  # the mock labels joined
+
+
+@pytest.mark.slow  # hats-import on a cluster plus lsdb in a kernel: ~2 min on 2 cores
+def test_lsdb_exports_searches_and_joins(
+    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    text = _execute(
+        "05_lsdb",
+        NOTEBOOKS,
+        monkeypatch,
+        CATALOG=small_inputs["catalog"],
+        HATS=tmp_path / "hats",
+        GAIA=tmp_path / "gaia",
+        ORDER=5,
+        WORKERS=1,
+    )
+    assert f"wrote {N_ROWS:,} rows" in text
+    assert "as by direct separation: True" in text
+    assert f"joined {N_ROWS:,} of {N_ROWS:,} rows, {N_ROWS:,} distinct source_id" in text
