@@ -224,6 +224,23 @@ def test_an_existing_export_is_refused_and_resumed_to_the_same_files(
     assert len(lsdb_frame(exported.hats)) == N_ROWS
 
 
+def test_the_cli_writes_the_same_rows_as_the_api(
+    exported: Exported, tmp_path: Path, dask_client: Client
+) -> None:
+    from click.testing import CliRunner
+
+    from xpbatch.cli import main
+
+    out = tmp_path / "cli_hats"
+    args = ["export-hats", str(exported.catalog), "-o", str(out), "--highest-order", str(ORDER)]
+    args += ["--pixel-threshold", str(THRESHOLD), "--cluster", dask_client.scheduler.address]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert f"wrote {N_ROWS:,} rows in " in result.output and "lsdb.open_catalog(" in result.output
+    cli, api = lsdb_frame(out), lsdb_frame(exported.hats)
+    assert cli.equals(api)
+
+
 def test_a_catalogue_without_positions_needs_the_source_id_fallback(
     tmp_path: Path, make_xp_store, dask_client: Client
 ) -> None:

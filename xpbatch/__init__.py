@@ -33,6 +33,10 @@ _API = {
     "open_catalog": "xpbatch.catalog",
     "verify_catalog": "xpbatch.catalog",
     "find_neighbours": "xpbatch.neighbours",
+    "HatsExportConfig": "xpbatch.config",
+    "export_hats": "xpbatch.hats_export",
+    "compute_sky_maps": "xpbatch.skymap",
+    "draw_sky_maps": "xpbatch.skymap",
 }
 
 __all__ = ["__version__", *sorted(_API)]
