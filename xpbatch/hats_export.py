@@ -40,6 +40,7 @@ from hats_import.catalog.file_readers import InputReader
 from xpbatch import schema
 from xpbatch.config import HatsExportConfig
 from xpbatch.errors import CatalogError, OutputExistsError, ResumeRefusedError
+from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike, atomic_path
 from xpbatch.sky import POSITION_FROM_SOURCE_ID, SkySource
 
@@ -181,6 +182,7 @@ def _prepare_output(out: Path, manifest: dict[str, Any], config: HatsExportConfi
 
 
 # --- the export -------------------------------------------------------------------------------
+@locked_output("output_dir", "export-hats")
 def export_hats(
     catalog: PathLike,
     output_dir: PathLike,
