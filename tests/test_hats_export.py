@@ -46,7 +46,10 @@ def exported(tmp_path_factory: pytest.TempPathFactory, dask_client: Client) -> E
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=2, chunk_rows=CHUNK_ROWS)
     catalog = root / "catalog.zarr"
     encode_catalog(
-        store, TrainedModel.untrained(), catalog, config=EncodeConfig(progress_bar=False)
+        store,
+        TrainedModel.untrained(),
+        catalog,
+        config=EncodeConfig(progress_bar=False, check_fit=False),
     )
     config = HatsExportConfig(pixel_threshold=THRESHOLD, highest_order=ORDER, progress_bar=False)
     export_hats(catalog, root / "hats", client=dask_client, config=config)
@@ -253,7 +256,10 @@ def test_a_catalogue_without_positions_needs_the_source_id_fallback(
     store = make_xp_store(tmp_path / "s.zarr", 600, chunk_rows=300)
     catalog = tmp_path / "c.zarr"
     encode_catalog(
-        store, TrainedModel.untrained(), catalog, config=EncodeConfig(progress_bar=False)
+        store,
+        TrainedModel.untrained(),
+        catalog,
+        config=EncodeConfig(progress_bar=False, check_fit=False),
     )
     config = HatsExportConfig(highest_order=ORDER, progress_bar=False)
     with pytest.raises(CatalogError, match="--positions-from-source-id"):
@@ -316,7 +322,11 @@ def test_dr3_bulk_files_to_an_lsdb_catalogue_joined_with_gaia_source(
     train_model(store, model, training, progress=False)
     catalog = tmp_path / "c.zarr"
     encode_catalog(
-        store, model, catalog, client=dask_client, config=EncodeConfig(progress_bar=False)
+        store,
+        model,
+        catalog,
+        client=dask_client,
+        config=EncodeConfig(progress_bar=False),
     )
     hats = tmp_path / "hats"
     config = HatsExportConfig(pixel_threshold=300, highest_order=ORDER, progress_bar=False)

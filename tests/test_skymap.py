@@ -26,7 +26,12 @@ def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("skymap")
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=3, chunk_rows=CHUNK_ROWS)
     out = root / "catalog.zarr"
-    encode_catalog(store, TrainedModel.untrained(), out, config=EncodeConfig(progress_bar=False))
+    encode_catalog(
+        store,
+        TrainedModel.untrained(),
+        out,
+        config=EncodeConfig(progress_bar=False, check_fit=False),
+    )
     return out
 
 
