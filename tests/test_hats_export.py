@@ -297,7 +297,6 @@ def gaia_source_hats(bulk: Path, out: Path, client: Client) -> Path:
     return out
 
 
-@pytest.mark.skip(reason="needs ingest of ra/dec (issue 13)")
 def test_dr3_bulk_files_to_an_lsdb_catalogue_joined_with_gaia_source(
     tmp_path: Path, dask_client: Client
 ) -> None:
