@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from xpbatch.artifact import save_model
+from xpbatch.cli import main
 from xpbatch.cluster import connect
 from xpbatch.config import ClusterConfig
 from xpbatch.errors import ClusterError
+from xpbatch.trained import TrainedModel
 
 
 @pytest.mark.skipif(
@@ -72,3 +77,22 @@ def test_distributed_logs_follow_the_application_level() -> None:
     finally:
         root.setLevel(levels[0])
         distributed.setLevel(levels[1])
+
+
+def test_a_cluster_that_never_started_gets_no_resume_hint(
+    tmp_path: Path, make_xp_store: Callable[..., Path]
+) -> None:
+    """Nothing ran, so the one-line message must not suggest --resume (nothing to continue)."""
+    store = make_xp_store(tmp_path / "s.zarr", 64)
+    model = tmp_path / "m.safetensors"
+    save_model(TrainedModel.untrained(), model)
+    missing = tmp_path / "scheduler.json"
+    result = CliRunner().invoke(
+        main,
+        ["encode-catalog", str(store), "-m", str(model), "-o", str(tmp_path / "c.zarr"),
+         "--scheduler-file", str(missing)],
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and "does not exist; start the scheduler" in lines[0], result.output
+    assert "--resume" not in result.output

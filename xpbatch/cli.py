@@ -37,7 +37,13 @@ from xpbatch.config import (
     from_mapping,
     read_toml,
 )
-from xpbatch.errors import ChunkError, ClusterError, StoreError, XPBatchError
+from xpbatch.errors import (
+    ChunkError,
+    ClusterError,
+    ClusterUnavailableError,
+    StoreError,
+    XPBatchError,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -163,7 +169,9 @@ def _failure_message(error: BaseException, command: str) -> tuple[str | None, in
     if isinstance(error, XPBatchError):
         message = str(error)
         mendable = not isinstance(error.__cause__, StoreError)  # a damaged store stays damaged
-        if isinstance(error, ChunkError | ClusterError) and mendable and "rerun" not in message:
+        began = not isinstance(error, ClusterUnavailableError)  # else nothing to continue
+        resumable = isinstance(error, ChunkError | ClusterError) and mendable and began
+        if resumable and "rerun" not in message:
             message += then  # a failed task or a lost cluster: a rerun continues
         return message, 2
     if isinstance(error, KeyboardInterrupt):

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from distributed import WorkerPlugin
 
 from xpbatch.config import CLUSTER_LOCAL_CUDA, GPU_THREADS_PER_WORKER, ClusterConfig
-from xpbatch.errors import ClusterError
+from xpbatch.errors import ClusterUnavailableError
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
@@ -29,7 +29,7 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError as e:  # also covers missing CUDA libraries at import
-        raise ClusterError(
+        raise ClusterUnavailableError(
             f"--cluster local-cuda needs dask-cuda, but importing dask_cuda failed ({e}). Install "
             "`pip install 'xpbatch[cuda13]'` (or [cuda12], matching torch's CUDA build) on a GPU "
             "machine, or omit --cluster to run on CPU workers."
@@ -42,7 +42,7 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
             if torch.version.cuda is None
             else f"torch (built for CUDA {torch.version.cuda}) finds no GPU or no usable driver"
         )
-        raise ClusterError(
+        raise ClusterUnavailableError(
             f"--cluster local-cuda needs a CUDA GPU, but {why}. Check `nvidia-smi` and "
             "CUDA_VISIBLE_DEVICES, or omit --cluster to run on CPU workers."
         )
@@ -53,7 +53,7 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
             memory_limit=config.memory_limit,
         )
     except Exception as e:  # e.g. NVMLError_LibraryNotFound: no driver on this machine
-        raise ClusterError(
+        raise ClusterUnavailableError(
             f"--cluster local-cuda could not start dask-cuda's LocalCUDACluster "
             f"({type(e).__name__}: {e}); check `nvidia-smi`, or omit --cluster to run on CPU "
             "workers."
@@ -134,7 +134,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     _quiet_distributed()
     if config.scheduler_file is not None:
         if not os.path.exists(config.scheduler_file):
-            raise ClusterError(
+            raise ClusterUnavailableError(
                 f"scheduler file {config.scheduler_file} does not exist; start the scheduler "
                 "with `dask scheduler --scheduler-file FILE` first (see deploy/slurm/README.md)"
             )
@@ -146,7 +146,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         try:
             client = Client(config.cluster, timeout="30s")
         except OSError as e:
-            raise ClusterError(
+            raise ClusterUnavailableError(
                 f"could not reach the Dask scheduler at {config.cluster}: {e}. "
                 "Is it running, and is the address/port right?"
             ) from e

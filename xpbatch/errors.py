@@ -67,5 +67,9 @@ class ClusterError(XPBatchError, RuntimeError):
     """A Dask cluster could not be created or reached (e.g. dask-cuda or a GPU missing)."""
 
 
+class ClusterUnavailableError(ClusterError):
+    """The cluster could not be started or reached at all, so no work began (no --resume hint)."""
+
+
 class OutputLockedError(XPBatchError, RuntimeError):
     """Another run holds the output's lock; the message names it (run id, host, pid, start)."""
