@@ -15,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
 N_ROWS, CHUNK_ROWS = 3000, 1000
+STARTS = pytest.mark.parametrize("start", [REPO, NOTEBOOKS], ids=["from-root", "from-notebooks"])
+"""Jupyter starts a kernel in the repository root or in notebooks/: each notebook runs from both."""
 
 
 @pytest.fixture(scope="module")
@@ -64,13 +66,17 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
     assert "parameters" in code[0].metadata.get("tags", []), "first code cell: the parameters"
 
 
+@STARTS
 def test_quickstart_runs_a_cluster_and_encodes(
-    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
 ) -> None:
     out = tmp_path / "quickstart.zarr"
     text = _execute(
         "01_quickstart",
-        NOTEBOOKS,
+        start,
         monkeypatch,
         STORE=small_inputs["store"],
         MODEL=small_inputs["model"],
@@ -87,12 +93,16 @@ def test_quickstart_runs_a_cluster_and_encodes(
     assert xpbatch.open_catalog(out).sizes["source"] == N_ROWS
 
 
+@STARTS
 def test_explore_aggregates_every_row_and_plots(
-    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
 ) -> None:
     text = _execute(
         "02_explore_catalog",
-        REPO,
+        start,
         monkeypatch,
         CATALOG=small_inputs["catalog"],
         STORE=small_inputs["store"],
@@ -112,13 +122,17 @@ def test_explore_aggregates_every_row_and_plots(
     assert f"sky maps: {N_ROWS:,} sources on 192 pixels" in text
 
 
+@STARTS
 def test_train_fits_a_model_and_counts_active_dimensions(
-    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
 ) -> None:
     out = tmp_path / "nb-model.safetensors"
     text = _execute(
         "03_train",
-        NOTEBOOKS,
+        start,
         monkeypatch,
         STORE=small_inputs["store"],
         MODEL_OUT=out,
@@ -132,12 +146,16 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     assert xpbatch.load_model(out).provenance["epochs"] == 2
 
 
+@STARTS
 def test_anomalies_ranks_sources_and_finds_neighbours(
-    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
 ) -> None:
     text = _execute(
         "04_anomalies",
-        tmp_path,
+        start,
         monkeypatch,
         CATALOG=small_inputs["catalog"],
         STORE=small_inputs["store"],
@@ -156,12 +174,16 @@ def test_anomalies_ranks_sources_and_finds_neighbours(
 
 
 @pytest.mark.slow  # hats-import on a cluster plus lsdb in a kernel: ~2 min on 2 cores
+@STARTS
 def test_lsdb_exports_searches_and_joins(
-    small_inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
 ) -> None:
     text = _execute(
         "05_lsdb",
-        NOTEBOOKS,
+        start,
         monkeypatch,
         CATALOG=small_inputs["catalog"],
         HATS=tmp_path / "hats",
