@@ -109,6 +109,26 @@ def make_xp_store() -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(scope="session")
+def encode_untrained() -> Callable[[Path, Path], Path]:
+    """``encode_untrained(store, catalog)``: encode a store serially with an untrained model.
+
+    For tests of what reads a catalogue, not of the model: the fit check is skipped, since an
+    untrained model fits no data.
+    """
+
+    def encode(store: Path, catalog: Path) -> Path:
+        from xpbatch.config import EncodeConfig
+        from xpbatch.pipeline import encode_catalog
+        from xpbatch.trained import TrainedModel
+
+        config = EncodeConfig(progress_bar=False, check_fit=False)
+        encode_catalog(store, TrainedModel.untrained(), catalog, config=config)
+        return catalog
+
+    return encode
+
+
 def _chunk_files(path: Path) -> dict[str, bytes]:
     """Every chunk file of a Zarr catalogue (not its metadata), by relative path."""
     return {

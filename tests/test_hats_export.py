@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,22 +36,19 @@ class Exported:
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory, dask_client: Client) -> Exported:
+def exported(
+    tmp_path_factory: pytest.TempPathFactory,
+    dask_client: Client,
+    encode_untrained: Callable[[Path, Path], Path],
+) -> Exported:
     """A mock store with positions, its catalogue (untrained model) and its HATS export."""
     from xpbatch.hats_export import export_hats
     from xpbatch.mock import write_mock_store
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.trained import TrainedModel
 
     root = tmp_path_factory.mktemp("hats")
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=2, chunk_rows=CHUNK_ROWS)
     catalog = root / "catalog.zarr"
-    encode_catalog(
-        store,
-        TrainedModel.untrained(),
-        catalog,
-        config=EncodeConfig(progress_bar=False, check_fit=False),
-    )
+    encode_untrained(store, catalog)
     config = HatsExportConfig(pixel_threshold=THRESHOLD, highest_order=ORDER, progress_bar=False)
     export_hats(catalog, root / "hats", client=dask_client, config=config)
     return Exported(store, catalog, root / "hats")
@@ -245,22 +243,18 @@ def test_the_cli_writes_the_same_rows_as_the_api(
 
 
 def test_a_catalogue_without_positions_needs_the_source_id_fallback(
-    tmp_path: Path, make_xp_store, dask_client: Client
+    tmp_path: Path,
+    make_xp_store: Callable[..., Path],
+    dask_client: Client,
+    encode_untrained: Callable[[Path, Path], Path],
 ) -> None:
     from xpbatch.errors import CatalogError
     from xpbatch.hats_export import export_hats
-    from xpbatch.pipeline import encode_catalog
     from xpbatch.sky import source_id_pixel_centres
-    from xpbatch.trained import TrainedModel
 
     store = make_xp_store(tmp_path / "s.zarr", 600, chunk_rows=300)
     catalog = tmp_path / "c.zarr"
-    encode_catalog(
-        store,
-        TrainedModel.untrained(),
-        catalog,
-        config=EncodeConfig(progress_bar=False, check_fit=False),
-    )
+    encode_untrained(store, catalog)
     config = HatsExportConfig(highest_order=ORDER, progress_bar=False)
     with pytest.raises(CatalogError, match="--positions-from-source-id"):
         export_hats(catalog, tmp_path / "h", client=dask_client, config=config)

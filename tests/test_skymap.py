@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-from xpbatch.config import EncodeConfig
 from xpbatch.schema import CatalogFlag
 
 if TYPE_CHECKING:
@@ -18,21 +18,14 @@ N_ROWS, CHUNK_ROWS, ORDER = 2500, 1000, 2
 
 
 @pytest.fixture(scope="module")
-def catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def catalog(
+    tmp_path_factory: pytest.TempPathFactory, encode_untrained: Callable[[Path, Path], Path]
+) -> Path:
     from xpbatch.mock import write_mock_store
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.trained import TrainedModel
 
     root = tmp_path_factory.mktemp("skymap")
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=3, chunk_rows=CHUNK_ROWS)
-    out = root / "catalog.zarr"
-    encode_catalog(
-        store,
-        TrainedModel.untrained(),
-        out,
-        config=EncodeConfig(progress_bar=False, check_fit=False),
-    )
-    return out
+    return encode_untrained(store, root / "catalog.zarr")
 
 
 def test_maps_count_every_row_in_its_pixel(catalog: Path) -> None:
