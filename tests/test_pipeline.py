@@ -126,6 +126,30 @@ def test_one_worker_and_an_in_memory_model_give_the_same_bytes(
     assert_same_catalogue(inputs.serial, tmp_path / "c.zarr")
 
 
+def test_a_write_interrupted_by_a_killed_worker_leaves_no_file_behind(
+    inputs: Inputs,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    assert_same_catalogue: Callable[[Path, Path], None],
+) -> None:
+    import xpbatch.pipeline as pipeline
+
+    out = tmp_path / "c.zarr"
+    leftover = out / schema.ANOMALY_SCORE / "c" / "2.0123abcd.partial"
+    real_run_chunk = pipeline.run_chunk
+
+    def run_chunk_then_die_mid_write(job: ChunkJob) -> object:
+        record = real_run_chunk(job)
+        if job.index == 1:  # what zarr leaves when a worker dies between write and rename
+            leftover.write_bytes(b"half a chunk")
+        return record
+
+    monkeypatch.setattr(pipeline, "run_chunk", run_chunk_then_die_mid_write)
+    assert encode_catalog(inputs.store, inputs.model, out, config=CONFIG).verified
+    assert not leftover.exists()
+    assert_same_catalogue(inputs.serial, out)
+
+
 def test_result_does_not_depend_on_the_input_chunking(
     inputs: Inputs, make_xp_store: Callable[..., Path], tmp_path: Path
 ) -> None:

@@ -398,7 +398,7 @@ def prepare_output(
             found: dict[str, Any] = group.attrs.asdict()
             _check_fingerprint(path, found, attrs, layout)
             if found.get(ATTR_COMPLETE) is not True:  # a complete catalogue is left as it is
-                _remove_partial_files(path)
+                remove_interrupted_writes(path)
                 group.attrs.update({"resumed": [*found.get("resumed", []), _utc_now()]})
             return completed_chunks(path)
     create_catalog(path, layout, attrs=attrs)
@@ -460,9 +460,13 @@ def _check_fingerprint(
         )
 
 
-def _remove_partial_files(path: Path) -> None:
-    """Delete the temporary files of chunk writes that a kill interrupted (never valid data)."""
-    for partial in path.rglob("*.partial"):
+def remove_interrupted_writes(path: PathLike) -> None:
+    """Delete the temporary files of chunk writes that a kill interrupted (never valid data).
+
+    Zarr writes each chunk to ``<key>.<uuid>.partial`` and renames it; a worker killed in
+    between leaves the temporary file behind. Call only while this run is the one writer.
+    """
+    for partial in Path(path).rglob("*.partial"):
         partial.unlink(missing_ok=True)
 
 

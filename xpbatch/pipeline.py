@@ -398,6 +398,9 @@ def encode_catalog(
         for record in records:
             rows_this_run += record.rows
             bar.update(record.rows)
+        if not plan.was_complete:
+            # A worker killed mid-write leaves a temporary file; the retry wrote the chunk.
+            catalog.remove_interrupted_writes(out)
         # A catalogue found complete is verified again (not trusted): it may have been damaged
         # since; it is not marked again, so its files stay as they were.
         verified = _verify(Path(out), Path(store), client, config, mark=not plan.was_complete)
