@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 
 from xpbatch import schema
-from xpbatch.config import EncodeConfig
 from xpbatch.encode import BATCHES_PER_BLOCK, encode_chunk, output_variables
 from xpbatch.errors import InputShapeError
 from xpbatch.schema import CatalogFlag, InputFlag
-from xpbatch.trained import DEFAULT_BATCH_SIZE, TrainedModel
+from xpbatch.trained import TrainedModel
 
 
 def _chunk(n: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -110,7 +109,3 @@ def test_malformed_chunks_are_refused(model: TrainedModel, change, message: str)
     change(chunk)
     with pytest.raises(InputShapeError, match=message):
         encode_chunk(model, chunk)
-
-
-def test_config_default_batch_size_is_the_kernels() -> None:
-    assert EncodeConfig().batch_size == DEFAULT_BATCH_SIZE

@@ -1,8 +1,9 @@
 """The ``xpbatch`` command line. It only translates: parse, build a config, call one function.
 
 Heavy modules (torch, dask, zarr) are imported inside the commands so ``xpbatch --help`` is instant.
-Shared options are defined once (``cluster_options``) and their defaults come from
-:mod:`xpbatch.config`.
+A stage's options are generated from its config's fields (:mod:`xpbatch.cli_options`): their
+names, defaults and help live in :mod:`xpbatch.config` only. The benchmarks are in
+:mod:`xpbatch.cli_bench`.
 """
 
 from __future__ import annotations
@@ -18,23 +19,24 @@ from typing import Any, TypeVar
 import click
 
 from xpbatch import __version__
+from xpbatch.cli_bench import bench_group
+from xpbatch.cli_options import (
+    Flag,
+    cluster_config,
+    cluster_options,
+    config_from_options,
+    config_options,
+    options_given,
+)
 from xpbatch.config import (
     DEFAULT_CHUNK_ROWS,
-    ENCODE_DEVICES,
-    GPU_THREADS_PER_WORKER,
     MOCK_FORMATS,
     MOCK_ROWS_PER_FILE,
-    ON_BAD_ROW_CHOICES,
-    TRAIN_DATA_PLACEMENTS,
-    TRAIN_DEVICES,
-    TRAIN_PRECISIONS,
-    ClusterConfig,
     EncodeConfig,
     HatsExportConfig,
     IngestConfig,
     MockConfig,
     TrainConfig,
-    from_mapping,
     read_toml,
 )
 from xpbatch.errors import (
@@ -46,60 +48,6 @@ from xpbatch.errors import (
 )
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-_CLUSTER_DEFAULTS = ClusterConfig()
-
-
-def cluster_options(func: F) -> F:
-    """The ``--cluster`` family of options, shared by every command that uses Dask."""
-    options = [
-        click.option(
-            "--cluster",
-            default=None,
-            metavar="local-cuda|tcp://HOST:PORT",
-            help="Omit for a LocalCluster of CPU worker processes; 'local-cuda' for one "
-            "dask-cuda worker per GPU; or the address of a running scheduler.",
-        ),
-        click.option(
-            "--scheduler-file",
-            type=click.Path(dir_okay=False),
-            default=None,
-            help="Connect to the scheduler described by this file (Slurm, shared filesystem).",
-        ),
-        click.option(
-            "--n-workers",
-            type=int,
-            default=_CLUSTER_DEFAULTS.n_workers,
-            help="Worker processes of the local cluster [default: one per core].",
-        ),
-        click.option(
-            "--threads-per-worker",
-            type=int,
-            default=_CLUSTER_DEFAULTS.threads_per_worker,
-            help="Chunk tasks at once per local worker [default: 1 per CPU worker, "
-            f"{GPU_THREADS_PER_WORKER} per GPU worker of --cluster local-cuda].",
-        ),
-        click.option(
-            "--dashboard-address",
-            default=_CLUSTER_DEFAULTS.dashboard_address,
-            show_default=True,
-            help="Where the local cluster's dashboard listens (':0' for any free port).",
-        ),
-    ]
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
-def cluster_config(kwargs: dict[str, Any]) -> ClusterConfig:
-    """Pop the ``cluster_options`` from a command's kwargs into a :class:`ClusterConfig`."""
-    return ClusterConfig(
-        cluster=kwargs.pop("cluster"),
-        scheduler_file=kwargs.pop("scheduler_file"),
-        n_workers=kwargs.pop("n_workers"),
-        threads_per_worker=kwargs.pop("threads_per_worker"),
-        dashboard_address=kwargs.pop("dashboard_address"),
-    )
 
 
 def holds_output(command: str, output: str = "output") -> Callable[[F], F]:
@@ -315,52 +263,18 @@ def export_parquet_command(
     )
 
 
-_HATS_DEFAULTS = HatsExportConfig()
-
-
 @main.command("export-hats")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), required=True, help="Collection to write."
 )
-@click.option(
-    "--name", default=_HATS_DEFAULTS.name, show_default=True, help="Name of the HATS catalogue."
-)
-@click.option(
-    "--pixel-threshold",
-    type=click.IntRange(min=1),
-    default=_HATS_DEFAULTS.pixel_threshold,
-    show_default=True,
-    help="Most rows per HEALPix partition (denser sky gets smaller partitions).",
-)
-@click.option(
-    "--highest-order",
-    type=click.IntRange(0, 19),
-    default=_HATS_DEFAULTS.highest_order,
-    show_default=True,
-    help="Highest HEALPix order of a partition.",
-)
-@click.option(
-    "--margin-arcsec",
-    type=float,
-    default=None,
-    help="Also write a margin cache this wide (arcsec) for cross-matches [default: none].",
-)
-@click.option("--with-scatter", is_flag=True, help="Also export the scatter (110 columns).")
-@click.option(
-    "--positions-from-source-id",
-    is_flag=True,
-    help="For rows without ra/dec: use the centre of the source_id's HEALPix level-12 pixel "
-    "(~0.86 arcmin), marked in the column position_from_source_id.",
-)
-@click.option("--resume", is_flag=True, help="Continue an interrupted export (same options).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing export at OUTPUT.")
+@config_options(HatsExportConfig)
 @cluster_options
 def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Write CATALOG as a HATS collection (catalogue, source_id index, optional margin) that
     lsdb.open_catalog opens, cone-searches and joins; hats-import does the partitioning."""
     cluster = cluster_config(kwargs)
-    config = HatsExportConfig(**kwargs)
+    config = config_from_options(HatsExportConfig, kwargs)
     from xpbatch.cluster import connect
     from xpbatch.hats_export import export_hats
 
@@ -395,9 +309,6 @@ def skymap_command(catalog: str, output: str, order: int, **kwargs: Any) -> None
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
 
 
-_ENCODE_DEFAULTS = EncodeConfig()
-
-
 def _exit_on_sigterm() -> None:
     """Make SIGTERM (Slurm or Kubernetes preemption) a normal exit that closes the cluster.
 
@@ -422,41 +333,12 @@ def _exit_on_sigterm() -> None:
     is_flag=True,
     help="No input needed: build (once, cached) a mock store and a small model, and encode them.",
 )
-@click.option(
-    "--resume", is_flag=True, help="Continue an interrupted run (same store, model and options)."
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing catalogue at OUTPUT.")
-@click.option(
-    "--with-reconstruction",
-    is_flag=True,
-    help="Also store the decoder's reconstruction in e-/s (about twice the output size).",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=_ENCODE_DEFAULTS.batch_size,
-    show_default=True,
-    help="Rows per forward pass.",
-)
-@click.option(
-    "--device",
-    type=click.Choice(ENCODE_DEVICES),
-    default=_ENCODE_DEFAULTS.device,
-    show_default=True,
-    help="Torch device of each worker; auto = its GPU when it has one.",
-)
-@click.option("--no-verify", is_flag=True, help="Skip the final verification (not recommended).")
-@click.option(
-    "--skip-fit-check",
-    is_flag=True,
-    help="Encode even when the store's first rows do not look like the model's training data "
-    "(scaled coefficients, another normalisation): only if you know why they differ.",
-)
-@click.option(
-    "--performance-report",
-    type=click.Path(dir_okay=False),
-    default=None,
-    help="Save Dask's performance report to this HTML file.",
+@config_options(
+    EncodeConfig,
+    flags={
+        "check_fit": Flag(("--check-fit/--skip-fit-check",)),
+        "performance_report": Flag(type=click.Path(dir_okay=False)),
+    },
 )
 @cluster_options
 def encode_catalog_command(
@@ -468,6 +350,7 @@ def encode_catalog_command(
     """
     _exit_on_sigterm()
     cluster = cluster_config(kwargs)
+    settings = options_given(EncodeConfig, kwargs)
     if demo:
         from xpbatch.demo import demo_inputs
 
@@ -476,19 +359,10 @@ def encode_catalog_command(
         inputs = demo_inputs(echo=click.echo)
         store, model = str(inputs.store), str(inputs.model)
         if output is None:
-            output, kwargs["overwrite"] = str(inputs.catalog), not kwargs["resume"]
+            output, settings["overwrite"] = str(inputs.catalog), not settings.get("resume")
     if store is None or model is None or output is None:
         raise click.UsageError("give STORE, --model and --output (or --demo)")
-    config = EncodeConfig(
-        batch_size=kwargs["batch_size"],
-        with_reconstruction=kwargs["with_reconstruction"],
-        resume=kwargs["resume"],
-        overwrite=kwargs["overwrite"],
-        device=kwargs["device"],
-        verify=not kwargs["no_verify"],
-        check_fit=not kwargs["skip_fit_check"],
-        performance_report=kwargs["performance_report"],
-    )
+    config = EncodeConfig(**settings)
     from xpbatch.artifact import read_model_metadata
     from xpbatch.cluster import connect
     from xpbatch.pipeline import encode_catalog
@@ -582,73 +456,6 @@ def verify_command(catalog: str, store: str | None) -> None:
         sys.exit(1)
 
 
-_TRAIN_DEFAULTS = TrainConfig()
-
-# (flag, TrainConfig field, click type, help); every default comes from TrainConfig.
-_TRAIN_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--epochs", "epochs", click.IntRange(min=1), "Passes over the training rows."),
-    ("--learning-rate", "learning_rate", float, "AdamW learning rate at each cycle's start."),
-    ("--min-learning-rate", "min_learning_rate", float, "Learning rate at each cycle's end."),
-    ("--cycle-epochs", "cycle_epochs", click.IntRange(min=1), "Epochs per cosine cycle."),
-    ("--weight-decay", "weight_decay", float, "AdamW weight decay."),
-    ("--batch-size", "batch_size", click.IntRange(min=2), "Spectra per optimisation step."),
-    ("--kl-weight", "kl_weight", float, "Weight of the KL term (1: the published loss)."),
-    ("--seed", "seed", click.IntRange(min=0), "Seed of sample, split, weights and shuffles."),
-    ("--validation-fraction", "validation_fraction", float, "Share of rows held out."),
-    ("--sample", "sample", click.IntRange(min=2), "Train on a random sample of N usable rows."),
-    (
-        "--source-ids",
-        "source_ids",
-        click.Path(exists=True, dir_okay=False),
-        "Train on these sources only (one id per line, or a CSV/Parquet column source_id).",
-    ),
-    (
-        "--checkpoint-every",
-        "checkpoint_every",
-        click.IntRange(min=1),
-        "Epochs between checkpoints.",
-    ),
-    ("--device", "device", click.Choice(TRAIN_DEVICES), "Where to train."),
-    ("--precision", "precision", click.Choice(TRAIN_PRECISIONS), "fp32; tf32 or bf16 on CUDA."),
-    (
-        "--data-placement",
-        "data_placement",
-        click.Choice(TRAIN_DATA_PLACEMENTS),
-        "Rows resident on the device, streamed from the store, or auto (device when they fit).",
-    ),
-]
-
-
-def _with_default(text: str, default: Any) -> str:
-    return text if default is None else f"{text} [default: {default}]"
-
-
-def train_options(func: F) -> F:
-    """The TrainConfig options of ``xpbatch train``; unset ones leave the file's value alone."""
-    options = [
-        click.option(
-            flag,
-            field,
-            type=kind,
-            default=None,
-            help=_with_default(text, getattr(_TRAIN_DEFAULTS, field)),
-        )
-        for flag, field, kind, text in _TRAIN_OPTIONS
-    ]
-    options.append(
-        click.option(
-            "--partial-rows/--complete-rows",
-            "partial_rows",
-            default=None,
-            help="Also train on rows with a missing band or non-finite values (masked in the "
-            "loss) [default: complete rows only, as published].",
-        )
-    )
-    for option in reversed(options):
-        func = option(func)
-    return func
-
-
 @main.command("train")
 @holds_output("train")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
@@ -666,7 +473,14 @@ def train_options(func: F) -> F:
     default=None,
     help="TOML file of TrainConfig settings; flags given here win.",
 )
-@train_options
+@config_options(
+    TrainConfig,
+    exclude=("model",),  # the architecture: a [model] table of the --config file
+    flags={
+        "source_ids": Flag(type=click.Path(exists=True, dir_okay=False)),
+        "partial_rows": Flag(("--partial-rows/--complete-rows",)),
+    },
+)
 @click.option("--resume", is_flag=True, help="Continue the run from the checkpoint beside OUTPUT.")
 @click.option(
     "--overwrite", is_flag=True, help="Start again even if OUTPUT or its checkpoint exist."
@@ -693,8 +507,7 @@ def train_command(
     """
     from xpbatch.train import RunPaths, train_model
 
-    overrides = {k: v for k, v in options.items() if v is not None}
-    config = TrainConfig.from_toml(config_file, overrides)
+    config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
     try:
         history = train_model(
             store, output, config, resume=resume, overwrite=overwrite, progress=progress
@@ -785,6 +598,7 @@ def train_command(
     "the rows, labelled in the labels' population column; repeatable; overrides --config.",
 )
 @click.option("--overwrite", is_flag=True, help="Replace an existing store or bulk files.")
+@config_options(MockConfig)
 def mock_command(
     n_rows: int,
     output: str,
@@ -797,6 +611,7 @@ def mock_command(
     config_file: str | None,
     rare: tuple[str, ...],
     overwrite: bool,
+    **options: Any,
 ) -> None:
     """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
 
@@ -808,7 +623,8 @@ def mock_command(
 
     settings = read_toml(config_file) if config_file else {}
     settings.update(_rare_fractions(rare))
-    config = from_mapping(MockConfig, settings, where=config_file or "mock configuration")
+    where = config_file or "mock configuration"
+    config = config_from_options(MockConfig, options, base=settings, where=where)
     if output_format == "store":
         path = write_mock_store(
             output,
@@ -860,9 +676,6 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
     return fractions
 
 
-_INGEST_DEFAULTS = IngestConfig()
-
-
 @main.command("ingest")
 @holds_output("ingest")
 @click.argument("xp_files", nargs=-1, required=True, type=click.Path())
@@ -877,43 +690,7 @@ _INGEST_DEFAULTS = IngestConfig()
     "companion's value wins over the XP file's.",
 )
 @click.option("-o", "--output", type=click.Path(), required=True, help="The store to write.")
-@click.option(
-    "--on-bad-row",
-    type=click.Choice(ON_BAD_ROW_CHOICES),
-    default=_INGEST_DEFAULTS.on_bad_row,
-    show_default=True,
-    help="error: a malformed row stops the ingest; skip: leave it out (recorded in the store).",
-)
-@click.option(
-    "--with-correlations",
-    is_flag=True,
-    help="Also parse and store the 1485 packed correlations per band (15x the size).",
-)
-@click.option(
-    "--scalars",
-    default=None,
-    metavar="NAMES",
-    help="Comma-separated DR3 scalar columns to keep when the files have them (e.g. "
-    "bp_chi_squared), or 'none' [default: all present].",
-)
-@click.option(
-    "--columns",
-    default=None,
-    metavar="MAPPING",
-    help="DR3 names of XP columns named otherwise, comma-separated DR3_NAME=FILE_NAME; {i} "
-    "stands for the coefficient index of one-column-per-coefficient tables (e.g. "
-    "'bp_coefficients=BPc{i},bp_coefficient_errors=BPe{i}').",
-)
-@click.option(
-    "--chunk-rows",
-    type=click.IntRange(min=1),
-    default=_INGEST_DEFAULTS.chunk_rows,
-    show_default=True,
-    help="Rows per store chunk.",
-)
-@click.option("--no-verify-md5", is_flag=True, help="Do not check files against _MD5SUM.txt.")
-@click.option("--keep-parts", is_flag=True, help="Keep the per-file staging parts afterwards.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store at OUTPUT.")
+@config_options(IngestConfig, flags={"columns": Flag(metavar="DR3_NAME=FILE_NAME,...")})
 @cluster_options
 def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kwargs: Any) -> None:
     """Ingest Gaia DR3 XP continuous-spectrum files (or directories of them) into an XP store.
@@ -933,17 +710,7 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     )
 
     cluster = cluster_config(kwargs)
-    scalars = kwargs["scalars"]
-    config = IngestConfig(
-        chunk_rows=kwargs["chunk_rows"],
-        on_bad_row=kwargs["on_bad_row"],
-        with_correlations=kwargs["with_correlations"],
-        scalars=None if scalars is None else tuple(s for s in scalars.split(",") if s != "none"),
-        verify_md5=not kwargs["no_verify_md5"],
-        overwrite=kwargs["overwrite"],
-        keep_parts=kwargs["keep_parts"],
-        columns=_column_mapping(kwargs["columns"]),
-    )
+    config = config_from_options(IngestConfig, kwargs)
     xp = expand_inputs(xp_files, XP_GLOB)
     gs = expand_inputs(gaia_source, GAIA_SOURCE_GLOB)
     pair_files(xp, gs)  # refuse missing companions before starting a cluster
@@ -960,259 +727,4 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
             click.echo(f"  {row['file']}, line {row['line']}: {row['reason']}", err=True)
 
 
-def _column_mapping(text: str | None) -> tuple[tuple[str, str], ...]:
-    """'a=b,c=d' -> (('a', 'b'), ('c', 'd'))."""
-    pairs = []
-    for item in (text or "").split(","):
-        if not item.strip():
-            continue
-        target, sep, given = item.partition("=")
-        if not sep or not target.strip() or not given.strip():
-            raise click.BadParameter(
-                f"{item!r} is not DR3_NAME=FILE_NAME (e.g. bp_coefficients=BPc{{i}})",
-                param_hint="--columns",
-            )
-        pairs.append((target.strip(), given.strip()))
-    return tuple(pairs)
-
-
-@main.group("bench")
-def bench_group() -> None:
-    """Measure throughput on mock data (CPU time is per core; shared machines add noise)."""
-
-
-@bench_group.command("ingest")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=100),
-    default=48_000,
-    show_default=True,
-    help="Mock sources to generate (dr3-bulk files, cached in --workdir).",
-)
-@click.option(
-    "--rows-per-file",
-    type=click.IntRange(min=50),
-    default=12_000,
-    show_default=True,
-    help="Rows per mock bulk file (a DR3 file holds 64.7k on average; small files add "
-    "per-file costs).",
-)
-@click.option(
-    "--rounds",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Repeat every measurement, in turn with the others, and keep the best (a shared "
-    "machine's speed varies).",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock files between runs [default: a temporary directory].",
-)
-@cluster_options
-def bench_ingest_command(
-    rows: int, rows_per_file: int, rounds: int, workdir: str | None, **kwargs: Any
-) -> None:
-    """Ingest rows/s per core against a plain pandas + np.fromstring reader, and the DR3 time."""
-    from xpbatch.benchmarks.ingest import run_ingest_benchmark
-    from xpbatch.cluster import connect
-
-    cluster = cluster_config(kwargs)
-    with connect(cluster) as client:
-        result = run_ingest_benchmark(
-            rows,
-            rows_per_file=rows_per_file,
-            rounds=rounds,
-            workdir=workdir,
-            client=client,
-            echo=click.echo,
-        )
-    click.echo(result.report())
-
-
-@bench_group.command("encode")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=1000),
-    default=1_000_000,
-    show_default=True,
-    help="Mock spectra to encode (generated once per size in --workdir).",
-)
-@click.option(
-    "--memory-rows",
-    type=click.IntRange(min=1000),
-    default=None,
-    help="Second, larger size for the memory comparison [default: 4 x --rows].",
-)
-@click.option(
-    "--repeats",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Alternating runs of each contender; the fastest of each is reported.",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock stores between runs [default: a temporary directory].",
-)
-@cluster_options
-def bench_encode_command(
-    rows: int, memory_rows: int | None, repeats: int, workdir: str | None, **kwargs: Any
-) -> None:
-    """encode-catalog spectra/s against a bare loop, worker memory at two sizes, DR3 time."""
-    from xpbatch.benchmarks.encode import run_encode_benchmark
-    from xpbatch.cluster import connect
-
-    cluster = cluster_config(kwargs)
-    with connect(cluster) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        result = run_encode_benchmark(
-            rows,
-            client=client,
-            memory_rows=memory_rows,
-            repeats=repeats,
-            workdir=workdir,
-            echo=click.echo,
-        )
-    click.echo(result.report())
-
-
-@bench_group.command("train")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=1000),
-    default=100_000,
-    show_default=True,
-    help="Mock spectra to train on (generated once per size in --workdir).",
-)
-@click.option("--epochs", type=click.IntRange(min=2), default=4, show_default=True)
-@click.option(
-    "--batch-size",
-    type=click.IntRange(min=2),
-    default=_TRAIN_DEFAULTS.batch_size,
-    show_default=True,
-)
-@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True)
-@click.option(
-    "--rounds",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
-    help="Run each this many times, alternately, and keep each one's best round.",
-)
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=None,
-    help="torch threads on CPU [default: torch's choice, one per core]; on a machine shared "
-    "with other jobs use 1: spinning OpenMP threads make rates swing 30-fold.",
-)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock store between runs [default: a temporary directory].",
-)
-def bench_train_command(
-    rows: int,
-    epochs: int,
-    batch_size: int,
-    device: str,
-    rounds: int,
-    threads: int | None,
-    workdir: str | None,
-) -> None:
-    """Training samples/s of xpbatch train against a straightforward loop, on the same rows."""
-    import torch
-
-    from xpbatch.benchmarks.train import run_train_benchmark
-
-    if threads is not None:
-        torch.set_num_threads(threads)
-    result = run_train_benchmark(
-        rows,
-        epochs=epochs,
-        batch_size=batch_size,
-        device=device,
-        rounds=rounds,
-        workdir=workdir,
-        echo=click.echo,
-    )
-    click.echo(result.report())
-
-
-@bench_group.command("anomalies")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=10_000),
-    default=60_000,
-    show_default=True,
-    help="Mock spectra to build, train on and encode.",
-)
-@click.option(
-    "--rare-fraction",
-    type=click.FloatRange(0.0005, 0.5),
-    default=0.005,
-    show_default=True,
-    help="Fraction of rare sources (binaries, emission-line stars, white dwarfs, a third each).",
-)
-@click.option("--queries", type=click.IntRange(min=10), default=1000, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the mock, model and catalogue here [default: a temporary directory].",
-)
-def bench_anomalies_command(
-    rows: int, rare_fraction: float, queries: int, epochs: int, workdir: str | None
-) -> None:
-    """ROC AUC of anomaly_score, rmse and the 5-sigma rule; neighbours' label differences."""
-    import dataclasses
-
-    from xpbatch.benchmarks.anomalies import TRAINING, run_anomaly_benchmark
-
-    training = dataclasses.replace(TRAINING, epochs=epochs, cycle_epochs=epochs)
-    result = run_anomaly_benchmark(
-        rows,
-        rare_fraction=rare_fraction,
-        n_queries=queries,
-        training=training,
-        workdir=workdir,
-        echo=click.echo,
-    )
-    click.echo(result.report())
-
-
-@bench_group.command("neighbours")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=1000),
-    default=4_000_000,
-    show_default=True,
-    help="Rows of the synthetic catalogue (written once per size in --workdir).",
-)
-@click.option("--queries", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("-k", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the synthetic catalogue here [default: a temporary directory].",
-)
-@cluster_options
-def bench_neighbours_command(
-    rows: int, queries: int, k: int, workdir: str | None, **kwargs: Any
-) -> None:
-    """Time and peak memory of the exact latent search, and its equality with NumPy."""
-    from xpbatch.benchmarks.neighbours import run_neighbours_benchmark
-    from xpbatch.cluster import connect
-
-    with connect(cluster_config(kwargs)) as client:
-        click.echo(
-            run_neighbours_benchmark(rows, client=client, queries=queries, k=k, workdir=workdir)
-        )
+main.add_command(bench_group)

@@ -1,7 +1,8 @@
 """Frozen configuration dataclasses, one per stage; the single home of every default.
 
 Standard library only, so ``import xpbatch.config`` (and ``xpbatch --help``) stays instant.
-Each field's docstring is the help text the CLI shows.
+Each field's docstring is the help text of the CLI option generated from it
+(:mod:`xpbatch.cli_options`), so it is plain text, without reStructuredText markup.
 """
 
 from __future__ import annotations
@@ -81,20 +82,23 @@ class ClusterConfig:
     """Which Dask cluster a stage runs on (shared by ``ingest`` and ``encode-catalog``)."""
 
     cluster: str | None = None
-    """None: a LocalCluster of worker processes on this machine; 'local-cuda': dask-cuda's
-    LocalCUDACluster, one worker per GPU; 'tcp://host:port': an existing scheduler."""
+    """Omit (None) for a LocalCluster of worker processes on this machine; 'local-cuda' for
+    dask-cuda's LocalCUDACluster, one worker per GPU; or the address of a running scheduler
+    ('tcp://host:8786')."""
     scheduler_file: str | None = None
-    """Scheduler file written by ``dask scheduler --scheduler-file`` (Slurm, shared FS)."""
+    """Connect to the scheduler described by this file, written by 'dask scheduler
+    --scheduler-file' (Slurm, a shared filesystem)."""
     n_workers: int | None = None
     """Worker processes of a LocalCluster; default one per core."""
     threads_per_worker: int | None = None
     """Threads (chunk tasks at once) per worker of a local cluster; default 1 on CPU workers
-    (one per core) and :data:`GPU_THREADS_PER_WORKER` on 'local-cuda' GPU workers. Each task
-    thread uses one torch thread."""
+    (one per core) and xpbatch.config.GPU_THREADS_PER_WORKER on 'local-cuda' GPU workers. Each
+    task thread uses one torch thread."""
     memory_limit: str = "auto"
     """Memory limit per LocalCluster worker ('auto' divides the machine's memory)."""
     dashboard_address: str = "127.0.0.1:8787"
-    """Where a LocalCluster's dashboard listens; localhost unless asked otherwise."""
+    """Where a LocalCluster's dashboard listens; localhost unless asked otherwise (':0' for
+    any free port)."""
 
     def __post_init__(self) -> None:
         if self.cluster is not None and self.scheduler_file is not None:
@@ -123,7 +127,7 @@ class EncodeConfig:
 
     batch_size: int = 4096
     """Rows per forward pass; every pass is padded to this size, so results do not depend on
-    the chunking. Same default as xpbatch.trained.DEFAULT_BATCH_SIZE (tested)."""
+    the chunking. The kernels' default too (xpbatch.trained.DEFAULT_BATCH_SIZE)."""
     with_reconstruction: bool = False
     """Also store the decoder's reconstruction (source, coeff) in e-/s: about twice the size."""
     resume: bool = False
@@ -187,7 +191,8 @@ class IngestConfig:
     with_correlations: bool = False
     """Also parse and store the packed BP/RP coefficient correlations (15x the size)."""
     scalars: tuple[str, ...] | None = None
-    """DR3 scalar columns to keep (e.g. 'bp_chi_squared'); None keeps them all."""
+    """DR3 scalar columns to keep when the files have them (e.g. 'bp_chi_squared'); None keeps
+    all present. On the command line: comma-separated names, or 'none'."""
     verify_md5: bool = True
     """Check each file against a _MD5SUM.txt beside it, when there is one."""
     overwrite: bool = False
@@ -195,8 +200,10 @@ class IngestConfig:
     keep_parts: bool = False
     """Keep the per-file staging parts (<output>.parts/) after a successful ingest."""
     columns: tuple[tuple[str, str], ...] = ()
-    """(DR3 name, the file's name) for XP columns named otherwise; '{i}' in the file's name
-    stands for the coefficient index (e.g. ('bp_coefficients', 'BPc{i}'))."""
+    """(DR3 name, the file's name) of XP columns named otherwise; '{i}' in the file's name
+    stands for the coefficient index of one-column-per-coefficient tables. On the command
+    line: comma-separated DR3_NAME=FILE_NAME, e.g.
+    'bp_coefficients=BPc{i},bp_coefficient_errors=BPe{i}'."""
 
     def __post_init__(self) -> None:
         if self.scalars is not None:
@@ -443,7 +450,8 @@ class HatsExportConfig:
     """Also export the predicted scatter, one column per coefficient (110 float32 columns)."""
     positions_from_source_id: bool = False
     """For a catalogue without ra/dec: place every row at the centre of its source_id's
-    HEALPix level-12 pixel (about 0.86 arcmin across) and mark it ``position_from_source_id``."""
+    HEALPix level-12 pixel (about 0.86 arcmin across), marked in the column
+    position_from_source_id."""
     resume: bool = False
     """Continue an interrupted export of the same catalogue with the same options."""
     overwrite: bool = False

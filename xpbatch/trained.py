@@ -18,17 +18,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from xpbatch.config import ModelConfig
+from xpbatch.config import EncodeConfig, ModelConfig
 from xpbatch.density import LatentDensity
 from xpbatch.errors import InputShapeError
 from xpbatch.model import ScatterVAE
 from xpbatch.schema import CatalogFlag
 from xpbatch.store import compute_input_flags
 
-DEFAULT_BATCH_SIZE = 4096
-"""Rows per forward pass. Every pass is padded to exactly this many rows, so the same kernels run
-whatever the chunk size (results then agree to float32 round-off; the same chunking gives the
-same bytes)."""
+DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
+"""Rows per forward pass (its home: the EncodeConfig field). Every pass is padded to exactly this
+many rows, so the same kernels run whatever the chunk size (results then agree to float32
+round-off; the same chunking gives the same bytes)."""
 
 
 @dataclass(frozen=True)
