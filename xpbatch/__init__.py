@@ -11,33 +11,57 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it
-_API = {
-    "ScatterVAE": "xpbatch.model",
-    "ModelConfig": "xpbatch.config",
-    "TrainConfig": "xpbatch.config",
-    "TrainedModel": "xpbatch.artifact",
-    "save_model": "xpbatch.artifact",
-    "load_model": "xpbatch.artifact",
-    "import_xpvae": "xpbatch.artifact",
-    "write_xp_store": "xpbatch.store",
-    "open_xp_store": "xpbatch.store",
-    "MockConfig": "xpbatch.config",
-    "write_mock_store": "xpbatch.mock",
-    "write_mock_dr3_bulk": "xpbatch.mock",
-    "read_mock_labels": "xpbatch.mock",
-    "ingest_files": "xpbatch.ingest",
-    "ingest_table": "xpbatch.ingest",
-    "train_model": "xpbatch.train",
-    "encode_catalog": "xpbatch.pipeline",
-    "open_catalog": "xpbatch.catalog",
-    "verify_catalog": "xpbatch.catalog",
-    "find_neighbours": "xpbatch.neighbours",
-    "HatsExportConfig": "xpbatch.config",
-    "export_hats": "xpbatch.hats_export",
-    "compute_sky_maps": "xpbatch.skymap",
-    "draw_sky_maps": "xpbatch.skymap",
+_MODULES = {
+    # stage entry points, in the order the data flows, and what each returns
+    "xpbatch.mock": ("write_mock_store", "write_mock_dr3_bulk", "read_mock_labels"),
+    "xpbatch.ingest": ("ingest_files", "ingest_table"),
+    "xpbatch.store": ("write_xp_store", "open_xp_store"),
+    "xpbatch.train": ("train_model", "TrainingHistory"),
+    "xpbatch.cluster": ("connect",),
+    "xpbatch.pipeline": ("encode_catalog", "EncodeSummary"),
+    "xpbatch.encode": ("encode_chunk",),
+    "xpbatch.trained": ("EncodeResult",),
+    "xpbatch.catalog": ("open_catalog", "verify_catalog", "VerifyReport"),
+    "xpbatch.export": ("export_parquet", "ExportResult"),
+    "xpbatch.hats_export": ("export_hats", "HatsExportSummary"),
+    "xpbatch.neighbours": ("find_neighbours",),
+    "xpbatch.skymap": ("compute_sky_maps", "draw_sky_maps"),
+    # the model and its file
+    "xpbatch.model": ("ScatterVAE",),
+    "xpbatch.artifact": ("TrainedModel", "save_model", "load_model", "import_xpvae"),
+    # every stage's options
+    "xpbatch.config": (
+        "ClusterConfig",
+        "EncodeConfig",
+        "HatsExportConfig",
+        "IngestConfig",
+        "MockConfig",
+        "ModelConfig",
+        "TrainConfig",
+    ),
+    # every error, each also a built-in exception (ValueError, FileNotFoundError, ...)
+    "xpbatch.errors": (
+        "XPBatchError",
+        "CatalogError",
+        "ChecksumError",
+        "ChunkError",
+        "ClusterError",
+        "ClusterUnavailableError",
+        "ConfigError",
+        "InputShapeError",
+        "ModelFileError",
+        "ModelMismatchError",
+        "OutputExistsError",
+        "OutputLockedError",
+        "ParseError",
+        "ResumeRefusedError",
+        "StoreError",
+        "StoreNotFoundError",
+        "TrainingError",
+    ),
 }
+_API = {name: module for module, names in _MODULES.items() for name in names}
+"""Public name -> the module that defines it (imported on first use)."""
 
 __all__ = ["__version__", *sorted(_API)]
 
