@@ -25,7 +25,7 @@ _MODULES = {
     "xpbatch.export": ("export_parquet", "ExportResult"),
     "xpbatch.hats_export": ("export_hats", "HatsExportSummary"),
     "xpbatch.neighbours": ("find_neighbours",),
-    "xpbatch.skymap": ("compute_sky_maps", "draw_sky_maps"),
+    "xpbatch.skymap": ("compute_sky_maps", "draw_sky_maps", "SkyMaps"),
     # the model and its file
     "xpbatch.model": ("ScatterVAE",),
     "xpbatch.artifact": ("TrainedModel", "save_model", "load_model", "import_xpvae"),
