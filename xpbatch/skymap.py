@@ -24,8 +24,7 @@ the source had when its id was assigned.
 from __future__ import annotations
 
 import dataclasses
-import itertools
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from xpbatch import schema
 from xpbatch.errors import ConfigError
+from xpbatch.executor import map_bounded
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
 from xpbatch.sky import SkySource
@@ -186,27 +186,17 @@ def compute_sky_maps(
     results: Iterable[SkyMaps] = (
         map(task, range(source.n_chunks))
         if client is None
-        else _bounded_map(client, task, range(source.n_chunks))
+        else map_bounded(
+            client,
+            task,
+            range(source.n_chunks),
+            name="sky map",
+            tasks_per_thread=TASKS_IN_FLIGHT_PER_THREAD,
+        )
     )
     for part in results:
         total = total + part
     return total
-
-
-def _bounded_map(client: Client, func: Callable[[int], SkyMaps], items: range) -> Iterable[SkyMaps]:
-    """Results of ``func`` over ``items`` on the cluster, with a bounded number in flight."""
-    from distributed import as_completed
-
-    window = TASKS_IN_FLIGHT_PER_THREAD * max(1, sum(client.nthreads().values()))
-    waiting = iter(items)
-    running = as_completed(client.map(func, list(itertools.islice(waiting, window)), pure=False))
-    for future in running:
-        result = future.result()
-        future.release()  # the sums are added up by the caller; the worker need not keep them
-        item = next(waiting, None)
-        if item is not None:
-            running.add(client.submit(func, item, pure=False))
-        yield result
 
 
 # --- drawing ----------------------------------------------------------------------------------
