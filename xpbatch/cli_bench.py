@@ -13,41 +13,49 @@ from xpbatch.cli_options import cluster_config, cluster_options
 from xpbatch.config import TRAIN_DEVICES, TrainConfig
 
 
+def _count(flag: str, default: int, *, minimum: int, help: str | None = None) -> Any:
+    """An integer option of at least ``minimum``, its default shown."""
+    kind = click.IntRange(min=minimum)
+    return click.option(flag, type=kind, default=default, show_default=True, help=help)
+
+
+def _workdir(what: str) -> Any:
+    """``--workdir``: where a benchmark keeps its inputs between runs."""
+    return click.option(
+        "--workdir",
+        type=click.Path(file_okay=False),
+        default=None,
+        help=f"{what} [default: a temporary directory].",
+    )
+
+
 @click.group("bench")
 def bench_group() -> None:
     """Measure throughput on mock data (CPU time is per core; shared machines add noise)."""
 
 
 @bench_group.command("ingest")
-@click.option(
+@_count(
     "--rows",
-    type=click.IntRange(min=100),
-    default=48_000,
-    show_default=True,
+    48_000,
+    minimum=100,
     help="Mock sources to generate (dr3-bulk files, cached in --workdir).",
 )
-@click.option(
+@_count(
     "--rows-per-file",
-    type=click.IntRange(min=50),
-    default=12_000,
-    show_default=True,
+    12_000,
+    minimum=50,
     help="Rows per mock bulk file (a DR3 file holds 64.7k on average; small files add "
     "per-file costs).",
 )
-@click.option(
+@_count(
     "--rounds",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
+    2,
+    minimum=1,
     help="Repeat every measurement, in turn with the others, and keep the best (a shared "
     "machine's speed varies).",
 )
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock files between runs [default: a temporary directory].",
-)
+@_workdir("Where to keep the mock files between runs")
 @cluster_options
 def bench_ingest_command(
     rows: int, rows_per_file: int, rounds: int, workdir: str | None, **kwargs: Any
@@ -70,11 +78,10 @@ def bench_ingest_command(
 
 
 @bench_group.command("encode")
-@click.option(
+@_count(
     "--rows",
-    type=click.IntRange(min=1000),
-    default=1_000_000,
-    show_default=True,
+    1_000_000,
+    minimum=1000,
     help="Mock spectra to encode (generated once per size in --workdir).",
 )
 @click.option(
@@ -83,19 +90,13 @@ def bench_ingest_command(
     default=None,
     help="Second, larger size for the memory comparison [default: 4 x --rows].",
 )
-@click.option(
+@_count(
     "--repeats",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
+    2,
+    minimum=1,
     help="Alternating runs of each contender; the fastest of each is reported.",
 )
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock stores between runs [default: a temporary directory].",
-)
+@_workdir("Where to keep the mock stores between runs")
 @cluster_options
 def bench_encode_command(
     rows: int, memory_rows: int | None, repeats: int, workdir: str | None, **kwargs: Any
@@ -119,14 +120,13 @@ def bench_encode_command(
 
 
 @bench_group.command("train")
-@click.option(
+@_count(
     "--rows",
-    type=click.IntRange(min=1000),
-    default=100_000,
-    show_default=True,
+    100_000,
+    minimum=1000,
     help="Mock spectra to train on (generated once per size in --workdir).",
 )
-@click.option("--epochs", type=click.IntRange(min=2), default=4, show_default=True)
+@_count("--epochs", 4, minimum=2)
 @click.option(
     "--batch-size",
     type=click.IntRange(min=2),
@@ -134,11 +134,10 @@ def bench_encode_command(
     show_default=True,
 )
 @click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True)
-@click.option(
+@_count(
     "--rounds",
-    type=click.IntRange(min=1),
-    default=2,
-    show_default=True,
+    2,
+    minimum=1,
     help="Run each this many times, alternately, and keep each one's best round.",
 )
 @click.option(
@@ -148,12 +147,7 @@ def bench_encode_command(
     help="torch threads on CPU [default: torch's choice, one per core]; on a machine shared "
     "with other jobs use 1: spinning OpenMP threads make rates swing 30-fold.",
 )
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Where to keep the mock store between runs [default: a temporary directory].",
-)
+@_workdir("Where to keep the mock store between runs")
 def bench_train_command(
     rows: int,
     epochs: int,
@@ -183,13 +177,7 @@ def bench_train_command(
 
 
 @bench_group.command("anomalies")
-@click.option(
-    "--rows",
-    type=click.IntRange(min=10_000),
-    default=60_000,
-    show_default=True,
-    help="Mock spectra to build, train on and encode.",
-)
+@_count("--rows", 60_000, minimum=10_000, help="Mock spectra to build, train on and encode.")
 @click.option(
     "--rare-fraction",
     type=click.FloatRange(0.0005, 0.5),
@@ -197,14 +185,9 @@ def bench_train_command(
     show_default=True,
     help="Fraction of rare sources (binaries, emission-line stars, white dwarfs, a third each).",
 )
-@click.option("--queries", type=click.IntRange(min=10), default=1000, show_default=True)
-@click.option("--epochs", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the mock, model and catalogue here [default: a temporary directory].",
-)
+@_count("--queries", 1000, minimum=10)
+@_count("--epochs", 20, minimum=1)
+@_workdir("Keep the mock, model and catalogue here")
 def bench_anomalies_command(
     rows: int, rare_fraction: float, queries: int, epochs: int, workdir: str | None
 ) -> None:
@@ -226,21 +209,15 @@ def bench_anomalies_command(
 
 
 @bench_group.command("neighbours")
-@click.option(
+@_count(
     "--rows",
-    type=click.IntRange(min=1000),
-    default=4_000_000,
-    show_default=True,
+    4_000_000,
+    minimum=1000,
     help="Rows of the synthetic catalogue (written once per size in --workdir).",
 )
-@click.option("--queries", type=click.IntRange(min=1), default=10, show_default=True)
-@click.option("-k", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option(
-    "--workdir",
-    type=click.Path(file_okay=False),
-    default=None,
-    help="Keep the synthetic catalogue here [default: a temporary directory].",
-)
+@_count("--queries", 10, minimum=1)
+@_count("-k", 100, minimum=1)
+@_workdir("Keep the synthetic catalogue here")
 @cluster_options
 def bench_neighbours_command(
     rows: int, queries: int, k: int, workdir: str | None, **kwargs: Any
