@@ -19,7 +19,7 @@ import sys
 import textwrap
 import types
 import typing
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, TypeVar
 
 import click
@@ -118,13 +118,6 @@ def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
     return choices
 
 
-def option_fields(cls: type, exclude: tuple[str, ...] = ()) -> Iterator[dataclasses.Field[Any]]:
-    """The fields of ``cls`` that are options (all but ``exclude``), in declaration order."""
-    for field in dataclasses.fields(cls):
-        if field.name not in exclude:
-            yield field
-
-
 def _field_option(cls: type, field: dataclasses.Field[Any], flag: Flag) -> Callable[[F], F]:
     """The click option of one config field."""
     hint = typing.get_type_hints(cls)[field.name]
@@ -162,11 +155,12 @@ def config_options(
     gives the exceptions, by field name. Read the values back with :func:`config_from_options`.
     """
     flags = flags or {}
-    unknown = set(flags) - {f.name for f in dataclasses.fields(cls)}
+    fields = dataclasses.fields(cls)
+    unknown = (set(flags) | set(exclude)) - {f.name for f in fields}
     if unknown:
-        raise TypeError(f"flags for fields {cls.__name__} does not have: {sorted(unknown)}")
+        raise TypeError(f"{cls.__name__} has no fields {sorted(unknown)}")
     options = [
-        _field_option(cls, f, flags.get(f.name, Flag())) for f in option_fields(cls, exclude)
+        _field_option(cls, f, flags.get(f.name, Flag())) for f in fields if f.name not in exclude
     ]
 
     def decorate(func: F) -> F:
