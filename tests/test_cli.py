@@ -104,18 +104,24 @@ def test_every_option_maps_to_a_config_field(command: str) -> None:
     assert unmapped == others, f"{command}: options that are not config fields: {unmapped}"
 
 
+CONFIGS = {
+    obj
+    for obj in vars(config_module).values()
+    if isinstance(obj, type)
+    and dataclasses.is_dataclass(obj)
+    and obj.__module__ == config_module.__name__
+}
+"""Every config class of xpbatch.config."""
+
+
 def test_every_config_is_the_options_of_a_command() -> None:
-    configs = {
-        obj
-        for obj in vars(config_module).values()
-        if dataclasses.is_dataclass(obj) and obj.__module__ == config_module.__name__
-    }
+    configs = CONFIGS
     used = {cls for stage_configs, _ in STAGES.values() for cls in stage_configs}
     assert configs - used == {ModelConfig}  # the architecture: TrainConfig's [model] table
 
 
 def test_field_docstrings_are_plain_text_for_help() -> None:
-    for cls in (ClusterConfig, EncodeConfig, HatsExportConfig, IngestConfig, MockConfig):
+    for cls in CONFIGS:
         for name, text in _docstrings(cls).items():
             assert "``" not in text and ":data:" not in text, f"{cls.__name__}.{name}: {text}"
 
@@ -214,11 +220,7 @@ def test_every_error_and_config_is_public() -> None:
         and issubclass(obj, Exception)
         and obj.__module__ == errors.__name__
     }
-    configs = {
-        name
-        for name, obj in vars(config_module).items()
-        if dataclasses.is_dataclass(obj) and obj.__module__ == config_module.__name__
-    }
+    configs = {cls.__name__ for cls in CONFIGS}
     assert (error_classes | configs) - set(xpbatch.__all__) == set()
 
 
