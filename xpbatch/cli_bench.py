@@ -177,7 +177,12 @@ def bench_train_command(
 
 
 @bench_group.command("anomalies")
-@_count("--rows", 60_000, minimum=10_000, help="Mock spectra to build, train on and encode.")
+@_count(
+    "--rows",
+    240_000,
+    minimum=10_000,
+    help="Mock spectra to build and encode; the model trains on 60,000 of them.",
+)
 @click.option(
     "--rare-fraction",
     type=click.FloatRange(0.0005, 0.5),
@@ -186,7 +191,7 @@ def bench_train_command(
     help="Fraction of rare sources (binaries, emission-line stars, white dwarfs, a third each).",
 )
 @_count("--queries", 1000, minimum=10)
-@_count("--epochs", 20, minimum=1)
+@_count("--epochs", 40, minimum=1)
 @_workdir("Keep the mock, model and catalogue here")
 def bench_anomalies_command(
     rows: int, rare_fraction: float, queries: int, epochs: int, workdir: str | None
