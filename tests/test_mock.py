@@ -17,6 +17,8 @@ import pytest
 from click.testing import CliRunner
 
 from xpbatch import mock
+from xpbatch.mock import rows as mock_rows_module
+from xpbatch.mock import sky as mock_sky
 from xpbatch.cli import main
 from xpbatch.config import MockConfig
 from xpbatch.errors import ConfigError, OutputExistsError, StoreNotFoundError
@@ -56,7 +58,7 @@ def _assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    mock._block.cache_clear()
+    mock_rows_module.block.cache_clear()
     path = tmp_path_factory.mktemp("mock") / "mock.zarr"
     return mock.write_mock_store(path, N_STORE, seed=7, chunk_rows=1000, config=DEFECTS)
 
@@ -86,7 +88,7 @@ def _read_csv(path: Path) -> tuple[list[str], list[str], list[dict[str, str]]]:
 
 # --- determinism and chunking ---------------------------------------------------------------
 def test_store_is_the_same_for_a_seed_whatever_the_chunking(store: Path, tmp_path: Path) -> None:
-    mock._block.cache_clear()  # regenerate, do not reuse the first run's blocks
+    mock_rows_module.block.cache_clear()  # regenerate, do not reuse the first run's blocks
     again = mock.write_mock_store(tmp_path / "again.zarr", N_STORE, seed=7, chunk_rows=777,
                                   config=DEFECTS)  # fmt: skip
     _assert_same(_arrays(store), _arrays(again))
@@ -113,7 +115,7 @@ def whole() -> mock.MockRows:
 def test_any_range_equals_the_slice_of_the_whole(
     whole: mock.MockRows, start: int, stop: int
 ) -> None:
-    mock._block.cache_clear()
+    mock_rows_module.block.cache_clear()
     part = mock.mock_rows(9001, start, stop, seed=5)
     np.testing.assert_array_equal(part.source_id, whole.source_id[start:stop])
     np.testing.assert_array_equal(part.coefficients, whole.coefficients[start:stop])
@@ -127,7 +129,7 @@ def test_source_ids_are_ascending_unique_and_gaia_like(store: Path) -> None:
     assert pixel.min() >= 0 and pixel.max() < N_PIXELS
     assert np.all((sid >> 32) & 7 == 1)  # the processing bit real DR3 ids carry
     # Sources crowd the Galactic plane: |b| < 10 deg is 17 % of the sky but most of the sources.
-    low_latitude = np.abs(mock._sky().sin_b[pixel]) < math.sin(math.radians(10))
+    low_latitude = np.abs(mock_sky.sky_pixels().sin_b[pixel]) < math.sin(math.radians(10))
     assert low_latitude.mean() > 0.4
 
 
@@ -346,8 +348,8 @@ def test_correlation_templates_are_valid_correlation_matrices() -> None:
 # --- memory and interfaces ------------------------------------------------------------------
 def _peak_bytes(path: Path, n: int) -> int:
     """Peak Python/NumPy memory of writing an n-row store (Arrow's own pool is not traced)."""
-    mock._block.cache_clear()
-    mock._pixel_row_bounds.cache_clear()  # 6 MB per n, whatever n
+    mock_rows_module.block.cache_clear()
+    mock_sky.row_bounds.cache_clear()  # 6 MB per n, whatever n
     tracemalloc.start()
     try:
         mock.write_mock_store(path, n, seed=1, chunk_rows=mock.BLOCK_ROWS)

@@ -64,8 +64,10 @@ G_ZERO_POINT_MAG = 25.6873668671
 # Bulk (CDN) file names: <lo>-<hi> are inclusive, zero-padded HEALPix level-8 indices.
 XP_NAME = re.compile(r"^XpContinuousMeanSpectrum_(\d+-\d+)\.", re.IGNORECASE)
 GAIA_SOURCE_NAME = re.compile(r"^GaiaSource_(\d+-\d+)\.", re.IGNORECASE)
-XP_GLOB = "XpContinuousMeanSpectrum_*"
-GAIA_SOURCE_GLOB = "GaiaSource_*"
+XP_PREFIX = "XpContinuousMeanSpectrum"
+GAIA_SOURCE_PREFIX = "GaiaSource"
+XP_GLOB = f"{XP_PREFIX}_*"
+GAIA_SOURCE_GLOB = f"{GAIA_SOURCE_PREFIX}_*"
 MD5_MANIFEST = "_MD5SUM.txt"
 
 # The DPAC AVRO records (MeanSpectrumSolutionWithCov, read by GaiaXPy): camelCase, nested.
