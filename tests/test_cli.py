@@ -39,19 +39,7 @@ STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     ),
     "mock": (
         (MockConfig,),
-        {
-            "n_rows",
-            "output",
-            "output_format",
-            "seed",
-            "chunk_rows",
-            "rows_per_file",
-            "workers",
-            "with_correlations",
-            "config_file",
-            "rare",
-            "overwrite",
-        },
+        {"output", "config_file", "rare"},
     ),
     "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
 }

@@ -17,11 +17,11 @@ import pytest
 from click.testing import CliRunner
 
 from xpbatch import mock
-from xpbatch.mock import rows as mock_rows_module
-from xpbatch.mock import sky as mock_sky
 from xpbatch.cli import main
 from xpbatch.config import MockConfig
 from xpbatch.errors import ConfigError, OutputExistsError, StoreNotFoundError
+from xpbatch.mock import rows as mock_rows_module
+from xpbatch.mock import sky as mock_sky
 from xpbatch.partitions import HEALPIX_SHIFT, N_PIXELS
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, InputFlag
 from xpbatch.store import compute_input_flags, open_xp_store
@@ -427,3 +427,86 @@ def test_cli_store_records_the_partition_plan_it_was_asked_for(tmp_path: Path) -
     assert result.exit_code == 0, result.output
     recorded = open_xp_store(out).attrs["partition_ranges"]
     assert len(recorded) == 3 and recorded[0][0] == 0 and recorded[-1][1] == 786431
+
+
+# --- the stage entry: mock(out, config=...) -> MockSummary ------------------------------------
+RARE = MockConfig(n=900, seed=4, chunk_rows=400, binary_fraction=0.05, white_dwarf_fraction=0.02)
+
+
+def _disk_bytes(*paths: Path) -> int:
+    return sum(
+        f.stat().st_size
+        for p in paths
+        for f in ([p] if p.is_file() else p.rglob("*"))
+        if f.is_file()
+    )
+
+
+def test_mock_stage_writes_a_store_and_summarises_it(tmp_path: Path) -> None:
+    summary = mock.mock(tmp_path / "s.zarr", config=RARE)
+    api = mock.write_mock_store(tmp_path / "api.zarr", 900, seed=4, chunk_rows=400, config=RARE)
+    _assert_same(_arrays(summary.path), _arrays(api))
+    labels = mock.read_mock_labels(summary.path)
+    counted = {name: int((labels["population"] == i).sum())
+               for i, name in enumerate(mock.POPULATIONS) if i}  # fmt: skip
+    assert summary.rare_counts == counted and counted["binary"] > 20 and counted["white_dwarf"] > 5
+    assert counted["emission_line"] == 0
+    assert (summary.rows, summary.format, summary.files) == (900, "store", (summary.path,))
+    assert summary.labels == tmp_path / "s.zarr.labels.parquet"
+    assert summary.bytes_on_disk == _disk_bytes(summary.path, summary.labels)
+    text = str(summary)
+    assert text.startswith(f"wrote 900 mock sources to {summary.path}: ")
+    assert f"{counted['binary']} binary" in text and str(summary.labels) in text
+
+
+def test_mock_stage_writes_bulk_files_and_summarises_them(tmp_path: Path) -> None:
+    config = dataclasses.replace(RARE, format="dr3-bulk", rows_per_file=300, workers=2)
+    summary = mock.mock(tmp_path / "b", config=config)
+    plan = mock.bulk_file_plan(900, 300)
+    assert summary.files == tuple(tmp_path / "b" / f.xp_name for f in plan)
+    assert summary.bytes_on_disk == _disk_bytes(tmp_path / "b")  # holds only what mock wrote
+    assert summary.labels == tmp_path / "b" / "mock_labels.parquet"
+    assert sum(summary.rare_counts.values()) == int(
+        (mock.read_mock_labels(summary.labels)["population"] > 0).sum()
+    )
+    assert f"in {len(plan)} XpContinuousMeanSpectrum files" in str(summary)
+
+
+def test_store_records_only_the_settings_that_decide_the_rows(tmp_path: Path) -> None:
+    summary = mock.mock(tmp_path / "s.zarr", config=dataclasses.replace(RARE, n=50))
+    recorded = open_xp_store(summary.path).attrs["mock"]
+    assert (recorded["n"], recorded["seed"]) == (50, 4)
+    assert recorded["config"] == RARE.row_settings()
+    assert "chunk_rows" not in recorded["config"] and "giant_fraction" in recorded["config"]
+
+
+def test_cli_prints_the_summary_and_keeps_a_config_files_settings(tmp_path: Path) -> None:
+    (tmp_path / "mock.toml").write_text("seed = 4\nchunk_rows = 400\nbinary_fraction = 0.05\n"
+                                        "white_dwarf_fraction = 0.02\n")  # fmt: skip
+    args = ["mock", "-n", "900", "-o", str(tmp_path / "cli.zarr"), "--config",
+            str(tmp_path / "mock.toml")]  # fmt: skip
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    summary = mock.mock(tmp_path / "api.zarr", config=RARE)
+    assert result.output.strip() == str(summary).replace("api.zarr", "cli.zarr")
+    _assert_same(_arrays(tmp_path / "cli.zarr"), _arrays(summary.path))
+    result = CliRunner().invoke(main, [*args[:4], str(tmp_path / "seed.zarr"), *args[5:],
+                                       "--seed", "5"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert open_xp_store(tmp_path / "seed.zarr").attrs["mock"]["seed"] == 5  # the option wins
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"format": "dr3-bulk", "with_correlations": True}, "format 'store' only"),
+        ({"format": "stor"}, "Did you mean 'store'"),
+        ({"n": 0}, "n must be at least 1"),
+        ({"seed": -1}, "seed must be a non-negative"),
+        ({"chunk_rows": "4096"}, "chunk_rows must be int"),
+    ],
+    ids=["correlations-in-bulk", "unknown-format", "no-rows", "negative-seed", "typed-int"],
+)
+def test_mock_config_checks_the_output_options(settings: dict[str, object], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        MockConfig(**settings)  # type: ignore[arg-type]

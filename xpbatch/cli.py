@@ -29,9 +29,6 @@ from xpbatch.cli_options import (
     options_given,
 )
 from xpbatch.config import (
-    DEFAULT_CHUNK_ROWS,
-    MOCK_FORMATS,
-    MOCK_ROWS_PER_FILE,
     EncodeConfig,
     HatsExportConfig,
     IngestConfig,
@@ -537,51 +534,12 @@ def train_command(
 
 
 @main.command("mock")
-@click.option("-n", "n_rows", type=click.IntRange(min=1), required=True, help="Number of sources.")
 @click.option(
     "-o",
     "--output",
     type=click.Path(),
     required=True,
     help="The store to write (store) or the directory of bulk files (dr3-bulk).",
-)
-@click.option(
-    "--format",
-    "output_format",
-    type=click.Choice(MOCK_FORMATS),
-    default="store",
-    show_default=True,
-    help="An XP store, or Gaia DR3 bulk files (XpContinuousMeanSpectrum_*.csv.gz + GaiaSource "
-    "companions + _MD5SUM.txt) to feed `xpbatch ingest`.",
-)
-@click.option(
-    "--seed", type=click.IntRange(min=0), default=0, show_default=True, help="Random seed."
-)
-@click.option(
-    "--chunk-rows",
-    type=click.IntRange(min=1),
-    default=DEFAULT_CHUNK_ROWS,
-    show_default=True,
-    help="Rows per store chunk (store).",
-)
-@click.option(
-    "--rows-per-file",
-    type=click.IntRange(min=1),
-    default=MOCK_ROWS_PER_FILE,
-    show_default=True,
-    help="Rows per bulk file, about: files hold whole HEALPix pixels (dr3-bulk).",
-)
-@click.option(
-    "--workers",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Bulk files written at once, in threads (dr3-bulk).",
-)
-@click.option(
-    "--with-correlations",
-    is_flag=True,
-    help="Also store the packed correlation arrays, like `xpbatch ingest --with-correlations`.",
 )
 @click.option(
     "--config",
@@ -597,21 +555,15 @@ def train_command(
     help="Inject a rare population (binary, emission_line, white_dwarf) into this fraction of "
     "the rows, labelled in the labels' population column; repeatable; overrides --config.",
 )
-@click.option("--overwrite", is_flag=True, help="Replace an existing store or bulk files.")
-@config_options(MockConfig)
+@config_options(
+    MockConfig,
+    flags={
+        "n": Flag(names=("-n",), type=click.IntRange(min=1)),
+        "seed": Flag(type=click.IntRange(min=0)),
+    },
+)
 def mock_command(
-    n_rows: int,
-    output: str,
-    output_format: str,
-    seed: int,
-    chunk_rows: int,
-    rows_per_file: int,
-    workers: int,
-    with_correlations: bool,
-    config_file: str | None,
-    rare: tuple[str, ...],
-    overwrite: bool,
-    **options: Any,
+    output: str, config_file: str | None, rare: tuple[str, ...], **options: Any
 ) -> None:
     """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
 
@@ -619,40 +571,13 @@ def mock_command(
     reproduces the store. The labels are saved beside the output (OUTPUT.labels.parquet for a
     store, mock_labels.parquet in the bulk directory); read them with xpbatch.read_mock_labels.
     """
-    from xpbatch.mock import labels_path, write_mock_dr3_bulk, write_mock_store
+    from xpbatch.mock import mock
 
     settings = read_toml(config_file) if config_file else {}
     settings.update(_rare_fractions(rare))
     where = config_file or "mock configuration"
     config = config_from_options(MockConfig, options, base=settings, where=where)
-    if output_format == "store":
-        path = write_mock_store(
-            output,
-            n_rows,
-            seed=seed,
-            chunk_rows=chunk_rows,
-            rows_per_file=rows_per_file,  # the partition plan the store records
-            config=config,
-            with_correlations=with_correlations,
-            overwrite=overwrite,
-        )
-        click.echo(f"wrote {n_rows:,} mock sources to {path}; labels {labels_path(path)}")
-    else:
-        if with_correlations:
-            raise click.UsageError("--with-correlations applies to --format store only")
-        files = write_mock_dr3_bulk(
-            output,
-            n_rows,
-            seed=seed,
-            rows_per_file=rows_per_file,
-            config=config,
-            overwrite=overwrite,
-            workers=workers,
-        )
-        click.echo(
-            f"wrote {n_rows:,} mock sources in {len(files):,} XpContinuousMeanSpectrum files "
-            f"(+ GaiaSource companions, _MD5SUM.txt, labels) to {output}"
-        )
+    click.echo(str(mock(output, config=config)))
 
 
 def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:

@@ -221,8 +221,34 @@ MOCK_ROWS_PER_FILE = 65_000
 
 @dataclasses.dataclass(frozen=True)
 class MockConfig:
-    """How ``xpbatch mock`` draws its synthetic catalogue: populations and defects."""
+    """How ``xpbatch mock`` draws its synthetic catalogue and writes it.
 
+    The fields from ``giant_fraction`` on decide the rows' values (with ``n`` and ``seed``);
+    the others only say how they are written (:meth:`row_settings` tells them apart).
+    """
+
+    n: int = 10_000
+    """Number of sources."""
+    seed: int = 0
+    """Random seed: the same n, seed and row settings give the same rows in both formats."""
+    format: str = "store"
+    """'store' (an XP store) or 'dr3-bulk' (Gaia DR3 bulk files: XpContinuousMeanSpectrum_*.csv.gz
+    + GaiaSource companions + _MD5SUM.txt, to feed `xpbatch ingest`)."""
+    chunk_rows: int = DEFAULT_CHUNK_ROWS
+    """Rows per store chunk (store)."""
+    rows_per_file: int = MOCK_ROWS_PER_FILE
+    """Rows per bulk file, about: files hold whole HEALPix pixels (dr3-bulk; a store records the
+    partition ranges of these files)."""
+    workers: int = 1
+    """Bulk files written at once, in threads (dr3-bulk)."""
+    with_correlations: bool = False
+    """Also store the packed correlation arrays, like `xpbatch ingest --with-correlations`
+    (store)."""
+    scalars: tuple[str, ...] = ()
+    """DR3 scalar columns to store too (e.g. 'bp_chi_squared'), like `xpbatch ingest --scalars`
+    (store; bulk files always hold them all)."""
+    overwrite: bool = False
+    """Replace an existing store, or the bulk files already in the directory (only those)."""
     giant_fraction: float = 0.3
     """Fraction of stars on the giant branch (red clump included); the rest are dwarfs."""
     metallicity_mean: float = -0.1
@@ -259,13 +285,33 @@ class MockConfig:
     """Fraction of DA white dwarfs, 7000-30000 K with broad Balmer lines ('white_dwarf')."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.scalars, list):  # from a TOML file
+            object.__setattr__(self, "scalars", tuple(self.scalars))
+        kinds: dict[str, tuple[type, ...]] = {
+            "bool": (bool,),
+            "int": (int,),
+            "float": (int, float),
+            "str": (str,),
+            "tuple[str, ...]": (tuple,),
+        }
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             is_flag = field.type == "bool"
-            if isinstance(value, bool) != is_flag or not isinstance(value, int | float):
+            if isinstance(value, bool) != is_flag or not isinstance(value, kinds[str(field.type)]):
                 raise ConfigError(
                     f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})"
                 )
+        _check_choice("format", self.format, MOCK_FORMATS)
+        for name in ("n", "chunk_rows", "rows_per_file", "workers"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        if self.format != "store" and (self.with_correlations or self.scalars):
+            raise ConfigError(
+                "with_correlations and scalars apply to format 'store' only (bulk files always "
+                f"hold the correlations and every scalar), got format {self.format!r}"
+            )
         fractions = {
             "giant_fraction": self.giant_fraction,
             "faint_fraction": self.faint_fraction,
@@ -299,6 +345,16 @@ class MockConfig:
                 f"g_mag_min ({self.g_mag_min}) must be brighter (smaller) than g_mag_limit "
                 f"({self.g_mag_limit})"
             )
+
+    def row_settings(self) -> dict[str, float | bool]:
+        """The settings besides n and seed that decide the rows' values (what a mock records)."""
+        how_written = {"n", "seed", "format", "chunk_rows", "rows_per_file", "workers"}
+        how_written |= {"with_correlations", "scalars", "overwrite"}
+        return {
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(self)
+            if field.name not in how_written
+        }
 
     @property
     def rare_fractions(self) -> dict[str, float]:

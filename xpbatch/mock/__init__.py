@@ -40,6 +40,7 @@ from xpbatch.mock.populations import POPULATIONS
 from xpbatch.mock.rows import BLOCK_ROWS, MAX_ROWS, MockRows, mock_rows
 from xpbatch.mock.sky import pixel_row_bounds
 from xpbatch.mock.spectra import WAVELENGTH_NM, draw_labels, extinction_curve, photon_spectrum
+from xpbatch.mock.stage import MockSummary, mock
 from xpbatch.mock.store_writer import write_mock_store
 
 __all__ = [
@@ -53,12 +54,14 @@ __all__ = [
     "WAVELENGTH_NM",
     "BulkFile",
     "MockRows",
+    "MockSummary",
     "bulk_file_plan",
     "correlation_templates",
     "draw_labels",
     "extinction_curve",
     "hermite_functions",
     "labels_path",
+    "mock",
     "mock_rows",
     "packed_correlations",
     "photon_spectrum",

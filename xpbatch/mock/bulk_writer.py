@@ -179,7 +179,8 @@ def write_mock_dr3_bulk(
     rows_per_file
         Rows per file, about: files hold whole HEALPix level-8 pixels.
     config
-        Populations and defect fractions.
+        Populations and defect fractions (:meth:`xpbatch.config.MockConfig.row_settings`);
+        its n, seed and output fields are :func:`xpbatch.mock.mock`'s, the arguments here rule.
     overwrite
         Replace bulk files already in ``out_dir`` (other files are left alone).
     workers

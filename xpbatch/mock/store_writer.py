@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Collection
 from pathlib import Path
@@ -26,7 +25,7 @@ def mock_attrs(n: int, seed: int, config: MockConfig) -> dict[str, Any]:
             "n": n,
             "seed": seed,
             "block_rows": BLOCK_ROWS,
-            "config": dataclasses.asdict(config),
+            "config": config.row_settings(),
         },
     }
 
@@ -62,7 +61,8 @@ def write_mock_store(
     chunk_rows
         Rows per store chunk.
     config
-        Populations and defect fractions (:class:`xpbatch.config.MockConfig`).
+        Populations and defect fractions (:meth:`xpbatch.config.MockConfig.row_settings`);
+        its n, seed and output fields are :func:`xpbatch.mock.mock`'s, the arguments here rule.
     scalars, with_correlations
         Also store these DR3 scalar columns / the packed correlations, like ``xpbatch ingest``
         with ``--scalars`` / ``--with-correlations``.

@@ -1,0 +1,133 @@
+"""The mock stage: ``mock(out, config=...)`` writes a catalogue and says what it wrote."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+
+from xpbatch import dr3
+from xpbatch.config import MockConfig
+from xpbatch.mock.bulk_writer import write_mock_dr3_bulk
+from xpbatch.mock.labels import labels_path
+from xpbatch.mock.plan import bulk_file_plan
+from xpbatch.mock.populations import POPULATIONS
+from xpbatch.mock.store_writer import write_mock_store
+
+
+@dataclasses.dataclass(frozen=True)
+class MockSummary:
+    """What :func:`mock` wrote; ``str()`` of it is what ``xpbatch mock`` prints."""
+
+    path: Path
+    """The store, or the directory of bulk files."""
+    format: str
+    """'store' or 'dr3-bulk' (:attr:`xpbatch.config.MockConfig.format`)."""
+    rows: int
+    """Sources written (each exactly once)."""
+    files: tuple[Path, ...]
+    """The XpContinuousMeanSpectrum files in source_id order (dr3-bulk; each has a GaiaSource
+    companion), or the store itself."""
+    bytes_on_disk: int
+    """Size of everything written: the store or the bulk files, the manifest and the labels."""
+    rare_counts: dict[str, int]
+    """Rows of each rare population (binary, emission_line, white_dwarf), from the labels."""
+    labels: Path
+    """The labels table (read it with :func:`xpbatch.mock.read_mock_labels`)."""
+
+    def __str__(self) -> str:
+        rare = ", ".join(f"{count:,} {name}" for name, count in self.rare_counts.items() if count)
+        if self.format == "store":
+            where = f"to {self.path}"
+        else:
+            where = (
+                f"in {len(self.files):,} {dr3.XP_PREFIX} files (+ {dr3.GAIA_SOURCE_PREFIX} "
+                f"companions, {dr3.MD5_MANIFEST}) to {self.path}"
+            )
+        return (
+            f"wrote {self.rows:,} mock sources {where}: {self.bytes_on_disk / 1e6:,.1f} MB"
+            f"{f'; rare: {rare}' if rare else ''}; labels {self.labels}"
+        )
+
+
+def mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
+    """Write a mock catalogue of ``config.n`` sources to ``out``, in ``config.format``.
+
+    Parameters
+    ----------
+    out
+        The store to write ('store'), or the directory of bulk files ('dr3-bulk').
+    config
+        Everything else: size, seed, format, chunking, populations, defects, ``overwrite``.
+
+    Returns
+    -------
+    MockSummary
+        What was written, with the rare populations counted from the labels.
+
+    Examples
+    --------
+    >>> summary = mock("mock.zarr", config=MockConfig(n=10_000, seed=1))  # doctest: +SKIP
+    >>> summary.rows, summary.labels.name  # doctest: +SKIP
+    (10000, 'mock.zarr.labels.parquet')
+    """
+    config = config or MockConfig()
+    if config.format == "store":
+        path = write_mock_store(
+            out,
+            config.n,
+            seed=config.seed,
+            chunk_rows=config.chunk_rows,
+            config=config,
+            scalars=config.scalars,
+            with_correlations=config.with_correlations,
+            rows_per_file=config.rows_per_file,  # the partition plan the store records
+            overwrite=config.overwrite,
+        )
+        files: tuple[Path, ...] = (path,)
+        written = [path]
+    else:
+        path = Path(out)
+        files = tuple(
+            write_mock_dr3_bulk(
+                path,
+                config.n,
+                seed=config.seed,
+                rows_per_file=config.rows_per_file,
+                config=config,
+                overwrite=config.overwrite,
+                workers=config.workers,
+            )
+        )
+        plan = bulk_file_plan(config.n, config.rows_per_file)
+        written = [path / name for file in plan for name in (file.xp_name, file.gaia_source_name)]
+        written.append(path / dr3.MD5_MANIFEST)
+    labels = labels_path(path)
+    return MockSummary(
+        path=path,
+        format=config.format,
+        rows=config.n,
+        files=files,
+        bytes_on_disk=sum(_size(p) for p in [*written, labels]),
+        rare_counts=_rare_counts(labels),
+        labels=labels,
+    )
+
+
+def _size(path: Path) -> int:
+    """Bytes of a file, or of every file under a directory."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _rare_counts(labels: Path) -> dict[str, int]:
+    """Rows of each rare population in a labels table, read a batch at a time (memory flat)."""
+    import pyarrow.parquet as pq
+
+    counts = np.zeros(len(POPULATIONS), np.int64)
+    for batch in pq.ParquetFile(labels).iter_batches(columns=["population"]):
+        column = batch.column(0).to_numpy()
+        counts += np.bincount(column, minlength=len(POPULATIONS))
+    return {name: int(count) for name, count in zip(POPULATIONS[1:], counts[1:], strict=True)}
