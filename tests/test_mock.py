@@ -501,7 +501,7 @@ def test_cli_prints_the_summary_and_keeps_a_config_files_settings(tmp_path: Path
     [
         ({"format": "dr3-bulk", "with_correlations": True}, "format 'store' only"),
         ({"format": "stor"}, "Did you mean 'store'"),
-        ({"n": 0}, "n must be at least 1"),
+        ({"n": 0}, "at least 1 row"),
         ({"seed": -1}, "seed must be a non-negative"),
         ({"chunk_rows": "4096"}, "chunk_rows must be int"),
     ],

@@ -302,7 +302,9 @@ class MockConfig:
                     f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})"
                 )
         _check_choice("format", self.format, MOCK_FORMATS)
-        for name in ("n", "chunk_rows", "rows_per_file", "workers"):
+        if self.n < 1:
+            raise ConfigError(f"a mock catalogue needs at least 1 row, got n={self.n}")
+        for name in ("chunk_rows", "rows_per_file", "workers"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:

@@ -9,6 +9,7 @@ readers (:mod:`xpbatch.ingest`), the mock writer (:mod:`xpbatch.mock`) and the s
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 BANDS = ("bp", "rp")
 N_COEFFICIENTS = {"bp": 55, "rp": 55}
@@ -21,25 +22,54 @@ SOLUTION_ID = "solution_id"
 ARRAYS = ("coefficients", "coefficient_errors", "coefficient_correlations")
 """Per-band array columns (``bp_coefficients`` ...)."""
 
-# Per-band columns in file order (name -> dtype); arrays are float64[55], float32[55] and
-# float32[1485] (the 55·54/2 packed off-diagonal correlations).
-BAND_COLUMNS: dict[str, str] = {
-    "basis_function_id": "int16",
-    "degrees_of_freedom": "int16",
-    "n_parameters": "int16",
-    "n_measurements": "int16",
-    "n_rejected_measurements": "int16",
-    "standard_deviation": "float32",
-    "chi_squared": "float32",
-    "coefficients": "float64",
-    "coefficient_errors": "float32",
-    "coefficient_correlations": "float32",
-    "n_relevant_bases": "int16",
-    "relative_shrinking": "float32",
-}
+
+class Column(NamedTuple):
+    """A column of a DR3 table: its dtype, and the UCD and description the archive gives it."""
+
+    dtype: str
+    ucd: str
+    description: str
+
+
+# Per-band columns in file order; arrays are float64[55], float32[55] and float32[1485] (the
+# 55·54/2 packed off-diagonal correlations). {B} in a description stands for BP or RP.
+BAND_COLUMN_SPECS: dict[str, Column] = {
+    "basis_function_id": Column("int16", "meta.id", "Identifier defining the set of basis "
+                                "functions for the {B} spectrum representation"),
+    "degrees_of_freedom": Column("int16", "stat.fit.dof", "Degrees of freedom for the {B} "
+                                 "spectrum representation"),
+    "n_parameters": Column("int16", "stat.fit.param", "Number of parameters for the {B} "
+                           "spectrum representation"),
+    "n_measurements": Column("int16", "meta.number", "Number of measurements used for the {B} "
+                             "spectrum generation"),
+    "n_rejected_measurements": Column("int16", "meta.number", "Number of rejected measurements "
+                                      "in the {B} spectrum generation"),
+    "standard_deviation": Column("float32", "stat.stdev", "Standard deviation for the {B} "
+                                 "spectrum representation"),
+    "chi_squared": Column("float32", "stat.fit.chi2", "Chi squared for the {B} spectrum "
+                          "representation"),
+    "coefficients": Column("float64", "stat.fit.param", "Basis function coefficients for the "
+                           "{B} spectrum representation"),
+    "coefficient_errors": Column("float32", "stat.error", "Basis function coefficient errors "
+                                 "for the {B} spectrum representation"),
+    "coefficient_correlations": Column("float32", "stat.correlation", "Correlation matrix for "
+                                       "{B} coefficients"),
+    "n_relevant_bases": Column("int16", "meta.number", "Number of bases that are relevant for "
+                               "the representation of this mean {B} spectrum"),
+    "relative_shrinking": Column("float32", "stat.fit.param", "Measure of the relative "
+                                 "shrinking of the coefficient vector when truncation is "
+                                 "applied for the mean {B} spectrum"),
+}  # fmt: skip
+BAND_COLUMNS: dict[str, str] = {name: column.dtype for name, column in BAND_COLUMN_SPECS.items()}
+"""Per-band columns in file order: name -> dtype."""
+KEY_COLUMN_SPECS: dict[str, Column] = {
+    SOURCE_ID: Column("int64", "meta.id;meta.main",
+                      "Unique source identifier (unique within a particular Data Release)"),
+    SOLUTION_ID: Column("int64", "meta.version", "Solution Identifier"),
+}  # fmt: skip
+"""The XP table's columns before the bands'."""
 COLUMNS: dict[str, str] = {
-    SOURCE_ID: "int64",
-    SOLUTION_ID: "int64",
+    **{name: column.dtype for name, column in KEY_COLUMN_SPECS.items()},
     **{f"{band}_{name}": dtype for band in BANDS for name, dtype in BAND_COLUMNS.items()},
 }
 """The 26 columns of the archive table, in order, with their dtypes."""
@@ -55,9 +85,21 @@ NULL_TOKENS = ("", "null", "NULL", "nan", "NaN")
 
 # gaia_source columns an XP file may also carry, and the ones a companion file supplies.
 PHOT_G_MEAN_FLUX = "phot_g_mean_flux"
+PHOT_G_MEAN_FLUX_ERROR = "phot_g_mean_flux_error"
 PHOT_G_MEAN_MAG = "phot_g_mean_mag"
 RA = "ra"
 DEC = "dec"
+GAIA_SOURCE_COLUMN_SPECS: dict[str, Column] = {
+    SOURCE_ID: KEY_COLUMN_SPECS[SOURCE_ID],
+    RA: Column("float64", "pos.eq.ra;meta.main", "Right ascension (deg)"),
+    DEC: Column("float64", "pos.eq.dec;meta.main", "Declination (deg)"),
+    PHOT_G_MEAN_FLUX: Column("float64", "phot.flux;stat.mean;em.opt",
+                             "G-band mean flux (electron/s)"),
+    PHOT_G_MEAN_FLUX_ERROR: Column("float32", "stat.error;phot.flux;em.opt",
+                                   "Error on G-band mean flux (electron/s)"),
+    PHOT_G_MEAN_MAG: Column("float32", "phot.mag;stat.mean;em.opt", "G-band mean magnitude"),
+}  # fmt: skip
+"""The gaia_source columns of a GaiaSource companion file, as the mock writes them."""
 G_ZERO_POINT_MAG = 25.6873668671
 """G magnitude zero point of Gaia DR3 (Riello et al. 2021): flux = 10**((ZP - G) / 2.5)."""
 

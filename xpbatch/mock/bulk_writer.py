@@ -6,6 +6,7 @@ manifest last, and the labels table beside them.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import logging
@@ -18,7 +19,7 @@ import pyarrow as pa
 
 from xpbatch import __version__, dr3
 from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
-from xpbatch.errors import ConfigError, OutputExistsError
+from xpbatch.errors import OutputExistsError
 from xpbatch.mock.ecsv import (
     GAIA_SOURCE_COLUMNS,
     XP_COLUMNS,
@@ -180,7 +181,7 @@ def write_mock_dr3_bulk(
         Rows per file, about: files hold whole HEALPix level-8 pixels.
     config
         Populations and defect fractions (:meth:`xpbatch.config.MockConfig.row_settings`);
-        its n, seed and output fields are :func:`xpbatch.mock.mock`'s, the arguments here rule.
+        the arguments here replace its other fields.
     overwrite
         Replace bulk files already in ``out_dir`` (other files are left alone).
     workers
@@ -198,16 +199,30 @@ def write_mock_dr3_bulk(
     >>> [f.name for f in files][:1]  # doctest: +SKIP
     ['XpContinuousMeanSpectrum_000000-236841.csv.gz']
     """
-    config = config or MockConfig()
+    settings = dataclasses.replace(
+        config or MockConfig(),
+        n=n,
+        seed=seed,
+        format="dr3-bulk",
+        rows_per_file=rows_per_file,
+        overwrite=overwrite,
+        workers=workers,
+        with_correlations=False,
+        scalars=(),
+    )
+    return write_bulk(out_dir, settings)
+
+
+def write_bulk(out_dir: str | Path, config: MockConfig) -> list[Path]:
+    """:func:`write_mock_dr3_bulk` with every setting from ``config`` (the stage's way in)."""
+    n, seed = config.n, config.seed
     check_size(n, seed)
-    if workers < 1:
-        raise ConfigError(f"workers must be at least 1, got {workers}")
     out_dir = Path(out_dir)
-    plan = bulk_file_plan(n, rows_per_file)
-    _prepare_bulk_dir(out_dir, overwrite)
+    plan = bulk_file_plan(n, config.rows_per_file)
+    _prepare_bulk_dir(out_dir, config.overwrite)
     labels = LabelsWriter(out_dir / LABELS_FILE)
     checksums: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=config.workers) as pool:
         # map yields in plan order, so the labels table stays in source_id order.
         for sums, table in pool.map(
             lambda file: _write_bulk_pair(out_dir, file, n, seed, config), plan

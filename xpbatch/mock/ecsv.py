@@ -30,62 +30,27 @@ class Column(NamedTuple):
     subtype: str | None = None
 
 
-# gaiadr3.xp_continuous_mean_spectrum, per band ({B} is BP or RP): names, order and dtypes are
-# xpbatch.dr3's (arrays are ECSV strings); the ECSV metadata is the archive's.
-_BAND_COLUMN_META = {
-    "basis_function_id": ("meta.id", "Identifier defining the set of basis functions for the {B} "
-                          "spectrum representation"),
-    "degrees_of_freedom": ("stat.fit.dof", "Degrees of freedom for the {B} spectrum "
-                           "representation"),
-    "n_parameters": ("stat.fit.param", "Number of parameters for the {B} spectrum "
-                     "representation"),
-    "n_measurements": ("meta.number", "Number of measurements used for the {B} spectrum "
-                       "generation"),
-    "n_rejected_measurements": ("meta.number", "Number of rejected measurements in the {B} "
-                                "spectrum generation"),
-    "standard_deviation": ("stat.stdev", "Standard deviation for the {B} spectrum "
-                           "representation"),
-    "chi_squared": ("stat.fit.chi2", "Chi squared for the {B} spectrum representation"),
-    "coefficients": ("stat.fit.param", "Basis function coefficients for the {B} spectrum "
-                     "representation"),
-    "coefficient_errors": ("stat.error", "Basis function coefficient errors for the {B} "
-                           "spectrum representation"),
-    "coefficient_correlations": ("stat.correlation", "Correlation matrix for {B} coefficients"),
-    "n_relevant_bases": ("meta.number", "Number of bases that are relevant for the "
-                         "representation of this mean {B} spectrum"),
-    "relative_shrinking": ("stat.fit.param", "Measure of the relative shrinking of the "
-                           "coefficient vector when truncation is applied for the mean {B} "
-                           "spectrum"),
-}  # fmt: skip
-_BAND_COLUMNS = tuple(
-    Column(name, "string", *_BAND_COLUMN_META[name], f"{dtype}[null]")
-    if name in dr3.ARRAYS
-    else Column(name, dtype, *_BAND_COLUMN_META[name])
-    for name, dtype in dr3.BAND_COLUMNS.items()
-)
-_SOURCE_ID_COLUMN = Column(
-    "source_id", "int64", "meta.id;meta.main",
-    "Unique source identifier (unique within a particular Data Release)",
-)  # fmt: skip
+def _column(name: str, spec: dr3.Column, band: str = "") -> Column:
+    """The ECSV description of a DR3 column (an array is a string of a JSON list)."""
+    description = spec.description.format(B=band.upper())
+    if name.endswith(dr3.ARRAYS):
+        return Column(name, "string", spec.ucd, description, f"{spec.dtype}[null]")
+    return Column(name, spec.dtype, spec.ucd, description)
+
+
 XP_COLUMNS = (
-    _SOURCE_ID_COLUMN,
-    Column("solution_id", "int64", "meta.version", "Solution Identifier"),
+    *(_column(name, spec) for name, spec in dr3.KEY_COLUMN_SPECS.items()),
     *(
-        c._replace(name=f"{band}_{c.name}", description=c.description.format(B=band.upper()))
-        for band in schema.BANDS
-        for c in _BAND_COLUMNS
+        _column(dr3.band_column(band, name), spec, band)
+        for band in dr3.BANDS
+        for name, spec in dr3.BAND_COLUMN_SPECS.items()
     ),
 )
-GAIA_SOURCE_COLUMNS = (
-    _SOURCE_ID_COLUMN,
-    Column("ra", "float64", "pos.eq.ra;meta.main", "Right ascension (deg)"),
-    Column("dec", "float64", "pos.eq.dec;meta.main", "Declination (deg)"),
-    Column("phot_g_mean_flux", "float64", "phot.flux;stat.mean;em.opt",
-            "G-band mean flux (electron/s)"),
-    Column("phot_g_mean_flux_error", "float32", "stat.error;phot.flux;em.opt",
-            "Error on G-band mean flux (electron/s)"),
-    Column("phot_g_mean_mag", "float32", "phot.mag;stat.mean;em.opt", "G-band mean magnitude"),
-)  # fmt: skip
+"""gaiadr3.xp_continuous_mean_spectrum as the DR3 bulk files describe it."""
+GAIA_SOURCE_COLUMNS = tuple(
+    _column(name, spec) for name, spec in dr3.GAIA_SOURCE_COLUMN_SPECS.items()
+)
+"""The GaiaSource companion files' columns."""
 
 
 def ecsv_header(columns: tuple[Column, ...], generator: str) -> bytes:
@@ -158,10 +123,10 @@ def xp_text(rows: MockRows) -> memoryview:
                 pa.array(rows.correlation_template[:, b])
             ),
         }
-        for column in _BAND_COLUMNS:
-            text = arrays.get(column.name)
+        for name in dr3.BAND_COLUMN_SPECS:
+            text = arrays.get(name)
             if text is None:
-                text = _float_text(rows.scalars[f"{band}_{column.name}"])
+                text = _float_text(rows.scalars[dr3.band_column(band, name)])
             columns.append(_null_where(missing, text))
     return _csv_lines(columns)
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from xpbatch import dr3
 from xpbatch.config import MockConfig
-from xpbatch.mock.bulk_writer import write_mock_dr3_bulk
+from xpbatch.mock.bulk_writer import write_bulk
 from xpbatch.mock.labels import labels_path
 from xpbatch.mock.plan import bulk_file_plan
 from xpbatch.mock.populations import POPULATIONS
-from xpbatch.mock.store_writer import write_mock_store
+from xpbatch.mock.store_writer import write_store
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,32 +74,12 @@ def mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
     """
     config = config or MockConfig()
     if config.format == "store":
-        path = write_mock_store(
-            out,
-            config.n,
-            seed=config.seed,
-            chunk_rows=config.chunk_rows,
-            config=config,
-            scalars=config.scalars,
-            with_correlations=config.with_correlations,
-            rows_per_file=config.rows_per_file,  # the partition plan the store records
-            overwrite=config.overwrite,
-        )
+        path = write_store(out, config)
         files: tuple[Path, ...] = (path,)
         written = [path]
     else:
         path = Path(out)
-        files = tuple(
-            write_mock_dr3_bulk(
-                path,
-                config.n,
-                seed=config.seed,
-                rows_per_file=config.rows_per_file,
-                config=config,
-                overwrite=config.overwrite,
-                workers=config.workers,
-            )
-        )
+        files = tuple(write_bulk(path, config))
         plan = bulk_file_plan(config.n, config.rows_per_file)
         written = [path / name for file in plan for name in (file.xp_name, file.gaia_source_name)]
         written.append(path / dr3.MD5_MANIFEST)

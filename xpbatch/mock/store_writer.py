@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Collection
 from pathlib import Path
@@ -62,7 +63,7 @@ def write_mock_store(
         Rows per store chunk.
     config
         Populations and defect fractions (:meth:`xpbatch.config.MockConfig.row_settings`);
-        its n, seed and output fields are :func:`xpbatch.mock.mock`'s, the arguments here rule.
+        the arguments here replace its other fields.
     scalars, with_correlations
         Also store these DR3 scalar columns / the packed correlations, like ``xpbatch ingest``
         with ``--scalars`` / ``--with-correlations``.
@@ -83,18 +84,34 @@ def write_mock_store(
     PosixPath('mock.zarr')
     >>> read_mock_labels("mock.zarr").head()  # doctest: +SKIP
     """
-    config = config or MockConfig()
+    settings = dataclasses.replace(
+        config or MockConfig(),
+        n=n,
+        seed=seed,
+        format="store",
+        chunk_rows=chunk_rows,
+        scalars=tuple(scalars),
+        with_correlations=with_correlations,
+        rows_per_file=rows_per_file,
+        overwrite=overwrite,
+    )
+    return write_store(path, settings)
+
+
+def write_store(path: str | Path, config: MockConfig) -> Path:
+    """:func:`write_mock_store` with every setting from ``config`` (the stage's way in)."""
+    n, seed = config.n, config.seed
     check_size(n, seed)
-    partitions = [[file.lo, file.hi] for file in bulk_file_plan(n, rows_per_file)]
+    partitions = [[file.lo, file.hi] for file in bulk_file_plan(n, config.rows_per_file)]
     writer = XPStoreWriter.create(
         path,
         n,
-        chunk_rows=chunk_rows,
+        chunk_rows=config.chunk_rows,
         attrs={**mock_attrs(n, seed, config), schema.STORE_ATTR_PARTITION_RANGES: partitions},
-        scalars=scalars,
-        with_correlations=with_correlations,
+        scalars=config.scalars,
+        with_correlations=config.with_correlations,
         with_positions=True,
-        overwrite=overwrite,
+        overwrite=config.overwrite,
     )
     labels = LabelsWriter(labels_path(writer.path))
     for region in writer.chunk_slices():
@@ -105,10 +122,10 @@ def write_mock_store(
             coefficients=rows.coefficients,
             coefficient_errors=rows.coefficient_errors,
             phot_g_mean_flux=rows.phot_g_mean_flux,
-            scalars={name: rows.scalars[name] for name in scalars},
+            scalars={name: rows.scalars[name] for name in config.scalars},
             correlations=(
                 {band: rows.correlations(band) for band in schema.BANDS}
-                if with_correlations
+                if config.with_correlations
                 else None
             ),
             positions={schema.RA: rows.ra, schema.DEC: rows.dec},
