@@ -1,7 +1,8 @@
 """The Gaia DR3 XP format facts, in one place (``shared/dr3/FORMAT.md``).
 
-Columns and dtypes of ``gaiadr3.xp_continuous_mean_spectrum``, the basis of each band, the null
-tokens of its text encodings, the bulk file names, and the names the DPAC AVRO records use. The
+Columns of ``gaiadr3.xp_continuous_mean_spectrum`` and of the GaiaSource companions (dtype, UCD
+and the archive's description), the basis of each band, the null tokens of its text encodings,
+the bulk file names, and the names the DPAC AVRO records use. The
 readers (:mod:`xpbatch.ingest`), the mock writer (:mod:`xpbatch.mock`) and the store schema
 (:mod:`xpbatch.schema`) read them from here. Standard library only, so importing it is instant.
 """
