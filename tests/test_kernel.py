@@ -243,3 +243,50 @@ def test_the_kernel_is_built_once_per_model_and_device(model: TrainedModel) -> N
     assert kernel_for(model) is kernel_for(model, "cpu")
     assert isinstance(kernel_for(model), EncodeKernel)
     assert kernel_for(model.with_updates(name="other")) is not kernel_for(model)
+
+
+def _mixture(rng: np.random.Generator, k: int = 12, latent: int = 6) -> LatentDensity:
+    """A full-covariance mixture on five active dimensions plus ln rmse (as train fits)."""
+    from xpbatch.density import _precision_cholesky
+
+    kl = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])[:latent]  # dimension 2 collapsed
+    d = int((kl >= 0.05).sum()) + 1
+    a = rng.normal(size=(k, d, d))
+    covariances = a @ a.transpose(0, 2, 1) / d + 0.1 * np.eye(d)
+    return LatentDensity(
+        kl=kl,
+        centre=rng.normal(size=latent),
+        scale=rng.uniform(0.5, 2.0, latent),
+        weights=rng.dirichlet(np.ones(k)),
+        means=rng.normal(size=(k, d)),
+        precision_cholesky=_precision_cholesky(covariances),
+        threshold=9.0,
+        log_rmse=np.array([0.1, 0.7]),
+    )
+
+
+def test_the_fused_score_equals_the_float64_torch_score() -> None:
+    """encode_cpu.score_rows (the CPU path) gives density.score's float32 values and outliers,
+    also on rows the network never gives: NaN or huge latents, zero or infinite rmse."""
+    from xpbatch import encode_cpu
+    from xpbatch.encode import _score_terms
+
+    rng = np.random.default_rng(11)
+    density = _mixture(rng)
+    mu = rng.normal(size=(5000, 6)).astype(np.float32) * 2
+    rmse = rng.lognormal(0.1, 0.7, 5000).astype(np.float32)
+    mu[0, 1], mu[1, 2], mu[2, 0] = np.nan, np.nan, 1e30  # a NaN in a collapsed dim is ignored
+    rmse[3], rmse[4], rmse[5] = 0.0, np.inf, np.nan
+    flags = np.zeros(5000, np.uint16)
+    flags[6] = CatalogFlag.NOT_ENCODED
+    score = np.full(5000, 7, np.float32)
+    encode_cpu.score_rows(mu, rmse, *_score_terms(density), score, flags)
+
+    expected = density.score(torch.from_numpy(mu), torch.from_numpy(rmse)).float().numpy()
+    expected[6] = np.nan
+    np.testing.assert_array_equal(score, expected)
+    with np.errstate(invalid="ignore"):
+        outlier = expected > density.threshold
+    assert 100 < outlier.sum() < 4900  # the threshold splits the rows
+    np.testing.assert_array_equal((flags & CatalogFlag.LATENT_OUTLIER) != 0, outlier)
+    assert flags[6] == CatalogFlag.NOT_ENCODED

@@ -125,11 +125,16 @@ class LatentDensity:
         means = torch.from_numpy(self.means).to(device)  # (k, active)
         factor = torch.from_numpy(self.precision_cholesky).to(device)  # (k, active, active)
         y = torch.einsum("nkd,kde->nke", u[:, None, :] - means[None], factor)  # (rows, k, active)
-        log_det = torch.log(torch.diagonal(factor, dim1=1, dim2=2)).sum(dim=1)  # (k,)
-        d = u.shape[1]
-        log_weights = torch.log(torch.from_numpy(self.weights).to(device))
-        log_p = -0.5 * (y**2).sum(dim=2) + log_det + log_weights - 0.5 * d * math.log(2 * math.pi)
+        log_p = -0.5 * (y**2).sum(dim=2) + torch.from_numpy(self.log_norms()).to(device)
         return -torch.logsumexp(log_p, dim=1)
+
+    def log_norms(self) -> np.ndarray:
+        """(components,) float64 ``ln weight + ln det R - d/2 ln 2π`` of each component: its
+        log density at its own mean (the score's terms that do not depend on the row)."""
+        factor = np.asarray(self.precision_cholesky, np.float64)
+        log_det = np.log(np.diagonal(factor, axis1=1, axis2=2)).sum(axis=1)
+        log_weights = np.log(np.asarray(self.weights, np.float64))
+        return log_weights + log_det - 0.5 * factor.shape[1] * math.log(2 * math.pi)
 
     def score_numpy(self, mu: np.ndarray, rmse: np.ndarray | None = None) -> np.ndarray:
         """:meth:`score` of numpy arrays, on the CPU, in blocks; (rows,) float64."""

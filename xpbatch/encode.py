@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from xpbatch import encode_cpu, schema
+from xpbatch.density import LatentDensity
 from xpbatch.errors import InputShapeError
 from xpbatch.model import reconstruction_rmse
 from xpbatch.schema import CatalogFlag
@@ -76,6 +77,7 @@ class EncodeKernel:
         self._std_np = model.normalisation.std
         assert model.density is not None  # TrainedModel puts the prior there when none was fitted
         self.density = model.density
+        self._score_terms = _score_terms(model.density)  # the fused path's scoring arguments
         self.n_in = model.config.input_dim
         self.n_bp = self.n_in // 2
         self._local = threading.local()
@@ -138,14 +140,13 @@ class EncodeKernel:
         """Batch by batch: recipe loop, padded forward pass, output loop into ``out``."""
         n_rows = len(g)
         x, x_err, valid, g32 = self._fused_buffers(batch_size)
-        unused = np.empty((0, 0), np.float32)
+        unused, no_score = np.empty((0, 0), np.float32), np.empty(0, np.float32)
         flags = out.get(schema.FLAGS)
         if flags is None:
             flags = np.empty(n_rows, np.uint16)
         rmse = out.get(schema.RMSE)
         if rmse is None:  # the anomaly score and LATENT_OUTLIER need it
             rmse = np.empty(n_rows, np.float32)
-        score = out.get(schema.ANOMALY_SCORE)
 
         def target(name: str, rows: slice) -> np.ndarray:
             return out[name][rows] if name in out else unused
@@ -168,11 +169,11 @@ class EncodeKernel:
                 target(schema.SCATTER, rows), target(schema.RECONSTRUCTION, rows),
                 rmse[rows], flags[rows],
             )  # fmt: skip
-            dead = torch.from_numpy((flags[rows] & int(CatalogFlag.NOT_ENCODED)) != 0)  # (rows,)
-            scores = self._score(result.mu[:n], torch.from_numpy(rmse[rows]), dead)
-            flags[rows] |= self._outlier_bits(scores).numpy().astype(np.uint16)
-            if score is not None:
-                score[rows] = scores.numpy()
+            encode_cpu.score_rows(
+                result.mu[:n].numpy(), rmse[rows], *self._score_terms,
+                out[schema.ANOMALY_SCORE][rows] if schema.ANOMALY_SCORE in out else no_score,
+                flags[rows],
+            )  # fmt: skip
 
     def _fused_buffers(self, batch_size: int) -> tuple[np.ndarray, ...]:
         """This thread's x, x_err, valid (batch_size, input) and g32 (batch_size,) buffers."""
@@ -330,6 +331,26 @@ class EncodeKernel:
 
 
 _FLOAT32_TINY = float(encode_cpu.FLOAT32_TINY)
+
+
+_ScoreTerms = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
+]
+
+
+def _score_terms(density: LatentDensity) -> _ScoreTerms:
+    """The arguments of :func:`xpbatch.encode_cpu.score_rows` that describe ``density``."""
+    as64 = np.ascontiguousarray
+    return (
+        as64(density.centre, np.float64),
+        as64(density.scale, np.float64),
+        np.flatnonzero(density.active).astype(np.int64),
+        as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
+        as64(density.means, np.float64),
+        as64(density.precision_cholesky, np.float64),
+        density.log_norms(),
+        np.float32(density.threshold),
+    )
 
 
 def _store(array: np.ndarray, columns: np.ndarray) -> None:

@@ -120,3 +120,70 @@ def output_rows(
                     total += z * z
                     n_valid += 1
             rmse[i] = nan if dead or n_valid == 0 else np.sqrt(total / np.float32(n_valid))
+
+
+_LATENT_OUTLIER = np.uint16(CatalogFlag.LATENT_OUTLIER)
+
+
+@numba.njit(cache=True, nogil=True)
+def score_rows(
+    mu: np.ndarray,  # (rows, latent) float32 latent means
+    rmse: np.ndarray,  # (rows,) float32
+    centre: np.ndarray,  # (latent,) float64
+    scale: np.ndarray,  # (latent,) float64
+    active: np.ndarray,  # (active,) int64 indices of the active latent dimensions
+    log_rmse: np.ndarray,  # (2,) float64 centre and scale of ln rmse, or (0,): latent only
+    means: np.ndarray,  # (components, d) float64
+    factor: np.ndarray,  # (components, d, d) float64 precision Cholesky factors R
+    log_norms: np.ndarray,  # (components,) float64 (LatentDensity.log_norms)
+    threshold: np.float32,  # LATENT_OUTLIER above it (float32, as the torch path compares)
+    score: np.ndarray,  # out (rows,) float32, NaN on rows not encoded; or (0,)
+    flags: np.ndarray,  # (rows,) uint16: NOT_ENCODED read, LATENT_OUTLIER set
+) -> None:
+    """The anomaly score of :meth:`xpbatch.density.LatentDensity.score` and LATENT_OUTLIER.
+
+    In float64 like the torch path (only the order of the sums differs), so both give the same
+    float32 scores and the same outlier decisions; about 10x cheaper on the CPU, as it needs no
+    (rows, components, d) temporaries.
+    """
+    n_rows = mu.shape[0]
+    n_components, d = means.shape
+    n_active = active.shape[0]
+    u = np.empty(d)
+    log_p = np.empty(n_components)
+    nan = np.float32(np.nan)
+    for i in range(n_rows):
+        if flags[i] & _NOT_ENCODED:
+            if score.shape[0]:
+                score[i] = nan
+            continue
+        for a in range(n_active):
+            k = active[a]
+            u[a] = (np.float64(mu[i, k]) - centre[k]) / scale[k]
+        if log_rmse.shape[0]:
+            u[n_active] = (np.log(np.float64(rmse[i])) - log_rmse[0]) / log_rmse[1]
+        top, broken = -np.inf, False
+        for c in range(n_components):
+            q = 0.0
+            for e in range(d):  # y_e = sum_d (u - m)_d R_de, every term (as einsum: NaN stays)
+                y = 0.0
+                for j in range(d):
+                    y += (u[j] - means[c, j]) * factor[c, j, e]
+                q += y * y
+            log_p[c] = -0.5 * q + log_norms[c]
+            broken = broken or np.isnan(log_p[c])
+            top = max(top, log_p[c])
+        if broken:
+            value = np.nan
+        elif top == -np.inf:  # every component infinitely far: torch.logsumexp gives -inf
+            value = np.inf
+        else:
+            total = 0.0
+            for c in range(n_components):
+                total += np.exp(log_p[c] - top)
+            value = -(top + np.log(total))
+        value32 = np.float32(value)
+        if score.shape[0]:
+            score[i] = value32
+        if value32 > threshold:
+            flags[i] |= _LATENT_OUTLIER
