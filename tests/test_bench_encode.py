@@ -9,6 +9,7 @@ import numpy as np
 import zarr
 
 from xpbatch import schema
+from xpbatch.artifact import load_model
 from xpbatch.benchmarks.encode import run_encode_benchmark
 
 if TYPE_CHECKING:
@@ -33,8 +34,16 @@ def test_bench_encode_reports_rates_memory_and_projection(
     assert efficiency.forward_cpu_s > 0 and efficiency.encode_cpu_s > efficiency.forward_cpu_s
     assert efficiency.ratio == efficiency.encode_cpu_s / efficiency.forward_cpu_s
     assert efficiency.gpu_node_rate(16) == 16 / efficiency.host_cpu_s
-    for text in ("ratio encode_catalog / forward pass", "non-network CPU", "GPU node with 16"):
+    for text in (
+        "ratio encode_catalog / forward pass",
+        "non-network CPU",
+        "GPU node with 16",
+        "node model",
+    ):
         assert text in report
+    # The model scores with a fitted mixture, so the efficiency includes a real score's cost.
+    density = load_model(tmp_path / "bench-model.safetensors").density
+    assert density is not None and density.kind == "gaussian_mixture"
     # The larger store repeats the mock spectra, with its own ascending source_ids.
     small, large = (
         zarr.open_group(tmp_path / "mock-2000.zarr"),
