@@ -227,6 +227,41 @@ def test_bf16_autocast_keeps_the_output_heads_in_float32() -> None:
     assert {t.dtype for t in (out.mu, out.log_var, out.xhat, out.shat)} == {torch.float32}
 
 
+def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The trainer's own step under precision 'bf16' (autocast on the CPU here): the network's
+    outputs reach the loss as float32, the loss runs with autocast off and is float32, and the
+    weights and their gradients stay float32."""
+    import types
+
+    from xpbatch.train import _Loop, _TrainingState
+    from xpbatch.train_data import ResidentRows
+
+    config = TrainConfig(precision="bf16", device="cuda", batch_size=64, learning_rate=1e-3)
+    state = _TrainingState.new(config, torch.device("cpu"))
+    seen: list[tuple[set[torch.dtype], bool, torch.dtype]] = []
+    real = train_module.scatter_vae_loss
+
+    def recording_loss(out, x, x_err, valid, **kwargs):  # type: ignore[no-untyped-def]
+        terms = real(out, x, x_err, valid, **kwargs)
+        dtypes = {t.dtype for t in (out.mu, out.log_var, out.xhat, out.shat)}
+        seen.append((dtypes, torch.is_autocast_enabled("cpu"), terms.total.dtype))
+        return terms
+
+    monkeypatch.setattr(train_module, "scatter_vae_loss", recording_loss)
+    loop = types.SimpleNamespace(config=config, state=state, device=torch.device("cpu"))
+    loop._autocast = types.MethodType(_Loop._autocast, loop)
+    x = torch.randn(256, 110)
+    rows = ResidentRows(x, torch.ones_like(x), None)
+    loss = _Loop._train(loop, rows, seed=0)  # type: ignore[arg-type]
+    assert np.isfinite(loss) and len(seen) == 4
+    assert all(s == ({torch.float32}, False, torch.float32) for s in seen), seen
+    for parameter in state.network.parameters():
+        assert parameter.dtype == torch.float32 and parameter.grad is not None
+        assert parameter.grad.dtype == torch.float32
+
+
 def _loss_failing_at(call: int, failure: str):  # type: ignore[no-untyped-def]
     """scatter_vae_loss that, from its ``call``-th call on, raises Ctrl-C or returns NaN."""
     real = train_module.scatter_vae_loss
