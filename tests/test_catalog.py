@@ -11,13 +11,17 @@ import numpy as np
 import pytest
 import zarr
 
-from xpbatch import catalog, schema
+from xpbatch import catalog, catalog_verify, schema
 from xpbatch.catalog import CatalogLayout, CatalogWriter
 from xpbatch.errors import CatalogError, InputShapeError, OutputExistsError, ResumeRefusedError
 from xpbatch.schema import CatalogFlag
 
-ATTRS = {catalog.ATTR_MODEL_HASH: "m" * 64, catalog.ATTR_STORE_ID: "s1", "run_id": "r1"}
-ATTRS[catalog.ATTR_OPTIONS] = {"batch_size": 4096}
+ATTRS = {
+    schema.CATALOG_ATTR_MODEL_HASH: "m" * 64,
+    schema.CATALOG_ATTR_STORE_ID: "s1",
+    schema.CATALOG_ATTR_RUN_ID: "r1",
+}
+ATTRS[schema.CATALOG_ATTR_OPTIONS] = {"batch_size": 4096}
 
 
 def _outputs(layout: CatalogLayout, index: int) -> dict[str, np.ndarray]:
@@ -83,7 +87,7 @@ def test_written_catalogue_opens_lazily_with_units_and_records(written: Path) ->
     records = catalog.read_records(written)
     assert [r.rows for r in records] == [16, 16, 16, 2]
     assert sum(r.flag_counts["not_encoded"] for r in records) == np.sum(np.arange(50) % 7 == 3)
-    assert ds.attrs[catalog.ATTR_COMPLETE] is True
+    assert ds.attrs[schema.CATALOG_ATTR_COMPLETE] is True
 
 
 def test_record_round_trips_through_its_row() -> None:
@@ -107,7 +111,7 @@ def test_writer_refuses_arrays_not_chunked_like_the_layout(tmp_path: Path) -> No
     path = tmp_path / "c.zarr"
     catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
     group = zarr.open_group(path, mode="r+")
-    group.attrs[catalog.ATTR_LAYOUT] = {**LAYOUT.to_attrs(), "chunk_rows": 8}
+    group.attrs[schema.CATALOG_ATTR_LAYOUT] = {**LAYOUT.to_attrs(), "chunk_rows": 8}
     with pytest.raises(CatalogError, match="would not be aligned"):
         CatalogWriter(path).write_chunk(0, _outputs(LAYOUT, 0))
 
@@ -143,9 +147,9 @@ def test_overwrite_replaces_a_catalogue_but_never_another_directory(tmp_path: Pa
 @pytest.mark.parametrize(
     ("change", "key"),
     [
-        ({catalog.ATTR_MODEL_HASH: "other"}, "model_hash"),
-        ({catalog.ATTR_STORE_ID: "other"}, "input_store_id"),
-        ({catalog.ATTR_OPTIONS: {"batch_size": 512}}, "options"),
+        ({schema.CATALOG_ATTR_MODEL_HASH: "other"}, "model_hash"),
+        ({schema.CATALOG_ATTR_STORE_ID: "other"}, "input_store_id"),
+        ({schema.CATALOG_ATTR_OPTIONS: {"batch_size": 512}}, "options"),
     ],
     ids=["other-model", "other-store", "other-options"],
 )
@@ -184,7 +188,7 @@ def test_resume_never_touches_what_is_not_a_catalogue(
 def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
     catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
-    zarr.open_group(path, mode="r+").__delitem__(catalog.RECORDS_GROUP)
+    zarr.open_group(path, mode="r+").__delitem__(schema.BOOKKEEPING_GROUP)
     assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
     assert isinstance(zarr.open_group(path)[catalog.RECORDS_GROUP], zarr.Group)
 
@@ -220,7 +224,7 @@ def _delete_scatter_chunk(path: Path) -> None:
 
 
 def _drop_record(path: Path) -> None:
-    (path / catalog.RECORDS_GROUP / catalog.RECORDS_ARRAY / "c" / "1" / "0").unlink()
+    (path / schema.RECORDS_ARRAY / "c" / "1" / "0").unlink()
 
 
 def _flip_a_byte(path: Path) -> None:
@@ -258,9 +262,9 @@ def _value_without_encoding(path: Path) -> None:
     ],
 )
 def test_verify_finds_damage(written: Path, damage: Callable[[Path], None], message: str) -> None:
-    assert catalog.verify_catalog(written).ok
+    assert catalog_verify.verify_catalog(written).ok
     damage(written)
-    report = catalog.verify_catalog(written)
+    report = catalog_verify.verify_catalog(written)
     assert not report.ok
     assert any(__import__("re").search(message, p) for p in report.problems), report.problems
     with pytest.raises(CatalogError, match="problem"):
@@ -272,13 +276,13 @@ def test_verify_compares_with_the_input_store(
 ) -> None:
     store = make_xp_store(tmp_path / "s.zarr", 50, chunk_rows=16)
     path = _write_catalog(tmp_path / "c.zarr", LAYOUT)
-    report = catalog.verify_catalog(path, store)
+    report = catalog_verify.verify_catalog(path, store)
     assert any("store id" in p for p in report.problems)
     group = zarr.open_group(path, mode="r+")
     from xpbatch.store import store_id
 
-    group.attrs[catalog.ATTR_STORE_ID] = store_id(store)
-    report = catalog.verify_catalog(path, store)
+    group.attrs[schema.CATALOG_ATTR_STORE_ID] = store_id(store)
+    report = catalog_verify.verify_catalog(path, store)
     assert report.problems and all("source_id differs" in p for p in report.problems)
     assert len(report.problems) == LAYOUT.n_chunks
 
@@ -291,12 +295,12 @@ def test_verify_reads_one_chunk_at_a_time(written: Path, monkeypatch: pytest.Mon
     def spy(self: zarr.Array, selection: object) -> object:
         nonlocal largest
         value = original(self, selection)
-        if self.basename != catalog.RECORDS_ARRAY and hasattr(value, "shape") and value.shape:
+        if self.path != schema.RECORDS_ARRAY and hasattr(value, "shape") and value.shape:
             largest = max(largest, value.shape[0])
         return value
 
     monkeypatch.setattr(zarr.Array, "__getitem__", spy)
-    assert catalog.verify_catalog(written).ok
+    assert catalog_verify.verify_catalog(written).ok
     assert largest == LAYOUT.chunk_rows
 
 

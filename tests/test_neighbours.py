@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from xpbatch import catalog, schema
+from xpbatch import catalog, schema, zarr_arrays
 from xpbatch.benchmarks.neighbours import brute_force, synthetic_catalog
 from xpbatch.cli import main
 from xpbatch.errors import CatalogError, InputShapeError
@@ -92,7 +92,7 @@ def test_bad_queries_are_refused(synthetic: Path, queries: object, message: str)
 
 def test_a_catalogue_without_its_density_needs_the_model(tmp_path: Path) -> None:
     path = synthetic_catalog(tmp_path / "old.zarr", 300, chunk_rows=128)
-    group = catalog._open_group(path, mode="r+")
+    group = zarr_arrays.open_group(path, zarr_arrays.CATALOG, mode="r+")
     attrs = group.attrs.asdict()
     del attrs[schema.ATTR_LATENT_DENSITY]
     group.attrs.clear()

@@ -17,7 +17,9 @@ from xpbatch.config import EncodeConfig
 from xpbatch.errors import StoreError
 from xpbatch.info import summarize
 from xpbatch.pipeline import encode_catalog
-from xpbatch.store import CHUNK_FILES, chunk_file_problems, open_xp_store
+from xpbatch.schema import CHUNK_FILES
+from xpbatch.store import open_xp_store
+from xpbatch.store_checks import chunk_file_problems
 from xpbatch.trained import TrainedModel
 
 CHUNK_ROWS = 256

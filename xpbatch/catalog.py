@@ -23,7 +23,8 @@ How a run stays correct when it is killed at any moment (see ../shared/RELIABILI
    array, so writing it is one atomic file rename; it holds the chunk's row and flag counts.
 3. Everything a task writes is a deterministic function of its input chunk, so a task that
    runs twice (Dask may do that after a worker dies) writes the same bytes.
-4. :func:`verify_catalog` then checks every chunk and :func:`mark_complete` sets
+4. :func:`xpbatch.catalog_verify.verify_catalog` then checks every chunk and
+   :func:`mark_complete` sets
    ``complete = true``; :func:`open_catalog` refuses a catalogue without it.
 
 The catalogue is written to a POSIX filesystem that every worker sees (local disk, NFS, Lustre,
@@ -34,29 +35,27 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import datetime
 import logging
-import os
 import shutil
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import zarr
 import zarr.codecs
 
-from xpbatch import schema
+from xpbatch import schema, zarr_arrays
 from xpbatch.errors import (
     CatalogError,
     InputShapeError,
     OutputExistsError,
     ResumeRefusedError,
-    StoreNotFoundError,
 )
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
+from xpbatch.zarr_arrays import CATALOG, ArraySpec, flag_attrs
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -64,41 +63,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-RECORDS_GROUP = "_xpbatch"
-RECORDS_ARRAY = "chunk_records"
 RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{str(f.name).lower()}" for f in CatalogFlag))
 """Columns of a completion record: row count, rows encoded, rows with each CatalogFlag bit."""
 RECORD_MISSING = -1
 """Fill value of ``chunk_records``: a record still holding it was never written."""
-DEVICES_ARRAY = "chunk_devices"
-"""Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
-written; absent in catalogues written before xpbatch recorded it)."""
 
-ATTR_COMPLETE = "complete"
-ATTR_SCHEMA_VERSION = "xpbatch_catalog_schema_version"
-ATTR_LAYOUT = "layout"
-ATTR_MODEL_HASH = "model_hash"
-ATTR_STORE_ID = "input_store_id"
-ATTR_OPTIONS = "options"
-FINGERPRINT_ATTRS = (ATTR_SCHEMA_VERSION, ATTR_MODEL_HASH, ATTR_STORE_ID, ATTR_LAYOUT, ATTR_OPTIONS)
-"""Attributes that must be equal for ``--resume`` to continue a catalogue."""
-
-
-def default_compressors() -> tuple[Any, ...]:
-    """Blosc lz4 with byte shuffle, then a crc32c checksum, for every row variable.
-
-    Measured on encoder outputs (65k rows, one core): ~3 M rows/s to write and ~3.7 M rows/s to
-    read, 5-10x faster than zstd for a similar size, so the codec costs a few percent of the
-    forward pass. The crc32c codec turns a corrupted chunk into a read error.
-    """
-    return (
-        zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
-        zarr.codecs.Crc32cCodec(),
-    )
-
-
-def _utc_now() -> str:
-    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+# Blosc lz4 with byte shuffle. Measured on encoder outputs (65k rows, one core): ~3 M rows/s to
+# write and ~3.7 M rows/s to read, 5-10x faster than zstd for a similar size, so the codec costs
+# a few percent of the forward pass.
+_SHUFFLE: Final = "shuffle"
 
 
 # --- layout ---------------------------------------------------------------------------------
@@ -140,7 +113,7 @@ class CatalogLayout:
         start = index * self.chunk_rows
         return slice(start, min(start + self.chunk_rows, self.n_rows))
 
-    def variables(self) -> list[VariableSpec]:
+    def variables(self) -> list[ArraySpec]:
         """Every row variable, ``source_id`` first."""
         return _variable_specs(self)
 
@@ -154,99 +127,73 @@ class CatalogLayout:
         return cls(**attrs)
 
 
-@dataclasses.dataclass(frozen=True)
-class VariableSpec:
-    """One row variable of the catalogue."""
-
-    name: str
-    dtype: str
-    second_dim: str | None
-    """``latent``, ``coeff`` or None for (source,) variables."""
-    width: int
-    fill_value: Any
-    units: str
-    description: str
-    extra_attrs: tuple[tuple[str, Any], ...] = ()
-
-    @property
-    def dims(self) -> tuple[str, ...]:
-        """Dimension names."""
-        return (schema.SOURCE,) if self.second_dim is None else (schema.SOURCE, self.second_dim)
-
-    def shape(self, n_rows: int) -> tuple[int, ...]:
-        """Array shape for ``n_rows`` rows."""
-        return (n_rows,) if self.second_dim is None else (n_rows, self.width)
-
-
-def _flag_attrs() -> tuple[tuple[str, Any], ...]:
-    """CF ``flag_masks``/``flag_meanings`` of :class:`CatalogFlag`."""
-    return (
-        ("flag_masks", [int(f) for f in CatalogFlag]),
-        ("flag_meanings", " ".join(str(f.name).lower() for f in CatalogFlag)),
-    )
-
-
-def _variable_specs(layout: CatalogLayout) -> list[VariableSpec]:
+def _variable_specs(layout: CatalogLayout) -> list[ArraySpec]:
     latent, coeff = layout.latent_dim, layout.n_coeff
+    rows = (schema.SOURCE,)
+    by_latent, by_coeff = (schema.SOURCE, schema.LATENT), (schema.SOURCE, schema.COEFF)
     specs = [
-        VariableSpec(
-            schema.SOURCE_ID, "int64", None, 0, -1, "1",
+        ArraySpec(
+            schema.SOURCE_ID, "int64", rows, -1, "1",
             "Gaia DR3 source identifier; same rows, same order as the input store",
         ),
-        VariableSpec(
-            schema.LATENT_MEAN, "float32", schema.LATENT, latent, np.nan, "1",
+        ArraySpec(
+            schema.LATENT_MEAN, "float32", by_latent, np.nan, "1",
             "posterior mean of the scatter VAE's latent variables; NaN where flags has "
             "not_encoded",
+            latent,
         ),
-        VariableSpec(
-            schema.LATENT_STD, "float32", schema.LATENT, latent, np.nan, "1",
+        ArraySpec(
+            schema.LATENT_STD, "float32", by_latent, np.nan, "1",
             "posterior standard deviation of the latent variables, exp(log_var / 2); NaN where "
             "flags has not_encoded",
+            latent,
         ),
-        VariableSpec(
-            schema.SCATTER, "float32", schema.COEFF, coeff, np.nan, schema.FLUX_UNITS,
+        ArraySpec(
+            schema.SCATTER, "float32", by_coeff, np.nan, schema.FLUX_UNITS,
             "intrinsic scatter predicted by the scatter decoder, in the units of "
             "coefficient_errors (compare the two); NaN where flags has not_encoded",
+            coeff,
         ),
-        VariableSpec(
-            schema.RMSE, "float32", None, 0, np.nan, "1",
+        ArraySpec(
+            schema.RMSE, "float32", rows, np.nan, "1",
             "sqrt(mean over valid coefficients of ((x - xhat) / x_err)^2) in the model's "
             "standardised space: error-weighted reconstruction residual; NaN where not encoded",
         ),
-        VariableSpec(
-            schema.FLAGS, "uint16", None, 0, 0, "1",
+        ArraySpec(
+            schema.FLAGS, "uint16", rows, 0, "1",
             "bit mask of xpbatch.schema.CatalogFlag: low byte = the input store's input_flags, "
             "high byte = the model's (not encoded, latent outlier, training/validation member)",
-            extra_attrs=_flag_attrs(),
+            extra_attrs=flag_attrs(CatalogFlag),
         ),
     ]  # fmt: skip
     if layout.with_anomaly_score:
         specs.append(
-            VariableSpec(
-                schema.ANOMALY_SCORE, "float32", None, 0, np.nan, "nat",
+            ArraySpec(
+                schema.ANOMALY_SCORE, "float32", rows, np.nan, "nat",
                 "-log density of (latent mean on the active dimensions, ln rmse), standardised, "
                 "under the model's training-set density (attribute latent_density); higher is "
                 "rarer; NaN where flags has not_encoded",
             )
         )  # fmt: skip
     if layout.with_positions:
-        units = schema.POSITION_ATTRS["units"]
-        extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != "units")
+        units = schema.POSITION_ATTRS[schema.ATTR_UNITS]
+        extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != schema.ATTR_UNITS)
         specs += [
-            VariableSpec(
-                name, "float64", None, 0, np.nan, units,
+            ArraySpec(
+                name, "float64", rows, np.nan, units,
                 f"{text} of the source (gaia_source), ICRS at epoch J2016.0; copied from the "
                 "input store (NaN where it had none)",
-                extra,
+                extra_attrs=extra,
             )
             for name, text in ((schema.RA, "right ascension"), (schema.DEC, "declination"))
         ]  # fmt: skip
     if layout.with_reconstruction:
         specs.append(
-            VariableSpec(
-                schema.RECONSTRUCTION, "float32", schema.COEFF, coeff, np.nan, schema.FLUX_UNITS,
+            ArraySpec(
+                schema.RECONSTRUCTION, "float32", by_coeff, np.nan, schema.FLUX_UNITS,
                 "decoder reconstruction of the coefficients at the posterior mean, in e-/s; NaN "
                 "where flags has not_encoded",
+                coeff,
             )
         )  # fmt: skip
     return specs
@@ -269,7 +216,8 @@ def create_catalog(
     layout
         Rows, chunking and which variables.
     attrs
-        Group attributes of the run; must contain the :data:`FINGERPRINT_ATTRS` other than
+        Group attributes of the run; must contain the fingerprint attributes
+        (:data:`xpbatch.schema.CATALOG_FINGERPRINT_ATTRS`) other than
         the layout and schema version (which are added here).
     coeff_labels
         Labels of the coefficient axis; default ``bp_0 … bp_{n/2-1}, rp_0 …``.
@@ -282,80 +230,72 @@ def create_catalog(
         zarr_format=3,
         attributes={
             **attrs,
-            ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
-            ATTR_LAYOUT: layout.to_attrs(),
-            ATTR_COMPLETE: False,
-            "start_time": _utc_now(),
-            "end_time": None,
+            schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
+            schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
+            schema.CATALOG_ATTR_COMPLETE: False,
+            schema.CATALOG_ATTR_START_TIME: zarr_arrays.utc_now(),
+            schema.CATALOG_ATTR_END_TIME: None,
         },
     )
-    compressors = default_compressors()
     coordinates = [schema.SOURCE_ID]
     if layout.with_positions:
         coordinates += [schema.RA, schema.DEC]
-    for spec in layout.variables():
-        attributes: dict[str, Any] = {"units": spec.units, "description": spec.description}
-        attributes.update(spec.extra_attrs)
-        if spec.name not in coordinates:
-            attributes["coordinates"] = " ".join(coordinates)  # xarray makes them coordinates
-        group.create_array(
-            spec.name,
-            shape=spec.shape(layout.n_rows),
-            chunks=spec.shape(layout.chunk_rows),
-            dtype=spec.dtype,
-            fill_value=spec.fill_value,
-            compressors=compressors,
-            dimension_names=list(spec.dims),
-            attributes=attributes,
-            config={"write_empty_chunks": True},
-        )
-    _write_axis(
+    zarr_arrays.create_row_arrays(
+        group,
+        layout.variables(),
+        n_rows=layout.n_rows,
+        chunk_rows=layout.chunk_rows,
+        compressors=zarr_arrays.blosc_crc32c(_SHUFFLE),
+        coordinates=coordinates,
+    )
+    zarr_arrays.write_axis(
         group, schema.LATENT, np.arange(layout.latent_dim, dtype=np.int16), "latent dimension"
     )
     n_bp = layout.n_coeff // 2
     labels = np.array(coeff_labels or schema.coeff_labels(n_bp, layout.n_coeff - n_bp))
     if labels.shape != (layout.n_coeff,):
         raise InputShapeError(f"need {layout.n_coeff} coefficient labels, got {labels.shape}")
-    _write_axis(group, schema.COEFF, labels, "coefficient label: band and order")
+    zarr_arrays.write_axis(group, schema.COEFF, labels, "coefficient label: band and order")
     records = group.create_group(
-        RECORDS_GROUP,
-        attributes={"description": "xpbatch bookkeeping: one completion record per chunk"},
+        schema.BOOKKEEPING_GROUP,
+        attributes={
+            schema.ATTR_DESCRIPTION: "xpbatch bookkeeping: one completion record per chunk"
+        },
     )
     records.create_array(
-        DEVICES_ARRAY,
+        _basename(schema.DEVICES_ARRAY),
         shape=(layout.n_chunks,),
         chunks=(1,),
         dtype=str,
         fill_value="",
         compressors=(zarr.codecs.Crc32cCodec(),),
         dimension_names=["chunk"],
-        attributes={"description": "device that encoded each chunk ('' until it is written)"},
+        attributes={
+            schema.ATTR_DESCRIPTION: "device that encoded each chunk ('' until it is written)"
+        },
         config={"write_empty_chunks": True},
     )
     # Created last: a catalogue without this array has an unfinished template.
     records.create_array(
-        RECORDS_ARRAY,
+        _basename(schema.RECORDS_ARRAY),
         shape=(layout.n_chunks, len(RECORD_FIELDS)),
         chunks=(1, len(RECORD_FIELDS)),
         dtype="int64",
         fill_value=RECORD_MISSING,
         compressors=(zarr.codecs.Crc32cCodec(),),
         dimension_names=["chunk", "field"],
-        attributes={"fields": list(RECORD_FIELDS), "missing": RECORD_MISSING},
+        attributes={
+            schema.ATTR_RECORD_FIELDS: list(RECORD_FIELDS),
+            schema.ATTR_RECORD_MISSING: RECORD_MISSING,
+        },
         config={"write_empty_chunks": True},
     )
     logger.info("created catalogue %s: %d rows in %d chunks", path, layout.n_rows, layout.n_chunks)
 
 
-def _write_axis(group: zarr.Group, name: str, values: np.ndarray, description: str) -> None:
-    axis = group.create_array(
-        name,
-        shape=values.shape,
-        dtype=values.dtype if values.dtype.kind != "U" else str,
-        dimension_names=[name],
-        attributes={"units": "1", "description": description},
-    )
-    axis[:] = values
+def _basename(name: str) -> str:
+    """The last part of an array's path in the group, e.g. ``chunk_records``."""
+    return name.rsplit("/", 1)[-1]
 
 
 def _is_catalog(path: Path) -> bool:
@@ -363,7 +303,7 @@ def _is_catalog(path: Path) -> bool:
         attrs = zarr.open_group(path, mode="r").attrs.asdict()
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
         return False
-    return ATTR_SCHEMA_VERSION in attrs
+    return schema.CATALOG_ATTR_SCHEMA_VERSION in attrs
 
 
 def prepare_output(
@@ -390,16 +330,21 @@ def prepare_output(
             raise ResumeRefusedError(
                 f"cannot --resume {path}: it is not an xpbatch catalogue. Nothing was changed."
             )
-        if _is_empty_dir(path) or RECORDS_GROUP not in _open_group(path):
+        if _is_empty_dir(path) or schema.BOOKKEEPING_GROUP not in zarr_arrays.open_group(
+            path, CATALOG
+        ):
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
-            group = _open_group(path, mode="r+")
+            group = zarr_arrays.open_group(path, CATALOG, mode="r+")
             found: dict[str, Any] = group.attrs.asdict()
             _check_fingerprint(path, found, attrs, layout)
-            if found.get(ATTR_COMPLETE) is not True:  # a complete catalogue is left as it is
+            if (
+                found.get(schema.CATALOG_ATTR_COMPLETE) is not True
+            ):  # a complete catalogue is left as it is
                 remove_interrupted_writes(path)
-                group.attrs.update({"resumed": [*found.get("resumed", []), _utc_now()]})
+                resumed = [*found.get(schema.CATALOG_ATTR_RESUMED, []), zarr_arrays.utc_now()]
+                group.attrs.update({schema.CATALOG_ATTR_RESUMED: resumed})
             return completed_chunks(path)
     create_catalog(path, layout, attrs=attrs)
     return set()
@@ -429,11 +374,11 @@ def _describe_existing(path: Path) -> str:
     if not _is_catalog(path):
         return "not an xpbatch catalogue"
     attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
-    if attrs.get(ATTR_COMPLETE) is True:
+    if attrs.get(schema.CATALOG_ATTR_COMPLETE) is True:
         return "a complete catalogue"
     try:
         done = len(completed_chunks(path))
-        total = CatalogLayout.from_attrs(attrs[ATTR_LAYOUT]).n_chunks
+        total = CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT]).n_chunks
     except (CatalogError, KeyError, TypeError):
         return "an incomplete catalogue"
     return f"an incomplete catalogue, {done} of {total} chunks done"
@@ -443,9 +388,9 @@ def _check_fingerprint(
     path: Path, found: Mapping[str, Any], attrs: Mapping[str, Any], layout: CatalogLayout
 ) -> None:
     expected = {
-        **{k: attrs[k] for k in FINGERPRINT_ATTRS if k in attrs},
-        ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
-        ATTR_LAYOUT: layout.to_attrs(),
+        **{k: attrs[k] for k in schema.CATALOG_FINGERPRINT_ATTRS if k in attrs},
+        schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
+        schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
     }
     differences = [
         f"{key}: the catalogue has {found.get(key)!r}, this run has {value!r}"
@@ -533,10 +478,10 @@ class CatalogWriter:
 
     def _open(self) -> tuple[dict[str, zarr.Array], zarr.Array]:
         if self._arrays is None or self._records is None:
-            group = _open_group(self.path, mode="r+")
+            group = zarr_arrays.open_group(self.path, CATALOG, mode="r+")
             arrays = {}
             for spec in self.layout.variables():
-                array = _array(group, spec.name).with_config({"write_empty_chunks": True})
+                array = zarr_arrays.get_array(group, spec.name, CATALOG)
                 # Regions are chunks only if the arrays are chunked as the layout says; xarray
                 # and zarr would not catch a numpy write straddling two chunks.
                 if array.chunks[0] != self.layout.chunk_rows:
@@ -545,9 +490,9 @@ class CatalogWriter:
                         f"layout says {self.layout.chunk_rows}: writes would not be aligned"
                     )
                 arrays[spec.name] = array
-            records = _array(group, f"{RECORDS_GROUP}/{RECORDS_ARRAY}")
-            self._arrays, self._records = arrays, records.with_config({"write_empty_chunks": True})
-            devices = group.get(f"{RECORDS_GROUP}/{DEVICES_ARRAY}")  # None in older catalogues
+            records = zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG)
+            self._arrays, self._records = arrays, records
+            devices = group.get(schema.DEVICES_ARRAY)  # None in older catalogues
             self._devices = devices if isinstance(devices, zarr.Array) else None
         return self._arrays, self._records
 
@@ -563,7 +508,8 @@ class CatalogWriter:
         outputs
             Variable name -> array of exactly those rows (see :func:`xpbatch.encode.encode_chunk`).
         device
-            What encoded the chunk (e.g. 'cuda:0 (NVIDIA H200)'), kept in :data:`DEVICES_ARRAY`.
+            What encoded the chunk (e.g. 'cuda:0 (NVIDIA H200)'), kept in
+            :data:`~xpbatch.schema.DEVICES_ARRAY`.
 
         Returns
         -------
@@ -573,6 +519,7 @@ class CatalogWriter:
         arrays, records = self._open()
         rows = self.layout.rows(index)
         n = rows.stop - rows.start
+        writes = []
         for name, array in arrays.items():
             values = outputs.get(name)
             expected = (n, *array.shape[1:])
@@ -581,75 +528,49 @@ class CatalogWriter:
                 raise InputShapeError(
                     f"chunk {index} of {self.path}: {name} must have shape {expected}, got {found}"
                 )
-            array[rows] = values.astype(array.dtype, copy=False)
+            writes.append((array, values.astype(array.dtype, copy=False)))
+        zarr_arrays.write_together(writes, rows)  # every variable at once (see its docstring)
         record = ChunkRecord.from_outputs(index, outputs)
         if device and self._devices is not None:
             self._devices[index] = device
-        self._flush(index)
+        # fsync, so a record never outlives its data across a power cut.
+        zarr_arrays.fsync_chunk(self.path, arrays.values(), index)
         # Last, and atomically (one file rename): the record says every variable is on disk.
         records[index] = record.to_row()
         return record
 
-    def _flush(self, index: int) -> None:
-        """fsync this chunk's files, so a record never outlives its data across a power cut."""
-        for name, array in self._open()[0].items():
-            key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-            fd = os.open(self.path / name / key, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
 
 # --- reading records, marking complete ------------------------------------------------------------
-def _open_group(path: Path, *, mode: str = "r") -> zarr.Group:
-    if not path.exists():
-        raise StoreNotFoundError(f"catalogue {path} does not exist")
-    try:
-        return zarr.open_group(path, mode=mode)  # type: ignore[arg-type]
-    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:
-        raise CatalogError(
-            f"{path} is not a Zarr v3 group ({e}); is it an xpbatch catalogue?"
-        ) from e
-
-
-def _array(group: zarr.Group, name: str) -> zarr.Array:
-    node = group.get(name)
-    if not isinstance(node, zarr.Array):
-        raise CatalogError(
-            f"{group.store_path} has no array {name!r}: not an xpbatch catalogue, or damaged"
-        )
-    return node
-
-
 def open_arrays(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array]:
     """Read-only arrays of the Zarr group at ``path``, by name (CatalogError if one is missing)."""
-    group = _open_group(Path(path))
-    return {name: _array(group, name) for name in names}
+    group = zarr_arrays.open_group(Path(path), CATALOG)
+    return {name: zarr_arrays.get_array(group, name, CATALOG) for name in names}
 
 
 def read_attrs(path: PathLike) -> dict[str, Any]:
     """The group attributes of a catalogue (a CatalogError when it is not one)."""
     path = Path(path)
-    attrs: dict[str, Any] = _open_group(path).attrs.asdict()
-    version = attrs.get(ATTR_SCHEMA_VERSION)
+    attrs: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
+    version = attrs.get(schema.CATALOG_ATTR_SCHEMA_VERSION)
     if version != schema.CATALOG_SCHEMA_VERSION:
         raise CatalogError(
             f"{path} is not an xpbatch catalogue of schema version {schema.CATALOG_SCHEMA_VERSION} "
-            f"(attribute {ATTR_SCHEMA_VERSION} is {version!r})"
+            f"(attribute {schema.CATALOG_ATTR_SCHEMA_VERSION} is {version!r})"
         )
     return attrs
 
 
 def read_layout(path: PathLike) -> CatalogLayout:
     """The layout recorded in a catalogue's attributes."""
-    return CatalogLayout.from_attrs(read_attrs(path)[ATTR_LAYOUT])
+    return CatalogLayout.from_attrs(read_attrs(path)[schema.CATALOG_ATTR_LAYOUT])
 
 
 def read_records(path: PathLike) -> list[ChunkRecord]:
     """Every completion record written so far (one read of a small array)."""
-    group = _open_group(Path(path))
-    table = np.asarray(_array(group, f"{RECORDS_GROUP}/{RECORDS_ARRAY}")[:])  # (chunk, field)
+    group = zarr_arrays.open_group(Path(path), CATALOG)
+    table = np.asarray(
+        zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG)[:]
+    )  # (chunk, field)
     return [
         ChunkRecord.from_row(int(i), table[i])
         for i in np.flatnonzero(table[:, 0] != RECORD_MISSING)
@@ -658,7 +579,7 @@ def read_records(path: PathLike) -> list[ChunkRecord]:
 
 def chunk_devices(path: PathLike) -> dict[str, int] | None:
     """Device -> chunks it encoded; None for a catalogue written before devices were recorded."""
-    node = _open_group(Path(path)).get(f"{RECORDS_GROUP}/{DEVICES_ARRAY}")
+    node = zarr_arrays.open_group(Path(path), CATALOG).get(schema.DEVICES_ARRAY)
     if not isinstance(node, zarr.Array):
         return None
     counts = collections.Counter(str(name) for name in np.asarray(node[:]).tolist())
@@ -673,13 +594,14 @@ def completed_chunks(path: PathLike) -> set[int]:
 def mark_complete(path: PathLike, *, end_time: str | None = None) -> None:
     """Set ``complete = true`` and the end time, and consolidate the metadata for fast opens."""
     path = Path(path)
-    group = _open_group(path, mode="r+")
-    group.attrs.update({ATTR_COMPLETE: True, "end_time": end_time or _utc_now()})
-    with warnings.catch_warnings():
-        # Consolidated metadata is a zarr-python extension to Zarr v3; xarray reads it and
-        # warns when it is absent, so we write it (and silence zarr's note about it).
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+    group = zarr_arrays.open_group(path, CATALOG, mode="r+")
+    group.attrs.update(
+        {
+            schema.CATALOG_ATTR_COMPLETE: True,
+            schema.CATALOG_ATTR_END_TIME: end_time or zarr_arrays.utc_now(),
+        }
+    )
+    zarr_arrays.consolidate(path)
 
 
 def catalog_nbytes(path: PathLike) -> int:
@@ -714,8 +636,8 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
 
     path = Path(path)
     attrs = read_attrs(path)
-    if attrs.get(ATTR_COMPLETE) is not True:
-        layout = CatalogLayout.from_attrs(attrs[ATTR_LAYOUT])
+    if attrs.get(schema.CATALOG_ATTR_COMPLETE) is not True:
+        layout = CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT])
         message = (
             f"catalogue {path} is incomplete: {len(completed_chunks(path))} of "
             f"{layout.n_chunks} chunks were recorded and it was not verified. Finish it with "
@@ -730,224 +652,27 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
             stacklevel=2,
         )
     else:
-        _refuse_missing_chunk_files(path, CatalogLayout.from_attrs(attrs[ATTR_LAYOUT]))
-    consolidated = _open_group(path).metadata.consolidated_metadata is not None
+        _refuse_missing_chunk_files(
+            path, CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT])
+        )
+    consolidated = zarr_arrays.open_group(path, CATALOG).metadata.consolidated_metadata is not None
     return xr.open_zarr(path, consolidated=consolidated)
 
 
 def _refuse_missing_chunk_files(path: Path, layout: CatalogLayout) -> None:
     """A complete catalogue with a chunk file deleted since would read fill values: refuse it."""
-    from xpbatch.store import chunk_file_sizes, describe_chunk_problems
-
-    group = _open_group(path)
+    group = zarr_arrays.open_group(path, CATALOG)
     missing = [
         f"{where} is missing"
         for spec in layout.variables()
-        for _, where, size in chunk_file_sizes(path, _array(group, spec.name))
+        for _, where, size in zarr_arrays.chunk_file_sizes(
+            path, zarr_arrays.get_array(group, spec.name, CATALOG)
+        )
         if size < 0
     ]
     if missing:
         raise CatalogError(
-            f"catalogue {path} is damaged: {describe_chunk_problems(missing)}. Zarr would read "
-            "fill values in their place. Encode it again with --overwrite, or restore the files."
+            f"catalogue {path} is damaged: {zarr_arrays.describe_chunk_problems(missing)}. Zarr "
+            "would read fill values in their place. Encode it again with --overwrite, or restore "
+            "the files."
         )
-
-
-# --- verifying ----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class VerifyReport:
-    """The outcome of :func:`verify_catalog`."""
-
-    path: str
-    n_rows: int
-    n_chunks: int
-    chunks_recorded: int
-    problems: tuple[str, ...]
-    """Every problem found, one sentence each (empty when the catalogue is sound)."""
-
-    @property
-    def ok(self) -> bool:
-        """True when no problem was found."""
-        return not self.problems
-
-    def __str__(self) -> str:
-        head = (
-            f"{self.path}: {self.n_rows} rows in {self.n_chunks} chunks, "
-            f"{self.chunks_recorded} recorded done"
-        )
-        if self.ok:
-            return head + "; verified, no problem found"
-        shown = "\n  ".join(self.problems[:20])
-        more = f"\n  ... and {len(self.problems) - 20} more" if len(self.problems) > 20 else ""
-        return f"{head}; {len(self.problems)} problem(s):\n  {shown}{more}"
-
-    def raise_if_failed(self) -> None:
-        """Raise a CatalogError listing the problems, if any."""
-        if not self.ok:
-            raise CatalogError(str(self))
-
-
-VERIFY_CHECKS = (
-    "every chunk's completion record, every chunk file present and decoding (crc32c), NaN exactly "
-    "where not_encoded, flags equal to the records"
-)
-"""What :func:`verify_catalog` checks, as the run summary says it (with a store: also the row
-count, store id and every source_id against it)."""
-
-ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
-"""Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class ChunkVerifier:
-    """Checks one chunk of a catalogue against its record (and the input store); picklable."""
-
-    path: Path
-    layout: CatalogLayout
-    store: Path | None = None
-
-    def __call__(self, index: int) -> list[str]:
-        """Problems of chunk ``index`` (empty when sound)."""
-        where = f"chunk {index} (rows {self.layout.rows(index).start}..)"
-        try:
-            return [f"{where}: {p}" for p in self._check(index)]
-        except Exception as e:  # any read failure is a finding, e.g. a checksum mismatch
-            return [f"{where}: unreadable ({type(e).__name__}: {e})"]
-
-    def _check(self, index: int) -> list[str]:
-        rows = self.layout.rows(index)
-        group = _open_group(self.path)
-        problems = []
-        row = np.asarray(_array(group, f"{RECORDS_GROUP}/{RECORDS_ARRAY}")[index])
-        record = None if row[0] == RECORD_MISSING else ChunkRecord.from_row(index, row)
-        if record is None:
-            problems.append("no completion record: the chunk was never finished")
-        values: dict[str, np.ndarray] = {}
-        for spec in self.layout.variables():
-            array = _array(group, spec.name)
-            key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-            if not (self.path / spec.name / key).is_file():
-                problems.append(f"{spec.name} chunk file {spec.name}/{key} is missing")
-                continue
-            try:
-                values[spec.name] = np.asarray(array[rows])
-            except (ValueError, RuntimeError, OSError) as e:  # e.g. a checksum mismatch
-                problems.append(
-                    f"{spec.name} chunk file {spec.name}/{key} is unreadable "
-                    f"({type(e).__name__}: {e})"
-                )
-        problems.extend(_value_problems(values, rows))
-        if record is not None and schema.FLAGS in values:
-            actual = ChunkRecord.from_outputs(index, values)
-            if actual != record:
-                problems.append(f"flags do not match the completion record ({record} vs {actual})")
-        if self.store is not None and schema.SOURCE_ID in values:
-            expected = open_arrays(self.store, [schema.SOURCE_ID])[schema.SOURCE_ID][rows]
-            if not np.array_equal(values[schema.SOURCE_ID], expected):
-                problems.append(f"source_id differs from the input store {self.store}")
-        return problems
-
-
-def _value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
-    """NaN exactly where the NOT_ENCODED flag is; source_id never written."""
-    problems = []
-    if schema.SOURCE_ID in values and np.any(values[schema.SOURCE_ID] == -1):
-        problems.append("source_id holds the fill value -1 (never written)")
-    if schema.FLAGS not in values:
-        return problems
-    not_encoded = (values[schema.FLAGS] & np.uint16(CatalogFlag.NOT_ENCODED)) != 0
-    for name, array in values.items():
-        if array.dtype.kind != "f" or name in (schema.RA, schema.DEC):  # copied inputs
-            continue
-        nan = np.isnan(array).reshape(len(array), -1)  # (rows, values per row)
-        for wrong, what in (
-            (nan.any(axis=1) & ~not_encoded, "is NaN in {} row(s) without the not_encoded flag"),
-            (~nan.all(axis=1) & not_encoded, "has values in {} row(s) flagged not_encoded"),
-        ):
-            where = np.flatnonzero(wrong)
-            if where.size:
-                example = rows.start + int(where[0])
-                problems.append(f"{name} {what.format(where.size)}, e.g. row {example}")
-    return problems
-
-
-def verify_catalog(
-    path: PathLike, store: PathLike | None = None, *, map_chunks: ChunkMapper | None = None
-) -> VerifyReport:
-    """Check that every chunk of a catalogue was written, completely and consistently.
-
-    Reads the catalogue chunk by chunk (never a whole variable): every chunk has its completion
-    record and a file for every variable; every chunk decodes (crc32c checksums); no value is NaN
-    without the ``not_encoded`` flag; flags match the records. With ``store``, also that the row
-    count, store id and ``source_id`` values equal the input store's.
-
-    Parameters
-    ----------
-    path
-        The catalogue.
-    store
-        The input XP store it was made from (optional).
-    map_chunks
-        How to run the per-chunk checks; default the builtin ``map`` (serial).
-        :mod:`xpbatch.pipeline` passes one that runs them on Dask workers.
-
-    Returns
-    -------
-    VerifyReport
-        ``report.ok`` is True when nothing is wrong; ``str(report)`` lists the problems.
-
-    Examples
-    --------
-    >>> print(verify_catalog("catalog.zarr", store="dr3.zarr"))  # doctest: +SKIP
-    catalog.zarr: 219197643 rows in 3345 chunks, 3345 recorded done; verified, no problem found
-    """
-    path = Path(path)
-    attrs = read_attrs(path)
-    layout = CatalogLayout.from_attrs(attrs[ATTR_LAYOUT])
-    problems = _layout_problems(path, layout)
-    store_path = None
-    if store is not None:
-        store_path = Path(store)
-        problems.extend(_store_problems(attrs, layout, store_path))
-    recorded = len(completed_chunks(path))
-    if not problems:
-        verifier = ChunkVerifier(path, layout, store_path)
-        for found in (map_chunks or map)(verifier, range(layout.n_chunks)):
-            problems.extend(found)
-    return VerifyReport(str(path), layout.n_rows, layout.n_chunks, recorded, tuple(problems))
-
-
-def _layout_problems(path: Path, layout: CatalogLayout) -> list[str]:
-    """Arrays missing, or of another shape or chunking than the layout says."""
-    group = _open_group(path)
-    problems = []
-    for spec in layout.variables():
-        node = group.get(spec.name)
-        if not isinstance(node, zarr.Array):
-            problems.append(f"variable {spec.name!r} is missing")
-        elif node.shape != spec.shape(layout.n_rows) or node.chunks[0] != layout.chunk_rows:
-            problems.append(
-                f"{spec.name} has shape {node.shape} and chunks {node.chunks}, the layout says "
-                f"{spec.shape(layout.n_rows)} in chunks of {layout.chunk_rows} rows"
-            )
-    if not isinstance(group.get(f"{RECORDS_GROUP}/{RECORDS_ARRAY}"), zarr.Array):
-        problems.append("the completion records are missing: the template was never finished")
-    return problems
-
-
-def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Path) -> list[str]:
-    from xpbatch.store import open_xp_store, store_id
-
-    ds = open_xp_store(store)
-    problems = []
-    if store_id(ds) != attrs.get(ATTR_STORE_ID):
-        problems.append(
-            f"the catalogue was made from store id {attrs.get(ATTR_STORE_ID)}, but {store} has "
-            f"id {store_id(ds)}: not the same input"
-        )
-    if ds.sizes[schema.SOURCE] != layout.n_rows:
-        problems.append(
-            f"the catalogue has {layout.n_rows} rows, the store {store} has "
-            f"{ds.sizes[schema.SOURCE]}"
-        )
-    return problems

@@ -445,7 +445,7 @@ def verify_command(catalog: str, store: str | None) -> None:
 
     Exit code 0 when sound, 1 when a problem was found (each one is listed).
     """
-    from xpbatch.catalog import verify_catalog
+    from xpbatch.catalog_verify import verify_catalog
 
     report = verify_catalog(catalog, store)
     click.echo(str(report))
@@ -642,13 +642,15 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         out = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
+    from xpbatch import schema
     from xpbatch.store import open_xp_store
 
     attrs = open_xp_store(out).attrs
-    click.echo(f"wrote {out}: {attrs['row_count']:,} rows from {len(xp):,} XP file(s)")
-    if attrs["skipped_row_count"]:
-        click.echo(f"skipped {attrs['skipped_row_count']:,} malformed row(s), e.g.:", err=True)
-        for row in attrs["skipped_rows"][:5]:
+    rows, skipped = attrs[schema.STORE_ATTR_ROW_COUNT], attrs[schema.STORE_ATTR_SKIPPED_ROW_COUNT]
+    click.echo(f"wrote {out}: {rows:,} rows from {len(xp):,} XP file(s)")
+    if skipped:
+        click.echo(f"skipped {skipped:,} malformed row(s), e.g.:", err=True)
+        for row in attrs[schema.STORE_ATTR_SKIPPED_ROWS][:5]:
             click.echo(f"  {row['file']}, line {row['line']}: {row['reason']}", err=True)
 
 

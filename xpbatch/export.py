@@ -116,11 +116,10 @@ def resolve_partitions(
 
 def _store_partitions(store: Path, catalog_attrs: dict[str, Any]) -> PartitionRanges:
     """The ranges a store records, once it is known to be the catalogue's input."""
-    from xpbatch.catalog import ATTR_STORE_ID
     from xpbatch.store import open_xp_store, store_id
 
     ds = open_xp_store(store)
-    expected = catalog_attrs.get(ATTR_STORE_ID)
+    expected = catalog_attrs.get(schema.CATALOG_ATTR_STORE_ID)
     if store_id(ds) != expected:
         raise ConfigError(
             f"--store {store} has store id {store_id(ds)}, but the catalogue was encoded from "

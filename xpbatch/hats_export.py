@@ -146,7 +146,7 @@ def _manifest(source: SkySource, config: HatsExportConfig) -> dict[str, Any]:
     return {
         "format": MANIFEST_FORMAT,
         "catalog": source.path,
-        "catalog_run_id": read_attrs(source.path).get("run_id"),
+        "catalog_run_id": read_attrs(source.path).get(schema.CATALOG_ATTR_RUN_ID),
         "options": options,
     }
 

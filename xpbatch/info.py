@@ -51,7 +51,7 @@ def detect_kind(path: PathLike) -> Kind:
     group = _open_group(path)
     if schema.STORE_ATTR_SCHEMA_VERSION in group.attrs or schema.COEFFICIENTS in group:
         return "store"
-    if catalog.ATTR_SCHEMA_VERSION in group.attrs or schema.LATENT_MEAN in group:
+    if schema.CATALOG_ATTR_SCHEMA_VERSION in group.attrs or schema.LATENT_MEAN in group:
         return "catalog"
     raise StoreError(
         f"{path} is a Zarr group but neither an XP store (no {schema.COEFFICIENTS!r}) nor a "
@@ -129,7 +129,7 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
         summary["chunks_recorded"] = _chunks_recorded(path)
         summary["chunk_devices"] = catalog.chunk_devices(path)
     elif summary["complete"]:
-        from xpbatch.store import chunk_file_problems
+        from xpbatch.store_checks import chunk_file_problems
 
         # A deleted chunk file reads as the fill value: a store missing one is not complete.
         summary["damaged_chunks"] = chunk_file_problems(path)
@@ -295,7 +295,8 @@ def _format_zarr(s: dict[str, Any]) -> str:
 def _completeness(s: dict[str, Any]) -> str:
     damaged = s.get("damaged_chunks")
     if damaged:
-        from xpbatch.store import DAMAGED_STORE_REMEDY, describe_chunk_problems
+        from xpbatch.store_checks import DAMAGED_STORE_REMEDY
+        from xpbatch.zarr_arrays import describe_chunk_problems
 
         return f"NO, {len(damaged)} chunk file(s) damaged: {describe_chunk_problems(damaged)}; " + (
             DAMAGED_STORE_REMEDY

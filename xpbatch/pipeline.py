@@ -36,10 +36,9 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import numpy as np
 import zarr
 
-from xpbatch import catalog, schema, workers
+from xpbatch import catalog, catalog_verify, schema, workers
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import INPUT_VARIABLES, PASSTHROUGH_VARIABLES, encode_chunk
 from xpbatch.errors import (
@@ -53,6 +52,7 @@ from xpbatch.executor import map_bounded
 from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
+from xpbatch.store import ChunkReader, open_variables, present_variables
 
 if TYPE_CHECKING:
     import torch
@@ -86,7 +86,7 @@ class EncodeSummary:
     wall_s: float
     output_bytes: int
     verified: bool
-    """Whether :func:`xpbatch.catalog.verify_catalog` ran on the whole catalogue and passed."""
+    """Whether verification (:mod:`xpbatch.catalog_verify`) ran on every chunk and passed."""
     checks: str = ""
     """What the verification checked, or why nothing was checked (printed by ``str()``)."""
 
@@ -130,25 +130,9 @@ class ChunkJob:
     batch_size: int
 
 
-class _InputReader:
-    """Reads row ranges of the store's input variables straight from Zarr (no xarray)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.arrays = catalog.open_arrays(path, (*INPUT_VARIABLES, *_passthrough(path)))
-
-    def read(self, rows: slice) -> dict[str, np.ndarray]:
-        from xpbatch.store import read_rows_checked
-
-        return {
-            name: read_rows_checked(self.path, array, rows) for name, array in self.arrays.items()
-        }
-
-
 def _passthrough(store: PathLike) -> tuple[str, ...]:
     """The store's variables that the catalogue copies (``ra``, ``dec`` when it has them)."""
-    group = zarr.open_group(store, mode="r")
-    return tuple(name for name in PASSTHROUGH_VARIABLES if name in group)
+    return present_variables(store, PASSTHROUGH_VARIABLES)
 
 
 def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
@@ -174,7 +158,8 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
     try:
         model, device = _model_for(job)
         reader = workers.cached(
-            ("reader", job.store + job.store_id), lambda: _InputReader(job.store)
+            ("reader", job.store + job.store_id),
+            lambda: ChunkReader(job.store, (*INPUT_VARIABLES, *_passthrough(job.store))),
         )
         writer = workers.cached(
             ("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out)
@@ -244,7 +229,7 @@ def _check_normalisation(model: TrainedModel, store: Path) -> None:
     """Measure the store's first rows as the model's training rows were (:mod:`xpbatch.fit`)."""
     from xpbatch import fit
 
-    reader = _InputReader(str(store))
+    reader = ChunkReader(store, INPUT_VARIABLES)
     rows = slice(0, min(fit.SAMPLE_ROWS, reader.arrays[schema.SOURCE_ID].shape[0]))
     sample = reader.read(rows)  # a damaged chunk is named, never read as fill values
     found = fit.measure_physical(
@@ -261,7 +246,7 @@ def _input_layout(
     store: Path, model: TrainedModel, with_reconstruction: bool
 ) -> catalog.CatalogLayout:
     """The catalogue layout: the store's rows in the store's chunks."""
-    coefficients = catalog.open_arrays(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
+    coefficients = open_variables(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
     return catalog.CatalogLayout(
         n_rows=int(coefficients.shape[0]),
         chunk_rows=int(coefficients.chunks[0]),
@@ -304,16 +289,16 @@ def _run_attrs(
         **({schema.STORE_ATTR_PARTITION_RANGES: partitions} if partitions else {}),
         "title": "Gaia DR3 BP/RP (XP) scatter-VAE catalogue (xpbatch encode-catalog)",
         "references": "Laroche & Speagle (2024), arXiv:2407.15016",
-        catalog.ATTR_MODEL_HASH: model_hash,
+        schema.CATALOG_ATTR_MODEL_HASH: model_hash,
         "model_name": model.name,
         "model_provenance": model.provenance,
         schema.ATTR_LATENT_DENSITY: model.density.attrs() if model.density else None,
-        catalog.ATTR_STORE_ID: store_id,
-        "input_store": str(store.resolve()),
-        catalog.ATTR_OPTIONS: {"batch_size": config.batch_size},
+        schema.CATALOG_ATTR_STORE_ID: store_id,
+        schema.CATALOG_ATTR_INPUT_STORE: str(store.resolve()),
+        schema.CATALOG_ATTR_OPTIONS: {"batch_size": config.batch_size},
         "versions": _versions(),
         "command_line": shlex.join(sys.argv),
-        "run_id": uuid.uuid4().hex,
+        schema.CATALOG_ATTR_RUN_ID: uuid.uuid4().hex,
     }
 
 
@@ -454,7 +439,7 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
         store=str(store.resolve()),
         store_id=input_id,
         out=str(out.resolve()),
-        run_id=out_attrs["run_id"],
+        run_id=out_attrs[schema.CATALOG_ATTR_RUN_ID],
         index=-1,
         model_key=model_hash,
         model_path=model_path,
@@ -470,7 +455,7 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
         layout,
         done,
         jobs,
-        out_attrs[catalog.ATTR_COMPLETE] is True,
+        out_attrs[schema.CATALOG_ATTR_COMPLETE] is True,
     )
 
 
@@ -519,7 +504,7 @@ def _map_on(
     )
 
 
-def _worker_mapper(client: Client, config: EncodeConfig) -> catalog.ChunkMapper:
+def _worker_mapper(client: Client, config: EncodeConfig) -> catalog_verify.ChunkMapper:
     """A ``map`` that runs per-chunk checks on the cluster, bounded like the encode tasks."""
 
     def mapper(check: Callable[[int], list[str]], chunks: Iterable[int]) -> Iterable[list[str]]:
@@ -535,7 +520,7 @@ def _verify(
     if not config.verify:
         return False
     mapper = None if client is None else _worker_mapper(client, config)
-    report = catalog.verify_catalog(out, store, map_chunks=mapper)
+    report = catalog_verify.verify_catalog(out, store, map_chunks=mapper)
     if not report.ok:
         raise CatalogError(
             f"verification FAILED, the catalogue is not sound: {report}\nEncode it again with "
@@ -582,13 +567,13 @@ def _summarise(
         wall_s=time.perf_counter() - started,
         output_bytes=catalog.catalog_nbytes(out),
         verified=verified,
-        checks=catalog.VERIFY_CHECKS + " and against the input store" if verified else "",
+        checks=catalog_verify.VERIFY_CHECKS + " and against the input store" if verified else "",
     )
 
 
 def verify(
     path: PathLike, store: PathLike | None = None, *, client: Client | None = None
-) -> catalog.VerifyReport:
-    """:func:`xpbatch.catalog.verify_catalog`, on ``client``'s workers when one is given."""
+) -> catalog_verify.VerifyReport:
+    """:func:`xpbatch.catalog_verify.verify_catalog`, on ``client``'s workers when one is given."""
     mapper = None if client is None else _worker_mapper(client, EncodeConfig())
-    return catalog.verify_catalog(path, store, map_chunks=mapper)
+    return catalog_verify.verify_catalog(path, store, map_chunks=mapper)

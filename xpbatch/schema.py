@@ -28,6 +28,20 @@ def coeff_labels(n_bp: int = N_BP, n_rp: int = N_RP) -> list[str]:
     return [f"bp_{i}" for i in range(n_bp)] + [f"rp_{i}" for i in range(n_rp)]
 
 
+# --- attributes and groups of both -----------------------------------------------------------
+ATTR_UNITS = "units"
+ATTR_DESCRIPTION = "description"
+ATTR_COORDINATES = "coordinates"
+"""Names the coordinates of a variable (xarray reads it)."""
+ATTR_FLAG_MASKS = "flag_masks"
+ATTR_FLAG_MEANINGS = "flag_meanings"
+ATTR_RECORD_FIELDS = "fields"
+"""Of a bookkeeping array: what its columns hold."""
+ATTR_RECORD_MISSING = "missing"
+"""Of a bookkeeping array: its fill value, held where nothing was recorded yet."""
+BOOKKEEPING_GROUP = "_xpbatch"
+"""xpbatch's own records (what was written, by whom), beside the data variables."""
+
 # --- the input XP store ---------------------------------------------------------------------
 STORE_SCHEMA_VERSION = 1
 SOURCE_ID = dr3.SOURCE_ID
@@ -72,6 +86,12 @@ DR3_SCALARS: dict[str, tuple[str, str, str]] = {
     },
 }
 """The DR3 columns besides the arrays that a store may carry (``--scalars``)."""
+CHUNK_FILES = f"{BOOKKEEPING_GROUP}/chunk_files"
+"""(chunk, variable) int64 array: the byte size of every chunk file, recorded by the writer of
+that chunk right after writing it (-1: never written). Readers check each file against it, so a
+chunk file deleted or truncated later is an error, never the fill value standing in for data.
+Its attribute ``variables`` (:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
+ATTR_CHUNK_FILE_VARIABLES = "variables"
 
 # Group attributes of a store.
 STORE_ATTR_SCHEMA_VERSION = "xpbatch_store_schema_version"
@@ -83,6 +103,20 @@ STORE_ATTR_DATA_RELEASE = "data_release"
 STORE_ATTR_PARTITION_RANGES = "partition_ranges"
 """``[[lo, hi], ...]``: the DR3 bulk partitions (HEALPix level-8, inclusive) of the input files,
 when their names follow the DR3 pattern; export-parquet splits its files by them."""
+STORE_ATTR_XPBATCH_VERSION = "xpbatch_version"
+STORE_ATTR_CREATED = "created"
+STORE_ATTR_FINALIZED = "finalized"
+STORE_ATTR_UUID = "store_uuid"
+"""A random id drawn at creation; hashed into ``store_id``."""
+STORE_ATTR_CHUNK_ROWS = "chunk_rows"
+STORE_ATTR_SCALARS = "scalars"
+STORE_ATTR_WITH_CORRELATIONS = "with_correlations"
+STORE_ATTR_WITH_POSITIONS = "with_positions"
+STORE_ATTR_CHUNK_RANGES = "source_id_chunk_ranges"
+"""``[[first, last], ...]``: the source_id range of every chunk, recorded by finalize."""
+STORE_ATTR_SKIPPED_ROW_COUNT = "skipped_row_count"
+"""Malformed input rows that ingest skipped (and listed, up to a limit, in ``skipped_rows``)."""
+STORE_ATTR_SKIPPED_ROWS = "skipped_rows"
 
 FLUX_UNITS = "electron/s"
 G_ZERO_POINT_MAG = dr3.G_ZERO_POINT_MAG
@@ -108,6 +142,32 @@ class InputFlag(enum.IntFlag):
 
 # --- the output catalogue -------------------------------------------------------------------
 CATALOG_SCHEMA_VERSION = 1
+# Group attributes of a catalogue.
+CATALOG_ATTR_COMPLETE = "complete"
+CATALOG_ATTR_SCHEMA_VERSION = "xpbatch_catalog_schema_version"
+CATALOG_ATTR_LAYOUT = "layout"
+CATALOG_ATTR_MODEL_HASH = "model_hash"
+CATALOG_ATTR_STORE_ID = "input_store_id"
+CATALOG_ATTR_INPUT_STORE = "input_store"
+CATALOG_ATTR_OPTIONS = "options"
+CATALOG_ATTR_RUN_ID = "run_id"
+CATALOG_ATTR_START_TIME = "start_time"
+CATALOG_ATTR_END_TIME = "end_time"
+CATALOG_ATTR_RESUMED = "resumed"
+"""Times (UTC) at which ``--resume`` continued the run."""
+CATALOG_FINGERPRINT_ATTRS = (
+    CATALOG_ATTR_SCHEMA_VERSION,
+    CATALOG_ATTR_MODEL_HASH,
+    CATALOG_ATTR_STORE_ID,
+    CATALOG_ATTR_LAYOUT,
+    CATALOG_ATTR_OPTIONS,
+)
+"""Attributes that must be equal for ``--resume`` to continue a catalogue."""
+RECORDS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_records"
+"""(chunk, field) int64: one completion record per chunk; its attribute ``fields`` names them."""
+DEVICES_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_devices"
+"""Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
+written; absent in catalogues written before xpbatch recorded it)."""
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
 SCATTER = "scatter"

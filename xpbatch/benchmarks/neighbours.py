@@ -40,9 +40,9 @@ def synthetic_catalog(path: Path, n_rows: int, *, chunk_rows: int = 65536, seed:
         n_rows=n_rows, chunk_rows=chunk_rows, latent_dim=LATENT_DIM, with_anomaly_score=True
     )
     attrs = {
-        catalog.ATTR_MODEL_HASH: "synthetic",
-        catalog.ATTR_STORE_ID: "synthetic",
-        catalog.ATTR_OPTIONS: {},
+        schema.CATALOG_ATTR_MODEL_HASH: "synthetic",
+        schema.CATALOG_ATTR_STORE_ID: "synthetic",
+        schema.CATALOG_ATTR_OPTIONS: {},
         "run_id": "synthetic",
         schema.ATTR_LATENT_DENSITY: density.attrs(),
     }

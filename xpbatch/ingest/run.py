@@ -219,8 +219,8 @@ def _provenance(parts: list[PartInfo]) -> dict[str, Any]:
     bad = [dataclasses.asdict(b) for p in parts for b in p.bad_rows]
     return {
         schema.STORE_ATTR_INPUT_FILES: list(files.values()),
-        "skipped_row_count": len(bad),
-        "skipped_rows": bad[:MAX_RECORDED_BAD_ROWS],
+        schema.STORE_ATTR_SKIPPED_ROW_COUNT: len(bad),
+        schema.STORE_ATTR_SKIPPED_ROWS: bad[:MAX_RECORDED_BAD_ROWS],
     }
 
 

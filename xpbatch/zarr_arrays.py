@@ -1,0 +1,246 @@
+"""The Zarr layer under the XP store and the catalogue: array specs, codecs, templates, opening,
+region writes and chunk files.
+
+Both outputs are Zarr v3 groups of arrays chunked along ``source`` only, written template first
+and then one chunk-aligned region per task. What differs between them (their variables, their
+attributes, how they check themselves) lives in :mod:`xpbatch.store` and :mod:`xpbatch.catalog`;
+what they share is here, so an error always names the kind of thing it opened (:data:`STORE`
+or :data:`CATALOG`) with its path and array.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import enum
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import zarr
+import zarr.codecs
+from zarr.core.sync import sync as zarr_sync
+
+from xpbatch import schema
+from xpbatch.errors import CatalogError, StoreError, StoreNotFoundError
+from xpbatch.paths import PathLike
+
+
+# --- what is being opened -------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Kind:
+    """Which xpbatch output a Zarr group is, for error messages that name it."""
+
+    noun: str
+    """E.g. 'XP store': starts the sentence '... does not exist'."""
+    article_noun: str
+    """E.g. 'an XP store': ends the question 'is it ...?'."""
+    error: type[StoreError] | type[CatalogError]
+    """Raised for a group or array that is not what it should be."""
+    remedy: str
+    """What to do when it does not exist."""
+
+
+STORE = Kind(
+    "XP store", "an XP store", StoreError, "build one with `xpbatch ingest` or `xpbatch mock`"
+)
+CATALOG = Kind(
+    "catalogue",
+    "an xpbatch catalogue",
+    CatalogError,
+    "write one with `xpbatch encode-catalog`",
+)
+
+
+def open_group(
+    path: Path, kind: Kind, *, mode: Literal["r", "r+"] = "r", use_consolidated: bool | None = None
+) -> zarr.Group:
+    """The Zarr v3 group at ``path``; StoreNotFoundError or ``kind.error`` naming what it is."""
+    if not path.exists():
+        raise StoreNotFoundError(f"{kind.noun} {path} does not exist; {kind.remedy}")
+    try:
+        return zarr.open_group(path, mode=mode, use_consolidated=use_consolidated)
+    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:
+        raise kind.error(f"{path} is not a Zarr v3 group ({e}); is it {kind.article_noun}?") from e
+
+
+def get_array(group: zarr.Group, name: str, kind: Kind) -> zarr.Array:
+    """The array ``name`` of ``group``, writing every chunk; ``kind.error`` if it is missing."""
+    node = group.get(name)
+    if not isinstance(node, zarr.Array):
+        raise kind.error(
+            f"{kind.noun} {group.store_path} has no array {name!r}: not {kind.article_noun} "
+            "written by xpbatch, or damaged"
+        )
+    # write_empty_chunks is not stored in the metadata: set it on every open, so a chunk that
+    # equals the fill value is still written and a missing chunk always means "never written".
+    return node.with_config({"write_empty_chunks": True})
+
+
+def open_arrays(path: PathLike, names: Iterable[str], kind: Kind) -> dict[str, zarr.Array]:
+    """Arrays of the Zarr group at ``path``, by name (``kind.error`` if one is missing)."""
+    group = open_group(Path(path), kind)
+    return {name: get_array(group, name, kind) for name in names}
+
+
+# --- specs and templates --------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ArraySpec:
+    """One row variable: its name, dtype, dimensions, fill value and attributes."""
+
+    name: str
+    dtype: str
+    dims: tuple[str, ...]
+    fill_value: Any
+    units: str
+    description: str
+    width: int = 0
+    """Length of the second dimension (0 for (source,) variables)."""
+    extra_attrs: tuple[tuple[str, Any], ...] = ()
+
+    def shape(self, n_rows: int) -> tuple[int, ...]:
+        """Array shape for ``n_rows`` rows."""
+        return (n_rows, self.width) if self.width else (n_rows,)
+
+
+def blosc_crc32c(shuffle: Literal["bitshuffle", "shuffle"]) -> tuple[Any, ...]:
+    """Blosc lz4 with ``shuffle``, then a crc32c checksum: the codec chain of every row array.
+
+    The crc32c codec turns a corrupted chunk into a read error instead of silent wrong values.
+    """
+    return (
+        zarr.codecs.BloscCodec(cname="lz4", clevel=5, shuffle=shuffle),
+        zarr.codecs.Crc32cCodec(),
+    )
+
+
+def flag_attrs(flags: type[enum.IntFlag]) -> tuple[tuple[str, Any], ...]:
+    """CF ``flag_masks``/``flag_meanings`` of an IntFlag."""
+    return (
+        (schema.ATTR_FLAG_MASKS, [int(f) for f in flags]),
+        (schema.ATTR_FLAG_MEANINGS, " ".join(str(f.name).lower() for f in flags)),
+    )
+
+
+def create_row_arrays(
+    group: zarr.Group,
+    specs: Iterable[ArraySpec],
+    *,
+    n_rows: int,
+    chunk_rows: int,
+    compressors: tuple[Any, ...],
+    coordinates: Sequence[str],
+) -> None:
+    """Create every row array of a template: NaN (fill) valued, chunked along ``source`` only.
+
+    The arrays not in ``coordinates`` name them in their ``coordinates`` attribute, which xarray
+    reads to make them coordinates.
+    """
+    for spec in specs:
+        attributes: dict[str, Any] = {
+            schema.ATTR_UNITS: spec.units,
+            schema.ATTR_DESCRIPTION: spec.description,
+        }
+        attributes.update(spec.extra_attrs)
+        if spec.name not in coordinates:
+            attributes[schema.ATTR_COORDINATES] = " ".join(coordinates)
+        group.create_array(
+            spec.name,
+            shape=spec.shape(n_rows),
+            chunks=spec.shape(chunk_rows),
+            dtype=spec.dtype,
+            fill_value=spec.fill_value,
+            compressors=compressors,
+            dimension_names=list(spec.dims),
+            attributes=attributes,
+            config={"write_empty_chunks": True},
+        )
+
+
+def write_axis(group: zarr.Group, name: str, values: np.ndarray, description: str) -> None:
+    """Create the 1-D coordinate array ``name`` (its own dimension) holding ``values``."""
+    axis = group.create_array(
+        name,
+        shape=values.shape,
+        dtype=values.dtype if values.dtype.kind != "U" else str,
+        dimension_names=[name],
+        attributes={schema.ATTR_UNITS: "1", schema.ATTR_DESCRIPTION: description},
+    )
+    axis[:] = values
+
+
+def consolidate(path: Path) -> None:
+    """Consolidate the group's metadata, so that ``xarray.open_zarr(path)`` opens it in one read."""
+    with warnings.catch_warnings():
+        # Consolidated metadata is a zarr-python extension to Zarr v3; xarray reads it and
+        # warns when it is absent, so we write it (and silence zarr's note about it).
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def utc_now() -> str:
+    """The time now, in UTC, ISO 8601 to the second: what the outputs' time attributes hold."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+# --- region writes --------------------------------------------------------------------------------
+def write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice) -> None:
+    """Write ``rows`` of several arrays in one trip through Zarr's event loop.
+
+    Zarr compresses each chunk in a thread of its own, so the arrays are encoded at once.
+    Measured on a 24k-row chunk of 25 variables: 40% less CPU than writing them one by one.
+    """
+
+    async def write_all() -> None:
+        await asyncio.gather(*(array.async_array.setitem(rows, v) for array, v in writes))
+
+    zarr_sync(write_all())
+
+
+# --- chunk files ----------------------------------------------------------------------------------
+def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
+    """The file of chunk ``index`` (along ``source``) of ``array`` in the group at ``path``."""
+    return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+
+
+def fsync_chunk(path: Path, arrays: Iterable[zarr.Array], index: int) -> None:
+    """fsync chunk ``index`` of each array, so a record written next never outlives its data."""
+    for array in arrays:
+        fd = os.open(chunk_file(path, array, index), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def chunk_file_sizes(path: Path, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
+    """(chunk index, "NAME chunk I (rows A..B): file F", size or -1 if missing) of every chunk
+    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each."""
+    chunk_rows = array.chunks[0]
+    for index in range(-(-array.shape[0] // chunk_rows)):
+        file = chunk_file(path, array, index)
+        try:
+            size = file.stat().st_size
+        except FileNotFoundError:
+            size = -1
+        stop = min((index + 1) * chunk_rows, array.shape[0])
+        where = (
+            f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file "
+            f"{file.relative_to(path)}"
+        )
+        yield index, where, size
+
+
+MAX_LISTED_PROBLEMS = 10
+"""Chunk-file problems named one by one in a message; the rest are counted."""
+
+
+def describe_chunk_problems(problems: Sequence[str]) -> str:
+    """The first :data:`MAX_LISTED_PROBLEMS` chunk problems and how many more, in one sentence."""
+    shown = "; ".join(problems[:MAX_LISTED_PROBLEMS])
+    more = len(problems) - MAX_LISTED_PROBLEMS
+    return shown + (f"; and {more} more" if more > 0 else "")
