@@ -190,7 +190,7 @@ def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:
     catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
     zarr.open_group(path, mode="r+").__delitem__(schema.BOOKKEEPING_GROUP)
     assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
-    assert isinstance(zarr.open_group(path)[catalog.RECORDS_GROUP], zarr.Group)
+    assert isinstance(zarr.open_group(path)[schema.BOOKKEEPING_GROUP], zarr.Group)
 
 
 # --- open ----------------------------------------------------------------------------------------

@@ -215,7 +215,7 @@ def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None 
                 f"the model reads coefficients in the order {expected[0]} … {expected[-1]} "
                 f"(BP then RP), the store's coeff axis is {labels[:2]} … {labels[-1:]}"
             )
-    units = ds[schema.COEFFICIENTS].attrs.get("units")
+    units = ds[schema.COEFFICIENTS].attrs.get(schema.ATTR_UNITS)
     if units not in (None, schema.FLUX_UNITS):
         raise ModelMismatchError(
             f"the model's input recipe expects coefficients in {schema.FLUX_UNITS}, the store "
