@@ -1,0 +1,156 @@
+"""The Zarr layer under the store and the catalogue: errors that name the right kind of thing,
+the store's concurrent chunk reader, and the catalogue's concurrent chunk writes that still
+record a chunk only after all of its variables are on disk."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from xpbatch import catalog, schema, zarr_arrays
+from xpbatch.encode import INPUT_VARIABLES
+from xpbatch.errors import CatalogError, InputShapeError, StoreError, StoreNotFoundError
+from xpbatch.store import ChunkReader, open_variables, present_variables
+
+CHUNK_ROWS = 128
+N_ROWS = 3 * CHUNK_ROWS + 40  # a short last chunk
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, make_xp_store: Callable[..., Path]) -> Path:
+    return make_xp_store(tmp_path_factory.mktemp("za") / "s.zarr", N_ROWS, chunk_rows=CHUNK_ROWS)
+
+
+def _not_zarr(root: Path) -> Path:
+    (root / "x.zarr").mkdir()
+    (root / "x.zarr" / "notes.txt").write_text("hello")
+    return root / "x.zarr"
+
+
+# (kind, what the messages must say)
+KINDS = {
+    "store": (zarr_arrays.STORE, StoreError, "XP store", "is it an XP store?"),
+    "catalogue": (zarr_arrays.CATALOG, CatalogError, "catalogue", "an xpbatch catalogue?"),
+}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_opening_errors_name_the_kind_and_the_path(tmp_path: Path, kind: str) -> None:
+    which, error, noun, question = KINDS[kind]
+    missing = tmp_path / "nowhere.zarr"
+    with pytest.raises(StoreNotFoundError, match=re.escape(f"{noun} {missing} does not exist; ")):
+        zarr_arrays.open_group(missing, which)
+    with pytest.raises(error, match=rf"not a Zarr v3 group .*{re.escape(question)}"):
+        zarr_arrays.open_group(_not_zarr(tmp_path), which)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_missing_array_names_the_kind_and_the_array(store: Path, kind: str) -> None:
+    which, error, noun, _ = KINDS[kind]
+    with pytest.raises(error, match=rf"{noun} .* has no array 'latent_mean'"):
+        zarr_arrays.open_arrays(store, [schema.SOURCE_ID, schema.LATENT_MEAN], which)
+
+
+def test_the_pipeline_input_speaks_of_a_store_not_a_catalogue(store: Path, tmp_path: Path) -> None:
+    """Encode reads its input through the store module: its errors name the XP store."""
+    not_a_store = tmp_path / "c.zarr"
+    catalog.create_catalog(not_a_store, LAYOUT, attrs={})
+    with pytest.raises(StoreError, match=r"XP store .* has no array 'coefficients'") as e:
+        ChunkReader(not_a_store, INPUT_VARIABLES)
+    assert "catalogue" not in str(e.value)
+    assert present_variables(not_a_store, [schema.SOURCE_ID, schema.COEFFICIENTS]) == (
+        schema.SOURCE_ID,
+    )
+
+
+@pytest.mark.parametrize(
+    "rows",
+    [slice(0, CHUNK_ROWS), slice(CHUNK_ROWS, 3 * CHUNK_ROWS), slice(3 * CHUNK_ROWS, N_ROWS)],
+    ids=["first-chunk", "two-chunks", "short-last-chunk"],
+)
+def test_chunk_reader_reads_what_zarr_reads(store: Path, rows: slice) -> None:
+    got = ChunkReader(store, INPUT_VARIABLES).read(rows)
+    arrays = open_variables(store, INPUT_VARIABLES)
+    assert list(got) == list(INPUT_VARIABLES)
+    for name, array in arrays.items():
+        np.testing.assert_array_equal(got[name], array[rows], err_msg=name)
+
+
+def test_chunk_reader_names_a_damaged_chunk(store: Path, tmp_path: Path) -> None:
+    damaged = tmp_path / "s.zarr"
+    shutil.copytree(store, damaged)
+    reader = ChunkReader(damaged, INPUT_VARIABLES)
+    (damaged / schema.PHOT_G_MEAN_FLUX / "c" / "1").unlink()
+    with pytest.raises(StoreError, match=r"phot_g_mean_flux chunk 1 of .*is missing"):
+        reader.read(slice(CHUNK_ROWS, 2 * CHUNK_ROWS))
+
+
+LAYOUT = catalog.CatalogLayout(n_rows=N_ROWS, chunk_rows=CHUNK_ROWS, latent_dim=3)
+
+
+def _outputs(index: int) -> dict[str, np.ndarray]:
+    rows = LAYOUT.rows(index)
+    n = rows.stop - rows.start
+    rng = np.random.default_rng(index)
+    outputs = {v.name: rng.normal(size=v.shape(n)).astype(v.dtype) for v in LAYOUT.variables()}
+    outputs[schema.FLAGS] = np.zeros(n, np.uint16)
+    return outputs
+
+
+@pytest.fixture
+def template(tmp_path: Path) -> Path:
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs={})
+    return path
+
+
+def test_chunk_writes_land_in_their_region(template: Path) -> None:
+    outputs = _outputs(3)
+    catalog.CatalogWriter(template).write_chunk(3, outputs)
+    arrays = catalog.open_arrays(template, outputs)
+    for name, values in outputs.items():
+        np.testing.assert_array_equal(arrays[name][LAYOUT.rows(3)], values, err_msg=name)
+        assert np.isnan(arrays[name][LAYOUT.rows(2)]).all() or name in (
+            schema.SOURCE_ID,
+            schema.FLAGS,
+        )
+    assert catalog.completed_chunks(template) == {3}
+
+
+def test_a_bad_variable_writes_nothing_of_the_chunk(template: Path) -> None:
+    """Every variable is checked before any is written (they are then written at once)."""
+    outputs = _outputs(0)
+    outputs[schema.FLAGS] = outputs[schema.FLAGS][:-1]
+    with pytest.raises(InputShapeError, match=r"chunk 0 of .*flags must have shape"):
+        catalog.CatalogWriter(template).write_chunk(0, outputs)
+    assert not [v.name for v in LAYOUT.variables() if (template / v.name / "c" / "0").exists()]
+    assert catalog.completed_chunks(template) == set()
+
+
+def test_the_record_is_written_after_the_data_is_on_disk(
+    template: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A writer killed before the fsync of its chunk files leaves no record: resume redoes it."""
+
+    def killed(path: Path, arrays: object, index: int) -> None:
+        raise KeyboardInterrupt  # stands in for the process dying here
+
+    monkeypatch.setattr(zarr_arrays, "fsync_chunk", killed)
+    with pytest.raises(KeyboardInterrupt):
+        catalog.CatalogWriter(template).write_chunk(1, _outputs(1))
+    assert all((template / v.name / "c" / "1").exists() for v in LAYOUT.variables() if v.width == 0)
+    assert catalog.completed_chunks(template) == set()
+
+
+def test_template_arrays_name_their_coordinates(template: Path) -> None:
+    group = zarr.open_group(template, mode="r")
+    assert schema.ATTR_COORDINATES not in group[schema.SOURCE_ID].attrs
+    assert group[schema.RMSE].attrs[schema.ATTR_COORDINATES] == schema.SOURCE_ID
+    records = group[schema.RECORDS_ARRAY]
+    assert records.attrs[schema.ATTR_RECORD_FIELDS] == list(catalog.RECORD_FIELDS)
