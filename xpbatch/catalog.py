@@ -1,4 +1,4 @@
-"""The output catalogue: template, region writes, completion records, open and verify.
+"""The output catalogue: template, region writes, completion records, open.
 
 Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
 
@@ -18,14 +18,19 @@ How a run stays correct when it is killed at any moment (see ../shared/RELIABILI
    checksum in every codec chain), and the ``_xpbatch`` group last: a template without it is
    unfinished and is rebuilt on resume.
 2. A task writes exactly the rows of one input chunk, i.e. one chunk of every output array
-   (:class:`CatalogWriter` checks the alignment itself), flushes the files to disk, and only then
-   writes that chunk's completion record. The record is a single chunk of the ``chunk_records``
-   array, so writing it is one atomic file rename; it holds the chunk's row and flag counts.
+   (:class:`CatalogWriter` checks the alignment and every shape first, then writes the variables
+   at once), flushes the files to disk, and only then writes that chunk's completion record.
+   The record is a single chunk of the ``chunk_records`` array, so writing it is one atomic file
+   rename; it holds the chunk's row and flag counts.
 3. Everything a task writes is a deterministic function of its input chunk, so a task that
    runs twice (Dask may do that after a worker dies) writes the same bytes.
 4. :func:`xpbatch.catalog_verify.verify_catalog` then checks every chunk and
-   :func:`mark_complete` sets
-   ``complete = true``; :func:`open_catalog` refuses a catalogue without it.
+   :func:`mark_complete` sets ``complete = true``; :func:`open_catalog` refuses a catalogue
+   without it.
+
+The Zarr plumbing the catalogue shares with the input store (specs, codecs, templates, opening,
+region writes, chunk files) is :mod:`xpbatch.zarr_arrays`; every name on disk is in
+:mod:`xpbatch.schema`.
 
 The catalogue is written to a POSIX filesystem that every worker sees (local disk, NFS, Lustre,
 GPFS): records rely on atomic renames and chunk files are fsynced before their record.

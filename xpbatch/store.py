@@ -20,7 +20,11 @@ A store is written template first (:meth:`XPStoreWriter.create` writes all metad
 by chunk (:meth:`XPStoreWriter.write_rows`, one task per chunk-aligned region), then
 :meth:`XPStoreWriter.finalize` checks that every row was written with ascending unique
 ``source_id`` and only then marks the store ``complete``. Readers (:func:`open_xp_store`) refuse
-stores that are not complete.
+stores that are not complete; the encode tasks read their chunk's rows with :class:`ChunkReader`.
+
+The variables themselves are defined in :mod:`xpbatch.store_layout`, the checks (schema, order,
+chunk files) are :mod:`xpbatch.store_checks`, and the Zarr plumbing the store shares with the
+catalogue is :mod:`xpbatch.zarr_arrays`.
 """
 
 from __future__ import annotations
