@@ -335,9 +335,10 @@ def prepare_output(
             raise ResumeRefusedError(
                 f"cannot --resume {path}: it is not an xpbatch catalogue. Nothing was changed."
             )
-        if _is_empty_dir(path) or schema.BOOKKEEPING_GROUP not in zarr_arrays.open_group(
-            path, CATALOG
-        ):
+        unfinished = _is_empty_dir(path) or (
+            schema.BOOKKEEPING_GROUP not in zarr_arrays.open_group(path, CATALOG)
+        )
+        if unfinished:
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
