@@ -73,12 +73,18 @@ def get_array(group: zarr.Group, name: str, kind: Kind) -> zarr.Array:
     node = group.get(name)
     if not isinstance(node, zarr.Array):
         raise kind.error(
-            f"{kind.noun} {group.store_path} has no array {name!r}: not {kind.article_noun} "
+            f"{kind.noun} {_where(group)} has no array {name!r}: not {kind.article_noun} "
             "written by xpbatch, or damaged"
         )
     # write_empty_chunks is not stored in the metadata: set it on every open, so a chunk that
     # equals the fill value is still written and a missing chunk always means "never written".
     return node.with_config({"write_empty_chunks": True})
+
+
+def _where(group: zarr.Group) -> str:
+    """The group's directory (a local store), else its store path."""
+    root = getattr(group.store_path.store, "root", None)
+    return str(root) if root is not None else str(group.store_path)
 
 
 def open_arrays(path: PathLike, names: Iterable[str], kind: Kind) -> dict[str, zarr.Array]:
