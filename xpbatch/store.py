@@ -688,9 +688,10 @@ def present_variables(path: PathLike, names: Iterable[str]) -> tuple[str, ...]:
 class ChunkReader:
     """Reads row ranges of some of a store's variables, all of them at once.
 
-    Zarr decodes an array's chunk in one thread, so the variables are read in a thread each:
-    see the README's measurement of a 65,536-row chunk. A damaged chunk is a StoreError naming
-    its variable, chunk and file (:func:`xpbatch.store_checks.read_rows_checked`).
+    Zarr decodes an array's chunk in one thread (Blosc, called off the main thread, does not
+    start its own), so each variable is read in a thread of its own and their decoding overlaps
+    on a worker with cores to spare. A damaged chunk is a StoreError naming its variable, chunk
+    and file (:func:`xpbatch.store_checks.read_rows_checked`).
 
     Examples
     --------
