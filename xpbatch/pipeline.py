@@ -3,8 +3,8 @@
 One task per input chunk: read the chunk (its arrays read concurrently by
 :class:`xpbatch.store.ChunkReader`), run the encode kernel (:func:`xpbatch.encode.encode_chunk`)
 on the worker's device, write its aligned region of the catalogue (the variables written
-concurrently) and then its completion record (:class:`xpbatch.catalog.CatalogWriter`). Without a client the same function runs serially in
-this process, which the tests use as the reference.
+concurrently) and then its completion record (:class:`xpbatch.catalog.CatalogWriter`). Without
+a client the same function runs serially in this process, which the tests use as the reference.
 
 The Dask machinery is not here: :mod:`xpbatch.executor` submits the tasks (bounded, retried,
 failures named) and :mod:`xpbatch.workers` holds what each worker process keeps (the model on
