@@ -32,6 +32,7 @@ from xpbatch.config import EncodeConfig
 from xpbatch.demo import store_ready
 from xpbatch.encode import INPUT_VARIABLES, encode_chunk
 from xpbatch.schema import DR3_N_SOURCES
+from xpbatch.store import open_variables
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -109,7 +110,7 @@ def measure_cpu_efficiency(
     from xpbatch.pipeline import encode_catalog
 
     model = load_model(model_path)
-    n_rows = int(catalog.open_arrays(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
+    n_rows = int(open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
     x = torch.randn(n_rows, model.config.input_dim, generator=torch.Generator().manual_seed(0))
     config = EncodeConfig(overwrite=True, progress_bar=False)
     threads = torch.get_num_threads()
@@ -230,7 +231,7 @@ def tiled_store(source: Path, rows: int, workdir: Path, *, echo: Callable[[str],
     if store_ready(path):
         return path
     echo(f"writing {rows:,} rows (tiles of {source.name}) to {path} (once)…")
-    arrays = catalog.open_arrays(source, [n for n in INPUT_VARIABLES if n != schema.SOURCE_ID])
+    arrays = open_variables(source, [n for n in INPUT_VARIABLES if n != schema.SOURCE_ID])
     n_source = arrays[schema.COEFFICIENTS].shape[0]
     chunk_rows = arrays[schema.COEFFICIENTS].chunks[0]
     writer = XPStoreWriter.create(path, rows, chunk_rows=chunk_rows, overwrite=True)
@@ -256,7 +257,7 @@ def bench_model(store: Path, workdir: Path) -> Path:
     from xpbatch.density import fit_density
     from xpbatch.trained import Normalisation, TrainedModel, standardise
 
-    sample = catalog.open_arrays(store, INPUT_VARIABLES)
+    sample = open_variables(store, INPUT_VARIABLES)
     rows = slice(0, 20_000)
     coefficients = np.asarray(sample[schema.COEFFICIENTS][rows])
     inp = standardise(
@@ -284,7 +285,7 @@ def bare_loop(store: Path, model: TrainedModel, out: Path) -> None:
     """Read chunk -> encode -> write chunk, in this process, torch on every core."""
     import torch
 
-    inputs = catalog.open_arrays(store, INPUT_VARIABLES)
+    inputs = open_variables(store, INPUT_VARIABLES)
     n_rows = inputs[schema.SOURCE_ID].shape[0]
     chunk_rows = inputs[schema.COEFFICIENTS].chunks[0]
     layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
