@@ -55,9 +55,8 @@ from xpbatch import schema, zarr_arrays
 from xpbatch.errors import (
     CatalogError,
     InputShapeError,
-    OutputExistsError,
-    ResumeRefusedError,
 )
+from xpbatch.outputs import check_same_run, claim_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
 from xpbatch.zarr_arrays import CATALOG, ArraySpec, flag_attrs
@@ -328,13 +327,18 @@ def prepare_output(
     with :class:`~xpbatch.errors.ResumeRefusedError`.
     """
     path = Path(path)
-    if path.exists() and not resume:
-        _refuse_or_remove(path, overwrite)
-    if path.exists() and resume:
-        if not (_is_empty_dir(path) or _is_catalog(path)):
-            raise ResumeRefusedError(
-                f"cannot --resume {path}: it is not an xpbatch catalogue. Nothing was changed."
-            )
+    exists = path.exists()
+    resumed = claim_output(
+        path,
+        exists=exists,
+        ours=_is_empty_dir(path) or _is_catalog(path),
+        resume=resume,
+        overwrite=overwrite,
+        what="catalogue",
+        found=_describe_existing(path) if exists else "",
+        remove=lambda: shutil.rmtree(path),
+    )
+    if resumed:
         unfinished = _is_empty_dir(path) or (
             schema.BOOKKEEPING_GROUP not in zarr_arrays.open_group(path, CATALOG)
         )
@@ -349,8 +353,8 @@ def prepare_output(
                 found.get(schema.CATALOG_ATTR_COMPLETE) is not True
             ):  # a complete catalogue is left as it is
                 remove_interrupted_writes(path)
-                resumed = [*found.get(schema.CATALOG_ATTR_RESUMED, []), zarr_arrays.utc_now()]
-                group.attrs.update({schema.CATALOG_ATTR_RESUMED: resumed})
+                times = [*found.get(schema.CATALOG_ATTR_RESUMED, []), zarr_arrays.utc_now()]
+                group.attrs.update({schema.CATALOG_ATTR_RESUMED: times})
             return completed_chunks(path)
     create_catalog(path, layout, attrs=attrs)
     return set()
@@ -360,25 +364,9 @@ def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
-def _refuse_or_remove(path: Path, overwrite: bool) -> None:
-    if not overwrite:
-        what = _describe_existing(path)
-        raise OutputExistsError(
-            f"{path} already exists ({what}); pass --resume to continue it, --overwrite to "
-            "replace it, or choose another output path. Nothing was changed."
-        )
-    if not (_is_empty_dir(path) or _is_catalog(path)):
-        # Never rm -rf something that is not ours, whatever the flag says.
-        raise OutputExistsError(
-            f"{path} exists and is not an xpbatch catalogue; refusing to overwrite it"
-        )
-    logger.info("overwriting %s", path)
-    shutil.rmtree(path)
-
-
 def _describe_existing(path: Path) -> str:
     if not _is_catalog(path):
-        return "not an xpbatch catalogue"
+        return "an empty directory" if _is_empty_dir(path) else "files of another kind"
     attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     if attrs.get(schema.CATALOG_ATTR_COMPLETE) is True:
         return "a complete catalogue"
@@ -398,17 +386,7 @@ def _check_fingerprint(
         schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
         schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
     }
-    differences = [
-        f"{key}: the catalogue has {found.get(key)!r}, this run has {value!r}"
-        for key, value in expected.items()
-        if found.get(key) != value
-    ]
-    if differences:
-        raise ResumeRefusedError(
-            f"cannot --resume {path}: it was made by a different run ("
-            + "; ".join(differences)
-            + "). Use the same model, store and options, or --overwrite to start again."
-        )
+    check_same_run(path, {k: found.get(k) for k in expected}, expected, what="catalogue")
 
 
 def remove_interrupted_writes(path: PathLike) -> None:

@@ -46,6 +46,27 @@ def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
         )
 
 
+RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress_bar")
+"""Config fields that steer one run without changing its result: never part of a fingerprint
+or of the provenance an output records, so a resumed output equals an uninterrupted one."""
+
+
+def result_options(config: Any) -> dict[str, Any]:
+    """The fields of a stage config that shape its output (all but :data:`RUN_CONTROL_FIELDS`)."""
+    options = dataclasses.asdict(config)
+    for name in RUN_CONTROL_FIELDS:
+        options.pop(name, None)
+    return options
+
+
+def _check_resume_or_overwrite(config: Any, what: str) -> None:
+    """One of ``--resume`` (continue) and ``--overwrite`` (start again), never both."""
+    if config.resume and config.overwrite:
+        raise ConfigError(
+            f"--resume continues an existing {what} and --overwrite replaces it; give one"
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """Architecture of the scatter VAE (Laroche & Speagle 2024)."""
@@ -131,9 +152,10 @@ class EncodeConfig:
     with_reconstruction: bool = False
     """Also store the decoder's reconstruction (source, coeff) in e-/s: about twice the size."""
     resume: bool = False
-    """Continue an interrupted run: skip recorded chunks; refuse if model or store differ."""
+    """Continue an interrupted run of the same store, model and options: skip recorded chunks;
+    refuse when they differ. Without an earlier run, start a new one."""
     overwrite: bool = False
-    """Replace an existing catalogue at the output path."""
+    """Replace an existing catalogue at the output path (never a directory of other files)."""
     device: str = "auto"
     """Torch device on each worker: 'auto' = the worker's GPU when it has one, else the CPU."""
     tasks_per_thread: int = 2
@@ -157,10 +179,7 @@ class EncodeConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
-        if self.resume and self.overwrite:
-            raise ConfigError(
-                "--resume continues an existing catalogue and --overwrite replaces it; give one"
-            )
+        _check_resume_or_overwrite(self, "catalogue")
         _check_choice("device", self.device, ENCODE_DEVICES)
         if self.tasks_per_thread < 1 or self.max_attempts < 1:
             raise ConfigError(
@@ -195,8 +214,14 @@ class IngestConfig:
     all present. On the command line: comma-separated names, or 'none'."""
     verify_md5: bool = True
     """Check each file against a _MD5SUM.txt beside it, when there is one."""
+    resume: bool = False
+    """Continue an interrupted ingest of the same files and options: reuse the files already
+    parsed (<output>.parts/); refuse when they differ. Without an earlier run, start a new one."""
     overwrite: bool = False
-    """Replace an existing output store."""
+    """Replace an existing output store (and an interrupted run's parts); the old store stays
+    until the new one is complete."""
+    progress_bar: bool = True
+    """Show a progress bar of XP files parsed on stderr."""
     keep_parts: bool = False
     """Keep the per-file staging parts (<output>.parts/) after a successful ingest."""
     columns: tuple[tuple[str, str], ...] = ()
@@ -212,6 +237,7 @@ class IngestConfig:
         if not 1 <= self.chunk_rows <= 1 << 20:
             raise ConfigError(f"chunk_rows must be in 1..{1 << 20}, got {self.chunk_rows}")
         _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
+        _check_resume_or_overwrite(self, "store")
 
 
 MOCK_FORMATS = ("store", "dr3-bulk")
@@ -436,6 +462,14 @@ class TrainConfig:
     """Streaming: store chunks read and shuffled together (more mixes better, costs memory)."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """Architecture of the network (TOML table [model])."""
+    resume: bool = False
+    """Continue the run from the checkpoint beside the model file (refused when the store, the
+    split or a setting that changes the result differs; epochs may be raised). Without a
+    checkpoint, start a new run."""
+    overwrite: bool = False
+    """Start again even if the model file or its checkpoint exist (they are replaced)."""
+    progress_bar: bool = True
+    """Show a progress bar (epoch, losses, samples/s) on stderr."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):
@@ -480,6 +514,7 @@ class TrainConfig:
         _check_choice("data_placement", self.data_placement, TRAIN_DATA_PLACEMENTS)
         if self.precision != "fp32" and self.device == "cpu":
             raise ConfigError(f"precision {self.precision!r} needs device 'cuda' (or 'auto')")
+        _check_resume_or_overwrite(self, "training run")
 
     @classmethod
     def from_toml(
@@ -489,6 +524,27 @@ class TrainConfig:
         values = read_toml(path) if path is not None else {}
         where = f"configuration file {path}" if path is not None else "configuration"
         return from_mapping(cls, {**values, **(overrides or {})}, where=where)
+
+
+@dataclasses.dataclass(frozen=True)
+class ParquetExportConfig:
+    """How ``export-parquet`` writes a catalogue as Parquet files, one per DR3 partition."""
+
+    threads: int | None = None
+    """Threads of the local pool when no Dask client is given; default one per core."""
+    resume: bool = False
+    """Continue an interrupted export of the same catalogue split by the same partition ranges:
+    keep the whole files, write the missing ones; refuse when they differ. Without an earlier
+    export, start a new one."""
+    overwrite: bool = False
+    """Replace an existing export in the output directory (never files xpbatch did not write)."""
+    progress_bar: bool = True
+    """Show a progress bar of the files written on stderr."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be at least 1, got {self.threads}")
+        _check_resume_or_overwrite(self, "export")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -511,9 +567,10 @@ class HatsExportConfig:
     HEALPix level-12 pixel (about 0.86 arcmin across), marked in the column
     position_from_source_id."""
     resume: bool = False
-    """Continue an interrupted export of the same catalogue with the same options."""
+    """Continue an interrupted export of the same catalogue with the same options (refused
+    when they differ). Without an earlier export, start a new one."""
     overwrite: bool = False
-    """Replace an existing export at the output path."""
+    """Replace an existing export at the output path (never a directory xpbatch did not write)."""
     progress_bar: bool = True
     """Show hats-import's progress bars on stderr."""
 
@@ -526,5 +583,4 @@ class HatsExportConfig:
             raise ConfigError(f"margin_arcsec must be positive, got {self.margin_arcsec}")
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"name may hold letters, digits, '_' and '-' only, got {self.name!r}")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume continues an existing export and --overwrite replaces it")
+        _check_resume_or_overwrite(self, "export")

@@ -14,7 +14,8 @@ one behaviour:
   :class:`~xpbatch.errors.ClusterError` that says how to resume.
 
 Without a client, :func:`map_ordered` runs the same function in a local thread pool (the
-rechunker habit: the same tasks, another executor).
+rechunker habit: the same tasks, another executor). :func:`progress_bar` is every stage's
+progress bar.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from xpbatch.errors import ChunkError, ClusterError
 
@@ -178,3 +180,22 @@ def _check_workers(client: Client, idle_since: float | None, timeout: float) -> 
             "with --resume (finished chunks are kept)"
         )
     return idle_since
+
+
+@contextlib.contextmanager
+def progress_bar(
+    total: int, *, desc: str, unit: str, initial: int = 0, enabled: bool = True
+) -> Iterator[Any]:
+    """A tqdm bar on stderr of ``total`` units (``initial`` done before); ``bar.update(n)``."""
+    from tqdm.auto import tqdm
+
+    with tqdm(
+        total=total,
+        initial=initial,
+        unit=unit,
+        unit_scale=True,
+        desc=desc,
+        disable=not enabled,
+        smoothing=0.1,
+    ) as bar:
+        yield bar

@@ -1,4 +1,5 @@
-"""One writer per output: an exclusive lock file beside every output a command writes.
+"""One writer per output, one resume convention: the lock beside every output, and the rule
+that decides whether a stage starts, continues or replaces what is there (:func:`claim_output`).
 
 ``encode-catalog``, ``ingest``, ``train`` and ``export-*`` hold :func:`output_lock` on their
 output while they write. The lock is the file ``OUTPUT.lock`` (a sibling of the output, e.g.
@@ -27,12 +28,13 @@ import inspect
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
@@ -263,3 +265,119 @@ def locked_output(parameter: str, command: str) -> Callable[[Callable[P, R]], Ca
         return wrapper
 
     return decorate
+
+
+# --- the resume convention ---------------------------------------------------------------------
+def claim_output(
+    output: PathLike,
+    *,
+    exists: bool,
+    ours: bool,
+    resume: bool,
+    overwrite: bool,
+    what: str,
+    found: str = "",
+    remove: Callable[[], None] | None = None,
+) -> bool:
+    """Apply the one resume convention of every stage; return whether an earlier run continues.
+
+    - nothing at ``output``: a new run (also with ``resume``: a restarted job script may always
+      pass ``--resume``);
+    - something that is not ``ours`` (not an xpbatch ``what``): refused whatever the flags say
+      (:class:`~xpbatch.errors.ResumeRefusedError` with ``resume``), so ``--overwrite`` never
+      removes what xpbatch did not write;
+    - ``overwrite``: ``remove()`` is called (when given) and the run starts again;
+    - ``resume``: True; the caller then checks the run's fingerprint (:func:`check_same_run`)
+      and skips what is done;
+    - neither: refused with :class:`~xpbatch.errors.OutputExistsError`.
+
+    Hold :func:`output_lock` on ``output`` while calling this and writing (every stage does).
+
+    Parameters
+    ----------
+    output
+        The output as the user named it (for messages).
+    exists
+        Whether an earlier run left anything there (the output, or its staging files).
+    ours
+        Whether that is an xpbatch ``what`` (an empty directory counts as ours).
+    what
+        What the stage writes, e.g. ``"catalogue"``, ``"Parquet export"``.
+    found
+        What is there, e.g. ``"an incomplete catalogue, 3 of 8 chunks done"`` (for the message).
+    remove
+        Removes what an earlier run left (``overwrite``); None leaves it for the run to replace.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "new.zarr"
+    >>> claim_output(out, exists=out.exists(), ours=True, resume=True, overwrite=False,
+    ...              what="catalogue")
+    False
+    """
+    from xpbatch.errors import OutputExistsError, ResumeRefusedError
+
+    if not exists:
+        if resume:
+            logger.info("%s: nothing to resume, starting a new %s", output, what)
+        return False
+    if not ours:
+        refused = ResumeRefusedError if resume else OutputExistsError
+        raise refused(
+            f"{output} exists and is not an xpbatch {what} ({found or 'other files'}); it is never "
+            "overwritten or resumed: choose another output path. Nothing was changed."
+        )
+    if overwrite:
+        logger.info("overwriting %s", output)
+        if remove is not None:
+            remove()
+        return False
+    if not resume:
+        raise OutputExistsError(
+            f"{output} already exists ({found or f'an xpbatch {what}'}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another output path. Nothing was changed."
+        )
+    return True
+
+
+def check_same_run(
+    output: PathLike, found: Mapping[str, Any], expected: Mapping[str, Any], *, what: str
+) -> None:
+    """Refuse ``--resume`` of an output that an earlier run wrote from other inputs or options.
+
+    ``found`` is the fingerprint the earlier run recorded, ``expected`` this run's (plain JSON
+    values: input paths or ids, options that change the result).
+
+    Raises
+    ------
+    ResumeRefusedError
+        Naming every key that differs, with both values.
+    """
+    from xpbatch.errors import ResumeRefusedError
+
+    differences = [
+        f"{key}: {found.get(key)!r} there, {expected.get(key)!r} now"
+        for key in sorted(set(found) | set(expected))
+        if _plain(found.get(key)) != _plain(expected.get(key))
+    ]
+    if differences:
+        raise ResumeRefusedError(
+            f"cannot --resume {output}: that {what} was written from other inputs or options ("
+            + "; ".join(differences)
+            + "). Rerun with the same ones, or with --overwrite to start again. Nothing was "
+            "changed."
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists), so recorded and new compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree (what ``--overwrite`` does to an earlier output)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -7,9 +7,9 @@ concurrently) and then its completion record (:class:`xpbatch.catalog.CatalogWri
 a client the same function runs serially in this process, which the tests use as the reference.
 
 The Dask machinery is not here: :mod:`xpbatch.executor` submits the tasks (bounded, retried,
-failures named) and :mod:`xpbatch.workers` holds what each worker process keeps (the model on
-its device, loaded once by :class:`~xpbatch.workers.ModelPlugin`; opened arrays). What keeps a
-long run cheap and safe:
+failures named) and draws the progress bar, as for every stage, and :mod:`xpbatch.workers`
+holds what each worker process keeps (the model on its device, loaded once by
+:class:`~xpbatch.workers.ModelPlugin`; opened arrays). What keeps a long run cheap and safe:
 
 - the model goes to each worker once, never into a task's graph;
 - at most ``tasks_per_thread`` chunks per worker thread are in flight, and results are released
@@ -48,7 +48,7 @@ from xpbatch.errors import (
     ModelMismatchError,
     StoreError,
 )
-from xpbatch.executor import map_bounded
+from xpbatch.executor import map_bounded, progress_bar
 from xpbatch.outputs import locked_output
 from xpbatch.paths import PathLike
 from xpbatch.schema import CatalogFlag
@@ -373,7 +373,15 @@ def encode_catalog(
         from distributed import performance_report
 
         report = performance_report(filename=config.performance_report)
-    with report, _progress(plan.layout, plan.done, config.progress_bar) as bar:
+    done_rows = sum(plan.layout.rows(i).stop - plan.layout.rows(i).start for i in plan.done)
+    progress = progress_bar(
+        plan.layout.n_rows,
+        initial=done_rows,
+        desc="encode-catalog",
+        unit="spectra",
+        enabled=config.progress_bar,
+    )
+    with report, progress as bar:
         if client is None:
             workers.install_model(plan.model_hash, plan.model, config.device)
             records: Iterable[catalog.ChunkRecord] = map(run_chunk, plan.jobs)
@@ -529,23 +537,6 @@ def _verify(
     if mark:
         catalog.mark_complete(out)
     return True
-
-
-@contextlib.contextmanager
-def _progress(layout: catalog.CatalogLayout, done: set[int], enabled: bool) -> Iterator[Any]:
-    from tqdm.auto import tqdm
-
-    initial = sum(layout.rows(i).stop - layout.rows(i).start for i in done)
-    with tqdm(
-        total=layout.n_rows,
-        initial=initial,
-        unit="spectra",
-        unit_scale=True,
-        desc="encode-catalog",
-        disable=not enabled,
-        smoothing=0.1,
-    ) as bar:
-        yield bar
 
 
 def _summarise(
