@@ -4,6 +4,7 @@ checked on the store's first rows. Both directions: foreign data refused, our ow
 from __future__ import annotations
 
 import csv
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -52,9 +53,11 @@ class Data:
         self.x1e6 = _scaled(self.normal, root / "x1e6.zarr", 1e6)
         train = TrainConfig(epochs=1, batch_size=256, device="cpu")
         self.model = root / "normal.safetensors"
-        train_model(self.normal, self.model, train, progress=False)
+        train_model(self.normal, self.model, config=dataclasses.replace(train, progress_bar=False))
         self.big_model = root / "big.safetensors"
-        train_model(self.x1e6, self.big_model, train, progress=False)
+        train_model(
+            self.x1e6, self.big_model, config=dataclasses.replace(train, progress_bar=False)
+        )
 
 
 @pytest.fixture(scope="module")
@@ -143,7 +146,9 @@ def _real_sample_store(samples: Path, tmp_path: Path, mock_store: Path) -> Path:
         rp0 = float(row["rp_coefficients"].strip("[]()").split(",")[0])
         lines.append(f"{row['source_id']},{rp0 / rp0_per_g}")
     gaia.write_text("\n".join(lines) + "\n")
-    return ingest_files([xp], [gaia], tmp_path / "real.zarr", config=IngestConfig(verify_md5=False))
+    return ingest_files(
+        [xp], [gaia], tmp_path / "real.zarr", config=IngestConfig(verify_md5=False)
+    ).path
 
 
 def test_real_dr3_rows_are_not_refused_by_a_model_trained_on_mock_rows(

@@ -309,10 +309,12 @@ def test_dr3_bulk_files_to_an_lsdb_catalogue_joined_with_gaia_source(
     n_rows, seed = 2000, 5
     bulk = tmp_path / "bulk"
     write_mock_dr3_bulk(bulk, n_rows, seed=seed, rows_per_file=700)
-    store = ingest_files([bulk], [bulk], tmp_path / "s.zarr", config=IngestConfig(chunk_rows=512))
+    store = ingest_files(
+        [bulk], [bulk], tmp_path / "s.zarr", config=IngestConfig(chunk_rows=512)
+    ).path
     model = tmp_path / "model.safetensors"
     training = dataclasses.replace(DEMO_TRAINING, epochs=1, cycle_epochs=1, sample=None)
-    train_model(store, model, training, progress=False)
+    train_model(store, model, config=dataclasses.replace(training, progress_bar=False))
     catalog = tmp_path / "c.zarr"
     encode_catalog(
         store,

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from xpbatch import schema
 from xpbatch.cli import main
 from xpbatch.config import IngestConfig
-from xpbatch.errors import ChecksumError, ParseError
+from xpbatch.errors import ChecksumError, OutputExistsError, ParseError, ResumeRefusedError
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import write_mock_dr3_bulk, write_mock_store
 from xpbatch.schema import InputFlag
@@ -89,7 +89,7 @@ def test_real_samples_ingest_to_the_text_values(
     dr3_samples_dir: Path, tmp_path: Path, gaia: Path, variant: str
 ) -> None:
     xp = _variant(dr3_samples_dir, tmp_path, variant)
-    ds = open_xp_store(ingest_files([xp], [gaia], tmp_path / "s.zarr"))
+    ds = open_xp_store(ingest_files([xp], [gaia], tmp_path / "s.zarr").path)
     reference = _reference(
         xp if not variant.endswith("gz") else _variant(dr3_samples_dir, tmp_path, "bulk-null")
     )
@@ -135,7 +135,7 @@ def test_interleaved_files_parquet_companion_and_correlations(
     config = IngestConfig(with_correlations=True, scalars=("rp_chi_squared",))
     out = ingest_files(
         [tmp_path / "a.csv", tmp_path / "b.csv"], [gaia], tmp_path / "s.zarr", config=config
-    )
+    ).path
     ds = open_xp_store(out)
     assert ds.source_id.values.tolist() == [RP_ONLY, NO_GAIA, BRIGHT]
     assert ds.phot_g_mean_flux.values[1:].tolist() == [2e4, 1e5]
@@ -297,7 +297,7 @@ def test_md5_manifest_is_verified_when_present(
     (tmp_path / "_MD5SUM.txt").write_text(
         f"{hashlib.md5(xp.read_bytes()).hexdigest()}  XP_CONTINUOUS_RAW.csv\n"
     )
-    ds = open_xp_store(ingest_files([xp], [gaia], tmp_path / "s.zarr"))
+    ds = open_xp_store(ingest_files([xp], [gaia], tmp_path / "s.zarr").path)
     files = {f["name"]: f for f in ds.attrs["input_files"]}
     assert files["XP_CONTINUOUS_RAW.csv"]["md5_verified"] is True
     assert files["gaia_source.csv"]["md5_verified"] is False  # not listed in the manifest
@@ -312,7 +312,9 @@ def test_skip_leaves_bad_rows_out_and_records_them(
 
     xp = tmp_path / "bad.ecsv"
     xp.write_text(_edit_bulk_sample(dr3_samples_dir, two_bad_rows))
-    out = ingest_files([xp], [gaia], tmp_path / "s.zarr", config=IngestConfig(on_bad_row="skip"))
+    out = ingest_files(
+        [xp], [gaia], tmp_path / "s.zarr", config=IngestConfig(on_bad_row="skip")
+    ).path
     ds = open_xp_store(out)
     assert ds.source_id.values.tolist() == [RP_ONLY]
     assert ds.attrs["skipped_row_count"] == 2
@@ -321,7 +323,7 @@ def test_skip_leaves_bad_rows_out_and_records_them(
     assert "54 values" in skipped[0]["reason"] and "7685.98x" in skipped[1]["reason"]
 
 
-def test_a_rerun_after_a_failure_reuses_the_finished_files(
+def test_a_resume_after_a_failure_reuses_the_finished_files(
     dr3_samples_dir: Path, tmp_path: Path, gaia: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import xpbatch.ingest.parts as parts
@@ -337,6 +339,10 @@ def test_a_rerun_after_a_failure_reuses_the_finished_files(
         ingest_files([good, second], [gaia], out)
     assert len(list((tmp_path / "s.zarr.parts").glob("*/done.json"))) == 1  # the good file
     second.write_text(text)
+    with pytest.raises(OutputExistsError, match=r"interrupted ingest, 1 file.*--resume"):
+        ingest_files([good, second], [gaia], out)  # the convention: --resume or --overwrite
+    with pytest.raises(ResumeRefusedError, match="chunk_rows"):
+        ingest_files([good, second], [gaia], out, config=IngestConfig(chunk_rows=2, resume=True))
     parsed: list[str] = []
     real_read = parts.read_xp_file
     monkeypatch.setattr(
@@ -344,10 +350,12 @@ def test_a_rerun_after_a_failure_reuses_the_finished_files(
         "read_xp_file",
         lambda path, request: parsed.append(Path(path).name) or real_read(path, request),
     )
-    resumed = open_xp_store(ingest_files([good, second], [gaia], out))
+    resumed = open_xp_store(
+        ingest_files([good, second], [gaia], out, config=IngestConfig(resume=True)).path
+    )
     assert parsed == ["second.ecsv"]
     assert not (tmp_path / "s.zarr.parts").exists()
-    fresh = open_xp_store(ingest_files([good, second], [gaia], tmp_path / "fresh.zarr"))
+    fresh = open_xp_store(ingest_files([good, second], [gaia], tmp_path / "fresh.zarr").path)
     _assert_same_rows(resumed, fresh)
     assert resumed.sizes["source"] == 5
 
@@ -373,7 +381,7 @@ def test_mock_bulk_files_ingest_to_the_mock_store(mock_bulk: Path, tmp_path: Pat
     xp = sorted(mock_bulk.glob("XpContinuousMeanSpectrum_*"))
     gs = sorted(mock_bulk.glob("GaiaSource_*"))
     assert len(xp) >= 3
-    ingested = ingest_files(xp, gs, tmp_path / "in.zarr", config=IngestConfig(chunk_rows=512))
+    ingested = ingest_files(xp, gs, tmp_path / "in.zarr", config=IngestConfig(chunk_rows=512)).path
     direct = write_mock_store(
         tmp_path / "mock.zarr",
         MOCK_ROWS,
@@ -391,7 +399,7 @@ def test_cli_on_a_dask_cluster_equals_the_serial_api(
     tmp_path: Path,
     dask_client,  # type: ignore[no-untyped-def]
 ) -> None:
-    serial = ingest_files([mock_bulk], [mock_bulk], tmp_path / "serial.zarr")
+    serial = ingest_files([mock_bulk], [mock_bulk], tmp_path / "serial.zarr").path
     address = dask_client.scheduler.address
     args = [
         "ingest",

@@ -375,7 +375,7 @@ def _subset_csv(rows: dict[str, Any], path: Path, *, with_mag: bool = True) -> P
 
 
 def test_g_flux_and_positions_from_the_xp_file_itself(rows: dict[str, Any], tmp_path: Path) -> None:
-    out = ingest_files([_subset_csv(rows, tmp_path / "subset.csv")], [], tmp_path / "s.zarr")
+    out = ingest_files([_subset_csv(rows, tmp_path / "subset.csv")], [], tmp_path / "s.zarr").path
     ds = open_xp_store(out)
     i = np.argsort(rows[dr3.SOURCE_ID])
     mags = (14.0 + np.arange(3))[i]
@@ -397,7 +397,9 @@ def test_a_companion_wins_over_the_xp_files_own_g(rows: dict[str, Any], tmp_path
     gaia.write_text(
         "source_id,phot_g_mean_flux,ra,dec\n" + "\n".join(f"{s},1000.5,1.0,2.0" for s in sid[:2])
     )
-    out = ingest_files([_subset_csv(rows, tmp_path / "subset.csv")], [gaia], tmp_path / "s.zarr")
+    out = ingest_files(
+        [_subset_csv(rows, tmp_path / "subset.csv")], [gaia], tmp_path / "s.zarr"
+    ).path
     ds = open_xp_store(out)
     from_companion = np.isin(ds.source_id.values, sid[:2])
     assert (ds.phot_g_mean_flux.values[from_companion] == 1000.5).all()
@@ -424,7 +426,7 @@ def test_ingest_table_builds_the_same_store_as_the_file(
         xpbatch.ingest_table(table, tmp_path / "t.zarr", gaia_source_files=[gaia])
     )
     path = _write_fits(rows, tmp_path / "xp.fits")
-    from_file = open_xp_store(ingest_files([path], [gaia], tmp_path / "f.zarr"))
+    from_file = open_xp_store(ingest_files([path], [gaia], tmp_path / "f.zarr").path)
     for name in from_file.variables:
         np.testing.assert_array_equal(from_table[name].values, from_file[name].values, name)
     assert not (tmp_path / "t.zarr.table.parquet").exists()

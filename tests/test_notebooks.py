@@ -31,7 +31,7 @@ def small_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=1, chunk_rows=CHUNK_ROWS)
     model = root / "model.safetensors"
     training = dataclasses.replace(DEMO_TRAINING, epochs=2, cycle_epochs=2, sample=None)
-    xpbatch.train_model(store, model, training, progress=False)
+    xpbatch.train_model(store, model, config=dataclasses.replace(training, progress_bar=False))
     catalog = root / "catalog.zarr"
     xpbatch.encode_catalog(store, model, catalog, config=EncodeConfig(progress_bar=False))
     return {"root": root, "store": store, "model": model, "catalog": catalog}

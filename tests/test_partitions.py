@@ -180,7 +180,7 @@ def test_ingest_of_dr3_named_files_records_their_ranges_like_the_mock_store(
 ) -> None:
     plan = [[f.lo, f.hi] for f in bulk_file_plan(MOCK_ROWS, ROWS_PER_FILE)]
     assert len(plan) >= 3
-    ingested = ingest_files([mock_bulk], [mock_bulk], tmp_path / "in.zarr")
+    ingested = ingest_files([mock_bulk], [mock_bulk], tmp_path / "in.zarr").path
     direct = write_mock_store(
         tmp_path / "mock.zarr", MOCK_ROWS, seed=3, rows_per_file=ROWS_PER_FILE
     )
@@ -195,5 +195,5 @@ def test_ingest_of_files_not_named_like_dr3_records_no_ranges(
     xp = sorted(mock_bulk.glob("XpContinuousMeanSpectrum_*"))
     renamed = shutil.copy(xp[0], tmp_path / "my_extract.csv.gz")
     gaia = sorted(mock_bulk.glob("GaiaSource_*"))
-    store = ingest_files([renamed, *xp[1:]], gaia, tmp_path / "in.zarr")
+    store = ingest_files([renamed, *xp[1:]], gaia, tmp_path / "in.zarr").path
     assert schema.STORE_ATTR_PARTITION_RANGES not in open_xp_store(store).attrs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +84,7 @@ def small_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def reference_run(small_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted 4-epoch run on the resident path (the resume tests compare with it)."""
     out = tmp_path_factory.mktemp("reference") / "ref.safetensors"
-    train_model(small_store, out, TrainConfig(epochs=4, **FAST), progress=False)
+    train_model(small_store, out, config=TrainConfig(epochs=4, **FAST, progress_bar=False))
     return out
 
 
@@ -180,7 +181,11 @@ def test_every_row_once_per_epoch(small_store: Path, placement: str, batch_size:
 
 def test_partial_rows_train_on_the_band_they_have(small_store: Path, tmp_path: Path) -> None:
     config = TrainConfig(epochs=1, partial_rows=True, data_placement="stream", **FAST)
-    history = train_model(small_store, tmp_path / "m.safetensors", config, progress=False)
+    history = train_model(
+        small_store,
+        tmp_path / "m.safetensors",
+        config=dataclasses.replace(config, progress_bar=False),
+    )
     assert history.counts["excluded"] == 3  # only the rows without G flux
     assert np.isfinite(history.train_loss).all() and np.isfinite(history.validation_loss).all()
 
@@ -195,11 +200,15 @@ def test_resume_reaches_the_same_weights(
     if placement == "device":
         whole = reference_run
     else:
-        train_model(small_store, whole, TrainConfig(epochs=4, **settings), progress=False)
+        train_model(
+            small_store, whole, config=TrainConfig(epochs=4, **settings, progress_bar=False)
+        )
     split = tmp_path / "split.safetensors"
-    train_model(small_store, split, TrainConfig(epochs=2, **settings), progress=False)
+    train_model(small_store, split, config=TrainConfig(epochs=2, **settings, progress_bar=False))
     history = train_model(
-        small_store, split, TrainConfig(epochs=4, **settings), resume=True, progress=False
+        small_store,
+        split,
+        config=TrainConfig(epochs=4, **settings, progress_bar=False, resume=True),
     )
     _assert_same_weights(whole, split)
     assert [r.epoch for r in history.records] == [1, 2, 3, 4]
@@ -212,10 +221,12 @@ def test_resume_with_another_data_placement_is_refused_and_says_so(
 ) -> None:
     out = tmp_path / "m.safetensors"
     settings = {**FAST, "data_placement": "device"}
-    train_model(small_store, out, TrainConfig(epochs=1, **settings), progress=False)
+    train_model(small_store, out, config=TrainConfig(epochs=1, **settings, progress_bar=False))
     moved = {**FAST, "data_placement": "stream"}
     with pytest.raises(TrainingError, match=r"data_placement 'device' \(now 'stream'\)"):
-        train_model(small_store, out, TrainConfig(epochs=2, **moved), resume=True, progress=False)
+        train_model(
+            small_store, out, config=TrainConfig(epochs=2, **moved, progress_bar=False, resume=True)
+        )
 
 
 def test_bf16_autocast_keeps_the_output_heads_in_float32() -> None:
@@ -294,12 +305,14 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(
     with monkeypatch.context() as m:
         m.setattr(train_module, "scatter_vae_loss", _loss_failing_at(mid_epoch_3, "interrupt"))
         with pytest.raises(KeyboardInterrupt):
-            train_model(small_store, out, TrainConfig(epochs=4, **FAST), progress=False)
+            train_model(small_store, out, config=TrainConfig(epochs=4, **FAST, progress_bar=False))
     assert not out.exists()
     checkpoint = RunPaths.for_model(out).checkpoint
     state, _ = train_module._Snapshot.read(checkpoint)
     assert state.meta["epoch"] == 2
-    train_model(small_store, out, TrainConfig(epochs=4, **FAST), resume=True, progress=False)
+    train_model(
+        small_store, out, config=TrainConfig(epochs=4, **FAST, progress_bar=False, resume=True)
+    )
     _assert_same_weights(reference_run, out)
 
 
@@ -312,7 +325,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
         train_module, "scatter_vae_loss", _loss_failing_at(2 * (steps + 1) + 3, "nan")
     )
     with pytest.raises(TrainingError, match=r"not finite.*epoch 3.*after epoch 2"):
-        train_model(small_store, out, TrainConfig(epochs=5, **FAST), progress=False)
+        train_model(small_store, out, config=TrainConfig(epochs=5, **FAST, progress_bar=False))
     assert not out.exists()
     state, run = train_module._Snapshot.read(RunPaths.for_model(out).checkpoint)
     assert state.meta["epoch"] == 2 and len(run["records"]) == 2
@@ -342,7 +355,7 @@ def _no_g_flux_store(path: Path) -> Path:
         pytest.param("sample-too-large", TrainingError, r"sample of 5000 rows", id="sample"),
         pytest.param("bad-id-line", ConfigError, r"line 3: expected a source_id", id="bad-file"),
         pytest.param("exists", OutputExistsError, r"--resume.*--overwrite", id="exists"),
-        pytest.param("resume-nothing", TrainingError, r"no checkpoint", id="resume-missing"),
+        pytest.param("resume-no-checkpoint", TrainingError, r"no checkpoint", id="resume-missing"),
     ],
 )
 def test_bad_input(
@@ -364,10 +377,11 @@ def test_bad_input(
         settings["source_ids"] = str(ids)
     elif case == "exists":
         out.write_bytes(b"")
-    elif case == "resume-nothing":
+    elif case == "resume-no-checkpoint":  # a model file alone: nothing to continue from
+        out.write_bytes(b"")
         resume = True
     with pytest.raises(error, match=match):
-        train_model(store, out, TrainConfig(**settings), resume=resume, progress=False)  # type: ignore[arg-type]
+        train_model(store, out, config=TrainConfig(**settings, progress_bar=False, resume=resume))  # type: ignore[arg-type]
 
 
 def test_unknown_source_ids_are_counted_and_reported(small_store: Path, tmp_path: Path) -> None:
@@ -475,7 +489,9 @@ _INPUTS = ("coefficients", "coefficient_errors", "phot_g_mean_flux")
 
 def test_learns_the_mock_labels(mock_store_100k: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
-    history = train_model(mock_store_100k, out, LEARN, progress=False)
+    history = train_model(
+        mock_store_100k, out, config=dataclasses.replace(LEARN, progress_bar=False)
+    )
     loss = history.validation_loss
     thirds = [part.mean() for part in np.array_split(loss, 3)]
     assert thirds[0] > thirds[1] > thirds[2], loss  # falls monotonically on average

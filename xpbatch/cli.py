@@ -78,8 +78,9 @@ def holds_output(command: str, output: str = "output") -> Callable[[F], F]:
 _RERUN = {
     "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
     "train": "rerun with --resume to continue from the last checkpoint",
-    "ingest": "rerun the same command to continue (finished files are reused)",
-    "export-parquet": "rerun the same command to continue (finished files are kept)",
+    "ingest": "rerun with --resume to continue (files already parsed are reused)",
+    "export-parquet": "rerun with --resume to continue (finished files are kept)",
+    "export-hats": "rerun with --resume to continue (finished tasks are kept)",
 }
 """What to do after a failure that a rerun recovers from, per command."""
 
@@ -476,27 +477,10 @@ def verify_command(catalog: str, store: str | None) -> None:
     flags={
         "source_ids": Flag(type=click.Path(exists=True, dir_okay=False)),
         "partial_rows": Flag(("--partial-rows/--complete-rows",)),
+        "progress_bar": Flag(("--progress/--no-progress",)),
     },
 )
-@click.option("--resume", is_flag=True, help="Continue the run from the checkpoint beside OUTPUT.")
-@click.option(
-    "--overwrite", is_flag=True, help="Start again even if OUTPUT or its checkpoint exist."
-)
-@click.option(
-    "--progress/--no-progress",
-    default=True,
-    show_default=True,
-    help="Show a progress bar (epoch, losses, samples/s).",
-)
-def train_command(
-    store: str,
-    output: str,
-    config_file: str | None,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-    **options: Any,
-) -> None:
+def train_command(store: str, output: str, config_file: str | None, **options: Any) -> None:
     """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
 
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
@@ -506,31 +490,12 @@ def train_command(
 
     config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
     try:
-        history = train_model(
-            store, output, config, resume=resume, overwrite=overwrite, progress=progress
-        )
+        summary = train_model(store, output, config=config)
     except KeyboardInterrupt:
         checkpoint = RunPaths.for_model(output).checkpoint
         click.echo(f"interrupted; checkpoint in {checkpoint}; continue with --resume", err=True)
         sys.exit(130)
-    counts = history.counts
-    click.echo(
-        f"trained {len(history.records)} epochs on {counts['train']:,} rows "
-        f"({counts['validation']:,} validation) on {history.device} ({history.data_placement})"
-    )
-    if counts["excluded"]:
-        reasons = ", ".join(
-            f"{k.removeprefix('excluded_')} {v:,}"
-            for k, v in counts.items()
-            if k.startswith("excluded_") and v
-        )
-        click.echo(f"excluded {counts['excluded']:,} unusable rows ({reasons})")
-    if counts.get("unknown_source_ids"):
-        click.echo(f"{counts['unknown_source_ids']:,} listed source ids are not in the store")
-    last = history.records[-1]
-    validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"
-    click.echo(f"final train loss {last.train_loss:.4g}, validation loss {validation}")
-    click.echo(f"wrote {history.model_path}; metrics {history.metrics_path}")
+    click.echo(str(summary))
 
 
 @main.command("mock")
@@ -623,7 +588,7 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     Reads bulk XpContinuousMeanSpectrum_*.csv.gz files, the archive's CSV, ECSV, VOTable and
     FITS (astroquery's downloads), DPAC AVRO, Parquet and zip bundles of these, gzipped or not,
     recognised from their content.
-    Interrupted or failed runs resume: rerun the same command and finished files are reused.
+    An interrupted or failed run continues with --resume: files already parsed are reused.
     """
     from xpbatch.cluster import connect
     from xpbatch.ingest import (
@@ -641,17 +606,8 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     pair_files(xp, gs)  # refuse missing companions before starting a cluster
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        out = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
-    from xpbatch import schema
-    from xpbatch.store import open_xp_store
-
-    attrs = open_xp_store(out).attrs
-    rows, skipped = attrs[schema.STORE_ATTR_ROW_COUNT], attrs[schema.STORE_ATTR_SKIPPED_ROW_COUNT]
-    click.echo(f"wrote {out}: {rows:,} rows from {len(xp):,} XP file(s)")
-    if skipped:
-        click.echo(f"skipped {skipped:,} malformed row(s), e.g.:", err=True)
-        for row in attrs[schema.STORE_ATTR_SKIPPED_ROWS][:5]:
-            click.echo(f"  {row['file']}, line {row['line']}: {row['reason']}", err=True)
+        summary = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
+    click.echo(str(summary))
 
 
 main.add_command(bench_group)

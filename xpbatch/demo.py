@@ -118,7 +118,11 @@ def demo_inputs(
         from xpbatch.train import train_model
 
         echo(f"training the small demo model {inputs.model} (once)…")
-        train_model(inputs.store, inputs.model, DEMO_TRAINING, overwrite=True, progress=False)
+        train_model(
+            inputs.store,
+            inputs.model,
+            config=dataclasses.replace(DEMO_TRAINING, progress_bar=False, overwrite=True),
+        )
     return inputs
 
 

@@ -1,15 +1,16 @@
 """Run a function over many items on a Dask cluster: bounded, retried, failures named.
 
-Every stage that fans out (``encode-catalog``'s chunks and verification, ``export-parquet``'s
-plans and partitions) maps a plain, idempotent function of one item through here, so they share
-one behaviour:
+Every stage that fans out (``ingest``'s files and store chunks, ``encode-catalog``'s chunks and
+verification, ``export-parquet``'s plans and partitions, ``export-hats``' index files) maps a
+plain, idempotent function of one item through here, so they share one behaviour:
 
 - at most ``tasks_per_thread`` × (worker threads) tasks are in flight, and each future is
   released as soon as its result is taken, so neither the client nor the scheduler accumulates
   results (memory flat in the number of items);
 - a task that fails (it raised, or its worker died too often) is submitted again, up to
   ``max_attempts`` runs; after that a :class:`~xpbatch.errors.ChunkError` names the task and its
-  item and carries the last error;
+  item and carries the last error; an error listed as ``fatal`` (bad input that no rerun
+  mends, e.g. a malformed file) is raised at once as it is;
 - a cluster left without workers for ``no_workers_timeout`` seconds ends in a
   :class:`~xpbatch.errors.ClusterError` that says how to resume.
 
@@ -51,6 +52,7 @@ def map_bounded(
     max_attempts: int = 3,
     no_workers_timeout: float = 600.0,
     poll_s: float = 2.0,
+    fatal: tuple[type[BaseException], ...] = (),
 ) -> Iterator[R]:
     """Run ``func`` on every item on ``client``'s workers; yield results as they complete.
 
@@ -58,6 +60,7 @@ def map_bounded(
     released once its result is taken. A task that fails (its worker died too often or it
     raised) is submitted again, up to ``max_attempts`` runs, so ``func`` must be idempotent.
     When the cluster has had no worker for ``no_workers_timeout`` seconds, raise ClusterError.
+    A task error that is an instance of one of ``fatal`` is re-raised at once, unchanged.
 
     Examples
     --------
@@ -73,6 +76,7 @@ def map_bounded(
         max_attempts=max_attempts,
         no_workers_timeout=no_workers_timeout,
         poll_s=poll_s,
+        fatal=fatal,
     ):
         yield result
 
@@ -84,18 +88,35 @@ def map_ordered(
     *,
     name: str,
     n_threads: int | None = None,
+    on_result: Callable[[R], object] | None = None,
+    fatal: tuple[type[BaseException], ...] = (),
     **bounds: float,
 ) -> list[R]:
     """``list(map(func, items))`` on ``client`` (as :func:`map_bounded`) or a local thread pool.
 
-    ``n_threads`` sizes the local pool (default: one per core); ``bounds`` are
-    :func:`map_bounded`'s keyword options.
+    ``n_threads`` sizes the local pool (default: one per core); ``on_result`` is called with
+    each result as it arrives (e.g. to advance a progress bar); ``fatal`` and ``bounds`` are
+    :func:`map_bounded`'s keyword options (without a client every error is raised as it is).
     """
     if client is None:
         with concurrent.futures.ThreadPoolExecutor(n_threads, thread_name_prefix=name) as pool:
-            return list(pool.map(func, items))
-    results: dict[int, R] = dict(_map_indexed(client, func, items, name=name, **bounds))  # type: ignore[arg-type]
+            indexed: Iterable[tuple[int, R]] = enumerate(pool.map(func, items))
+            results = _collect(indexed, on_result)
+    else:
+        indexed = _map_indexed(client, func, items, name=name, fatal=fatal, **bounds)  # type: ignore[arg-type]
+        results = _collect(indexed, on_result)
     return [results[i] for i in range(len(results))]
+
+
+def _collect(
+    indexed: Iterable[tuple[int, R]], on_result: Callable[[R], object] | None
+) -> dict[int, R]:
+    results: dict[int, R] = {}
+    for number, result in indexed:
+        results[number] = result
+        if on_result is not None:
+            on_result(result)
+    return results
 
 
 def _map_indexed(
@@ -108,6 +129,7 @@ def _map_indexed(
     max_attempts: int = 3,
     no_workers_timeout: float = 600.0,
     poll_s: float = 2.0,
+    fatal: tuple[type[BaseException], ...] = (),
 ) -> Iterator[tuple[int, R]]:
     """(item number, result) pairs in completion order; see :func:`map_bounded`."""
     from distributed import wait
@@ -139,6 +161,8 @@ def _map_indexed(
                     continue
                 error = _failure(future)
                 future.release()
+                if isinstance(error, fatal):
+                    raise error
                 attempts[number] += 1
                 if attempts[number] >= max_attempts:
                     raise ChunkError(

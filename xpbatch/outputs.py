@@ -22,6 +22,7 @@ Standard library only, so that the CLI can take the lock before it starts a clus
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import inspect
@@ -34,9 +35,9 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar
 
 from xpbatch.errors import OutputLockedError
 from xpbatch.paths import PathLike
@@ -48,6 +49,7 @@ LOCK_SUFFIX = ".lock"
 
 P = ParamSpec("P")
 R = TypeVar("R")
+T = TypeVar("T")
 
 _HELD: dict[Path, int] = {}
 """Lock file -> how many times this process holds it (nested holds are free)."""
@@ -339,6 +341,32 @@ def claim_output(
             "it, --overwrite to replace it, or choose another output path. Nothing was changed."
         )
     return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan(Generic[T]):
+    """What a stage does at its output: the work items an earlier run finished and those left
+    (hats-import's ``ResumePlan`` habit). Every stage's summary counts ``done`` as reused."""
+
+    resumed: bool
+    """Whether an earlier run is continued (:func:`claim_output` returned True)."""
+    done: tuple[T, ...]
+    """Items an earlier run finished (kept, not redone)."""
+    todo: tuple[T, ...]
+    """Items this run does."""
+
+    @classmethod
+    def split(
+        cls, items: Iterable[T], is_done: Callable[[T], bool], *, resumed: bool
+    ) -> ResumePlan[T]:
+        """Split ``items`` by ``is_done`` (asked only when resuming: a new run does them all)."""
+        items = tuple(items)
+        if not resumed:
+            return cls(False, (), items)
+        finished = [is_done(item) for item in items]
+        done = tuple(item for item, f in zip(items, finished, strict=True) if f)
+        todo = tuple(item for item, f in zip(items, finished, strict=True) if not f)
+        return cls(True, done, todo)
 
 
 def check_same_run(

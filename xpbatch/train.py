@@ -37,11 +37,11 @@ import torch
 
 from xpbatch import fit
 from xpbatch.artifact import runtime_versions, save_model
-from xpbatch.config import TrainConfig
+from xpbatch.config import TrainConfig, result_options
 from xpbatch.density import LatentDensity, fit_density, latent_kl
-from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
+from xpbatch.errors import ConfigError, TrainingError
 from xpbatch.model import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
-from xpbatch.outputs import locked_output
+from xpbatch.outputs import claim_output, locked_output
 from xpbatch.paths import atomic_path
 from xpbatch.store import open_xp_store, store_id
 from xpbatch.train_data import (
@@ -108,9 +108,10 @@ class EpochRecord:
     """Wall time of the whole epoch, validation and bookkeeping included."""
 
 
-@dataclass
-class TrainingHistory:
-    """The result of :func:`train_model`: per-epoch records and where everything was written."""
+@dataclass(frozen=True)
+class TrainSummary:
+    """What :func:`train_model` did: per-epoch records and where everything was written;
+    ``str()`` is what ``xpbatch train`` prints."""
 
     records: list[EpochRecord]
     model_path: Path
@@ -121,6 +122,38 @@ class TrainingHistory:
     device: str
     data_placement: str
     """'device' (rows resident on the device) or 'stream' (read from the store every epoch)."""
+    epochs_resumed: int = 0
+    """Epochs an earlier run had done (``resume``), taken from its checkpoint."""
+    wall_s: float = 0.0
+    """Wall time of this run (reading the store, training, writing the model)."""
+
+    def __str__(self) -> str:
+        counts = self.counts
+        resumed = f" ({self.epochs_resumed} from the checkpoint)" if self.epochs_resumed else ""
+        lines = [
+            f"model          {self.model_path}",
+            f"epochs         {len(self.records)}{resumed} on {self.device} ({self.data_placement})",
+            f"rows           {counts['train']:,} training, {counts['validation']:,} validation",
+        ]
+        if counts.get("excluded"):
+            reasons = ", ".join(
+                f"{k.removeprefix('excluded_')} {v:,}"
+                for k, v in counts.items()
+                if k.startswith("excluded_") and v
+            )
+            lines.append(f"rows excluded  {counts['excluded']:,} unusable ({reasons})")
+        if counts.get("unknown_source_ids"):
+            lines.append(f"unknown ids    {counts['unknown_source_ids']:,} not in the store")
+        if self.records:
+            last = self.records[-1]
+            validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"
+            lines.append(f"final loss     train {last.train_loss:.4g}, validation {validation}")
+        lines += [
+            f"wall time      {self.wall_s:.1f} s",
+            f"metrics        {self.metrics_path}",
+            f"checkpoint     {self.checkpoint_path}",
+        ]
+        return "\n".join(lines)
 
     @property
     def train_loss(self) -> np.ndarray:
@@ -173,12 +206,9 @@ class RunPaths:
 def train_model(
     store: str | os.PathLike[str] | xr.Dataset,
     out: str | os.PathLike[str],
-    config: TrainConfig | None = None,
     *,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> TrainingHistory:
+    config: TrainConfig | None = None,
+) -> TrainSummary:
     """Fit a scatter VAE on the usable rows of an XP store and write the model file.
 
     Parameters
@@ -189,19 +219,15 @@ def train_model(
     out
         Model file to write (``.safetensors``); the checkpoint and the metrics file go beside it.
     config
-        Optimisation, selection and device settings; the default is the published run
-        (5000 epochs, AdamW 1e-4, cosine warm restarts every 500 epochs, batch 1024).
-    resume
-        Continue from the checkpoint beside ``out`` (refused if the store, the split or a
-        setting that changes the result differs). ``config.epochs`` may be raised.
-    overwrite
-        Replace an existing model, checkpoint and metrics file instead of refusing.
-    progress
-        Show a progress bar (epoch, losses, samples/s) on stderr.
+        Optimisation, selection and device settings, and ``resume`` (continue from the
+        checkpoint beside ``out``; refused if the store, the split or a setting that changes
+        the result differs; ``epochs`` may be raised), ``overwrite`` and ``progress_bar``. The
+        default is the published run (5000 epochs, AdamW 1e-4, cosine warm restarts every 500
+        epochs, batch 1024). Training runs on one device, so there is no ``client``.
 
     Returns
     -------
-    TrainingHistory
+    TrainSummary
         One :class:`EpochRecord` per epoch (those before a resume included).
 
     Raises
@@ -210,19 +236,21 @@ def train_model(
         Nothing left to train on (the message counts the rows excluded and why), no CUDA device
         when one was asked for, a checkpoint that does not belong to this run, or a loss that
         became NaN (the last good state is kept in the checkpoint).
+    OutputExistsError
+        The model or its checkpoint exists and neither ``resume`` nor ``overwrite`` was given.
     KeyboardInterrupt
         After writing a checkpoint of the last completed epoch; ``resume=True`` continues it.
 
     Examples
     --------
-    >>> from xpbatch.config import TrainConfig
+    >>> from xpbatch.config import TrainConfig, result_options
     >>> history = train_model("mock.zarr", "model.safetensors",
-    ...                       TrainConfig(epochs=20))  # doctest: +SKIP
+    ...                       config=TrainConfig(epochs=20))  # doctest: +SKIP
     >>> history.validation_loss[-1]  # doctest: +SKIP
     """
     config = config or TrainConfig()
     paths = RunPaths.for_model(out)
-    _check_outputs(paths, resume=resume, overwrite=overwrite)
+    resume = _claim_outputs(paths, config)
     device = resolve_device(config)
     started = time.perf_counter()
     ds = store if not isinstance(store, str | os.PathLike) else open_xp_store(Path(store))
@@ -246,7 +274,8 @@ def train_model(
         records = state.load_checkpoint(paths.checkpoint, fingerprint, epochs=config.epochs)
     _rewrite_metrics(paths.metrics, records)
     with _matmul_precision(config.precision):
-        records = _Loop(config, state, paths, fingerprint, progress=progress).run(
+        epochs_resumed = len(records)
+        records = _Loop(config, state, paths, fingerprint, progress=config.progress_bar).run(
             train_rows, validation_rows, records
         )
     timings = {"prepare_s": prepare_s, "train_s": sum(r.seconds for r in records)}
@@ -262,7 +291,7 @@ def train_model(
         device=device,
         timings=timings,
     )
-    return TrainingHistory(
+    return TrainSummary(
         records=records,
         model_path=paths.model,
         checkpoint_path=paths.checkpoint,
@@ -270,25 +299,30 @@ def train_model(
         counts=dict(selection.counts),
         device=str(device),
         data_placement=train_rows.placement,
+        epochs_resumed=epochs_resumed,
+        wall_s=time.perf_counter() - started,
     )
 
 
-def _check_outputs(paths: RunPaths, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber an earlier run unless told to resume it or overwrite it."""
-    if resume and overwrite:
-        raise ConfigError("give either --resume or --overwrite, not both")
-    if resume:
-        if not paths.checkpoint.is_file():
-            raise TrainingError(
-                f"--resume: no checkpoint at {paths.checkpoint}; start without --resume"
-            )
-        return
+def _claim_outputs(paths: RunPaths, config: TrainConfig) -> bool:
+    """The resume convention for the model and its checkpoint; True when the checkpoint is
+    continued (its fingerprint is checked when it is loaded)."""
     existing = [p for p in (paths.model, paths.checkpoint) if p.exists()]
-    if existing and not overwrite:
-        raise OutputExistsError(
-            f"{existing[0]} exists (from an earlier run); pass --resume to continue that run from "
-            "its checkpoint, --overwrite to start again, or choose another output path"
+    resumed = claim_output(
+        paths.model,
+        exists=bool(existing),
+        ours=True,  # files xpbatch names after the model; each is replaced whole
+        resume=config.resume,
+        overwrite=config.overwrite,
+        what="training run",
+        found=f"{existing[0].name} of an earlier run" if existing else "",
+    )
+    if resumed and not paths.checkpoint.is_file():
+        raise TrainingError(
+            f"--resume: {paths.model} has no checkpoint beside it ({paths.checkpoint}) to "
+            "continue from; pass --overwrite to train again"
         )
+    return resumed
 
 
 def resolve_device(config: TrainConfig) -> torch.device:
@@ -756,7 +790,7 @@ def _write_model(
         "store_id": store_id(store),
         "epochs": len(records),
         "seed": config.seed,
-        "config": _json_roundtrip(dataclasses.asdict(config)),
+        "config": _json_roundtrip(result_options(config)),
         "counts": dict(selection.counts),
         "split_sha256": selection.fingerprint(),
         "final_train_loss": None if last is None else last.train_loss,

@@ -135,7 +135,9 @@ def _run(
     store = write_mock_store(root / "mock.zarr", rows, seed=seed, config=config, overwrite=True)
     echo(f"training {training.epochs} epochs on {training.sample or rows:,} rows ...")
     model_path = root / "model.safetensors"
-    train_model(store, model_path, training, overwrite=True, progress=False)
+    train_model(
+        store, model_path, config=dataclasses.replace(training, progress_bar=False, overwrite=True)
+    )
     echo("encoding ...")
     catalog_path = root / "catalog.zarr"
     encode_catalog(

@@ -220,8 +220,10 @@ def run_ingest_benchmark(
             "light": lambda _: [plain_read(f, correlations=False) for f in xp],
             "inflate": lambda _: [_inflate(f) for f in xp],
             "parse": lambda _: [parse_xp_file(f, scalars=scalars, verify_md5=False) for f in xp],
-            "ours": lambda r: ingest_files(xp, gs, scratch / f"serial-{r}.zarr", config=no_md5),
-            "ours_md5": lambda r: ingest_files(xp, gs, scratch / f"md5-{r}.zarr"),
+            "ours": lambda r: (
+                ingest_files(xp, gs, scratch / f"serial-{r}.zarr", config=no_md5).path
+            ),
+            "ours_md5": lambda r: ingest_files(xp, gs, scratch / f"md5-{r}.zarr").path,
         }
         best = _best_of_rounds(runs, rounds, echo)
         cluster_wall = None

@@ -172,7 +172,9 @@ def run_train_benchmark(
         for round_ in range(1, rounds + 1):
             echo(f"round {round_}/{rounds}: xpbatch train, {epochs} epochs on {resolved}…")
             model = Path(tmp) / "bench.safetensors"
-            history = train_model(store, model, config, overwrite=True, progress=False)
+            history = train_model(
+                store, model, config=dataclasses.replace(config, progress_bar=False, overwrite=True)
+            )
             ours.append([r.samples_per_s for r in history.records])
             echo(f"round {round_}/{rounds}: straightforward loop, {epochs} epochs on {resolved}…")
             plain.append(plain_loop(host.x.numpy(), host.x_err.numpy(), config, resolved))

@@ -18,6 +18,7 @@ from xpbatch.ingest.parts import FileTask, PartInfo, ingest_file
 from xpbatch.ingest.reader import FORMATS, parse_xp_file, read_xp_file, sniff
 from xpbatch.ingest.run import (
     MAX_RECORDED_BAD_ROWS,
+    IngestSummary,
     expand_inputs,
     ingest_files,
     ingest_table,
@@ -36,6 +37,7 @@ __all__ = [
     "BadRow",
     "FileTask",
     "GaiaSourceTable",
+    "IngestSummary",
     "ParsedFile",
     "PartInfo",
     "ReadRequest",

@@ -77,12 +77,19 @@ class PartInfo:
         )
 
 
+def is_finished(task: FileTask) -> bool:
+    """Whether an earlier run left this file's part whole, from the same file and options."""
+    marker = Path(task.part_dir) / "done.json"
+    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == (
+        task.fingerprint()
+    )
+
+
 def ingest_file(task: FileTask) -> PartInfo:
     """Parse one XP file, join its G flux, sort by source_id and write its part (or reuse it)."""
     part_dir = Path(task.part_dir)
     fingerprint = task.fingerprint()
-    marker = part_dir / "done.json"
-    if marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == fingerprint:
+    if is_finished(task):
         logger.info("reusing the finished part of %s", task.xp_file)
         return PartInfo.load(part_dir)
     parsed = read_xp_file(task.xp_file, task.request)

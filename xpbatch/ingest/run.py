@@ -1,39 +1,48 @@
 """The ingest run: XP files (or an in-memory table) -> a complete XP store.
 
 1. one task per input file (:func:`~xpbatch.ingest.parts.ingest_file`) writes its part into
-   ``<output>.parts/``; a rerun reuses the finished ones;
+   ``<output>.parts/``; ``--resume`` reuses the finished ones (the run's inputs and options are
+   recorded in ``<output>.parts/_xpbatch_ingest.json`` and must match);
 2. the parts are laid end to end in source_id order and each store chunk is written by one task;
 3. the store is finalized (order and completeness checked) under ``<output>.partial`` and only
    then renamed to ``<output>``.
+
+The tasks of steps 1 and 2 go through :func:`xpbatch.executor.map_ordered` (bounded, retried on
+a cluster; a malformed file is reported at once).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import json
 import logging
 import shutil
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from xpbatch import schema
-from xpbatch.config import IngestConfig
+from xpbatch.config import IngestConfig, result_options
 from xpbatch.dr3 import GAIA_SOURCE_GLOB, GAIA_SOURCE_NAME, XP_GLOB, XP_NAME
-from xpbatch.errors import ConfigError, ParseError
+from xpbatch.errors import ConfigError, ParseError, XPBatchError
+from xpbatch.executor import map_ordered, progress_bar
 from xpbatch.ingest.common import ReadRequest
 from xpbatch.ingest.parts import (
     FileTask,
     PartInfo,
     chunk_pieces,
     ingest_file,
+    is_finished,
     merge_overlapping,
     write_chunk,
 )
-from xpbatch.outputs import locked_output
+from xpbatch.outputs import ResumePlan, check_same_run, claim_output, locked_output, remove_path
 from xpbatch.partitions import range_of_file_name, ranges_from_file_names
-from xpbatch.paths import PathLike
-from xpbatch.store import XPStoreWriter, check_overwritable
+from xpbatch.paths import PathLike, atomic_path
+from xpbatch.store import XPStoreWriter
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -101,15 +110,115 @@ def _part_dir(staging: Path, xp_file: str) -> Path:
     return staging / f"{Path(xp_file).name}-{key}"
 
 
-def _run(client: Client | None, func: Callable[..., Any], *iterables: Sequence[Any]) -> list[Any]:
-    """``map(func, *iterables)`` serially or on the cluster; the first failure is re-raised."""
-    if client is None:
-        return [func(*args) for args in zip(*iterables, strict=True)]
-    futures = client.map(func, *iterables, pure=False)
-    try:
-        return client.gather(futures)
-    finally:
-        client.cancel(futures)
+RUN_FILE = "_xpbatch_ingest.json"
+"""In ``<output>.parts/``: the inputs and options of the run, checked by ``--resume``."""
+SHOWN_BAD_ROWS = 5
+"""Skipped rows that the summary lists (all are counted; the store lists up to 10,000)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class IngestSummary:
+    """What :func:`ingest_files` did; ``str()`` is what ``xpbatch ingest`` prints."""
+
+    path: Path
+    rows: int
+    """Rows in the store (every parsed row; skipped malformed rows are not rows)."""
+    xp_files: int
+    files_reused: int
+    """XP files whose parts an earlier run had finished (``--resume``); not parsed again."""
+    skipped_rows: int
+    """Malformed rows left out (``on_bad_row='skip'``), all recorded in the store's attributes."""
+    skipped_examples: tuple[dict[str, Any], ...]
+    """The first few skipped rows: file, line and reason."""
+    output_bytes: int
+    wall_s: float
+    checks: str
+    """What was checked before the store was renamed into place."""
+
+    def __str__(self) -> str:
+        reused = f" ({self.files_reused:,} parsed before, reused)" if self.files_reused else ""
+        lines = [
+            f"store          {self.path}",
+            f"rows           {self.rows:,} from {self.xp_files:,} XP file(s){reused}",
+            f"rows skipped   {self.skipped_rows:,} malformed",
+            *(
+                f"  {row['file']}, line {row['line']}: {row['reason']}"
+                for row in self.skipped_examples
+            ),
+            f"wall time      {self.wall_s:.1f} s",
+            f"output size    {self.output_bytes / 1e6:,.1f} MB",
+            f"checks         {self.checks}",
+        ]
+        return "\n".join(lines)
+
+
+def _fingerprint(
+    xp_files: Sequence[str], gaia_source_files: Sequence[str], config: IngestConfig
+) -> dict[str, Any]:
+    """What an interrupted ingest must match to be resumed: its inputs and the options that
+    shape the store (not keep_parts or verify_md5)."""
+    options = result_options(config)
+    for name in ("keep_parts", "verify_md5"):
+        options.pop(name)
+    return {
+        "xp_files": sorted(str(Path(f).resolve()) for f in xp_files),
+        "gaia_source_files": sorted(str(Path(f).resolve()) for f in gaia_source_files),
+        **options,
+    }
+
+
+def _claim(out: Path, staging: Path, fingerprint: dict[str, Any], config: IngestConfig) -> bool:
+    """Apply the resume convention to the store and its staging parts; True when resuming."""
+    partial = out.with_name(out.name + ".partial")
+    run_file = staging / RUN_FILE
+    if out.exists():
+        found = "a complete XP store" if (out / "zarr.json").is_file() else "not a Zarr store"
+    else:
+        n_parts = sum(1 for p in staging.glob("*/done.json")) if staging.is_dir() else 0
+        found = f"an interrupted ingest, {n_parts} file(s) parsed in {staging}"
+    resumed = claim_output(
+        out,
+        exists=out.exists() or staging.exists() or partial.exists(),
+        ours=not out.exists() or (out / "zarr.json").is_file(),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        what="XP store",
+        found=found,
+        remove=functools.partial(_remove_staging, staging, partial),
+    )
+    if resumed:
+        recorded: dict[str, Any] = {}
+        if run_file.is_file():
+            recorded = json.loads(run_file.read_text())
+        elif out.exists():
+            recorded = dict(_store_attrs(out).get("ingest_options", {}))
+        check_same_run(out, recorded, fingerprint, what="ingest")
+    staging.mkdir(parents=True, exist_ok=True)
+    with atomic_path(run_file) as tmp:
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
+    return resumed
+
+
+def _remove_staging(staging: Path, partial: Path) -> None:
+    """What ``--overwrite`` removes at once: an earlier run's parts and unfinished store. The
+    store itself is replaced only once the new one is complete."""
+    remove_path(staging)
+    remove_path(partial)
+
+
+def _store_attrs(path: Path) -> dict[str, Any]:
+    import zarr
+
+    return zarr.open_group(path, mode="r").attrs.asdict()
+
+
+def _write_region(writer: XPStoreWriter, region: tuple[int, list[Any]]) -> int:
+    """Write one store chunk (a task): ``region`` is (first row, pieces of parts)."""
+    return write_chunk(writer, *region)
+
+
+_FATAL = (XPBatchError,)
+"""Errors of a malformed or unreadable input: reported at once, a rerun would not mend them."""
 
 
 @locked_output("out", "ingest")
@@ -120,7 +229,7 @@ def ingest_files(
     *,
     client: Client | None = None,
     config: IngestConfig = IngestConfig(),  # noqa: B008 - frozen, so a shared default is safe
-) -> Path:
+) -> IngestSummary:
     """Ingest DR3 XP continuous-spectrum files into an XP store.
 
     Parameters
@@ -144,28 +253,62 @@ def ingest_files(
 
     Returns
     -------
-    pathlib.Path
-        ``out``, complete. A failed ingest leaves ``out`` untouched; rerunning it reuses the
-        files already parsed (``<out>.parts/``).
+    IngestSummary
+        Rows, files (reused ones counted), skipped rows, size, wall time and the checks run;
+        ``out`` is complete. A failed ingest leaves ``out`` untouched; rerunning it with
+        ``config.resume`` reuses the files already parsed (``<out>.parts/``).
+
+    Raises
+    ------
+    ParseError, ChecksumError
+        An input file is malformed or damaged (named with its line), at once.
+    OutputExistsError, ResumeRefusedError
+        ``out`` (or an interrupted run's ``<out>.parts/``) exists without ``resume`` or
+        ``overwrite``, or ``resume`` was asked for with other inputs or options.
 
     Examples
     --------
-    >>> ingest_files(["XpContinuousMeanSpectrum_000000-003111.csv.gz"],
-    ...              ["GaiaSource_000000-003111.csv.gz"], "dr3.zarr")  # doctest: +SKIP
-    PosixPath('dr3.zarr')
+    >>> summary = ingest_files(["XpContinuousMeanSpectrum_000000-003111.csv.gz"],
+    ...                        ["GaiaSource_000000-003111.csv.gz"], "dr3.zarr")  # doctest: +SKIP
+    >>> summary.rows  # doctest: +SKIP
     """
+    started = time.perf_counter()
     out = Path(out)
-    check_overwritable(out, config.overwrite)  # out itself is only replaced once all went well
     xp_files = expand_inputs(xp_files, XP_GLOB)
-    pairs = pair_files(xp_files, expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB))
+    gaia_source_files = expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB)
+    pairs = pair_files(xp_files, gaia_source_files)
     staging = out.with_name(out.name + ".parts")
+    interrupted = staging.exists()
+    fingerprint = _fingerprint(xp_files, gaia_source_files, config)
+    resumed = _claim(out, staging, fingerprint, config)
+    if resumed and out.exists() and not interrupted:  # complete, from these inputs and options
+        remove_path(staging)
+        return _summary(out, len(pairs), len(pairs), started, checks="none (already complete)")
     scalars = tuple(schema.DR3_SCALARS) if config.scalars is None else config.scalars
     request = ReadRequest(
         scalars, config.with_correlations, config.on_bad_row, config.verify_md5, config.columns
     )
     tasks = [FileTask(xp, gs, str(_part_dir(staging, xp)), request) for xp, gs in pairs.items()]
-    logger.info("parsing %d XP file(s) into %s", len(tasks), staging)
-    parts: list[PartInfo] = _run(client, ingest_file, tasks)
+    plan = ResumePlan.split(tasks, is_finished, resumed=resumed)
+    logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
+    with progress_bar(
+        len(tasks),
+        initial=len(plan.done),
+        desc="ingest",
+        unit="files",
+        enabled=config.progress_bar,
+    ) as bar:
+        parsed = map_ordered(
+            client,
+            ingest_file,
+            plan.todo,
+            name="xpbatch-ingest-parse",
+            n_threads=1,  # without a cluster, one file at a time (as before)
+            on_result=lambda _: bar.update(1),
+            fatal=_FATAL,
+        )
+    by_dir = {part.part_dir: part for part in parsed}
+    parts = [by_dir.get(t.part_dir) or PartInfo.load(Path(t.part_dir)) for t in tasks]  # in order
     ordered = merge_overlapping(parts, staging)
     present = {name for part in parts for name in part.optional}
     kept = [name for name in schema.DR3_SCALARS if name in present]  # what any input file had
@@ -175,7 +318,7 @@ def ingest_files(
         partial,
         n_rows,
         chunk_rows=config.chunk_rows,
-        attrs={"ingest_options": {"on_bad_row": config.on_bad_row}},
+        attrs={"ingest_options": fingerprint},
         scalars=kept,
         with_correlations=config.with_correlations,
         with_positions=schema.RA in present,
@@ -183,7 +326,16 @@ def ingest_files(
     )
     regions = writer.chunk_slices()
     chunks = chunk_pieces(ordered, regions)
-    _run(client, write_chunk, [writer] * len(chunks), [r.start for r in regions], chunks)
+    write = functools.partial(_write_region, writer)
+    starts = [r.start for r in regions]
+    map_ordered(
+        client,
+        write,
+        list(zip(starts, chunks, strict=True)),
+        name="xpbatch-ingest-write",
+        n_threads=1,
+        fatal=_FATAL,
+    )
     writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
     if out.exists():
         shutil.rmtree(out)
@@ -191,7 +343,32 @@ def ingest_files(
     if not config.keep_parts:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s: %d rows from %d file(s)", out, n_rows, len(tasks))
-    return out
+    return _summary(
+        out,
+        len(tasks),
+        len(plan.done),
+        started,
+        checks="every chunk written, source_id ascending and unique (before the store was "
+        "renamed into place)",
+    )
+
+
+def _summary(
+    out: Path, xp_files: int, reused: int, started: float, *, checks: str
+) -> IngestSummary:
+    """The summary of the store at ``out`` (its attributes count rows and skipped rows)."""
+    attrs = _store_attrs(out)
+    return IngestSummary(
+        path=out,
+        rows=int(attrs["row_count"]),
+        xp_files=xp_files,
+        files_reused=reused,
+        skipped_rows=int(attrs["skipped_row_count"]),
+        skipped_examples=tuple(attrs["skipped_rows"][:SHOWN_BAD_ROWS]),
+        output_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+        wall_s=time.perf_counter() - started,
+        checks=checks,
+    )
 
 
 def _partition_attrs(xp_files: Sequence[str]) -> dict[str, Any]:
@@ -232,7 +409,7 @@ def ingest_table(
     gaia_source_files: Sequence[PathLike] = (),
     client: Client | None = None,
     config: IngestConfig = IngestConfig(),  # noqa: B008 - frozen, so a shared default is safe
-) -> Path:
+) -> IngestSummary:
     """Build an XP store from an in-memory table of XP spectra.
 
     The table goes through the same reader as the files: it is written as Parquet beside
@@ -250,8 +427,8 @@ def ingest_table(
 
     Returns
     -------
-    pathlib.Path
-        ``out``, complete.
+    IngestSummary
+        As for :func:`ingest_files`.
 
     Examples
     --------
@@ -260,14 +437,12 @@ def ingest_table(
     ...                         data_structure="RAW", dump_to_file=False)  # doctest: +SKIP
     >>> ingest_table(list(tables.values())[0][0], "xp.zarr",
     ...              gaia_source_files=["gaia_source.csv"])  # doctest: +SKIP
-    PosixPath('xp.zarr')
     """
     import pyarrow.parquet as pq
 
     from xpbatch.ingest.table import arrow_table
 
     out = Path(out)
-    check_overwritable(out, config.overwrite)
     staged = out.with_name(out.name + ".table.parquet")
     pq.write_table(arrow_table(table), staged)
     try:
