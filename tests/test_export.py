@@ -19,8 +19,8 @@ import xpbatch
 from xpbatch import schema
 from xpbatch.artifact import save_model
 from xpbatch.cli import main
-from xpbatch.config import EncodeConfig
-from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
+from xpbatch.config import EncodeConfig, ParquetExportConfig
+from xpbatch.errors import CatalogError, ConfigError, OutputExistsError, ResumeRefusedError
 from xpbatch.export import MANIFEST_NAME, export_parquet, resolve_partitions
 from xpbatch.mock import mock_rows
 from xpbatch.partitions import PartitionRanges, file_name
@@ -104,7 +104,12 @@ def _assert_export_equals_catalog(out: Path, catalog: Path) -> None:
 
 def test_every_row_is_exported_once_with_its_values(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
-    result = export_parquet(catalog, out, partitions=DR3_FIRST, n_threads=2)
+    result = export_parquet(
+        catalog,
+        out,
+        partitions=DR3_FIRST,
+        config=ParquetExportConfig(threads=2, progress_bar=False),
+    )
 
     expected_rows = np.bincount(DR3_FIRST.index_of(_catalog_columns(catalog)["source_id"]))
     expected_files = {
@@ -137,20 +142,25 @@ def test_encode_catalog_carries_the_store_partitions_so_export_needs_no_flag(
     assert result.partitions == DR3_FIRST
 
 
-def test_rerun_keeps_whole_files_and_rewrites_missing_ones(catalog: Path, tmp_path: Path) -> None:
+RESUME = ParquetExportConfig(resume=True)
+
+
+def test_resume_keeps_whole_files_and_rewrites_missing_ones(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
     first = export_parquet(catalog, out, partitions=DR3_FIRST)
     victim = out / sorted(first.files)[1]
     victim.unlink()
     (out / f".{victim.name}.tmp-dead").write_bytes(b"half a file from a killed run")
+    with pytest.raises(OutputExistsError, match=r"an export of .*--resume"):
+        export_parquet(catalog, out, partitions=DR3_FIRST)  # the convention: --resume or not
 
-    again = export_parquet(catalog, out, partitions=DR3_FIRST)
+    again = export_parquet(catalog, out, partitions=DR3_FIRST, config=RESUME)
 
     assert again.files == first.files and again.n_reused == len(first.files) - 1
     assert not list(out.glob(".*tmp*"))
     _assert_export_equals_catalog(out, catalog)
-    with pytest.raises(OutputExistsError, match="split by other partition ranges"):
-        export_parquet(catalog, out, partitions=PartitionRanges([[0, 786431]]))
+    with pytest.raises(ResumeRefusedError, match="partitions_fingerprint"):
+        export_parquet(catalog, out, partitions=PartitionRanges([[0, 786431]]), config=RESUME)
 
 
 def test_export_on_a_dask_cluster_equals_the_local_one(
@@ -172,7 +182,7 @@ def test_export_on_a_dask_cluster_equals_the_local_one(
     [
         pytest.param(
             lambda out: (out.mkdir(), (out / "notes.txt").write_text("mine")),
-            "holds no _xpbatch_export.json",
+            "not an xpbatch Parquet export",
             id="foreign-directory",
         ),
         pytest.param(lambda out: out.write_text("a file"), "not a directory", id="a-file"),
@@ -181,7 +191,7 @@ def test_export_on_a_dask_cluster_equals_the_local_one(
                 out.mkdir(),
                 (out / MANIFEST_NAME).write_text('{"catalog_fingerprint": "another"}'),
             ),
-            "export of another catalogue",
+            "already exists",
             id="another-catalogue",
         ),
     ],
@@ -200,7 +210,9 @@ def test_overwrite_replaces_an_export_of_another_catalogue(catalog: Path, tmp_pa
     out.mkdir()
     (out / MANIFEST_NAME).write_text('{"catalog_fingerprint": "another"}')
     (out / "XpLatent_786097-786431.parquet").write_bytes(b"from the other catalogue")
-    result = export_parquet(catalog, out, partitions=DR3_FIRST, overwrite=True)
+    result = export_parquet(
+        catalog, out, partitions=DR3_FIRST, config=ParquetExportConfig(overwrite=True)
+    )
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(result.files)
 
 
@@ -313,10 +325,10 @@ def test_cli_exports_and_reports(catalog: Path, store: Path, tmp_path: Path) -> 
     command = ["export-parquet", os.fspath(catalog), "-o", os.fspath(out)]
     result = CliRunner().invoke(main, [*command, "--store", os.fspath(store)])
     assert result.exit_code == 0, result.output
-    assert "wrote 1,200 rows in 3 files" in result.output
-    again = CliRunner().invoke(main, [*command, "--partitions", os.fspath(md5sum)])
+    assert "1,200 in 3 files" in result.output
+    again = CliRunner().invoke(main, [*command, "--partitions", os.fspath(md5sum), "--resume"])
     assert "(3 kept from an earlier run)" in again.output
-    assert f"partition ranges from {md5sum}" in again.output
+    assert f"ranges from {md5sum}" in again.output
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(DR3_FIRST_FILES)
 
 

@@ -33,6 +33,7 @@ from xpbatch.config import (
     HatsExportConfig,
     IngestConfig,
     MockConfig,
+    ParquetExportConfig,
     TrainConfig,
     read_toml,
 )
@@ -226,39 +227,27 @@ def info_command(path: str, as_json: bool) -> None:
     "ingest` from DR3 bulk files) are used when CATALOG records none.",
 )
 @click.option(
-    "--overwrite", is_flag=True, help="Replace an export of a different catalogue in OUTPUT."
+    "--resume",
+    is_flag=True,
+    help="Continue an interrupted export of the same catalogue and partition ranges.",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an existing export in OUTPUT.")
 @click.option(
     "--threads", type=click.IntRange(min=1), default=None, help="Threads [default: one per core]."
 )
 def export_parquet_command(
-    catalog: str,
-    output: str,
-    partitions: str | None,
-    store: str | None,
-    overwrite: bool,
-    threads: int | None,
+    catalog: str, output: str, partitions: str | None, store: str | None, **options: Any
 ) -> None:
     """Write CATALOG's latents, rmse and flags as Parquet, one file per DR3 partition.
 
     Files are named XpLatent_<lo>-<hi>.parquet like the DR3 bulk files; rerunning the same
-    command completes an interrupted export.
+    command with --resume completes an interrupted export.
     """
     from xpbatch.export import export_parquet
 
-    result = export_parquet(
-        catalog,
-        output,
-        partitions=partitions,
-        store=store,
-        overwrite=overwrite,
-        n_threads=threads,
-    )
-    click.echo(
-        f"wrote {result.n_rows:,} rows in {len(result.files):,} files to {result.output_dir}"
-        + (f" ({result.n_reused:,} kept from an earlier run)" if result.n_reused else "")
-        + f"; partition ranges from {result.partitions.origin}"
-    )
+    config = ParquetExportConfig(**options)
+    summary = export_parquet(catalog, output, partitions=partitions, store=store, config=config)
+    click.echo(str(summary))
 
 
 @main.command("export-hats")

@@ -29,8 +29,9 @@ row is in exactly one file.
 
 Each file is written under a temporary name and renamed when whole, so a file under its final
 name is always complete. A manifest (``_xpbatch_export.json``) ties the directory to its
-catalogue; rerunning the export skips the files already there, and the manifest says
-``complete: true`` only when every row has been written.
+catalogue and partition ranges; ``--resume`` of the same export keeps the whole files and
+writes the missing ones, and the manifest says ``complete: true`` only when every row has been
+written.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import functools
 import hashlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -47,9 +49,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xpbatch import __version__, schema
+from xpbatch.config import ParquetExportConfig
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
-from xpbatch.executor import map_ordered
-from xpbatch.outputs import locked_output
+from xpbatch.executor import map_ordered, progress_bar
+from xpbatch.outputs import ResumePlan, check_same_run, claim_output, locked_output
 from xpbatch.partitions import (
     EXAMPLE_NAME,
     HEALPIX_LEVEL,
@@ -136,8 +139,8 @@ def _store_partitions(store: Path, catalog_attrs: dict[str, Any]) -> PartitionRa
 
 
 @dataclasses.dataclass(frozen=True)
-class ExportResult:
-    """What :func:`export_parquet` did."""
+class ParquetExportSummary:
+    """What :func:`export_parquet` did; ``str()`` is what ``xpbatch export-parquet`` prints."""
 
     output_dir: Path
     partitions: PartitionRanges
@@ -147,7 +150,23 @@ class ExportResult:
     files: dict[str, int]
     """File name -> rows, for every partition with rows."""
     n_reused: int
-    """Files found complete from an earlier run and kept."""
+    """Files found complete from an earlier run and kept (``resume``)."""
+    output_bytes: int = 0
+    wall_s: float = 0.0
+
+    def __str__(self) -> str:
+        reused = f" ({self.n_reused:,} kept from an earlier run)" if self.n_reused else ""
+        return "\n".join(
+            [
+                f"export         {self.output_dir}",
+                f"rows           {self.n_rows:,} in {len(self.files):,} files{reused}",
+                f"partitions     ranges from {self.partitions.origin}",
+                f"wall time      {self.wall_s:.1f} s",
+                f"output size    {self.output_bytes / 1e6:,.1f} MB",
+                "checks         every catalogue row in exactly one file (row counts); source_id "
+                "ascending",
+            ]
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,6 +271,12 @@ def _write_partition(
     return path.name, table.num_rows
 
 
+def _is_written(task: tuple[slice, Path]) -> bool:
+    """Whether an earlier run wrote this task's file whole."""
+    rows, path = task
+    return path.exists() and _is_whole(path, rows.stop - rows.start)
+
+
 def _is_whole(path: Path, n_rows: int) -> bool:
     """A file from an earlier run is kept when its footer has the expected row count."""
     import pyarrow.parquet as pq
@@ -275,45 +300,52 @@ def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
         tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
 
 
-def _prepare_output(
-    out: Path, fingerprint: str, partitions_fingerprint: str, *, overwrite: bool
-) -> None:
-    """Create ``out``, or reuse it for the same catalogue and partitions; never delete files
-    that are not ours."""
+def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) -> bool:
+    """Apply the resume convention to the output directory; True when an export continues.
+
+    The directory is ours when it holds our manifest and our files only (or nothing);
+    ``--overwrite`` removes only our files."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
-    out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / MANIFEST_NAME
-    ours = sorted(out.glob(f"{FILE_PREFIX}_*.parquet")) + sorted(out.glob(f".*{TMP_MARK}*"))
-    if not manifest_path.exists():
-        others = [p.name for p in out.iterdir() if p not in ours]
-        if others or ours:
-            raise OutputExistsError(
-                f"{out} is not empty and holds no {MANIFEST_NAME} (e.g. {(others + ours)[0]}); "
-                "export into a new or empty directory"
-            )
-        return
-    try:
-        previous = json.loads(manifest_path.read_text())
-    except ValueError:
-        previous = {}
-    same_catalog = previous.get("catalog_fingerprint") == fingerprint
-    same_partitions = previous.get("partitions_fingerprint") == partitions_fingerprint
-    if same_catalog and same_partitions and not overwrite:
+    ours = [*out.glob(f"{FILE_PREFIX}_*.parquet"), *out.glob(f".*{TMP_MARK}*")]
+    others = sorted(p.name for p in out.iterdir() if p not in ours) if out.is_dir() else []
+    previous = _read_manifest(manifest_path)
+    if previous:
+        state = "marked complete" if previous.get("complete") else "unfinished"
+        found = f"an export of {previous.get('catalog')}, {state}"
+    else:
+        found = f"no {MANIFEST_NAME}; e.g. {[*others, *(p.name for p in ours)][:1]}"
+    resumed = claim_output(
+        out,
+        exists=bool(ours or others),
+        ours=others == [MANIFEST_NAME],
+        resume=config.resume,
+        overwrite=config.overwrite,
+        what="Parquet export",
+        found=found,
+        remove=functools.partial(_remove_files, [*ours, manifest_path]),
+    )
+    if resumed:
+        earlier = f"export of {previous.get('catalog')} by {previous.get('partitions_origin')}"
+        check_same_run(out, {k: previous.get(k) for k in fingerprint}, fingerprint, what=earlier)
         for tmp in out.glob(f".*{TMP_MARK}*"):  # left by a killed run
             tmp.unlink(missing_ok=True)
-        return
-    if not overwrite:
-        what = (
-            f"an export of this catalogue split by other partition ranges "
-            f"({previous.get('partitions_origin')})"
-            if same_catalog
-            else f"an export of another catalogue ({previous.get('catalog')})"
-        )
-        raise OutputExistsError(
-            f"{out} holds {what}; pass --overwrite to replace it, or choose another -o"
-        )
-    for path in [*ours, manifest_path]:
+    out.mkdir(parents=True, exist_ok=True)
+    return resumed
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of an earlier export, or {} when there is none (or it is unreadable)."""
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def _remove_files(paths: Sequence[Path]) -> None:
+    for path in paths:
         path.unlink(missing_ok=True)
 
 
@@ -339,10 +371,9 @@ def export_parquet(
     *,
     partitions: PartitionRanges | PathLike | None = None,
     store: PathLike | None = None,
-    overwrite: bool = False,
+    config: ParquetExportConfig | None = None,
     client: Any = None,
-    n_threads: int | None = None,
-) -> ExportResult:
+) -> ParquetExportSummary:
     """Write a catalogue's latents, rmse and flags as Parquet, one file per DR3 partition.
 
     Streams: each task reads one block of ``source_id`` to plan, then one partition's rows
@@ -353,9 +384,9 @@ def export_parquet(
     catalog
         A complete catalogue written by ``xpbatch encode-catalog``.
     output_dir
-        Directory for the ``XpLatent_<lo>-<hi>.parquet`` files (created if needed). If it
-        holds an earlier export of the same catalogue, the complete files are kept and only
-        the missing ones are written.
+        Directory for the ``XpLatent_<lo>-<hi>.parquet`` files (created if needed). With
+        ``config.resume``, an earlier export of the same catalogue and partition ranges there
+        is continued: the whole files are kept and only the missing ones are written.
     partitions
         The DR3 partition ranges: a :class:`~xpbatch.partitions.PartitionRanges`, or a path
         for :func:`~xpbatch.partitions.read_partition_ranges` (the ``_MD5SUM.txt`` of the DR3
@@ -365,23 +396,26 @@ def export_parquet(
         The XP store the catalogue was encoded from, to take its ``partition_ranges``
         attribute (recorded by ``xpbatch ingest`` from DR3 bulk file names) when neither
         ``partitions`` nor the catalogue gives them. Its store id must match the catalogue's.
-    overwrite
-        Replace an export of a different catalogue in ``output_dir``.
+    config
+        Options (resume, overwrite, threads of the local pool, progress bar); see
+        :class:`~xpbatch.config.ParquetExportConfig`.
     client
         A ``distributed.Client`` to run the tasks on; by default a local thread pool.
-    n_threads
-        Threads of the local pool (default: one per core).
 
     Returns
     -------
-    ExportResult
-        Output directory, partition ranges used, rows written, files and rows per file.
+    ParquetExportSummary
+        Output directory, partition ranges used, rows written, files and rows per file;
+        ``str()`` gives a readable summary.
 
     Raises
     ------
     ConfigError
         No partition ranges (the message lists where they can come from), invalid ranges,
         a ``store`` that is not the catalogue's input, or a source in no range.
+    OutputExistsError, ResumeRefusedError
+        ``output_dir`` holds an export without ``resume``/``overwrite`` or files xpbatch did
+        not write, or ``resume`` finds an export of another catalogue or partition ranges.
 
     Examples
     --------
@@ -390,26 +424,31 @@ def export_parquet(
     >>> import pandas as pd
     >>> df = pd.read_parquet("catalog-parquet")  # doctest: +SKIP
     """
+    config = config or ParquetExportConfig()
+    started = time.perf_counter()
     catalog_path = Path(catalog)
     out = Path(output_dir)
     source, attrs = _catalog_source(catalog_path)
     ranges = resolve_partitions(catalog_path, attrs, partitions=partitions, store=store)
     logger.info("exporting by %r", ranges)
     fingerprint = _fingerprint(attrs)
-    partitions_fingerprint = _fingerprint(ranges.to_list())
-    _prepare_output(out, fingerprint, partitions_fingerprint, overwrite=overwrite)
+    run = {
+        "catalog_fingerprint": fingerprint,
+        "partitions_fingerprint": _fingerprint(ranges.to_list()),
+    }
+    resumed = _claim(out, run, config)
     manifest: dict[str, Any] = {
         "format": MANIFEST_FORMAT,
         "format_version": MANIFEST_VERSION,
         "catalog": str(catalog_path.resolve()),
-        "catalog_fingerprint": fingerprint,
+        **run,
         "partitions_origin": ranges.origin,
-        "partitions_fingerprint": partitions_fingerprint,
         "n_rows": source.n_rows,
         "xpbatch_version": __version__,
         "complete": False,
     }
     _write_manifest(out, manifest)
+    n_threads = config.threads
 
     blocks = [
         slice(start, min(start + source.chunk_rows, source.n_rows))
@@ -429,19 +468,31 @@ def export_parquet(
         **{k: attrs[k] for k in ("model_name", "model_hash", "input_store_id") if k in attrs},
     }
     arrow_schema = _arrow_schema(source.n_latent, provenance)
-    files: dict[str, int] = {}
     tasks: list[tuple[slice, Path]] = []
     for p in np.flatnonzero(per_partition):
         lo, hi = (int(v) for v in ranges.ranges[p])
         rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
-        path = out / file_name(FILE_PREFIX, lo, hi)
-        if path.exists() and _is_whole(path, rows.stop - rows.start):
-            files[path.name] = rows.stop - rows.start
-            continue
-        tasks.append((rows, path))
+        tasks.append((rows, out / file_name(FILE_PREFIX, lo, hi)))
+    plan = ResumePlan.split(tasks, _is_written, resumed=resumed)
+    files = {path.name: rows.stop - rows.start for rows, path in plan.done}
     n_reused = len(files)
     write = functools.partial(_write_partition, source, arrow_schema)
-    files.update(map_ordered(client, write, tasks, name="xpbatch-export", n_threads=n_threads))
+    with progress_bar(
+        len(tasks),
+        initial=n_reused,
+        desc="export-parquet",
+        unit="files",
+        enabled=config.progress_bar,
+    ) as bar:
+        written = map_ordered(
+            client,
+            write,
+            plan.todo,
+            name="xpbatch-export",
+            n_threads=n_threads,
+            on_result=lambda _: bar.update(1),
+        )
+    files.update(written)
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")
@@ -450,6 +501,12 @@ def export_parquet(
         "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
         n_rows, catalog_path, len(files), out, n_reused,
     )  # fmt: skip
-    return ExportResult(
-        output_dir=out, partitions=ranges, n_rows=n_rows, files=files, n_reused=n_reused
+    return ParquetExportSummary(
+        output_dir=out,
+        partitions=ranges,
+        n_rows=n_rows,
+        files=files,
+        n_reused=n_reused,
+        output_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        wall_s=time.perf_counter() - started,
     )

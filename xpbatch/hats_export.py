@@ -28,6 +28,7 @@ Norder, Npix) and hats writes its metadata.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import shutil
@@ -38,9 +39,10 @@ import numpy as np
 from hats_import.catalog.file_readers import InputReader
 
 from xpbatch import schema
-from xpbatch.config import HatsExportConfig
-from xpbatch.errors import CatalogError, OutputExistsError, ResumeRefusedError
-from xpbatch.outputs import locked_output
+from xpbatch.config import HatsExportConfig, result_options
+from xpbatch.errors import CatalogError
+from xpbatch.executor import map_bounded
+from xpbatch.outputs import check_same_run, claim_output, locked_output
 from xpbatch.paths import PathLike, atomic_path
 from xpbatch.sky import POSITION_FROM_SOURCE_ID, SkySource
 
@@ -140,42 +142,31 @@ def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) ->
 def _manifest(source: SkySource, config: HatsExportConfig) -> dict[str, Any]:
     from xpbatch.catalog import read_attrs
 
-    options = dataclasses.asdict(config)
-    for transient in ("resume", "overwrite", "progress_bar"):
-        options.pop(transient)
     return {
         "format": MANIFEST_FORMAT,
         "catalog": source.path,
         "catalog_run_id": read_attrs(source.path).get(schema.CATALOG_ATTR_RUN_ID),
-        "options": options,
+        "options": result_options(config),
     }
 
 
 def _prepare_output(out: Path, manifest: dict[str, Any], config: HatsExportConfig) -> None:
     """Create the output, or check that ``--resume`` continues the same export."""
     manifest_path = out / MANIFEST_NAME
-    if out.exists() and any(out.iterdir()):
-        ours = manifest_path.is_file()
-        if config.overwrite and ours:
-            shutil.rmtree(out)
-        elif config.resume and ours:
-            found = json.loads(manifest_path.read_text())
-            if found != manifest:
-                raise ResumeRefusedError(
-                    f"cannot --resume {out}: it is an export of {found.get('catalog')} with "
-                    f"options {found.get('options')}, this run exports {manifest['catalog']} "
-                    f"with {manifest['options']}. Use the same catalogue and options, or "
-                    "--overwrite to start again."
-                )
-            return
-        else:
-            what = "an xpbatch HATS export" if ours else "not an xpbatch HATS export"
-            hint = (
-                "pass --resume to continue it or --overwrite to replace it"
-                if ours
-                else "choose another output directory (it is never overwritten)"
-            )
-            raise OutputExistsError(f"{out} already exists ({what}); {hint}. Nothing was changed.")
+    resumed = claim_output(
+        out,
+        exists=out.exists() and any(out.iterdir()),
+        ours=manifest_path.is_file(),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        what="HATS export",
+        found="an xpbatch HATS export" if manifest_path.is_file() else "",
+        remove=functools.partial(shutil.rmtree, out),
+    )
+    if resumed:
+        found = json.loads(manifest_path.read_text())
+        check_same_run(out, found, manifest, what="HATS export")
+        return
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(manifest_path) as tmp:
         Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -350,8 +341,7 @@ def write_source_id_index(
         np.array([p.order for p in pixels])[order],
         np.array([p.pixel for p in pixels])[order],
     )
-    futures = client.map(task, range(source.n_chunks), pure=False)
-    n_approximate = sum(client.gather(futures))
+    n_approximate = sum(map_bounded(client, task, range(source.n_chunks), name="xpbatch-index"))
     properties: dict[str, Any] = {
         "catalog_name": index_dir.name,
         "catalog_type": "index",
