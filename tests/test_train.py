@@ -456,6 +456,21 @@ def test_cli_flags_override_the_config_file(small_store: Path, tmp_path: Path) -
     assert "seed 0 (now 9)" in changed.output
 
 
+def test_cli_trains_the_same_model_as_the_api_and_resumes_with_resume(
+    small_store: Path, reference_run: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "cli.safetensors"
+    args = ["train", str(small_store), "-o", str(out), "--learning-rate", "1e-3", "--no-progress"]
+    args += ["--batch-size", "256", "--device", "cpu", "--checkpoint-every", "1"]
+    first = CliRunner().invoke(main, [*args, "--epochs", "2"])
+    assert first.exit_code == 0, first.output
+    assert "epochs         2 on cpu" in first.output
+    resumed = CliRunner().invoke(main, [*args, "--epochs", "4", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+    assert "epochs         4 (2 from the checkpoint) on cpu" in resumed.output
+    _assert_same_weights(out, reference_run)  # CLI, resumed == API, uninterrupted
+
+
 # --- it learns ------------------------------------------------------------------------------
 LEARN = TrainConfig(
     epochs=15,

@@ -143,7 +143,8 @@ class TrainSummary:
             )
             lines.append(f"rows excluded  {counts['excluded']:,} unusable ({reasons})")
         if counts.get("unknown_source_ids"):
-            lines.append(f"unknown ids    {counts['unknown_source_ids']:,} not in the store")
+            n = counts["unknown_source_ids"]
+            lines.append(f"source ids     {n:,} listed source ids are not in the store")
         if self.records:
             last = self.records[-1]
             validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"

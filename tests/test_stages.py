@@ -1,0 +1,131 @@
+"""One shape for every stage: the same signature, the same resume convention, a summary to print.
+
+The convention (README, "Resuming and replacing outputs") is :func:`xpbatch.outputs.claim_output`;
+each stage's own tests check it on real outputs (test_ingest, test_train, test_export,
+test_hats_export, test_catalog), these check the rule itself and the stages' shape.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from xpbatch.config import (
+    EncodeConfig,
+    HatsExportConfig,
+    IngestConfig,
+    ParquetExportConfig,
+    TrainConfig,
+    result_options,
+)
+from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError
+from xpbatch.outputs import ResumePlan, check_same_run, claim_output
+
+
+def _stages() -> dict[str, tuple[Callable[..., object], type]]:
+    from xpbatch.export import export_parquet
+    from xpbatch.hats_export import export_hats
+    from xpbatch.ingest import ingest_files, ingest_table
+    from xpbatch.pipeline import encode_catalog
+    from xpbatch.train import train_model
+
+    return {
+        "ingest": (ingest_files, IngestConfig),
+        "ingest-table": (ingest_table, IngestConfig),
+        "train": (train_model, TrainConfig),
+        "encode-catalog": (encode_catalog, EncodeConfig),
+        "export-parquet": (export_parquet, ParquetExportConfig),
+        "export-hats": (export_hats, HatsExportConfig),
+    }
+
+
+@pytest.mark.parametrize("name", list(_stages()))
+def test_every_stage_has_one_shape(name: str) -> None:
+    """stage(inputs, out, *, config=..., client=...) -> a frozen summary with its own __str__."""
+    stage, config_class = _stages()[name]
+    parameters = inspect.signature(stage).parameters
+    positional = [p.name for p in parameters.values() if p.kind is p.POSITIONAL_OR_KEYWORD]
+    assert positional[-1] in ("out", "output_dir"), positional
+    assert parameters["config"].kind is inspect.Parameter.KEYWORD_ONLY
+    if name != "train":  # one device, no cluster: train has no client to ignore
+        assert parameters["client"].kind is inspect.Parameter.KEYWORD_ONLY
+    function = inspect.unwrap(stage)
+    summary = eval(function.__annotations__["return"], function.__globals__)  # the return class
+    assert dataclasses.is_dataclass(summary) and summary.__dataclass_params__.frozen  # type: ignore[attr-defined]
+    assert summary.__str__ is not object.__str__ and "__str__" in vars(summary)
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    assert {"resume", "overwrite"} <= set(fields), f"{config_class.__name__} lacks resume/overwrite"
+    with pytest.raises(ConfigError, match="give one"):
+        config_class(resume=True, overwrite=True)
+
+
+def test_run_control_fields_are_never_part_of_a_result() -> None:
+    """A resumed output records the same options as an uninterrupted one."""
+    assert result_options(TrainConfig(resume=True)) == result_options(TrainConfig())
+    assert "progress_bar" not in result_options(HatsExportConfig(progress_bar=False))
+
+
+# --- the rule: (what is there, the flags) -> new, resumed, replaced or refused -----------------
+CASES = {
+    # name: (exists, ours, resume, overwrite, expected: True/False or an error class)
+    "nothing-there": (False, True, False, False, False),
+    "nothing-there-resume-starts-new": (False, True, True, False, False),
+    "ours-no-flag-refused": (True, True, False, False, OutputExistsError),
+    "ours-resume": (True, True, True, False, True),
+    "ours-overwrite-removes": (True, True, False, True, False),
+    "foreign-no-flag-refused": (True, False, False, False, OutputExistsError),
+    "foreign-overwrite-refused": (True, False, False, True, OutputExistsError),
+    "foreign-resume-refused": (True, False, True, False, ResumeRefusedError),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_claim_output(case: str, tmp_path: Path) -> None:
+    exists, ours, resume, overwrite, expected = CASES[case]
+    removed: list[bool] = []
+    claim = {
+        "exists": exists,
+        "ours": ours,
+        "resume": resume,
+        "overwrite": overwrite,
+        "what": "thing",
+        "found": "a thing, 2 of 3 done",
+        "remove": lambda: removed.append(True),
+    }
+    if isinstance(expected, bool):
+        assert claim_output(tmp_path / "out", **claim) is expected  # type: ignore[arg-type]
+        assert removed == ([True] if overwrite else [])
+        return
+    with pytest.raises(expected) as error:
+        claim_output(tmp_path / "out", **claim)  # type: ignore[arg-type]
+    assert not removed  # a refusal changes nothing
+    message = str(error.value)
+    assert "Nothing was changed" in message
+    if ours:  # what is there, and both ways on
+        assert "a thing, 2 of 3 done" in message and "--resume" in message
+        assert "--overwrite" in message
+    else:
+        assert "not an xpbatch thing" in message and "another output path" in message
+
+
+def test_check_same_run_names_every_difference() -> None:
+    recorded = json.loads(json.dumps({"inputs": ("a", "b"), "chunk_rows": 512, "seed": 1}))
+    check_same_run("out", recorded, {"inputs": ("a", "b"), "chunk_rows": 512, "seed": 1}, what="x")
+    with pytest.raises(ResumeRefusedError) as error:
+        check_same_run("out", recorded, {"inputs": ["a"], "chunk_rows": 256, "seed": 1}, what="x")
+    message = str(error.value)
+    assert "chunk_rows: 512 there, 256 now" in message and "inputs: " in message
+    assert "seed" not in message and "--overwrite" in message
+
+
+def test_resume_plan_splits_only_when_resuming() -> None:
+    items = [1, 2, 3, 4]
+    plan = ResumePlan.split(items, lambda i: i % 2 == 0, resumed=True)
+    assert (plan.done, plan.todo) == ((2, 4), (1, 3))
+    fresh = ResumePlan.split(items, lambda i: pytest.fail("a new run asks nothing"), resumed=False)
+    assert (fresh.done, fresh.todo) == ((), (1, 2, 3, 4))
