@@ -399,7 +399,7 @@ def test_cli_on_a_dask_cluster_equals_the_serial_api(
     tmp_path: Path,
     dask_client,  # type: ignore[no-untyped-def]
 ) -> None:
-    serial = ingest_files([mock_bulk], [mock_bulk], tmp_path / "serial.zarr").path
+    serial = ingest_files([mock_bulk], [mock_bulk], tmp_path / "serial.zarr")
     address = dask_client.scheduler.address
     args = [
         "ingest",
@@ -411,10 +411,11 @@ def test_cli_on_a_dask_cluster_equals_the_serial_api(
     ]
     result = CliRunner().invoke(main, [*args, "--cluster", address, "--chunk-rows", "300"])
     assert result.exit_code == 0, result.output
-    assert f"{MOCK_ROWS:,} rows" in result.output
+    assert serial.rows == MOCK_ROWS  # the CLI prints the API's summary
+    assert f"rows           {MOCK_ROWS:,} from {serial.xp_files} XP file(s)" in result.output
     distributed = open_xp_store(tmp_path / "d.zarr")
     assert distributed.chunks["source"][0] == 300
-    _assert_same_rows(distributed, open_xp_store(serial))
+    _assert_same_rows(distributed, open_xp_store(serial.path))
 
 
 def test_cli_reports_errors_in_one_line(dr3_samples_dir: Path, tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from xpbatch.errors import ChunkError, ClusterError
@@ -106,6 +106,34 @@ def map_ordered(
         indexed = _map_indexed(client, func, items, name=name, fatal=fatal, **bounds)  # type: ignore[arg-type]
         results = _collect(indexed, on_result)
     return [results[i] for i in range(len(results))]
+
+
+def map_with_progress(
+    client: Client | None,
+    func: Callable[[T], R],
+    todo: Sequence[T],
+    *,
+    name: str,
+    desc: str,
+    unit: str,
+    total: int,
+    enabled: bool = True,
+    n_threads: int | None = None,
+    fatal: tuple[type[BaseException], ...] = (),
+) -> list[R]:
+    """:func:`map_ordered` over the items left to do, with a progress bar of ``total`` items
+    (those an earlier run did count as done from the start)."""
+    initial = total - len(todo)
+    with progress_bar(total, initial=initial, desc=desc, unit=unit, enabled=enabled) as bar:
+        return map_ordered(
+            client,
+            func,
+            todo,
+            name=name,
+            n_threads=n_threads,
+            on_result=lambda _: bar.update(1),
+            fatal=fatal,
+        )
 
 
 def _collect(

@@ -51,7 +51,7 @@ import numpy as np
 from xpbatch import __version__, schema
 from xpbatch.config import ParquetExportConfig
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
-from xpbatch.executor import map_ordered, progress_bar
+from xpbatch.executor import map_ordered, map_with_progress
 from xpbatch.outputs import ResumePlan, check_same_run, claim_output, locked_output
 from xpbatch.partitions import (
     EXAMPLE_NAME,
@@ -448,14 +448,13 @@ def export_parquet(
         "complete": False,
     }
     _write_manifest(out, manifest)
-    n_threads = config.threads
 
     blocks = [
         slice(start, min(start + source.chunk_rows, source.n_rows))
         for start in range(0, source.n_rows, source.chunk_rows)
     ]
     plan = functools.partial(_block_plan, source, ranges)
-    plans = map_ordered(client, plan, blocks, name="xpbatch-export-plan", n_threads=n_threads)
+    plans = map_ordered(client, plan, blocks, name="xpbatch-export-plan", n_threads=config.threads)
     per_partition = _partition_rows(plans, len(ranges))
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
@@ -477,21 +476,17 @@ def export_parquet(
     files = {path.name: rows.stop - rows.start for rows, path in plan.done}
     n_reused = len(files)
     write = functools.partial(_write_partition, source, arrow_schema)
-    with progress_bar(
-        len(tasks),
-        initial=n_reused,
+    written = map_with_progress(
+        client,
+        write,
+        plan.todo,
+        name="xpbatch-export",
         desc="export-parquet",
         unit="files",
+        total=len(tasks),
         enabled=config.progress_bar,
-    ) as bar:
-        written = map_ordered(
-            client,
-            write,
-            plan.todo,
-            name="xpbatch-export",
-            n_threads=n_threads,
-            on_result=lambda _: bar.update(1),
-        )
+        n_threads=config.threads,
+    )
     files.update(written)
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so

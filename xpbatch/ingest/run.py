@@ -28,7 +28,7 @@ from xpbatch import schema
 from xpbatch.config import IngestConfig, result_options
 from xpbatch.dr3 import GAIA_SOURCE_GLOB, GAIA_SOURCE_NAME, XP_GLOB, XP_NAME
 from xpbatch.errors import ConfigError, ParseError, XPBatchError
-from xpbatch.executor import map_ordered, progress_bar
+from xpbatch.executor import map_ordered, map_with_progress
 from xpbatch.ingest.common import ReadRequest
 from xpbatch.ingest.parts import (
     FileTask,
@@ -291,22 +291,18 @@ def ingest_files(
     tasks = [FileTask(xp, gs, str(_part_dir(staging, xp)), request) for xp, gs in pairs.items()]
     plan = ResumePlan.split(tasks, is_finished, resumed=resumed)
     logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
-    with progress_bar(
-        len(tasks),
-        initial=len(plan.done),
+    parsed = map_with_progress(
+        client,
+        ingest_file,
+        plan.todo,
+        name="xpbatch-ingest-parse",
         desc="ingest",
         unit="files",
+        total=len(tasks),
         enabled=config.progress_bar,
-    ) as bar:
-        parsed = map_ordered(
-            client,
-            ingest_file,
-            plan.todo,
-            name="xpbatch-ingest-parse",
-            n_threads=1,  # without a cluster, one file at a time (as before)
-            on_result=lambda _: bar.update(1),
-            fatal=_FATAL,
-        )
+        n_threads=1,  # without a cluster, one file at a time (as before)
+        fatal=_FATAL,
+    )
     by_dir = {part.part_dir: part for part in parsed}
     parts = [by_dir.get(t.part_dir) or PartInfo.load(Path(t.part_dir)) for t in tasks]  # in order
     ordered = merge_overlapping(parts, staging)
