@@ -423,7 +423,7 @@ def test_ingest_table_builds_the_same_store_as_the_file(
     else:
         table = _astropy_table(rows, fixed=kind == "astropy-fixed")
     from_table = open_xp_store(
-        xpbatch.ingest_table(table, tmp_path / "t.zarr", gaia_source_files=[gaia])
+        xpbatch.ingest_table(table, tmp_path / "t.zarr", gaia_source_files=[gaia]).path
     )
     path = _write_fits(rows, tmp_path / "xp.fits")
     from_file = open_xp_store(ingest_files([path], [gaia], tmp_path / "f.zarr").path)
