@@ -330,6 +330,12 @@ def test_cli_exports_and_reports(catalog: Path, store: Path, tmp_path: Path) -> 
     assert "(3 kept from an earlier run)" in again.output
     assert f"ranges from {md5sum}" in again.output
     assert sorted(p.name for p in out.glob("*.parquet")) == sorted(DR3_FIRST_FILES)
+    api = export_parquet(catalog, tmp_path / "api", store=store)  # the CLI == the API
+    assert str(api).splitlines()[1] in result.output
+    for name in api.files:
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(out / name), pd.read_parquet(api.output_dir / name)
+        )
 
 
 def test_cli_reports_unusable_partitions_in_one_line(catalog: Path, tmp_path: Path) -> None:

@@ -358,6 +358,10 @@ def test_a_resume_after_a_failure_reuses_the_finished_files(
     fresh = open_xp_store(ingest_files([good, second], [gaia], tmp_path / "fresh.zarr").path)
     _assert_same_rows(resumed, fresh)
     assert resumed.sizes["source"] == 5
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    again = ingest_files([good, second], [gaia], out, config=IngestConfig(resume=True))
+    assert again.checks.startswith("none") and again.files_reused == 2 and again.rows == 5
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # left as it is
 
 
 def _assert_same_rows(a, b) -> None:  # type: ignore[no-untyped-def]

@@ -543,7 +543,7 @@ def test_the_cli_ingests_a_votable_carrying_its_own_g(
     args = ["ingest", str(tmp_path / "xp.vot"), "-o", str(out), "--cluster", address]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "3 rows" in result.output
+    assert "rows           3 from 1 XP file(s)" in result.output
     ds = open_xp_store(out)
     assert (ds.input_flags.values & InputFlag.G_FLUX_FROM_XP_FILE).all()
     bad = CliRunner().invoke(main, [*args[:-2], "--columns", "nonsense", "--overwrite"])

@@ -453,8 +453,10 @@ def export_parquet(
         slice(start, min(start + source.chunk_rows, source.n_rows))
         for start in range(0, source.n_rows, source.chunk_rows)
     ]
-    plan = functools.partial(_block_plan, source, ranges)
-    plans = map_ordered(client, plan, blocks, name="xpbatch-export-plan", n_threads=config.threads)
+    plan_block = functools.partial(_block_plan, source, ranges)
+    plans = map_ordered(
+        client, plan_block, blocks, name="xpbatch-export-plan", n_threads=config.threads
+    )
     per_partition = _partition_rows(plans, len(ranges))
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
