@@ -226,15 +226,7 @@ def info_command(path: str, as_json: bool) -> None:
     help="The XP store CATALOG was encoded from: its partition ranges (recorded by `xpbatch "
     "ingest` from DR3 bulk files) are used when CATALOG records none.",
 )
-@click.option(
-    "--resume",
-    is_flag=True,
-    help="Continue an interrupted export of the same catalogue and partition ranges.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing export in OUTPUT.")
-@click.option(
-    "--threads", type=click.IntRange(min=1), default=None, help="Threads [default: one per core]."
-)
+@config_options(ParquetExportConfig, flags={"threads": Flag(type=click.IntRange(min=1))})
 def export_parquet_command(
     catalog: str, output: str, partitions: str | None, store: str | None, **options: Any
 ) -> None:
@@ -245,7 +237,7 @@ def export_parquet_command(
     """
     from xpbatch.export import export_parquet
 
-    config = ParquetExportConfig(**options)
+    config = config_from_options(ParquetExportConfig, options)
     summary = export_parquet(catalog, output, partitions=partitions, store=store, config=config)
     click.echo(str(summary))
 
