@@ -27,21 +27,20 @@ from xpbatch.config import (
     IngestConfig,
     MockConfig,
     ModelConfig,
+    ParquetExportConfig,
     TrainConfig,
 )
 
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     "ingest": ((IngestConfig, ClusterConfig), {"break_lock", "gaia_source", "output"}),
     "encode-catalog": ((EncodeConfig, ClusterConfig), {"break_lock", "model", "output", "demo"}),
-    "train": (
-        (TrainConfig,),
-        {"break_lock", "output", "config_file", "resume", "overwrite", "progress"},
-    ),
+    "train": ((TrainConfig,), {"break_lock", "output", "config_file"}),
     "mock": (
         (MockConfig,),
         {"output", "config_file", "rare"},
     ),
     "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
+    "export-parquet": ((ParquetExportConfig,), {"break_lock", "output", "partitions", "store"}),
 }
 """Stage command -> (the configs its options come from, its options that are not config fields:
 inputs, outputs and what the stage function takes besides its config)."""

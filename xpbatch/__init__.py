@@ -14,16 +14,16 @@ __version__ = "0.1.0"
 _MODULES = {
     # stage entry points, in the order the data flows, and what each returns
     "xpbatch.mock": ("write_mock_store", "write_mock_dr3_bulk", "read_mock_labels", "MockSummary"),
-    "xpbatch.ingest": ("ingest_files", "ingest_table"),
+    "xpbatch.ingest": ("ingest_files", "ingest_table", "IngestSummary"),
     "xpbatch.store": ("write_xp_store", "open_xp_store"),
-    "xpbatch.train": ("train_model", "TrainingHistory"),
+    "xpbatch.train": ("train_model", "TrainSummary"),
     "xpbatch.cluster": ("connect",),
     "xpbatch.pipeline": ("encode_catalog", "EncodeSummary"),
     "xpbatch.encode": ("encode_chunk",),
     "xpbatch.trained": ("EncodeResult",),
     "xpbatch.catalog": ("open_catalog",),
     "xpbatch.catalog_verify": ("verify_catalog", "VerifyReport"),
-    "xpbatch.export": ("export_parquet", "ExportResult"),
+    "xpbatch.export": ("export_parquet", "ParquetExportSummary"),
     "xpbatch.hats_export": ("export_hats", "HatsExportSummary"),
     "xpbatch.neighbours": ("find_neighbours",),
     "xpbatch.skymap": ("compute_sky_maps", "draw_sky_maps", "SkyMaps"),
@@ -38,6 +38,7 @@ _MODULES = {
         "IngestConfig",
         "MockConfig",
         "ModelConfig",
+        "ParquetExportConfig",
         "TrainConfig",
     ),
     # every error, each also a built-in exception (ValueError, FileNotFoundError, ...)
