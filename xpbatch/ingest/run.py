@@ -191,7 +191,7 @@ def _claim(out: Path, staging: Path, fingerprint: dict[str, Any], config: Ingest
         if run_file.is_file():
             recorded = json.loads(run_file.read_text())
         elif out.exists():
-            recorded = dict(_store_attrs(out).get("ingest_options", {}))
+            recorded = dict(_store_attrs(out).get(schema.STORE_ATTR_INGEST_OPTIONS, {}))
         check_same_run(out, recorded, fingerprint, what="ingest")
     staging.mkdir(parents=True, exist_ok=True)
     with atomic_path(run_file) as tmp:
@@ -314,7 +314,7 @@ def ingest_files(
         partial,
         n_rows,
         chunk_rows=config.chunk_rows,
-        attrs={"ingest_options": fingerprint},
+        attrs={schema.STORE_ATTR_INGEST_OPTIONS: fingerprint},
         scalars=kept,
         with_correlations=config.with_correlations,
         with_positions=schema.RA in present,
@@ -356,11 +356,11 @@ def _summary(
     attrs = _store_attrs(out)
     return IngestSummary(
         path=out,
-        rows=int(attrs["row_count"]),
+        rows=int(attrs[schema.STORE_ATTR_ROW_COUNT]),
         xp_files=xp_files,
         files_reused=reused,
-        skipped_rows=int(attrs["skipped_row_count"]),
-        skipped_examples=tuple(attrs["skipped_rows"][:SHOWN_BAD_ROWS]),
+        skipped_rows=int(attrs[schema.STORE_ATTR_SKIPPED_ROW_COUNT]),
+        skipped_examples=tuple(attrs[schema.STORE_ATTR_SKIPPED_ROWS][:SHOWN_BAD_ROWS]),
         output_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
         wall_s=time.perf_counter() - started,
         checks=checks,
