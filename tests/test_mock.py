@@ -429,7 +429,7 @@ def test_cli_store_records_the_partition_plan_it_was_asked_for(tmp_path: Path) -
     assert len(recorded) == 3 and recorded[0][0] == 0 and recorded[-1][1] == 786431
 
 
-# --- the stage entry: mock(out, config=...) -> MockSummary ------------------------------------
+# --- the stage entry: make_mock(out, config=...) -> MockSummary --------------------------------
 RARE = MockConfig(n=900, seed=4, chunk_rows=400, binary_fraction=0.05, white_dwarf_fraction=0.02)
 
 
@@ -443,7 +443,7 @@ def _disk_bytes(*paths: Path) -> int:
 
 
 def test_mock_stage_writes_a_store_and_summarises_it(tmp_path: Path) -> None:
-    summary = mock.mock(tmp_path / "s.zarr", config=RARE)
+    summary = mock.make_mock(tmp_path / "s.zarr", config=RARE)
     api = mock.write_mock_store(tmp_path / "api.zarr", 900, seed=4, chunk_rows=400, config=RARE)
     _assert_same(_arrays(summary.path), _arrays(api))
     labels = mock.read_mock_labels(summary.path)
@@ -461,7 +461,7 @@ def test_mock_stage_writes_a_store_and_summarises_it(tmp_path: Path) -> None:
 
 def test_mock_stage_writes_bulk_files_and_summarises_them(tmp_path: Path) -> None:
     config = dataclasses.replace(RARE, format="dr3-bulk", rows_per_file=300, workers=2)
-    summary = mock.mock(tmp_path / "b", config=config)
+    summary = mock.make_mock(tmp_path / "b", config=config)
     plan = mock.bulk_file_plan(900, 300)
     assert summary.files == tuple(tmp_path / "b" / f.xp_name for f in plan)
     assert summary.bytes_on_disk == _disk_bytes(tmp_path / "b")  # holds only what mock wrote
@@ -473,7 +473,7 @@ def test_mock_stage_writes_bulk_files_and_summarises_them(tmp_path: Path) -> Non
 
 
 def test_store_records_only_the_settings_that_decide_the_rows(tmp_path: Path) -> None:
-    summary = mock.mock(tmp_path / "s.zarr", config=dataclasses.replace(RARE, n=50))
+    summary = mock.make_mock(tmp_path / "s.zarr", config=dataclasses.replace(RARE, n=50))
     recorded = open_xp_store(summary.path).attrs["mock"]
     assert (recorded["n"], recorded["seed"]) == (50, 4)
     assert recorded["config"] == RARE.row_settings()
@@ -487,7 +487,7 @@ def test_cli_prints_the_summary_and_keeps_a_config_files_settings(tmp_path: Path
             str(tmp_path / "mock.toml")]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    summary = mock.mock(tmp_path / "api.zarr", config=RARE)
+    summary = mock.make_mock(tmp_path / "api.zarr", config=RARE)
     assert result.output.strip() == str(summary).replace("api.zarr", "cli.zarr")
     _assert_same(_arrays(tmp_path / "cli.zarr"), _arrays(summary.path))
     result = CliRunner().invoke(main, [*args[:4], str(tmp_path / "seed.zarr"), *args[5:],

@@ -13,7 +13,13 @@ __version__ = "0.1.0"
 
 _MODULES = {
     # stage entry points, in the order the data flows, and what each returns
-    "xpbatch.mock": ("write_mock_store", "write_mock_dr3_bulk", "read_mock_labels", "MockSummary"),
+    "xpbatch.mock": (
+        "make_mock",
+        "MockSummary",
+        "write_mock_store",
+        "write_mock_dr3_bulk",
+        "read_mock_labels",
+    ),
     "xpbatch.ingest": ("ingest_files", "ingest_table", "IngestSummary"),
     "xpbatch.store": ("write_xp_store", "open_xp_store"),
     "xpbatch.train": ("train_model", "TrainSummary"),

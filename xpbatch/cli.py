@@ -517,13 +517,13 @@ def mock_command(
     reproduces the store. The labels are saved beside the output (OUTPUT.labels.parquet for a
     store, mock_labels.parquet in the bulk directory); read them with xpbatch.read_mock_labels.
     """
-    from xpbatch.mock import mock
+    from xpbatch.mock import make_mock
 
     settings = read_toml(config_file) if config_file else {}
     settings.update(_rare_fractions(rare))
     where = config_file or "mock configuration"
     config = config_from_options(MockConfig, options, base=settings, where=where)
-    click.echo(str(mock(output, config=config)))
+    click.echo(str(make_mock(output, config=config)))
 
 
 def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:

@@ -16,7 +16,7 @@ Where is what (data flows down this list):
 - :mod:`~xpbatch.mock.plan`: how the rows are cut into bulk files.
 - :mod:`~xpbatch.mock.store_writer`: an XP store.
 - :mod:`~xpbatch.mock.ecsv` and :mod:`~xpbatch.mock.bulk_writer`: DR3 bulk csv.gz files.
-- :mod:`~xpbatch.mock.stage`: the stage entry :func:`mock` and its :class:`MockSummary`.
+- :mod:`~xpbatch.mock.stage`: the stage entry :func:`make_mock` and its :class:`MockSummary`.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from xpbatch.mock.populations import POPULATIONS
 from xpbatch.mock.rows import BLOCK_ROWS, MAX_ROWS, MockRows, mock_rows
 from xpbatch.mock.sky import pixel_row_bounds
 from xpbatch.mock.spectra import WAVELENGTH_NM, draw_labels, extinction_curve, photon_spectrum
-from xpbatch.mock.stage import MockSummary, mock
+from xpbatch.mock.stage import MockSummary, make_mock
 from xpbatch.mock.store_writer import write_mock_store
 
 __all__ = [
@@ -61,7 +61,7 @@ __all__ = [
     "extinction_curve",
     "hermite_functions",
     "labels_path",
-    "mock",
+    "make_mock",
     "mock_rows",
     "packed_correlations",
     "photon_spectrum",

@@ -1,4 +1,4 @@
-"""The mock stage: ``mock(out, config=...)`` writes a catalogue and says what it wrote."""
+"""The mock stage: ``make_mock(out, config=...)`` writes a catalogue and says what it wrote."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ class MockSummary:
         )
 
 
-def mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
+def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
     """Write a mock catalogue of ``config.n`` sources to ``out``, in ``config.format``.
 
     Parameters
@@ -68,7 +68,7 @@ def mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
 
     Examples
     --------
-    >>> summary = mock("mock.zarr", config=MockConfig(n=10_000, seed=1))  # doctest: +SKIP
+    >>> summary = make_mock("mock.zarr", config=MockConfig(n=10_000, seed=1))  # doctest: +SKIP
     >>> summary.rows, summary.labels.name  # doctest: +SKIP
     (10000, 'mock.zarr.labels.parquet')
     """
