@@ -112,7 +112,7 @@ def measure_cpu_efficiency(
     model = load_model(model_path)
     n_rows = int(open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
     x = torch.randn(n_rows, model.config.input_dim, generator=torch.Generator().manual_seed(0))
-    config = EncodeConfig(overwrite=True, progress_bar=False)
+    config = EncodeConfig(progress_bar=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     forward, encode = [], []
@@ -123,6 +123,7 @@ def measure_cpu_efficiency(
                 for start in range(0, n_rows, config.batch_size):
                     model.network(x[start : start + config.batch_size])
             forward.append((_cpu_seconds() - cpu) / n_rows)
+            shutil.rmtree(out, ignore_errors=True)  # deleting the last round's output is not encoding
             cpu = _cpu_seconds()
             encode_catalog(store, model_path, out, config=config)
             encode.append((_cpu_seconds() - cpu) / n_rows)
