@@ -123,7 +123,7 @@ def measure_cpu_efficiency(
                 for start in range(0, n_rows, config.batch_size):
                     model.network(x[start : start + config.batch_size])
             forward.append((_cpu_seconds() - cpu) / n_rows)
-            shutil.rmtree(out, ignore_errors=True)  # deleting the last round's output is not encoding
+            shutil.rmtree(out, ignore_errors=True)  # removing files is not encoding
             cpu = _cpu_seconds()
             encode_catalog(store, model_path, out, config=config)
             encode.append((_cpu_seconds() - cpu) / n_rows)
