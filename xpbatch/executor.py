@@ -90,20 +90,19 @@ def map_ordered(
     n_threads: int | None = None,
     on_result: Callable[[R], object] | None = None,
     fatal: tuple[type[BaseException], ...] = (),
-    **bounds: float,
 ) -> list[R]:
     """``list(map(func, items))`` on ``client`` (as :func:`map_bounded`) or a local thread pool.
 
     ``n_threads`` sizes the local pool (default: one per core); ``on_result`` is called with
-    each result as it arrives (e.g. to advance a progress bar); ``fatal`` and ``bounds`` are
-    :func:`map_bounded`'s keyword options (without a client every error is raised as it is).
+    each result as it arrives (e.g. to advance a progress bar); ``fatal`` is :func:`map_bounded`'s
+    (without a client every error is raised as it is); the bounds are map_bounded's defaults.
     """
     if client is None:
         with concurrent.futures.ThreadPoolExecutor(n_threads, thread_name_prefix=name) as pool:
             indexed: Iterable[tuple[int, R]] = enumerate(pool.map(func, items))
             results = _collect(indexed, on_result)
     else:
-        indexed = _map_indexed(client, func, items, name=name, fatal=fatal, **bounds)  # type: ignore[arg-type]
+        indexed = _map_indexed(client, func, items, name=name, fatal=fatal)
         results = _collect(indexed, on_result)
     return [results[i] for i in range(len(results))]
 
