@@ -25,11 +25,12 @@ import asyncio
 import collections
 import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from xpbatch.errors import ChunkError, ClusterError
 
@@ -67,18 +68,48 @@ def map_bounded(
     >>> sorted(map_bounded(client, abs, [-1, -2], name="abs"))  # doctest: +SKIP
     [1, 2]
     """
-    for _, result in _map_indexed(
-        client,
-        func,
-        items,
-        name=name,
-        tasks_per_thread=tasks_per_thread,
-        max_attempts=max_attempts,
-        no_workers_timeout=no_workers_timeout,
-        poll_s=poll_s,
-        fatal=fatal,
-    ):
-        yield result
+    from distributed import wait
+
+    queue = collections.deque(enumerate(items))
+    pending: dict[Future, tuple[int, T]] = {}
+    attempts: collections.Counter[int] = collections.Counter()
+    token = uuid.uuid4().hex[:8]
+    idle_since: float | None = None
+    try:
+        while queue or pending:
+            window = tasks_per_thread * max(1, sum(client.nthreads().values()))
+            while queue and len(pending) < window:
+                number, item = queue.popleft()
+                key = f"{name}-{token}-{number}-{attempts[number]}"
+                pending[client.submit(func, item, key=key, pure=False)] = (number, item)
+            try:
+                done = wait(list(pending), timeout=poll_s, return_when="FIRST_COMPLETED").done
+            except TimeoutError:
+                idle_since = _check_workers(client, idle_since, no_workers_timeout)
+                continue
+            idle_since = None
+            for future in done:
+                number, item = pending.pop(future)
+                if future.status == "finished":
+                    result = future.result()
+                    future.release()
+                    yield result
+                    continue
+                error = _failure(future)
+                future.release()
+                if isinstance(error, fatal):
+                    raise error
+                attempts[number] += 1
+                if attempts[number] >= max_attempts:
+                    raise ChunkError(
+                        f"{name} task {number} ({_describe(item)}) failed {attempts[number]} "
+                        f"times; last error: {type(error).__name__}: {error}"
+                    ) from error
+                logger.warning("%s task %d failed (%s); submitting it again", name, number, error)
+                queue.appendleft((number, item))
+    finally:
+        for future in pending:
+            future.cancel()
 
 
 def map_ordered(
@@ -102,8 +133,8 @@ def map_ordered(
             indexed: Iterable[tuple[int, R]] = enumerate(pool.map(func, items))
             results = _collect(indexed, on_result)
     else:
-        indexed = _map_indexed(client, func, items, name=name, fatal=fatal)
-        results = _collect(indexed, on_result)
+        numbered = map_bounded(client, _Numbered(func), enumerate(items), name=name, fatal=fatal)
+        results = _collect(numbered, on_result)
     return [results[i] for i in range(len(results))]
 
 
@@ -135,6 +166,17 @@ def map_with_progress(
         )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Numbered(Generic[T, R]):
+    """``func`` on ``(number, item)`` pairs, returning ``(number, result)`` (for map_ordered)."""
+
+    func: Callable[[T], R]
+
+    def __call__(self, numbered: tuple[int, T]) -> tuple[int, R]:
+        number, item = numbered
+        return number, self.func(item)
+
+
 def _collect(
     indexed: Iterable[tuple[int, R]], on_result: Callable[[R], object] | None
 ) -> dict[int, R]:
@@ -144,63 +186,6 @@ def _collect(
         if on_result is not None:
             on_result(result)
     return results
-
-
-def _map_indexed(
-    client: Client,
-    func: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    name: str,
-    tasks_per_thread: int = 2,
-    max_attempts: int = 3,
-    no_workers_timeout: float = 600.0,
-    poll_s: float = 2.0,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> Iterator[tuple[int, R]]:
-    """(item number, result) pairs in completion order; see :func:`map_bounded`."""
-    from distributed import wait
-
-    queue = collections.deque(enumerate(items))
-    pending: dict[Future, tuple[int, T]] = {}
-    attempts: collections.Counter[int] = collections.Counter()
-    token = uuid.uuid4().hex[:8]
-    idle_since: float | None = None
-    try:
-        while queue or pending:
-            window = tasks_per_thread * max(1, sum(client.nthreads().values()))
-            while queue and len(pending) < window:
-                number, item = queue.popleft()
-                key = f"{name}-{token}-{number}-{attempts[number]}"
-                pending[client.submit(func, item, key=key, pure=False)] = (number, item)
-            try:
-                done = wait(list(pending), timeout=poll_s, return_when="FIRST_COMPLETED").done
-            except TimeoutError:
-                idle_since = _check_workers(client, idle_since, no_workers_timeout)
-                continue
-            idle_since = None
-            for future in done:
-                number, item = pending.pop(future)
-                if future.status == "finished":
-                    result = future.result()
-                    future.release()
-                    yield number, result
-                    continue
-                error = _failure(future)
-                future.release()
-                if isinstance(error, fatal):
-                    raise error
-                attempts[number] += 1
-                if attempts[number] >= max_attempts:
-                    raise ChunkError(
-                        f"{name} task {number} ({_describe(item)}) failed {attempts[number]} "
-                        f"times; last error: {type(error).__name__}: {error}"
-                    ) from error
-                logger.warning("%s task %d failed (%s); submitting it again", name, number, error)
-                queue.appendleft((number, item))
-    finally:
-        for future in pending:
-            future.cancel()
 
 
 def _describe(item: object, limit: int = 120) -> str:
