@@ -4,6 +4,8 @@ open and verify. Outputs are synthetic here (no model); the pipeline tests use r
 from __future__ import annotations
 
 import os
+import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,7 +13,7 @@ import numpy as np
 import pytest
 import zarr
 
-from xpbatch import catalog, catalog_verify, schema
+from xpbatch import catalog, catalog_verify, schema, zarr_arrays
 from xpbatch.catalog import CatalogLayout, CatalogWriter
 from xpbatch.errors import CatalogError, InputShapeError, OutputExistsError, ResumeRefusedError
 from xpbatch.schema import CatalogFlag
@@ -302,6 +304,89 @@ def test_verify_reads_one_chunk_at_a_time(written: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(zarr.Array, "__getitem__", spy)
     assert catalog_verify.verify_catalog(written).ok
     assert largest == LAYOUT.chunk_rows
+
+
+def test_the_writer_refuses_values_that_break_the_rules(tmp_path: Path) -> None:
+    """A NaN without the not_encoded flag is never written: verification may trust checksums."""
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    outputs = _outputs(LAYOUT, 1)
+    outputs[schema.RMSE][0] = np.nan  # row 16 is encoded (16 % 7 != 3)
+    with pytest.raises(CatalogError, match=r"chunk 1 .* not written: rmse is NaN in 1 row\(s\)"):
+        CatalogWriter(path).write_chunk(1, outputs)
+    assert not (path / "rmse" / "c" / "1").exists()
+    assert catalog.completed_chunks(path) == set()
+
+
+def test_each_chunk_records_the_checksums_of_its_files(written: Path) -> None:
+    checksums = zarr.open_array(written / schema.CHECKSUMS_ARRAY, mode="r")
+    names = checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES]
+    assert names == [spec.name for spec in LAYOUT.variables()]
+    arrays = catalog.open_arrays(written, names)
+    for index in range(LAYOUT.n_chunks):
+        for name, value in zip(names, checksums[index], strict=True):
+            file = zarr_arrays.chunk_file(written, arrays[name], index)
+            assert zarr_arrays.file_has_checksum(file, value), (name, index)
+        assert len(set(checksums[index])) == len(names)  # each file its own
+
+
+def _decoded_variables(monkeypatch: pytest.MonkeyPatch) -> set[str]:
+    """The names of the arrays read (decoded) from now on."""
+    seen: set[str] = set()
+    original = zarr.Array.__getitem__
+
+    def spy(self: zarr.Array, selection: object) -> object:
+        seen.add(self.path)
+        return original(self, selection)
+
+    monkeypatch.setattr(zarr.Array, "__getitem__", spy)
+    return seen
+
+
+def test_verify_by_checksum_decodes_only_ids_and_flags(
+    written: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = _decoded_variables(monkeypatch)
+    report = catalog_verify.verify_catalog(written, decode=False)
+    assert report.ok, report.problems
+    assert seen == {schema.SOURCE_ID, schema.FLAGS, schema.RECORDS_ARRAY, schema.CHECKSUMS_ARRAY}
+
+
+@pytest.mark.parametrize(
+    ("damage", "messages"),
+    [
+        (_flip_a_byte, [r"chunk 0 .*latent_mean .* changed after it was written", "unreadable"]),
+        (
+            _unexplained_nan,
+            [r"chunk 1 .*rmse chunk file rmse/c/1 changed after", "NaN in 1 row"],
+        ),
+        (_delete_scatter_chunk, [r"chunk 2 .*scatter chunk file scatter/c/2/0 is missing"]),
+    ],
+    ids=["flipped-byte", "rewritten-with-nan", "deleted-chunk-file"],
+)
+def test_verify_by_checksum_finds_damage_and_then_decodes_the_chunk(
+    written: Path, damage: Callable[[Path], None], messages: list[str]
+) -> None:
+    """A file that differs from what its writer wrote is named, and its chunk decoded in full
+    (so the report also says what is wrong in it)."""
+    damage(written)
+    report = catalog_verify.verify_catalog(written, decode=False)
+    assert not report.ok
+    for message in messages:
+        assert any(re.search(message, p) for p in report.problems), report.problems
+
+
+def test_a_chunk_without_checksums_is_decoded_in_full(
+    written: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Catalogues (or resumed chunks) written before checksums were recorded are still checked
+    value by value."""
+    shutil.rmtree(written / schema.CHECKSUMS_ARRAY)
+    _unexplained_nan(written)
+    seen = _decoded_variables(monkeypatch)
+    report = catalog_verify.verify_catalog(written, decode=False)
+    assert schema.SCATTER in seen
+    assert any("rmse is NaN in 1 row(s)" in p for p in report.problems), report.problems
 
 
 def test_catalog_nbytes_counts_files(written: Path) -> None:

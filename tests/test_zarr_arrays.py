@@ -100,6 +100,7 @@ def _outputs(index: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(index)
     outputs = {v.name: rng.normal(size=v.shape(n)).astype(v.dtype) for v in LAYOUT.variables()}
     outputs[schema.FLAGS] = np.zeros(n, np.uint16)
+    outputs[schema.SOURCE_ID] = np.arange(rows.start, rows.stop, dtype=np.int64) + 1  # never -1
     return outputs
 
 

@@ -47,6 +47,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+import numba
 import numpy as np
 import zarr
 import zarr.codecs
@@ -71,6 +72,9 @@ RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{str(f.name).lower()}" for f i
 """Columns of a completion record: row count, rows encoded, rows with each CatalogFlag bit."""
 RECORD_MISSING = -1
 """Fill value of ``chunk_records``: a record still holding it was never written."""
+CHECKSUM_MISSING = -1
+"""Fill value of ``chunk_checksums``: no checksum was taken (chunk not written, or written by
+an xpbatch that did not take them)."""
 
 # Blosc lz4 with byte shuffle. Measured on encoder outputs (65k rows, one core): ~3 M rows/s to
 # write and ~3.7 M rows/s to read, 5-10x faster than zstd for a similar size, so the codec costs
@@ -279,6 +283,22 @@ def create_catalog(
         },
         config={"write_empty_chunks": True},
     )
+    names = [spec.name for spec in layout.variables()]
+    records.create_array(
+        _basename(schema.CHECKSUMS_ARRAY),
+        shape=(layout.n_chunks, len(names)),
+        chunks=(1, len(names)),  # one row per chunk: written in one file rename
+        dtype="int64",
+        fill_value=CHECKSUM_MISSING,
+        compressors=(zarr.codecs.Crc32cCodec(),),
+        dimension_names=["chunk", "variable"],
+        attributes={
+            schema.ATTR_CHUNK_FILE_VARIABLES: names,
+            schema.ATTR_DESCRIPTION: "crc32c of each chunk file as its writer wrote it (-1: not "
+            "taken)",
+        },
+        config={"write_empty_chunks": True},
+    )
     # Created last: a catalogue without this array has an unfinished template.
     records.create_array(
         _basename(schema.RECORDS_ARRAY),
@@ -449,6 +469,7 @@ class CatalogWriter:
         self._arrays: dict[str, zarr.Array] | None = None
         self._records: zarr.Array | None = None
         self._devices: zarr.Array | None = None
+        self._checksums: zarr.Array | None = None
         self.layout = read_layout(self.path)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -458,6 +479,7 @@ class CatalogWriter:
             "_arrays": None,
             "_records": None,
             "_devices": None,
+            "_checksums": None,
         }
 
     def _open(self) -> tuple[dict[str, zarr.Array], zarr.Array]:
@@ -478,12 +500,15 @@ class CatalogWriter:
             self._arrays, self._records = arrays, records
             devices = group.get(schema.DEVICES_ARRAY)  # None in older catalogues
             self._devices = devices if isinstance(devices, zarr.Array) else None
+            checksums = group.get(schema.CHECKSUMS_ARRAY)  # None in older catalogues
+            self._checksums = checksums if isinstance(checksums, zarr.Array) else None
         return self._arrays, self._records
 
     def write_chunk(
         self, index: int, outputs: Mapping[str, np.ndarray], *, device: str = ""
     ) -> ChunkRecord:
-        """Write chunk ``index`` of every variable, flush it to disk, then record it done.
+        """Check chunk ``index``'s values, write every variable, flush them to disk, take
+        their checksums, then record the chunk done.
 
         Parameters
         ----------
@@ -499,11 +524,18 @@ class CatalogWriter:
         -------
         ChunkRecord
             What was recorded for this chunk.
+
+        Raises
+        ------
+        InputShapeError
+            A variable is missing or has the wrong shape.
+        CatalogError
+            The values break the catalogue's rules (:func:`value_problems`); nothing is written.
         """
         arrays, records = self._open()
         rows = self.layout.rows(index)
         n = rows.stop - rows.start
-        writes = []
+        converted = {}
         for name, array in arrays.items():
             values = outputs.get(name)
             expected = (n, *array.shape[1:])
@@ -512,16 +544,87 @@ class CatalogWriter:
                 raise InputShapeError(
                     f"chunk {index} of {self.path}: {name} must have shape {expected}, got {found}"
                 )
-            writes.append((array, values.astype(array.dtype, copy=False)))
+            converted[name] = values.astype(array.dtype, copy=False)
+        # Checked here, on the values written, so that verification after a run can rely on the
+        # files' checksums instead of decoding every value again.
+        problems = value_problems(converted, rows)
+        if problems:
+            raise CatalogError(
+                f"chunk {index} of {self.path} was not written: {'; '.join(problems)}"
+            )
+        writes = [(arrays[name], values) for name, values in converted.items()]
         zarr_arrays.write_together(writes, rows)  # every variable at once (see its docstring)
         record = ChunkRecord.from_outputs(index, outputs)
         if device and self._devices is not None:
             self._devices[index] = device
         # fsync, so a record never outlives its data across a power cut.
         zarr_arrays.fsync_chunk(self.path, arrays.values(), index)
+        if self._checksums is not None:
+            self._checksums[index] = [
+                _or_missing(
+                    zarr_arrays.written_checksum(
+                        array, zarr_arrays.chunk_file(self.path, array, index)
+                    )
+                )
+                for array in arrays.values()
+            ]
         # Last, and atomically (one file rename): the record says every variable is on disk.
         records[index] = record.to_row()
         return record
+
+
+def _or_missing(checksum: int | None) -> int:
+    return CHECKSUM_MISSING if checksum is None else checksum
+
+
+def value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
+    """What breaks the catalogue's rules in one chunk's ``values`` (empty: nothing).
+
+    NaN exactly where the NOT_ENCODED flag is (in every model output; ra and dec are copied
+    inputs); source_id never the fill value.
+    """
+    problems = []
+    if schema.SOURCE_ID in values and np.any(values[schema.SOURCE_ID] == -1):
+        problems.append("source_id holds the fill value -1 (never written)")
+    if schema.FLAGS not in values:
+        return problems
+    not_encoded = (values[schema.FLAGS] & np.uint16(CatalogFlag.NOT_ENCODED)) != 0
+    messages = (
+        "is NaN in {} row(s) without the not_encoded flag",
+        "has values in {} row(s) flagged not_encoded",
+    )
+    for name, array in values.items():
+        if array.dtype.kind != "f" or name in (schema.RA, schema.DEC):  # copied inputs
+            continue
+        counts = _nan_against_flag(array.reshape(len(array), -1), not_encoded)
+        for (count, first), message in zip(counts, messages, strict=True):
+            if count:
+                problems.append(f"{name} {message.format(count)}, e.g. row {rows.start + first}")
+    return problems
+
+
+@numba.njit(cache=True, nogil=True)
+def _nan_against_flag(
+    values: np.ndarray,  # (rows, values per row) float
+    not_encoded: np.ndarray,  # (rows,) bool
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((rows with a NaN but no flag, first such row), (flagged rows with a value, first)).
+
+    One pass over the chunk (the NumPy version made four full-size temporaries).
+    """
+    nan_unflagged, first_nan = 0, -1
+    value_flagged, first_value = 0, -1
+    for i in range(values.shape[0]):
+        n_nan = 0
+        for j in range(values.shape[1]):
+            n_nan += np.isnan(values[i, j])
+        if not not_encoded[i] and n_nan > 0:
+            nan_unflagged += 1
+            first_nan = i if first_nan < 0 else first_nan
+        elif not_encoded[i] and n_nan < values.shape[1]:
+            value_flagged += 1
+            first_value = i if first_value < 0 else first_value
+    return (nan_unflagged, first_nan), (value_flagged, first_value)
 
 
 # --- reading records, marking complete ------------------------------------------------------------

@@ -7,6 +7,7 @@ serially (see ``map_chunks``); :mod:`xpbatch.catalog` describes what a sound cat
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -16,15 +17,16 @@ import zarr
 
 from xpbatch import schema, zarr_arrays
 from xpbatch.catalog import (
+    CHECKSUM_MISSING,
     RECORD_MISSING,
     CatalogLayout,
     ChunkRecord,
     completed_chunks,
     read_attrs,
+    value_problems,
 )
 from xpbatch.errors import CatalogError
 from xpbatch.paths import PathLike
-from xpbatch.schema import CatalogFlag
 from xpbatch.zarr_arrays import CATALOG
 
 
@@ -62,23 +64,64 @@ class VerifyReport:
 
 
 VERIFY_CHECKS = (
-    "every chunk's completion record, every chunk file present and decoding (crc32c), NaN exactly "
-    "where not_encoded, flags equal to the records"
+    "every chunk's completion record, every chunk file present and decoding (crc32c) and equal "
+    "to its recorded checksum, NaN exactly where not_encoded, flags equal to the records"
 )
 """What :func:`verify_catalog` checks, as the run summary says it (with a store: also the row
 count, store id and every source_id against it)."""
+CHECKSUM_CHECKS = (
+    "every chunk's completion record, every chunk file present and byte for byte as its writer "
+    "wrote it (crc32c of the file against the checksum recorded after writing; the writer checked "
+    "NaN exactly where not_encoded), flags equal to the records"
+)
+"""What :func:`verify_catalog` with ``decode=False`` checks (where a chunk has no recorded
+checksums, or one differs, it is decoded and checked as by default)."""
 
 ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
 """Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
 
+_ALWAYS_DECODED = (schema.SOURCE_ID, schema.FLAGS)
+"""Variables decoded even when checksums vouch for the files: small, and what the record and
+the store are compared with."""
+
 
 @dataclasses.dataclass(frozen=True)
 class ChunkVerifier:
-    """Checks one chunk of a catalogue against its record (and the input store); picklable."""
+    """Checks one chunk of a catalogue against its record (and the input store); picklable.
+
+    The arrays are opened once per process (on the first chunk it checks), not once per chunk.
+    With ``decode=False``, a chunk whose files all match the checksums its writer recorded is
+    not decoded beyond ``source_id`` and ``flags``.
+    """
 
     path: Path
     layout: CatalogLayout
     store: Path | None = None
+    decode: bool = True
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+
+    @functools.cached_property
+    def _arrays(self) -> _Opened:
+        group = zarr_arrays.open_group(self.path, CATALOG)
+        checksums = group.get(schema.CHECKSUMS_ARRAY)  # None in older catalogues
+        store_source_id = None
+        if self.store is not None:
+            store = zarr_arrays.open_arrays(self.store, [schema.SOURCE_ID], zarr_arrays.STORE)
+            store_source_id = store[schema.SOURCE_ID]
+        return _Opened(
+            records=zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG),
+            checksums=checksums if isinstance(checksums, zarr.Array) else None,
+            variables={
+                spec.name: zarr_arrays.get_array(group, spec.name, CATALOG)
+                for spec in self.layout.variables()
+            },
+            store_source_id=store_source_id,
+        )
 
     def __call__(self, index: int) -> list[str]:
         """Problems of chunk ``index`` (empty when sound)."""
@@ -90,70 +133,96 @@ class ChunkVerifier:
 
     def _check(self, index: int) -> list[str]:
         rows = self.layout.rows(index)
-        group = zarr_arrays.open_group(self.path, CATALOG)
+        opened = self._arrays
         problems = []
-        row = np.asarray(zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG)[index])
+        row = np.asarray(opened.records[index])
         record = None if row[0] == RECORD_MISSING else ChunkRecord.from_row(index, row)
         if record is None:
             problems.append("no completion record: the chunk was never finished")
-        values: dict[str, np.ndarray] = {}
-        for spec in self.layout.variables():
-            array = zarr_arrays.get_array(group, spec.name, CATALOG)
+        files = {}  # name -> (file, chunk key)
+        for name, array in opened.variables.items():
             key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-            if not (self.path / spec.name / key).is_file():
-                problems.append(f"{spec.name} chunk file {spec.name}/{key} is missing")
+            if (self.path / name / key).is_file():
+                files[name] = (self.path / name / key, key)
+            else:
+                problems.append(f"{name} chunk file {name}/{key} is missing")
+        recorded = self._recorded_checksums(index)
+        if recorded is not None:
+            problems.extend(_changed_files(files, recorded))
+        trusted = not self.decode and recorded is not None and not problems
+        values: dict[str, np.ndarray] = {}
+        for name, (_, key) in files.items():
+            if trusted and name not in _ALWAYS_DECODED:
                 continue
             try:
-                values[spec.name] = np.asarray(array[rows])
+                values[name] = np.asarray(opened.variables[name][rows])
             except (ValueError, RuntimeError, OSError) as e:  # e.g. a checksum mismatch
                 problems.append(
-                    f"{spec.name} chunk file {spec.name}/{key} is unreadable "
-                    f"({type(e).__name__}: {e})"
+                    f"{name} chunk file {name}/{key} is unreadable ({type(e).__name__}: {e})"
                 )
-        problems.extend(_value_problems(values, rows))
+        problems.extend(value_problems(values, rows))
         if record is not None and schema.FLAGS in values:
             actual = ChunkRecord.from_outputs(index, values)
             if actual != record:
                 problems.append(f"flags do not match the completion record ({record} vs {actual})")
-        if self.store is not None and schema.SOURCE_ID in values:
-            store = zarr_arrays.open_arrays(self.store, [schema.SOURCE_ID], zarr_arrays.STORE)
-            if not np.array_equal(values[schema.SOURCE_ID], store[schema.SOURCE_ID][rows]):
-                problems.append(f"source_id differs from the input store {self.store}")
-        return problems
-
-
-def _value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:
-    """NaN exactly where the NOT_ENCODED flag is; source_id never written."""
-    problems = []
-    if schema.SOURCE_ID in values and np.any(values[schema.SOURCE_ID] == -1):
-        problems.append("source_id holds the fill value -1 (never written)")
-    if schema.FLAGS not in values:
-        return problems
-    not_encoded = (values[schema.FLAGS] & np.uint16(CatalogFlag.NOT_ENCODED)) != 0
-    for name, array in values.items():
-        if array.dtype.kind != "f" or name in (schema.RA, schema.DEC):  # copied inputs
-            continue
-        nan = np.isnan(array).reshape(len(array), -1)  # (rows, values per row)
-        for wrong, what in (
-            (nan.any(axis=1) & ~not_encoded, "is NaN in {} row(s) without the not_encoded flag"),
-            (~nan.all(axis=1) & not_encoded, "has values in {} row(s) flagged not_encoded"),
+        source_id, store_source_id = values.get(schema.SOURCE_ID), opened.store_source_id
+        if (
+            source_id is not None
+            and store_source_id is not None
+            and not np.array_equal(source_id, store_source_id[rows])
         ):
-            where = np.flatnonzero(wrong)
-            if where.size:
-                example = rows.start + int(where[0])
-                problems.append(f"{name} {what.format(where.size)}, e.g. row {example}")
+            problems.append(f"source_id differs from the input store {self.store}")
+        return problems
+
+    def _recorded_checksums(self, index: int) -> dict[str, int] | None:
+        """Variable -> crc32c its writer recorded for chunk ``index``; None if not recorded."""
+        checksums = self._arrays.checksums
+        if checksums is None:  # a catalogue written before xpbatch recorded them
+            return None
+        row = np.asarray(checksums[index])
+        if np.any(row == CHECKSUM_MISSING):  # never written, or by an older xpbatch (resumed)
+            return None
+        names = checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES]
+        return dict(zip(names, map(int, row), strict=True))
+
+
+def _changed_files(files: Mapping[str, tuple[Path, str]], recorded: Mapping[str, int]) -> list[str]:
+    """A problem for each chunk file that is not byte for byte what its writer wrote (its
+    crc32c, recorded after writing, no longer matches)."""
+    problems = []
+    for name, (file, key) in files.items():
+        if name in recorded and not zarr_arrays.file_has_checksum(file, recorded[name]):
+            problems.append(
+                f"{name} chunk file {name}/{key} changed after it was written (its crc32c is not "
+                f"the {recorded[name]:08x} recorded then)"
+            )
     return problems
 
 
+@dataclasses.dataclass(frozen=True)
+class _Opened:
+    """The arrays a :class:`ChunkVerifier` reads, opened once."""
+
+    records: zarr.Array
+    checksums: zarr.Array | None
+    variables: dict[str, zarr.Array]
+    store_source_id: zarr.Array | None
+
+
 def verify_catalog(
-    path: PathLike, store: PathLike | None = None, *, map_chunks: ChunkMapper | None = None
+    path: PathLike,
+    store: PathLike | None = None,
+    *,
+    map_chunks: ChunkMapper | None = None,
+    decode: bool = True,
 ) -> VerifyReport:
     """Check that every chunk of a catalogue was written, completely and consistently.
 
     Reads the catalogue chunk by chunk (never a whole variable): every chunk has its completion
-    record and a file for every variable; every chunk decodes (crc32c checksums); no value is NaN
-    without the ``not_encoded`` flag; flags match the records. With ``store``, also that the row
-    count, store id and ``source_id`` values equal the input store's.
+    record and a file for every variable; every file's crc32c equals the one its writer recorded
+    (where recorded); every chunk decodes (crc32c checksums); no value is NaN without the
+    ``not_encoded`` flag; flags match the records. With ``store``, also that the row count,
+    store id and ``source_id`` values equal the input store's.
 
     Parameters
     ----------
@@ -164,6 +233,11 @@ def verify_catalog(
     map_chunks
         How to run the per-chunk checks; default the builtin ``map`` (serial).
         :mod:`xpbatch.pipeline` passes one that runs them on Dask workers.
+    decode
+        False: a chunk whose files all equal their recorded checksums is not decoded beyond
+        ``source_id`` and ``flags`` (its writer checked the values before writing them; see
+        :data:`CHECKSUM_CHECKS`). ``encode-catalog`` verifies so after writing; ``xpbatch
+        verify`` decodes everything.
 
     Returns
     -------
@@ -185,7 +259,7 @@ def verify_catalog(
         problems.extend(_store_problems(attrs, layout, store_path))
     recorded = len(completed_chunks(path))
     if not problems:
-        verifier = ChunkVerifier(path, layout, store_path)
+        verifier = ChunkVerifier(path, layout, store_path, decode=decode)
         for found in (map_chunks or map)(verifier, range(layout.n_chunks)):
             problems.extend(found)
     return VerifyReport(str(path), layout.n_rows, layout.n_chunks, recorded, tuple(problems))

@@ -167,6 +167,11 @@ CATALOG_FINGERPRINT_ATTRS = (
 """Attributes that must be equal for ``--resume`` to continue a catalogue."""
 RECORDS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_records"
 """(chunk, field) int64: one completion record per chunk; its attribute ``fields`` names them."""
+CHECKSUMS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_checksums"
+"""(chunk, variable) int64: the crc32c of every chunk file of a chunk, taken by its writer right
+after writing (and fsyncing) it, before the completion record (-1: not taken; absent in
+catalogues written before xpbatch recorded them). Its attribute ``variables``
+(:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
 DEVICES_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_devices"
 """Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
 written; absent in catalogues written before xpbatch recorded it)."""
