@@ -38,7 +38,7 @@ import uuid
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
@@ -68,13 +68,6 @@ logger = logging.getLogger(__name__)
 # 65536 rows (29 MB per float32 variable): fastest of 16k/64k/128k on mock rows (see config.py).
 DEFAULT_CHUNK_ROWS = config.DEFAULT_CHUNK_ROWS
 """Rows per chunk of every variable."""
-
-# Blosc lz4 with bit shuffle. Measured on 48k mock bulk rows (coefficients and errors, one core):
-# lz4 writes at 2.1 us/row and stores 0.855 of raw; zstd level 5 takes 6.7 us/row for 0.835,
-# level 1 3.1 us/row for 0.859. Once parsing became fast (~15 us/row besides gzip), zstd's write
-# cost was a tenth of the ingest for 2% of size; lz4 also reads twice as fast, which the encoders
-# feel.
-_SHUFFLE: Final = "bitshuffle"
 
 
 def check_overwritable(path: Path, overwrite: bool) -> None:
@@ -195,7 +188,7 @@ class XPStoreWriter:
             writer._specs,
             n_rows=n_rows,
             chunk_rows=chunk_rows,
-            compressors=zarr_arrays.blosc_crc32c(_SHUFFLE),
+            compressors=zarr_arrays.crc32c_only(),  # stores written before: Blosc, still read
             coordinates=[schema.SOURCE_ID],
         )
         zarr_arrays.write_axis(
@@ -688,10 +681,10 @@ def present_variables(path: PathLike, names: Iterable[str]) -> tuple[str, ...]:
 class ChunkReader:
     """Reads row ranges of some of a store's variables, all of them at once.
 
-    Zarr decodes an array's chunk in one thread (Blosc, called off the main thread, does not
-    start its own), so each variable is read in a thread of its own and their decoding overlaps
-    on a worker with cores to spare. A damaged chunk is a StoreError naming its variable, chunk
-    and file (:func:`xpbatch.store_checks.read_rows_checked`).
+    Zarr reads and checks (crc32c; stores written before this version: also decompresses) an
+    array's chunk in one thread, so each variable is read in a thread of its own and they
+    overlap on a worker with cores to spare. A damaged chunk is a StoreError naming its
+    variable, chunk and file (:func:`xpbatch.store_checks.read_rows_checked`).
 
     Examples
     --------
