@@ -294,8 +294,8 @@ def create_catalog(
         dimension_names=["chunk", "variable"],
         attributes={
             schema.ATTR_CHUNK_FILE_VARIABLES: names,
-            schema.ATTR_DESCRIPTION: "crc32c of each chunk file as its writer wrote it (-1: not "
-            "taken)",
+            schema.ATTR_DESCRIPTION: "the crc32c each chunk file carried when its writer wrote "
+            "it (-1: not taken)",
         },
         config={"write_empty_chunks": True},
     )

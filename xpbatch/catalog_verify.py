@@ -10,7 +10,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -182,7 +182,7 @@ class ChunkVerifier:
         row = np.asarray(checksums[index])
         if np.any(row == CHECKSUM_MISSING):  # never written, or by an older xpbatch (resumed)
             return None
-        names = checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES]
+        names = cast(list[str], checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES])
         return dict(zip(names, map(int, row), strict=True))
 
 

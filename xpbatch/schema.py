@@ -168,10 +168,10 @@ CATALOG_FINGERPRINT_ATTRS = (
 RECORDS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_records"
 """(chunk, field) int64: one completion record per chunk; its attribute ``fields`` names them."""
 CHECKSUMS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_checksums"
-"""(chunk, variable) int64: the crc32c of every chunk file of a chunk, taken by its writer right
-after writing (and fsyncing) it, before the completion record (-1: not taken; absent in
-catalogues written before xpbatch recorded them). Its attribute ``variables``
-(:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
+"""(chunk, variable) int64: the crc32c each chunk file of a chunk carries (Zarr's crc32c codec,
+over the encoded chunk), read by its writer right after writing and fsyncing the files, before
+the completion record (-1: not taken; absent in catalogues written before xpbatch recorded
+them). Its attribute ``variables`` (:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
 DEVICES_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_devices"
 """Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
 written; absent in catalogues written before xpbatch recorded it)."""

@@ -239,7 +239,8 @@ def written_checksum(array: zarr.Array, file: Path) -> int | None:
     """The crc32c that chunk ``file`` of ``array`` carries: Zarr's crc32c codec computes it over
     the encoded chunk as it writes it and appends it (4 bytes, little endian). None when the
     array's last codec is not crc32c."""
-    if not isinstance(array.metadata.codecs[-1], zarr.codecs.Crc32cCodec):
+    compressors = array.compressors  # the bytes-to-bytes codecs, in order
+    if not compressors or not isinstance(compressors[-1], zarr.codecs.Crc32cCodec):
         return None
     with file.open("rb") as f:
         f.seek(-4, os.SEEK_END)
