@@ -359,8 +359,9 @@ def prepare_output(
         remove=lambda: shutil.rmtree(path),
     )
     if resumed:
-        unfinished = _is_empty_dir(path) or (
-            schema.BOOKKEEPING_GROUP not in zarr_arrays.open_group(path, CATALOG)
+        # The records array is created last: without it the template was never finished.
+        unfinished = _is_empty_dir(path) or not isinstance(
+            zarr_arrays.open_group(path, CATALOG).get(schema.RECORDS_ARRAY), zarr.Array
         )
         if unfinished:
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)

@@ -64,18 +64,18 @@ class VerifyReport:
 
 
 VERIFY_CHECKS = (
-    "every chunk's completion record, every chunk file present and decoding (crc32c) and equal "
-    "to its recorded checksum, NaN exactly where not_encoded, flags equal to the records"
+    "every chunk's completion record, every chunk file present and decoding (crc32c), NaN exactly "
+    "where not_encoded, flags equal to the records"
 )
 """What :func:`verify_catalog` checks, as the run summary says it (with a store: also the row
 count, store id and every source_id against it)."""
 CHECKSUM_CHECKS = (
-    "every chunk's completion record, every chunk file present and byte for byte as its writer "
-    "wrote it (crc32c of the file against the checksum recorded after writing; the writer checked "
-    "NaN exactly where not_encoded), flags equal to the records"
+    "every chunk's completion record, every chunk file present and either byte for byte as its "
+    "writer wrote it after checking NaN exactly where not_encoded (crc32c against the one "
+    "recorded then) or decoded and checked for that again, flags equal to the records"
 )
-"""What :func:`verify_catalog` with ``decode=False`` checks (where a chunk has no recorded
-checksums, or one differs, it is decoded and checked as by default)."""
+"""What :func:`verify_catalog` with ``decode=False`` checks (a chunk without recorded checksums
+for every file, or with a file that differs, is decoded and checked as by default)."""
 
 ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
 """Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
@@ -146,10 +146,14 @@ class ChunkVerifier:
                 files[name] = (self.path / name / key, key)
             else:
                 problems.append(f"{name} chunk file {name}/{key} is missing")
-        recorded = self._recorded_checksums(index)
-        if recorded is not None:
-            problems.extend(_changed_files(files, recorded))
-        trusted = not self.decode and recorded is not None and not problems
+        # Files exactly as their writer wrote (and checked) them need not be decoded again. A file
+        # that differs is decoded and judged by its values: another attempt at the same chunk
+        # (e.g. a task Dask ran twice, on another kind of device) may have written it last.
+        trusted = (
+            not self.decode
+            and not problems
+            and _as_written(files, self._recorded_checksums(index), opened.variables)
+        )
         values: dict[str, np.ndarray] = {}
         for name, (_, key) in files.items():
             if trusted and name not in _ALWAYS_DECODED:
@@ -186,17 +190,20 @@ class ChunkVerifier:
         return dict(zip(names, map(int, row), strict=True))
 
 
-def _changed_files(files: Mapping[str, tuple[Path, str]], recorded: Mapping[str, int]) -> list[str]:
-    """A problem for each chunk file that is not byte for byte what its writer wrote (its
-    crc32c, recorded after writing, no longer matches)."""
-    problems = []
-    for name, (file, key) in files.items():
-        if name in recorded and not zarr_arrays.file_has_checksum(file, recorded[name]):
-            problems.append(
-                f"{name} chunk file {name}/{key} changed after it was written (its crc32c is not "
-                f"the {recorded[name]:08x} recorded then)"
-            )
-    return problems
+def _as_written(
+    files: Mapping[str, tuple[Path, str]],
+    recorded: Mapping[str, int] | None,
+    variables: Iterable[str],
+) -> bool:
+    """Whether every variable's chunk file has a recorded checksum and still matches it."""
+    if recorded is None:
+        return False
+    return all(
+        name in files
+        and name in recorded
+        and zarr_arrays.file_has_checksum(files[name][0], recorded[name])
+        for name in variables
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,10 +226,9 @@ def verify_catalog(
     """Check that every chunk of a catalogue was written, completely and consistently.
 
     Reads the catalogue chunk by chunk (never a whole variable): every chunk has its completion
-    record and a file for every variable; every file's crc32c equals the one its writer recorded
-    (where recorded); every chunk decodes (crc32c checksums); no value is NaN without the
-    ``not_encoded`` flag; flags match the records. With ``store``, also that the row count,
-    store id and ``source_id`` values equal the input store's.
+    record and a file for every variable; every chunk decodes (crc32c checksums); no value is NaN
+    without the ``not_encoded`` flag; flags match the records. With ``store``, also that the row
+    count, store id and ``source_id`` values equal the input store's.
 
     Parameters
     ----------
@@ -234,10 +240,10 @@ def verify_catalog(
         How to run the per-chunk checks; default the builtin ``map`` (serial).
         :mod:`xpbatch.pipeline` passes one that runs them on Dask workers.
     decode
-        False: a chunk whose files all equal their recorded checksums is not decoded beyond
-        ``source_id`` and ``flags`` (its writer checked the values before writing them; see
-        :data:`CHECKSUM_CHECKS`). ``encode-catalog`` verifies so after writing; ``xpbatch
-        verify`` decodes everything.
+        False: a chunk whose files all still carry the checksums its writer recorded is not
+        decoded beyond ``source_id`` and ``flags`` (its writer checked the values before writing
+        them; see :data:`CHECKSUM_CHECKS`); any other chunk is decoded and checked in full.
+        ``encode-catalog`` verifies so after writing; ``xpbatch verify`` decodes everything.
 
     Returns
     -------

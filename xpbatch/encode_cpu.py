@@ -6,8 +6,8 @@ passes over the block's (rows, 110) arrays a dozen times, and measured here that
 network itself. These loops read each row's 110 coefficients once while they are in cache and
 write straight into the caller's output arrays (about 0.3 µs per spectrum). They release the GIL,
 so several task threads of a worker run them at the same time. ``error_model="numpy"`` makes a
-division IEEE (no divisor here can be zero) instead of a branch that raises ZeroDivisionError,
-so the loops vectorise.
+division IEEE, as torch's (a division by zero gives inf or NaN, as on the GPU path) instead of a
+branch that raises ZeroDivisionError, so the loops vectorise.
 
 The arithmetic is the torch path's, step for step (float32; G flux rounded to float32 first).
 """

@@ -15,6 +15,7 @@ import dataclasses
 import datetime
 import enum
 import os
+import sys
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -237,14 +238,14 @@ def fsync_chunk(path: Path, arrays: Iterable[zarr.Array], index: int) -> None:
 
 def written_checksum(array: zarr.Array, file: Path) -> int | None:
     """The crc32c that chunk ``file`` of ``array`` carries: Zarr's crc32c codec computes it over
-    the encoded chunk as it writes it and appends it (4 bytes, little endian). None when the
-    array's last codec is not crc32c."""
+    the encoded chunk as it writes it and appends it (4 bytes, in this machine's byte order).
+    None when the array's last codec is not crc32c."""
     compressors = array.compressors  # the bytes-to-bytes codecs, in order
     if not compressors or not isinstance(compressors[-1], zarr.codecs.Crc32cCodec):
         return None
     with file.open("rb") as f:
         f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), "little")
+        return int.from_bytes(f.read(4), sys.byteorder)
 
 
 def file_has_checksum(file: Path, checksum: int) -> bool:
@@ -257,7 +258,7 @@ def file_has_checksum(file: Path, checksum: int) -> bool:
     data = memoryview(file.read_bytes())
     if len(data) < 4:
         return False
-    trailer = int.from_bytes(data[-4:], "little")
+    trailer = int.from_bytes(data[-4:], sys.byteorder)
     return trailer == checksum and int(crc32c.crc32c(data[:-4])) == checksum
 
 
