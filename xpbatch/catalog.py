@@ -283,21 +283,12 @@ def create_catalog(
         },
         config={"write_empty_chunks": True},
     )
-    names = [spec.name for spec in layout.variables()]
-    records.create_array(
-        _basename(schema.CHECKSUMS_ARRAY),
-        shape=(layout.n_chunks, len(names)),
-        chunks=(1, len(names)),  # one row per chunk: written in one file rename
-        dtype="int64",
-        fill_value=CHECKSUM_MISSING,
-        compressors=(zarr.codecs.Crc32cCodec(),),
-        dimension_names=["chunk", "variable"],
-        attributes={
-            schema.ATTR_CHUNK_FILE_VARIABLES: names,
-            schema.ATTR_DESCRIPTION: "the crc32c each chunk file carried when its writer wrote "
-            "it (-1: not taken)",
-        },
-        config={"write_empty_chunks": True},
+    zarr_arrays.create_chunk_table(
+        group,
+        schema.CHECKSUMS_ARRAY,
+        n_chunks=layout.n_chunks,
+        variables=[spec.name for spec in layout.variables()],
+        description="the crc32c each chunk file carried when its writer wrote it (-1: not taken)",
     )
     # Created last: a catalogue without this array has an unfinished template.
     records.create_array(
@@ -559,23 +550,12 @@ class CatalogWriter:
         if device and self._devices is not None:
             self._devices[index] = device
         # fsync, so a record never outlives its data across a power cut.
-        zarr_arrays.fsync_chunk(self.path, arrays.values(), index)
+        checksums = zarr_arrays.fsync_chunk(self.path, arrays.values(), index)
         if self._checksums is not None:
-            self._checksums[index] = [
-                _or_missing(
-                    zarr_arrays.written_checksum(
-                        array, zarr_arrays.chunk_file(self.path, array, index)
-                    )
-                )
-                for array in arrays.values()
-            ]
+            self._checksums[index] = [CHECKSUM_MISSING if c is None else c for c in checksums]
         # Last, and atomically (one file rename): the record says every variable is on disk.
         records[index] = record.to_row()
         return record
-
-
-def _or_missing(checksum: int | None) -> int:
-    return CHECKSUM_MISSING if checksum is None else checksum
 
 
 def value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:

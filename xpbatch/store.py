@@ -197,20 +197,12 @@ class XPStoreWriter:
             np.array(schema.coeff_labels()),
             "coefficient label: band and order",
         )
-        names = [spec.name for spec in writer._specs]
-        group.create_array(
+        zarr_arrays.create_chunk_table(
+            group,
             schema.CHUNK_FILES,
-            shape=(len(writer.chunk_slices()), len(names)),
-            chunks=(1, len(names)),  # one record per store chunk: written in one file rename
-            dtype="int64",
-            fill_value=-1,
-            attributes={
-                schema.ATTR_CHUNK_FILE_VARIABLES: names,
-                schema.ATTR_DESCRIPTION: (
-                    "bytes of each variable's chunk file, recorded when written"
-                ),
-            },
-            config={"write_empty_chunks": True},
+            n_chunks=len(writer.chunk_slices()),
+            variables=[spec.name for spec in writer._specs],
+            description="bytes of each variable's chunk file, recorded when written",
         )
         writer._group = group
         logger.info("created store %s: %d rows in chunks of %d", writer.path, n_rows, chunk_rows)

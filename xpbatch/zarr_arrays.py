@@ -226,31 +226,53 @@ def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
     return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
 
 
-def fsync_chunk(path: Path, arrays: Iterable[zarr.Array], index: int) -> None:
-    """fsync chunk ``index`` of each array, so a record written next never outlives its data."""
+def fsync_chunk(path: Path, arrays: Iterable[zarr.Array], index: int) -> list[int | None]:
+    """fsync chunk ``index`` of each array, so a record written next never outlives its data.
+
+    Returns, per array, the crc32c its chunk file carries (read through the same open file):
+    Zarr's crc32c codec computes it over the encoded chunk as it writes it and appends it (4
+    bytes, in this machine's byte order). None for an array whose last codec is not crc32c.
+    """
+    checksums: list[int | None] = []
     for array in arrays:
         fd = os.open(chunk_file(path, array, index), os.O_RDONLY)
         try:
             os.fsync(fd)
+            compressors = array.compressors  # the bytes-to-bytes codecs, in order
+            if compressors and isinstance(compressors[-1], zarr.codecs.Crc32cCodec):
+                trailer = os.pread(fd, 4, os.fstat(fd).st_size - 4)
+                checksums.append(int.from_bytes(trailer, sys.byteorder))
+            else:
+                checksums.append(None)
         finally:
             os.close(fd)
+    return checksums
 
 
-def written_checksum(array: zarr.Array, file: Path) -> int | None:
-    """The crc32c that chunk ``file`` of ``array`` carries: Zarr's crc32c codec computes it over
-    the encoded chunk as it writes it and appends it (4 bytes, in this machine's byte order).
-    None when the array's last codec is not crc32c."""
-    compressors = array.compressors  # the bytes-to-bytes codecs, in order
-    if not compressors or not isinstance(compressors[-1], zarr.codecs.Crc32cCodec):
-        return None
-    with file.open("rb") as f:
-        f.seek(-4, os.SEEK_END)
-        return int.from_bytes(f.read(4), sys.byteorder)
+def create_chunk_table(
+    group: zarr.Group, name: str, *, n_chunks: int, variables: Sequence[str], description: str
+) -> None:
+    """Create a (chunk, variable) int64 table, -1 until written, one file per chunk's row (so a
+    writer sets a row in one file rename); its attribute ``variables`` names the columns."""
+    group.create_array(
+        name,
+        shape=(n_chunks, len(variables)),
+        chunks=(1, len(variables)),
+        dtype="int64",
+        fill_value=-1,
+        compressors=(zarr.codecs.Crc32cCodec(),),
+        dimension_names=["chunk", "variable"],
+        attributes={
+            schema.ATTR_CHUNK_FILE_VARIABLES: list(variables),
+            schema.ATTR_DESCRIPTION: description,
+        },
+        config={"write_empty_chunks": True},
+    )
 
 
 def file_has_checksum(file: Path, checksum: int) -> bool:
     """Whether ``file`` is an encoded chunk followed by its crc32c, and that crc32c is
-    ``checksum`` (as :func:`written_checksum` read it): the file is byte for byte as written.
+    ``checksum`` (as :func:`fsync_chunk` read it): the file is byte for byte as written.
 
     (A CRC of a whole file that ends in its own CRC is a constant, so the body is checked
     against the trailer and the trailer against ``checksum``.)
