@@ -63,19 +63,14 @@ class VerifyReport:
             raise CatalogError(str(self))
 
 
-VERIFY_CHECKS = (
-    "every chunk's completion record, every chunk file present and decoding (crc32c), NaN exactly "
-    "where not_encoded, flags equal to the records"
-)
-"""What :func:`verify_catalog` checks, as the run summary says it (with a store: also the row
-count, store id and every source_id against it)."""
 CHECKSUM_CHECKS = (
     "every chunk's completion record, every chunk file present and either byte for byte as its "
     "writer wrote it after checking NaN exactly where not_encoded (crc32c against the one "
     "recorded then) or decoded and checked for that again, flags equal to the records"
 )
-"""What :func:`verify_catalog` with ``decode=False`` checks (a chunk without recorded checksums
-for every file, or with a file that differs, is decoded and checked as by default)."""
+"""What :func:`verify_catalog` with ``decode=False`` checks, as the run summary says it (with a
+store: also the row count, store id and every source_id against it; a chunk without recorded
+checksums for every file, or with a file that differs, is decoded and checked in full)."""
 
 ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
 """Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
@@ -139,13 +134,13 @@ class ChunkVerifier:
         record = None if row[0] == RECORD_MISSING else ChunkRecord.from_row(index, row)
         if record is None:
             problems.append("no completion record: the chunk was never finished")
-        files = {}  # name -> (file, chunk key)
+        files = {}  # name -> its chunk file
         for name, array in opened.variables.items():
-            key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-            if (self.path / name / key).is_file():
-                files[name] = (self.path / name / key, key)
+            file = zarr_arrays.chunk_file(self.path, array, index)
+            if file.is_file():
+                files[name] = file
             else:
-                problems.append(f"{name} chunk file {name}/{key} is missing")
+                problems.append(f"{name} chunk file {self._relative(file)} is missing")
         # Files exactly as their writer wrote (and checked) them need not be decoded again. A file
         # that differs is decoded and judged by its values: another attempt at the same chunk
         # (e.g. a task Dask ran twice, on another kind of device) may have written it last.
@@ -155,14 +150,15 @@ class ChunkVerifier:
             and _as_written(files, self._recorded_checksums(index), opened.variables)
         )
         values: dict[str, np.ndarray] = {}
-        for name, (_, key) in files.items():
+        for name, file in files.items():
             if trusted and name not in _ALWAYS_DECODED:
                 continue
             try:
                 values[name] = np.asarray(opened.variables[name][rows])
             except (ValueError, RuntimeError, OSError) as e:  # e.g. a checksum mismatch
                 problems.append(
-                    f"{name} chunk file {name}/{key} is unreadable ({type(e).__name__}: {e})"
+                    f"{name} chunk file {self._relative(file)} is unreadable "
+                    f"({type(e).__name__}: {e})"
                 )
         problems.extend(value_problems(values, rows))
         if record is not None and schema.FLAGS in values:
@@ -178,6 +174,9 @@ class ChunkVerifier:
             problems.append(f"source_id differs from the input store {self.store}")
         return problems
 
+    def _relative(self, file: Path) -> str:
+        return file.relative_to(self.path).as_posix()
+
     def _recorded_checksums(self, index: int) -> dict[str, int] | None:
         """Variable -> crc32c its writer recorded for chunk ``index``; None if not recorded."""
         checksums = self._arrays.checksums
@@ -191,7 +190,7 @@ class ChunkVerifier:
 
 
 def _as_written(
-    files: Mapping[str, tuple[Path, str]],
+    files: Mapping[str, Path],
     recorded: Mapping[str, int] | None,
     variables: Iterable[str],
 ) -> bool:
@@ -201,7 +200,7 @@ def _as_written(
     return all(
         name in files
         and name in recorded
-        and zarr_arrays.file_has_checksum(files[name][0], recorded[name])
+        and zarr_arrays.file_has_checksum(files[name], recorded[name])
         for name in variables
     )
 
