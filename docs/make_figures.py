@@ -9,18 +9,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from xpbatch.catalog import open_catalog
+from xpbatch.catalog.zarr_catalog import open_catalog
 from xpbatch.config import ClusterConfig, EncodeConfig
-from xpbatch.demo import demo_dir, demo_inputs
+from xpbatch.train.demo import demo_dir, demo_inputs
 
 DOCS = Path(__file__).resolve().parent
 SKY_ORDER = 4
 
 
 def main() -> None:
-    from xpbatch.cluster import connect
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.skymap import compute_sky_maps, draw_sky_maps
+    from xpbatch.runtime.cluster import connect
+    from xpbatch.encode.stage import encode_catalog
+    from xpbatch.products.sky_maps import compute_sky_maps, draw_sky_maps
 
     inputs = demo_inputs(demo_dir(DOCS), echo=print)
     with connect(ClusterConfig(n_workers=2, dashboard_address=":0")) as client:

@@ -87,7 +87,7 @@ def make_xp_store() -> Callable[..., Path]:
     def make(path: Path, n_rows: int, *, chunk_rows: int = 512, seed: int = 0) -> Path:
         import numpy as np
 
-        from xpbatch.store import write_xp_store
+        from xpbatch.store.xp_store import write_xp_store
 
         rng = np.random.default_rng(seed)
         g_flux = rng.lognormal(mean=0.0, sigma=0.5, size=n_rows)
@@ -119,8 +119,8 @@ def encode_untrained() -> Callable[[Path, Path], Path]:
 
     def encode(store: Path, catalog: Path) -> Path:
         from xpbatch.config import EncodeConfig
-        from xpbatch.pipeline import encode_catalog
-        from xpbatch.trained import TrainedModel
+        from xpbatch.encode.stage import encode_catalog
+        from xpbatch.model.trained import TrainedModel
 
         config = EncodeConfig(progress_bar=False, check_fit=False)
         encode_catalog(store, TrainedModel.untrained(), catalog, config=config)
@@ -145,7 +145,7 @@ def assert_same_catalogue() -> Callable[[Path, Path], None]:
     def check(a: Path, b: Path) -> None:
         import xarray as xr
 
-        from xpbatch.catalog import open_catalog
+        from xpbatch.catalog.zarr_catalog import open_catalog
 
         files_a, files_b = _chunk_files(Path(a)), _chunk_files(Path(b))
         assert sorted(files_a) == sorted(files_b)

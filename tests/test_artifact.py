@@ -11,11 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from xpbatch.artifact import import_xpvae, load_model, read_model_metadata, save_model
-from xpbatch.cli import main
+from xpbatch.cli.main import main
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
-from xpbatch.trained import Normalisation, TrainedModel
+from xpbatch.model.files import import_xpvae, load_model, read_model_metadata, save_model
+from xpbatch.model.trained import Normalisation, TrainedModel
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import numpy as np
 import zarr
 
 from xpbatch import schema
-from xpbatch.artifact import load_model
 from xpbatch.benchmarks.encode import run_encode_benchmark
+from xpbatch.model.files import load_model
 
 if TYPE_CHECKING:
     from distributed import Client

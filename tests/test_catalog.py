@@ -13,10 +13,13 @@ import numpy as np
 import pytest
 import zarr
 
-from xpbatch import catalog, catalog_verify, schema, zarr_arrays
-from xpbatch.catalog import CatalogLayout, CatalogWriter
+from xpbatch import schema
+from xpbatch.catalog import verify as catalog_verify
+from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.zarr_catalog import CatalogLayout, CatalogWriter
 from xpbatch.errors import CatalogError, InputShapeError, OutputExistsError, ResumeRefusedError
 from xpbatch.schema import CatalogFlag
+from xpbatch.storage import zarr_arrays
 
 ATTRS = {
     schema.CATALOG_ATTR_MODEL_HASH: "m" * 64,
@@ -290,7 +293,7 @@ def test_verify_compares_with_the_input_store(
     report = catalog_verify.verify_catalog(path, store)
     assert any("store id" in p for p in report.problems)
     group = zarr.open_group(path, mode="r+")
-    from xpbatch.store import store_id
+    from xpbatch.store.xp_store import store_id
 
     group.attrs[schema.CATALOG_ATTR_STORE_ID] = store_id(store)
     report = catalog_verify.verify_catalog(path, store)

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from xpbatch.artifact import save_model
-from xpbatch.cli import main
-from xpbatch.cluster import connect
+from xpbatch.cli.main import main
 from xpbatch.config import ClusterConfig
 from xpbatch.errors import ClusterError
-from xpbatch.trained import TrainedModel
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.runtime.cluster import connect
 
 
 @pytest.mark.skipif(
@@ -48,8 +48,8 @@ def test_local_cuda_without_a_gpu_says_why_in_one_line() -> None:
 def test_a_dask_cuda_worker_without_cuda_is_an_error_not_a_cpu_run() -> None:
     import torch
 
+    from xpbatch.encode.workers import resolve_device
     from xpbatch.errors import ConfigError
-    from xpbatch.workers import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

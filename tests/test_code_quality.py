@@ -33,7 +33,7 @@ def test_code_passes(cmd):
 def test_help_is_fast_and_does_not_import_torch():
     """`xpbatch --help` must not pull in torch, dask or zarr (STYLE: the CLI only translates)."""
     code = (
-        "import sys; from xpbatch.cli import main\n"
+        "import sys; from xpbatch.cli.main import main\n"
         "try:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
         "heavy = [m for m in ('torch', 'dask', 'zarr', 'distributed') if m in sys.modules]\n"
         "assert not heavy, heavy"

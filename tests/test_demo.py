@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from xpbatch import demo
-from xpbatch.store import open_xp_store
+from xpbatch.store.xp_store import open_xp_store
+from xpbatch.train import demo
 
 
 @pytest.fixture
@@ -42,8 +42,8 @@ def test_encode_catalog_demo_command_needs_no_input(
 ) -> None:
     from click.testing import CliRunner
 
-    from xpbatch.catalog import open_catalog
-    from xpbatch.cli import main
+    from xpbatch.catalog.zarr_catalog import open_catalog
+    from xpbatch.cli.main import main
 
     monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
     command = ["encode-catalog", "--demo", "--n-workers", "1", "--dashboard-address", ":0"]
@@ -66,7 +66,7 @@ def test_skymap_of_the_demo_catalogue_counts_every_row(
 ) -> None:
     from click.testing import CliRunner
 
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
     cluster = ["--n-workers", "1", "--dashboard-address", ":0"]

@@ -11,18 +11,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from xpbatch import artifact
-from xpbatch.artifact import load_model, save_model
-from xpbatch.cli import main
-from xpbatch.density import (
+from xpbatch.cli.main import main
+from xpbatch.model import files as artifact
+from xpbatch.model.density import (
     ACTIVE_KL_NATS,
     OUTLIER_QUANTILE,
     LatentDensity,
     fit_density,
     latent_kl,
 )
+from xpbatch.model.files import load_model, save_model
+from xpbatch.model.trained import TrainedModel
 from xpbatch.schema import CatalogFlag
-from xpbatch.trained import TrainedModel
 
 
 def _two_clumps(n: int, seed: int = 0) -> np.ndarray:

@@ -42,7 +42,7 @@ def _k8s(kind: str) -> list[dict[str, Any]]:
 
 def _option_names(command: str) -> set[str]:
     """Every option spelling an xpbatch subcommand accepts (e.g. '--scheduler-file', '-o')."""
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     sub = main.commands[command]
     names = {"--help"}
@@ -54,7 +54,7 @@ def _option_names(command: str) -> set[str]:
 
 def _check_encode_args(args: list[str]) -> None:
     """``xpbatch [-v] encode-catalog ...`` uses only options the CLI has."""
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     assert args[0] == "xpbatch"
     rest = [a for a in args[1:] if a != "-v"]
@@ -204,9 +204,9 @@ BIN = Path(sys.executable).parent  # dask and xpbatch of this environment
 def encode_inputs(tmp_path_factory: pytest.TempPathFactory, make_xp_store) -> dict[str, Path]:
     """A 3-chunk store, a model, and the catalogue encoded serially (the reference)."""
     import xpbatch
-    from xpbatch.artifact import save_model
     from xpbatch.config import EncodeConfig
-    from xpbatch.trained import TrainedModel
+    from xpbatch.model.files import save_model
+    from xpbatch.model.trained import TrainedModel
 
     root = tmp_path_factory.mktemp("deploy")
     store = make_xp_store(root / "store.zarr", 1500, chunk_rows=500)

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from xpbatch import schema
-from xpbatch.encode import BATCHES_PER_BLOCK, encode_chunk, output_variables
+from xpbatch.encode.kernel import BATCHES_PER_BLOCK, encode_chunk, output_variables
 from xpbatch.errors import InputShapeError
+from xpbatch.model.trained import TrainedModel
 from xpbatch.schema import CatalogFlag, InputFlag
-from xpbatch.trained import TrainedModel
 
 
 def _chunk(n: int, seed: int = 0) -> dict[str, np.ndarray]:

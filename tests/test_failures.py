@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from xpbatch.artifact import save_model
-from xpbatch.cli import main
-from xpbatch.outputs import lock_path
-from xpbatch.trained import TrainedModel
+from xpbatch.cli.main import main
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.storage.outputs import lock_path
 
 BIN = Path(sys.executable).parent
 CHUNK_ROWS = 512

@@ -1,4 +1,4 @@
-"""xpbatch.fastscan: what the compiled scanner accepts it converts exactly like the general
+"""xpbatch.ingest.fastscan: what the compiled scanner accepts it converts exactly like the general
 (pyarrow) reader, it gives up on what it cannot prove, and it is really taken on DR3 files."""
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpbatch import fastscan, schema
+from xpbatch import schema
 from xpbatch.config import MockConfig
-from xpbatch.ingest import ReadRequest, parse_xp_file
+from xpbatch.ingest import ReadRequest, fastscan, parse_xp_file
 from xpbatch.ingest import text as ingest
 from xpbatch.mock import write_mock_dr3_bulk
-from xpbatch.store import n_correlations
+from xpbatch.store.xp_store import n_correlations
 
 SCALARS = tuple(schema.DR3_SCALARS)
 _BAND_COLUMNS = (

@@ -18,15 +18,15 @@ from typing import TYPE_CHECKING
 import pytest
 from click.testing import CliRunner
 
-from xpbatch.artifact import save_model
-from xpbatch.catalog import completed_chunks, open_catalog
-from xpbatch.cli import main
+from xpbatch.catalog.zarr_catalog import completed_chunks, open_catalog
+from xpbatch.cli.main import main
 from xpbatch.config import EncodeConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import CatalogError, ChunkError, ClusterError
-from xpbatch.executor import map_bounded
-from xpbatch.outputs import lock_path
-from xpbatch.pipeline import encode_catalog
-from xpbatch.trained import TrainedModel
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.runtime.executor import map_bounded
+from xpbatch.storage.outputs import lock_path
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -13,17 +13,18 @@ import pytest
 import zarr
 from click.testing import CliRunner
 
-from xpbatch import fit, schema
-from xpbatch.artifact import import_xpvae, load_model, save_model
-from xpbatch.cli import main
+from xpbatch import schema
+from xpbatch.cli.main import main
 from xpbatch.config import EncodeConfig, IngestConfig, TrainConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import ModelMismatchError
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import write_mock_store
-from xpbatch.pipeline import encode_catalog
-from xpbatch.store import write_xp_store
-from xpbatch.train import train_model
-from xpbatch.trained import TrainedModel
+from xpbatch.model import fit_check as fit
+from xpbatch.model.files import import_xpvae, load_model, save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.store.xp_store import write_xp_store
+from xpbatch.train.stage import train_model
 
 CONFIG = EncodeConfig(batch_size=256, progress_bar=False)
 ROWS = 2048
@@ -169,7 +170,7 @@ def test_a_model_file_without_statistics_is_checked_against_its_normalisation(
     old = tmp_path / "old.safetensors"
     save_model(TrainedModel.untrained(seed=1), old)  # written without fit_statistics
     assert load_model(old).fit_statistics is None
-    with caplog.at_level("INFO", logger="xpbatch.fit"):
+    with caplog.at_level("INFO", logger="xpbatch.model.fit_check"):
         encode_catalog(store, old, tmp_path / "c", config=CONFIG)
     assert "records no training statistics" in caplog.text
     with pytest.raises(ModelMismatchError, match="normalisation"):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from xpbatch.cli import main
+from xpbatch.cli.main import main
 
 SCRIPT = Path(__file__).parent / "gpu" / "acceptance.sh"
 

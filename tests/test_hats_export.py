@@ -42,8 +42,8 @@ def exported(
     encode_untrained: Callable[[Path, Path], Path],
 ) -> Exported:
     """A mock store with positions, its catalogue (untrained model) and its HATS export."""
-    from xpbatch.hats_export import export_hats
     from xpbatch.mock import write_mock_store
+    from xpbatch.products.hats_export import export_hats
 
     root = tmp_path_factory.mktemp("hats")
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=2, chunk_rows=CHUNK_ROWS)
@@ -56,7 +56,7 @@ def exported(
 
 def catalogue_frame(path: Path) -> pd.DataFrame:
     """The catalogue's rows as the export's flat columns, by source_id."""
-    from xpbatch.catalog import open_catalog
+    from xpbatch.catalog.zarr_catalog import open_catalog
 
     ds = open_catalog(path).compute()
     columns = {schema.RA: ds.ra.values, schema.DEC: ds.dec.values}
@@ -145,7 +145,7 @@ def gaia_source_like(store: Path, out: Path) -> Path:
     import pandas as pd
 
     from xpbatch.mock import mock_rows
-    from xpbatch.store import open_xp_store
+    from xpbatch.store.xp_store import open_xp_store
 
     mock = open_xp_store(store).attrs["mock"]
     rows = mock_rows(mock["n"], 0, mock["n"], seed=mock["seed"])
@@ -206,7 +206,7 @@ def test_an_existing_export_is_refused_and_resumed_to_the_same_files(
     exported: Exported, dask_client: Client
 ) -> None:
     from xpbatch.errors import OutputExistsError, ResumeRefusedError
-    from xpbatch.hats_export import export_hats
+    from xpbatch.products.hats_export import export_hats
 
     config = HatsExportConfig(pixel_threshold=THRESHOLD, highest_order=ORDER, progress_bar=False)
     with pytest.raises(OutputExistsError, match="--resume"):
@@ -230,7 +230,7 @@ def test_the_cli_writes_the_same_rows_as_the_api(
 ) -> None:
     from click.testing import CliRunner
 
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     out = tmp_path / "cli_hats"
     args = ["export-hats", str(exported.catalog), "-o", str(out), "--highest-order", str(ORDER)]
@@ -249,8 +249,8 @@ def test_a_catalogue_without_positions_needs_the_source_id_fallback(
     encode_untrained: Callable[[Path, Path], Path],
 ) -> None:
     from xpbatch.errors import CatalogError
-    from xpbatch.hats_export import export_hats
-    from xpbatch.sky import source_id_pixel_centres
+    from xpbatch.products.hats_export import export_hats
+    from xpbatch.products.sky_positions import source_id_pixel_centres
 
     store = make_xp_store(tmp_path / "s.zarr", 600, chunk_rows=300)
     catalog = tmp_path / "c.zarr"
@@ -299,12 +299,12 @@ def test_dr3_bulk_files_to_an_lsdb_catalogue_joined_with_gaia_source(
     from astropy.coordinates import SkyCoord
 
     from xpbatch.config import IngestConfig
-    from xpbatch.demo import DEMO_TRAINING
-    from xpbatch.hats_export import export_hats
+    from xpbatch.encode.stage import encode_catalog
     from xpbatch.ingest import ingest_files
     from xpbatch.mock import mock_rows, write_mock_dr3_bulk
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.train import train_model
+    from xpbatch.products.hats_export import export_hats
+    from xpbatch.train.demo import DEMO_TRAINING
+    from xpbatch.train.stage import train_model
 
     n_rows, seed = 2000, 5
     bulk = tmp_path / "bulk"

@@ -14,14 +14,14 @@ import zarr
 from click.testing import CliRunner
 
 from xpbatch import schema
-from xpbatch.artifact import save_model
-from xpbatch.cli import main
+from xpbatch.cli.info import format_summary, human_bytes, summarize
+from xpbatch.cli.main import main
 from xpbatch.config import EncodeConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import ModelFileError, StoreError, StoreNotFoundError
-from xpbatch.info import format_summary, human_bytes, summarize
-from xpbatch.pipeline import encode_catalog
-from xpbatch.store import XPStoreWriter, write_xp_store
-from xpbatch.trained import TrainedModel
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.store.xp_store import XPStoreWriter, write_xp_store
 
 N_ROWS = 700
 CHUNK_ROWS = 256

@@ -15,13 +15,13 @@ import zarr
 from click.testing import CliRunner
 
 from xpbatch import schema
-from xpbatch.cli import main
+from xpbatch.cli.main import main
 from xpbatch.config import IngestConfig
 from xpbatch.errors import ChecksumError, OutputExistsError, ParseError, ResumeRefusedError
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import write_mock_dr3_bulk, write_mock_store
 from xpbatch.schema import InputFlag
-from xpbatch.store import open_xp_store
+from xpbatch.store.xp_store import open_xp_store
 
 BRIGHT = 5853498713190525696  # in gaia_source with a flux
 RP_ONLY = 5405570973190252288  # DR3's only source without BP; gaia_source has only its magnitude

@@ -29,7 +29,7 @@ from xpbatch import dr3, schema
 from xpbatch.errors import ParseError
 from xpbatch.ingest import ingest_files, parse_xp_file, sniff
 from xpbatch.schema import InputFlag
-from xpbatch.store import open_xp_store
+from xpbatch.store.xp_store import open_xp_store
 
 RP_ONLY = 5405570973190252288
 SCALARS = tuple(schema.DR3_SCALARS)
@@ -533,7 +533,7 @@ def test_the_cli_ingests_a_votable_carrying_its_own_g(
 ) -> None:
     from click.testing import CliRunner
 
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     table = _astropy_table(rows)
     table["phot_g_mean_flux"] = np.array([1e5, 2e5, 3e5])

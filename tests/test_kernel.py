@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from xpbatch.density import LatentDensity
-from xpbatch.encode import EncodeKernel, encode_rows, kernel_for
+from xpbatch.encode.kernel import EncodeKernel, encode_rows, kernel_for
+from xpbatch.model.density import LatentDensity
+from xpbatch.model.trained import Normalisation, TrainedModel, standardise
 from xpbatch.schema import CatalogFlag
-from xpbatch.trained import Normalisation, TrainedModel, standardise
 
 N_BP = 55
 
@@ -247,7 +247,7 @@ def test_the_kernel_is_built_once_per_model_and_device(model: TrainedModel) -> N
 
 def _mixture(rng: np.random.Generator, k: int = 12, latent: int = 6) -> LatentDensity:
     """A full-covariance mixture on five active dimensions plus ln rmse (as train fits)."""
-    from xpbatch.density import _precision_cholesky
+    from xpbatch.model.density import _precision_cholesky
 
     kl = np.array([1.0, 1.0, 0.0, 1.0, 1.0, 1.0])[:latent]  # dimension 2 collapsed
     d = int((kl >= 0.05).sum()) + 1
@@ -268,8 +268,8 @@ def _mixture(rng: np.random.Generator, k: int = 12, latent: int = 6) -> LatentDe
 def test_the_fused_score_equals_the_float64_torch_score() -> None:
     """encode_cpu.score_rows (the CPU path) gives density.score's float32 values and outliers,
     also on rows the network never gives: NaN or huge latents, zero or infinite rmse."""
-    from xpbatch import encode_cpu
-    from xpbatch.encode import _score_terms
+    from xpbatch.encode import cpu as encode_cpu
+    from xpbatch.encode.kernel import _score_terms
 
     rng = np.random.default_rng(11)
     density = _mixture(rng)

@@ -17,14 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from xpbatch import mock
-from xpbatch.cli import main
+from xpbatch.cli.main import main
 from xpbatch.config import MockConfig
 from xpbatch.errors import ConfigError, OutputExistsError, StoreNotFoundError
 from xpbatch.mock import rows as mock_rows_module
 from xpbatch.mock import sky as mock_sky
-from xpbatch.partitions import HEALPIX_SHIFT, N_PIXELS
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, InputFlag
-from xpbatch.store import compute_input_flags, open_xp_store
+from xpbatch.storage.partitions import HEALPIX_SHIFT, N_PIXELS
+from xpbatch.store.xp_store import compute_input_flags, open_xp_store
 
 # Defects far more often than the defaults, so a few thousand rows hold every kind.
 DEFECTS = MockConfig(

@@ -8,7 +8,7 @@ import torch
 
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ConfigError
-from xpbatch.model import ScatterVAE, scatter_vae_loss
+from xpbatch.model.network import ScatterVAE, scatter_vae_loss
 
 
 @pytest.fixture(scope="module")

@@ -11,11 +11,13 @@ import pandas as pd
 import pytest
 from click.testing import CliRunner
 
-from xpbatch import catalog, schema, zarr_arrays
+from xpbatch import schema
 from xpbatch.benchmarks.neighbours import brute_force, synthetic_catalog
-from xpbatch.cli import main
+from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.cli.main import main
 from xpbatch.errors import CatalogError, InputShapeError
-from xpbatch.neighbours import BLOCK_VALUES, find_neighbours
+from xpbatch.products.neighbours import BLOCK_VALUES, find_neighbours
+from xpbatch.storage import zarr_arrays
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -35,7 +37,9 @@ def _ids(path: Path, rows: list[int]) -> np.ndarray:
 
 
 def test_equals_brute_force_numpy(synthetic: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("xpbatch.neighbours.BLOCK_VALUES", 3000)  # several blocks per chunk
+    monkeypatch.setattr(
+        "xpbatch.products.neighbours.BLOCK_VALUES", 3000
+    )  # several blocks per chunk
     queries = _ids(synthetic, [0, 1, 777, 1024, 4999])
     found = find_neighbours(synthetic, queries, k=25)
     reference = brute_force(synthetic, queries, 25)

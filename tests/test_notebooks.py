@@ -24,8 +24,8 @@ def small_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A mock store with labels, a briefly trained model, and its catalogue."""
     import xpbatch
     from xpbatch.config import EncodeConfig
-    from xpbatch.demo import DEMO_TRAINING
     from xpbatch.mock import write_mock_store
+    from xpbatch.train.demo import DEMO_TRAINING
 
     root = tmp_path_factory.mktemp("notebooks")
     store = write_mock_store(root / "mock.zarr", N_ROWS, seed=1, chunk_rows=CHUNK_ROWS)

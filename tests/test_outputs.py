@@ -17,18 +17,18 @@ from pathlib import Path
 
 import pytest
 
-from xpbatch.artifact import save_model
 from xpbatch.config import EncodeConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import OutputLockedError
-from xpbatch.outputs import lock_path, output_lock
-from xpbatch.pipeline import encode_catalog
-from xpbatch.trained import TrainedModel
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
+from xpbatch.storage.outputs import lock_path, output_lock
 
 XPBATCH = str(Path(sys.executable).parent / "xpbatch")
 CONFIG = EncodeConfig(batch_size=128, progress_bar=False)
 HOLD = (
     "import sys, time\n"
-    "from xpbatch.outputs import output_lock\n"
+    "from xpbatch.storage.outputs import output_lock\n"
     "with output_lock(sys.argv[1], command='test-holder'):\n"
     "    print('held', flush=True)\n"
     "    time.sleep(120)\n"
@@ -178,7 +178,7 @@ def test_two_overwrite_runs_at_once_one_wins_and_its_catalogue_is_exact(
 def test_break_lock_is_an_option_of_every_writing_command() -> None:
     from click.testing import CliRunner
 
-    from xpbatch.cli import main
+    from xpbatch.cli.main import main
 
     for command in ("encode-catalog", "ingest", "train", "export-parquet"):
         result = CliRunner().invoke(main, [command, "--help"])
@@ -196,9 +196,9 @@ def test_the_lock_survives_removal_of_the_output(tmp_path: Path) -> None:
 def test_every_stage_function_holds_the_lock_before_any_work(
     tmp_path: Path, holder: Callable[[Path], subprocess.Popen[str]]
 ) -> None:
-    from xpbatch.export import export_parquet
     from xpbatch.ingest import ingest_files
-    from xpbatch.train import train_model
+    from xpbatch.products.parquet_export import export_parquet
+    from xpbatch.train.stage import train_model
 
     stages: dict[str, Callable[[Path], object]] = {
         "train": lambda out: train_model(tmp_path / "no-store.zarr", out),

@@ -14,13 +14,13 @@ from xpbatch import schema
 from xpbatch.errors import ConfigError
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import bulk_file_plan, write_mock_dr3_bulk, write_mock_store
-from xpbatch.partitions import (
+from xpbatch.storage.partitions import (
     PartitionRanges,
     file_name,
     ranges_from_file_names,
     read_partition_ranges,
 )
-from xpbatch.store import open_xp_store
+from xpbatch.store.xp_store import open_xp_store
 
 FIRST_THREE = [[0, 3111], [3112, 5263], [5264, 6601]]
 # The first lines of the CDN's _MD5SUM.txt for XP spectra, with a GaiaSource name mixed in.

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from xpbatch.paths import TMP_MARK, atomic_path
+from xpbatch.storage.paths import TMP_MARK, atomic_path
 
 
 def _content(path: Path) -> str | None:

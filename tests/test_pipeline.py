@@ -17,9 +17,10 @@ import xarray as xr
 import zarr
 
 from xpbatch import schema
-from xpbatch.artifact import import_xpvae, load_model, save_model
-from xpbatch.catalog import open_catalog, read_attrs
+from xpbatch.catalog.zarr_catalog import open_catalog, read_attrs
 from xpbatch.config import EncodeConfig, ModelConfig
+from xpbatch.encode.stage import ChunkJob, encode_catalog
+from xpbatch.encode.workers import tune_malloc
 from xpbatch.errors import (
     ModelMismatchError,
     OutputExistsError,
@@ -27,10 +28,9 @@ from xpbatch.errors import (
     StoreError,
     StoreNotFoundError,
 )
-from xpbatch.pipeline import ChunkJob, encode_catalog
-from xpbatch.store import write_xp_store
-from xpbatch.trained import Normalisation, TrainedModel
-from xpbatch.workers import tune_malloc
+from xpbatch.model.files import import_xpvae, load_model, save_model
+from xpbatch.model.trained import Normalisation, TrainedModel
+from xpbatch.store.xp_store import write_xp_store
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -132,7 +132,7 @@ def test_a_write_interrupted_by_a_killed_worker_leaves_no_file_behind(
     monkeypatch: pytest.MonkeyPatch,
     assert_same_catalogue: Callable[[Path, Path], None],
 ) -> None:
-    import xpbatch.pipeline as pipeline
+    import xpbatch.encode.stage as pipeline
 
     out = tmp_path / "c.zarr"
     leftover = out / schema.ANOMALY_SCORE / "c" / "2.0123abcd.partial"

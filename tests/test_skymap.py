@@ -32,8 +32,8 @@ def test_maps_count_every_row_in_its_pixel(catalog: Path) -> None:
     import cdshealpix.nested
     from astropy import units as u
 
-    from xpbatch.catalog import open_catalog
-    from xpbatch.skymap import compute_sky_maps
+    from xpbatch.catalog.zarr_catalog import open_catalog
+    from xpbatch.products.sky_maps import compute_sky_maps
 
     maps = compute_sky_maps(catalog, order=ORDER)
     ds = open_catalog(catalog).compute()
@@ -57,7 +57,7 @@ def test_maps_count_every_row_in_its_pixel(catalog: Path) -> None:
 
 
 def test_the_cluster_gives_the_same_maps(catalog: Path, dask_client: Client) -> None:
-    from xpbatch.skymap import compute_sky_maps
+    from xpbatch.products.sky_maps import compute_sky_maps
 
     serial = compute_sky_maps(catalog, order=ORDER)
     parallel = compute_sky_maps(catalog, order=ORDER, client=dask_client)
@@ -67,11 +67,11 @@ def test_the_cluster_gives_the_same_maps(catalog: Path, dask_client: Client) -> 
 
 
 def test_median_of_a_known_histogram() -> None:
-    from xpbatch.skymap import SkyMaps
+    from xpbatch.products.sky_maps import SkyMaps
 
     maps = SkyMaps.empty(0, 1)
     values = np.array([0.5, 1.0, 2.0, 4.0, 8.0])  # median 2
-    from xpbatch.skymap import _rmse_edges
+    from xpbatch.products.sky_maps import _rmse_edges
 
     bins = np.searchsorted(_rmse_edges(), np.log10(values), side="right")
     np.add.at(maps.rmse_histogram[0], bins, 1)
@@ -81,7 +81,7 @@ def test_median_of_a_known_histogram() -> None:
 
 
 def test_the_figure_is_drawn(catalog: Path, tmp_path: Path) -> None:
-    from xpbatch.skymap import compute_sky_maps, draw_sky_maps
+    from xpbatch.products.sky_maps import compute_sky_maps, draw_sky_maps
 
     png = draw_sky_maps(compute_sky_maps(catalog, order=ORDER), tmp_path / "maps.png", width=120)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
@@ -89,7 +89,7 @@ def test_the_figure_is_drawn(catalog: Path, tmp_path: Path) -> None:
 
 def test_an_order_beyond_the_source_id_pixel_is_refused(catalog: Path) -> None:
     from xpbatch.errors import ConfigError
-    from xpbatch.skymap import compute_sky_maps
+    from xpbatch.products.sky_maps import compute_sky_maps
 
     with pytest.raises(ConfigError, match=r"0\.\.12"):
         compute_sky_maps(catalog, order=13)

@@ -1,6 +1,7 @@
 """One shape for every stage: the same signature, the same resume convention, a summary to print.
 
-The convention (README, "Resuming and replacing outputs") is :func:`xpbatch.outputs.claim_output`;
+The convention (README, "Resuming and replacing outputs") is
+:func:`xpbatch.storage.outputs.claim_output`;
 each stage's own tests check it on real outputs (test_ingest, test_train, test_export,
 test_hats_export, test_catalog), these check the rule itself and the stages' shape.
 """
@@ -24,15 +25,15 @@ from xpbatch.config import (
     result_options,
 )
 from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError
-from xpbatch.outputs import ResumePlan, check_same_run, claim_output
+from xpbatch.storage.outputs import ResumePlan, check_same_run, claim_output
 
 
 def _stages() -> dict[str, tuple[Callable[..., object], type]]:
-    from xpbatch.export import export_parquet
-    from xpbatch.hats_export import export_hats
+    from xpbatch.encode.stage import encode_catalog
     from xpbatch.ingest import ingest_files, ingest_table
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.train import train_model
+    from xpbatch.products.hats_export import export_hats
+    from xpbatch.products.parquet_export import export_parquet
+    from xpbatch.train.stage import train_model
 
     return {
         "ingest": (ingest_files, IngestConfig),

@@ -14,7 +14,7 @@ import zarr
 from xpbatch import schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError, StoreNotFoundError
 from xpbatch.schema import InputFlag
-from xpbatch.store import (
+from xpbatch.store.xp_store import (
     XPStoreWriter,
     compute_input_flags,
     open_xp_store,

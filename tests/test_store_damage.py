@@ -11,16 +11,16 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from xpbatch.artifact import save_model
-from xpbatch.cli import main
+from xpbatch.cli.info import summarize
+from xpbatch.cli.main import main
 from xpbatch.config import EncodeConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import StoreError
-from xpbatch.info import summarize
-from xpbatch.pipeline import encode_catalog
+from xpbatch.model.files import save_model
+from xpbatch.model.trained import TrainedModel
 from xpbatch.schema import CHUNK_FILES
-from xpbatch.store import open_xp_store
-from xpbatch.store_checks import chunk_file_problems
-from xpbatch.trained import TrainedModel
+from xpbatch.store.checks import chunk_file_problems
+from xpbatch.store.xp_store import open_xp_store
 
 CHUNK_ROWS = 256
 N_ROWS = 8 * CHUNK_ROWS
@@ -182,9 +182,9 @@ def test_an_output_inside_the_input_store_is_refused(pristine: Path, model: Path
 def test_a_complete_catalogue_missing_a_chunk_file_is_not_opened_nor_exported(
     pristine: Path, model: Path, tmp_path: Path
 ) -> None:
-    from xpbatch.catalog import open_catalog
+    from xpbatch.catalog.zarr_catalog import open_catalog
     from xpbatch.errors import CatalogError
-    from xpbatch.export import export_parquet
+    from xpbatch.products.parquet_export import export_parquet
 
     out = tmp_path / "c.zarr"
     encode_catalog(pristine, model, out, config=CONFIG)

@@ -12,15 +12,14 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from xpbatch import train as train_module
-from xpbatch.artifact import load_model
-from xpbatch.cli import main
+from xpbatch.cli.main import main
 from xpbatch.config import TrainConfig
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
 from xpbatch.mock import read_mock_labels, write_mock_store
-from xpbatch.store import open_xp_store, write_xp_store
-from xpbatch.train import RunPaths, train_model
-from xpbatch.train_data import (
+from xpbatch.model.files import load_model
+from xpbatch.store.xp_store import open_xp_store, write_xp_store
+from xpbatch.train import stage as train_module
+from xpbatch.train.data import (
     ResidentRows,
     StreamedRows,
     compute_normalisation,
@@ -28,6 +27,7 @@ from xpbatch.train_data import (
     row_chunks,
     select_rows,
 )
+from xpbatch.train.stage import RunPaths, train_model
 
 N_SMALL = 3000
 FAST = {"learning_rate": 1e-3, "batch_size": 256, "device": "cpu", "checkpoint_every": 1}
@@ -230,7 +230,7 @@ def test_resume_with_another_data_placement_is_refused_and_says_so(
 
 
 def test_bf16_autocast_keeps_the_output_heads_in_float32() -> None:
-    from xpbatch.model import ScatterVAE
+    from xpbatch.model.network import ScatterVAE
 
     network = ScatterVAE().eval()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -246,8 +246,8 @@ def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
     weights and their gradients stay float32."""
     import types
 
-    from xpbatch.train import _Loop, _TrainingState
-    from xpbatch.train_data import ResidentRows
+    from xpbatch.train.data import ResidentRows
+    from xpbatch.train.stage import _Loop, _TrainingState
 
     config = TrainConfig(precision="bf16", device="cuda", batch_size=64, learning_rate=1e-3)
     state = _TrainingState.new(config, torch.device("cpu"))

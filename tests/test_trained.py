@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from xpbatch.artifact import import_xpvae
 from xpbatch.errors import InputShapeError
+from xpbatch.model.files import import_xpvae
+from xpbatch.model.trained import Normalisation, TrainedModel
 from xpbatch.schema import CatalogFlag
-from xpbatch.trained import Normalisation, TrainedModel
 
 
 @pytest.fixture(scope="module")

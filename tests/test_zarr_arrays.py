@@ -13,10 +13,12 @@ import numpy as np
 import pytest
 import zarr
 
-from xpbatch import catalog, schema, zarr_arrays
-from xpbatch.encode import INPUT_VARIABLES
+from xpbatch import schema
+from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.encode.kernel import INPUT_VARIABLES
 from xpbatch.errors import CatalogError, InputShapeError, StoreError, StoreNotFoundError
-from xpbatch.store import ChunkReader, open_variables, present_variables
+from xpbatch.storage import zarr_arrays
+from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
 
 CHUNK_ROWS = 128
 N_ROWS = 3 * CHUNK_ROWS + 40  # a short last chunk

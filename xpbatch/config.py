@@ -2,7 +2,7 @@
 
 Standard library only, so ``import xpbatch.config`` (and ``xpbatch --help``) stays instant.
 Each field's docstring is the help text of the CLI option generated from it
-(:mod:`xpbatch.cli_options`), so it is plain text, without reStructuredText markup.
+(:mod:`xpbatch.cli.options`), so it is plain text, without reStructuredText markup.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class EncodeConfig:
 
     batch_size: int = 4096
     """Rows per forward pass; every pass is padded to this size, so results do not depend on
-    the chunking. The kernels' default too (xpbatch.trained.DEFAULT_BATCH_SIZE)."""
+    the chunking. The kernels' default too (xpbatch.model.trained.DEFAULT_BATCH_SIZE)."""
     with_reconstruction: bool = False
     """Also store the decoder's reconstruction (source, coeff) in e-/s: about twice the size."""
     resume: bool = False
@@ -170,7 +170,7 @@ class EncodeConfig:
     """Re-read and check every chunk at the end, before marking the catalogue complete."""
     check_fit: bool = True
     """Before any work, refuse a model whose training data do not look like the store's first
-    rows (xpbatch.fit: scaled or foreign-unit coefficients, a foreign normalisation)."""
+    rows (xpbatch.model.fit_check: scaled or foreign-unit coefficients, a foreign normalisation)."""
     progress_bar: bool = True
     """Show a progress bar of spectra done, spectra/s and ETA on stderr."""
     performance_report: str | None = None

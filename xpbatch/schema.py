@@ -200,7 +200,7 @@ class CatalogFlag(enum.IntFlag):
     """No output for this row (all outputs NaN); the input bits say why."""
     LATENT_OUTLIER = 512
     """anomaly_score is above the model's threshold: the 99.9 % quantile of the training set's
-    scores (of the prior's, for a model without a fitted density); see xpbatch.density."""
+    scores (of the prior's, for a model without a fitted density); see xpbatch.model.density."""
     IN_TRAINING_SET = 1024
     """The model was fitted on this source."""
     IN_VALIDATION_SET = 2048

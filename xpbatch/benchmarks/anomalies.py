@@ -7,7 +7,8 @@ white dwarfs; ``rare_fraction`` of the rows, a third each), a model trained on a
 - ROC AUC of three ways to rank the rare sources first: ``anomaly_score``, ``rmse`` alone, and
   the old per-dimension 5σ rule (a yes/no flag: its AUC is (TPR + 1 - FPR) / 2);
 - for ``n_queries`` normal stars, the median |ΔTeff| and |Δ[M/H]| between a star and its 10
-  latent neighbours (:func:`xpbatch.neighbours.find_neighbours`), against the same medians over
+  latent neighbours (:func:`xpbatch.products.neighbours.find_neighbours`), against the same medians
+  over
   random pairs of normal stars. The denser the catalogue, the closer a star's 10 nearest
   neighbours lie in latent space and so in labels (on DR3 there are 219 million to choose
   from): the catalogue is four times the training sample by default.
@@ -120,12 +121,12 @@ def _run(
     seed: int,
     echo: Callable[[str], None],
 ) -> AnomalyBenchmark:
-    from xpbatch.artifact import load_model
-    from xpbatch.catalog import open_catalog
+    from xpbatch.catalog.zarr_catalog import open_catalog
+    from xpbatch.encode.stage import encode_catalog
     from xpbatch.mock import POPULATIONS, read_mock_labels, write_mock_store
-    from xpbatch.neighbours import find_neighbours
-    from xpbatch.pipeline import encode_catalog
-    from xpbatch.train import train_model
+    from xpbatch.model.files import load_model
+    from xpbatch.products.neighbours import find_neighbours
+    from xpbatch.train.stage import train_model
 
     third = rare_fraction / 3
     config = MockConfig(

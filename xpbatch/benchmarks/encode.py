@@ -1,7 +1,8 @@
 """``xpbatch bench encode``: encode-catalog on a cluster against a bare loop, on the same store.
 
 The bare loop is what one would write without Dask: one process, torch using every core, for
-each chunk read it, :func:`~xpbatch.encode.encode_chunk` it, write it with zarr (same layout and
+each chunk read it, :func:`~xpbatch.encode.kernel.encode_chunk` it, write it with zarr (same layout
+and
 codecs; no completion records, no fsync, no verification). ``encode-catalog`` is timed end to
 end as users run it (template, tasks, records, final verification). Both are wall-clock rates on
 the same machine in the same run; on a machine shared with other jobs the figures are noisy.
@@ -27,17 +28,18 @@ from typing import TYPE_CHECKING
 import numpy as np
 import zarr
 
-from xpbatch import catalog, schema
+from xpbatch import schema
+from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.config import EncodeConfig
-from xpbatch.demo import store_ready
-from xpbatch.encode import INPUT_VARIABLES, encode_chunk
+from xpbatch.encode.kernel import INPUT_VARIABLES, encode_chunk
 from xpbatch.schema import DR3_N_SOURCES
-from xpbatch.store import open_variables
+from xpbatch.store.xp_store import open_variables
+from xpbatch.train.demo import store_ready
 
 if TYPE_CHECKING:
     from distributed import Client
 
-    from xpbatch.trained import TrainedModel
+    from xpbatch.model.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +108,8 @@ def measure_cpu_efficiency(
     """Alternate the bare forward pass and serial encode_catalog on ``store``; keep the best."""
     import torch
 
-    from xpbatch.artifact import load_model
-    from xpbatch.pipeline import encode_catalog
+    from xpbatch.encode.stage import encode_catalog
+    from xpbatch.model.files import load_model
 
     model = load_model(model_path)
     n_rows = int(open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
@@ -226,7 +228,7 @@ def tiled_store(source: Path, rows: int, workdir: Path, *, echo: Callable[[str],
     Generating physical mock spectra is slower than encoding them; for a memory and throughput
     measurement, repeated spectra are as good as new ones.
     """
-    from xpbatch.store import XPStoreWriter
+    from xpbatch.store.xp_store import XPStoreWriter
 
     path = workdir / f"tiled-{rows}.zarr"
     if store_ready(path):
@@ -254,9 +256,9 @@ def bench_model(store: Path, workdir: Path) -> Path:
     and a latent density fitted as ``train`` fits one, every dimension counted active: the
     anomaly score costs what it costs for a trained model (a mixture, not the 1-component
     prior)."""
-    from xpbatch.artifact import save_model
-    from xpbatch.density import fit_density
-    from xpbatch.trained import Normalisation, TrainedModel, standardise
+    from xpbatch.model.density import fit_density
+    from xpbatch.model.files import save_model
+    from xpbatch.model.trained import Normalisation, TrainedModel, standardise
 
     sample = open_variables(store, INPUT_VARIABLES)
     rows = slice(0, 20_000)
@@ -375,10 +377,10 @@ def _run_bare(store: Path, model: TrainedModel, out: Path) -> _Run:
 def _run_cluster(client: Client, store: Path, model: Path, out: Path) -> _Run:
     """encode-catalog on ``client``; CPU counts its workers and this process (the scheduler of a
     LocalCluster runs here)."""
-    from xpbatch.pipeline import encode_catalog
+    from xpbatch.encode.stage import encode_catalog
 
     # Steady state: workers import torch and xpbatch once per cluster, not once per catalogue.
-    client.run(importlib.import_module, "xpbatch.pipeline")
+    client.run(importlib.import_module, "xpbatch.encode.stage")
     workers_cpu = client.run(_cpu_seconds)
     client.run(_start_rss_sampler)
     try:
@@ -422,7 +424,7 @@ def run_encode_benchmark(
     echo
         Progress messages.
     """
-    from xpbatch.artifact import load_model
+    from xpbatch.model.files import load_model
 
     memory_rows = memory_rows or 4 * rows
     scratch = Path(tempfile.mkdtemp(prefix="xpbatch-bench-"))

@@ -2,7 +2,8 @@
 
 Writes a synthetic catalogue (latent means drawn from a few Gaussian clumps, every 97th row not
 encoded; written with the catalogue's own template and chunk writer, so it is a real one), runs
-:func:`xpbatch.neighbours.find_neighbours` for some of its sources on the given cluster while
+:func:`xpbatch.products.neighbours.find_neighbours` for some of its sources on the given cluster
+while
 sampling the resident memory of the driver and of every worker, and compares the result with a
 brute-force NumPy answer over the whole catalogue held in memory.
 """
@@ -18,8 +19,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from xpbatch import catalog, schema
-from xpbatch.density import LatentDensity
+from xpbatch import schema
+from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.model.density import LatentDensity
 from xpbatch.schema import CatalogFlag
 
 if TYPE_CHECKING:
@@ -144,7 +146,7 @@ def run_neighbours_benchmark(
     rows: int, *, client: Client | None, queries: int = 10, k: int = 100, workdir: Any = None
 ) -> str:
     """Write the catalogue, search, compare with NumPy; a report of sizes, times and memory."""
-    from xpbatch.neighbours import find_neighbours
+    from xpbatch.products.neighbours import find_neighbours
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(workdir or tmp)

@@ -26,10 +26,10 @@ import torch
 
 from xpbatch.benchmarks.encode import mock_store
 from xpbatch.config import TrainConfig
-from xpbatch.model import ScatterVAE, scatter_vae_loss
-from xpbatch.store import open_xp_store
-from xpbatch.train import make_optimizer, resolve_device, train_model
-from xpbatch.train_data import ResidentRows, compute_normalisation, row_chunks, select_rows
+from xpbatch.model.network import ScatterVAE, scatter_vae_loss
+from xpbatch.store.xp_store import open_xp_store
+from xpbatch.train.data import ResidentRows, compute_normalisation, row_chunks, select_rows
+from xpbatch.train.stage import make_optimizer, resolve_device, train_model
 
 PUBLISHED_EPOCHS = 5000
 PUBLISHED_ROWS = 450_000

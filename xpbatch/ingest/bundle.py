@@ -17,7 +17,7 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.errors import ParseError
 from xpbatch.ingest.common import BadRow, ParsedFile, ReadRequest
-from xpbatch.store import INT_MISSING
+from xpbatch.store.xp_store import INT_MISSING
 
 ReadMember = Callable[..., ParsedFile]
 

@@ -31,8 +31,8 @@ from xpbatch.ingest.common import (
     string_column,
 )
 from xpbatch.ingest.text import open_text, read_batches
-from xpbatch.paths import PathLike
-from xpbatch.store import source_id_order
+from xpbatch.storage.paths import PathLike
+from xpbatch.store.xp_store import source_id_order
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def join_g_flux(
 
     ``own``: the gaia_source columns the XP file carries (:attr:`ParsedFile.extras`). A source
     with neither flux nor magnitude anywhere gets NaN (it is kept and flagged G_FLUX_MISSING by
-    :func:`~xpbatch.store.compute_input_flags`).
+    :func:`~xpbatch.store.xp_store.compute_input_flags`).
     """
     own = dict(own or {})
     n = len(source_id)

@@ -16,7 +16,7 @@ from xpbatch.errors import ParseError
 from xpbatch.ingest import avro, bundle, fits, parquet, votable
 from xpbatch.ingest.common import HashingReader, ParsedFile, ReadRequest, gzip_module, manifest_md5
 from xpbatch.ingest.text import parse_text
-from xpbatch.paths import PathLike
+from xpbatch.storage.paths import PathLike
 
 FORMATS = (
     "CSV/ECSV (archive, bulk; gzipped or not), VOTable (BINARY, BINARY2, TABLEDATA), "

@@ -7,7 +7,8 @@
 3. the store is finalized (order and completeness checked) under ``<output>.partial`` and only
    then renamed to ``<output>``.
 
-The tasks of steps 1 and 2 go through :func:`xpbatch.executor.map_ordered` (bounded, retried on
+The tasks of steps 1 and 2 go through :func:`xpbatch.runtime.executor.map_ordered` (bounded,
+retried on
 a cluster; a malformed file is reported at once).
 """
 
@@ -28,7 +29,6 @@ from xpbatch import schema
 from xpbatch.config import IngestConfig, result_options
 from xpbatch.dr3 import GAIA_SOURCE_GLOB, GAIA_SOURCE_NAME, XP_GLOB, XP_NAME
 from xpbatch.errors import ConfigError, ParseError, XPBatchError
-from xpbatch.executor import map_ordered, map_with_progress
 from xpbatch.ingest.common import ReadRequest
 from xpbatch.ingest.parts import (
     FileTask,
@@ -39,10 +39,17 @@ from xpbatch.ingest.parts import (
     merge_overlapping,
     write_chunk,
 )
-from xpbatch.outputs import ResumePlan, check_same_run, claim_output, locked_output, remove_path
-from xpbatch.partitions import range_of_file_name, ranges_from_file_names
-from xpbatch.paths import PathLike, atomic_path
-from xpbatch.store import XPStoreWriter
+from xpbatch.runtime.executor import map_ordered, map_with_progress
+from xpbatch.storage.outputs import (
+    ResumePlan,
+    check_same_run,
+    claim_output,
+    locked_output,
+    remove_path,
+)
+from xpbatch.storage.partitions import range_of_file_name, ranges_from_file_names
+from xpbatch.storage.paths import PathLike, atomic_path
+from xpbatch.store.xp_store import XPStoreWriter
 
 if TYPE_CHECKING:
     from distributed import Client

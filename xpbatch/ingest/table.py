@@ -35,7 +35,7 @@ from xpbatch.ingest.common import (
     numbers,
     parsed_file,
 )
-from xpbatch.store import INT_MISSING
+from xpbatch.store.xp_store import INT_MISSING
 
 _ARRAY_NAMES = {"coefficients": "coefficients", "coefficient_errors": "coefficient_errors"}
 # One column per coefficient, as researchers flatten them: bp_coeff_0, bp_coefficients_0,

@@ -6,7 +6,7 @@ with ``55.0``), gzipped or not. A file holding its arrays in one column per coef
 as a table (:mod:`xpbatch.ingest.table`).
 
 Parsing runs no Python per value or per row. Each ~4 MB block of text is first offered to a
-numba-compiled scanner (:mod:`xpbatch.fastscan`) that reads well-formed lines in one pass; a
+numba-compiled scanner (:mod:`xpbatch.ingest.fastscan`) that reads well-formed lines in one pass; a
 block it gives up on (a malformed row, an unusual token) goes to the general reader here, which
 turns an array column's cells into one CSV buffer (brackets become line breaks) that pyarrow
 parses as 55 float columns, and which explains every malformed row. Both give the same values
@@ -50,10 +50,10 @@ from xpbatch.ingest.common import (
     string_column,
 )
 from xpbatch.ingest.table import Layout, parse_columns
-from xpbatch.store import INT_MISSING, n_correlations
+from xpbatch.store.xp_store import INT_MISSING, n_correlations
 
 try:  # the compiled fast path; without numba every block goes through the pyarrow reader
-    from xpbatch import fastscan
+    from xpbatch.ingest import fastscan
 except ImportError:  # pragma: no cover - numba is a dependency
     fastscan = None  # type: ignore[assignment]
 
@@ -241,7 +241,8 @@ def _parse_blocks(
 ) -> Iterator[dict[str, np.ndarray]]:
     """The parsed columns of each block of lines of an XP file whose arrays are quoted cells.
 
-    The compiled scanner (:mod:`xpbatch.fastscan`) reads well-formed blocks; a block it gives up
+    The compiled scanner (:mod:`xpbatch.ingest.fastscan`) reads well-formed blocks; a block it
+    gives up
     on is read by the general pyarrow reader, which also explains any malformed row.
     """
     fast = _FastLayout.of(text.columns, wanted, request)

@@ -30,7 +30,7 @@ from xpbatch.mock.ecsv import (
 from xpbatch.mock.labels import LABELS_FILE, LabelsWriter
 from xpbatch.mock.plan import BulkFile, bulk_file_plan
 from xpbatch.mock.rows import check_size, row_batches
-from xpbatch.paths import atomic_path
+from xpbatch.storage.paths import atomic_path
 
 logger = logging.getLogger(__name__)
 

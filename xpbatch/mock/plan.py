@@ -14,7 +14,7 @@ from xpbatch import dr3
 from xpbatch.config import MOCK_ROWS_PER_FILE
 from xpbatch.errors import ConfigError
 from xpbatch.mock.sky import row_bounds
-from xpbatch.partitions import N_PIXELS, file_name
+from xpbatch.storage.partitions import N_PIXELS, file_name
 
 
 @dataclass(frozen=True)

@@ -35,9 +35,9 @@ from xpbatch.mock.labels import LABEL_COLUMNS
 from xpbatch.mock.populations import RARE_STREAM, draw_population, rare_photons
 from xpbatch.mock.sky import positions, row_bounds, sky_pixels, source_ids
 from xpbatch.mock.spectra import draw_labels, g_flux_from_mag
-from xpbatch.partitions import N_PIXELS
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, N_RP
-from xpbatch.store import INT_MISSING
+from xpbatch.storage.partitions import N_PIXELS
+from xpbatch.store.xp_store import INT_MISSING
 
 BLOCK_ROWS = 4096
 """Rows per random stream. Fixed forever: changing it changes every mock catalogue."""

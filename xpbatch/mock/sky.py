@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from xpbatch.partitions import HEALPIX_LEVEL, HEALPIX_SHIFT
+from xpbatch.storage.partitions import HEALPIX_LEVEL, HEALPIX_SHIFT
 
 # Equatorial coordinates of the north Galactic pole and the Galactic longitude of the north
 # celestial pole (J2000), to turn pixel centres into Galactic latitude and longitude.

@@ -13,7 +13,7 @@ from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.mock.labels import LabelsWriter, labels_path
 from xpbatch.mock.plan import bulk_file_plan
 from xpbatch.mock.rows import BLOCK_ROWS, check_size, mock_rows
-from xpbatch.store import DEFAULT_CHUNK_ROWS, XPStoreWriter
+from xpbatch.store.xp_store import DEFAULT_CHUNK_ROWS, XPStoreWriter
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,7 @@
+"""Map a trained model over every chunk of a store into a catalogue (``xpbatch encode-catalog``).
+
+- :mod:`~xpbatch.encode.kernel`: the pure per-chunk kernel (one input chunk in, its rows out).
+- :mod:`~xpbatch.encode.cpu`: the kernel's steps around the network fused for the CPU.
+- :mod:`~xpbatch.encode.workers`: what each worker process keeps (the model on its device).
+- :mod:`~xpbatch.encode.stage`: the stage entry :func:`~xpbatch.encode.stage.encode_catalog`.
+"""

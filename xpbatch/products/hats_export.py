@@ -1,0 +1,364 @@
+"""``xpbatch export-hats``: a catalogue as a HATS collection that LSDB opens, searches and joins.
+
+Layout of the output directory (a HATS collection; ``NAME`` is ``--name``, default
+``xpbatch_latents``)::
+
+    collection.properties          the collection: primary table, margin, index
+    _xpbatch_export_hats.json      which catalogue and options the export was made from
+    NAME/                          the catalogue, written by hats-import: hats.properties,
+                                   partition_info.csv, point_map.fits, skymap.fits,
+                                   dataset/Norder=K/Dir=D/Npix=N.parquet, _metadata, ...
+    NAME_source_id/                index on source_id -> partition (Norder, Npix)
+    NAME_<W>arcs/                  margin cache (only with --margin-arcsec W)
+
+hats-import (``CollectionArguments`` run with ``pipeline_with_client``) maps, splits and reduces
+the rows into adaptive HEALPix partitions (at most ``--pixel-threshold`` rows each) and computes
+``_healpix_29`` from ra/dec. Its input "files" are the chunks of the Zarr catalogue, read one at
+a time by :class:`ZarrChunkReader`, so no task holds more than one chunk: memory is flat in
+catalogue size. hats-import keeps done-markers per task, so ``--resume`` continues an
+interrupted export.
+
+The ``source_id`` index is written here, not by hats-import's index pipeline: the catalogue's
+rows are already in ascending source_id, so each chunk becomes one sorted index file without a
+shuffle (hats-import's index pipeline also refuses Python 3.11 with dask >= 2025.4). Its files
+follow hats-import's index layout (``dataset/index/*.parquet`` with source_id, _healpix_29,
+Norder, Npix) and hats writes its metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from hats_import.catalog.file_readers import InputReader
+
+from xpbatch import schema
+from xpbatch.config import HatsExportConfig, result_options
+from xpbatch.errors import CatalogError
+from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
+from xpbatch.runtime.executor import map_bounded
+from xpbatch.storage.outputs import check_same_run, claim_output, locked_output
+from xpbatch.storage.paths import PathLike, atomic_path
+
+if TYPE_CHECKING:
+    import pandas as pd
+    from distributed import Client
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "_xpbatch_export_hats.json"
+MANIFEST_FORMAT = "xpbatch-hats-export"
+CHUNK_MARK = "#chunk="
+"""Input "files" of hats-import are ``<catalogue path>#chunk=<k>``: chunk k of the catalogue."""
+HEALPIX_29 = "_healpix_29"
+INDEX_DIR = ("dataset", "index")
+
+
+@dataclasses.dataclass(frozen=True)
+class HatsExportSummary:
+    """What :func:`export_hats` wrote."""
+
+    output_dir: Path
+    catalog_dir: Path
+    n_rows: int
+    n_partitions: int
+    n_approximate: int
+    """Rows placed at their source_id's level-12 pixel centre (no ra/dec in the catalogue)."""
+    margin_dir: Path | None
+    index_dir: Path
+
+    def __str__(self) -> str:
+        approx = f" ({self.n_approximate:,} at their source_id pixel centre)" * bool(
+            self.n_approximate
+        )
+        margin = f", margin {self.margin_dir.name}" if self.margin_dir else ""
+        return (
+            f"wrote {self.n_rows:,} rows{approx} in {self.n_partitions:,} HEALPix partitions to "
+            f"{self.output_dir} (catalogue {self.catalog_dir.name}, index {self.index_dir.name}"
+            f"{margin}); open it with lsdb.open_catalog('{self.output_dir}')"
+        )
+
+
+def latent_columns(n_latent: int) -> list[str]:
+    """Flat column names of the latents: ``latent_mean_0 …``, then ``latent_std_0 …``."""
+    return [f"{schema.LATENT_MEAN}_{i}" for i in range(n_latent)] + [
+        f"{schema.LATENT_STD}_{i}" for i in range(n_latent)
+    ]
+
+
+class ZarrChunkReader(InputReader):
+    """A hats-import ``InputReader`` whose input "files" are chunks of an xpbatch catalogue.
+
+    ``read("<catalogue>#chunk=<k>")`` yields one pandas DataFrame: source_id, ra, dec, the flat
+    latent columns, rmse, flags, position_from_source_id and (``with_scatter``) one
+    ``scatter_<coeff>`` column per coefficient.
+    """
+
+    def __init__(self, source: SkySource, *, with_scatter: bool = False) -> None:
+        self.source = source
+        self.with_scatter = with_scatter
+
+    def read(self, input_file: Any, read_columns: list[str] | None = None) -> Any:
+        """Yield chunk k of the catalogue as one DataFrame (hats-import's reader protocol)."""
+        path, _, index = str(input_file).rpartition(CHUNK_MARK)
+        if path != self.source.path or not index.isdigit():
+            raise ValueError(f"{input_file} is not a chunk of {self.source.path}")
+        frame = chunk_frame(self.source, int(index), with_scatter=self.with_scatter)
+        yield frame if read_columns is None else frame[read_columns]
+
+
+def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) -> pd.DataFrame:
+    """Chunk ``index`` of the catalogue as the flat columns of the export."""
+    import pandas as pd
+
+    names = (schema.LATENT_MEAN, schema.LATENT_STD, schema.RMSE, schema.FLAGS)
+    values = source.read(index, names + ((schema.SCATTER,) if with_scatter else ()))
+    n_latent = source.layout.latent_dim
+    columns: dict[str, np.ndarray] = {
+        schema.SOURCE_ID: values[schema.SOURCE_ID].astype(np.int64),
+        schema.RA: values[schema.RA],
+        schema.DEC: values[schema.DEC],
+    }
+    for name in (schema.LATENT_MEAN, schema.LATENT_STD):
+        for i in range(n_latent):
+            columns[f"{name}_{i}"] = values[name][:, i]  # (rows,) of (rows, latent)
+    columns[schema.RMSE] = values[schema.RMSE]
+    columns[schema.FLAGS] = values[schema.FLAGS]
+    columns[POSITION_FROM_SOURCE_ID] = values[POSITION_FROM_SOURCE_ID]
+    if with_scatter:
+        labels = schema.coeff_labels(source.layout.n_coeff // 2, source.layout.n_coeff // 2)
+        for i, label in enumerate(labels):
+            columns[f"{schema.SCATTER}_{label}"] = values[schema.SCATTER][:, i]
+    return pd.DataFrame(columns)
+
+
+# --- output directory: new, resumed or replaced ---------------------------------------------
+def _manifest(source: SkySource, config: HatsExportConfig) -> dict[str, Any]:
+    from xpbatch.catalog.zarr_catalog import read_attrs
+
+    return {
+        "format": MANIFEST_FORMAT,
+        "catalog": source.path,
+        "catalog_run_id": read_attrs(source.path).get(schema.CATALOG_ATTR_RUN_ID),
+        "options": result_options(config),
+    }
+
+
+def _prepare_output(out: Path, manifest: dict[str, Any], config: HatsExportConfig) -> None:
+    """Create the output, or check that ``--resume`` continues the same export."""
+    manifest_path = out / MANIFEST_NAME
+    resumed = claim_output(
+        out,
+        exists=out.exists() and any(out.iterdir()),
+        ours=manifest_path.is_file(),
+        resume=config.resume,
+        overwrite=config.overwrite,
+        what="HATS export",
+        found="an xpbatch HATS export" if manifest_path.is_file() else "",
+        remove=functools.partial(shutil.rmtree, out),
+    )
+    if resumed:
+        found = json.loads(manifest_path.read_text())
+        check_same_run(out, found, manifest, what="HATS export")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    with atomic_path(manifest_path) as tmp:
+        Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+
+
+# --- the export -------------------------------------------------------------------------------
+@locked_output("output_dir", "export-hats")
+def export_hats(
+    catalog: PathLike,
+    output_dir: PathLike,
+    *,
+    client: Client,
+    config: HatsExportConfig | None = None,
+) -> HatsExportSummary:
+    """Write a complete catalogue as a HATS collection (catalogue, source_id index, margin).
+
+    Parameters
+    ----------
+    catalog
+        A complete catalogue (``xpbatch encode-catalog``), with ra/dec unless
+        ``config.positions_from_source_id``.
+    output_dir
+        The collection directory to write (on a filesystem every worker sees).
+    client
+        The ``distributed.Client`` whose workers run hats-import's tasks.
+    config
+        Partitioning, margin, scatter columns, resume/overwrite; see
+        :class:`~xpbatch.config.HatsExportConfig`.
+
+    Returns
+    -------
+    HatsExportSummary
+        Rows, partitions and the paths written.
+
+    Raises
+    ------
+    CatalogError
+        The catalogue is incomplete, or has no positions and the fallback was not asked for.
+    OutputExistsError, ResumeRefusedError
+        ``output_dir`` exists without ``resume``/``overwrite``, or holds another export.
+
+    Examples
+    --------
+    >>> export_hats("catalog.zarr", "catalog_hats", client=client)  # doctest: +SKIP
+    >>> import lsdb
+    >>> lsdb.open_catalog("catalog_hats").cone_search(270.0, -30.0, 60.0)  # doctest: +SKIP
+    """
+    from hats_import.collection.arguments import CollectionArguments
+    from hats_import.pipeline import pipeline_with_client
+
+    config = config or HatsExportConfig()
+    source = SkySource.open(catalog, positions_from_source_id=config.positions_from_source_id)
+    out = Path(output_dir).resolve()
+    _prepare_output(out, _manifest(source, config), config)
+    args = CollectionArguments(
+        output_path=out.parent,
+        output_artifact_name=out.name,
+        resume=True,  # our manifest decided above whether this is a new or a resumed export
+        progress_bar=config.progress_bar,
+        simple_progress_bar=True,
+        addl_hats_properties={"obs_title": "Gaia DR3 XP scatter-VAE latents (xpbatch)"},
+    ).catalog(
+        output_artifact_name=config.name,
+        input_file_list=[f"{source.path}{CHUNK_MARK}{i}" for i in range(source.n_chunks)],
+        file_reader=ZarrChunkReader(source, with_scatter=config.with_scatter),
+        ra_column=schema.RA,
+        dec_column=schema.DEC,
+        sort_columns=schema.SOURCE_ID,
+        pixel_threshold=config.pixel_threshold,
+        highest_healpix_order=config.highest_order,
+        expected_total_rows=source.layout.n_rows,
+    )
+    if config.margin_arcsec is not None:
+        args = args.add_margin(margin_threshold=config.margin_arcsec, is_default=True)
+    pipeline_with_client(args, client)
+    catalog_dir = out / config.name
+    index_dir = out / f"{config.name}_{schema.SOURCE_ID}"
+    n_approximate = write_source_id_index(source, catalog_dir, index_dir, client=client)
+    _add_index_to_collection(out, index_dir)
+    margin = [out / m for m in (args.margin_paths or [])]
+    return HatsExportSummary(
+        output_dir=out,
+        catalog_dir=catalog_dir,
+        n_rows=source.layout.n_rows,
+        n_partitions=_n_partitions(catalog_dir),
+        n_approximate=n_approximate,
+        margin_dir=margin[0] if margin else None,
+        index_dir=index_dir,
+    )
+
+
+def _n_partitions(catalog_dir: Path) -> int:
+    return len(_partitions(catalog_dir))
+
+
+def _partitions(catalog_dir: Path) -> list[Any]:
+    """The HEALPix pixels (``HealpixPixel``) of the HATS catalogue hats-import wrote."""
+    from hats import read_hats
+    from hats.catalog import Catalog
+
+    catalog = read_hats(catalog_dir)
+    if not isinstance(catalog, Catalog):
+        raise CatalogError(f"{catalog_dir} is not a HATS catalogue (hats-import did not finish?)")
+    return list(catalog.get_healpix_pixels())
+
+
+# --- the source_id index ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _IndexTask:
+    """Writes the index file of one catalogue chunk (picklable)."""
+
+    source: SkySource
+    index_dir: str
+    starts: np.ndarray
+    """_healpix_29 where each partition starts, ascending."""
+    orders: np.ndarray
+    pixels: np.ndarray
+
+    def __call__(self, chunk: int) -> int:
+        """Write ``part.<chunk>.parquet`` unless a whole one is there; return the rows placed
+        at their source_id's pixel centre."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from hats.pixel_math.spatial_index import compute_spatial_index
+
+        values = self.source.read(chunk, ())
+        path = Path(self.index_dir, *INDEX_DIR, f"part.{chunk:06d}.parquet")
+        n_rows = len(values[schema.SOURCE_ID])
+        if not _is_whole(path, n_rows):
+            healpix_29 = compute_spatial_index(values[schema.RA], values[schema.DEC])
+            where = np.searchsorted(self.starts, healpix_29, side="right") - 1  # its partition
+            table = pa.table(
+                {
+                    schema.SOURCE_ID: values[schema.SOURCE_ID].astype(np.int64),
+                    HEALPIX_29: healpix_29.astype(np.int64),
+                    "Norder": self.orders[where].astype(np.uint8),
+                    "Npix": self.pixels[where].astype(np.uint64),
+                }
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp:
+                pq.write_table(table, tmp, compression="zstd")
+        return int(values[POSITION_FROM_SOURCE_ID].sum())
+
+
+def _is_whole(path: Path, n_rows: int) -> bool:
+    import pyarrow.parquet as pq
+
+    try:
+        return bool(pq.read_metadata(path).num_rows == n_rows)
+    except (OSError, ValueError):
+        return False
+
+
+def write_source_id_index(
+    source: SkySource, catalog_dir: Path, index_dir: Path, *, client: Client
+) -> int:
+    """Write the source_id index of the HATS catalogue at ``catalog_dir``, one file per chunk.
+
+    Returns the number of rows placed at their source_id's pixel centre.
+    """
+    from hats.catalog import TableProperties
+    from hats.io.parquet_metadata import write_parquet_metadata
+
+    pixels = sorted(_partitions(catalog_dir))
+    starts = np.array([p.pixel << (2 * (29 - p.order)) for p in pixels], np.int64)
+    order = np.argsort(starts)
+    task = _IndexTask(
+        source,
+        str(index_dir),
+        starts[order],
+        np.array([p.order for p in pixels])[order],
+        np.array([p.pixel for p in pixels])[order],
+    )
+    n_approximate = sum(map_bounded(client, task, range(source.n_chunks), name="xpbatch-index"))
+    properties: dict[str, Any] = {
+        "catalog_name": index_dir.name,
+        "catalog_type": "index",
+        "total_rows": source.layout.n_rows,
+        "primary_catalog": str(catalog_dir),
+        "indexing_column": schema.SOURCE_ID,
+    }
+    TableProperties(**properties).to_properties_file(index_dir)
+    write_parquet_metadata(index_dir, order_by_healpix=False)
+    return n_approximate
+
+
+def _add_index_to_collection(out: Path, index_dir: Path) -> None:
+    from hats.catalog.dataset.collection_properties import CollectionProperties
+
+    properties = CollectionProperties.read_from_dir(out)
+    updated = properties.model_copy(
+        update={"all_indexes": {schema.SOURCE_ID: index_dir.name}, "default_index": None}
+    )
+    updated.to_properties_file(out)

@@ -1,0 +1,10 @@
+"""Where outputs live and how they are written safely: the layer every stage writes through.
+
+- :mod:`~xpbatch.storage.paths`: path helpers (atomic files, sizes, ``PathLike``).
+- :mod:`~xpbatch.storage.zarr_arrays`: the Zarr layer the XP store and the catalogue share
+  (array specs, codecs, templates, region writes, chunk files and their checksums).
+- :mod:`~xpbatch.storage.outputs`: one writer per output (the lock) and the resume convention.
+- :mod:`~xpbatch.storage.partitions`: the Gaia DR3 bulk partitions (HEALPix ranges of source_id).
+
+Nothing here knows about spectra, models or Dask.
+"""

@@ -1,0 +1,411 @@
+"""One writer per output, one resume convention: the lock beside every output, and the rule
+that decides whether a stage starts, continues or replaces what is there (:func:`claim_output`).
+
+``encode-catalog``, ``ingest``, ``train`` and ``export-*`` hold :func:`output_lock` on their
+output while they write. The lock is the file ``OUTPUT.lock`` (a sibling of the output, e.g.
+``catalog.zarr.lock`` or ``model.safetensors.lock``), created atomically with
+``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFSv3+, Lustre and GPFS), holding JSON
+that names its holder: run id, host, pid, command and start time.
+
+Why a sibling and not a file inside the output: ``--overwrite`` removes the whole output
+directory, and a resumed run may rebuild it; a lock inside would be removed with it (letting a
+second writer in mid-run) and would have to exist before the output does. Beside it, the lock is
+taken before the output is looked at and outlives every removal.
+
+A lock whose holder is gone is stale and is taken over: on the same host when its pid no longer
+runs (a SIGKILLed or crashed run); across hosts nobody here can tell, so the message says how to
+check and ``--break-lock`` (:func:`output_lock` with ``break_lock=True``) takes it over.
+
+Standard library only, so that the CLI can take the lock before it starts a cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import functools
+import inspect
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Generic, ParamSpec, TypeVar
+
+from xpbatch.errors import OutputLockedError
+from xpbatch.storage.paths import PathLike
+
+logger = logging.getLogger(__name__)
+
+LOCK_SUFFIX = ".lock"
+"""Appended to an output's name to make its lock file's name."""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+T = TypeVar("T")
+
+_HELD: dict[Path, int] = {}
+"""Lock file -> how many times this process holds it (nested holds are free)."""
+_HELD_GUARD = threading.Lock()
+
+
+def lock_path(output: PathLike) -> Path:
+    """The lock file of ``output``: ``OUTPUT.lock`` beside it (absolute)."""
+    output = Path(os.path.abspath(output))
+    return output.with_name(output.name + LOCK_SUFFIX)
+
+
+def _holder_text(holder: dict[str, Any]) -> str:
+    return (
+        f"run {holder.get('run_id', '?')} ({holder.get('command', '?')}) on host "
+        f"{holder.get('host', '?')}, pid {holder.get('pid', '?')}, started "
+        f"{holder.get('started', '?')}"
+    )
+
+
+def _read_holder(path: Path) -> dict[str, Any] | None:
+    """The lock file's content, or None when it vanished; {} when unreadable (being written)."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        holder = json.loads(text)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _pid_is_running(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: it exists
+        return True
+    with contextlib.suppress(OSError, IndexError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state != "Z"
+    return True
+
+
+def _is_stale(holder: dict[str, Any]) -> bool:
+    """A holder on this host whose process is gone. Other hosts' holders are never judged."""
+    pid = holder.get("pid")
+    if holder.get("host") != socket.gethostname() or not isinstance(pid, int):
+        return False
+    return pid != os.getpid() and not _pid_is_running(pid)
+
+
+def _create(path: Path, holder: dict[str, Any]) -> bool:
+    """Create the lock file with ``holder`` inside, atomically; False when it exists."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "w") as f:
+        json.dump(holder, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
+
+
+def _take_over(path: Path, stale: dict[str, Any]) -> None:
+    """Remove the stale lock ``stale``, unless another run replaced it meanwhile.
+
+    Renaming it aside is atomic: of several runs that judged it stale, one moves it. If what was
+    moved is not the lock judged stale (a run took it over between our read and our rename),
+    it is put back with ``os.link``, which fails rather than replace a newer lock.
+    """
+    aside = path.with_name(f".{path.name}.stale-{uuid.uuid4().hex}")
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    moved = _read_holder(aside)
+    if moved is not None and moved.get("run_id") != stale.get("run_id"):
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    aside.unlink(missing_ok=True)
+
+
+def _refusal(output: Path, path: Path, holder: dict[str, Any]) -> OutputLockedError:
+    if holder.get("host") == socket.gethostname():
+        how = (
+            "wait for it to finish or stop it (its process is alive on this host, so the lock "
+            "is not stale; only if that pid is not an xpbatch run, rerun with --break-lock)"
+        )
+    else:
+        how = (
+            f"if that run is no longer alive (check on host {holder.get('host', '?')}, e.g. "
+            f"`ps -p {holder.get('pid', '?')}`), rerun with --break-lock"
+        )
+    return OutputLockedError(
+        f"{output} is being written by {_holder_text(holder)} (lock file {path}); {how}. "
+        "Nothing was changed."
+    )
+
+
+@contextlib.contextmanager
+def output_lock(output: PathLike, *, command: str = "", break_lock: bool = False) -> Iterator[Path]:
+    """Hold the exclusive lock on ``output`` for the duration of the block.
+
+    Parameters
+    ----------
+    output
+        The file or directory about to be written (it need not exist yet).
+    command
+        What holds it, for the message another run gets (e.g. ``"encode-catalog"``).
+    break_lock
+        Take the lock over even from a holder that looks alive or is on another host (only
+        after checking that run is really gone: two writers corrupt an output).
+
+    Yields
+    ------
+    pathlib.Path
+        The lock file.
+
+    Raises
+    ------
+    OutputLockedError
+        Another live run holds the lock; the message names it and how to proceed.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "catalog.zarr"
+    >>> with output_lock(out, command="example") as lock:
+    ...     lock.name
+    'catalog.zarr.lock'
+    """
+    path = lock_path(output)
+    with _HELD_GUARD:
+        if path in _HELD:  # this process holds it already (the CLI took it before the API)
+            _HELD[path] += 1
+            nested = True
+        else:
+            nested = False
+    if nested:
+        try:
+            yield path
+        finally:
+            with _HELD_GUARD:
+                _HELD[path] -= 1
+        return
+    holder = _acquire(Path(output), path, command=command, break_lock=break_lock)
+    with _HELD_GUARD:
+        _HELD[path] = 1
+    try:
+        yield path
+    finally:
+        with _HELD_GUARD:
+            del _HELD[path]
+        if _read_holder(path) == holder:  # never remove a lock someone broke and took over
+            path.unlink(missing_ok=True)
+
+
+def _acquire(output: Path, path: Path, *, command: str, break_lock: bool) -> dict[str, Any]:
+    holder = {
+        "run_id": uuid.uuid4().hex,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "command": command or " ".join(sys.argv[:2]),
+        "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "output": str(Path(os.path.abspath(output))),
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(100):  # only a run of takeovers and releases in between repeats this
+        if _create(path, holder):
+            return holder
+        found = _read_holder(path)
+        if found is None:
+            continue  # released in between: try again
+        if not found:  # created, not yet filled in (or its holder died in between)
+            time.sleep(0.05)
+            found = _read_holder(path)
+            if found is None:
+                continue
+            if not found:
+                if not break_lock:
+                    raise _refusal(output, path, {"run_id": "(unreadable lock file)"})
+                found = {"run_id": None}
+        if break_lock or _is_stale(found):
+            why = "--break-lock" if break_lock else "its process is gone"
+            logger.warning(
+                "taking over the lock of %s from %s (%s)", output, _holder_text(found), why
+            )
+            _take_over(path, found)
+            continue
+        raise _refusal(output, path, found)
+    raise OutputLockedError(f"could not take the lock {path}: it keeps changing hands")
+
+
+def locked_output(parameter: str, command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a stage function so it holds :func:`output_lock` on its ``parameter`` argument.
+
+    Nested holds in one process are free, so the CLI may take the lock first (before it starts a
+    cluster, and with ``--break-lock``) and the stage function's hold then costs nothing.
+    """
+
+    def decorate(func: Callable[P, R]) -> Callable[P, R]:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+            output = signature.bind(*args, **kwargs).arguments[parameter]
+            with output_lock(output, command=command):
+                return func(*args, **kwargs)
+
+        return wrapper
+
+    return decorate
+
+
+# --- the resume convention ---------------------------------------------------------------------
+def claim_output(
+    output: PathLike,
+    *,
+    exists: bool,
+    ours: bool,
+    resume: bool,
+    overwrite: bool,
+    what: str,
+    found: str = "",
+    remove: Callable[[], None] | None = None,
+) -> bool:
+    """Apply the one resume convention of every stage; return whether an earlier run continues.
+
+    - nothing at ``output``: a new run (also with ``resume``: a restarted job script may always
+      pass ``--resume``);
+    - something that is not ``ours`` (not an xpbatch ``what``): refused whatever the flags say
+      (:class:`~xpbatch.errors.ResumeRefusedError` with ``resume``), so ``--overwrite`` never
+      removes what xpbatch did not write;
+    - ``overwrite``: ``remove()`` is called (when given) and the run starts again;
+    - ``resume``: True; the caller then checks the run's fingerprint (:func:`check_same_run`)
+      and skips what is done;
+    - neither: refused with :class:`~xpbatch.errors.OutputExistsError`.
+
+    Hold :func:`output_lock` on ``output`` while calling this and writing (every stage does).
+
+    Parameters
+    ----------
+    output
+        The output as the user named it (for messages).
+    exists
+        Whether an earlier run left anything there (the output, or its staging files).
+    ours
+        Whether that is an xpbatch ``what`` (an empty directory counts as ours).
+    what
+        What the stage writes, e.g. ``"catalogue"``, ``"Parquet export"``.
+    found
+        What is there, e.g. ``"an incomplete catalogue, 3 of 8 chunks done"`` (for the message).
+    remove
+        Removes what an earlier run left (``overwrite``); None leaves it for the run to replace.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> out = Path(tempfile.mkdtemp()) / "new.zarr"
+    >>> claim_output(out, exists=out.exists(), ours=True, resume=True, overwrite=False,
+    ...              what="catalogue")
+    False
+    """
+    from xpbatch.errors import OutputExistsError, ResumeRefusedError
+
+    if not exists:
+        if resume:
+            logger.info("%s: nothing to resume, starting a new %s", output, what)
+        return False
+    if not ours:
+        refused = ResumeRefusedError if resume else OutputExistsError
+        raise refused(
+            f"{output} exists and is not an xpbatch {what} ({found or 'other files'}); it is never "
+            "overwritten or resumed: choose another output path. Nothing was changed."
+        )
+    if overwrite:
+        logger.info("overwriting %s", output)
+        if remove is not None:
+            remove()
+        return False
+    if not resume:
+        raise OutputExistsError(
+            f"{output} already exists ({found or f'an xpbatch {what}'}); pass --resume to continue "
+            "it, --overwrite to replace it, or choose another output path. Nothing was changed."
+        )
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class ResumePlan(Generic[T]):
+    """What a stage does at its output: the work items an earlier run finished and those left
+    (hats-import's ``ResumePlan`` habit). Every stage's summary counts ``done`` as reused."""
+
+    resumed: bool
+    """Whether an earlier run is continued (:func:`claim_output` returned True)."""
+    done: tuple[T, ...]
+    """Items an earlier run finished (kept, not redone)."""
+    todo: tuple[T, ...]
+    """Items this run does."""
+
+    @classmethod
+    def split(
+        cls, items: Iterable[T], is_done: Callable[[T], bool], *, resumed: bool
+    ) -> ResumePlan[T]:
+        """Split ``items`` by ``is_done`` (asked only when resuming: a new run does them all)."""
+        items = tuple(items)
+        if not resumed:
+            return cls(False, (), items)
+        finished = [is_done(item) for item in items]
+        done = tuple(item for item, f in zip(items, finished, strict=True) if f)
+        todo = tuple(item for item, f in zip(items, finished, strict=True) if not f)
+        return cls(True, done, todo)
+
+
+def check_same_run(
+    output: PathLike, found: Mapping[str, Any], expected: Mapping[str, Any], *, what: str
+) -> None:
+    """Refuse ``--resume`` of an output that an earlier run wrote from other inputs or options.
+
+    ``found`` is the fingerprint the earlier run recorded, ``expected`` this run's (plain JSON
+    values: input paths or ids, options that change the result).
+
+    Raises
+    ------
+    ResumeRefusedError
+        Naming every key that differs, with both values.
+    """
+    from xpbatch.errors import ResumeRefusedError
+
+    differences = [
+        f"{key}: {found.get(key)!r} there, {expected.get(key)!r} now"
+        for key in sorted(set(found) | set(expected))
+        if _plain(found.get(key)) != _plain(expected.get(key))
+    ]
+    if differences:
+        raise ResumeRefusedError(
+            f"cannot --resume {output}: that {what} was written from other inputs or options ("
+            + "; ".join(differences)
+            + "). Rerun with the same ones, or with --overwrite to start again. Nothing was "
+            "changed."
+        )
+
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON would give it back (tuples as lists), so recorded and new compare equal."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file or a directory tree (what ``--overwrite`` does to an earlier output)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -1,0 +1,8 @@
+"""The input XP store: the Zarr group of DR3 XP coefficients that every later stage reads.
+
+- :mod:`~xpbatch.store.xp_store`: write, open and read a store chunk by chunk.
+- :mod:`~xpbatch.store.layout`: its variables (names, dtypes, dimensions, fill values).
+- :mod:`~xpbatch.store.checks`: checking a store (schema, source_id order, chunk files).
+
+Written by :mod:`xpbatch.ingest` and :mod:`xpbatch.mock`; torch never enters this layer.
+"""
