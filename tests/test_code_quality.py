@@ -1,33 +1,10 @@
-"""The linters and the type checker that CI and contributors run, as tests."""
+"""Code-quality properties that the linters cannot see (ruff, mypy and import-linter run as
+their own CI step, .ci/run)."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-
-import pytest
-from conftest import REPO
-
-
-def _run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
-
-
-@pytest.mark.parametrize(
-    "cmd",
-    [
-        pytest.param(("ruff", "check", "xpbatch", "tests"), id="ruff-check"),
-        pytest.param(("ruff", "format", "--check", "xpbatch", "tests"), id="ruff-format"),
-        pytest.param(("mypy",), id="mypy"),
-    ],
-)
-def test_code_passes(cmd):
-    exe = shutil.which(cmd[0], path=str(REPO / ".venv" / "bin")) or shutil.which(cmd[0])
-    if exe is None:
-        pytest.skip(f"{cmd[0]} is not installed; install the test extra: pip install -e '.[test]'")
-    result = _run(exe, *cmd[1:])
-    assert result.returncode == 0, result.stdout + result.stderr
 
 
 def test_help_is_fast_and_does_not_import_torch():

@@ -1,6 +1,8 @@
 """The layering, as import-linter contracts (pyproject.toml, [tool.importlinter]): each package
 imports only from the layers below it, torch stays out of the data layers, distributed in the
-runtime, click in the command line; and no module imports itself through others (no cycle)."""
+runtime, click in the command line; and no module imports itself through others (no cycle).
+``lint-imports`` itself runs as a CI step (.ci/run); these tests show that each contract would
+catch a break."""
 
 from __future__ import annotations
 
@@ -28,14 +30,6 @@ def _lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
         text=True,
         timeout=300,
     )
-
-
-def test_every_layering_contract_is_kept() -> None:
-    result = _lint_imports(REPO)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report = " ".join(result.stdout.split())
-    for contract in CONTRACTS["contracts"]:
-        assert f"{contract['name']} KEPT" in report, contract["name"]
 
 
 @pytest.mark.parametrize(
