@@ -147,10 +147,11 @@ class ChunkVerifier:
             why = (
                 None
                 if recorded is None
-                else zarr_arrays.record_mismatch(file, array, recorded[name], root=self.path)
+                else zarr_arrays.record_mismatch(file, array, recorded[name])
             )
             if why:
-                problems.append(f"{name} chunk {index}: {why}; {REDERIVE}")
+                where = f"{name} chunk {index}: file {self._relative(file)}"
+                problems.append(f"{where} {why}; {REDERIVE}")
         # Files whose checksums match their records (the decoded ones: trailer here, body on
         # decode) are exactly as their writer wrote and checked them: not decoded again.
         trusted = (

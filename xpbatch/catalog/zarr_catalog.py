@@ -628,9 +628,10 @@ def chunk_file_problems(
         for name, recorded in zip(names, map(int, row), strict=True):
             array = arrays[name]
             file = zarr_arrays.chunk_file(path, array, index)
-            why = zarr_arrays.record_mismatch(file, array, recorded, root=path)
+            why = zarr_arrays.record_mismatch(file, array, recorded)
             if why:
-                problems.setdefault(index, []).append(f"{name} chunk {index}: {why}")
+                where = f"{name} chunk {index}: file {file.relative_to(path).as_posix()}"
+                problems.setdefault(index, []).append(f"{where} {why}")
     return problems
 
 

@@ -313,16 +313,15 @@ def chunk_checksum(file: Path, array: zarr.Array) -> int | None:
         os.close(fd)
 
 
-def record_mismatch(file: Path, array: zarr.Array, recorded: int, *, root: Path) -> str | None:
-    """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), in a
-    phrase naming the file; None when it is (the trailer, see :func:`chunk_checksum`)."""
-    name = file.relative_to(root).as_posix()
+def record_mismatch(file: Path, array: zarr.Array, recorded: int) -> str | None:
+    """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), as a
+    predicate ("is missing", ...); None when it is (its trailer, see :func:`chunk_checksum`)."""
     found = chunk_checksum(file, array)
     if found is None:
-        return f"file {name} is missing"
+        return "is missing"
     if found != recorded:
         return (
-            f"file {name} is not the file written there (crc32c {found:08x}, its record says "
+            f"is not the file written there (crc32c {found:08x}, its record says "
             f"{recorded:08x}): copied from another chunk, replaced or altered"
         )
     return None

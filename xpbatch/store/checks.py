@@ -76,10 +76,10 @@ def chunk_file_problems(path: PathLike) -> list[str]:
                 why = (
                     "was never recorded as written"
                     if crc < 0
-                    else zarr_arrays.record_mismatch(file, array, crc, root=path)
+                    else zarr_arrays.record_mismatch(file, array, crc)
                 )
                 if why:
-                    problems.append(f"{where}: {why}")
+                    problems.append(f"{where} {why}")
     return problems
 
 
@@ -124,11 +124,12 @@ def read_rows_checked(
         why = (
             "was never recorded as written"
             if expected < 0
-            else zarr_arrays.record_mismatch(file, array, expected, root=Path(path))
+            else zarr_arrays.record_mismatch(file, array, expected)
         )
         if why:
             raise StoreError(
-                f"{array.basename} chunk {index} of store {path}: {why}; its rows were not used. "
+                f"{array.basename} chunk {index} of store {path}: file "
+                f"{file.relative_to(path).as_posix()} {why}; its rows were not used. "
                 f"{DAMAGED_STORE_REMEDY}"
             )
     try:
