@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+import zarr.codecs
 
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError
@@ -748,3 +749,60 @@ class ChunkReader:
             name: {first + i: int(block[i, column]) for i in range(len(block))}
             for column, name in enumerate(names)
         }
+
+
+def sample_rows(path: PathLike, names: Iterable[str], *, per_chunk: int) -> dict[str, np.ndarray]:
+    """``per_chunk`` evenly spaced rows of every chunk of the store, for each of ``names``, and
+    ``chunk`` (the chunk of each row): a look at the whole store for the price of a few rows.
+
+    Chunk files stored without compression (every store written now) are read row by row at
+    their offsets, without reading the chunks; compressed ones (older stores) are decoded.
+    These are a sample to measure, not rows to use: whole chunks are checked when read.
+    """
+    path = Path(path)
+    arrays = open_variables(path, names)
+    first = next(iter(arrays.values()))
+    n_rows, chunk_rows = int(first.shape[0]), int(first.chunks[0])
+    rows = np.unique(
+        np.concatenate(
+            [
+                np.linspace(start, min(start + chunk_rows, n_rows) - 1, per_chunk).astype(np.int64)
+                for start in range(0, n_rows, chunk_rows)
+            ]
+            or [np.zeros(0, np.int64)]
+        )
+    )
+    sample = {name: _rows_of(path, array, rows) for name, array in arrays.items()}
+    sample["chunk"] = rows // chunk_rows
+    return sample
+
+
+def _rows_of(path: Path, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``: read at their offsets from uncompressed chunk files, else decoded."""
+    serializer = array.serializer
+    plain = (
+        isinstance(serializer, zarr.codecs.BytesCodec)
+        and not array.filters
+        and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in array.compressors)
+    )
+    if not plain or not rows.size:
+        return np.asarray(array.get_orthogonal_selection(rows))  # type: ignore[arg-type]
+    endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
+    dtype = np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
+    row_bytes = dtype.itemsize * int(np.prod(array.chunks[1:], dtype=np.int64))
+    out = np.empty((rows.size, *array.shape[1:]), dtype)
+    chunk_rows = array.chunks[0]
+    for index in np.unique(rows // chunk_rows):
+        file = zarr_arrays.chunk_file(path, array, int(index))
+        picked = np.flatnonzero(rows // chunk_rows == index)
+        try:
+            with open(file, "rb") as f:
+                for i in picked:
+                    f.seek(int(rows[i] - index * chunk_rows) * row_bytes)
+                    out[i] = np.frombuffer(f.read(row_bytes), dtype).reshape(array.shape[1:])
+        except (FileNotFoundError, ValueError) as e:
+            raise StoreError(
+                f"{array.basename} chunk {index} of store {path}: file {file} is missing or cut "
+                f"short ({e}); {store_checks.DAMAGED_STORE_REMEDY}"
+            ) from e
+    return out.astype(array.dtype, copy=False)
