@@ -195,9 +195,14 @@ class ChunkVerifier:
             at = start + 1 + int(np.argmax(steps <= 0))
             kind = "repeats" if steps[at - start - 1] == 0 else "is not ascending"
             return [f"source_id {kind} at row {at} ({int(source_id[at - start])})"]
-        if index == 0 or not len(source_id):
+        if not len(source_id):
             return []
-        previous = int(np.asarray(self._arrays.variables[schema.SOURCE_ID][start - 1]))
+        self._last_ids[index] = int(source_id[-1])
+        if index == 0:
+            return []
+        previous = self._last_ids.get(index - 1)  # chunks checked in order: no second read
+        if previous is None:
+            previous = int(np.asarray(self._arrays.variables[schema.SOURCE_ID][start - 1]))
         if source_id[0] <= previous:
             return [
                 f"source_id {int(source_id[0])} at row {start} is not above the previous chunk's "
@@ -231,6 +236,11 @@ class ChunkVerifier:
             if name in values and not np.array_equal(values[name], store[name], equal_nan=True):
                 problems.append(f"{name} differs from the input store's")
         return problems
+
+    @functools.cached_property
+    def _last_ids(self) -> dict[int, int]:
+        """Chunk -> its last source_id, of the chunks this process checked."""
+        return {}
 
     @functools.cached_property
     def _store_reader(self) -> ChunkReader:
