@@ -3,6 +3,7 @@ open and verify. Outputs are synthetic here (no model); the pipeline tests use r
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -297,8 +298,8 @@ def test_verify_compares_with_the_input_store(
 
     group.attrs[schema.CATALOG_ATTR_STORE_ID] = store_id(store)
     report = catalog_verify.verify_catalog(path, store)
-    assert report.problems and all("source_id differs" in p for p in report.problems)
-    assert len(report.problems) == LAYOUT.n_chunks
+    differs = [p for p in report.problems if "source_id differs" in p]
+    assert len(differs) == LAYOUT.n_chunks  # every chunk; its flags differ too (another store)
 
 
 def test_verify_reads_one_chunk_at_a_time(written: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -386,12 +387,122 @@ def test_verify_by_checksum_decodes_a_chunk_whose_files_changed(
     assert schema.SCATTER in seen or damage is _delete_scatter_chunk
 
 
-def test_a_chunk_rewritten_with_sound_values_passes(written: Path) -> None:
-    """Another attempt at a chunk (e.g. on another kind of device) may have written its files
-    last: sound values verify, decoded instead of trusted."""
+@pytest.mark.parametrize("decode", [True, False], ids=["decoded", "by-checksum"])
+def test_a_file_rewritten_with_sound_values_is_refused(written: Path, decode: bool) -> None:
+    """A file that is not the one its record names is never accepted by its values alone."""
     rmse = zarr.open_array(written / "rmse", mode="r+")
     rmse[16] = 0.5  # row 16 is encoded: a different but sound value, a valid new file
-    assert catalog_verify.verify_catalog(written, decode=False).ok
+    report = catalog_verify.verify_catalog(written, decode=decode)
+    assert [p for p in report.problems if "rmse chunk 1: file rmse/c/1 is not the file" in p]
+    assert list(catalog.chunk_file_problems(written)) == [1]
+
+
+def _swap(a: Path, b: Path) -> None:
+    """Copy each of two chunk files over the other (valid files with valid checksums)."""
+    data_a = a.read_bytes()
+    shutil.copyfile(b, a)
+    b.write_bytes(data_a)
+
+
+POSITIONS = dataclasses.replace(LAYOUT, with_positions=True, n_rows=64)
+
+
+def _with_positions(layout: CatalogLayout, index: int) -> dict[str, np.ndarray]:
+    outputs = _outputs(layout, index)
+    rows = np.arange(layout.rows(index).start, layout.rows(index).stop)
+    outputs[schema.RA], outputs[schema.DEC] = rows * 1.5, rows * 0.5 - 10
+    return outputs
+
+
+@pytest.mark.parametrize("name", [schema.RA, schema.DEC, schema.LATENT_MEAN, schema.FLAGS])
+@pytest.mark.parametrize("decode", [True, False], ids=["decoded", "by-checksum"])
+def test_verify_refuses_a_chunk_file_swapped_with_another(
+    tmp_path: Path, name: str, decode: bool
+) -> None:
+    """Two chunks' files of one variable swapped: same NaN pattern, valid crc32c, every value
+    plausible; their records tell them apart (ra and dec included). Resume re-derives them."""
+    path = tmp_path / "c.zarr"
+    catalog.create_catalog(path, POSITIONS, attrs=ATTRS)
+    for index in range(POSITIONS.n_chunks):
+        CatalogWriter(path).write_chunk(index, _with_positions(POSITIONS, index))
+    assert catalog_verify.verify_catalog(path, decode=decode).ok
+    key = "c/0" if name != schema.LATENT_MEAN else "c/0/0"
+    _swap(path / name / key, path / name / key.replace("0", "2", 1))
+    report = catalog_verify.verify_catalog(path, decode=decode)
+    for index in (0, 2):
+        assert any(
+            f"{name} chunk {index}: file {name}/c/{index}" in p and "refused" in p
+            for p in report.problems
+        ), report.problems
+    done = catalog.prepare_output(path, POSITIONS, attrs=ATTRS, resume=True, overwrite=False)
+    assert done == {1, 3}  # the swapped chunks are encoded again
+
+
+def _other_device(layout: CatalogLayout, index: int) -> dict[str, np.ndarray]:
+    """Valid outputs of the same chunk that differ in their bytes (as CPU and GPU results do)."""
+    outputs = _outputs(layout, index)
+    outputs[schema.LATENT_MEAN] = outputs[schema.LATENT_MEAN] + np.float32(1e-3)
+    outputs[schema.FLAGS][1] |= np.uint16(CatalogFlag.LATENT_OUTLIER)
+    return outputs
+
+
+def _files_of(path: Path, index: int) -> dict[str, bytes]:
+    return {
+        spec.name: zarr_arrays.chunk_file(
+            path, catalog.open_arrays(path, [spec.name])[spec.name], index
+        ).read_bytes()
+        for spec in LAYOUT.variables()
+    }
+
+
+@pytest.mark.parametrize("order", ["a-then-b", "b-then-a", "b-inside-a", "a-inside-b"])
+def test_two_attempts_at_a_chunk_end_verified_and_consistent(
+    tmp_path: Path, order: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Dask may run a chunk's task twice, on devices that write different (valid) bytes; the
+    attempts may interleave. Whichever writes last, its files, checksums and record are what
+    stays, and the catalogue verifies."""
+    path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=False)
+    a, b = _outputs(LAYOUT, 1), _other_device(LAYOUT, 1)
+    first, second = (a, b) if order in ("a-then-b", "b-inside-a") else (b, a)
+    if order.endswith("inside-a") or order.endswith("inside-b"):
+        # The second attempt runs whole between the first's data files and its records.
+        write_chunks = zarr_arrays.write_chunks
+        calls = 0
+
+        def interleaved(*args: object) -> dict[int, list[int]]:
+            nonlocal calls
+            written = write_chunks(*args)  # type: ignore[arg-type]
+            calls += 1
+            if calls == 1:
+                CatalogWriter(path).write_chunk(1, second)
+            return written
+
+        monkeypatch.setattr(zarr_arrays, "write_chunks", interleaved)
+        CatalogWriter(path).write_chunk(1, first)
+        last = first  # the first attempt found its files replaced and wrote them again
+    else:
+        CatalogWriter(path).write_chunk(1, first)
+        CatalogWriter(path).write_chunk(1, second)
+        last = second
+    report = catalog_verify.verify_catalog(path, decode=False)
+    assert report.ok, report.problems
+    assert catalog_verify.verify_catalog(path).ok
+    expected = tmp_path / "expected.zarr"
+    catalog.create_catalog(expected, LAYOUT, attrs=ATTRS)
+    CatalogWriter(expected).write_chunk(1, last)
+    assert _files_of(path, 1) == _files_of(expected, 1)
+    assert catalog.read_records(path)[1] == catalog.ChunkRecord.from_outputs(1, last)
+
+
+def test_verify_finds_duplicated_and_unordered_source_ids_without_a_store(written: Path) -> None:
+    """Read from the data, not an attribute: a repeat inside a chunk and across chunks."""
+    source_id = zarr.open_array(written / schema.SOURCE_ID, mode="r+")
+    source_id[5] = source_id[4]  # a repeat in chunk 0
+    source_id[16] = source_id[15]  # chunk 1 starts with chunk 0's last id
+    problems = catalog_verify.verify_catalog(written).problems
+    assert any("chunk 0" in p and "source_id repeats at row 5" in p for p in problems), problems
+    assert any("chunk 1" in p and "not above the previous chunk's last" in p for p in problems)
 
 
 def test_a_chunk_without_checksums_is_decoded_in_full(

@@ -185,3 +185,25 @@ def test_statistics_are_part_of_the_model_files_content_hash(data: Data, tmp_pat
     assert save_model(model, copy) == model.content_hash  # saved again: the same content
     changed = model.with_updates(fit_statistics={**(model.fit_statistics or {}), "rows": 1})
     assert save_model(changed, tmp_path / "changed.safetensors") != model.content_hash
+
+
+def test_a_late_chunk_scaled_x1e6_is_refused(data: Data, tmp_path: Path) -> None:
+    """The fit check samples every chunk, not the first rows: one late chunk in other units is
+    refused, naming it."""
+    group = zarr.open_group(data.normal, mode="r")
+    coefficients = group[schema.COEFFICIENTS][:]
+    errors = group[schema.COEFFICIENT_ERRORS][:]
+    coefficients[1792:] *= np.float32(1e6)  # the last of 8 chunks only
+    errors[1792:] *= np.float32(1e6)
+    store = write_xp_store(
+        tmp_path / "late.zarr",
+        source_id=group[schema.SOURCE_ID][:],
+        coefficients=coefficients,
+        coefficient_errors=errors,
+        phot_g_mean_flux=group[schema.PHOT_G_MEAN_FLUX][:],
+        chunk_rows=256,
+    )
+    with pytest.raises(ModelMismatchError, match=r"does not fit 1 chunk\(s\).*chunk 7 ") as refused:
+        encode_catalog(store, data.model, tmp_path / "c", config=CONFIG)
+    assert "chunk 0 " not in str(refused.value) and "--skip-fit-check" in str(refused.value)
+    assert not (tmp_path / "c").exists()

@@ -210,3 +210,39 @@ def test_cli_error_is_one_line_with_exit_code_2(tmp_path: Path) -> None:
 )
 def test_human_bytes(n: int, text: str) -> None:
     assert human_bytes(n) == text
+
+
+def _copy_over(source: Path, target: Path) -> None:
+    target.write_bytes(source.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("fixture", "damage", "named"),
+    [
+        ("store", lambda p: (p / "coefficients/c/1/0").unlink(), "coefficients chunk 1"),
+        (
+            "store",
+            lambda p: _copy_over(p / "phot_g_mean_flux/c/0", p / "phot_g_mean_flux/c/1"),
+            "phot_g_mean_flux chunk 1",
+        ),
+        ("catalog", lambda p: (p / "rmse/c/2").unlink(), "rmse chunk 2"),
+        (
+            "catalog",
+            lambda p: _copy_over(p / "latent_mean/c/0/0", p / "latent_mean/c/1/0"),
+            "latent_mean chunk 1",
+        ),
+    ],
+    ids=["store-deleted", "store-copied", "catalogue-deleted", "catalogue-copied"],
+)
+def test_a_damaged_store_or_catalogue_is_not_called_complete(
+    request: pytest.FixtureRequest, tmp_path: Path, fixture: str, damage, named: str
+) -> None:
+    import shutil
+
+    path = Path(shutil.copytree(request.getfixturevalue(fixture), tmp_path / "copy.zarr"))
+    assert summarize(path)["complete"]
+    damage(path)
+    summary = summarize(path)
+    assert summary["complete"] is False
+    assert any(named in problem for problem in summary["damaged_chunks"])
+    assert "NO, 1 chunk file(s) damaged" in format_summary(summary)

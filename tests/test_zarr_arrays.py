@@ -139,12 +139,18 @@ def test_a_bad_variable_writes_nothing_of_the_chunk(template: Path) -> None:
 def test_the_record_is_written_after_the_data_is_on_disk(
     template: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A writer killed before the fsync of its chunk files leaves no record: resume redoes it."""
+    """A writer killed after writing its chunk files leaves no record: resume redoes it."""
+    write_file = zarr_arrays._write_file
+    written = 0
 
-    def killed(path: Path, arrays: object, index: int) -> None:
-        raise KeyboardInterrupt  # stands in for the process dying here
+    def killed(file: Path, data: bytes) -> None:
+        nonlocal written
+        write_file(file, data)
+        written += 1
+        if written == len(LAYOUT.variables()):
+            raise KeyboardInterrupt  # stands in for the process dying after its last file
 
-    monkeypatch.setattr(zarr_arrays, "fsync_chunk", killed)
+    monkeypatch.setattr(zarr_arrays, "_write_file", killed)
     with pytest.raises(KeyboardInterrupt):
         catalog.CatalogWriter(template).write_chunk(1, _outputs(1))
     assert all((template / v.name / "c" / "1").exists() for v in LAYOUT.variables() if v.width == 0)

@@ -11,7 +11,7 @@ import dataclasses
 import functools
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import zarr
@@ -26,10 +26,13 @@ from xpbatch.catalog.zarr_catalog import (
     read_attrs,
     value_problems,
 )
-from xpbatch.errors import CatalogError
+from xpbatch.errors import CatalogError, StoreError
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG
+
+if TYPE_CHECKING:
+    from xpbatch.store.xp_store import ChunkReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,10 +109,6 @@ class ChunkVerifier:
     def _arrays(self) -> _Opened:
         group = zarr_arrays.open_group(self.path, CATALOG)
         checksums = group.get(schema.CHECKSUMS_ARRAY)  # None in older catalogues
-        store_source_id = None
-        if self.store is not None:
-            store = zarr_arrays.open_arrays(self.store, [schema.SOURCE_ID], zarr_arrays.STORE)
-            store_source_id = store[schema.SOURCE_ID]
         return _Opened(
             records=zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG),
             checksums=checksums if isinstance(checksums, zarr.Array) else None,
@@ -117,7 +116,6 @@ class ChunkVerifier:
                 spec.name: zarr_arrays.get_array(group, spec.name, CATALOG)
                 for spec in self.layout.variables()
             },
-            store_source_id=store_source_id,
         )
 
     def __call__(self, index: int) -> list[str]:
@@ -136,20 +134,35 @@ class ChunkVerifier:
         record = None if row[0] == RECORD_MISSING else ChunkRecord.from_row(index, row)
         if record is None:
             problems.append("no completion record: the chunk was never finished")
+        recorded = self._recorded_checksums(index)
         files = {}  # name -> its chunk file
         for name, array in opened.variables.items():
             file = zarr_arrays.chunk_file(self.path, array, index)
-            if file.is_file():
-                files[name] = file
-            else:
+            if not file.is_file():
                 problems.append(f"{name} chunk file {self._relative(file)} is missing")
-        # Files exactly as their writer wrote (and checked) them need not be decoded again. A file
-        # that differs is decoded and judged by its values: another attempt at the same chunk
-        # (e.g. a task Dask ran twice, on another kind of device) may have written it last.
+                continue
+            files[name] = file
+            # A file is the one its writer recorded, or refused: a chunk file copied over
+            # another's is a valid file with valid values, only its record tells it apart.
+            why = (
+                None
+                if recorded is None
+                else zarr_arrays.record_mismatch(file, array, recorded[name])
+            )
+            if why:
+                where = f"{name} chunk {index}: file {self._relative(file)}"
+                problems.append(f"{where} {why}; {REDERIVE}")
+        # Files whose checksums match their records (the decoded ones: trailer here, body on
+        # decode) are exactly as their writer wrote and checked them: not decoded again.
         trusted = (
             not self.decode
             and not problems
-            and _as_written(files, self._recorded_checksums(index), opened.variables)
+            and recorded is not None
+            and all(
+                zarr_arrays.file_has_checksum(file, recorded[name])
+                for name, file in files.items()
+                if name not in _ALWAYS_DECODED
+            )
         )
         values: dict[str, np.ndarray] = {}
         for name, file in files.items():
@@ -167,14 +180,77 @@ class ChunkVerifier:
             actual = ChunkRecord.from_outputs(index, values)
             if actual != record:
                 problems.append(f"flags do not match the completion record ({record} vs {actual})")
-        source_id, store_source_id = values.get(schema.SOURCE_ID), opened.store_source_id
-        if (
-            source_id is not None
-            and store_source_id is not None
-            and not np.array_equal(source_id, store_source_id[rows])
+        source_id = values.get(schema.SOURCE_ID)
+        if source_id is not None:
+            problems.extend(self._order_problems(index, source_id))
+        if self.store is not None:
+            problems.extend(self._store_row_problems(rows, values))
+        return problems
+
+    def _order_problems(self, index: int, source_id: np.ndarray) -> list[str]:
+        """source_id strictly ascending within the chunk and above the previous chunk's last."""
+        start = self.layout.rows(index).start
+        steps = np.diff(source_id)
+        if np.any(steps <= 0):
+            at = start + 1 + int(np.argmax(steps <= 0))
+            kind = "repeats" if steps[at - start - 1] == 0 else "is not ascending"
+            return [f"source_id {kind} at row {at} ({int(source_id[at - start])})"]
+        if not len(source_id):
+            return []
+        self._last_ids[index] = int(source_id[-1])
+        if index == 0:
+            return []
+        previous = self._last_ids.get(index - 1)  # chunks checked in order: no second read
+        if previous is None:
+            previous = int(np.asarray(self._arrays.variables[schema.SOURCE_ID][start - 1]))
+        if source_id[0] <= previous:
+            return [
+                f"source_id {int(source_id[0])} at row {start} is not above the previous chunk's "
+                f"last, {previous}: duplicate or out-of-order sources across chunks"
+            ]
+        return []
+
+    def _store_row_problems(self, rows: slice, values: Mapping[str, np.ndarray]) -> list[str]:
+        """Row for row against the input store: source_id, the input flags (the low byte of
+        flags) and, when decoded, the copied positions."""
+        names = [schema.SOURCE_ID, schema.INPUT_FLAGS]
+        names += [n for n in (schema.RA, schema.DEC) if n in values]
+        try:
+            store = self._store_reader.read(rows, names=names)
+        except StoreError as e:
+            return [f"the input store cannot be read: {e}"]
+        problems = []
+        if schema.SOURCE_ID in values and not np.array_equal(
+            values[schema.SOURCE_ID], store[schema.SOURCE_ID]
         ):
             problems.append(f"source_id differs from the input store {self.store}")
+        if schema.FLAGS in values:
+            low = (values[schema.FLAGS] & np.uint16(0xFF)).astype(np.uint8)
+            differ = np.flatnonzero(low != store[schema.INPUT_FLAGS])
+            if differ.size:
+                problems.append(
+                    f"flags differ from the input store's input_flags in {differ.size} row(s), "
+                    f"e.g. row {rows.start + int(differ[0])}"
+                )
+        for name in (schema.RA, schema.DEC):
+            if name in values and not np.array_equal(values[name], store[name], equal_nan=True):
+                problems.append(f"{name} differs from the input store's")
         return problems
+
+    @functools.cached_property
+    def _last_ids(self) -> dict[int, int]:
+        """Chunk -> its last source_id, of the chunks this process checked."""
+        return {}
+
+    @functools.cached_property
+    def _store_reader(self) -> ChunkReader:
+        from xpbatch.store.xp_store import ChunkReader
+
+        assert self.store is not None
+        names = [schema.SOURCE_ID, schema.INPUT_FLAGS]
+        if self.layout.with_positions:
+            names += [schema.RA, schema.DEC]
+        return ChunkReader(self.store, names)
 
     def _relative(self, file: Path) -> str:
         return file.relative_to(self.path).as_posix()
@@ -191,20 +267,10 @@ class ChunkVerifier:
         return dict(zip(names, map(int, row), strict=True))
 
 
-def _as_written(
-    files: Mapping[str, Path],
-    recorded: Mapping[str, int] | None,
-    variables: Iterable[str],
-) -> bool:
-    """Whether every variable's chunk file has a recorded checksum and still matches it."""
-    if recorded is None:
-        return False
-    return all(
-        name in files
-        and name in recorded
-        and zarr_arrays.file_has_checksum(files[name], recorded[name])
-        for name in variables
-    )
+REDERIVE = (
+    "refused whatever its values (re-derive the chunk with `xpbatch encode-catalog ... "
+    "--resume`, or restore the file)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +280,6 @@ class _Opened:
     records: zarr.Array
     checksums: zarr.Array | None
     variables: dict[str, zarr.Array]
-    store_source_id: zarr.Array | None
 
 
 def verify_catalog(

@@ -19,11 +19,15 @@ How a run stays correct when it is killed at any moment (see ../shared/RELIABILI
    unfinished and is rebuilt on resume.
 2. A task writes exactly the rows of one input chunk, i.e. one chunk of every output array
    (:class:`CatalogWriter` checks the alignment and every shape first, then writes the variables
-   at once), flushes the files to disk, and only then writes that chunk's completion record.
-   The record is a single chunk of the ``chunk_records`` array, so writing it is one atomic file
-   rename; it holds the chunk's row and flag counts.
-3. Everything a task writes is a deterministic function of its input chunk, so a task that
-   runs twice (Dask may do that after a worker dies) writes the same bytes.
+   at once), each file fsynced, then that chunk's checksums (the crc32c of each file it wrote,
+   ``_xpbatch/chunk_checksums``), and only then that chunk's completion record. The record is a
+   single chunk of the ``chunk_records`` array, so writing it is one atomic file rename; it holds
+   the chunk's row and flag counts.
+3. Everything a task writes is a deterministic function of its input chunk and device. A task
+   that runs twice (Dask may do that after a worker dies, on another kind of device) checks
+   after writing its record that the files, checksums and record on disk are all its own, and
+   writes them again if not: whichever attempt writes last leaves a consistent chunk. Readers
+   refuse any file that is not the one its checksum records.
 4. :func:`xpbatch.catalog.verify.verify_catalog` then checks every chunk and
    :func:`mark_complete` sets ``complete = true``; :func:`open_catalog` refuses a catalogue
    without it.
@@ -43,7 +47,7 @@ import dataclasses
 import logging
 import shutil
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
@@ -76,6 +80,9 @@ RECORD_MISSING = -1
 CHECKSUM_MISSING = -1
 """Fill value of ``chunk_checksums``: no checksum was taken (chunk not written, or written by
 an xpbatch that did not take them)."""
+
+MAX_WRITE_ATTEMPTS = 8
+"""Times a chunk writer rewrites a chunk that another attempt at it overwrote meanwhile."""
 
 # Blosc lz4 with byte shuffle. Measured on encoder outputs (65k rows, one core): ~3 M rows/s to
 # write and ~3.7 M rows/s to read, 5-10x faster than zstd for a similar size, so the codec costs
@@ -368,7 +375,8 @@ def prepare_output(
                 remove_interrupted_writes(path)
                 times = [*found.get(schema.CATALOG_ATTR_RESUMED, []), zarr_arrays.utc_now()]
                 group.attrs.update({schema.CATALOG_ATTR_RESUMED: times})
-            return completed_chunks(path)
+            done = completed_chunks(path)
+            return done - set(chunk_file_problems(path, sorted(done)))  # re-derive those
     create_catalog(path, layout, attrs=attrs)
     return set()
 
@@ -547,17 +555,84 @@ class CatalogWriter:
                 f"chunk {index} of {self.path} was not written: {'; '.join(problems)}"
             )
         writes = [(arrays[name], values) for name, values in converted.items()]
-        zarr_arrays.write_together(writes, rows)  # every variable at once (see its docstring)
         record = ChunkRecord.from_outputs(index, outputs)
         if device and self._devices is not None:
             self._devices[index] = device
-        # fsync, so a record never outlives its data across a power cut.
-        checksums = zarr_arrays.fsync_chunk(self.path, arrays.values(), index)
-        if self._checksums is not None:
-            self._checksums[index] = [CHECKSUM_MISSING if c is None else c for c in checksums]
-        # Last, and atomically (one file rename): the record says every variable is on disk.
-        records[index] = record.to_row()
-        return record
+        for _ in range(MAX_WRITE_ATTEMPTS):
+            # Every variable at once, each file fsynced, so a record never outlives its data.
+            checksums = zarr_arrays.write_chunks(self.path, writes, rows)[index]
+            if self._checksums is not None:
+                self._checksums[index] = checksums
+            # Last, and atomically (one file rename): the record says every variable is on disk.
+            records[index] = record.to_row()
+            if self._as_written(index, checksums, record):
+                return record
+            # Another attempt at this chunk (Dask may run a task twice, on another kind of
+            # device) wrote some of these files or records in between: write ours again, so
+            # that whichever attempt writes last leaves its files and its records together.
+            logger.warning(
+                "chunk %d of %s was written by another attempt meanwhile", index, self.path
+            )
+        raise CatalogError(
+            f"chunk {index} of {self.path}: another writer kept replacing its files "
+            f"({MAX_WRITE_ATTEMPTS} attempts); is a second encode-catalog writing this catalogue?"
+        )
+
+    def _as_written(self, index: int, checksums: Sequence[int], record: ChunkRecord) -> bool:
+        """Whether chunk ``index``'s files, checksums and record on disk are all this write's."""
+        arrays, records = self._open()
+        if not np.array_equal(np.asarray(records[index]), record.to_row()):
+            return False
+        if self._checksums is not None and not np.array_equal(
+            np.asarray(self._checksums[index]), np.asarray(checksums, np.int64)
+        ):
+            return False
+        return all(
+            zarr_arrays.chunk_checksum(zarr_arrays.chunk_file(self.path, array, index), array)
+            == checksum
+            for array, checksum in zip(arrays.values(), checksums, strict=True)
+        )
+
+
+def recorded_checksums(path: PathLike) -> tuple[list[str], np.ndarray] | None:
+    """The variables and the (chunk, variable) crc32c table of ``_xpbatch/chunk_checksums``;
+    None for a catalogue written before xpbatch recorded them."""
+    node = zarr_arrays.open_group(Path(path), CATALOG).get(schema.CHECKSUMS_ARRAY)
+    if not isinstance(node, zarr.Array):
+        return None
+    attrs: dict[str, Any] = node.attrs.asdict()
+    names = [str(name) for name in attrs.get(schema.ATTR_CHUNK_FILE_VARIABLES, [])]
+    return names, np.asarray(node[:])
+
+
+def chunk_file_problems(
+    path: PathLike, chunks: Iterable[int] | None = None
+) -> dict[int, list[str]]:
+    """Chunk -> each of its files that is missing or not the file its writer recorded, for the
+    chunks with recorded checksums (all, or those of ``chunks``); one small read per file.
+
+    A chunk file copied over another chunk's is a valid file with a valid crc32c: only its
+    record tells that it does not belong there.
+    """
+    path = Path(path)
+    found = recorded_checksums(path)
+    if found is None:
+        return {}
+    names, table = found
+    arrays = open_arrays(path, names)
+    problems: dict[int, list[str]] = {}
+    for index in range(len(table)) if chunks is None else chunks:
+        row = table[index]
+        if np.any(row == CHECKSUM_MISSING):
+            continue  # not written, or by an xpbatch that took no checksums
+        for name, recorded in zip(names, map(int, row), strict=True):
+            array = arrays[name]
+            file = zarr_arrays.chunk_file(path, array, index)
+            why = zarr_arrays.record_mismatch(file, array, recorded)
+            if why:
+                where = f"{name} chunk {index}: file {file.relative_to(path).as_posix()}"
+                problems.setdefault(index, []).append(f"{where} {why}")
+    return problems
 
 
 def value_problems(values: Mapping[str, np.ndarray], rows: slice) -> list[str]:

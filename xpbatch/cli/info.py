@@ -129,6 +129,9 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     if kind == "catalog":
         summary["chunks_recorded"] = _chunks_recorded(path)
         summary["chunk_devices"] = catalog.chunk_devices(path)
+        if summary["complete"]:
+            summary["damaged_chunks"] = _catalog_damage(path, arrays)
+            summary["complete"] = not summary["damaged_chunks"]
     elif summary["complete"]:
         from xpbatch.store.checks import chunk_file_problems
 
@@ -139,6 +142,28 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     if flags is not None:
         summary["flags"] = {"variable": flags_name, "rows": _flag_counts(flags, flag_bits)}
     return summary
+
+
+def _catalog_damage(path: Path, arrays: dict[str, zarr.Array]) -> list[str]:
+    """Chunk files of a complete catalogue that are missing or not the ones their writer
+    recorded (a stat and a 4-byte read each, nothing decoded)."""
+    from xpbatch.storage.zarr_arrays import chunk_file_sizes
+
+    layout = catalog.read_layout(path)
+    missing = [
+        f"{where} is missing"
+        for spec in layout.variables()
+        if spec.name in arrays
+        for _, where, size in chunk_file_sizes(path, arrays[spec.name])
+        if size < 0
+    ]
+    mismatched = [
+        problem
+        for problems in catalog.chunk_file_problems(path).values()
+        for problem in problems
+        if not problem.endswith("is missing")
+    ]
+    return missing + mismatched
 
 
 def _chunks_recorded(path: Path) -> int | None:
@@ -299,8 +324,14 @@ def _completeness(s: dict[str, Any]) -> str:
         from xpbatch.storage.zarr_arrays import describe_chunk_problems
         from xpbatch.store.checks import DAMAGED_STORE_REMEDY
 
-        return f"NO, {len(damaged)} chunk file(s) damaged: {describe_chunk_problems(damaged)}; " + (
+        remedy = (
             DAMAGED_STORE_REMEDY
+            if s["kind"] == "store"
+            else "the catalogue is damaged: re-derive those chunks with `xpbatch encode-catalog "
+            "... --resume` (same store, model and options), or restore the files"
+        )
+        return f"NO, {len(damaged)} chunk file(s) damaged: {describe_chunk_problems(damaged)}; " + (
+            remedy
         )
     return "yes" if s["complete"] else "NO (still being written, or failed)"
 

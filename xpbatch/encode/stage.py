@@ -197,7 +197,7 @@ def _open_store(store: Path) -> xr.Dataset:
 def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None = None) -> None:
     """Refuse a model whose input size, coefficient order, units or normalisation do not fit.
 
-    With ``store`` (the path of ``ds``), also measure its first rows against what the model's
+    With ``store`` (the path of ``ds``), also measure rows of every chunk against what the model's
     training data looked like (:func:`xpbatch.model.fit_check.check_fit`).
 
     Raises
@@ -231,21 +231,16 @@ def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None 
 
 
 def _check_normalisation(model: TrainedModel, store: Path) -> None:
-    """Measure the store's first rows as the model's training rows were
+    """Measure rows from every chunk of the store as the model's training rows were
     (:mod:`xpbatch.model.fit_check`)."""
     from xpbatch.model import fit_check as fit
+    from xpbatch.store.xp_store import sample_rows
 
-    reader = ChunkReader(store, INPUT_VARIABLES)
-    rows = slice(0, min(fit.SAMPLE_ROWS, reader.arrays[schema.SOURCE_ID].shape[0]))
-    sample = reader.read(rows)  # a damaged chunk is named, never read as fill values
-    found = fit.measure_physical(
-        model,
-        sample[schema.COEFFICIENTS],
-        sample[schema.COEFFICIENT_ERRORS],
-        sample[schema.PHOT_G_MEAN_FLUX],
-        source="store",
-    )
-    fit.check_fit(model, found, where=f"rows {rows.start}..{rows.stop} of the store")
+    source_id = open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID]
+    n_chunks = -(-source_id.shape[0] // source_id.chunks[0])
+    names = [n for n in INPUT_VARIABLES if n != schema.SOURCE_ID]
+    sample = sample_rows(store, names, per_chunk=fit.rows_per_chunk(n_chunks))
+    fit.check_store_sample(model, sample, where="the store")
 
 
 def _input_layout(

@@ -2,7 +2,7 @@
 
 A model applied to data in other units or another normalisation does not fail: it writes
 plausible-looking garbage (every row a latent outlier, or latents collapsed to a point and an
-rmse of 1e8). So before any work ``encode-catalog`` measures the first rows of the store the
+rmse of 1e8). So before any work ``encode-catalog`` measures rows from every chunk of the store the
 way the model's training rows were measured, and refuses when they differ by more than a
 tolerance:
 
@@ -40,7 +40,8 @@ from xpbatch.model.trained import TrainedModel, standardise
 logger = logging.getLogger(__name__)
 
 SAMPLE_ROWS = 4096
-"""Rows measured: the first of the store (encode) or of the training rows (train)."""
+"""Rows measured: of the training rows (train), or in all, from every chunk, of a store
+(encode; see :func:`rows_per_chunk`)."""
 MIN_ROWS = 8
 """Fewer usable rows than this say too little about spreads: only the rmse is then checked."""
 INPUT_SPREAD_FACTOR = 10.0
@@ -200,4 +201,49 @@ def check_fit(model: TrainedModel, found: FitStatistics | None, *, where: str) -
             "(Inputs are coefficients / phot_g_mean_flux, standardised with the model's mean and "
             "std.) Use a model trained on data like this store, or pass --skip-fit-check "
             "(EncodeConfig(check_fit=False)) to encode anyway."
+        )
+
+
+ROWS_PER_CHUNK = 32
+"""Fewest rows measured in every chunk of a store (more when the store has few chunks)."""
+
+
+def rows_per_chunk(n_chunks: int) -> int:
+    """Rows to sample from each of ``n_chunks`` chunks: :data:`SAMPLE_ROWS` in all, at least
+    :data:`ROWS_PER_CHUNK` each."""
+    return max(ROWS_PER_CHUNK, -(-SAMPLE_ROWS // max(n_chunks, 1)))
+
+
+def check_store_sample(model: TrainedModel, sample: dict[str, np.ndarray], *, where: str) -> None:
+    """Refuse (ModelMismatchError) when rows sampled from every chunk of a store do not fit.
+
+    ``sample`` holds ``coefficients``, ``coefficient_errors``, ``phot_g_mean_flux`` and
+    ``chunk`` (each row's chunk). All rows together are measured as :func:`check_fit` does;
+    then each chunk's ``input_spread`` on its own, so that one chunk in other units (e.g. a late
+    chunk scaled x1e6) is refused too, not averaged away.
+    """
+    coefficients, errors = sample["coefficients"], sample["coefficient_errors"]
+    flux, chunk = sample["phot_g_mean_flux"], sample["chunk"]
+    found = measure_physical(model, coefficients, errors, flux, source="store")
+    check_fit(model, found, where=f"{len(chunk)} rows sampled from every chunk of {where}")
+    reference = expected_statistics(model).input_spread
+    if reference is None:
+        return
+    inp = standardise(coefficients, errors, flux, model.normalisation)
+    bad = []
+    for index in np.unique(chunk):
+        rows = (chunk == index) & inp.encodable & inp.valid.any(axis=1)
+        if rows.sum() < MIN_ROWS:
+            continue
+        spread = float(np.nanmedian(_robust_std(inp.x[rows], inp.valid[rows])))
+        if _outside(spread, reference, INPUT_SPREAD_FACTOR):
+            bad.append(f"chunk {int(index)} ({spread:.3g})")
+    if bad:
+        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        raise ModelMismatchError(
+            f"model {model.name!r} does not fit {len(bad)} chunk(s) of {where}: their "
+            f"input_spread is {shown}, expected {reference:.3g} (from the model's "
+            f"{expected_statistics(model).source}; within a factor {INPUT_SPREAD_FACTOR:g}). Were "
+            "those chunks' coefficients scaled or in other units? Rebuild the store, or pass "
+            "--skip-fit-check (EncodeConfig(check_fit=False)) to encode anyway."
         )

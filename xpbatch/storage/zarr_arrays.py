@@ -17,6 +17,7 @@ import datetime
 import enum
 import os
 import sys
+import uuid
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -26,7 +27,9 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.codecs
+from zarr.core.array import AsyncArray
 from zarr.core.sync import sync as zarr_sync
+from zarr.storage import MemoryStore, StorePath
 
 from xpbatch import schema
 from xpbatch.errors import CatalogError, StoreError, StoreNotFoundError
@@ -227,27 +230,101 @@ def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
     return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
 
 
-def fsync_chunk(path: Path, arrays: Iterable[zarr.Array], index: int) -> list[int | None]:
-    """fsync chunk ``index`` of each array, so a record written next never outlives its data.
+def write_chunks(
+    path: Path, writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice
+) -> dict[int, list[int]]:
+    """Write ``rows`` (whole chunks) of several arrays of the group at ``path``; return, per chunk
+    index, the checksum of each array's chunk file as this call wrote it.
 
-    Returns, per array, the crc32c its chunk file carries (read through the same open file):
-    Zarr's crc32c codec computes it over the encoded chunk as it writes it and appends it (4
-    bytes, in this machine's byte order). None for an array whose last codec is not crc32c.
+    The chunks are encoded in memory (every array at once, as :func:`write_together` does), then
+    each file is written to a temporary name, fsynced and renamed into place: a record written
+    next never outlives its data, and the checksums are of these bytes, whoever writes the same
+    file at the same time (see :func:`chunk_checksum`).
     """
-    checksums: list[int | None] = []
-    for array in arrays:
-        fd = os.open(chunk_file(path, array, index), os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            compressors = array.compressors  # the bytes-to-bytes codecs, in order
-            if compressors and isinstance(compressors[-1], zarr.codecs.Crc32cCodec):
-                trailer = os.pread(fd, 4, os.fstat(fd).st_size - 4)
-                checksums.append(int.from_bytes(trailer, sys.byteorder))
-            else:
-                checksums.append(None)
-        finally:
-            os.close(fd)
-    return checksums
+    buffers: list[dict[str, Any]] = []
+    in_memory = []
+    for array, values in writes:
+        found: dict[str, Any] = {}
+        memory = AsyncArray(
+            metadata=array.metadata,
+            store_path=StorePath(MemoryStore(store_dict=found)),
+            config=array.async_array.config,
+        )
+        buffers.append(found)
+        in_memory.append((zarr.Array(memory), values))  # type: ignore[type-var]
+    write_together(in_memory, rows)
+    chunk_rows = writes[0][0].chunks[0] if writes else 1
+    written: dict[int, list[int]] = {}
+    for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+        written[index] = []
+        for (array, _), found in zip(writes, buffers, strict=True):
+            key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+            data = found[key].to_bytes()
+            _write_file(path / array.basename / key, data)
+            written[index].append(_checksum_of(array, data))
+    return written
+
+
+def _write_file(file: Path, data: bytes) -> None:
+    """Write ``file`` whole or not at all: a temporary file, fsynced, renamed into place."""
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(partial, file)
+
+
+def _ends_in_crc32c(array: zarr.Array) -> bool:
+    compressors = array.compressors  # the bytes-to-bytes codecs, in order
+    return bool(compressors) and isinstance(compressors[-1], zarr.codecs.Crc32cCodec)
+
+
+def _checksum_of(array: zarr.Array, data: bytes) -> int:
+    """The checksum recorded for a chunk file of ``array`` holding ``data``: the crc32c trailer
+    Zarr's codec appended (checked against the body on every decode), else the file's crc32c."""
+    if _ends_in_crc32c(array):
+        return int.from_bytes(data[-4:], sys.byteorder)
+    return int(crc32c.crc32c(data))
+
+
+def chunk_checksum(file: Path, array: zarr.Array) -> int | None:
+    """The checksum chunk ``file`` of ``array`` carries (as :func:`write_chunks` records it),
+    None if the file is missing.
+
+    For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
+    still matches it is checked by every decode (and by :func:`file_has_checksum`).
+    """
+    try:
+        fd = os.open(file, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        if _ends_in_crc32c(array):
+            size = os.fstat(fd).st_size
+            return int.from_bytes(os.pread(fd, 4, size - 4), sys.byteorder) if size >= 4 else -2
+        return int(crc32c.crc32c(file.read_bytes()))
+    finally:
+        os.close(fd)
+
+
+def record_mismatch(file: Path, array: zarr.Array, recorded: int) -> str | None:
+    """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), as a
+    predicate ("is missing", ...); None when it is (its trailer, see :func:`chunk_checksum`)."""
+    found = chunk_checksum(file, array)
+    if found is None:
+        return "is missing"
+    if found != recorded:
+        return (
+            f"is not the file written there (crc32c {found:08x}, its record says "
+            f"{recorded:08x}): copied from another chunk, replaced or altered"
+        )
+    return None
 
 
 def create_chunk_table(
@@ -273,7 +350,7 @@ def create_chunk_table(
 
 def file_has_checksum(file: Path, checksum: int) -> bool:
     """Whether ``file`` is an encoded chunk followed by its crc32c, and that crc32c is
-    ``checksum`` (as :func:`fsync_chunk` read it): the file is byte for byte as written.
+    ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte as written.
 
     (A CRC of a whole file that ends in its own CRC is a constant, so the body is checked
     against the trailer and the trailer against ``checksum``.)

@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+import zarr.codecs
 
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError
@@ -206,6 +207,13 @@ class XPStoreWriter:
             variables=[spec.name for spec in writer._specs],
             description="bytes of each variable's chunk file, recorded when written",
         )
+        zarr_arrays.create_chunk_table(
+            group,
+            schema.CHECKSUMS_ARRAY,
+            n_chunks=len(writer.chunk_slices()),
+            variables=[spec.name for spec in writer._specs],
+            description="the crc32c of each variable's chunk file, recorded when written",
+        )
         writer._group = group
         logger.info("created store %s: %d rows in chunks of %d", writer.path, n_rows, chunk_rows)
         return writer
@@ -329,23 +337,23 @@ class XPStoreWriter:
                 )
             )
         # source_id goes last: finalize treats a chunk whose source_id is written as finished.
-        *variables, (source_id_array, source_id_values) = writes
-        zarr_arrays.write_together(variables, slice(start, start + n))
-        source_id_array[start : start + n] = source_id_values
-        self._record_chunk_files(group, [array for array, _ in writes], start, n)
+        checksums = zarr_arrays.write_chunks(self.path, writes, slice(start, start + n))
+        self._record_chunk_files(group, [array for array, _ in writes], checksums)
 
     def _record_chunk_files(
-        self, group: zarr.Group, arrays: Sequence[zarr.Array], start: int, n: int
+        self, group: zarr.Group, arrays: Sequence[zarr.Array], checksums: Mapping[int, list[int]]
     ) -> None:
-        """Record the size of each chunk file of rows ``start..start+n`` (after all are written)."""
-        records = group.get(schema.CHUNK_FILES)
-        if not isinstance(records, zarr.Array):
-            return  # a store created before chunk records existed
-        records = records.with_config({"write_empty_chunks": True})
-        first = start // self.chunk_rows
-        for index in range(first, first + -(-n // self.chunk_rows)):
-            sizes = [os.stat(zarr_arrays.chunk_file(self.path, a, index)).st_size for a in arrays]
-            records[index] = np.array(sizes, np.int64)
+        """Record the size and the crc32c of each chunk file just written (after all are)."""
+        sizes = group.get(schema.CHUNK_FILES)
+        crcs = group.get(schema.CHECKSUMS_ARRAY)
+        for index, crc in checksums.items():
+            if isinstance(sizes, zarr.Array):  # absent in stores created before chunk records
+                files = [zarr_arrays.chunk_file(self.path, a, index) for a in arrays]
+                sizes.with_config({"write_empty_chunks": True})[index] = np.array(
+                    [os.stat(f).st_size for f in files], np.int64
+                )
+            if isinstance(crcs, zarr.Array):
+                crcs.with_config({"write_empty_chunks": True})[index] = np.array(crc, np.int64)
 
     def _named_extras(
         self,
@@ -689,13 +697,112 @@ class ChunkReader:
 
     def __init__(self, path: PathLike, names: Iterable[str]) -> None:
         self.path = Path(path)
-        self.arrays = open_variables(self.path, names)
+        group = zarr_arrays.open_group(self.path, STORE)
+        self.arrays = {name: zarr_arrays.get_array(group, name, STORE) for name in names}
+        self._attrs: dict[str, Any] = group.attrs.asdict()
+        self._checksums = store_checks.recorded_checksums(group)  # None: an older store
 
-    def read(self, rows: slice) -> dict[str, np.ndarray]:
-        """Variable name -> its values in ``rows``."""
-        with ThreadPoolExecutor(len(self.arrays), thread_name_prefix="xpbatch-read") as pool:
+    def read(self, rows: slice, *, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
+        """Variable name -> its values in ``rows`` (of all the reader's variables, or ``names``).
+
+        Each chunk file is first checked against the checksum recorded when it was written, and
+        ``source_id`` against the ranges recorded when the store was finalized: a file copied
+        from another chunk is refused, naming the store, the variable and the chunk.
+        """
+        arrays = self.arrays if names is None else {name: self.arrays[name] for name in names}
+        recorded = self._recorded(rows, arrays)
+        with ThreadPoolExecutor(len(arrays), thread_name_prefix="xpbatch-read") as pool:
             futures = {
-                name: pool.submit(store_checks.read_rows_checked, self.path, array, rows)
-                for name, array in self.arrays.items()
+                name: pool.submit(
+                    store_checks.read_rows_checked,
+                    self.path,
+                    array,
+                    rows,
+                    recorded=None if recorded is None else recorded.get(name, {}),
+                )
+                for name, array in arrays.items()
             }
-            return {name: future.result() for name, future in futures.items()}
+            values = {name: future.result() for name, future in futures.items()}
+        if schema.SOURCE_ID in values:
+            chunk_rows = arrays[schema.SOURCE_ID].chunks[0]
+            problem = store_checks.source_id_range_problem(
+                self._attrs, values[schema.SOURCE_ID], rows, chunk_rows
+            )
+            if problem:
+                raise StoreError(
+                    f"{problem} (store {self.path}): its rows were not used. "
+                    f"{store_checks.DAMAGED_STORE_REMEDY}"
+                )
+        return values
+
+    def _recorded(
+        self, rows: slice, arrays: Mapping[str, zarr.Array]
+    ) -> dict[str, dict[int, int]] | None:
+        """Variable -> chunk -> recorded crc32c, for the chunks of ``rows``; None if unrecorded."""
+        if self._checksums is None or not arrays:
+            return None
+        names, table = self._checksums
+        chunk_rows = next(iter(arrays.values())).chunks[0]
+        first, stop = rows.start // chunk_rows, -(-rows.stop // chunk_rows)
+        block = np.asarray(table[first:stop])  # (chunk, variable)
+        return {
+            name: {first + i: int(block[i, column]) for i in range(len(block))}
+            for column, name in enumerate(names)
+        }
+
+
+def sample_rows(path: PathLike, names: Iterable[str], *, per_chunk: int) -> dict[str, np.ndarray]:
+    """``per_chunk`` evenly spaced rows of every chunk of the store, for each of ``names``, and
+    ``chunk`` (the chunk of each row): a look at the whole store for the price of a few rows.
+
+    Chunk files stored without compression (every store written now) are read row by row at
+    their offsets, without reading the chunks; compressed ones (older stores) are decoded.
+    These are a sample to measure, not rows to use: whole chunks are checked when read.
+    """
+    path = Path(path)
+    arrays = open_variables(path, names)
+    first = next(iter(arrays.values()))
+    n_rows, chunk_rows = int(first.shape[0]), int(first.chunks[0])
+    rows = np.unique(
+        np.concatenate(
+            [
+                np.linspace(start, min(start + chunk_rows, n_rows) - 1, per_chunk).astype(np.int64)
+                for start in range(0, n_rows, chunk_rows)
+            ]
+            or [np.zeros(0, np.int64)]
+        )
+    )
+    sample = {name: _rows_of(path, array, rows) for name, array in arrays.items()}
+    sample["chunk"] = rows // chunk_rows
+    return sample
+
+
+def _rows_of(path: Path, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``: read at their offsets from uncompressed chunk files, else decoded."""
+    serializer = array.serializer
+    plain = (
+        isinstance(serializer, zarr.codecs.BytesCodec)
+        and not array.filters
+        and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in array.compressors)
+    )
+    if not plain or not rows.size:
+        return np.asarray(array.get_orthogonal_selection(rows))  # type: ignore[arg-type]
+    endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
+    dtype = np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
+    row_bytes = dtype.itemsize * int(np.prod(array.chunks[1:], dtype=np.int64))
+    out = np.empty((rows.size, *array.shape[1:]), dtype)
+    chunk_rows = array.chunks[0]
+    for index in np.unique(rows // chunk_rows):
+        file = zarr_arrays.chunk_file(path, array, int(index))
+        picked = np.flatnonzero(rows // chunk_rows == index)
+        try:
+            with open(file, "rb") as f:
+                for i in picked:
+                    f.seek(int(rows[i] - index * chunk_rows) * row_bytes)
+                    out[i] = np.frombuffer(f.read(row_bytes), dtype).reshape(array.shape[1:])
+        except (FileNotFoundError, ValueError) as e:
+            raise StoreError(
+                f"{array.basename} chunk {index} of store {path}: file {file} is missing or cut "
+                f"short ({e}); {store_checks.DAMAGED_STORE_REMEDY}"
+            ) from e
+    return out.astype(array.dtype, copy=False)
