@@ -266,10 +266,9 @@ def _mixture(rng: np.random.Generator, k: int = 12, latent: int = 6) -> LatentDe
 
 
 def test_the_fused_score_equals_the_float64_torch_score() -> None:
-    """encode_cpu.score_rows (the CPU path) gives density.score's float32 values and outliers,
+    """score_rows (the CPU path) gives density.score's float32 values and outliers,
     also on rows the network never gives: NaN or huge latents, zero or infinite rmse."""
-    from xpbatch.encode import cpu as encode_cpu
-    from xpbatch.encode.kernel import _score_terms
+    from xpbatch.model.density import score_rows, score_terms
 
     rng = np.random.default_rng(11)
     density = _mixture(rng)
@@ -280,7 +279,7 @@ def test_the_fused_score_equals_the_float64_torch_score() -> None:
     flags = np.zeros(5000, np.uint16)
     flags[6] = CatalogFlag.NOT_ENCODED
     score = np.full(5000, 7, np.float32)
-    encode_cpu.score_rows(mu, rmse, *_score_terms(density), score, flags)
+    score_rows(mu, rmse, *score_terms(density), score, flags)
 
     expected = density.score(torch.from_numpy(mu), torch.from_numpy(rmse)).float().numpy()
     expected[6] = np.nan

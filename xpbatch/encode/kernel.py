@@ -18,10 +18,11 @@ import torch
 from xpbatch import schema
 from xpbatch.encode import cpu as encode_cpu
 from xpbatch.errors import InputShapeError
-from xpbatch.model.density import LatentDensity
+from xpbatch.model.density import score_rows, score_terms
 from xpbatch.model.network import reconstruction_rmse
 from xpbatch.model.trained import DEFAULT_BATCH_SIZE, TrainedModel
 from xpbatch.schema import CatalogFlag
+from xpbatch.store.input_recipe import FLOAT32_TINY, recipe_rows
 
 INPUT_VARIABLES = (
     schema.SOURCE_ID,
@@ -78,7 +79,7 @@ class EncodeKernel:
         self._std_np = model.normalisation.std
         assert model.density is not None  # TrainedModel puts the prior there when none was fitted
         self.density = model.density
-        self._score_terms = _score_terms(model.density)  # the fused path's scoring arguments
+        self._score_terms = score_terms(model.density)  # the fused path's scoring arguments
         self.n_in = model.config.input_dim
         self.n_bp = self.n_in // 2
         self._local = threading.local()
@@ -155,7 +156,7 @@ class EncodeKernel:
         for start in range(0, n_rows, batch_size):
             rows = slice(start, min(start + batch_size, n_rows))
             n = rows.stop - rows.start
-            encode_cpu.recipe_rows(
+            recipe_rows(
                 c[rows], e[rows], g[rows], self._mean_np, self._std_np, self.n_bp,
                 x[:n], x_err[:n], valid[:n], g32[:n], flags[rows],
             )  # fmt: skip
@@ -170,7 +171,7 @@ class EncodeKernel:
                 target(schema.SCATTER, rows), target(schema.RECONSTRUCTION, rows),
                 rmse[rows], flags[rows],
             )  # fmt: skip
-            encode_cpu.score_rows(
+            score_rows(
                 result.mu[:n].numpy(), rmse[rows], *self._score_terms,
                 out[schema.ANOMALY_SCORE][rows] if schema.ANOMALY_SCORE in out else no_score,
                 flags[rows],
@@ -331,27 +332,7 @@ class EncodeKernel:
             _store(array, results[name].numpy())
 
 
-_FLOAT32_TINY = float(encode_cpu.FLOAT32_TINY)
-
-
-_ScoreTerms = tuple[
-    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
-]
-
-
-def _score_terms(density: LatentDensity) -> _ScoreTerms:
-    """The arguments of :func:`xpbatch.encode.cpu.score_rows` that describe ``density``."""
-    as64 = np.ascontiguousarray
-    return (
-        as64(density.centre, np.float64),
-        as64(density.scale, np.float64),
-        np.flatnonzero(density.active).astype(np.int64),
-        as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
-        as64(density.means, np.float64),
-        as64(density.precision_cholesky, np.float64),
-        density.log_norms(),
-        np.float32(density.threshold),
-    )
+_FLOAT32_TINY = float(FLOAT32_TINY)
 
 
 def _store(array: np.ndarray, columns: np.ndarray) -> None:

@@ -30,8 +30,11 @@ import functools
 import math
 from typing import Any
 
+import numba
 import numpy as np
 import torch
+
+from xpbatch.schema import CatalogFlag
 
 ACTIVE_KL_NATS = 0.05
 """A latent dimension whose mean KL over the training set is below this (nats) is collapsed."""
@@ -208,6 +211,95 @@ def _prior_threshold(d: int) -> float:
     draws = np.random.default_rng(0).standard_normal((PRIOR_SAMPLES, d))
     scores = 0.5 * (draws**2).sum(axis=1) + 0.5 * d * math.log(2 * math.pi)
     return float(np.quantile(scores, OUTLIER_QUANTILE))
+
+
+# --- the score on the CPU ---------------------------------------------------------------------
+_LATENT_OUTLIER = np.uint16(CatalogFlag.LATENT_OUTLIER)
+_NOT_ENCODED = np.uint16(CatalogFlag.NOT_ENCODED)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def score_rows(
+    mu: np.ndarray,  # (rows, latent) float32 latent means
+    rmse: np.ndarray,  # (rows,) float32
+    centre: np.ndarray,  # (latent,) float64
+    scale: np.ndarray,  # (latent,) float64
+    active: np.ndarray,  # (active,) int64 indices of the active latent dimensions
+    log_rmse: np.ndarray,  # (2,) float64 centre and scale of ln rmse, or (0,): latent only
+    means: np.ndarray,  # (components, d) float64
+    factor: np.ndarray,  # (components, d, d) float64 precision Cholesky factors R
+    log_norms: np.ndarray,  # (components,) float64 (LatentDensity.log_norms)
+    threshold: np.float32,  # LATENT_OUTLIER above it (float32, as the torch path compares)
+    score: np.ndarray,  # out (rows,) float32, NaN on rows not encoded; or (0,)
+    flags: np.ndarray,  # (rows,) uint16: NOT_ENCODED read, LATENT_OUTLIER set
+) -> None:
+    """The anomaly score of :meth:`xpbatch.model.density.LatentDensity.score` and LATENT_OUTLIER.
+
+    In float64 like the torch path (only the order of the sums differs), so both give the same
+    float32 scores and the same outlier decisions; about 10x cheaper on the CPU, as it needs no
+    (rows, components, d) temporaries.
+    """
+    n_rows = mu.shape[0]
+    n_components, d = means.shape
+    n_active = active.shape[0]
+    u = np.empty(d)
+    log_p = np.empty(n_components)
+    nan = np.float32(np.nan)
+    for i in range(n_rows):
+        if flags[i] & _NOT_ENCODED:
+            if score.shape[0]:
+                score[i] = nan
+            continue
+        for a in range(n_active):
+            k = active[a]
+            u[a] = (np.float64(mu[i, k]) - centre[k]) / scale[k]
+        if log_rmse.shape[0]:
+            u[n_active] = (np.log(np.float64(rmse[i])) - log_rmse[0]) / log_rmse[1]
+        top, broken = -np.inf, False
+        for c in range(n_components):
+            q = 0.0
+            for e in range(d):  # y_e = sum_d (u - m)_d R_de, every term (as einsum: NaN stays)
+                y = 0.0
+                for j in range(d):
+                    y += (u[j] - means[c, j]) * factor[c, j, e]
+                q += y * y
+            log_p[c] = -0.5 * q + log_norms[c]
+            broken = broken or np.isnan(log_p[c])
+            top = max(top, log_p[c])
+        if broken:
+            value = np.nan
+        elif top == -np.inf:  # every component infinitely far: torch.logsumexp gives -inf
+            value = np.inf
+        else:
+            total = 0.0
+            for c in range(n_components):
+                total += np.exp(log_p[c] - top)
+            value = -(top + np.log(total))
+        value32 = np.float32(value)
+        if score.shape[0]:
+            score[i] = value32
+        if value32 > threshold:
+            flags[i] |= _LATENT_OUTLIER
+
+
+ScoreTerms = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
+]
+
+
+def score_terms(density: LatentDensity) -> ScoreTerms:
+    """The arguments of :func:`score_rows` that describe ``density``."""
+    as64 = np.ascontiguousarray
+    return (
+        as64(density.centre, np.float64),
+        as64(density.scale, np.float64),
+        np.flatnonzero(density.active).astype(np.int64),
+        as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
+        as64(density.means, np.float64),
+        as64(density.precision_cholesky, np.float64),
+        density.log_norms(),
+        np.float32(density.threshold),
+    )
 
 
 # --- fitting --------------------------------------------------------------------------------

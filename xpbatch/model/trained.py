@@ -23,7 +23,7 @@ from xpbatch.errors import InputShapeError
 from xpbatch.model.density import LatentDensity
 from xpbatch.model.network import ScatterVAE
 from xpbatch.schema import CatalogFlag
-from xpbatch.store.xp_store import compute_input_flags
+from xpbatch.store.input_recipe import compute_input_flags
 
 DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
 """Rows per forward pass (its home: the EncodeConfig field). Every pass is padded to exactly this
