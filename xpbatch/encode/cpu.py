@@ -1,13 +1,13 @@
-"""The encode kernel's steps around the network, fused into one numba loop per row, for the CPU.
+"""The encode kernel's outputs, fused into one numba loop per row, for the CPU.
 
-On a GPU :class:`xpbatch.encode.kernel.EncodeKernel` runs the input recipe and the outputs as torch
-operations. On the CPU the same float32 arithmetic as whole-array torch (or NumPy) operations
-passes over the block's (rows, 110) arrays a dozen times, and measured here that cost 3-4x the
-network itself. These loops read each row's 110 coefficients once while they are in cache and
-write straight into the caller's output arrays (about 0.3 µs per spectrum). They release the GIL,
-so several task threads of a worker run them at the same time. ``error_model="numpy"`` makes a
-division IEEE, as torch's (a division by zero gives inf or NaN, as on the GPU path) instead of a
-branch that raises ZeroDivisionError, so the loops vectorise.
+On a GPU :class:`xpbatch.encode.kernel.EncodeKernel` computes the outputs as torch operations. On
+the CPU whole-array operations pass over a block's (rows, 110) arrays many times; this loop reads
+each row once while it is in cache and writes straight into the caller's output arrays. It
+releases the GIL, so several task threads of a worker run it at the same time.
+``error_model="numpy"`` makes a division IEEE, as torch's (a division by zero gives inf or NaN,
+as on the GPU path) instead of a branch that raises ZeroDivisionError, so the loops vectorise.
+Its siblings on the CPU path: the input recipe (:func:`xpbatch.store.input_recipe.recipe_rows`)
+and the anomaly score (:func:`xpbatch.model.density.score_rows`).
 
 The arithmetic is the torch path's, step for step (float32; G flux rounded to float32 first).
 """

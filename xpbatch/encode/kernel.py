@@ -225,11 +225,13 @@ class EncodeKernel:
         source has one) is then treated as missing by :meth:`_recipe`.
         """
         n = len(g)
+        with np.errstate(over="ignore"):  # beyond float32: inf, a missing flux
+            g = np.asarray(g, np.float32)
         if not self.on_cuda:  # views of the caller's arrays where dtypes allow (no copy)
             return (
                 torch.from_numpy(np.ascontiguousarray(c, np.float32)),
                 torch.from_numpy(np.ascontiguousarray(e, np.float32)),
-                torch.from_numpy(np.asarray(g, np.float32)),
+                torch.from_numpy(g),
             )
         packed = self._staging("inputs", (n, 2 * self.n_in + 1))  # (rows, c | e | g)
         host = packed.numpy()
@@ -246,8 +248,8 @@ class EncodeKernel:
     def _recipe(
         self, c: torch.Tensor, e: torch.Tensor, g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, x_err (rows, input), valid (rows, input) and flags (rows,) int32: the input
-        recipe of :func:`xpbatch.model.trained.standardise` in float32."""
+        """x, x_err (rows, input), valid (rows, input) and flags (rows,) int32: the torch form
+        of the input recipe, :func:`xpbatch.store.input_recipe.recipe_rows` (tested equal)."""
         g_ok = torch.isfinite(g) & (g >= _FLOAT32_TINY)  # (rows,)
         valid = torch.isfinite(c) & torch.isfinite(e) & (e > 0)  # (rows, input)
         flags = torch.where(g_ok, 0, int(CatalogFlag.G_FLUX_MISSING)).to(torch.int32)

@@ -12,8 +12,10 @@
   imported published checkpoint) falls back to the prior, N(0, I) on the active dimensions with
   centre 0 and scale 1 and no ``v`` (:meth:`LatentDensity.prior`).
 - **Anomaly score** of a source: ``-log p(u, v)`` in nats: a rare latent position, a poor
-  reconstruction, or a misfit unusual for stars like it. Torch ops (:meth:`LatentDensity.score`),
-  so it can run on the encoder's device. Higher is rarer. LATENT_OUTLIER is set where it exceeds
+  reconstruction, or a misfit unusual for stars like it. Defined once for the CPU
+  (:func:`score_rows`, numba; :meth:`LatentDensity.score_numpy`); its torch form
+  (:meth:`LatentDensity.score`) runs on the encoder's device and is tested equal to it.
+  Higher is rarer. LATENT_OUTLIER is set where it exceeds
   ``threshold``, the score that ``1 - outlier_quantile`` of the training set exceeds (for the
   prior: of draws from the prior).
 
@@ -140,13 +142,18 @@ class LatentDensity:
         return log_weights + log_det - 0.5 * factor.shape[1] * math.log(2 * math.pi)
 
     def score_numpy(self, mu: np.ndarray, rmse: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`score` of numpy arrays, on the CPU, in blocks; (rows,) float64."""
+        """(rows,) float64 -log p of latent means ``mu`` (rows, latent) [and ``rmse`` (rows,)].
+
+        The score's one CPU definition, :func:`score_rows` (what the encode kernel runs on the
+        CPU); :meth:`score` is its torch form for devices, tested equal to it.
+        """
+        mu = np.asarray(mu)
+        if self.log_rmse is not None and rmse is None:
+            raise ValueError("this density scores (latent mean, rmse) pairs: pass rmse")
+        misfit = np.ones(len(mu)) if rmse is None else np.asarray(rmse)
         out = np.empty(len(mu))
-        for start in range(0, len(mu), 65536):
-            rows = slice(start, start + 65536)
-            block = torch.from_numpy(np.asarray(mu[rows], np.float64))
-            misfit = None if rmse is None else torch.from_numpy(np.asarray(rmse[rows], np.float64))
-            out[rows] = self.score(block, misfit).numpy()
+        no_flags = np.zeros(len(mu), np.uint16)
+        score_rows(mu, misfit, *score_terms(self), out, no_flags)
         return out
 
     # --- storage: tensors and a JSON description (artifact.py writes both into the model file)
@@ -230,13 +237,13 @@ def score_rows(
     factor: np.ndarray,  # (components, d, d) float64 precision Cholesky factors R
     log_norms: np.ndarray,  # (components,) float64 (LatentDensity.log_norms)
     threshold: np.float32,  # LATENT_OUTLIER above it (float32, as the torch path compares)
-    score: np.ndarray,  # out (rows,) float32, NaN on rows not encoded; or (0,)
+    score: np.ndarray,  # out (rows,) float32 (or float64), NaN on rows not encoded; or (0,)
     flags: np.ndarray,  # (rows,) uint16: NOT_ENCODED read, LATENT_OUTLIER set
 ) -> None:
-    """The anomaly score of :meth:`xpbatch.model.density.LatentDensity.score` and LATENT_OUTLIER.
+    """The anomaly score (its CPU definition) and LATENT_OUTLIER, row by row.
 
-    In float64 like the torch path (only the order of the sums differs), so both give the same
-    float32 scores and the same outlier decisions; about 10x cheaper on the CPU, as it needs no
+    In float64 like the torch form :meth:`LatentDensity.score` (only the order of the sums
+    differs), so both give the same float32 scores and the same outlier decisions; it needs no
     (rows, components, d) temporaries.
     """
     n_rows = mu.shape[0]
@@ -275,10 +282,9 @@ def score_rows(
             for c in range(n_components):
                 total += np.exp(log_p[c] - top)
             value = -(top + np.log(total))
-        value32 = np.float32(value)
         if score.shape[0]:
-            score[i] = value32
-        if value32 > threshold:
+            score[i] = value  # rounded to the array's dtype (float32 in the catalogue)
+        if np.float32(value) > threshold:
             flags[i] |= _LATENT_OUTLIER
 
 

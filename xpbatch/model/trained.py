@@ -4,10 +4,10 @@ Encoding itself is the encode layer's: :func:`xpbatch.encode.kernel.encode_array
 numpy out, for notebooks) and :func:`xpbatch.encode.kernel.encode_chunk` (one store chunk, what
 the stage's tasks run).
 
-The input recipe of the published model: divide coefficients and errors by
-``phot_g_mean_flux``, then standardise coefficient by coefficient with the training set's mean
-and standard deviation, ``x = (c / g - mean) / std`` and ``x_err = (e / g) / std``; coefficient
-order BP 0-54 then RP 0-54.
+The input recipe of the published model (defined once, :mod:`xpbatch.store.input_recipe`):
+divide coefficients and errors by ``phot_g_mean_flux``, then standardise coefficient by
+coefficient with the training set's mean and standard deviation, ``x = (c / g - mean) / std``
+and ``x_err = (e / g) / std``; coefficient order BP 0-54 then RP 0-54.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from xpbatch.errors import InputShapeError
 from xpbatch.model.density import LatentDensity
 from xpbatch.model.network import ScatterVAE
 from xpbatch.schema import CatalogFlag
-from xpbatch.store.input_recipe import compute_input_flags
+from xpbatch.store.input_recipe import recipe_rows
 
 
 @dataclass(frozen=True)
@@ -96,31 +96,26 @@ def standardise(
 ) -> StandardisedInput:
     """Apply the input recipe and find the missing and unusable values.
 
-    A coefficient is valid when it and its error are finite and the error is positive. Invalid
-    coefficients are set to 0 (the training mean) so the encoder sees a neutral value; the loss and
-    the RMSE ignore them. Rows whose G flux is missing or not positive, or that have no valid
-    coefficient, are flagged NOT_ENCODED.
+    The recipe's one definition, :func:`xpbatch.store.input_recipe.recipe_rows` (the loop the
+    encode kernel runs on the CPU), over all rows. A coefficient is valid when it and its error
+    are finite and the error is positive. Invalid coefficients are set to 0 (the training mean)
+    so the encoder sees a neutral value; the loss and the RMSE ignore them. Rows whose G flux is
+    missing or not positive, or that have no valid coefficient, are flagged NOT_ENCODED.
     """
     c = np.asarray(coefficients)
     e = np.asarray(coefficient_errors)
-    g = np.asarray(phot_g_mean_flux, dtype=np.float64)
+    g = np.asarray(phot_g_mean_flux)
     n_in = normalisation.mean.shape[0]
     check_shapes(c, e, g, n_in)
-    # The same bits as the store's input_flags (one definition), widened to the catalogue's.
-    flags = compute_input_flags(c, e, g, n_bp=n_in // 2).astype(np.uint16)
-    g_ok = np.isfinite(g) & (g > 0)
-    g_safe = np.where(g_ok, g, 1.0)[:, None]
-    with np.errstate(invalid="ignore"):
-        valid = np.isfinite(c) & np.isfinite(e) & (e > 0)
-    flags[~g_ok | ~valid.any(axis=1)] |= np.uint16(CatalogFlag.NOT_ENCODED)
-
-    # Computed in float64 then rounded once, like the published numpy preprocessing.
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        x = ((c / g_safe - normalisation.mean) / normalisation.std).astype(np.float32)
-        x_err = ((e / g_safe) / normalisation.std).astype(np.float32)
-    usable = valid & ((flags & np.uint16(CatalogFlag.NOT_ENCODED)) == 0)[:, None]
-    x = np.where(usable, x, np.float32(0))  # neutral input for whatever cannot be used
-    x_err = np.where(valid, x_err, np.float32(1))
+    n_rows = c.shape[0]
+    x = np.empty((n_rows, n_in), np.float32)
+    x_err = np.empty((n_rows, n_in), np.float32)
+    valid = np.empty((n_rows, n_in), np.bool_)
+    flags = np.empty(n_rows, np.uint16)
+    recipe_rows(
+        c, e, g, normalisation.mean, normalisation.std, n_in // 2,
+        x, x_err, valid, np.empty(n_rows, np.float32), flags,
+    )  # fmt: skip
     return StandardisedInput(x=x, x_err=x_err, valid=valid, flags=flags)
 
 

@@ -5,8 +5,10 @@ positive; a band is *missing* when all its coefficients are NaN, *NON_FINITE* wh
 some coefficient not valid; the G flux is *missing* when not finite or not positive. The model's
 input is ``x = (c / g - mean) / std`` and ``x_err = (e / g) / std``, coefficient order BP then RP.
 
-:func:`recipe_rows` (numba) is the CPU's definition; :func:`compute_input_flags` gives the
-store's flag bits.
+:func:`recipe_rows` (numba) is the one definition: the encode kernel runs it on the CPU,
+:func:`xpbatch.model.trained.standardise` (training, fit checks) runs it on whole arrays and
+:func:`compute_input_flags` (the store's flags) takes its bits. The device path
+(:class:`xpbatch.encode.kernel.EncodeKernel` on a GPU) is torch, tested equal to it.
 """
 
 from __future__ import annotations
@@ -80,6 +82,10 @@ def recipe_rows(
         g32[i] = scale
 
 
+FLAG_BLOCK_ROWS = 8192
+"""Rows per pass of :func:`compute_input_flags` (bounds its scratch arrays)."""
+
+
 # --- the store's flags ------------------------------------------------------------------------
 def compute_input_flags(
     coefficients: np.ndarray,
@@ -90,14 +96,15 @@ def compute_input_flags(
     flux_from_xp_file: np.ndarray | None = None,
     n_bp: int = schema.N_BP,
 ) -> np.ndarray:
-    """The :class:`~xpbatch.schema.InputFlag` bits of each row.
+    """The :class:`~xpbatch.schema.InputFlag` bits of each row: :func:`recipe_rows`'s bits.
 
     Parameters
     ----------
     coefficients, coefficient_errors
         (n, n_bp + n_rp), BP columns first.
     phot_g_mean_flux
-        (n,) G flux; missing when not finite or not positive.
+        (n,) G flux; missing when not finite or not positive (as float32: below its smallest
+        normal value, or beyond its range).
     flux_from_mag
         (n,) bool, rows whose flux was computed from ``phot_g_mean_mag``.
     flux_from_xp_file
@@ -119,24 +126,25 @@ def compute_input_flags(
     """
     coeff = np.asarray(coefficients)
     err = np.asarray(coefficient_errors)
-    flux = np.asarray(phot_g_mean_flux, dtype=np.float64)
+    flux = np.asarray(phot_g_mean_flux)
     if coeff.ndim != 2 or err.shape != coeff.shape or flux.shape != coeff.shape[:1]:
         raise InputShapeError(
             f"coefficients and errors must be (n, {schema.N_COEFF}) and the flux (n,), got "
             f"{coeff.shape}, {err.shape}, {flux.shape}"
         )
-    flags = np.zeros(len(coeff), dtype=np.uint8)
-    bands = ((InputFlag.BP_MISSING, slice(0, n_bp)), (InputFlag.RP_MISSING, slice(n_bp, None)))
-    for missing_bit, columns in bands:
-        missing = np.isnan(coeff[:, columns]).all(axis=1)
-        band_ok = (
-            np.isfinite(coeff[:, columns]).all(axis=1)
-            & np.isfinite(err[:, columns]).all(axis=1)
-            & (err[:, columns] > 0).all(axis=1)
-        )
-        flags[missing] |= np.uint8(missing_bit)
-        flags[~missing & ~band_ok] |= np.uint8(InputFlag.NON_FINITE)
-    flags[~(np.isfinite(flux) & (flux > 0))] |= np.uint8(InputFlag.G_FLUX_MISSING)
+    bits = np.empty(len(coeff), np.uint16)
+    block = max(1, min(FLAG_BLOCK_ROWS, len(coeff)))
+    scratch = np.empty((block, coeff.shape[1]), np.float32)
+    valid = np.empty((block, coeff.shape[1]), np.bool_)
+    identity = np.zeros(coeff.shape[1], np.float32), np.ones(coeff.shape[1], np.float32)
+    for start in range(0, len(coeff), block):
+        rows = slice(start, start + block)
+        n = len(bits[rows])
+        recipe_rows(
+            coeff[rows], err[rows], flux[rows], *identity, n_bp,
+            scratch[:n], scratch[:n], valid[:n], np.empty(n, np.float32), bits[rows],
+        )  # fmt: skip
+    flags = (bits & np.uint16(0xFF)).astype(np.uint8)  # the input bits (not NOT_ENCODED)
     if flux_from_mag is not None:
         flags[np.asarray(flux_from_mag, dtype=bool)] |= np.uint8(InputFlag.G_FLUX_FROM_MAG)
     if flux_from_xp_file is not None:
