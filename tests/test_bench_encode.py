@@ -54,3 +54,12 @@ def test_bench_encode_reports_rates_memory_and_projection(
     )
     assert np.all(np.diff(large[schema.SOURCE_ID][:]) > 0)
     assert not (tmp_path / "c.zarr").exists()  # catalogues are removed, inputs kept
+
+
+def test_the_forward_pass_is_timed_alone_on_the_loaded_network() -> None:
+    from xpbatch.benchmarks.encode import forward_cpu_seconds
+    from xpbatch.model.trained import TrainedModel
+
+    model = TrainedModel.untrained()
+    assert forward_cpu_seconds(model, batch_size=256, rows=1024) > 0
+    assert not model.network.training  # eval mode: batch norm uses its running statistics

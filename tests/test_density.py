@@ -12,6 +12,7 @@ import torch
 from click.testing import CliRunner
 
 from xpbatch.cli.main import main
+from xpbatch.encode.kernel import encode_arrays
 from xpbatch.model import files as artifact
 from xpbatch.model.density import (
     ACTIVE_KL_NATS,
@@ -130,7 +131,7 @@ def test_encode_flags_latent_outliers_by_the_score() -> None:
     model = TrainedModel.untrained()
     assert model.density is not None
     x = np.random.default_rng(0).normal(size=(64, 110))
-    result = model.encode_arrays(x, np.full_like(x, 0.1), np.ones(64))
+    result = encode_arrays(model, x, np.full_like(x, 0.1), np.ones(64))
     flagged = (result.flags & np.uint16(CatalogFlag.LATENT_OUTLIER)) != 0
     np.testing.assert_array_equal(flagged, result.anomaly_score > model.density.threshold)
     expected = model.density.score_numpy(result.latent_mean)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from xpbatch import schema
-from xpbatch.encode.kernel import BATCHES_PER_BLOCK, encode_chunk, output_variables
+from xpbatch.encode.kernel import BATCHES_PER_BLOCK, encode_arrays, encode_chunk, output_variables
 from xpbatch.errors import InputShapeError
 from xpbatch.model.trained import TrainedModel
 from xpbatch.schema import CatalogFlag, InputFlag
@@ -56,7 +56,8 @@ def test_blocks_give_bitwise_the_result_of_one_call(model: TrainedModel) -> None
     n = 3 * batch * BATCHES_PER_BLOCK + 5  # several blocks and a ragged end
     chunk = _chunk(n, seed=2)
     out = encode_chunk(model, chunk, batch_size=batch, with_reconstruction=True)
-    direct = model.encode_arrays(
+    direct = encode_arrays(
+        model,
         chunk[schema.COEFFICIENTS],
         chunk[schema.COEFFICIENT_ERRORS],
         chunk[schema.PHOT_G_MEAN_FLUX],

@@ -1,4 +1,4 @@
-"""The device kernel against the float64 NumPy recipe, on ordinary and edge rows."""
+"""The device kernel against the input recipe's one definition, on ordinary and edge rows."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from xpbatch.encode.kernel import EncodeKernel, encode_rows, kernel_for
 from xpbatch.model.density import LatentDensity
 from xpbatch.model.trained import Normalisation, TrainedModel, standardise
 from xpbatch.schema import CatalogFlag
+from xpbatch.store.input_recipe import compute_input_flags
 
 N_BP = 55
 
@@ -20,8 +21,9 @@ N_BP = 55
 def _numpy_reference(
     model: TrainedModel, c: np.ndarray, e: np.ndarray, g: np.ndarray
 ) -> dict[str, np.ndarray]:
-    """The recipe as xpbatch computed it before the device kernel: float64 NumPy around the
-    network (the test oracle)."""
+    """The recipe's one definition (:func:`standardise`, the CPU's numba loop, over all rows) and
+    the score's (:meth:`LatentDensity.score_numpy`) around one unpadded network pass, with
+    NumPy outputs (the test oracle)."""
     inp = standardise(c, e, g, model.normalisation)
     with torch.inference_mode():
         out = model.network(torch.from_numpy(inp.x))
@@ -190,13 +192,33 @@ def test_only_the_outputs_asked_for_are_written(kernel: EncodeKernel) -> None:
 
 
 def test_a_g_flux_outside_float32_is_not_encoded(kernel: EncodeKernel) -> None:
-    """The one documented difference from the float64 recipe: a flux float32 cannot hold."""
+    """A flux that float32 cannot hold is missing, for the kernel and the store's flags alike."""
     c, e, g, _ = _edge_rows()
-    g = g[:2].copy()
-    g[0] = 1e-40
-    flags = _kernel_outputs(kernel, c[:2], e[:2], g, ["flags"])["flags"]
-    assert flags[0] & CatalogFlag.NOT_ENCODED and flags[0] & CatalogFlag.G_FLUX_MISSING
+    g = g[:3].copy()
+    g[0], g[2] = 1e-40, 1e39
+    flags = _kernel_outputs(kernel, c[:3], e[:3], g, ["flags"])["flags"]
+    for row in (0, 2):
+        assert flags[row] & CatalogFlag.NOT_ENCODED and flags[row] & CatalogFlag.G_FLUX_MISSING
     assert not flags[1] & CatalogFlag.NOT_ENCODED
+    store_flags = compute_input_flags(c[:3], e[:3], g)
+    np.testing.assert_array_equal(store_flags, flags & 0xFF)
+
+
+def test_the_torch_recipe_equals_the_reference_bit_for_bit(model: TrainedModel) -> None:
+    """The device path's recipe (torch) gives the reference's (numba) x, x_err, valid and bits,
+    on every edge row; the store's flags are the reference's low byte."""
+    c, e, g, cases = _edge_rows()
+    want = standardise(c, e, g, model.normalisation)
+    kernel = EncodeKernel(model, "cpu", fused=False)
+    with torch.inference_mode():
+        tensors = kernel._to_device(c, e, g)
+        x, x_err, valid, flags = (t.numpy() for t in kernel._recipe(*tensors))
+    for i, case in enumerate(cases):
+        np.testing.assert_array_equal(x[i], want.x[i], err_msg=case)
+        np.testing.assert_array_equal(x_err[i], want.x_err[i], err_msg=case)
+        np.testing.assert_array_equal(valid[i], want.valid[i], err_msg=case)
+        assert int(flags[i]) == int(want.flags[i]), case
+    np.testing.assert_array_equal(compute_input_flags(c, e, g), want.flags & 0xFF)
 
 
 def test_threads_sharing_one_kernel_get_the_serial_result(kernel: EncodeKernel) -> None:
@@ -266,10 +288,9 @@ def _mixture(rng: np.random.Generator, k: int = 12, latent: int = 6) -> LatentDe
 
 
 def test_the_fused_score_equals_the_float64_torch_score() -> None:
-    """encode_cpu.score_rows (the CPU path) gives density.score's float32 values and outliers,
+    """score_rows (the CPU path) gives density.score's float32 values and outliers,
     also on rows the network never gives: NaN or huge latents, zero or infinite rmse."""
-    from xpbatch.encode import cpu as encode_cpu
-    from xpbatch.encode.kernel import _score_terms
+    from xpbatch.model.density import score_rows, score_terms
 
     rng = np.random.default_rng(11)
     density = _mixture(rng)
@@ -280,7 +301,7 @@ def test_the_fused_score_equals_the_float64_torch_score() -> None:
     flags = np.zeros(5000, np.uint16)
     flags[6] = CatalogFlag.NOT_ENCODED
     score = np.full(5000, 7, np.float32)
-    encode_cpu.score_rows(mu, rmse, *_score_terms(density), score, flags)
+    score_rows(mu, rmse, *score_terms(density), score, flags)
 
     expected = density.score(torch.from_numpy(mu), torch.from_numpy(rmse)).float().numpy()
     expected[6] = np.nan

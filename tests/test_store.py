@@ -14,9 +14,9 @@ import zarr
 from xpbatch import schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError, StoreNotFoundError
 from xpbatch.schema import InputFlag
+from xpbatch.store.input_recipe import compute_input_flags
 from xpbatch.store.xp_store import (
     XPStoreWriter,
-    compute_input_flags,
     open_xp_store,
     store_id,
     write_xp_store,

@@ -14,6 +14,7 @@ from click.testing import CliRunner
 
 from xpbatch.cli.main import main
 from xpbatch.config import TrainConfig
+from xpbatch.encode.kernel import encode_arrays
 from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
 from xpbatch.mock import read_mock_labels, write_mock_store
 from xpbatch.model.files import load_model
@@ -496,7 +497,7 @@ def _latent_means(model_path: Path, store: Path, source_id: np.ndarray) -> np.nd
     model, ds = load_model(model_path), open_xp_store(store)
     rows = np.searchsorted(ds.source_id.values, source_id)
     inputs = [ds[name].values[rows] for name in _INPUTS]
-    return model.encode_arrays(*inputs).latent_mean  # (rows, latent)
+    return encode_arrays(model, *inputs).latent_mean  # (rows, latent)
 
 
 _INPUTS = ("coefficients", "coefficient_errors", "phot_g_mean_flux")

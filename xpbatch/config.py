@@ -148,7 +148,7 @@ class EncodeConfig:
 
     batch_size: int = 4096
     """Rows per forward pass; every pass is padded to this size, so results do not depend on
-    the chunking. The kernels' default too (xpbatch.model.trained.DEFAULT_BATCH_SIZE)."""
+    the chunking. The kernels' default too (xpbatch.encode.kernel.DEFAULT_BATCH_SIZE)."""
     with_reconstruction: bool = False
     """Also store the decoder's reconstruction (source, coeff) in e-/s: about twice the size."""
     resume: bool = False

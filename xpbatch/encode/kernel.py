@@ -1,7 +1,8 @@
-"""The pure per-chunk kernel of ``encode-catalog``: one input chunk in, its output rows out.
+"""The pure encode kernel: one input chunk in, its output rows out; or any arrays in memory.
 
 No I/O and no cluster: :func:`encode_chunk` runs the same in a test, a notebook and a Dask
-worker (the rechunker habit). Reading the input chunk and writing the result are
+worker (the rechunker habit); :func:`encode_arrays` is the same kernel on arrays in physical
+units (numpy in, numpy out), for notebooks. Reading the input chunk and writing the result are
 :mod:`xpbatch.encode.stage`'s and :mod:`xpbatch.catalog.zarr_catalog`'s business.
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -16,12 +18,19 @@ import numpy as np
 import torch
 
 from xpbatch import schema
+from xpbatch.config import EncodeConfig
 from xpbatch.encode import cpu as encode_cpu
 from xpbatch.errors import InputShapeError
-from xpbatch.model.density import LatentDensity
+from xpbatch.model.density import score_rows, score_terms
 from xpbatch.model.network import reconstruction_rmse
-from xpbatch.model.trained import DEFAULT_BATCH_SIZE, TrainedModel
+from xpbatch.model.trained import TrainedModel, check_shapes
 from xpbatch.schema import CatalogFlag
+from xpbatch.store.input_recipe import FLOAT32_TINY, recipe_rows
+
+DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
+"""Rows per forward pass (its home: the EncodeConfig field). Every pass is padded to exactly this
+many rows, so the same kernels run whatever the chunk size (results then agree to float32
+round-off; the same chunking gives the same bytes)."""
 
 INPUT_VARIABLES = (
     schema.SOURCE_ID,
@@ -78,7 +87,7 @@ class EncodeKernel:
         self._std_np = model.normalisation.std
         assert model.density is not None  # TrainedModel puts the prior there when none was fitted
         self.density = model.density
-        self._score_terms = _score_terms(model.density)  # the fused path's scoring arguments
+        self._score_terms = score_terms(model.density)  # the fused path's scoring arguments
         self.n_in = model.config.input_dim
         self.n_bp = self.n_in // 2
         self._local = threading.local()
@@ -155,7 +164,7 @@ class EncodeKernel:
         for start in range(0, n_rows, batch_size):
             rows = slice(start, min(start + batch_size, n_rows))
             n = rows.stop - rows.start
-            encode_cpu.recipe_rows(
+            recipe_rows(
                 c[rows], e[rows], g[rows], self._mean_np, self._std_np, self.n_bp,
                 x[:n], x_err[:n], valid[:n], g32[:n], flags[rows],
             )  # fmt: skip
@@ -170,7 +179,7 @@ class EncodeKernel:
                 target(schema.SCATTER, rows), target(schema.RECONSTRUCTION, rows),
                 rmse[rows], flags[rows],
             )  # fmt: skip
-            encode_cpu.score_rows(
+            score_rows(
                 result.mu[:n].numpy(), rmse[rows], *self._score_terms,
                 out[schema.ANOMALY_SCORE][rows] if schema.ANOMALY_SCORE in out else no_score,
                 flags[rows],
@@ -216,11 +225,13 @@ class EncodeKernel:
         source has one) is then treated as missing by :meth:`_recipe`.
         """
         n = len(g)
+        with np.errstate(over="ignore"):  # beyond float32: inf, a missing flux
+            g = np.asarray(g, np.float32)
         if not self.on_cuda:  # views of the caller's arrays where dtypes allow (no copy)
             return (
                 torch.from_numpy(np.ascontiguousarray(c, np.float32)),
                 torch.from_numpy(np.ascontiguousarray(e, np.float32)),
-                torch.from_numpy(np.asarray(g, np.float32)),
+                torch.from_numpy(g),
             )
         packed = self._staging("inputs", (n, 2 * self.n_in + 1))  # (rows, c | e | g)
         host = packed.numpy()
@@ -237,8 +248,8 @@ class EncodeKernel:
     def _recipe(
         self, c: torch.Tensor, e: torch.Tensor, g: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x, x_err (rows, input), valid (rows, input) and flags (rows,) int32: the input
-        recipe of :func:`xpbatch.model.trained.standardise` in float32."""
+        """x, x_err (rows, input), valid (rows, input) and flags (rows,) int32: the torch form
+        of the input recipe, :func:`xpbatch.store.input_recipe.recipe_rows` (tested equal)."""
         g_ok = torch.isfinite(g) & (g >= _FLOAT32_TINY)  # (rows,)
         valid = torch.isfinite(c) & torch.isfinite(e) & (e > 0)  # (rows, input)
         flags = torch.where(g_ok, 0, int(CatalogFlag.G_FLUX_MISSING)).to(torch.int32)
@@ -331,27 +342,7 @@ class EncodeKernel:
             _store(array, results[name].numpy())
 
 
-_FLOAT32_TINY = float(encode_cpu.FLOAT32_TINY)
-
-
-_ScoreTerms = tuple[
-    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
-]
-
-
-def _score_terms(density: LatentDensity) -> _ScoreTerms:
-    """The arguments of :func:`xpbatch.encode.cpu.score_rows` that describe ``density``."""
-    as64 = np.ascontiguousarray
-    return (
-        as64(density.centre, np.float64),
-        as64(density.scale, np.float64),
-        np.flatnonzero(density.active).astype(np.int64),
-        as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
-        as64(density.means, np.float64),
-        as64(density.precision_cholesky, np.float64),
-        density.log_norms(),
-        np.float32(density.threshold),
-    )
+_FLOAT32_TINY = float(FLOAT32_TINY)
 
 
 def _store(array: np.ndarray, columns: np.ndarray) -> None:
@@ -406,6 +397,85 @@ def encode_rows(
             {name: array[rows] for name, array in out.items()},
             batch_size=batch_size,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeResult:
+    """Outputs of :func:`encode_arrays`; NaN on rows flagged NOT_ENCODED."""
+
+    latent_mean: np.ndarray  # (rows, latent) float32, posterior mean
+    latent_std: np.ndarray  # (rows, latent) float32, exp(log_var / 2)
+    reconstruction: np.ndarray  # (rows, input) float32, e-/s (input units)
+    scatter: np.ndarray  # (rows, input) float32, e-/s (input units)
+    rmse: np.ndarray  # (rows,) float32, sqrt(mean over valid j of ((x - xhat) / x_err)^2)
+    flags: np.ndarray  # (rows,) uint16 CatalogFlag bits
+    anomaly_score: np.ndarray  # (rows,) float32, -log p(latent mean), nats (xpbatch.model.density)
+
+
+def encode_arrays(
+    model: TrainedModel,
+    coefficients: np.ndarray,
+    coefficient_errors: np.ndarray,
+    phot_g_mean_flux: np.ndarray,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    device: str | torch.device = "cpu",
+) -> EncodeResult:
+    """Encode spectra given in physical units (e-/s) with ``model``, deterministically.
+
+    Parameters
+    ----------
+    model
+        The trained scatter VAE.
+    coefficients, coefficient_errors
+        (rows, 110) arrays, BP 0-54 then RP 0-54, in e-/s as in DR3. NaN marks a missing
+        value (e.g. a missing band); such coefficients are ignored.
+    phot_g_mean_flux
+        (rows,) G-band mean flux in e-/s; rows where it is missing or not positive are
+        flagged G_FLUX_MISSING and NOT_ENCODED, and their outputs are NaN.
+    batch_size
+        Rows per forward pass; each pass is padded to this size so results depend on how
+        rows are grouped into chunks only at float32 round-off.
+    device
+        Torch device for the forward pass.
+
+    Returns
+    -------
+    EncodeResult
+        Posterior mean and std of the latents; reconstruction and scatter converted back to
+        e-/s; RMSE = sqrt(mean_j ((x_j - xhat_j) / sigma_j)^2) over the valid coefficients
+        (a unitless, error-weighted residual); CatalogFlag bits; the anomaly score.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xpbatch.model.trained import TrainedModel
+    >>> model = TrainedModel.untrained()
+    >>> out = encode_arrays(model, np.ones((2, 110)), np.full((2, 110), 0.1), np.ones(2))
+    >>> out.latent_mean.shape, out.scatter.shape, out.rmse.shape
+    ((2, 6), (2, 110), (2,))
+    >>> r = encode_arrays(model, np.zeros((1, 110)), np.ones((1, 110)), np.array([-1.0]))
+    >>> bool(r.flags[0] & 256), bool(np.isnan(r.rmse[0]))  # NOT_ENCODED, NaN output
+    (True, True)
+    """
+    c = np.asarray(coefficients)
+    e = np.asarray(coefficient_errors)
+    g = np.asarray(phot_g_mean_flux)
+    check_shapes(c, e, g, model.config.input_dim)
+    n_rows, n_in = c.shape
+    latent = model.config.latent_dim
+    result = EncodeResult(
+        latent_mean=np.empty((n_rows, latent), np.float32),
+        latent_std=np.empty((n_rows, latent), np.float32),
+        reconstruction=np.empty((n_rows, n_in), np.float32),
+        scatter=np.empty((n_rows, n_in), np.float32),
+        rmse=np.empty(n_rows, np.float32),
+        flags=np.empty(n_rows, np.uint16),
+        anomaly_score=np.empty(n_rows, np.float32),
+    )
+    outputs = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+    encode_rows(kernel_for(model, device), c, e, g, outputs, batch_size=batch_size)
+    return result
 
 
 def output_variables(*, with_reconstruction: bool) -> tuple[str, ...]:

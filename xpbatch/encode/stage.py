@@ -307,7 +307,7 @@ def _model_and_hash(model: TrainedModel | PathLike) -> tuple[TrainedModel, str, 
     """(model, content hash, file path or None) for a model file or an in-memory model."""
     from xpbatch.model.files import load_model, save_model
 
-    if not hasattr(model, "encode_arrays"):
+    if not hasattr(model, "network"):  # a path, not a TrainedModel
         path = str(Path(model).resolve())  # type: ignore[arg-type]
         loaded = load_model(path)
         return loaded, loaded.content_hash, path

@@ -168,7 +168,7 @@ def join_g_flux(
 
     ``own``: the gaia_source columns the XP file carries (:attr:`ParsedFile.extras`). A source
     with neither flux nor magnitude anywhere gets NaN (it is kept and flagged G_FLUX_MISSING by
-    :func:`~xpbatch.store.xp_store.compute_input_flags`).
+    :func:`~xpbatch.store.input_recipe.compute_input_flags`).
     """
     own = dict(own or {})
     n = len(source_id)

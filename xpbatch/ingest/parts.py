@@ -26,7 +26,8 @@ from xpbatch.errors import ParseError
 from xpbatch.ingest.common import BadRow, ParsedFile, ReadRequest
 from xpbatch.ingest.gaia_source import GaiaSourceTable, join_g_flux, read_gaia_source
 from xpbatch.ingest.reader import read_xp_file
-from xpbatch.store.xp_store import INT_MISSING, XPStoreWriter, compute_input_flags, source_id_order
+from xpbatch.store.input_recipe import compute_input_flags
+from xpbatch.store.xp_store import INT_MISSING, XPStoreWriter, source_id_order
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,10 @@
   imported published checkpoint) falls back to the prior, N(0, I) on the active dimensions with
   centre 0 and scale 1 and no ``v`` (:meth:`LatentDensity.prior`).
 - **Anomaly score** of a source: ``-log p(u, v)`` in nats: a rare latent position, a poor
-  reconstruction, or a misfit unusual for stars like it. Torch ops (:meth:`LatentDensity.score`),
-  so it can run on the encoder's device. Higher is rarer. LATENT_OUTLIER is set where it exceeds
+  reconstruction, or a misfit unusual for stars like it. Defined once for the CPU
+  (:func:`score_rows`, numba; :meth:`LatentDensity.score_numpy`); its torch form
+  (:meth:`LatentDensity.score`) runs on the encoder's device and is tested equal to it.
+  Higher is rarer. LATENT_OUTLIER is set where it exceeds
   ``threshold``, the score that ``1 - outlier_quantile`` of the training set exceeds (for the
   prior: of draws from the prior).
 
@@ -30,8 +32,11 @@ import functools
 import math
 from typing import Any
 
+import numba
 import numpy as np
 import torch
+
+from xpbatch.schema import CatalogFlag
 
 ACTIVE_KL_NATS = 0.05
 """A latent dimension whose mean KL over the training set is below this (nats) is collapsed."""
@@ -137,13 +142,18 @@ class LatentDensity:
         return log_weights + log_det - 0.5 * factor.shape[1] * math.log(2 * math.pi)
 
     def score_numpy(self, mu: np.ndarray, rmse: np.ndarray | None = None) -> np.ndarray:
-        """:meth:`score` of numpy arrays, on the CPU, in blocks; (rows,) float64."""
+        """(rows,) float64 -log p of latent means ``mu`` (rows, latent) [and ``rmse`` (rows,)].
+
+        The score's one CPU definition, :func:`score_rows` (what the encode kernel runs on the
+        CPU); :meth:`score` is its torch form for devices, tested equal to it.
+        """
+        mu = np.asarray(mu)
+        if self.log_rmse is not None and rmse is None:
+            raise ValueError("this density scores (latent mean, rmse) pairs: pass rmse")
+        misfit = np.ones(len(mu)) if rmse is None else np.asarray(rmse)
         out = np.empty(len(mu))
-        for start in range(0, len(mu), 65536):
-            rows = slice(start, start + 65536)
-            block = torch.from_numpy(np.asarray(mu[rows], np.float64))
-            misfit = None if rmse is None else torch.from_numpy(np.asarray(rmse[rows], np.float64))
-            out[rows] = self.score(block, misfit).numpy()
+        no_flags = np.zeros(len(mu), np.uint16)
+        score_rows(mu, misfit, *score_terms(self), out, no_flags)
         return out
 
     # --- storage: tensors and a JSON description (artifact.py writes both into the model file)
@@ -208,6 +218,94 @@ def _prior_threshold(d: int) -> float:
     draws = np.random.default_rng(0).standard_normal((PRIOR_SAMPLES, d))
     scores = 0.5 * (draws**2).sum(axis=1) + 0.5 * d * math.log(2 * math.pi)
     return float(np.quantile(scores, OUTLIER_QUANTILE))
+
+
+# --- the score on the CPU ---------------------------------------------------------------------
+_LATENT_OUTLIER = np.uint16(CatalogFlag.LATENT_OUTLIER)
+_NOT_ENCODED = np.uint16(CatalogFlag.NOT_ENCODED)
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy")
+def score_rows(
+    mu: np.ndarray,  # (rows, latent) float32 latent means
+    rmse: np.ndarray,  # (rows,) float32
+    centre: np.ndarray,  # (latent,) float64
+    scale: np.ndarray,  # (latent,) float64
+    active: np.ndarray,  # (active,) int64 indices of the active latent dimensions
+    log_rmse: np.ndarray,  # (2,) float64 centre and scale of ln rmse, or (0,): latent only
+    means: np.ndarray,  # (components, d) float64
+    factor: np.ndarray,  # (components, d, d) float64 precision Cholesky factors R
+    log_norms: np.ndarray,  # (components,) float64 (LatentDensity.log_norms)
+    threshold: np.float32,  # LATENT_OUTLIER above it (float32, as the torch path compares)
+    score: np.ndarray,  # out (rows,) float32 (or float64), NaN on rows not encoded; or (0,)
+    flags: np.ndarray,  # (rows,) uint16: NOT_ENCODED read, LATENT_OUTLIER set
+) -> None:
+    """The anomaly score (its CPU definition) and LATENT_OUTLIER, row by row.
+
+    In float64 like the torch form :meth:`LatentDensity.score` (only the order of the sums
+    differs), so both give the same float32 scores and the same outlier decisions; it needs no
+    (rows, components, d) temporaries.
+    """
+    n_rows = mu.shape[0]
+    n_components, d = means.shape
+    n_active = active.shape[0]
+    u = np.empty(d)
+    log_p = np.empty(n_components)
+    nan = np.float32(np.nan)
+    for i in range(n_rows):
+        if flags[i] & _NOT_ENCODED:
+            if score.shape[0]:
+                score[i] = nan
+            continue
+        for a in range(n_active):
+            k = active[a]
+            u[a] = (np.float64(mu[i, k]) - centre[k]) / scale[k]
+        if log_rmse.shape[0]:
+            u[n_active] = (np.log(np.float64(rmse[i])) - log_rmse[0]) / log_rmse[1]
+        top, broken = -np.inf, False
+        for c in range(n_components):
+            q = 0.0
+            for e in range(d):  # y_e = sum_d (u - m)_d R_de, every term (as einsum: NaN stays)
+                y = 0.0
+                for j in range(d):
+                    y += (u[j] - means[c, j]) * factor[c, j, e]
+                q += y * y
+            log_p[c] = -0.5 * q + log_norms[c]
+            broken = broken or np.isnan(log_p[c])
+            top = max(top, log_p[c])
+        if broken:
+            value = np.nan
+        elif top == -np.inf:  # every component infinitely far: torch.logsumexp gives -inf
+            value = np.inf
+        else:
+            total = 0.0
+            for c in range(n_components):
+                total += np.exp(log_p[c] - top)
+            value = -(top + np.log(total))
+        if score.shape[0]:
+            score[i] = value  # rounded to the array's dtype (float32 in the catalogue)
+        if np.float32(value) > threshold:
+            flags[i] |= _LATENT_OUTLIER
+
+
+ScoreTerms = tuple[
+    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
+]
+
+
+def score_terms(density: LatentDensity) -> ScoreTerms:
+    """The arguments of :func:`score_rows` that describe ``density``."""
+    as64 = np.ascontiguousarray
+    return (
+        as64(density.centre, np.float64),
+        as64(density.scale, np.float64),
+        np.flatnonzero(density.active).astype(np.int64),
+        as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
+        as64(density.means, np.float64),
+        as64(density.precision_cholesky, np.float64),
+        density.log_norms(),
+        np.float32(density.threshold),
+    )
 
 
 # --- fitting --------------------------------------------------------------------------------

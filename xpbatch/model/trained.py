@@ -1,12 +1,13 @@
-"""A trained scatter VAE with its input recipe, and the in-memory encode kernel.
+"""A trained scatter VAE with its input recipe: everything needed to encode real Gaia data.
 
-The kernel (:meth:`TrainedModel.encode_arrays`) is numpy in, numpy out. It is what a notebook
-calls directly and what every Dask task calls on its chunk (via :mod:`xpbatch.encode.kernel`).
+Encoding itself is the encode layer's: :func:`xpbatch.encode.kernel.encode_arrays` (numpy in,
+numpy out, for notebooks) and :func:`xpbatch.encode.kernel.encode_chunk` (one store chunk, what
+the stage's tasks run).
 
-The input recipe of the published model: divide coefficients and errors by
-``phot_g_mean_flux``, then standardise coefficient by coefficient with the training set's mean
-and standard deviation, ``x = (c / g - mean) / std`` and ``x_err = (e / g) / std``; coefficient
-order BP 0-54 then RP 0-54.
+The input recipe of the published model (defined once, :mod:`xpbatch.store.input_recipe`):
+divide coefficients and errors by ``phot_g_mean_flux``, then standardise coefficient by
+coefficient with the training set's mean and standard deviation, ``x = (c / g - mean) / std``
+and ``x_err = (e / g) / std``; coefficient order BP 0-54 then RP 0-54.
 """
 
 from __future__ import annotations
@@ -18,17 +19,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from xpbatch.config import EncodeConfig, ModelConfig
+from xpbatch.config import ModelConfig
 from xpbatch.errors import InputShapeError
 from xpbatch.model.density import LatentDensity
 from xpbatch.model.network import ScatterVAE
 from xpbatch.schema import CatalogFlag
-from xpbatch.store.xp_store import compute_input_flags
-
-DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
-"""Rows per forward pass (its home: the EncodeConfig field). Every pass is padded to exactly this
-many rows, so the same kernels run whatever the chunk size (results then agree to float32
-round-off; the same chunking gives the same bytes)."""
+from xpbatch.store.input_recipe import recipe_rows
 
 
 @dataclass(frozen=True)
@@ -75,7 +71,7 @@ class StandardisedInput:
         return (self.flags & np.uint16(CatalogFlag.NOT_ENCODED)) == 0
 
 
-def _check_shapes(c: np.ndarray, e: np.ndarray, g: np.ndarray, n_in: int) -> None:
+def check_shapes(c: np.ndarray, e: np.ndarray, g: np.ndarray, n_in: int) -> None:
     """InputShapeError unless c and e are (rows, n_in) and g is (rows,)."""
     if c.ndim != 2 or c.shape[1] != n_in:
         raise InputShapeError(
@@ -100,60 +96,41 @@ def standardise(
 ) -> StandardisedInput:
     """Apply the input recipe and find the missing and unusable values.
 
-    A coefficient is valid when it and its error are finite and the error is positive. Invalid
-    coefficients are set to 0 (the training mean) so the encoder sees a neutral value; the loss and
-    the RMSE ignore them. Rows whose G flux is missing or not positive, or that have no valid
-    coefficient, are flagged NOT_ENCODED.
+    The recipe's one definition, :func:`xpbatch.store.input_recipe.recipe_rows` (the loop the
+    encode kernel runs on the CPU), over all rows. A coefficient is valid when it and its error
+    are finite and the error is positive. Invalid coefficients are set to 0 (the training mean)
+    so the encoder sees a neutral value; the loss and the RMSE ignore them. Rows whose G flux is
+    missing or not positive, or that have no valid coefficient, are flagged NOT_ENCODED.
     """
     c = np.asarray(coefficients)
     e = np.asarray(coefficient_errors)
-    g = np.asarray(phot_g_mean_flux, dtype=np.float64)
+    g = np.asarray(phot_g_mean_flux)
     n_in = normalisation.mean.shape[0]
-    _check_shapes(c, e, g, n_in)
-    # The same bits as the store's input_flags (one definition), widened to the catalogue's.
-    flags = compute_input_flags(c, e, g, n_bp=n_in // 2).astype(np.uint16)
-    g_ok = np.isfinite(g) & (g > 0)
-    g_safe = np.where(g_ok, g, 1.0)[:, None]
-    with np.errstate(invalid="ignore"):
-        valid = np.isfinite(c) & np.isfinite(e) & (e > 0)
-    flags[~g_ok | ~valid.any(axis=1)] |= np.uint16(CatalogFlag.NOT_ENCODED)
-
-    # Computed in float64 then rounded once, like the published numpy preprocessing.
-    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        x = ((c / g_safe - normalisation.mean) / normalisation.std).astype(np.float32)
-        x_err = ((e / g_safe) / normalisation.std).astype(np.float32)
-    usable = valid & ((flags & np.uint16(CatalogFlag.NOT_ENCODED)) == 0)[:, None]
-    x = np.where(usable, x, np.float32(0))  # neutral input for whatever cannot be used
-    x_err = np.where(valid, x_err, np.float32(1))
+    check_shapes(c, e, g, n_in)
+    n_rows = c.shape[0]
+    x = np.empty((n_rows, n_in), np.float32)
+    x_err = np.empty((n_rows, n_in), np.float32)
+    valid = np.empty((n_rows, n_in), np.bool_)
+    flags = np.empty(n_rows, np.uint16)
+    recipe_rows(
+        c, e, g, normalisation.mean, normalisation.std, n_in // 2,
+        x, x_err, valid, np.empty(n_rows, np.float32), flags,
+    )  # fmt: skip
     return StandardisedInput(x=x, x_err=x_err, valid=valid, flags=flags)
-
-
-@dataclass(frozen=True)
-class EncodeResult:
-    """Outputs of :meth:`TrainedModel.encode_arrays`; NaN on rows flagged NOT_ENCODED."""
-
-    latent_mean: np.ndarray  # (rows, latent) float32, posterior mean
-    latent_std: np.ndarray  # (rows, latent) float32, exp(log_var / 2)
-    reconstruction: np.ndarray  # (rows, input) float32, e-/s (input units)
-    scatter: np.ndarray  # (rows, input) float32, e-/s (input units)
-    rmse: np.ndarray  # (rows,) float32, sqrt(mean over valid j of ((x - xhat) / x_err)^2)
-    flags: np.ndarray  # (rows,) uint16 CatalogFlag bits
-    anomaly_score: np.ndarray  # (rows,) float32, -log p(latent mean), nats (xpbatch.model.density)
 
 
 @dataclass
 class TrainedModel:
     """A scatter VAE with everything needed to encode real Gaia data.
 
-    Returned by :func:`xpbatch.load_model`, :func:`xpbatch.import_xpvae` and training.
+    Returned by :func:`xpbatch.load_model`, :func:`xpbatch.import_xpvae` and training; encoded
+    by :func:`xpbatch.encode.kernel.encode_arrays`.
 
     Examples
     --------
-    >>> import numpy as np
     >>> model = TrainedModel.untrained()
-    >>> out = model.encode_arrays(np.ones((2, 110)), np.full((2, 110), 0.1), np.ones(2))
-    >>> out.latent_mean.shape, out.scatter.shape, out.rmse.shape
-    ((2, 6), (2, 110), (2,))
+    >>> model.config.input_dim, model.config.latent_dim
+    (110, 6)
     """
 
     network: ScatterVAE
@@ -219,70 +196,6 @@ class TrainedModel:
             CatalogFlag.IN_VALIDATION_SET
         )
         return flags
-
-    def encode_arrays(
-        self,
-        coefficients: np.ndarray,
-        coefficient_errors: np.ndarray,
-        phot_g_mean_flux: np.ndarray,
-        *,
-        batch_size: int = DEFAULT_BATCH_SIZE,
-        device: str | torch.device = "cpu",
-    ) -> EncodeResult:
-        """Encode spectra given in physical units (e-/s), deterministically.
-
-        Parameters
-        ----------
-        coefficients, coefficient_errors
-            (rows, 110) arrays, BP 0-54 then RP 0-54, in e-/s as in DR3. NaN marks a missing
-            value (e.g. a missing band); such coefficients are ignored.
-        phot_g_mean_flux
-            (rows,) G-band mean flux in e-/s; rows where it is missing or not positive are
-            flagged G_FLUX_MISSING and NOT_ENCODED, and their outputs are NaN.
-        batch_size
-            Rows per forward pass; each pass is padded to this size so results depend on how
-            rows are grouped into chunks only at float32 round-off.
-        device
-            Torch device for the forward pass.
-
-        Returns
-        -------
-        EncodeResult
-            Posterior mean and std of the latents; reconstruction and scatter converted back to
-            e-/s; RMSE = sqrt(mean_j ((x_j - xhat_j) / sigma_j)^2) over the valid coefficients
-            (a unitless, error-weighted residual); CatalogFlag bits.
-
-        Examples
-        --------
-        >>> import numpy as np
-        >>> model = TrainedModel.untrained()
-        >>> r = model.encode_arrays(np.zeros((1, 110)), np.ones((1, 110)), np.array([-1.0]))
-        >>> bool(r.flags[0] & 256), bool(np.isnan(r.rmse[0]))  # NOT_ENCODED, NaN output
-        (True, True)
-        """
-        from xpbatch.encode.kernel import (  # the kernel builds on this module
-            encode_rows,
-            kernel_for,
-        )
-
-        c = np.asarray(coefficients)
-        e = np.asarray(coefficient_errors)
-        g = np.asarray(phot_g_mean_flux)
-        _check_shapes(c, e, g, self.config.input_dim)
-        n_rows, n_in = c.shape
-        latent = self.config.latent_dim
-        result = EncodeResult(
-            latent_mean=np.empty((n_rows, latent), np.float32),
-            latent_std=np.empty((n_rows, latent), np.float32),
-            reconstruction=np.empty((n_rows, n_in), np.float32),
-            scatter=np.empty((n_rows, n_in), np.float32),
-            rmse=np.empty(n_rows, np.float32),
-            flags=np.empty(n_rows, np.uint16),
-            anomaly_score=np.empty(n_rows, np.float32),
-        )
-        outputs = {field.name: getattr(result, field.name) for field in dataclasses.fields(result)}
-        encode_rows(kernel_for(self, device), c, e, g, outputs, batch_size=batch_size)
-        return result
 
 
 def _isin_sorted(values: np.ndarray, sorted_set: np.ndarray) -> np.ndarray:

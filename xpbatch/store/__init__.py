@@ -3,6 +3,7 @@
 - :mod:`~xpbatch.store.xp_store`: write, open and read a store chunk by chunk.
 - :mod:`~xpbatch.store.layout`: its variables (names, dtypes, dimensions, fill values).
 - :mod:`~xpbatch.store.checks`: checking a store (schema, source_id order, chunk files).
+- :mod:`~xpbatch.store.input_recipe`: the input recipe: the rows' flags and the model's input.
 
 Written by :mod:`xpbatch.ingest` and :mod:`xpbatch.mock`; torch never enters this layer.
 """

@@ -46,11 +46,11 @@ import zarr.codecs
 
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError
-from xpbatch.schema import InputFlag
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import STORE
 from xpbatch.store import checks as store_checks
+from xpbatch.store.input_recipe import compute_input_flags
 from xpbatch.store.layout import (
     INT_MISSING as INT_MISSING,  # re-exported: the ingest readers and mock fill with it
 )
@@ -426,70 +426,6 @@ class XPStoreWriter:
         zarr_arrays.consolidate(self.path)
         logger.info("finalized store %s (%d rows)", self.path, self.n_rows)
         return self.path
-
-
-# --- flags ------------------------------------------------------------------------------------
-def compute_input_flags(
-    coefficients: np.ndarray,
-    coefficient_errors: np.ndarray,
-    phot_g_mean_flux: np.ndarray,
-    *,
-    flux_from_mag: np.ndarray | None = None,
-    flux_from_xp_file: np.ndarray | None = None,
-    n_bp: int = schema.N_BP,
-) -> np.ndarray:
-    """The :class:`~xpbatch.schema.InputFlag` bits of each row.
-
-    Parameters
-    ----------
-    coefficients, coefficient_errors
-        (n, n_bp + n_rp), BP columns first.
-    phot_g_mean_flux
-        (n,) G flux; missing when not finite or not positive.
-    flux_from_mag
-        (n,) bool, rows whose flux was computed from ``phot_g_mean_mag``.
-    flux_from_xp_file
-        (n,) bool, rows whose flux (or magnitude) came from the XP file, not a companion.
-    n_bp
-        Number of BP columns.
-
-    Returns
-    -------
-    numpy.ndarray
-        (n,) uint8. A band is missing when all its coefficients are NaN; NON_FINITE marks a
-        present band with some NaN/inf coefficient or error, or an error <= 0.
-
-    Examples
-    --------
-    >>> c = np.ones((1, 110), np.float32); c[0, :55] = np.nan
-    >>> int(compute_input_flags(c, np.ones_like(c), np.array([1e4]))[0])
-    1
-    """
-    coeff = np.asarray(coefficients)
-    err = np.asarray(coefficient_errors)
-    flux = np.asarray(phot_g_mean_flux, dtype=np.float64)
-    if coeff.ndim != 2 or err.shape != coeff.shape or flux.shape != coeff.shape[:1]:
-        raise InputShapeError(
-            f"coefficients and errors must be (n, {schema.N_COEFF}) and the flux (n,), got "
-            f"{coeff.shape}, {err.shape}, {flux.shape}"
-        )
-    flags = np.zeros(len(coeff), dtype=np.uint8)
-    bands = ((InputFlag.BP_MISSING, slice(0, n_bp)), (InputFlag.RP_MISSING, slice(n_bp, None)))
-    for missing_bit, columns in bands:
-        missing = np.isnan(coeff[:, columns]).all(axis=1)
-        band_ok = (
-            np.isfinite(coeff[:, columns]).all(axis=1)
-            & np.isfinite(err[:, columns]).all(axis=1)
-            & (err[:, columns] > 0).all(axis=1)
-        )
-        flags[missing] |= np.uint8(missing_bit)
-        flags[~missing & ~band_ok] |= np.uint8(InputFlag.NON_FINITE)
-    flags[~(np.isfinite(flux) & (flux > 0))] |= np.uint8(InputFlag.G_FLUX_MISSING)
-    if flux_from_mag is not None:
-        flags[np.asarray(flux_from_mag, dtype=bool)] |= np.uint8(InputFlag.G_FLUX_FROM_MAG)
-    if flux_from_xp_file is not None:
-        flags[np.asarray(flux_from_xp_file, dtype=bool)] |= np.uint8(InputFlag.G_FLUX_FROM_XP_FILE)
-    return flags
 
 
 # --- in-memory arrays -> store ----------------------------------------------------------------
