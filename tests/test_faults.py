@@ -25,7 +25,7 @@ from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import CatalogError, ChunkError, ClusterError
 from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
-from xpbatch.runtime.executor import map_bounded
+from xpbatch.runtime.executor import Executor
 from xpbatch.storage.outputs import lock_path
 
 if TYPE_CHECKING:
@@ -171,10 +171,11 @@ def test_a_failing_task_is_retried_then_reported_with_its_number(
             raise RuntimeError("always")
         return 2 * i
 
-    results = map_bounded(dask_client, flaky, range(3), name="t", max_attempts=2)
+    executor = Executor(dask_client, max_attempts=2)
+    results = executor.map(flaky, range(3), name="t")
     assert sorted(results) == [0, 2, 4]
     with pytest.raises(ChunkError, match=r"t task 0 \(3\) failed 2 times; last error: .*always"):
-        list(map_bounded(dask_client, flaky, [3], name="t", max_attempts=2))
+        list(executor.map(flaky, [3], name="t"))
 
 
 def test_a_cluster_without_workers_fails_the_run_resumably() -> None:
@@ -185,4 +186,4 @@ def test_a_cluster_without_workers_fails_the_run_resumably() -> None:
         Client(cluster) as client,
         pytest.raises(ClusterError, match=r"no workers for 0 s.*--resume"),
     ):
-        list(map_bounded(client, abs, [1], name="t", no_workers_timeout=0.3, poll_s=0.1))
+        list(Executor(client, no_workers_timeout=0.3, poll_s=0.1).map(abs, [1], name="t"))

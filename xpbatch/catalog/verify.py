@@ -1,7 +1,7 @@
 """Verifying a catalogue: every chunk written, completely and consistently (with its store).
 
 Reads the catalogue chunk by chunk, never a whole variable, so it runs on Dask workers as well as
-serially (see ``map_chunks``); :mod:`xpbatch.catalog.zarr_catalog` describes what a sound catalogue
+serially (see ``executor``); :mod:`xpbatch.catalog.zarr_catalog` describes what a sound catalogue
 holds.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -27,6 +27,7 @@ from xpbatch.catalog.zarr_catalog import (
     value_problems,
 )
 from xpbatch.errors import CatalogError, StoreError
+from xpbatch.runtime.executor import SERIAL, Executor
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG
@@ -76,9 +77,6 @@ CHECKSUM_CHECKS = (
 """What :func:`verify_catalog` with ``decode=False`` checks, as the run summary says it (with a
 store: also the row count, store id and every source_id against it; a chunk without recorded
 checksums for every file, or with a file that differs, is decoded and checked in full)."""
-
-ChunkMapper = Callable[[Callable[[int], list[str]], Iterable[int]], Iterable[list[str]]]
-"""Runs a per-chunk check over chunk indices (builtin ``map``, or Dask workers)."""
 
 _ALWAYS_DECODED = (schema.SOURCE_ID, schema.FLAGS)
 """Variables decoded even when checksums vouch for the files: small, and what the record and
@@ -286,7 +284,7 @@ def verify_catalog(
     path: PathLike,
     store: PathLike | None = None,
     *,
-    map_chunks: ChunkMapper | None = None,
+    executor: Executor = SERIAL,
     decode: bool = True,
 ) -> VerifyReport:
     """Check that every chunk of a catalogue was written, completely and consistently.
@@ -302,9 +300,9 @@ def verify_catalog(
         The catalogue.
     store
         The input XP store it was made from (optional).
-    map_chunks
-        How to run the per-chunk checks; default the builtin ``map`` (serial).
-        :mod:`xpbatch.encode.stage` passes one that runs them on Dask workers.
+    executor
+        Where the per-chunk checks run; by default serially here. ``encode-catalog`` passes the
+        executor that encoded the chunks (Dask workers, when it had a cluster).
     decode
         False: a chunk whose files all still carry the checksums its writer recorded is not
         decoded beyond ``source_id`` and ``flags`` (its writer checked the values before writing
@@ -332,7 +330,7 @@ def verify_catalog(
     recorded = len(completed_chunks(path))
     if not problems:
         verifier = ChunkVerifier(path, layout, store_path, decode=decode)
-        for found in (map_chunks or map)(verifier, range(layout.n_chunks)):
+        for found in executor.map(verifier, range(layout.n_chunks), name="xpbatch-verify"):
             problems.extend(found)
     return VerifyReport(str(path), layout.n_rows, layout.n_chunks, recorded, tuple(problems))
 

@@ -8,8 +8,9 @@ concurrently) and then its completion record (:class:`xpbatch.catalog.zarr_catal
 Without
 a client the same function runs serially in this process, which the tests use as the reference.
 
-The Dask machinery is not here: :mod:`xpbatch.runtime.executor` submits the tasks (bounded, retried,
-failures named) and draws the progress bar, as for every stage, and :mod:`xpbatch.encode.workers`
+The Dask machinery is not here: :class:`xpbatch.runtime.executor.Executor` runs the tasks
+(bounded, retried, failures named) and draws the progress bar, as for every stage, and
+:mod:`xpbatch.encode.workers`
 holds what each worker process keeps (the model on its device, loaded once by
 :class:`~xpbatch.encode.workers.ModelPlugin`; opened arrays). What keeps a long run cheap and safe:
 
@@ -34,9 +35,9 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import zarr
 
@@ -53,7 +54,7 @@ from xpbatch.errors import (
     ModelMismatchError,
     StoreError,
 )
-from xpbatch.runtime.executor import map_bounded, progress_bar
+from xpbatch.runtime.executor import Executor, Progress
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike
@@ -67,9 +68,6 @@ if TYPE_CHECKING:
     from xpbatch.model.trained import TrainedModel
 
 logger = logging.getLogger(__name__)
-
-T = TypeVar("T")
-R = TypeVar("R")
 
 
 # --- the run's result ---------------------------------------------------------------------------
@@ -261,8 +259,9 @@ def _input_layout(
 
 def _versions() -> dict[str, str]:
     """The model's provenance versions plus the libraries that write the catalogue."""
+    import importlib.metadata
+
     import dask
-    import distributed
     import xarray
 
     from xpbatch.model.files import runtime_versions
@@ -272,7 +271,7 @@ def _versions() -> dict[str, str]:
         "zarr": zarr.__version__,
         "xarray": xarray.__version__,
         "dask": dask.__version__,
-        "distributed": distributed.__version__,
+        "distributed": importlib.metadata.version("distributed"),
     }
 
 
@@ -366,38 +365,19 @@ def encode_catalog(
     """
     config = config or EncodeConfig()
     started = time.perf_counter()
-    if config.performance_report:
-        _check_can_report(client)
+    executor = _executor(client, config)
+    report: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
+    if config.performance_report:  # checked before anything is written
+        report = executor.performance_report(config.performance_report)
     plan = _plan(Path(store), model, Path(out), config)
-    report: Any = contextlib.nullcontext()
-    if config.performance_report and client is not None:
-        from distributed import performance_report
-
-        report = performance_report(filename=config.performance_report)
-    done_rows = sum(plan.layout.rows(i).stop - plan.layout.rows(i).start for i in plan.done)
-    progress = progress_bar(
-        plan.layout.n_rows,
-        initial=done_rows,
-        desc="encode-catalog",
-        unit="spectra",
-        enabled=config.progress_bar,
-    )
-    with report, progress as bar:
-        if client is None:
-            workers.install_model(plan.model_hash, plan.model, config.device)
-            records: Iterable[catalog.ChunkRecord] = map(run_chunk, plan.jobs)
-        else:
-            records = _distributed_records(client, plan, config)
-        rows_this_run = 0
-        for record in records:
-            rows_this_run += record.rows
-            bar.update(record.rows)
+    with report:
+        rows_this_run = sum(record.rows for record in _records(executor, plan, config))
         if not plan.was_complete:
             # A worker killed mid-write leaves a temporary file; the retry wrote the chunk.
             catalog.remove_interrupted_writes(out)
         # A catalogue found complete is verified again (not trusted): it may have been damaged
         # since; it is not marked again, so its files stay as they were.
-        verified = _verify(Path(out), Path(store), client, config, mark=not plan.was_complete)
+        verified = _verify(Path(out), Path(store), executor, config, mark=not plan.was_complete)
     summary = _summarise(Path(out), plan, rows_this_run, started, verified)
     if not verified:
         summary = dataclasses.replace(
@@ -468,69 +448,49 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
     )
 
 
-def _check_can_report(client: Client | None) -> None:
-    """--performance-report needs a cluster and bokeh (which draws the report)."""
-    import importlib.util
-
-    if client is None:
-        raise ConfigError("--performance-report needs a Dask cluster (it reports on one)")
-    if importlib.util.find_spec("bokeh") is None:
-        raise ConfigError(
-            "--performance-report needs bokeh to draw the report: `pip install 'bokeh>=3.1'`"
-        )
-
-
-def _distributed_records(
-    client: Client, plan: _Plan, config: EncodeConfig
-) -> Iterator[catalog.ChunkRecord]:
-    """Register the model plugin, then map :func:`run_chunk` over the jobs with a bound."""
-    if not plan.jobs:
-        return
-    key = plan.model_hash
-    in_memory = None if plan.model_path else plan.model
-    plugin = workers.ModelPlugin(key, path=plan.model_path, model=in_memory, device=config.device)
-    name = f"xpbatch-model-{key[:16]}"
-    client.register_plugin(plugin, name=name)
-    try:
-        yield from _map_on(client, run_chunk, plan.jobs, name="xpbatch-encode", config=config)
-    finally:
-        with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
-            client.unregister_worker_plugin(name)
-
-
-def _map_on(
-    client: Client, func: Callable[[T], R], items: Iterable[T], *, name: str, config: EncodeConfig
-) -> Iterator[R]:
-    """:func:`xpbatch.runtime.executor.map_bounded` with the bounds and retries of ``config``."""
-    return map_bounded(
+def _executor(client: Client | Executor | None, config: EncodeConfig) -> Executor:
+    """The executor of ``client`` (serial without one) with the bounds and retries of ``config``."""
+    return Executor.of(
         client,
-        func,
-        items,
-        name=name,
         tasks_per_thread=config.tasks_per_thread,
         max_attempts=config.max_attempts,
         no_workers_timeout=config.no_workers_timeout,
     )
 
 
-def _worker_mapper(client: Client, config: EncodeConfig) -> catalog_verify.ChunkMapper:
-    """A ``map`` that runs per-chunk checks on the cluster, bounded like the encode tasks."""
-
-    def mapper(check: Callable[[int], list[str]], chunks: Iterable[int]) -> Iterable[list[str]]:
-        return _map_on(client, check, chunks, name="xpbatch-verify", config=config)
-
-    return mapper
+def _records(
+    executor: Executor, plan: _Plan, config: EncodeConfig
+) -> Iterator[catalog.ChunkRecord]:
+    """Put the model in every process that runs chunks, then map :func:`run_chunk` over the jobs."""
+    done_rows = sum(plan.layout.rows(i).stop - plan.layout.rows(i).start for i in plan.done)
+    progress = Progress(
+        plan.layout.n_rows,
+        desc="encode-catalog",
+        unit="spectra",
+        initial=done_rows,
+        enabled=config.progress_bar,
+        count=lambda record: record.rows,
+    )
+    key = plan.model_hash
+    in_memory = None if plan.model_path else plan.model
+    plugin = workers.ModelPlugin(key, path=plan.model_path, model=in_memory, device=config.device)
+    model_loaded: contextlib.AbstractContextManager[None] = executor.per_process(
+        plugin,
+        name=f"xpbatch-model-{key[:16]}",
+        here=lambda: workers.install_model(key, plan.model, config.device),
+    )
+    with model_loaded if plan.jobs else contextlib.nullcontext():  # no chunk, no model to load
+        yield from executor.map(run_chunk, plan.jobs, name="xpbatch-encode", progress=progress)
 
 
 def _verify(
-    out: Path, store: Path, client: Client | None, config: EncodeConfig, *, mark: bool
+    out: Path, store: Path, executor: Executor, config: EncodeConfig, *, mark: bool
 ) -> bool:
-    """Verify the catalogue (on the workers when there are some), then mark it complete."""
+    """Verify the catalogue (on the executor that encoded it), then mark it complete."""
     if not config.verify:
         return False
-    mapper = None if client is None else _worker_mapper(client, config)
     # Checksums, not a second decode: each task checked its values before writing them.
-    report = catalog_verify.verify_catalog(out, store, map_chunks=mapper, decode=False)
+    report = catalog_verify.verify_catalog(out, store, executor=executor, decode=False)
     if not report.ok:
         raise CatalogError(
             f"verification FAILED, the catalogue is not sound: {report}\nEncode it again with "
@@ -565,8 +525,8 @@ def _summarise(
 
 
 def verify(
-    path: PathLike, store: PathLike | None = None, *, client: Client | None = None
+    path: PathLike, store: PathLike | None = None, *, client: Client | Executor | None = None
 ) -> catalog_verify.VerifyReport:
     """:func:`xpbatch.catalog.verify.verify_catalog`, on ``client``'s workers when one is given."""
-    mapper = None if client is None else _worker_mapper(client, EncodeConfig())
-    return catalog_verify.verify_catalog(path, store, map_chunks=mapper)
+    executor = _executor(client, EncodeConfig())
+    return catalog_verify.verify_catalog(path, store, executor=executor)

@@ -7,9 +7,8 @@
 3. the store is finalized (order and completeness checked) under ``<output>.partial`` and only
    then renamed to ``<output>``.
 
-The tasks of steps 1 and 2 go through :func:`xpbatch.runtime.executor.map_ordered` (bounded,
-retried on
-a cluster; a malformed file is reported at once).
+The tasks of steps 1 and 2 go through :class:`xpbatch.runtime.executor.Executor` (bounded,
+retried on a cluster; a malformed file is reported at once).
 """
 
 from __future__ import annotations
@@ -39,7 +38,7 @@ from xpbatch.ingest.parts import (
     merge_overlapping,
     write_chunk,
 )
-from xpbatch.runtime.executor import map_ordered, map_with_progress
+from xpbatch.runtime.executor import Executor, Progress
 from xpbatch.storage.outputs import (
     ResumePlan,
     check_same_run,
@@ -298,17 +297,16 @@ def ingest_files(
     tasks = [FileTask(xp, gs, str(_part_dir(staging, xp)), request) for xp, gs in pairs.items()]
     plan = ResumePlan.split(tasks, is_finished, resumed=resumed)
     logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
-    parsed = map_with_progress(
-        client,
-        ingest_file,
-        plan.todo,
-        name="xpbatch-ingest-parse",
+    executor = Executor.of(client)  # without a cluster, one file at a time
+    progress = Progress(
+        len(tasks),
         desc="ingest",
         unit="files",
-        total=len(tasks),
+        initial=len(tasks) - len(plan.todo),
         enabled=config.progress_bar,
-        n_threads=1,  # without a cluster, one file at a time (as before)
-        fatal=_FATAL,
+    )
+    parsed = executor.map(
+        ingest_file, plan.todo, name="xpbatch-ingest-parse", fatal=_FATAL, progress=progress
     )
     by_dir = {part.part_dir: part for part in parsed}
     parts = [by_dir.get(t.part_dir) or PartInfo.load(Path(t.part_dir)) for t in tasks]  # in order
@@ -331,14 +329,10 @@ def ingest_files(
     chunks = chunk_pieces(ordered, regions)
     write = functools.partial(_write_region, writer)
     starts = [r.start for r in regions]
-    map_ordered(
-        client,
-        write,
-        list(zip(starts, chunks, strict=True)),
-        name="xpbatch-ingest-write",
-        n_threads=1,
-        fatal=_FATAL,
-    )
+    for _ in executor.map(
+        write, list(zip(starts, chunks, strict=True)), name="xpbatch-ingest-write", fatal=_FATAL
+    ):
+        pass
     writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
     if out.exists():
         shutil.rmtree(out)

@@ -7,11 +7,11 @@ manifest last, and the labels table beside them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -30,6 +30,7 @@ from xpbatch.mock.ecsv import (
 from xpbatch.mock.labels import LABELS_FILE, LabelsWriter
 from xpbatch.mock.plan import BulkFile, bulk_file_plan
 from xpbatch.mock.rows import check_size, row_batches
+from xpbatch.runtime.executor import Executor
 from xpbatch.storage.paths import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -222,13 +223,12 @@ def write_bulk(out_dir: str | Path, config: MockConfig) -> list[Path]:
     _prepare_bulk_dir(out_dir, config.overwrite)
     labels = LabelsWriter(out_dir / LABELS_FILE)
     checksums: dict[str, str] = {}
-    with ThreadPoolExecutor(max_workers=config.workers) as pool:
-        # map yields in plan order, so the labels table stays in source_id order.
-        for sums, table in pool.map(
-            lambda file: _write_bulk_pair(out_dir, file, n, seed, config), plan
-        ):
-            checksums.update(sums)
-            labels.write_table(table)
+    write = functools.partial(_write_bulk_pair, out_dir, n=n, seed=seed, config=config)
+    # In plan order, so the labels table stays in source_id order.
+    executor = Executor(threads=config.workers)
+    for sums, table in executor.map(write, plan, name="xpbatch-mock-bulk", ordered=True):
+        checksums.update(sums)
+        labels.write_table(table)
     labels.close()
     manifest = "".join(f"{md5}  {name}\n" for name, md5 in sorted(checksums.items()))
     with atomic_path(out_dir / dr3.MD5_MANIFEST) as tmp:

@@ -42,7 +42,7 @@ from xpbatch import schema
 from xpbatch.config import HatsExportConfig, result_options
 from xpbatch.errors import CatalogError
 from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
-from xpbatch.runtime.executor import map_bounded
+from xpbatch.runtime.executor import Executor
 from xpbatch.storage.outputs import check_same_run, claim_output, locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
 
@@ -244,7 +244,8 @@ def export_hats(
     pipeline_with_client(args, client)
     catalog_dir = out / config.name
     index_dir = out / f"{config.name}_{schema.SOURCE_ID}"
-    n_approximate = write_source_id_index(source, catalog_dir, index_dir, client=client)
+    executor = Executor.of(client)
+    n_approximate = write_source_id_index(source, catalog_dir, index_dir, executor=executor)
     _add_index_to_collection(out, index_dir)
     margin = [out / m for m in (args.margin_paths or [])]
     return HatsExportSummary(
@@ -322,7 +323,7 @@ def _is_whole(path: Path, n_rows: int) -> bool:
 
 
 def write_source_id_index(
-    source: SkySource, catalog_dir: Path, index_dir: Path, *, client: Client
+    source: SkySource, catalog_dir: Path, index_dir: Path, *, executor: Executor
 ) -> int:
     """Write the source_id index of the HATS catalogue at ``catalog_dir``, one file per chunk.
 
@@ -341,7 +342,7 @@ def write_source_id_index(
         np.array([p.order for p in pixels])[order],
         np.array([p.pixel for p in pixels])[order],
     )
-    n_approximate = sum(map_bounded(client, task, range(source.n_chunks), name="xpbatch-index"))
+    n_approximate = sum(executor.map(task, range(source.n_chunks), name="xpbatch-index"))
     properties: dict[str, Any] = {
         "catalog_name": index_dir.name,
         "catalog_type": "index",

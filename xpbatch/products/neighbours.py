@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.errors import CatalogError, InputShapeError
+from xpbatch.runtime.executor import Executor
 from xpbatch.storage.paths import PathLike
 
 if TYPE_CHECKING:
@@ -198,7 +199,7 @@ def find_neighbours(
     queries: Sequence[int] | np.ndarray | pd.DataFrame,
     *,
     k: int = DEFAULT_K,
-    client: Client | None = None,
+    client: Client | Executor | None = None,
     model: TrainedModel | None = None,
 ) -> pd.DataFrame:
     """The ``k`` nearest sources of a catalogue to each query, in latent space.
@@ -244,8 +245,9 @@ def find_neighbours(
     metric = LatentMetric.from_catalog(path, model)
     query_ids, latent = _parse_queries(queries, layout.latent_dim)
     chunks = range(layout.n_chunks)
+    executor = Executor.of(client)
     if query_ids is not None:
-        latent = _lookup(path, layout, query_ids, client)
+        latent = _lookup(path, layout, query_ids, executor)
     carried = tuple(
         name for name in _CARRIED if name != schema.ANOMALY_SCORE or layout.with_anomaly_score
     )
@@ -260,7 +262,7 @@ def find_neighbours(
         carried,
     )
     best = _Best.empty(len(latent), k, carried)
-    for found in _map(client, search, chunks, name="xpbatch-neighbours"):
+    for found in executor.map(search, chunks, name="xpbatch-neighbours"):
         best = best.merge(found)
     return _table(best, query_ids)
 
@@ -298,12 +300,12 @@ def _parse_queries(
 
 
 def _lookup(
-    path: str, layout: catalog.CatalogLayout, query_ids: np.ndarray, client: Client | None
+    path: str, layout: catalog.CatalogLayout, query_ids: np.ndarray, executor: Executor
 ) -> np.ndarray:
     """(queries, latent) latent means of the query ids; InputShapeError if one is missing."""
     lookup = _ChunkLookup(path, layout.chunk_rows, layout.n_rows, np.unique(query_ids))
     found: dict[int, np.ndarray] = {}
-    for ids, latent in _map(client, lookup, range(layout.n_chunks), name="xpbatch-lookup"):
+    for ids, latent in executor.map(lookup, range(layout.n_chunks), name="xpbatch-lookup"):
         found.update(zip(ids.tolist(), latent, strict=True))
     missing = [int(i) for i in query_ids if int(i) not in found]
     if missing:
@@ -318,15 +320,6 @@ def _lookup(
             "they have no latent position"
         )
     return latent
-
-
-def _map(client: Client | None, func: Any, items: Iterable[int], *, name: str) -> Iterator[Any]:
-    """``map`` here, or a bounded map on the cluster's workers."""
-    if client is None:
-        return map(func, items)
-    from xpbatch.encode.stage import map_bounded
-
-    return map_bounded(client, func, items, name=name)
 
 
 def _table(best: _Best, query_ids: np.ndarray | None) -> pd.DataFrame:

@@ -52,7 +52,7 @@ import numpy as np
 from xpbatch import __version__, schema
 from xpbatch.config import ParquetExportConfig
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
-from xpbatch.runtime.executor import map_ordered, map_with_progress
+from xpbatch.runtime.executor import Executor, Progress
 from xpbatch.storage.outputs import ResumePlan, check_same_run, claim_output, locked_output
 from xpbatch.storage.partitions import (
     EXAMPLE_NAME,
@@ -455,10 +455,9 @@ def export_parquet(
         slice(start, min(start + source.chunk_rows, source.n_rows))
         for start in range(0, source.n_rows, source.chunk_rows)
     ]
+    executor = Executor.of(client, threads=config.threads)
     plan_block = functools.partial(_block_plan, source, ranges)
-    plans = map_ordered(
-        client, plan_block, blocks, name="xpbatch-export-plan", n_threads=config.threads
-    )
+    plans = list(executor.map(plan_block, blocks, name="xpbatch-export-plan", ordered=True))
     per_partition = _partition_rows(plans, len(ranges))
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
@@ -480,18 +479,16 @@ def export_parquet(
     files = {path.name: rows.stop - rows.start for rows, path in plan.done}
     n_reused = len(files)
     write = functools.partial(_write_partition, source, arrow_schema)
-    written = map_with_progress(
-        client,
-        write,
-        plan.todo,
-        name="xpbatch-export",
+    progress = Progress(
+        len(tasks),
         desc="export-parquet",
         unit="files",
-        total=len(tasks),
+        initial=len(tasks) - len(plan.todo),
         enabled=config.progress_bar,
-        n_threads=config.threads,
     )
-    files.update(written)
+    files.update(
+        executor.map(write, plan.todo, name="xpbatch-export", ordered=True, progress=progress)
+    )
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")

@@ -25,7 +25,6 @@ the source had when its id was assigned.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +33,7 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.errors import ConfigError
 from xpbatch.products.sky_positions import SkySource
-from xpbatch.runtime.executor import map_bounded
+from xpbatch.runtime.executor import Executor
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage.paths import PathLike
 
@@ -160,7 +159,7 @@ class _ChunkMaps:
 
 
 def compute_sky_maps(
-    catalog: PathLike, *, order: int = DEFAULT_ORDER, client: Client | None = None
+    catalog: PathLike, *, order: int = DEFAULT_ORDER, client: Client | Executor | None = None
 ) -> SkyMaps:
     """Accumulate the HEALPix maps of a complete catalogue, one chunk per task.
 
@@ -184,18 +183,8 @@ def compute_sky_maps(
     source = SkySource.open(catalog, positions_from_source_id=True)
     task = _ChunkMaps(source, order)
     total = SkyMaps.empty(order, source.layout.latent_dim)
-    results: Iterable[SkyMaps] = (
-        map(task, range(source.n_chunks))
-        if client is None
-        else map_bounded(
-            client,
-            task,
-            range(source.n_chunks),
-            name="sky map",
-            tasks_per_thread=TASKS_IN_FLIGHT_PER_THREAD,
-        )
-    )
-    for part in results:
+    executor = Executor.of(client, tasks_per_thread=TASKS_IN_FLIGHT_PER_THREAD)
+    for part in executor.map(task, range(source.n_chunks), name="sky map"):
         total = total + part
     return total
 

@@ -1,7 +1,8 @@
 """Where tasks run: the executor every stage maps its items with, and the cluster it connects to.
 
-- :mod:`~xpbatch.runtime.executor`: map a function over many items (bounded, retried, failures
-  named, with a progress bar).
+- :mod:`~xpbatch.runtime.executor`: the one ``Executor`` (serially, in threads, or on a Dask
+  client) that maps a function over many items: bounded, retried, failures named, with a
+  progress bar.
 - :mod:`~xpbatch.runtime.cluster`: connect to a LocalCluster, dask-cuda or a running scheduler.
 
 This is the only layer (with the encode stage's worker plugin) that imports ``distributed``.

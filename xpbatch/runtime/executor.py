@@ -1,22 +1,26 @@
-"""Run a function over many items on a Dask cluster: bounded, retried, failures named.
+"""Run a function over many items: serially, in a local thread pool, or on a Dask cluster.
 
 Every stage that fans out (``ingest``'s files and store chunks, ``encode-catalog``'s chunks and
-verification, ``export-parquet``'s plans and partitions, ``export-hats``' index files) maps a
-plain, idempotent function of one item through here, so they share one behaviour:
+its verification, ``export-parquet``'s plans and partitions, ``export-hats``' index files, the
+sky maps, the neighbour search) maps a plain, idempotent function of one item with
+:meth:`Executor.map`, so they share one behaviour whichever executor runs it (the rechunker
+habit: the same tasks, another executor):
 
-- at most ``tasks_per_thread`` × (worker threads) tasks are in flight, and each future is
-  released as soon as its result is taken, so neither the client nor the scheduler accumulates
-  results (memory flat in the number of items);
-- a task that fails (it raised, or its worker died too often) is submitted again, up to
-  ``max_attempts`` runs; after that a :class:`~xpbatch.errors.ChunkError` names the task and its
-  item and carries the last error; an error listed as ``fatal`` (bad input that no rerun
-  mends, e.g. a malformed file) is raised at once as it is;
+- a bounded number of tasks is in flight (``tasks_per_thread`` × threads, the cluster's or the
+  local pool's) and each result is released as soon as it is taken, so neither this process nor
+  the scheduler accumulates results (memory flat in the number of items);
+- results come as they complete, or in the items' order (``ordered=True``);
+- on a cluster, a task that fails (it raised, or its worker died too often) is submitted again,
+  up to ``max_attempts`` runs; after that a :class:`~xpbatch.errors.ChunkError` names the task and
+  its item and carries the last error. Locally a failure is raised at once, as it is, with a note
+  naming its task and item. An error listed as ``fatal`` (bad input that no rerun mends, e.g. a
+  malformed file) is raised at once as it is everywhere;
 - a cluster left without workers for ``no_workers_timeout`` seconds ends in a
-  :class:`~xpbatch.errors.ClusterError` that says how to resume.
+  :class:`~xpbatch.errors.ClusterError` that says how to resume;
+- an optional :class:`Progress` bar advances with every result.
 
-Without a client, :func:`map_ordered` runs the same function in a local thread pool (the
-rechunker habit: the same tasks, another executor). :func:`progress_bar` is every stage's
-progress bar.
+A stage builds its executor from the ``client`` it was given (:meth:`Executor.of`): which one
+runs is decided there, never by a branch in the stage.
 """
 
 from __future__ import annotations
@@ -26,166 +30,285 @@ import collections
 import concurrent.futures
 import contextlib
 import dataclasses
+import itertools
 import logging
+import os
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from xpbatch.errors import ChunkError, ClusterError
+from xpbatch.errors import ChunkError, ClusterError, ConfigError
 
 if TYPE_CHECKING:
-    from distributed import Client, Future
+    from distributed import Client, Future, WorkerPlugin
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 R = TypeVar("R")
 
-
-def map_bounded(
-    client: Client,
-    func: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    name: str,
-    tasks_per_thread: int = 2,
-    max_attempts: int = 3,
-    no_workers_timeout: float = 600.0,
-    poll_s: float = 2.0,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> Iterator[R]:
-    """Run ``func`` on every item on ``client``'s workers; yield results as they complete.
-
-    At most ``tasks_per_thread`` × (worker threads) tasks are in flight; each future is
-    released once its result is taken. A task that fails (its worker died too often or it
-    raised) is submitted again, up to ``max_attempts`` runs, so ``func`` must be idempotent.
-    When the cluster has had no worker for ``no_workers_timeout`` seconds, raise ClusterError.
-    A task error that is an instance of one of ``fatal`` is re-raised at once, unchanged.
-
-    Examples
-    --------
-    >>> sorted(map_bounded(client, abs, [-1, -2], name="abs"))  # doctest: +SKIP
-    [1, 2]
-    """
-    from distributed import wait
-
-    queue = collections.deque(enumerate(items))
-    pending: dict[Future, tuple[int, T]] = {}
-    attempts: collections.Counter[int] = collections.Counter()
-    token = uuid.uuid4().hex[:8]
-    idle_since: float | None = None
-    try:
-        while queue or pending:
-            window = tasks_per_thread * max(1, sum(client.nthreads().values()))
-            while queue and len(pending) < window:
-                number, item = queue.popleft()
-                key = f"{name}-{token}-{number}-{attempts[number]}"
-                pending[client.submit(func, item, key=key, pure=False)] = (number, item)
-            try:
-                done = wait(list(pending), timeout=poll_s, return_when="FIRST_COMPLETED").done
-            except TimeoutError:
-                idle_since = _check_workers(client, idle_since, no_workers_timeout)
-                continue
-            idle_since = None
-            for future in done:
-                number, item = pending.pop(future)
-                if future.status == "finished":
-                    result = future.result()
-                    future.release()
-                    yield result
-                    continue
-                error = _failure(future)
-                future.release()
-                if isinstance(error, fatal):
-                    raise error
-                attempts[number] += 1
-                if attempts[number] >= max_attempts:
-                    raise ChunkError(
-                        f"{name} task {number} ({_describe(item)}) failed {attempts[number]} "
-                        f"times; last error: {type(error).__name__}: {error}"
-                    ) from error
-                logger.warning("%s task %d failed (%s); submitting it again", name, number, error)
-                queue.appendleft((number, item))
-    finally:
-        for future in pending:
-            future.cancel()
-
-
-def map_ordered(
-    client: Client | None,
-    func: Callable[[T], R],
-    items: Iterable[T],
-    *,
-    name: str,
-    n_threads: int | None = None,
-    on_result: Callable[[R], object] | None = None,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> list[R]:
-    """``list(map(func, items))`` on ``client`` (as :func:`map_bounded`) or a local thread pool.
-
-    ``n_threads`` sizes the local pool (default: one per core); ``on_result`` is called with
-    each result as it arrives (e.g. to advance a progress bar); ``fatal`` is :func:`map_bounded`'s
-    (without a client every error is raised as it is); the bounds are map_bounded's defaults.
-    """
-    if client is None:
-        with concurrent.futures.ThreadPoolExecutor(n_threads, thread_name_prefix=name) as pool:
-            indexed: Iterable[tuple[int, R]] = enumerate(pool.map(func, items))
-            results = _collect(indexed, on_result)
-    else:
-        numbered = map_bounded(client, _Numbered(func), enumerate(items), name=name, fatal=fatal)
-        results = _collect(numbered, on_result)
-    return [results[i] for i in range(len(results))]
-
-
-def map_with_progress(
-    client: Client | None,
-    func: Callable[[T], R],
-    todo: Sequence[T],
-    *,
-    name: str,
-    desc: str,
-    unit: str,
-    total: int,
-    enabled: bool = True,
-    n_threads: int | None = None,
-    fatal: tuple[type[BaseException], ...] = (),
-) -> list[R]:
-    """:func:`map_ordered` over the items left to do, with a progress bar of ``total`` items
-    (those an earlier run did count as done from the start)."""
-    initial = total - len(todo)
-    with progress_bar(total, initial=initial, desc=desc, unit=unit, enabled=enabled) as bar:
-        return map_ordered(
-            client,
-            func,
-            todo,
-            name=name,
-            n_threads=n_threads,
-            on_result=lambda _: bar.update(1),
-            fatal=fatal,
-        )
+Numbered = Iterator[tuple[int, R]]
+"""(item number, result) pairs, as tasks complete."""
 
 
 @dataclasses.dataclass(frozen=True)
-class _Numbered(Generic[T, R]):
-    """``func`` on ``(number, item)`` pairs, returning ``(number, result)`` (for map_ordered)."""
+class Progress:
+    """A progress bar over a map: ``total`` units, ``initial`` of them done before this run."""
 
-    func: Callable[[T], R]
+    total: int
+    desc: str
+    unit: str
+    initial: int = 0
+    enabled: bool = True
+    count: Callable[[Any], int] | None = None
+    """Units a result stands for (e.g. a chunk's rows); by default one per result."""
 
-    def __call__(self, numbered: tuple[int, T]) -> tuple[int, R]:
-        number, item = numbered
-        return number, self.func(item)
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Executor:
+    """Where a stage's tasks run: in this thread, in a local thread pool, or on a Dask client.
+
+    Examples
+    --------
+    >>> list(Executor().map(abs, [-1, -2], name="abs"))
+    [1, 2]
+    >>> sorted(Executor(threads=2).map(abs, [-1, -2], name="abs"))
+    [1, 2]
+    """
+
+    client: Client | None = None
+    """A ``distributed.Client`` whose workers run the tasks; None runs them in this process."""
+    threads: int | None = 1
+    """Without a client: 1 runs the tasks one after another in this thread; more, in a pool of
+    that many threads; None, a pool of one thread per core (as :mod:`concurrent.futures`)."""
+    tasks_per_thread: int = 2
+    """Tasks in flight per thread (the cluster's threads, or the local pool's)."""
+    max_attempts: int = 3
+    """Runs of a failing task on a cluster before the map fails with a ChunkError."""
+    no_workers_timeout: float = 600.0
+    """Seconds a cluster may have no worker before the map fails with a ClusterError."""
+    poll_s: float = 2.0
+    """How often a map on a cluster checks that it still has workers while none finishes."""
+
+    def __post_init__(self) -> None:
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(
+                f"threads must be at least 1 (or None: one per core), got {self.threads}"
+            )
+        if self.tasks_per_thread < 1 or self.max_attempts < 1:
+            raise ConfigError(
+                f"tasks_per_thread and max_attempts must be at least 1, got "
+                f"{self.tasks_per_thread} and {self.max_attempts}"
+            )
+
+    @classmethod
+    def of(cls, client: Client | Executor | None, **options: Any) -> Executor:
+        """The executor for a stage given ``client`` (an Executor is taken as it is)."""
+        if isinstance(client, Executor):
+            return client
+        return cls(client, **options)
+
+    @property
+    def kind(self) -> Literal["serial", "threads", "dask"]:
+        """Which of the three runs the tasks."""
+        if self.client is not None:
+            return "dask"
+        return "serial" if self.threads == 1 else "threads"
+
+    def map(
+        self,
+        func: Callable[[T], R],
+        items: Iterable[T],
+        *,
+        name: str,
+        ordered: bool = False,
+        fatal: tuple[type[BaseException], ...] = (),
+        progress: Progress | None = None,
+    ) -> Iterator[R]:
+        """Run ``func`` on every item; yield the results as they complete (or in order).
+
+        The tasks start when the first result is asked for; closing the iterator early cancels
+        those not yet run. ``name`` names the tasks (Dask keys, thread names, failures).
+        """
+        runs = {"serial": self._serial, "threads": self._threads, "dask": self._dask}
+        numbered = runs[self.kind](func, items, name, fatal)
+        results = _in_order(numbered) if ordered else (result for _, result in numbered)
+        return results if progress is None else _advancing(results, progress)
+
+    @contextlib.contextmanager
+    def per_process(
+        self, plugin: WorkerPlugin, *, name: str, here: Callable[[], object]
+    ) -> Iterator[None]:
+        """Set up every process that runs tasks, for the duration of the block.
+
+        On a cluster ``plugin`` is registered on every worker (also those that join or restart
+        later) and removed afterwards; locally ``here()`` runs once in this process.
+        """
+        if self.client is None:
+            here()
+            yield
+            return
+        self.client.register_plugin(plugin, name=name)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
+                self.client.unregister_worker_plugin(name)
+
+    def performance_report(self, filename: str) -> contextlib.AbstractContextManager[object]:
+        """Dask's performance report of the block, written to ``filename`` (HTML).
+
+        Raises ConfigError at once (before any work) without a cluster or without bokeh.
+        """
+        import importlib.util
+
+        if self.client is None:
+            raise ConfigError("--performance-report needs a Dask cluster (it reports on one)")
+        if importlib.util.find_spec("bokeh") is None:
+            raise ConfigError(
+                "--performance-report needs bokeh to draw the report: `pip install 'bokeh>=3.1'`"
+            )
+        from distributed import performance_report
+
+        return performance_report(filename=filename)
+
+    # --- the three ways to run -------------------------------------------------------------
+    def _serial(
+        self,
+        func: Callable[[T], R],
+        items: Iterable[T],
+        name: str,
+        fatal: tuple[type[BaseException], ...],
+    ) -> Numbered[R]:
+        for number, item in enumerate(items):
+            try:
+                result = func(item)
+            except Exception as error:
+                error.add_note(_where(name, number, item))
+                raise
+            yield number, result
+
+    def _threads(
+        self,
+        func: Callable[[T], R],
+        items: Iterable[T],
+        name: str,
+        fatal: tuple[type[BaseException], ...],
+    ) -> Numbered[R]:
+        n_threads = self.threads or min(32, (os.cpu_count() or 1) + 4)
+        window = self.tasks_per_thread * n_threads
+        queue = enumerate(items)
+        pending: dict[concurrent.futures.Future[R], tuple[int, T]] = {}
+        pool = concurrent.futures.ThreadPoolExecutor(n_threads, thread_name_prefix=name)
+        try:
+            while True:
+                for number, item in itertools.islice(queue, window - len(pending)):
+                    pending[pool.submit(func, item)] = (number, item)
+                if not pending:
+                    return
+                done, _ = concurrent.futures.wait(
+                    pending, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in sorted(done, key=lambda f: pending[f][0]):
+                    number, item = pending.pop(future)
+                    error = future.exception()
+                    if error is not None:
+                        error.add_note(_where(name, number, item))
+                        raise error
+                    yield number, future.result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def _dask(
+        self,
+        func: Callable[[T], R],
+        items: Iterable[T],
+        name: str,
+        fatal: tuple[type[BaseException], ...],
+    ) -> Numbered[R]:
+        from distributed import wait
+
+        client = self.client
+        assert client is not None
+        queue = collections.deque(enumerate(items))
+        pending: dict[Future, tuple[int, T]] = {}
+        attempts: collections.Counter[int] = collections.Counter()
+        token = uuid.uuid4().hex[:8]
+        idle_since: float | None = None
+        try:
+            while queue or pending:
+                window = self.tasks_per_thread * max(1, sum(client.nthreads().values()))
+                while queue and len(pending) < window:
+                    number, item = queue.popleft()
+                    key = f"{name}-{token}-{number}-{attempts[number]}"
+                    pending[client.submit(func, item, key=key, pure=False)] = (number, item)
+                try:
+                    done = wait(list(pending), timeout=self.poll_s, return_when="FIRST_COMPLETED")
+                except TimeoutError:
+                    idle_since = _check_workers(client, idle_since, self.no_workers_timeout)
+                    continue
+                idle_since = None
+                for future in done.done:
+                    number, item = pending.pop(future)
+                    if future.status == "finished":
+                        result = future.result()
+                        future.release()
+                        yield number, result
+                        continue
+                    error = _failure(future)
+                    future.release()
+                    if isinstance(error, fatal):
+                        error.add_note(_where(name, number, item))
+                        raise error
+                    attempts[number] += 1
+                    if attempts[number] >= self.max_attempts:
+                        raise ChunkError(
+                            f"{name} task {number} ({_describe(item)}) failed {attempts[number]} "
+                            f"times; last error: {type(error).__name__}: {error}"
+                        ) from error
+                    logger.warning(
+                        "%s task %d failed (%s); submitting it again", name, number, error
+                    )
+                    queue.appendleft((number, item))
+        finally:
+            for future in pending:
+                future.cancel()
 
 
-def _collect(
-    indexed: Iterable[tuple[int, R]], on_result: Callable[[R], object] | None
-) -> dict[int, R]:
-    results: dict[int, R] = {}
-    for number, result in indexed:
-        results[number] = result
-        if on_result is not None:
-            on_result(result)
-    return results
+SERIAL = Executor()
+"""Every task in this thread, one after another (the reference the tests compare with)."""
+
+
+def _in_order(numbered: Numbered[R]) -> Iterator[R]:
+    """The results in their items' order: each held only until those before it have come."""
+    held: dict[int, R] = {}
+    following = 0
+    for number, result in numbered:
+        held[number] = result
+        while following in held:
+            yield held.pop(following)
+            following += 1
+
+
+def _advancing(results: Iterator[R], progress: Progress) -> Iterator[R]:
+    """``results``, advancing a progress bar with each."""
+    count = progress.count or (lambda _: 1)
+    with progress_bar(
+        progress.total,
+        initial=progress.initial,
+        desc=progress.desc,
+        unit=progress.unit,
+        enabled=progress.enabled,
+    ) as bar:
+        for result in results:
+            bar.update(count(result))
+            yield result
+
+
+def _where(name: str, number: int, item: object) -> str:
+    """The note that names a failed task and its item."""
+    return f"(in {name} task {number}: {_describe(item)})"
 
 
 def _describe(item: object, limit: int = 120) -> str:
