@@ -47,9 +47,13 @@ PACKAGES = (
 """The layer packages, bottom up (the order of the import-linter contract, reversed)."""
 
 
+ROLE = re.compile(r":[a-z]+:`~?([^`]+)`")
+"""A Sphinx cross-reference role in a docstring (``:data:`NAME```): shown as code."""
+
+
 def _cell(text: Any) -> str:
-    """One Markdown table cell: one line, pipes escaped."""
-    return " ".join(str(text).split()).replace("|", "\\|")
+    """One Markdown table cell: one line, roles as code, pipes escaped."""
+    return ROLE.sub(r"`\1`", " ".join(str(text).split())).replace("|", "\\|")
 
 
 def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
