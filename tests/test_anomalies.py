@@ -2,8 +2,8 @@
 end: mock -> train -> encode-catalog -> rank and search (a small ``xpbatch bench anomalies``).
 
 The bar of the issue is measured at full size by ``xpbatch bench anomalies`` (240,000 rows, 0.5 %
-rare, 40 epochs on 60,000 of them; README); this run is smaller and shorter so that it fits a
-test, and checks the same relations with margins suited to its size.
+rare, 40 epochs on 60,000 of them; docs/performance.md); this run is smaller and shorter so
+that it fits a test, and checks the same relations with margins suited to its size.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """One shape for every stage: the same signature, the same resume convention, a summary to print.
 
-The convention (README, "Resuming and replacing outputs") is
+The convention (docs/troubleshooting.md, "Resuming and replacing outputs") is
 :func:`xpbatch.storage.outputs.claim_output`;
 each stage's own tests check it on real outputs (test_ingest, test_train, test_export,
 test_hats_export, test_catalog), these check the rule itself and the stages' shape.

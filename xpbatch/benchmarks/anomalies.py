@@ -31,7 +31,7 @@ N_NEIGHBOURS = 10
 TRAINING = TrainConfig(
     epochs=40,
     cycle_epochs=40,
-    learning_rate=3e-3,  # 1e-3 leaves the loss falling steeply at 20 epochs (README)
+    learning_rate=3e-3,  # 1e-3 leaves the loss falling steeply at 20 epochs (docs/performance.md)
     batch_size=256,
     kl_weight=0.1,  # short runs with the full KL term leave latent dimensions unused
     seed=2,
@@ -40,7 +40,8 @@ TRAINING = TrainConfig(
 )
 """A short run that learns the mock: tests/test_train.py's learning test at a higher learning
 rate and for longer: 20 epochs of a cosine cycle from 1e-3 stop well short of convergence, and
-how well latent neighbours share [M/H], the mock's subtlest label, grows with training (README)."""
+how well latent neighbours share [M/H], the mock's subtlest label, grows with training
+(docs/performance.md)."""
 TRAIN_ROWS = 60_000
 """Rows of the mock the model is trained on (a seeded sample when the mock is larger)."""
 

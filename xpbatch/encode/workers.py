@@ -68,7 +68,8 @@ def resolve_device(device: str, *, on_dask_cuda: bool = False) -> torch.device:
             f"this worker was started by dask-cuda (CUDA_VISIBLE_DEVICES="
             f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) but torch "
             f"{torch.__version__} sees no CUDA GPU ({_why_no_cuda(torch)}); install a torch "
-            "built for this driver's CUDA (see README 'GPU workers'), or pass --device cpu"
+            "built for this driver's CUDA (see docs/clusters.md, 'GPU workers'), or pass "
+            "--device cpu"
         )
     if device == "auto":
         return torch.device("cuda" if cuda else "cpu")

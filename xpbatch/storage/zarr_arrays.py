@@ -134,8 +134,8 @@ def crc32c_only() -> tuple[Any, ...]:
     """No compression, only a crc32c checksum: the codec chain of the store's row arrays.
 
     Float32 coefficients are mostly noise in their low bits: Blosc-lz4 with bit shuffle saves
-    15 % of the store's bytes but costs 2.3x the CPU to read (README, "Codecs of the store and
-    the catalogue"); a chunk read is then a file read and a checksum, which a GPU could also
+    15 % of the store's bytes but costs 2.3x the CPU to read (docs/format.md, "Codecs of the store
+    and the catalogue"); a chunk read is then a file read and a checksum, which a GPU could also
     take as it is.
     """
     return (zarr.codecs.Crc32cCodec(),)
