@@ -178,6 +178,22 @@ class Location:
             ]
         return sorted(k[len(prefix) :] for k in keys if k.startswith(prefix))
 
+    def sizes(self) -> dict[str, int]:
+        """Relative name -> size in bytes of every file/object below this location (one
+        listing on object storage)."""
+        if self.is_local:
+            return {name: (self.path / name).stat().st_size for name in self.list()}
+        import obstore
+
+        prefix = self._dir_prefix()
+        with storage_errors(self, "list"):
+            return {
+                meta["path"][len(prefix) :]: int(meta["size"])
+                for batch in obstore.list(object_store(self), prefix)
+                for meta in batch
+                if meta["path"].startswith(prefix)
+            }
+
     def remove_tree(self) -> None:
         """Remove everything at and below this location (never anything beside it)."""
         if self.is_local:

@@ -30,6 +30,7 @@ from zarr.core.sync import sync as zarr_sync
 
 from xpbatch import schema
 from xpbatch.errors import CatalogError, StoreError, StoreNotFoundError
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.paths import PathLike
 
 
@@ -59,14 +60,26 @@ CATALOG = Kind(
 )
 
 
+def where(path: PathLike | Location) -> Path | Location:
+    """A local path as a ``Path``; an object-storage URL (``s3://``) as a :class:`Location`."""
+    if isinstance(path, Location):
+        return path.path if path.is_local else path
+    return as_location(path) if is_url(path) else Path(path)
+
+
 def open_group(
-    path: Path, kind: Kind, *, mode: Literal["r", "r+"] = "r", use_consolidated: bool | None = None
+    path: Path | Location,
+    kind: Kind,
+    *,
+    mode: Literal["r", "r+"] = "r",
+    use_consolidated: bool | None = None,
 ) -> zarr.Group:
     """The Zarr v3 group at ``path``; StoreNotFoundError or ``kind.error`` naming what it is."""
     if not path.exists():
         raise StoreNotFoundError(f"{kind.noun} {path} does not exist; {kind.remedy}")
+    target = path.zarr_store(read_only=mode == "r") if isinstance(path, Location) else path
     try:
-        return zarr.open_group(path, mode=mode, use_consolidated=use_consolidated)
+        return zarr.open_group(target, mode=mode, use_consolidated=use_consolidated)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:
         raise kind.error(f"{path} is not a Zarr v3 group ({e}); is it {kind.article_noun}?") from e
 
@@ -285,21 +298,26 @@ def file_has_checksum(file: Path, checksum: int) -> bool:
     return trailer == checksum and int(crc32c.crc32c(data[:-4])) == checksum
 
 
-def chunk_file_sizes(path: Path, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
+def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
     """(chunk index, "NAME chunk I (rows A..B): file F", size or -1 if missing) of every chunk
-    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each."""
+    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each (on object
+    storage, one listing of the array)."""
     chunk_rows = array.chunks[0]
+    listed = (path / array.basename).sizes() if isinstance(path, Location) else None
     for index in range(-(-array.shape[0] // chunk_rows)):
-        file = chunk_file(path, array, index)
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            size = -1
+        key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+        if listed is not None or isinstance(path, Location):
+            size = -1 if listed is None else listed.get(key, -1)
+            name = f"{array.basename}/{key}"
+        else:
+            file = chunk_file(path, array, index)
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            name = str(file.relative_to(path))
         stop = min((index + 1) * chunk_rows, array.shape[0])
-        where = (
-            f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file "
-            f"{file.relative_to(path)}"
-        )
+        where = f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file {name}"
         yield index, where, size
 
 
