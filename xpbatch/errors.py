@@ -73,3 +73,17 @@ class ClusterUnavailableError(ClusterError):
 
 class OutputLockedError(XPBatchError, RuntimeError):
     """Another run holds the output's lock; the message names it (run id, host, pid, start)."""
+
+
+class StorageError(XPBatchError, OSError):
+    """Object storage refused or failed a request (credentials, bucket, endpoint); the message
+    names the URL, never a secret."""
+
+
+class StorageNotFoundError(StorageError, FileNotFoundError):
+    """No object or output exists at a storage location."""
+
+
+class ConditionalWriteError(StorageError):
+    """An object store ignores conditional writes (If-None-Match / If-Match), so one writer per
+    output cannot be guaranteed there."""

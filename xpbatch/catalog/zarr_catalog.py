@@ -63,6 +63,7 @@ from xpbatch.errors import (
 )
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.outputs import check_same_run, claim_output
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG, ArraySpec, flag_attrs
@@ -692,9 +693,9 @@ def open_arrays(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array]:
     return {name: zarr_arrays.get_array(group, name, CATALOG) for name in names}
 
 
-def read_attrs(path: PathLike) -> dict[str, Any]:
+def read_attrs(path: PathLike | Location) -> dict[str, Any]:
     """The group attributes of a catalogue (a CatalogError when it is not one)."""
-    path = Path(path)
+    path = zarr_arrays.where(path)
     attrs: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
     version = attrs.get(schema.CATALOG_ATTR_SCHEMA_VERSION)
     if version != schema.CATALOG_SCHEMA_VERSION:
@@ -710,9 +711,9 @@ def read_layout(path: PathLike) -> CatalogLayout:
     return CatalogLayout.from_attrs(read_attrs(path)[schema.CATALOG_ATTR_LAYOUT])
 
 
-def read_records(path: PathLike) -> list[ChunkRecord]:
+def read_records(path: PathLike | Location) -> list[ChunkRecord]:
     """Every completion record written so far (one read of a small array)."""
-    group = zarr_arrays.open_group(Path(path), CATALOG)
+    group = zarr_arrays.open_group(zarr_arrays.where(path), CATALOG)
     table = np.asarray(
         zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG)[:]
     )  # (chunk, field)
@@ -731,7 +732,7 @@ def chunk_devices(path: PathLike) -> dict[str, int] | None:
     return {name: n for name, n in sorted(counts.items()) if name}
 
 
-def completed_chunks(path: PathLike) -> set[int]:
+def completed_chunks(path: PathLike | Location) -> set[int]:
     """Indices of the chunks whose completion record is written."""
     return {record.index for record in read_records(path)}
 
@@ -755,13 +756,14 @@ def catalog_nbytes(path: PathLike) -> int:
 
 
 # --- opening ------------------------------------------------------------------------------------
-def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Dataset:
+def open_catalog(path: PathLike | Location, *, allow_incomplete: bool = False) -> xr.Dataset:
     """Open a catalogue lazily (Dask-backed) after checking that its run completed.
 
     Parameters
     ----------
     path
-        A catalogue written by ``xpbatch encode-catalog``.
+        A catalogue written by ``xpbatch encode-catalog``: a local path or an ``s3://`` URL
+        (settings from the AWS environment, or a Location carrying its options).
     allow_incomplete
         Open a catalogue whose run did not finish (with a warning): rows of unfinished
         chunks read as NaN with flags 0.
@@ -779,7 +781,7 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
     """
     import xarray as xr
 
-    path = Path(path)
+    path = zarr_arrays.where(path)
     attrs = read_attrs(path)
     if attrs.get(schema.CATALOG_ATTR_COMPLETE) is not True:
         layout = CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT])
@@ -801,10 +803,11 @@ def open_catalog(path: PathLike, *, allow_incomplete: bool = False) -> xr.Datase
             path, CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT])
         )
     consolidated = zarr_arrays.open_group(path, CATALOG).metadata.consolidated_metadata is not None
-    return xr.open_zarr(path, consolidated=consolidated)
+    target = path.zarr_store(read_only=True) if isinstance(path, Location) else path
+    return xr.open_zarr(target, consolidated=consolidated)
 
 
-def _refuse_missing_chunk_files(path: Path, layout: CatalogLayout) -> None:
+def _refuse_missing_chunk_files(path: Path | Location, layout: CatalogLayout) -> None:
     """A complete catalogue with a chunk file deleted since would read fill values: refuse it."""
     group = zarr_arrays.open_group(path, CATALOG)
     missing = [

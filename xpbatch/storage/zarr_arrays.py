@@ -33,6 +33,7 @@ from zarr.storage import MemoryStore, StorePath
 
 from xpbatch import schema
 from xpbatch.errors import CatalogError, StoreError, StoreNotFoundError
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.paths import PathLike
 
 
@@ -62,14 +63,26 @@ CATALOG = Kind(
 )
 
 
+def where(path: PathLike | Location) -> Path | Location:
+    """A local path as a ``Path``; an object-storage URL (``s3://``) as a :class:`Location`."""
+    if isinstance(path, Location):
+        return path.path if path.is_local else path
+    return as_location(path) if is_url(path) else Path(path)
+
+
 def open_group(
-    path: Path, kind: Kind, *, mode: Literal["r", "r+"] = "r", use_consolidated: bool | None = None
+    path: Path | Location,
+    kind: Kind,
+    *,
+    mode: Literal["r", "r+"] = "r",
+    use_consolidated: bool | None = None,
 ) -> zarr.Group:
     """The Zarr v3 group at ``path``; StoreNotFoundError or ``kind.error`` naming what it is."""
     if not path.exists():
         raise StoreNotFoundError(f"{kind.noun} {path} does not exist; {kind.remedy}")
+    target = path.zarr_store(read_only=mode == "r") if isinstance(path, Location) else path
     try:
-        return zarr.open_group(path, mode=mode, use_consolidated=use_consolidated)
+        return zarr.open_group(target, mode=mode, use_consolidated=use_consolidated)
     except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError) as e:
         raise kind.error(f"{path} is not a Zarr v3 group ({e}); is it {kind.article_noun}?") from e
 
@@ -227,7 +240,12 @@ def write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice)
 # --- chunk files ----------------------------------------------------------------------------------
 def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
     """The file of chunk ``index`` (along ``source``) of ``array`` in the group at ``path``."""
-    return path / array.basename / array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+    return path / array.basename / chunk_key(array, index)
+
+
+def chunk_key(array: zarr.Array, index: int) -> str:
+    """The key of chunk ``index`` (along ``source``) of ``array``, relative to the array."""
+    return array.metadata.encode_chunk_key((index, 0)[: array.ndim])
 
 
 def write_chunks(
@@ -293,13 +311,21 @@ def _checksum_of(array: zarr.Array, data: bytes) -> int:
     return int(crc32c.crc32c(data))
 
 
-def chunk_checksum(file: Path, array: zarr.Array) -> int | None:
+def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     """The checksum chunk ``file`` of ``array`` carries (as :func:`write_chunks` records it),
     None if the file is missing.
 
     For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
     still matches it is checked by every decode (and by :func:`file_has_checksum`).
     """
+    if isinstance(file, Location):  # object storage: one GET of the object
+        try:
+            data = file.read_bytes()
+        except FileNotFoundError:
+            return None
+        if _ends_in_crc32c(array):
+            return int.from_bytes(data[-4:], sys.byteorder) if len(data) >= 4 else -2
+        return int(crc32c.crc32c(data))
     try:
         fd = os.open(file, os.O_RDONLY)
     except FileNotFoundError:
@@ -313,7 +339,7 @@ def chunk_checksum(file: Path, array: zarr.Array) -> int | None:
         os.close(fd)
 
 
-def record_mismatch(file: Path, array: zarr.Array, recorded: int) -> str | None:
+def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> str | None:
     """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), as a
     predicate ("is missing", ...); None when it is (its trailer, see :func:`chunk_checksum`)."""
     found = chunk_checksum(file, array)
@@ -362,21 +388,26 @@ def file_has_checksum(file: Path, checksum: int) -> bool:
     return trailer == checksum and int(crc32c.crc32c(data[:-4])) == checksum
 
 
-def chunk_file_sizes(path: Path, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
+def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
     """(chunk index, "NAME chunk I (rows A..B): file F", size or -1 if missing) of every chunk
-    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each."""
+    along ``source`` of ``array`` in the Zarr group at ``path``: one ``stat`` each (on object
+    storage, one listing of the array)."""
     chunk_rows = array.chunks[0]
+    listed = (path / array.basename).sizes() if isinstance(path, Location) else None
     for index in range(-(-array.shape[0] // chunk_rows)):
-        file = chunk_file(path, array, index)
-        try:
-            size = file.stat().st_size
-        except FileNotFoundError:
-            size = -1
+        key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
+        if listed is not None or isinstance(path, Location):
+            size = -1 if listed is None else listed.get(key, -1)
+            name = f"{array.basename}/{key}"
+        else:
+            file = chunk_file(path, array, index)
+            try:
+                size = file.stat().st_size
+            except FileNotFoundError:
+                size = -1
+            name = str(file.relative_to(path))
         stop = min((index + 1) * chunk_rows, array.shape[0])
-        where = (
-            f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file "
-            f"{file.relative_to(path)}"
-        )
+        where = f"{array.basename} chunk {index} (rows {index * chunk_rows}..{stop}): file {name}"
         yield index, where, size
 
 

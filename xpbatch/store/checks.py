@@ -16,12 +16,13 @@ import zarr
 from xpbatch import schema
 from xpbatch.errors import StoreError
 from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import STORE
 from xpbatch.store.layout import MAX_CHUNK_ROWS, SOURCE_ID_FILL, variable_specs
 
 
-def chunk_file_problems(path: PathLike) -> list[str]:
+def chunk_file_problems(path: PathLike | Location) -> list[str]:
     """Every chunk file of the store's variables that is missing, not the size recorded, or not
     the file written there (its crc32c trailer is not the one recorded).
 
@@ -35,7 +36,7 @@ def chunk_file_problems(path: PathLike) -> list[str]:
     list[str]
         One sentence per problem naming the variable, chunk, rows and file.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     group = zarr_arrays.open_group(
         path, STORE, use_consolidated=False
     )  # what is on disk, not what was listed
@@ -72,7 +73,11 @@ def chunk_file_problems(path: PathLike) -> list[str]:
                 problems.append(f"{where} has {size} bytes, {expected} were written")
             elif crc_table is not None and crc_column >= 0:
                 crc = int(crc_table[index, crc_column]) if index < len(crc_table) else -1
-                file = zarr_arrays.chunk_file(path, array, index)
+                file = (
+                    path / array.basename / zarr_arrays.chunk_key(array, index)
+                    if isinstance(path, Location)
+                    else zarr_arrays.chunk_file(path, array, index)
+                )
                 why = (
                     "was never recorded as written"
                     if crc < 0
@@ -195,7 +200,7 @@ def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[lis
     return ranges
 
 
-def schema_problems(group: zarr.Group, path: Path) -> list[str]:
+def schema_problems(group: zarr.Group, path: Path | Location) -> list[str]:
     """Every way in which the store ``group`` at ``path`` departs from the schema or is damaged."""
     attrs: dict[str, Any] = group.attrs.asdict()
     version = attrs.get(schema.STORE_ATTR_SCHEMA_VERSION)

@@ -47,6 +47,7 @@ import zarr.codecs
 from xpbatch import __version__, config, schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError
 from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import STORE
 from xpbatch.store import checks as store_checks
@@ -544,14 +545,15 @@ def write_xp_store(
 
 
 # --- reading ----------------------------------------------------------------------------------
-def open_xp_store(path: PathLike) -> xr.Dataset:
+def open_xp_store(path: PathLike | Location) -> xr.Dataset:
     """Open an XP store lazily (Dask-backed), after checking it follows the schema.
 
     Parameters
     ----------
     path
         Directory of a store written by ``xpbatch ingest``, ``xpbatch mock`` or
-        :func:`write_xp_store`.
+        :func:`write_xp_store`, or its ``s3://bucket/prefix`` URL (settings from the AWS
+        environment, or a :class:`~xpbatch.storage.location.Location` carrying its options).
 
     Returns
     -------
@@ -572,14 +574,15 @@ def open_xp_store(path: PathLike) -> xr.Dataset:
     """
     import xarray as xr
 
-    path = Path(path)
+    path = zarr_arrays.where(path)
     # Validate the arrays' own metadata, not the consolidated copy, which may be stale.
     group = zarr_arrays.open_group(path, STORE, use_consolidated=False)
     problems = store_checks.schema_problems(group, path)
     if problems:
         raise StoreError(f"{path} is not a usable XP store: " + "; ".join(problems))
     consolidated = zarr_arrays.open_group(path, STORE).metadata.consolidated_metadata is not None
-    return xr.open_zarr(path, consolidated=consolidated)
+    target = path.zarr_store(read_only=True) if isinstance(path, Location) else path
+    return xr.open_zarr(target, consolidated=consolidated)
 
 
 def store_id(ds_or_path: xr.Dataset | PathLike) -> str:
