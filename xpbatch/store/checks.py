@@ -24,9 +24,8 @@ from xpbatch.store.layout import MAX_CHUNK_ROWS, SOURCE_ID_FILL, variable_specs
 def chunk_file_problems(path: PathLike) -> list[str]:
     """Every chunk file of the store's variables that is missing or not the size recorded.
 
-    Uses the chunk records (:data:`~xpbatch.schema.CHUNK_FILES`) when the store has them; a
-    store written before them is checked for the existence of every chunk file. One ``stat`` per
-    chunk file, no data read: a 219M-row store of 25 variables costs about 84k stats.
+    Checks each file against the chunk records (:data:`~xpbatch.schema.CHUNK_FILES`). One
+    ``stat`` per chunk file, no data read: a 219M-row store of 25 variables costs about 84k stats.
 
     Returns
     -------
@@ -38,30 +37,23 @@ def chunk_file_problems(path: PathLike) -> list[str]:
         path, STORE, use_consolidated=False
     )  # what is on disk, not what was listed
     record_node = group.get(schema.CHUNK_FILES)
-    recorded: np.ndarray | None = None
-    if isinstance(record_node, zarr.Array):
-        record_attrs: dict[str, Any] = record_node.attrs.asdict()
-        names = [str(name) for name in record_attrs.get(schema.ATTR_CHUNK_FILE_VARIABLES, [])]
-        recorded = np.asarray(record_node[:])  # (chunk, variable)
-    else:
-        attrs: dict[str, Any] = group.attrs.asdict()
-        specs = variable_specs(
-            attrs.get(schema.STORE_ATTR_SCALARS, []),
-            bool(attrs.get(schema.STORE_ATTR_WITH_CORRELATIONS)),
-        )
-        names = [spec.name for spec in specs]
+    if not isinstance(record_node, zarr.Array):
+        return [f"the chunk file table {schema.CHUNK_FILES} is missing"]
+    record_attrs: dict[str, Any] = record_node.attrs.asdict()
+    names = [str(name) for name in record_attrs.get(schema.ATTR_CHUNK_FILE_VARIABLES, [])]
+    recorded = np.asarray(record_node[:])  # (chunk, variable)
     problems = []
     for column, name in enumerate(names):
         array = group.get(name)
         if not isinstance(array, zarr.Array):
             continue  # the schema check names missing variables
         for index, where, size in zarr_arrays.chunk_file_sizes(path, array):
-            expected = -1 if recorded is None or index >= len(recorded) else recorded[index, column]
+            expected = recorded[index, column] if index < len(recorded) else -1
             if size < 0:
                 problems.append(f"{where} is missing")
-            elif recorded is not None and expected < 0:
+            elif expected < 0:
                 problems.append(f"{where} was never recorded as written")
-            elif recorded is not None and size != expected:
+            elif size != expected:
                 problems.append(f"{where} has {size} bytes, {expected} were written")
     return problems
 
@@ -126,15 +118,25 @@ def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[lis
     return ranges
 
 
+def check_format_version(attrs: Mapping[str, Any], path: PathLike) -> None:
+    """Refuse (StoreError) a store of another format version than this xpbatch writes."""
+    problem = schema.format_version_problem(
+        attrs.get(schema.STORE_ATTR_SCHEMA_VERSION),
+        schema.STORE_SCHEMA_VERSION,
+        what=f"store {path}",
+        redo="re-ingest it (`xpbatch ingest ... --overwrite`, or `xpbatch mock` for mock data)",
+    )
+    if problem:
+        raise StoreError(problem)
+
+
 def schema_problems(group: zarr.Group, path: Path) -> list[str]:
-    """Every way in which the store ``group`` at ``path`` departs from the schema or is damaged."""
+    """Every way in which the store ``group`` at ``path`` departs from the schema or is damaged.
+
+    A store of another format version is refused at once (:func:`check_format_version`).
+    """
     attrs: dict[str, Any] = group.attrs.asdict()
-    version = attrs.get(schema.STORE_ATTR_SCHEMA_VERSION)
-    if version != schema.STORE_SCHEMA_VERSION:
-        return [
-            f"attribute {schema.STORE_ATTR_SCHEMA_VERSION} is {version!r}, expected "
-            f"{schema.STORE_SCHEMA_VERSION} (was this store written by xpbatch ingest or mock?)"
-        ]
+    check_format_version(attrs, path)
     problems = []
     if attrs.get(schema.STORE_ATTR_COMPLETE) is not True:
         problems.append(
