@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from xpbatch.benchmarks.encode import mock_store
-from xpbatch.config import TrainConfig
+from xpbatch.config import Device, TrainConfig
 from xpbatch.model.network import ScatterVAE, scatter_vae_loss
 from xpbatch.store.xp_store import open_xp_store
 from xpbatch.train.data import ResidentRows, compute_normalisation, row_chunks, select_rows
@@ -130,7 +130,7 @@ def run_train_benchmark(
     *,
     epochs: int = 4,
     batch_size: int = 1024,
-    device: str = "auto",
+    device: Device = "auto",
     rounds: int = 2,
     workdir: str | Path | None = None,
     echo: Callable[[str], object] = print,
