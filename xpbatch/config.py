@@ -11,7 +11,6 @@ import dataclasses
 import difflib
 import os
 import tomllib
-import types
 import typing
 from collections.abc import Mapping
 from typing import Any, Literal, TypeVar
@@ -40,33 +39,18 @@ def from_mapping(cls: type[C], values: Mapping[str, Any], *, where: str = "confi
 
 
 def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
-    """The choices of each field of ``cls`` annotated ``Literal[...]`` (or ``Literal[...] | None``).
-
-    The annotation is the one declaration of a field's choices: ``__post_init__`` checks them
-    (:func:`_check_choices`) and the CLI offers them (``click.Choice``).
-
-    Examples
-    --------
-    >>> field_choices(TrainConfig)["precision"]
-    ('fp32', 'tf32', 'bf16')
-    """
-    choices = {}
-    for name, hint in typing.get_type_hints(cls).items():
-        if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-            hints = [a for a in typing.get_args(hint) if a is not type(None)]
-            hint = hints[0] if len(hints) == 1 else hint
-        if typing.get_origin(hint) is Literal:
-            choices[name] = tuple(str(a) for a in typing.get_args(hint))
-    return choices
+    """The choices of each field of ``cls`` annotated ``Literal[...]``: the one declaration that
+    ``__post_init__`` checks (:func:`_check_choices`) and the CLI offers (``click.Choice``)."""
+    hints = typing.get_type_hints(cls).items()
+    return {name: typing.get_args(h) for name, h in hints if typing.get_origin(h) is Literal}
 
 
 def _check_choices(config: Any) -> None:
-    """Raise ConfigError naming the valid choices (and the closest one) of the first field of
-    ``config`` whose value is not one of its :func:`field_choices` (None passes where allowed)."""
-    optional = {f.name: f.default is None for f in dataclasses.fields(config)}
+    """Raise ConfigError naming the valid choices (and the closest one) for a field of
+    ``config`` whose value is not one of its :func:`field_choices`."""
     for name, choices in field_choices(type(config)).items():
         value = getattr(config, name)
-        if value not in choices and not (value is None and optional[name]):
+        if value not in choices:
             raise ConfigError(
                 f"{name} must be one of {', '.join(choices)}, got {value!r}."
                 f"{did_you_mean(str(value), list(choices))}"
@@ -167,8 +151,7 @@ class ClusterConfig:
 
 
 Device = Literal["auto", "cpu", "cuda"]
-"""Where torch runs: 'auto' (a CUDA GPU when torch sees one, else the CPU), 'cpu' or 'cuda'
-(:func:`xpbatch.model.device.resolve_device`)."""
+"""Where torch runs (:func:`xpbatch.model.device.resolve_device`)."""
 DEVICES: tuple[str, ...] = typing.get_args(Device)
 
 
