@@ -48,8 +48,8 @@ def test_local_cuda_without_a_gpu_says_why_in_one_line() -> None:
 def test_a_dask_cuda_worker_without_cuda_is_an_error_not_a_cpu_run() -> None:
     import torch
 
-    from xpbatch.encode.workers import resolve_device
     from xpbatch.errors import ConfigError
+    from xpbatch.model.device import resolve_device
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")

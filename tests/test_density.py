@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -95,36 +94,6 @@ def test_the_model_file_keeps_the_density(tmp_path: Path) -> None:
     assert loaded.density.threshold == density.threshold
     text = CliRunner().invoke(main, ["info", str(tmp_path / "m.safetensors")]).output
     assert "active dims     [0, 2]" in text and "Gaussian mixture of 2 components" in text
-
-
-def test_a_model_file_written_before_densities_loads_with_the_prior(tmp_path: Path) -> None:
-    """The format of files written before this change: no latent_density key, no tensors."""
-    from safetensors.torch import save_file
-
-    model = TrainedModel.untrained()
-    tensors = {k: v for k, v in artifact._tensors(model).items() if "latent_density" not in k}
-    description = json.dumps(
-        {
-            "name": "old",
-            "architecture": {"input_dim": 110, "hidden_widths": [90, 70, 50, 30, 10]}
-            | {"latent_dim": 6},
-            "input_recipe": artifact.INPUT_RECIPE,
-            "provenance": {},
-        },
-        sort_keys=True,
-    )
-    metadata = {
-        "format": artifact.FORMAT_NAME,
-        "format_version": str(artifact.FORMAT_VERSION),
-        "xpbatch": description,
-        "content_sha256": artifact._content_hash(description, tensors),
-    }
-    save_file(tensors, str(tmp_path / "old.safetensors"), metadata=metadata)
-    loaded = load_model(tmp_path / "old.safetensors")
-    assert loaded.density is not None and loaded.density.kind == "prior"
-    assert loaded.density.active_dims == list(range(6))
-    text = CliRunner().invoke(main, ["info", str(tmp_path / "old.safetensors")]).output
-    assert "not recorded" in text and "prior N(0, I)" in text
 
 
 def test_encode_flags_latent_outliers_by_the_score() -> None:

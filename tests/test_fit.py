@@ -168,7 +168,7 @@ def test_a_model_file_without_statistics_is_checked_against_its_normalisation(
 ) -> None:
     store = make_xp_store(tmp_path / "s.zarr", 1024, chunk_rows=512)
     old = tmp_path / "old.safetensors"
-    save_model(TrainedModel.untrained(seed=1), old)  # written without fit_statistics
+    save_model(TrainedModel.untrained(seed=1), old)  # never trained: no fit_statistics
     assert load_model(old).fit_statistics is None
     with caplog.at_level("INFO", logger="xpbatch.model.fit_check"):
         encode_catalog(store, old, tmp_path / "c", config=CONFIG)

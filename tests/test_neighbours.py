@@ -94,14 +94,14 @@ def test_bad_queries_are_refused(synthetic: Path, queries: object, message: str)
         find_neighbours(synthetic, queries, k=3)  # type: ignore[arg-type]
 
 
-def test_a_catalogue_without_its_density_needs_the_model(tmp_path: Path) -> None:
+def test_a_catalogue_without_its_density_is_refused(tmp_path: Path) -> None:
     path = synthetic_catalog(tmp_path / "old.zarr", 300, chunk_rows=128)
     group = zarr_arrays.open_group(path, zarr_arrays.CATALOG, mode="r+")
     attrs = group.attrs.asdict()
     del attrs[schema.ATTR_LATENT_DENSITY]
     group.attrs.clear()
     group.attrs.update(attrs)
-    with pytest.raises(CatalogError, match="--model"):
+    with pytest.raises(CatalogError, match=r"latent_density.*re-encode it"):
         find_neighbours(path, _ids(path, [0]), k=3)
 
 

@@ -267,7 +267,9 @@ def _not_zarr(root: Path) -> Path:
 
 def _unfinished_store(root: Path) -> Path:
     group = zarr.open_group(root / "s.zarr", mode="w")
-    group.attrs.update({"xpbatch_store_schema_version": 1, "complete": False})
+    group.attrs.update(
+        {schema.STORE_ATTR_SCHEMA_VERSION: schema.STORE_SCHEMA_VERSION, "complete": False}
+    )
     return root / "s.zarr"
 
 

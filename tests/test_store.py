@@ -183,9 +183,9 @@ BROKEN = {
         "variable 'input_flags' is missing",
     ),
     "wrong dtype": (_break_dtype, "phot_g_mean_flux has dtype float32, expected float64"),
-    "not an xpbatch store": (
+    "of a newer format": (
         lambda p: zarr.open_group(p, mode="r+").attrs.update({"xpbatch_store_schema_version": 99}),
-        "xpbatch_store_schema_version is 99",
+        r"written by a newer xpbatch \(format 99, this xpbatch reads 2\): upgrade xpbatch",
     ),
     "chunk ranges out of order": (
         lambda p: zarr.open_group(p, mode="r+").attrs.update(

@@ -11,8 +11,9 @@ import dataclasses
 import difflib
 import os
 import tomllib
+import typing
 from collections.abc import Mapping
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from xpbatch.errors import ConfigError
 
@@ -37,13 +38,23 @@ def from_mapping(cls: type[C], values: Mapping[str, Any], *, where: str = "confi
     return cls(**values)
 
 
-def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> None:
-    """Raise ConfigError naming the valid choices (and the closest one) if value is not one."""
-    if value not in choices:
-        raise ConfigError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}."
-            f"{did_you_mean(str(value), list(choices))}"
-        )
+def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
+    """The choices of each field of ``cls`` annotated ``Literal[...]``: the one declaration that
+    ``__post_init__`` checks (:func:`_check_choices`) and the CLI offers (``click.Choice``)."""
+    hints = typing.get_type_hints(cls).items()
+    return {name: typing.get_args(h) for name, h in hints if typing.get_origin(h) is Literal}
+
+
+def _check_choices(config: Any) -> None:
+    """Raise ConfigError naming the valid choices (and the closest one) for a field of
+    ``config`` whose value is not one of its :func:`field_choices`."""
+    for name, choices in field_choices(type(config)).items():
+        value = getattr(config, name)
+        if value not in choices:
+            raise ConfigError(
+                f"{name} must be one of {', '.join(choices)}, got {value!r}."
+                f"{did_you_mean(str(value), list(choices))}"
+            )
 
 
 RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress_bar")
@@ -139,7 +150,9 @@ class ClusterConfig:
             )
 
 
-ENCODE_DEVICES = ("auto", "cpu", "cuda")
+Device = Literal["auto", "cpu", "cuda"]
+"""Where torch runs (:func:`xpbatch.model.device.resolve_device`)."""
+DEVICES: tuple[str, ...] = typing.get_args(Device)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +169,7 @@ class EncodeConfig:
     refuse when they differ. Without an earlier run, start a new one."""
     overwrite: bool = False
     """Replace an existing catalogue at the output path (never a directory of other files)."""
-    device: str = "auto"
+    device: Device = "auto"
     """Torch device on each worker: 'auto' = the worker's GPU when it has one, else the CPU."""
     tasks_per_thread: int = 2
     """Chunks in flight per worker thread: enough to keep workers busy while results come
@@ -180,7 +193,7 @@ class EncodeConfig:
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
         _check_resume_or_overwrite(self, "catalogue")
-        _check_choice("device", self.device, ENCODE_DEVICES)
+        _check_choices(self)
         if self.tasks_per_thread < 1 or self.max_attempts < 1:
             raise ConfigError(
                 f"tasks_per_thread and max_attempts must be at least 1, got "
@@ -196,7 +209,6 @@ class EncodeConfig:
 # 65536 rows (29 MB per float32 variable) wrote and read fastest; 16384 was ~10 % slower,
 # 131072 read 2x slower. store.DEFAULT_CHUNK_ROWS re-exports it.
 DEFAULT_CHUNK_ROWS = 65536
-ON_BAD_ROW_CHOICES = ("error", "skip")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +217,7 @@ class IngestConfig:
 
     chunk_rows: int = DEFAULT_CHUNK_ROWS
     """Rows per chunk of the output store."""
-    on_bad_row: str = "error"
+    on_bad_row: Literal["error", "skip"] = "error"
     """'error': a malformed row stops the ingest; 'skip': leave it out and record it."""
     with_correlations: bool = False
     """Also parse and store the packed BP/RP coefficient correlations (15x the size)."""
@@ -236,11 +248,10 @@ class IngestConfig:
         object.__setattr__(self, "columns", tuple((str(a), str(b)) for a, b in self.columns))
         if not 1 <= self.chunk_rows <= 1 << 20:
             raise ConfigError(f"chunk_rows must be in 1..{1 << 20}, got {self.chunk_rows}")
-        _check_choice("on_bad_row", self.on_bad_row, ON_BAD_ROW_CHOICES)
+        _check_choices(self)
         _check_resume_or_overwrite(self, "store")
 
 
-MOCK_FORMATS = ("store", "dr3-bulk")
 # Rows per mock bulk file: DR3's 3386 XpContinuousMeanSpectrum files hold 64.7k rows on average.
 MOCK_ROWS_PER_FILE = 65_000
 
@@ -257,7 +268,7 @@ class MockConfig:
     """Number of sources."""
     seed: int = 0
     """Random seed: the same n, seed and row settings give the same rows in both formats."""
-    format: str = "store"
+    format: Literal["store", "dr3-bulk"] = "store"
     """'store' (an XP store) or 'dr3-bulk' (Gaia DR3 bulk files: XpContinuousMeanSpectrum_*.csv.gz
     + GaiaSource companions + _MD5SUM.txt, to feed `xpbatch ingest`)."""
     chunk_rows: int = DEFAULT_CHUNK_ROWS
@@ -320,14 +331,17 @@ class MockConfig:
             "str": (str,),
             "tuple[str, ...]": (tuple,),
         }
+        _check_choices(self)
+        choices = field_choices(type(self))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             is_flag = field.type == "bool"
+            if field.name in choices:
+                continue
             if isinstance(value, bool) != is_flag or not isinstance(value, kinds[str(field.type)]):
                 raise ConfigError(
                     f"{field.name} must be {field.type}, got {value!r} ({type(value).__name__})"
                 )
-        _check_choice("format", self.format, MOCK_FORMATS)
         if self.n < 1:
             raise ConfigError(f"a mock catalogue needs at least 1 row, got n={self.n}")
         for name in ("chunk_rows", "rows_per_file", "workers"):
@@ -409,11 +423,6 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-TRAIN_DEVICES = ("auto", "cpu", "cuda")
-TRAIN_PRECISIONS = ("fp32", "tf32", "bf16")
-TRAIN_DATA_PLACEMENTS = ("auto", "device", "stream")
-
-
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """How ``xpbatch train`` fits the scatter VAE; the defaults reproduce the published run.
@@ -449,11 +458,11 @@ class TrainConfig:
     default they are excluded, as in the published training set."""
     checkpoint_every: int = 50
     """Write a resumable checkpoint every this many epochs (and always at the end)."""
-    device: str = "auto"
+    device: Device = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu' or 'cuda'."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "tf32", "bf16"] = "fp32"
     """'fp32'; on CUDA also 'tf32' (TF32 matmuls) or 'bf16' (bfloat16 autocast)."""
-    data_placement: str = "auto"
+    data_placement: Literal["auto", "device", "stream"] = "auto"
     """'device': load the rows onto the device once; 'stream': read shuffled chunks from the
     store every epoch; 'auto': 'device' when they fit in device_memory_fraction."""
     device_memory_fraction: float = 0.5
@@ -509,9 +518,7 @@ class TrainConfig:
             raise ConfigError(
                 f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}"
             )
-        _check_choice("device", self.device, TRAIN_DEVICES)
-        _check_choice("precision", self.precision, TRAIN_PRECISIONS)
-        _check_choice("data_placement", self.data_placement, TRAIN_DATA_PLACEMENTS)
+        _check_choices(self)
         if self.precision != "fp32" and self.device == "cpu":
             raise ConfigError(f"precision {self.precision!r} needs device 'cuda' (or 'auto')")
         _check_resume_or_overwrite(self, "training run")

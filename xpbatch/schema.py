@@ -42,8 +42,49 @@ ATTR_RECORD_MISSING = "missing"
 BOOKKEEPING_GROUP = "_xpbatch"
 """xpbatch's own records (what was written, by whom), beside the data variables."""
 
+
+# --- format versions ------------------------------------------------------------------------
+# Each kind of file xpbatch writes records one integer format version (the store and the
+# catalogue as a group attribute, the model file as a metadata key). A reader accepts its own
+# version only: files of an older format are rebuilt, never read through compatibility code.
+def format_version_problem(found: object, expected: int, *, what: str, redo: str) -> str | None:
+    """Why ``what`` of format ``found`` cannot be read by this xpbatch (format ``expected``).
+
+    None when it can. ``redo`` says how to rebuild an older or unversioned file.
+
+    Examples
+    --------
+    >>> format_version_problem(2, 2, what="x.zarr", redo="re-ingest it") is None
+    True
+    >>> print(format_version_problem(1, 2, what="x.zarr", redo="re-ingest it"))
+    x.zarr was written by an older xpbatch (format 1, this xpbatch reads 2): re-ingest it
+    """
+    try:
+        version = None if isinstance(found, bool) else int(found)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        version = None
+    if version == expected:
+        return None
+    if version is not None and version > expected:
+        return (
+            f"{what} was written by a newer xpbatch (format {version}, this xpbatch reads "
+            f"{expected}): upgrade xpbatch"
+        )
+    if found is None:
+        return (
+            f"{what} was written by an older xpbatch or not by xpbatch (no format version "
+            f"recorded, this xpbatch reads {expected}): {redo}"
+        )
+    return (
+        f"{what} was written by an older xpbatch (format {found}, this xpbatch reads "
+        f"{expected}): {redo}"
+    )
+
+
 # --- the input XP store ---------------------------------------------------------------------
-STORE_SCHEMA_VERSION = 1
+STORE_SCHEMA_VERSION = 2
+"""Format version of the store (attribute :data:`STORE_ATTR_SCHEMA_VERSION`); 2 added the
+chunk file table :data:`CHUNK_FILES`."""
 SOURCE_ID = dr3.SOURCE_ID
 COEFFICIENTS = "coefficients"
 COEFFICIENT_ERRORS = "coefficient_errors"
@@ -95,7 +136,7 @@ ATTR_CHUNK_FILE_VARIABLES = "variables"
 
 # Group attributes of a store.
 STORE_ATTR_SCHEMA_VERSION = "xpbatch_store_schema_version"
-"""Version of this layout (:data:`STORE_SCHEMA_VERSION`); readers refuse one they do not know."""
+"""The store's format version (:func:`format_version_problem`)."""
 STORE_ATTR_COMPLETE = "complete"
 """True once every row is written and the store finalized; readers refuse a store without it."""
 STORE_ATTR_ROW_COUNT = "row_count"
@@ -158,7 +199,9 @@ class InputFlag(enum.IntFlag):
 
 
 # --- the output catalogue -------------------------------------------------------------------
-CATALOG_SCHEMA_VERSION = 1
+CATALOG_SCHEMA_VERSION = 2
+"""Format version of the catalogue (attribute :data:`CATALOG_ATTR_SCHEMA_VERSION`); 2 added
+``anomaly_score``, the latent density attribute, and the chunk devices and checksums."""
 # Group attributes of a catalogue.
 CATALOG_ATTR_COMPLETE = "complete"
 """True once every chunk is encoded and verified; :func:`xpbatch.open_catalog` refuses a catalogue
@@ -196,11 +239,11 @@ RECORDS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_records"
 CHECKSUMS_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_checksums"
 """(chunk, variable) int64: the crc32c each chunk file of a chunk carries (Zarr's crc32c codec,
 over the encoded chunk), read by its writer right after writing and fsyncing the files, before
-the completion record (-1: not taken; absent in catalogues written before xpbatch recorded
-them). Its attribute ``variables`` (:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
+the completion record (-1: not taken). Its attribute ``variables``
+(:data:`ATTR_CHUNK_FILE_VARIABLES`) names the columns."""
 DEVICES_ARRAY = f"{BOOKKEEPING_GROUP}/chunk_devices"
 """Per chunk, the device that encoded it, e.g. 'cpu' or 'cuda:0 (NVIDIA H200)' ('' until
-written; absent in catalogues written before xpbatch recorded it)."""
+written)."""
 LATENT_MEAN = "latent_mean"
 LATENT_STD = "latent_std"
 SCATTER = "scatter"
@@ -208,7 +251,6 @@ RMSE = "rmse"
 FLAGS = "flags"
 RECONSTRUCTION = "reconstruction"
 ANOMALY_SCORE = "anomaly_score"
-"""Optional: catalogues written before it existed lack it (layout ``with_anomaly_score``)."""
 ATTR_LATENT_DENSITY = "latent_density"
 """Catalogue attribute: the model's active dimensions, latent centre and scale, outlier cut."""
 
@@ -231,3 +273,13 @@ class CatalogFlag(enum.IntFlag):
     """The model was fitted on this source."""
     IN_VALIDATION_SET = 2048
     """The source was in this model's validation set."""
+
+
+# --- the model file -------------------------------------------------------------------------
+MODEL_FORMAT_NAME = "xpbatch-model"
+"""Metadata ``format`` of an xpbatch model file (safetensors)."""
+MODEL_FORMAT_VERSION = 2
+"""Format version of the model file (metadata :data:`MODEL_ATTR_FORMAT_VERSION`, a string as
+safetensors metadata must be); 2 made the latent density and ``fit_statistics`` keys
+required."""
+MODEL_ATTR_FORMAT_VERSION = "format_version"

@@ -38,9 +38,7 @@ def synthetic_catalog(path: Path, n_rows: int, *, chunk_rows: int = 65536, seed:
     density = dataclasses.replace(
         LatentDensity.prior(LATENT_DIM, ACTIVE_KL), scale=np.linspace(0.5, 2.0, LATENT_DIM)
     )
-    layout = catalog.CatalogLayout(
-        n_rows=n_rows, chunk_rows=chunk_rows, latent_dim=LATENT_DIM, with_anomaly_score=True
-    )
+    layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows, latent_dim=LATENT_DIM)
     attrs = {
         schema.CATALOG_ATTR_MODEL_HASH: "synthetic",
         schema.CATALOG_ATTR_STORE_ID: "synthetic",

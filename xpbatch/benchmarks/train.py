@@ -25,11 +25,12 @@ import numpy as np
 import torch
 
 from xpbatch.benchmarks.encode import mock_store
-from xpbatch.config import TrainConfig
+from xpbatch.config import Device, TrainConfig
+from xpbatch.model.device import resolve_device
 from xpbatch.model.network import ScatterVAE, scatter_vae_loss
 from xpbatch.store.xp_store import open_xp_store
 from xpbatch.train.data import ResidentRows, compute_normalisation, row_chunks, select_rows
-from xpbatch.train.stage import make_optimizer, resolve_device, train_model
+from xpbatch.train.stage import make_optimizer, train_model
 
 PUBLISHED_EPOCHS = 5000
 PUBLISHED_ROWS = 450_000
@@ -130,7 +131,7 @@ def run_train_benchmark(
     *,
     epochs: int = 4,
     batch_size: int = 1024,
-    device: str = "auto",
+    device: Device = "auto",
     rounds: int = 2,
     workdir: str | Path | None = None,
     echo: Callable[[str], object] = print,
@@ -162,7 +163,7 @@ def run_train_benchmark(
             checkpoint_every=epochs,
             data_placement="device",
         )
-        resolved = resolve_device(config)
+        resolved = resolve_device(config.device, precision=config.precision)
         ds = open_xp_store(store)
         selection = select_rows(ds, config)
         chunks = row_chunks(ds)

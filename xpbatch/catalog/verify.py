@@ -106,10 +106,9 @@ class ChunkVerifier:
     @functools.cached_property
     def _arrays(self) -> _Opened:
         group = zarr_arrays.open_group(self.path, CATALOG)
-        checksums = group.get(schema.CHECKSUMS_ARRAY)  # None in older catalogues
         return _Opened(
             records=zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG),
-            checksums=checksums if isinstance(checksums, zarr.Array) else None,
+            checksums=zarr_arrays.get_array(group, schema.CHECKSUMS_ARRAY, CATALOG),
             variables={
                 spec.name: zarr_arrays.get_array(group, spec.name, CATALOG)
                 for spec in self.layout.variables()
@@ -256,10 +255,8 @@ class ChunkVerifier:
     def _recorded_checksums(self, index: int) -> dict[str, int] | None:
         """Variable -> crc32c its writer recorded for chunk ``index``; None if not recorded."""
         checksums = self._arrays.checksums
-        if checksums is None:  # a catalogue written before xpbatch recorded them
-            return None
         row = np.asarray(checksums[index])
-        if np.any(row == CHECKSUM_MISSING):  # never written, or by an older xpbatch (resumed)
+        if np.any(row == CHECKSUM_MISSING):  # not taken: the chunk's files are decoded instead
             return None
         names = cast(list[str], checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES])
         return dict(zip(names, map(int, row), strict=True))
@@ -276,7 +273,7 @@ class _Opened:
     """The arrays a :class:`ChunkVerifier` reads, opened once."""
 
     records: zarr.Array
-    checksums: zarr.Array | None
+    checksums: zarr.Array
     variables: dict[str, zarr.Array]
 
 

@@ -7,7 +7,7 @@ Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
     latent_mean, latent_std   (source, latent) float32
     scatter                   (source, coeff) float32, e-/s
     rmse, flags               (source,) float32 / uint16
-    anomaly_score             (source,) float32, nats; absent from catalogues written before it
+    anomaly_score             (source,) float32, nats
     ra, dec                   (source,) float64 coordinates in deg (ICRS, J2016.0), if the store has
     reconstruction            (source, coeff) float32, e-/s, only ``with_reconstruction``
     _xpbatch/chunk_records    (chunk, field) int64: one completion record per chunk
@@ -79,8 +79,7 @@ RECORD_FIELDS = ("rows", "rows_encoded", *(f"flag_{str(f.name).lower()}" for f i
 RECORD_MISSING = -1
 """Fill value of ``chunk_records``: a record still holding it was never written."""
 CHECKSUM_MISSING = -1
-"""Fill value of ``chunk_checksums``: no checksum was taken (chunk not written, or written by
-an xpbatch that did not take them)."""
+"""Fill value of ``chunk_checksums``: no checksum was taken (the chunk is not written yet)."""
 
 MAX_WRITE_ATTEMPTS = 8
 """Times a chunk writer rewrites a chunk that another attempt at it overwrote meanwhile."""
@@ -106,8 +105,6 @@ class CatalogLayout:
     """Coefficients per spectrum."""
     with_reconstruction: bool = False
     """Whether the catalogue holds the decoder's reconstruction."""
-    with_anomaly_score: bool = False
-    """Whether it holds ``anomaly_score`` (every new one does; older catalogues lack it)."""
     with_positions: bool = False
     """Whether the catalogue carries the store's ``ra`` and ``dec`` (copied, as coordinates)."""
 
@@ -182,16 +179,13 @@ def _variable_specs(layout: CatalogLayout) -> list[ArraySpec]:
             "high byte = the model's (not encoded, latent outlier, training/validation member)",
             extra_attrs=flag_attrs(CatalogFlag),
         ),
+        ArraySpec(
+            schema.ANOMALY_SCORE, "float32", rows, np.nan, "nat",
+            "-log density of (latent mean on the active dimensions, ln rmse), standardised, "
+            "under the model's training-set density (attribute latent_density); higher is "
+            "rarer; NaN where flags has not_encoded",
+        ),
     ]  # fmt: skip
-    if layout.with_anomaly_score:
-        specs.append(
-            ArraySpec(
-                schema.ANOMALY_SCORE, "float32", rows, np.nan, "nat",
-                "-log density of (latent mean on the active dimensions, ln rmse), standardised, "
-                "under the model's training-set density (attribute latent_density); higher is "
-                "rarer; NaN where flags has not_encoded",
-            )
-        )  # fmt: skip
     if layout.with_positions:
         units = schema.POSITION_ATTRS[schema.ATTR_UNITS]
         extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != schema.ATTR_UNITS)
@@ -369,6 +363,7 @@ def prepare_output(
         else:
             group = zarr_arrays.open_group(path, CATALOG, mode="r+")
             found: dict[str, Any] = group.attrs.asdict()
+            check_format_version(found, path)
             _check_fingerprint(path, found, attrs, layout)
             if (
                 found.get(schema.CATALOG_ATTR_COMPLETE) is not True
@@ -500,10 +495,8 @@ class CatalogWriter:
                 arrays[spec.name] = array
             records = zarr_arrays.get_array(group, schema.RECORDS_ARRAY, CATALOG)
             self._arrays, self._records = arrays, records
-            devices = group.get(schema.DEVICES_ARRAY)  # None in older catalogues
-            self._devices = devices if isinstance(devices, zarr.Array) else None
-            checksums = group.get(schema.CHECKSUMS_ARRAY)  # None in older catalogues
-            self._checksums = checksums if isinstance(checksums, zarr.Array) else None
+            self._devices = zarr_arrays.get_array(group, schema.DEVICES_ARRAY, CATALOG)
+            self._checksums = zarr_arrays.get_array(group, schema.CHECKSUMS_ARRAY, CATALOG)
         return self._arrays, self._records
 
     def write_chunk(
@@ -697,13 +690,20 @@ def read_attrs(path: PathLike | Location) -> dict[str, Any]:
     """The group attributes of a catalogue (a CatalogError when it is not one)."""
     path = zarr_arrays.where(path)
     attrs: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
-    version = attrs.get(schema.CATALOG_ATTR_SCHEMA_VERSION)
-    if version != schema.CATALOG_SCHEMA_VERSION:
-        raise CatalogError(
-            f"{path} is not an xpbatch catalogue of schema version {schema.CATALOG_SCHEMA_VERSION} "
-            f"(attribute {schema.CATALOG_ATTR_SCHEMA_VERSION} is {version!r})"
-        )
+    check_format_version(attrs, path)
     return attrs
+
+
+def check_format_version(attrs: Mapping[str, Any], path: PathLike | Location) -> None:
+    """Refuse (CatalogError) a catalogue of another format version than this xpbatch writes."""
+    problem = schema.format_version_problem(
+        attrs.get(schema.CATALOG_ATTR_SCHEMA_VERSION),
+        schema.CATALOG_SCHEMA_VERSION,
+        what=f"catalogue {path}",
+        redo="re-encode it (`xpbatch encode-catalog ... --overwrite`)",
+    )
+    if problem:
+        raise CatalogError(problem)
 
 
 def read_layout(path: PathLike) -> CatalogLayout:
@@ -723,11 +723,11 @@ def read_records(path: PathLike | Location) -> list[ChunkRecord]:
     ]
 
 
-def chunk_devices(path: PathLike) -> dict[str, int] | None:
-    """Device -> chunks it encoded; None for a catalogue written before devices were recorded."""
-    node = zarr_arrays.open_group(Path(path), CATALOG).get(schema.DEVICES_ARRAY)
-    if not isinstance(node, zarr.Array):
-        return None
+def chunk_devices(path: PathLike) -> dict[str, int]:
+    """Device -> chunks it encoded."""
+    node = zarr_arrays.open_arrays(Path(path), [schema.DEVICES_ARRAY], CATALOG)[
+        schema.DEVICES_ARRAY
+    ]
     counts = collections.Counter(str(name) for name in np.asarray(node[:]).tolist())
     return {name: n for name, n in sorted(counts.items()) if name}
 

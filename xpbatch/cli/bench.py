@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from xpbatch.cli.options import cluster_config, cluster_options
-from xpbatch.config import TRAIN_DEVICES, TrainConfig
+from xpbatch.config import DEVICES, Device, TrainConfig
 
 
 def _count(flag: str, default: int, *, minimum: int, help: str | None = None) -> Any:
@@ -133,7 +133,7 @@ def bench_encode_command(
     default=TrainConfig.batch_size,
     show_default=True,
 )
-@click.option("--device", type=click.Choice(TRAIN_DEVICES), default="auto", show_default=True)
+@click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 @_count(
     "--rounds",
     2,
@@ -152,7 +152,7 @@ def bench_train_command(
     rows: int,
     epochs: int,
     batch_size: int,
-    device: str,
+    device: Device,
     rounds: int,
     threads: int | None,
     workdir: str | None,

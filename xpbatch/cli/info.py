@@ -22,6 +22,7 @@ from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.errors import StoreError, StoreNotFoundError
 from xpbatch.storage.paths import PathLike
+from xpbatch.store import checks as store_checks
 
 if TYPE_CHECKING:
     import zarr
@@ -114,6 +115,10 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
         else (schema.FLAGS, schema.CatalogFlag)
     )
     attrs: dict[str, Any] = group.attrs.asdict()
+    if kind == "store":
+        store_checks.check_format_version(attrs, path)
+    else:
+        catalog.check_format_version(attrs, path)
     summary: dict[str, Any] = {
         "kind": kind,
         "path": str(path),
@@ -249,7 +254,7 @@ def _model_summary(path: Path) -> dict[str, Any]:
         "n_parameters": n_values("network."),
         "n_train": n_values("split.train_source_id"),
         "n_validation": n_values("split.validation_source_id"),
-        "latent_density": {**(meta.get("latent_density") or {}), "kl": kl},
+        "latent_density": {**meta["latent_density"], "kl": kl},
         "provenance": {k: _short(v) for k, v in sorted((meta.get("provenance") or {}).items())},
     }
 
@@ -340,10 +345,8 @@ def _progress_row(s: dict[str, Any]) -> list[tuple[str, str]]:
     if s.get("chunks_recorded") is None:
         return []
     rows = [("chunks done", f"{s['chunks_recorded']:,} of {s['n_chunks']:,}")]
-    devices = s.get("chunk_devices")
-    if devices is not None:
-        text = ", ".join(f"{name} ({n:,} chunks)" for name, n in devices.items()) or "-"
-        rows.append(("encoded on", text))
+    devices = s["chunk_devices"].items()
+    rows.append(("encoded on", ", ".join(f"{name} ({n:,} chunks)" for name, n in devices) or "-"))
     return rows
 
 
@@ -369,8 +372,6 @@ def _format_model(s: dict[str, Any]) -> str:
 
 def _latent_rows(density: dict[str, Any]) -> list[tuple[str, str]]:
     """Per-dimension KL, active dimensions and the density behind anomaly_score."""
-    if not density.get("kind"):
-        return [("density", "not recorded (file predates it): prior N(0, I), all dims active")]
     kl = density.get("kl")
     rows = [
         ("KL per dim", "not recorded" if kl is None else ", ".join(f"{v:.3g}" for v in kl)),

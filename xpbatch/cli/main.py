@@ -379,21 +379,12 @@ def encode_catalog_command(
     default=None,
     help="Write the table here (.parquet, else CSV) [default: CSV on stdout].",
 )
-@click.option(
-    "-m",
-    "--model",
-    type=click.Path(exists=True, dir_okay=False),
-    default=None,
-    help="The catalogue's model; needed only for catalogues that do not record their latent "
-    "density (written before it existed).",
-)
 @cluster_options
 def neighbours_command(
     catalog: str,
     source_ids: tuple[str, ...],
     k: int,
     output: str | None,
-    model: str | None,
     **kwargs: Any,
 ) -> None:
     """The K nearest sources of CATALOG to each query source in latent space (exact scan)."""
@@ -401,13 +392,11 @@ def neighbours_command(
         ids = [int(part) for text in source_ids for part in text.split(",") if part.strip()]
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
-    from xpbatch.model.files import load_model
     from xpbatch.products.neighbours import find_neighbours, write_table
     from xpbatch.runtime.cluster import connect
 
-    trained = load_model(model) if model else None
     with connect(cluster_config(kwargs)) as client:
-        table = find_neighbours(catalog, ids, k=k, client=client, model=trained)
+        table = find_neighbours(catalog, ids, k=k, client=client)
     if output is None:
         click.echo(table.to_csv(index=False), nl=False)
     else:

@@ -1,10 +1,10 @@
 """Click options generated from the config dataclasses of :mod:`xpbatch.config`.
 
 A field ``batch_size`` becomes ``--batch-size`` (a bool ``with_x`` becomes ``--with-x/--no-with-x``)
-with the field's type, its default and, as help, its attribute docstring; a field checked against
-a choice tuple in ``__post_init__`` (``_check_choice("device", self.device, ENCODE_DEVICES)``)
-becomes a ``click.Choice``. So a field added to a config is an option of its command with no more
-code, and every default has one home. Only a given option reaches the config: the rest keep the
+with the field's type, its default and, as help, its attribute docstring; a field annotated
+``Literal[...]`` becomes a ``click.Choice`` of its values (:func:`xpbatch.config.field_choices`).
+So a field added to a config is an option of its command with no more code, and every default
+has one home. Only a given option reaches the config: the rest keep the
 field's default, or a TOML file's value where the command reads one (``--config``).
 """
 
@@ -15,7 +15,6 @@ import dataclasses
 import functools
 import inspect
 import itertools
-import sys
 import textwrap
 import types
 import typing
@@ -25,7 +24,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
-from xpbatch.config import ClusterConfig, from_mapping
+from xpbatch.config import ClusterConfig, field_choices, from_mapping
 
 F = TypeVar("F", bound=Callable[..., Any])
 C = TypeVar("C")
@@ -102,20 +101,6 @@ def field_docs(cls: type) -> dict[str, str]:
         ):
             docs[node.target.id] = " ".join(after.value.value.split())
     return docs
-
-
-def field_choices(cls: type) -> dict[str, tuple[str, ...]]:
-    """The choice tuple of each field that ``__post_init__`` checks with ``_check_choice``."""
-    namespace = vars(sys.modules[cls.__module__])
-    choices = {}
-    for node in ast.walk(ast.Module(body=_class_body(cls), type_ignores=[])):
-        match node:
-            case ast.Call(
-                func=ast.Name(id="_check_choice"),
-                args=[_, ast.Attribute(value=ast.Name(id="self"), attr=field), ast.Name(id=name)],
-            ):
-                choices[field] = tuple(namespace[name])
-    return choices
 
 
 def _field_option(cls: type, field: dataclasses.Field[Any], flag: Flag) -> Callable[[F], F]:

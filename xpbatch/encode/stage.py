@@ -252,7 +252,6 @@ def _input_layout(
         latent_dim=model.config.latent_dim,
         n_coeff=model.config.input_dim,
         with_reconstruction=with_reconstruction,
-        with_anomaly_score=True,
         with_positions=_passthrough(store) == PASSTHROUGH_VARIABLES,
     )
 

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import collections
 import logging
-import os
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import WorkerPlugin
 
-from xpbatch.errors import ConfigError, ModelMismatchError
+from xpbatch.errors import ModelMismatchError
 
 if TYPE_CHECKING:
     import torch
@@ -53,42 +52,6 @@ def cached(key: tuple[str, str], make: Callable[[], T]) -> T:
         return _OPEN[key]  # type: ignore[no-any-return]
 
 
-def resolve_device(device: str, *, on_dask_cuda: bool = False) -> torch.device:
-    """The torch device for ``device`` ('auto', 'cpu', 'cuda' or 'cuda:N') in this process.
-
-    'auto' is the GPU when torch sees one, else the CPU, except on a worker that dask-cuda
-    started: that worker exists to drive a GPU, so a torch that sees none is an error naming
-    the likely cause, never a silent CPU run.
-    """
-    import torch
-
-    cuda = torch.cuda.is_available()
-    if device == "auto" and on_dask_cuda and not cuda:
-        raise ConfigError(
-            f"this worker was started by dask-cuda (CUDA_VISIBLE_DEVICES="
-            f"{os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}) but torch "
-            f"{torch.__version__} sees no CUDA GPU ({_why_no_cuda(torch)}); install a torch "
-            "built for this driver's CUDA (see docs/clusters.md, 'GPU workers'), or pass "
-            "--device cpu"
-        )
-    if device == "auto":
-        return torch.device("cuda" if cuda else "cpu")
-    if device.startswith("cuda") and not cuda:
-        raise ConfigError(
-            f"device {device!r} was asked for, but torch sees no CUDA GPU here "
-            f"({_why_no_cuda(torch)})"
-        )
-    return torch.device(device)
-
-
-def _why_no_cuda(torch: Any) -> str:
-    """The likely reason torch has no CUDA: a CPU-only build, or no usable driver/GPU."""
-    built = torch.version.cuda
-    if built is None:
-        return "this torch is a CPU-only build"
-    return f"torch is built for CUDA {built}, but no GPU or no matching driver is usable"
-
-
 def device_name(device: torch.device) -> str:
     """'cpu', or 'cuda:0 (NVIDIA H200)': what a chunk was encoded on, for the catalogue."""
     import torch
@@ -109,6 +72,7 @@ def install_model(
 ) -> None:
     """Put ``model`` on this process's device (its kernel built once) under ``key``."""
     from xpbatch.encode.kernel import kernel_for
+    from xpbatch.model.device import resolve_device
 
     where = resolve_device(device, on_dask_cuda=on_dask_cuda)
     kernel_for(model, where)

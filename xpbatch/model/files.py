@@ -6,12 +6,14 @@ A model file is one safetensors file (``.safetensors``):
 - tensors ``normalisation.mean`` / ``normalisation.std``: the input recipe's arrays;
 - tensors ``latent_reference.mean`` / ``.std``: training-set distribution of latent means;
 - tensors ``split.train_source_id`` / ``split.validation_source_id``: which sources it saw;
-- tensors ``latent_density.*`` and metadata key ``latent_density`` (optional: files written
-  before it lack them and fall back to the prior): per-dimension KL, the training latents'
-  Gaussian mixture and outlier threshold (:mod:`xpbatch.model.density`);
-- metadata ``xpbatch`` (JSON): name, architecture, input recipe, provenance and (files written
-  since it exists) ``fit_statistics``, what the training data looked like to the model
-  (:mod:`xpbatch.model.fit_check`);
+- tensors ``latent_density.*`` and the description's ``latent_density``: per-dimension KL, the
+  training latents' Gaussian mixture (or the prior) and outlier threshold
+  (:mod:`xpbatch.model.density`);
+- metadata ``xpbatch`` (JSON): name, architecture, input recipe, provenance, latent density and
+  ``fit_statistics``, what the training data looked like to the model (null when not measured;
+  :mod:`xpbatch.model.fit_check`);
+- metadata ``format`` and ``format_version`` (:data:`~xpbatch.schema.MODEL_FORMAT_VERSION`): a
+  file of another version is refused;
 - metadata ``content_sha256``: sha256 over the JSON and every tensor (name, dtype, shape,
   bytes). Loading recomputes it, so a tampered file is refused; a truncated one fails to parse.
 """
@@ -31,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xpbatch import __version__
+from xpbatch import __version__, schema
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
 from xpbatch.model.density import LatentDensity, latent_kl
@@ -40,8 +42,6 @@ from xpbatch.model.network import ScatterVAE
 from xpbatch.model.trained import Normalisation, TrainedModel, standardise
 from xpbatch.storage.paths import atomic_path
 
-FORMAT_NAME = "xpbatch-model"
-FORMAT_VERSION = 1
 INPUT_RECIPE = {
     "coefficient_order": "BP 0-54 then RP 0-54",
     "normaliser": "phot_g_mean_flux",
@@ -65,7 +65,7 @@ _DESCRIPTION_KEYS = (
     "latent_density",
     FIT_STATISTICS,
 )
-"""Keys of the JSON description, in the content hash when present (older files lack the last)."""
+"""Keys of the JSON description, every one in the content hash."""
 _MAX_HEADER_BYTES = 100_000_000  # a sane bound: real headers are a few kB
 
 
@@ -128,15 +128,14 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
         "input_recipe": INPUT_RECIPE,
         "provenance": model.provenance,
         "latent_density": model.density.describe() if model.density else None,
+        FIT_STATISTICS: model.fit_statistics,
     }
-    if model.fit_statistics is not None:  # absent in older files, whose hash must not change
-        described[FIT_STATISTICS] = model.fit_statistics
     description = json.dumps(described, sort_keys=True)
     tensors = _tensors(model)
     content_hash = _content_hash(description, tensors)
     metadata = {
-        "format": FORMAT_NAME,
-        "format_version": str(FORMAT_VERSION),
+        "format": schema.MODEL_FORMAT_NAME,
+        schema.MODEL_ATTR_FORMAT_VERSION: str(schema.MODEL_FORMAT_VERSION),
         "xpbatch": description,
         "content_sha256": content_hash,
     }
@@ -178,16 +177,20 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
         except ValueError as e:
             raise ModelFileError(f"model file {path} has a corrupt header: {e}") from e
     meta = header.get("__metadata__") or {}
-    if meta.get("format") != FORMAT_NAME:
+    if meta.get("format") != schema.MODEL_FORMAT_NAME:
         raise ModelFileError(
             f"{path} is a safetensors file but not an xpbatch model (format "
             f"{meta.get('format')!r}); convert the authors' checkpoint with `xpbatch import-xpvae`"
         )
-    if meta.get("format_version") != str(FORMAT_VERSION):
-        raise ModelFileError(
-            f"{path} has model format version {meta.get('format_version')}, this xpbatch reads "
-            f"version {FORMAT_VERSION}; upgrade xpbatch"
-        )
+    problem = schema.format_version_problem(
+        meta.get(schema.MODEL_ATTR_FORMAT_VERSION),
+        schema.MODEL_FORMAT_VERSION,
+        what=f"model file {path}",
+        redo="re-export it (train it again with `xpbatch train`, or convert the authors' "
+        "checkpoint again with `xpbatch import-xpvae`)",
+    )
+    if problem:
+        raise ModelFileError(problem)
     description = json.loads(meta["xpbatch"])
     description["content_sha256"] = meta.get("content_sha256", "")
     return description
@@ -229,7 +232,10 @@ def load_model(
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"model file {path} is truncated or corrupt: {e}") from e
     stored_hash = description.pop("content_sha256")
-    plain = {k: description[k] for k in _DESCRIPTION_KEYS if k in description}
+    try:
+        plain = {k: description[k] for k in _DESCRIPTION_KEYS}
+    except KeyError as e:
+        raise ModelFileError(f"model file {path} has no {e} in its description") from e
     actual = _content_hash(json.dumps(plain, sort_keys=True), tensors)
     if actual != stored_hash:
         raise ModelFileError(
@@ -264,19 +270,12 @@ def load_model(
         train_source_id=tensors["split.train_source_id"].numpy(),
         validation_source_id=tensors["split.validation_source_id"].numpy(),
         content_hash=stored_hash,
-        fit_statistics=description.get(FIT_STATISTICS),
-        density=_stored_density(tensors, description.get("latent_density"), config),
+        fit_statistics=description[FIT_STATISTICS],
+        density=LatentDensity.from_stored(
+            {k[len(_DENSITY) :]: v.numpy() for k, v in tensors.items() if k.startswith(_DENSITY)},
+            description["latent_density"],
+        ),
     )
-
-
-def _stored_density(
-    tensors: dict[str, torch.Tensor], described: dict[str, Any] | None, config: ModelConfig
-) -> LatentDensity:
-    """The file's latent density; the prior for files written before densities were stored."""
-    if described is None:
-        return LatentDensity.prior(config.latent_dim)
-    arrays = {k[len(_DENSITY) :]: v.numpy() for k, v in tensors.items() if k.startswith(_DENSITY)}
-    return LatentDensity.from_stored(arrays, described)
 
 
 def _architecture_from_state_dict(state: dict[str, torch.Tensor]) -> ModelConfig:

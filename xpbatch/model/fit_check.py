@@ -20,8 +20,8 @@ statistic          definition (over the measured rows)
 
 ``xpbatch train`` records them on its training rows, ``xpbatch import-xpvae`` records what the
 normalisation file implies (``input_spread`` 1: the published training rows are not
-available), and a model file without them (older files) is checked like an imported one, with
-a note saying so.
+available), and a model without them (one never trained, or trained on rows too few to
+measure) is checked like an imported one, with a note saying so.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def measure_physical(
 
 
 def expected_statistics(model: TrainedModel) -> FitStatistics:
-    """What the model recorded; for a file without statistics, what its normalisation implies."""
+    """What the model recorded; for a model without statistics, what its normalisation implies."""
     if model.fit_statistics is not None:
         return FitStatistics.from_dict(model.fit_statistics)
     return FitStatistics.from_normalisation()
@@ -187,7 +187,7 @@ def check_fit(model: TrainedModel, found: FitStatistics | None, *, where: str) -
     expected = expected_statistics(model)
     if model.fit_statistics is None:
         logger.info(
-            "model %r records no training statistics (an older file): its fit to %s is checked "
+            "model %r records no training statistics: its fit to %s is checked "
             "against its normalisation only (standardised inputs must spread about 1)",
             model.name,
             where,

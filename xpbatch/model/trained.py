@@ -146,7 +146,7 @@ class TrainedModel:
     fit_statistics: dict[str, Any] | None = None
     """What the model's training data looked like to it
     (:class:`xpbatch.model.fit_check.FitStatistics`
-    as a dict), to check that a store fits before encoding it; None in older files."""
+    as a dict), to check that a store fits before encoding it; None when not measured."""
     density: LatentDensity | None = None
     """Active dimensions and the training latents' density; None: the prior N(0, I) stands in."""
 

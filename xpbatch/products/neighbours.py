@@ -32,15 +32,13 @@ if TYPE_CHECKING:
     import pandas as pd
     from distributed import Client
 
-    from xpbatch.model.trained import TrainedModel
-
 logger = logging.getLogger(__name__)
 
 DEFAULT_K = 100
 BLOCK_VALUES = 2**22
 """Distances computed at once (queries x rows of a block): 32 MB of float64 per temporary."""
 _CARRIED = (schema.RMSE, schema.FLAGS, schema.ANOMALY_SCORE)
-"""Catalogue variables reported with each neighbour (anomaly_score when the catalogue has it)."""
+"""Catalogue variables reported with each neighbour."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,17 +49,14 @@ class LatentMetric:
     scale: np.ndarray  # (latent,) float64
 
     @classmethod
-    def from_catalog(cls, path: PathLike, model: TrainedModel | None = None) -> LatentMetric:
-        """The metric a catalogue records (or ``model``'s, for catalogues written before it)."""
+    def from_catalog(cls, path: PathLike) -> LatentMetric:
+        """The metric a catalogue records (attribute ``latent_density``)."""
         attrs = catalog.read_attrs(path)
         described = attrs.get(schema.ATTR_LATENT_DENSITY)
-        if model is not None:
-            assert model.density is not None
-            return cls(model.density.active, np.asarray(model.density.scale, np.float64))
         if not described:
             raise CatalogError(
-                f"catalogue {path} does not record its model's latent density (written before "
-                "xpbatch kept it); pass the model it was made with (--model / model=)"
+                f"catalogue {path} has no attribute {schema.ATTR_LATENT_DENSITY!r}: not written "
+                "by xpbatch encode-catalog, or damaged; re-encode it"
             )
         kl = described.get("kl")
         active = np.zeros(len(described["scale"]), bool)
@@ -200,7 +195,6 @@ def find_neighbours(
     *,
     k: int = DEFAULT_K,
     client: Client | Executor | None = None,
-    model: TrainedModel | None = None,
 ) -> pd.DataFrame:
     """The ``k`` nearest sources of a catalogue to each query, in latent space.
 
@@ -216,17 +210,14 @@ def find_neighbours(
         Neighbours per query.
     client
         A ``distributed.Client``: one task per chunk on its workers. None: serially here.
-    model
-        The catalogue's model, only for catalogues that do not record their latent density.
 
     Returns
     -------
     pandas.DataFrame
         One row per (query, neighbour): ``query_index`` (position in ``queries``),
         ``query_source_id`` (id queries only), ``rank`` (1 = nearest), ``source_id``,
-        ``distance`` (training-spread units), ``rmse``, ``flags`` and ``anomaly_score`` (when
-        the catalogue has it). Fewer than ``k`` rows for a query only if the catalogue has fewer
-        encoded sources.
+        ``distance`` (training-spread units), ``rmse``, ``flags`` and ``anomaly_score``. Fewer
+        than ``k`` rows for a query only if the catalogue has fewer encoded sources.
 
     Raises
     ------
@@ -242,15 +233,12 @@ def find_neighbours(
     path = str(Path(path).resolve())
     catalog.open_catalog(path)  # refuses an incomplete or foreign catalogue, with its reason
     layout = catalog.read_layout(path)
-    metric = LatentMetric.from_catalog(path, model)
+    metric = LatentMetric.from_catalog(path)
     query_ids, latent = _parse_queries(queries, layout.latent_dim)
     chunks = range(layout.n_chunks)
     executor = Executor.of(client)
     if query_ids is not None:
         latent = _lookup(path, layout, query_ids, executor)
-    carried = tuple(
-        name for name in _CARRIED if name != schema.ANOMALY_SCORE or layout.with_anomaly_score
-    )
     search = ChunkSearch(
         path,
         layout.chunk_rows,
@@ -259,9 +247,9 @@ def find_neighbours(
         np.full(len(latent), -1, np.int64) if query_ids is None else query_ids,
         metric,
         k,
-        carried,
+        _CARRIED,
     )
-    best = _Best.empty(len(latent), k, carried)
+    best = _Best.empty(len(latent), k, _CARRIED)
     for found in executor.map(search, chunks, name="xpbatch-neighbours"):
         best = best.merge(found)
     return _table(best, query_ids)

@@ -192,7 +192,7 @@ class XPStoreWriter:
             writer._specs,
             n_rows=n_rows,
             chunk_rows=chunk_rows,
-            compressors=zarr_arrays.crc32c_only(),  # stores written before: Blosc, still read
+            compressors=zarr_arrays.crc32c_only(),
             coordinates=[schema.SOURCE_ID],
         )
         zarr_arrays.write_axis(
@@ -622,10 +622,9 @@ def present_variables(path: PathLike, names: Iterable[str]) -> tuple[str, ...]:
 class ChunkReader:
     """Reads row ranges of some of a store's variables, all of them at once.
 
-    Zarr reads and checks (crc32c; stores written before this version: also decompresses) an
-    array's chunk in one thread, so each variable is read in a thread of its own and they
-    overlap on a worker with cores to spare. A damaged chunk is a StoreError naming its
-    variable, chunk and file (:func:`xpbatch.store.checks.read_rows_checked`).
+    Zarr reads and checks (crc32c) an array's chunk in one thread, so each variable is read in a
+    thread of its own and they overlap on a worker with cores to spare. A damaged chunk is a
+    StoreError naming its variable, chunk and file (:func:`xpbatch.store.checks.read_rows_checked`).
 
     Examples
     --------

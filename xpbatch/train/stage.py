@@ -36,9 +36,10 @@ import numpy as np
 import torch
 
 from xpbatch.config import TrainConfig, result_options
-from xpbatch.errors import ConfigError, TrainingError
+from xpbatch.errors import TrainingError
 from xpbatch.model import fit_check as fit
 from xpbatch.model.density import LatentDensity, fit_density, latent_kl
+from xpbatch.model.device import resolve_device
 from xpbatch.model.files import runtime_versions, save_model
 from xpbatch.model.network import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.model.trained import Normalisation, TrainedModel
@@ -252,7 +253,7 @@ def train_model(
     config = config or TrainConfig()
     paths = RunPaths.for_model(out)
     resume = _claim_outputs(paths, config)
-    device = resolve_device(config)
+    device = resolve_device(config.device, precision=config.precision)
     started = time.perf_counter()
     ds = store if not isinstance(store, str | os.PathLike) else open_xp_store(Path(store))
     wanted = read_source_id_file(config.source_ids) if config.source_ids else None
@@ -324,24 +325,6 @@ def _claim_outputs(paths: RunPaths, config: TrainConfig) -> bool:
             "continue from; pass --overwrite to train again"
         )
     return resumed
-
-
-def resolve_device(config: TrainConfig) -> torch.device:
-    """The torch device for ``config.device`` ('auto' picks CUDA when torch sees a GPU)."""
-    if config.device == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if config.device == "cuda":
-        raise TrainingError(
-            "--device cuda was asked for but torch sees no CUDA GPU (torch.cuda.is_available() "
-            f"is False; torch {torch.__version__}); use --device cpu or auto"
-        )
-    if config.precision != "fp32":
-        raise ConfigError(
-            f"precision {config.precision!r} needs a CUDA GPU and torch sees none; use fp32"
-        )
-    return torch.device("cpu")
 
 
 def _free_memory(device: torch.device) -> int:
