@@ -55,6 +55,7 @@ from xpbatch.errors import (
 )
 from xpbatch.runtime.executor import map_bounded, progress_bar
 from xpbatch.schema import CatalogFlag
+from xpbatch.storage.manifest import real_output
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike
 from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
@@ -371,6 +372,7 @@ def encode_catalog(
     """
     config = config or EncodeConfig()
     started = time.perf_counter()
+    out = real_output(out)  # through a symlink: the target is written (and replaced)
     if config.performance_report:
         _check_can_report(client)
     plan = _plan(Path(store), model, Path(out), config)
