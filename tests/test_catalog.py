@@ -194,9 +194,9 @@ def test_resume_never_touches_what_is_not_a_catalogue(
 ) -> None:
     store = make_xp_store(tmp_path / "s.zarr", 20)
     before = _snapshot(store)
-    with pytest.raises(ResumeRefusedError, match="an xpbatch XP store, not a catalogue"):
+    with pytest.raises(ResumeRefusedError, match="an xpbatch XP store, not the catalogue"):
         catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
-    with pytest.raises(OutputExistsError, match="an xpbatch XP store, not a catalogue"):
+    with pytest.raises(OutputExistsError, match="an xpbatch XP store, not the catalogue"):
         catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
     foreign = tmp_path / "notes"
     foreign.mkdir()

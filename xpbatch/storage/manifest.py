@@ -246,8 +246,8 @@ class RunManifest:
         if foreign or (kind != self.kind and not (empty and recorded is None)):
             refused = ResumeRefusedError if resume else OutputExistsError
             what = (
-                f"an xpbatch {kind}, not a {self.kind}: one command never replaces or resumes "
-                "another's output"
+                f"an xpbatch {kind}, not the {self.kind} this command writes: one command never "
+                "replaces or resumes another's output"
                 if kind
                 else f"not an xpbatch {self.kind} ({found or 'no record of an xpbatch run'}); "
                 "it is never overwritten or resumed"
