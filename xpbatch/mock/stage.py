@@ -104,8 +104,8 @@ def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSumma
         files = tuple(write_bulk(path, config))
         plan = bulk_file_plan(config.n, config.rows_per_file)
         written = [path / name for file in plan for name in (file.xp_name, file.gaia_source_name)]
-        written.append(path / dr3.MD5_MANIFEST)
         run.mark_complete()
+        written += [path / dr3.MD5_MANIFEST, run.record.where]
     labels = labels_path(path)
     return MockSummary(
         path=path,

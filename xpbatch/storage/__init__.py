@@ -3,7 +3,9 @@
 - :mod:`~xpbatch.storage.paths`: path helpers (atomic files, sizes, ``PathLike``).
 - :mod:`~xpbatch.storage.zarr_arrays`: the Zarr layer the XP store and the catalogue share
   (array specs, codecs, templates, region writes, chunk files and their checksums).
-- :mod:`~xpbatch.storage.outputs`: one writer per output (the lock) and the resume convention.
+- :mod:`~xpbatch.storage.outputs`: one writer per output (the lock on its real path).
+- :mod:`~xpbatch.storage.manifest`: the run manifest every stage claims, resumes and completes
+  its output with (the one output rule).
 - :mod:`~xpbatch.storage.partitions`: the Gaia DR3 bulk partitions (HEALPix ranges of source_id).
 
 Nothing here knows about spectra, models or Dask.
