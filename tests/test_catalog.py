@@ -202,9 +202,16 @@ def test_resume_never_touches_what_is_not_a_catalogue(
 ) -> None:
     store = make_xp_store(tmp_path / "s.zarr", 20)
     before = _snapshot(store)
-    with pytest.raises(ResumeRefusedError, match="not an xpbatch catalogue"):
+    with pytest.raises(ResumeRefusedError, match="an xpbatch XP store, not the catalogue"):
         catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
-    assert _snapshot(store) == before
+    with pytest.raises(OutputExistsError, match="an xpbatch XP store, not the catalogue"):
+        catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "zarr.json").write_text("not zarr")
+    with pytest.raises(ResumeRefusedError, match="not an xpbatch catalogue"):
+        catalog.prepare_output(foreign, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+    assert _snapshot(store) == before and (foreign / "zarr.json").read_text() == "not zarr"
 
 
 def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:

@@ -27,20 +27,25 @@ from xpbatch.config import (
     IngestConfig,
     MockConfig,
     ModelConfig,
+    NeighboursConfig,
+    OutputOptions,
     ParquetExportConfig,
+    SkyMapConfig,
     TrainConfig,
 )
 
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
-    "ingest": ((IngestConfig, ClusterConfig), {"break_lock", "gaia_source", "output"}),
-    "encode-catalog": ((EncodeConfig, ClusterConfig), {"break_lock", "model", "output", "demo"}),
-    "train": ((TrainConfig,), {"break_lock", "output", "config_file"}),
+    "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output"}),
+    "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo"}),
+    "train": ((TrainConfig,), {"output", "config_file"}),
     "mock": (
         (MockConfig,),
         {"output", "config_file", "rare"},
     ),
     "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
-    "export-parquet": ((ParquetExportConfig,), {"break_lock", "output", "partitions", "store"}),
+    "export-parquet": ((ParquetExportConfig,), {"output", "partitions", "store"}),
+    "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", "model"}),
+    "skymap": ((SkyMapConfig, ClusterConfig), {"output"}),
 }
 """Stage command -> (the configs its options come from, its options that are not config fields:
 inputs, outputs and what the stage function takes besides its config)."""
@@ -50,8 +55,10 @@ NOT_OPTIONS = {(TrainConfig, "model")}
 
 
 def _docstrings(cls: type) -> dict[str, str]:
-    """Field -> docstring, read with a regex from the source (independent of cli_options)."""
-    source = inspect.getsource(cls)
+    """Field -> docstring, read with a regex from the source (independent of cli_options);
+    the fields of a base dataclass from its own source."""
+    bases = [base for base in cls.__mro__ if dataclasses.is_dataclass(base)]
+    source = "".join(inspect.getsource(base) for base in bases)
     found = re.findall(r'\n    (\w+): [^\n]+\n    """(.*?)"""', source, flags=re.DOTALL)
     return {name: " ".join(text.split()) for name, text in found}
 
@@ -104,7 +111,8 @@ CONFIGS = {
 def test_every_config_is_the_options_of_a_command() -> None:
     configs = CONFIGS
     used = {cls for stage_configs, _ in STAGES.values() for cls in stage_configs}
-    assert configs - used == {ModelConfig}  # the architecture: TrainConfig's [model] table
+    # the architecture (TrainConfig's [model] table) and the base of every writing command's
+    assert configs - used == {ModelConfig, OutputOptions}
 
 
 def test_field_docstrings_are_plain_text_for_help() -> None:

@@ -177,6 +177,12 @@ def test_export_on_a_dask_cluster_equals_the_local_one(
         )
 
 
+ANOTHER_EXPORT = json.dumps(
+    {"format": "xpbatch-run", "kind": "Parquet export", "fingerprint": {"catalog": "another"}}
+)
+"""The run manifest of an export of another catalogue."""
+
+
 @pytest.mark.parametrize(
     ("prepare", "message"),
     [
@@ -189,7 +195,7 @@ def test_export_on_a_dask_cluster_equals_the_local_one(
         pytest.param(
             lambda out: (
                 out.mkdir(),
-                (out / MANIFEST_NAME).write_text('{"catalog_fingerprint": "another"}'),
+                (out / MANIFEST_NAME).write_text(ANOTHER_EXPORT),
             ),
             "already exists",
             id="another-catalogue",
@@ -208,7 +214,7 @@ def test_refuses_outputs_that_are_not_its_own(
 def test_overwrite_replaces_an_export_of_another_catalogue(catalog: Path, tmp_path: Path) -> None:
     out = tmp_path / "parquet"
     out.mkdir()
-    (out / MANIFEST_NAME).write_text('{"catalog_fingerprint": "another"}')
+    (out / MANIFEST_NAME).write_text(ANOTHER_EXPORT)
     (out / "XpLatent_786097-786431.parquet").write_bytes(b"from the other catalogue")
     result = export_parquet(
         catalog, out, partitions=DR3_FIRST, config=ParquetExportConfig(overwrite=True)

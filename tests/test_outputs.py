@@ -74,8 +74,8 @@ def test_the_lock_is_a_sibling_file_naming_its_holder(tmp_path: Path) -> None:
         holder = json.loads(path.read_text())
         assert holder["pid"] == os.getpid() and holder["host"] == socket.gethostname()
         assert holder["command"] == "encode-catalog" and holder["run_id"] and holder["started"]
-        with output_lock(out):  # nested in the same process: free
-            assert path.exists()
+        with pytest.raises(OutputLockedError, match=f"pid {os.getpid()}"), output_lock(out):
+            pass  # one owner: not re-entrant, even in the same process
         assert path.exists()
     assert not path.exists()
 
@@ -180,7 +180,8 @@ def test_break_lock_is_an_option_of_every_writing_command() -> None:
 
     from xpbatch.cli.main import main
 
-    for command in ("encode-catalog", "ingest", "train", "export-parquet"):
+    commands = ("encode-catalog", "ingest", "train", "export-parquet", "export-hats", "mock")
+    for command in (*commands, "neighbours", "skymap"):
         result = CliRunner().invoke(main, [command, "--help"])
         assert "--break-lock" in result.output, command
 

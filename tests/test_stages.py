@@ -1,7 +1,7 @@
 """One shape for every stage: the same signature, the same resume convention, a summary to print.
 
 The convention (docs/troubleshooting.md, "Resuming and replacing outputs") is
-:func:`xpbatch.storage.outputs.claim_output`;
+:class:`xpbatch.storage.manifest.RunManifest`;
 each stage's own tests check it on real outputs (test_ingest, test_train, test_export,
 test_hats_export, test_catalog), these check the rule itself and the stages' shape.
 """
@@ -25,7 +25,7 @@ from xpbatch.config import (
     result_options,
 )
 from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError
-from xpbatch.storage.outputs import ResumePlan, check_same_run, claim_output
+from xpbatch.storage.manifest import JsonRecord, RunManifest
 
 
 def _stages() -> dict[str, tuple[Callable[..., object], type]]:
@@ -73,60 +73,101 @@ def test_run_control_fields_are_never_part_of_a_result() -> None:
 
 # --- the rule: (what is there, the flags) -> new, resumed, replaced or refused -----------------
 CASES = {
-    # name: (exists, ours, resume, overwrite, expected: True/False or an error class)
-    "nothing-there": (False, True, False, False, False),
-    "nothing-there-resume-starts-new": (False, True, True, False, False),
-    "ours-no-flag-refused": (True, True, False, False, OutputExistsError),
-    "ours-resume": (True, True, True, False, True),
-    "ours-overwrite-removes": (True, True, False, True, False),
-    "foreign-no-flag-refused": (True, False, False, False, OutputExistsError),
-    "foreign-overwrite-refused": (True, False, False, True, OutputExistsError),
-    "foreign-resume-refused": (True, False, True, False, ResumeRefusedError),
+    # name: (what is there, resume, overwrite, expected: True/False or an error class)
+    "nothing-there": (None, False, False, False),
+    "nothing-there-resume-starts-new": (None, True, False, False),
+    "ours-no-flag-refused": ("thing", False, False, OutputExistsError),
+    "ours-resume": ("thing", True, False, True),
+    "ours-overwrite-removes": ("thing", False, True, False),
+    "foreign-no-flag-refused": ("foreign", False, False, OutputExistsError),
+    "foreign-overwrite-refused": ("foreign", False, True, OutputExistsError),
+    "foreign-resume-refused": ("foreign", True, False, ResumeRefusedError),
+    "other-kind-overwrite-refused": ("other", False, True, OutputExistsError),
+    "other-kind-resume-refused": ("other", True, False, ResumeRefusedError),
+    "empty-directory-is-ours": ("empty", False, True, False),
 }
 
 
+def _manifest(out: Path, fingerprint: dict[str, object] | None = None) -> RunManifest:
+    return RunManifest(out, kind="thing", record=JsonRecord.inside(out), fingerprint=fingerprint)
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_claim_output(case: str, tmp_path: Path) -> None:
-    exists, ours, resume, overwrite, expected = CASES[case]
+def test_the_one_output_rule(case: str, tmp_path: Path) -> None:
+    there, resume, overwrite, expected = CASES[case]
+    out = tmp_path / "out"
+    if there is not None:
+        out.mkdir()
+    if there == "thing":
+        _manifest(out).begin()
+    elif there == "other":
+        RunManifest(out, kind="other thing", record=JsonRecord.inside(out)).begin()
+    elif there == "foreign":
+        (out / "notes.txt").write_text("mine")
     removed: list[bool] = []
+    run = _manifest(out)
     claim = {
-        "exists": exists,
-        "ours": ours,
         "resume": resume,
         "overwrite": overwrite,
-        "what": "thing",
         "found": "a thing, 2 of 3 done",
         "remove": lambda: removed.append(True),
     }
     if isinstance(expected, bool):
-        assert claim_output(tmp_path / "out", **claim) is expected  # type: ignore[arg-type]
+        assert run.claim(**claim) is expected  # type: ignore[arg-type]
         assert removed == ([True] if overwrite else [])
         return
     with pytest.raises(expected) as error:
-        claim_output(tmp_path / "out", **claim)  # type: ignore[arg-type]
+        run.claim(**claim)  # type: ignore[arg-type]
     assert not removed  # a refusal changes nothing
     message = str(error.value)
     assert "Nothing was changed" in message
-    if ours:  # what is there, and both ways on
+    if there == "thing":  # what is there, and both ways on
         assert "a thing, 2 of 3 done" in message and "--resume" in message
         assert "--overwrite" in message
+    elif there == "other":
+        assert "an xpbatch other thing, not the thing" in message
+        assert "another output path" in message
     else:
         assert "not an xpbatch thing" in message and "another output path" in message
 
 
-def test_check_same_run_names_every_difference() -> None:
+def test_check_names_every_difference(tmp_path: Path) -> None:
     recorded = json.loads(json.dumps({"inputs": ("a", "b"), "chunk_rows": 512, "seed": 1}))
-    check_same_run("out", recorded, {"inputs": ("a", "b"), "chunk_rows": 512, "seed": 1}, what="x")
+    _manifest(tmp_path, {"inputs": ("a", "b"), "chunk_rows": 512, "seed": 1}).check(recorded)
     with pytest.raises(ResumeRefusedError) as error:
-        check_same_run("out", recorded, {"inputs": ["a"], "chunk_rows": 256, "seed": 1}, what="x")
+        _manifest(tmp_path, {"inputs": ["a"], "chunk_rows": 256, "seed": 1}).check(recorded)
     message = str(error.value)
     assert "chunk_rows: 512 there, 256 now" in message and "inputs: " in message
     assert "seed" not in message and "--overwrite" in message
 
 
-def test_resume_plan_splits_only_when_resuming() -> None:
+def test_a_resumed_run_is_checked_planned_recorded_and_completed(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    first = _manifest(out, {"input": "a"})
+    assert first.claim(resume=True, overwrite=False) is False
+    first.begin()
+    first.record_done("1", 10)
+    record = json.loads((out / "_xpbatch_run.json").read_text())
+    assert record["kind"] == "thing" and record["complete"] is False
+    assert record["done"] == {"1": 10} and record["fingerprint"] == {"input": "a"}
+    with pytest.raises(ResumeRefusedError, match="input: 'a' there, 'b' now"):
+        _manifest(out, {"input": "b"}).claim(resume=True, overwrite=False)
+    again = _manifest(out, {"input": "a"})
+    assert again.claim(resume=True, overwrite=False) is True and not again.complete
+    assert again.recorded_done() == {"1": 10}
+    again.begin()
+    again.mark_complete(files=2)
+    record = json.loads((out / "_xpbatch_run.json").read_text())
+    assert record["complete"] is True and record["files"] == 2 and len(record["resumed"]) == 1
+
+
+def test_resume_plan_splits_only_when_resuming(tmp_path: Path) -> None:
     items = [1, 2, 3, 4]
-    plan = ResumePlan.split(items, lambda i: i % 2 == 0, resumed=True)
+    out = tmp_path / "out"
+    _manifest(out).begin()
+    resumed = _manifest(out)
+    resumed.claim(resume=True, overwrite=False)
+    plan = resumed.plan(items, lambda i: i % 2 == 0)
     assert (plan.done, plan.todo) == ((2, 4), (1, 3))
-    fresh = ResumePlan.split(items, lambda i: pytest.fail("a new run asks nothing"), resumed=False)
+    fresh = _manifest(tmp_path / "new").plan(items, lambda i: pytest.fail("a new run asks nothing"))
     assert (fresh.done, fresh.todo) == ((), (1, 2, 3, 4))

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from xpbatch.cli.main import main
 from xpbatch.config import TrainConfig
 from xpbatch.encode.kernel import encode_arrays
-from xpbatch.errors import ConfigError, OutputExistsError, TrainingError
+from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError, TrainingError
 from xpbatch.mock import read_mock_labels, write_mock_store
 from xpbatch.model.files import load_model
 from xpbatch.store.xp_store import open_xp_store, write_xp_store
@@ -224,7 +224,7 @@ def test_resume_with_another_data_placement_is_refused_and_says_so(
     settings = {**FAST, "data_placement": "device"}
     train_model(small_store, out, config=TrainConfig(epochs=1, **settings, progress_bar=False))
     moved = {**FAST, "data_placement": "stream"}
-    with pytest.raises(TrainingError, match=r"data_placement 'device' \(now 'stream'\)"):
+    with pytest.raises(ResumeRefusedError, match=r"data_placement: 'device' there, 'stream' now"):
         train_model(
             small_store, out, config=TrainConfig(epochs=2, **moved, progress_bar=False, resume=True)
         )
@@ -357,6 +357,8 @@ def _no_g_flux_store(path: Path) -> Path:
         pytest.param("bad-id-line", ConfigError, r"line 3: expected a source_id", id="bad-file"),
         pytest.param("exists", OutputExistsError, r"--resume.*--overwrite", id="exists"),
         pytest.param("resume-no-checkpoint", TrainingError, r"no checkpoint", id="resume-missing"),
+        pytest.param("foreign-overwrite", OutputExistsError, r"not an xpbatch model", id="notes"),
+        pytest.param("foreign-resume", ResumeRefusedError, r"not an xpbatch model", id="notes-r"),
     ],
 )
 def test_bad_input(
@@ -376,13 +378,19 @@ def test_bad_input(
     elif case == "bad-id-line":
         ids.write_text("source_id\n15\nabc\n")
         settings["source_ids"] = str(ids)
-    elif case == "exists":
-        out.write_bytes(b"")
-    elif case == "resume-no-checkpoint":  # a model file alone: nothing to continue from
-        out.write_bytes(b"")
-        resume = True
+    elif case in ("exists", "resume-no-checkpoint"):  # a model of an earlier run
+        train_model(store, out, config=TrainConfig(**settings, progress_bar=False))  # type: ignore[arg-type]
+        if case == "resume-no-checkpoint":  # a model file alone: nothing to continue from
+            RunPaths.for_model(out).checkpoint.unlink()
+            resume = True
+    elif case.startswith("foreign"):  # a user's file: never replaced, whatever the flags
+        out.write_text("my notes")
+        resume = case == "foreign-resume"
+        settings["overwrite"] = not resume
     with pytest.raises(error, match=match):
         train_model(store, out, config=TrainConfig(**settings, progress_bar=False, resume=resume))  # type: ignore[arg-type]
+    if case.startswith("foreign"):
+        assert out.read_text() == "my notes"
 
 
 def test_unknown_source_ids_are_counted_and_reported(small_store: Path, tmp_path: Path) -> None:
@@ -422,7 +430,7 @@ def test_unknown_source_ids_are_counted_and_reported(small_store: Path, tmp_path
         pytest.param(
             "epochs = 3\nlearnin_rate = 1e-3\n",
             r"'learnin_rate'.*Did you mean "
-            r"'learning_rate'.*Valid keys: epochs, learning_rate",
+            r"'learning_rate'.*Valid keys: .*epochs, learning_rate",
             id="unknown-key",
         ),
         pytest.param("[model]\nlatent = 4\n", r"'latent' in \[model\].*latent_dim", id="model-key"),
@@ -453,8 +461,8 @@ def test_cli_flags_override_the_config_file(small_store: Path, tmp_path: Path) -
     changed = CliRunner().invoke(
         main, [*args, "--epochs", "2", "--seed", "9", "--resume", "--no-progress"]
     )
-    assert changed.exit_code == 2 and "belongs to another run" in changed.output
-    assert "seed 0 (now 9)" in changed.output
+    assert changed.exit_code == 2 and "from other inputs or options" in changed.output
+    assert "seed: 0 there, 9 now" in changed.output
 
 
 def test_cli_trains_the_same_model_as_the_api_and_resumes_with_resume(

@@ -30,8 +30,13 @@ _MODULES = {
     "xpbatch.catalog.verify": ("verify_catalog", "VerifyReport"),
     "xpbatch.products.parquet_export": ("export_parquet", "ParquetExportSummary"),
     "xpbatch.products.hats_export": ("export_hats", "HatsExportSummary"),
-    "xpbatch.products.neighbours": ("find_neighbours",),
-    "xpbatch.products.sky_maps": ("compute_sky_maps", "draw_sky_maps", "SkyMaps"),
+    "xpbatch.products.neighbours": ("find_neighbours", "write_neighbours"),
+    "xpbatch.products.sky_maps": (
+        "compute_sky_maps",
+        "draw_sky_maps",
+        "write_sky_maps",
+        "SkyMaps",
+    ),
     # the model and its file
     "xpbatch.model.network": ("ScatterVAE",),
     "xpbatch.model.files": ("TrainedModel", "save_model", "load_model", "import_xpvae"),
@@ -43,7 +48,10 @@ _MODULES = {
         "IngestConfig",
         "MockConfig",
         "ModelConfig",
+        "NeighboursConfig",
+        "OutputOptions",
         "ParquetExportConfig",
+        "SkyMapConfig",
         "TrainConfig",
     ),
     # every error, each also a built-in exception (ValueError, FileNotFoundError, ...)

@@ -57,7 +57,7 @@ def _check_choices(config: Any) -> None:
             )
 
 
-RUN_CONTROL_FIELDS = ("resume", "overwrite", "progress_bar")
+RUN_CONTROL_FIELDS = ("resume", "overwrite", "break_lock", "progress_bar")
 """Config fields that steer one run without changing its result: never part of a fingerprint
 or of the provenance an output records, so a resumed output equals an uninterrupted one."""
 
@@ -65,9 +65,7 @@ or of the provenance an output records, so a resumed output equals an uninterrup
 def result_options(config: Any) -> dict[str, Any]:
     """The fields of a stage config that shape its output (all but :data:`RUN_CONTROL_FIELDS`)."""
     options = dataclasses.asdict(config)
-    for name in RUN_CONTROL_FIELDS:
-        options.pop(name, None)
-    return options
+    return {name: value for name, value in options.items() if name not in RUN_CONTROL_FIELDS}
 
 
 def _check_resume_or_overwrite(config: Any, what: str) -> None:
@@ -76,6 +74,18 @@ def _check_resume_or_overwrite(config: Any, what: str) -> None:
         raise ConfigError(
             f"--resume continues an existing {what} and --overwrite replaces it; give one"
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputOptions:
+    """Options of every command that writes: an output already there, and the output's lock."""
+
+    overwrite: bool = False
+    """Replace an output this command wrote earlier (xpbatch recognises its own record of it);
+    never a file or directory xpbatch did not write, nor another command's output."""
+    break_lock: bool = False
+    """Take over the output's lock from a run on another host that you checked is gone (a dead
+    run on this host is recognised by itself)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,7 +166,7 @@ DEVICES: tuple[str, ...] = typing.get_args(Device)
 
 
 @dataclasses.dataclass(frozen=True)
-class EncodeConfig:
+class EncodeConfig(OutputOptions):
     """How ``encode-catalog`` runs (what it computes is fixed by the store and the model)."""
 
     batch_size: int = 4096
@@ -167,8 +177,6 @@ class EncodeConfig:
     resume: bool = False
     """Continue an interrupted run of the same store, model and options: skip recorded chunks;
     refuse when they differ. Without an earlier run, start a new one."""
-    overwrite: bool = False
-    """Replace an existing catalogue at the output path (never a directory of other files)."""
     device: Device = "auto"
     """Torch device on each worker: 'auto' = the worker's GPU when it has one, else the CPU."""
     tasks_per_thread: int = 2
@@ -212,7 +220,7 @@ DEFAULT_CHUNK_ROWS = 65536
 
 
 @dataclasses.dataclass(frozen=True)
-class IngestConfig:
+class IngestConfig(OutputOptions):
     """How ``xpbatch ingest`` turns DR3 XP files into an XP store."""
 
     chunk_rows: int = DEFAULT_CHUNK_ROWS
@@ -229,9 +237,6 @@ class IngestConfig:
     resume: bool = False
     """Continue an interrupted ingest of the same files and options: reuse the files already
     parsed (<output>.parts/); refuse when they differ. Without an earlier run, start a new one."""
-    overwrite: bool = False
-    """Replace an existing output store (and an interrupted run's parts); the old store stays
-    until the new one is complete."""
     progress_bar: bool = True
     """Show a progress bar of XP files parsed on stderr."""
     keep_parts: bool = False
@@ -257,7 +262,7 @@ MOCK_ROWS_PER_FILE = 65_000
 
 
 @dataclasses.dataclass(frozen=True)
-class MockConfig:
+class MockConfig(OutputOptions):
     """How ``xpbatch mock`` draws its synthetic catalogue and writes it.
 
     The fields from ``giant_fraction`` on decide the rows' values (with ``n`` and ``seed``);
@@ -284,8 +289,6 @@ class MockConfig:
     scalars: tuple[str, ...] = ()
     """DR3 scalar columns to store too (e.g. 'bp_chi_squared'), like `xpbatch ingest --scalars`
     (store; bulk files always hold them all)."""
-    overwrite: bool = False
-    """Replace an existing store, or the bulk files already in the directory (only those)."""
     giant_fraction: float = 0.3
     """Fraction of stars on the giant branch (red clump included); the rest are dwarfs."""
     metallicity_mean: float = -0.1
@@ -391,7 +394,7 @@ class MockConfig:
     def row_settings(self) -> dict[str, float | bool]:
         """The settings besides n and seed that decide the rows' values (what a mock records)."""
         how_written = {"n", "seed", "format", "chunk_rows", "rows_per_file", "workers"}
-        how_written |= {"with_correlations", "scalars", "overwrite"}
+        how_written |= {"with_correlations", "scalars", "overwrite", "break_lock"}
         return {
             field.name: getattr(self, field.name)
             for field in dataclasses.fields(self)
@@ -424,7 +427,7 @@ def _is_int(value: Any) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(OutputOptions):
     """How ``xpbatch train`` fits the scatter VAE; the defaults reproduce the published run.
 
     In a TOML file (``--config``) every field is a top-level key, and the architecture is the
@@ -475,8 +478,6 @@ class TrainConfig:
     """Continue the run from the checkpoint beside the model file (refused when the store, the
     split or a setting that changes the result differs; epochs may be raised). Without a
     checkpoint, start a new run."""
-    overwrite: bool = False
-    """Start again even if the model file or its checkpoint exist (they are replaced)."""
     progress_bar: bool = True
     """Show a progress bar (epoch, losses, samples/s) on stderr."""
 
@@ -534,7 +535,7 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class ParquetExportConfig:
+class ParquetExportConfig(OutputOptions):
     """How ``export-parquet`` writes a catalogue as Parquet files, one per DR3 partition."""
 
     threads: int | None = None
@@ -543,8 +544,6 @@ class ParquetExportConfig:
     """Continue an interrupted export of the same catalogue split by the same partition ranges:
     keep the whole files, write the missing ones; refuse when they differ. Without an earlier
     export, start a new one."""
-    overwrite: bool = False
-    """Replace an existing export in the output directory (never files xpbatch did not write)."""
     progress_bar: bool = True
     """Show a progress bar of the files written on stderr."""
 
@@ -555,7 +554,7 @@ class ParquetExportConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class HatsExportConfig:
+class HatsExportConfig(OutputOptions):
     """How ``export-hats`` writes a catalogue as a HATS collection (hats-import does the work)."""
 
     name: str = "xpbatch_latents"
@@ -576,8 +575,6 @@ class HatsExportConfig:
     resume: bool = False
     """Continue an interrupted export of the same catalogue with the same options (refused
     when they differ). Without an earlier export, start a new one."""
-    overwrite: bool = False
-    """Replace an existing export at the output path (never a directory xpbatch did not write)."""
     progress_bar: bool = True
     """Show hats-import's progress bars on stderr."""
 
@@ -591,3 +588,19 @@ class HatsExportConfig:
         if not self.name.replace("_", "").replace("-", "").isalnum():
             raise ConfigError(f"name may hold letters, digits, '_' and '-' only, got {self.name!r}")
         _check_resume_or_overwrite(self, "export")
+
+
+@dataclasses.dataclass(frozen=True)
+class NeighboursConfig(OutputOptions):
+    """How ``neighbours`` searches; its ``--output`` table follows the one output rule."""
+
+    k: int = 100
+    """Neighbours of each query source."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SkyMapConfig(OutputOptions):
+    """How ``skymap`` draws; its PNG follows the one output rule."""
+
+    order: int = 5
+    """HEALPix order of the maps, 0 to 12 (5: 12,288 pixels of about 1.8 degrees)."""

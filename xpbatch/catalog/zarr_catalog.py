@@ -64,7 +64,15 @@ from xpbatch.errors import (
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
-from xpbatch.storage.outputs import check_same_run, claim_output
+from xpbatch.storage.manifest import (
+    CATALOG_KIND,
+    COMPLETE,
+    FINGERPRINT,
+    KIND,
+    RunManifest,
+    RunRecord,
+    ZarrRecord,
+)
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG, ArraySpec, flag_attrs
 
@@ -316,12 +324,52 @@ def _basename(name: str) -> str:
     return name.rsplit("/", 1)[-1]
 
 
-def _is_catalog(path: Path) -> bool:
-    try:
-        attrs = zarr.open_group(path, mode="r").attrs.asdict()
-    except (FileNotFoundError, ValueError, zarr.errors.NodeTypeValidationError):
-        return False
-    return schema.CATALOG_ATTR_SCHEMA_VERSION in attrs
+class CatalogRecord(RunRecord):
+    """A catalogue's run manifest is the catalogue itself: its group attributes hold the kind
+    (its schema version), the fingerprint and ``complete``; ``chunk_records`` what is done."""
+
+    def __init__(self, path: Path) -> None:
+        self.where = path / "zarr.json"
+        self.path = path
+
+    def read(self) -> dict[str, Any] | None:
+        zarr_record = ZarrRecord(self.path)
+        found, attrs = zarr_record.read(), zarr_record.attrs() or {}
+        if found is None or found[KIND] != CATALOG_KIND:
+            return found
+        fingerprint = {k: attrs.get(k) for k in _fingerprint_keys(attrs)}
+        return {**found, FINGERPRINT: fingerprint}
+
+    def write(self, fields: Mapping[str, Any]) -> None:
+        """Set ``complete`` (and the end time) in the attributes; the template and the chunk
+        records hold the rest."""
+        group = zarr_arrays.open_group(self.path, CATALOG, mode="r+")
+        if fields.get(COMPLETE):
+            end = fields.get("finished") or zarr_arrays.utc_now()
+            complete = {schema.CATALOG_ATTR_COMPLETE: True, schema.CATALOG_ATTR_END_TIME: end}
+            group.attrs.update(complete)
+
+
+def _fingerprint_keys(attrs: Mapping[str, Any]) -> list[str]:
+    """The attributes a resumed catalogue must match (model, input store, layout, options)."""
+    keys = [k for k in schema.CATALOG_FINGERPRINT_ATTRS if k in attrs]
+    return [*keys, schema.CATALOG_ATTR_SCHEMA_VERSION, schema.CATALOG_ATTR_LAYOUT]
+
+
+def catalog_manifest(
+    path: PathLike, layout: CatalogLayout | None = None, attrs: Mapping[str, Any] | None = None
+) -> RunManifest:
+    """The run manifest of the catalogue at ``path``; with ``layout`` and ``attrs``, the
+    fingerprint a run with them must match to resume it."""
+    fingerprint = None
+    if layout is not None and attrs is not None:
+        fingerprint = {
+            **{k: attrs[k] for k in schema.CATALOG_FINGERPRINT_ATTRS if k in attrs},
+            schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
+            schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
+        }
+    path = Path(path)
+    return RunManifest(path, kind=CATALOG_KIND, record=CatalogRecord(path), fingerprint=fingerprint)
 
 
 def prepare_output(
@@ -334,41 +382,37 @@ def prepare_output(
 ) -> set[int]:
     """Create the catalogue or reopen it for ``--resume``; return the chunks already done.
 
-    Without ``resume`` or ``overwrite`` an existing path is never touched
-    (:class:`~xpbatch.errors.OutputExistsError`). ``overwrite`` replaces an existing
-    catalogue (never a directory that is not one). ``resume`` continues a catalogue whose
-    fingerprint (model hash, input store id, layout, options) equals this run's, or refuses
-    with :class:`~xpbatch.errors.ResumeRefusedError`.
+    The one output rule (:mod:`xpbatch.storage.manifest`): without ``resume`` or ``overwrite``
+    an existing path is never touched (:class:`~xpbatch.errors.OutputExistsError`).
+    ``overwrite`` replaces an existing catalogue (never a directory that is not one, nor another
+    command's output). ``resume`` continues a catalogue whose fingerprint (model hash, input
+    store id, layout, options) equals this run's, or refuses with
+    :class:`~xpbatch.errors.ResumeRefusedError`.
     """
     path = Path(path)
     exists = path.exists()
-    resumed = claim_output(
-        path,
-        exists=exists,
-        ours=_is_empty_dir(path) or _is_catalog(path),
+    run = catalog_manifest(path, layout, attrs)
+    if exists and _unfinished_template(path):
+        # The records array is created last: without it the template was never finished, and
+        # nothing was recorded yet (whatever its fingerprint).
+        run.fingerprint = None
+    run.claim(
         resume=resume,
         overwrite=overwrite,
-        what="catalogue",
+        exists=exists,
         found=_describe_existing(path) if exists else "",
         remove=lambda: shutil.rmtree(path),
     )
-    if resumed:
-        # The records array is created last: without it the template was never finished.
-        unfinished = _is_empty_dir(path) or not isinstance(
-            zarr_arrays.open_group(path, CATALOG).get(schema.RECORDS_ARRAY), zarr.Array
-        )
-        if unfinished:
+    if run.resumed:
+        if _unfinished_template(path):
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             shutil.rmtree(path)
         else:
-            group = zarr_arrays.open_group(path, CATALOG, mode="r+")
-            found: dict[str, Any] = group.attrs.asdict()
-            check_format_version(found, path)
-            _check_fingerprint(path, found, attrs, layout)
-            if (
-                found.get(schema.CATALOG_ATTR_COMPLETE) is not True
-            ):  # a complete catalogue is left as it is
+            check_format_version(read_attrs(path), path)
+            if not run.complete:  # a complete catalogue is left as it is
                 remove_interrupted_writes(path)
+                group = zarr_arrays.open_group(path, CATALOG, mode="r+")
+                found: dict[str, Any] = group.attrs.asdict()
                 times = [*found.get(schema.CATALOG_ATTR_RESUMED, []), zarr_arrays.utc_now()]
                 group.attrs.update({schema.CATALOG_ATTR_RESUMED: times})
             done = completed_chunks(path)
@@ -377,12 +421,23 @@ def prepare_output(
     return set()
 
 
+def _unfinished_template(path: Path) -> bool:
+    """An empty directory, or a catalogue killed while its template was created."""
+    if _is_empty_dir(path):
+        return True
+    try:
+        group = zarr_arrays.open_group(path, CATALOG)
+    except CatalogError:
+        return False
+    return not isinstance(group.get(schema.RECORDS_ARRAY), zarr.Array)
+
+
 def _is_empty_dir(path: Path) -> bool:
     return path.is_dir() and not any(path.iterdir())
 
 
 def _describe_existing(path: Path) -> str:
-    if not _is_catalog(path):
+    if (CatalogRecord(path).read() or {}).get(KIND) != CATALOG_KIND:
         return "an empty directory" if _is_empty_dir(path) else "files of another kind"
     attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
     if attrs.get(schema.CATALOG_ATTR_COMPLETE) is True:
@@ -393,17 +448,6 @@ def _describe_existing(path: Path) -> str:
     except (CatalogError, KeyError, TypeError):
         return "an incomplete catalogue"
     return f"an incomplete catalogue, {done} of {total} chunks done"
-
-
-def _check_fingerprint(
-    path: Path, found: Mapping[str, Any], attrs: Mapping[str, Any], layout: CatalogLayout
-) -> None:
-    expected = {
-        **{k: attrs[k] for k in schema.CATALOG_FINGERPRINT_ATTRS if k in attrs},
-        schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
-        schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
-    }
-    check_same_run(path, {k: found.get(k) for k in expected}, expected, what="catalogue")
 
 
 def remove_interrupted_writes(path: PathLike) -> None:
@@ -738,15 +782,11 @@ def completed_chunks(path: PathLike | Location) -> set[int]:
 
 
 def mark_complete(path: PathLike, *, end_time: str | None = None) -> None:
-    """Set ``complete = true`` and the end time, and consolidate the metadata for fast opens."""
+    """Set ``complete = true`` and the end time (the run manifest's completion), and
+    consolidate the metadata for fast opens."""
     path = Path(path)
-    group = zarr_arrays.open_group(path, CATALOG, mode="r+")
-    group.attrs.update(
-        {
-            schema.CATALOG_ATTR_COMPLETE: True,
-            schema.CATALOG_ATTR_END_TIME: end_time or zarr_arrays.utc_now(),
-        }
-    )
+    run = catalog_manifest(path)
+    run.mark_complete(**({"finished": end_time} if end_time else {}))
     zarr_arrays.consolidate(path)
 
 

@@ -9,12 +9,10 @@ names, defaults and help live in :mod:`xpbatch.config` only. The benchmarks are 
 from __future__ import annotations
 
 import errno
-import functools
 import logging
 import sys
 import traceback
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
@@ -33,7 +31,9 @@ from xpbatch.config import (
     HatsExportConfig,
     IngestConfig,
     MockConfig,
+    NeighboursConfig,
     ParquetExportConfig,
+    SkyMapConfig,
     TrainConfig,
     read_toml,
 )
@@ -44,38 +44,6 @@ from xpbatch.errors import (
     StoreError,
     XPBatchError,
 )
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-
-def holds_output(command: str, output: str = "output") -> Callable[[F], F]:
-    """Add ``--break-lock`` and hold the output's lock (:mod:`xpbatch.storage.outputs`) for the
-    command.
-
-    Taken here, before a cluster starts, so a second run on the same output is refused at once;
-    the stage function's own hold is then free (nested in the same process).
-    """
-
-    def decorate(func: F) -> F:
-        @click.option(
-            "--break-lock",
-            is_flag=True,
-            help="Take over the output's lock from a run on another host that you checked is "
-            "gone (a dead run on this host is recognised by itself).",
-        )
-        @functools.wraps(func)
-        def wrapper(*args: Any, break_lock: bool, **kwargs: Any) -> Any:
-            if kwargs.get(output) is None:  # e.g. --demo picks its output itself
-                return func(*args, **kwargs)
-            from xpbatch.storage.outputs import output_lock
-
-            with output_lock(kwargs[output], command=command, break_lock=break_lock):
-                return func(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
-
 
 _RERUN = {
     "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
@@ -208,7 +176,6 @@ def info_command(path: str, as_json: bool) -> None:
 
 
 @main.command("export-parquet")
-@holds_output("export-parquet")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
@@ -268,24 +235,18 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
 )
-@click.option(
-    "--order",
-    type=click.IntRange(0, 12),
-    default=5,
-    show_default=True,
-    help="HEALPix order of the maps (5: 12,288 pixels of ~1.8 degrees).",
-)
+@config_options(SkyMapConfig, flags={"order": Flag(type=click.IntRange(0, 12))})
 @cluster_options
-def skymap_command(catalog: str, output: str, order: int, **kwargs: Any) -> None:
+def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Draw HEALPix maps of CATALOG (sources, fraction encoded, median rmse, mean of each
     latent) in Mollweide, accumulated chunk by chunk on a Dask cluster."""
     cluster = cluster_config(kwargs)
-    from xpbatch.products.sky_maps import compute_sky_maps, draw_sky_maps
+    config = config_from_options(SkyMapConfig, kwargs)
+    from xpbatch.products.sky_maps import write_sky_maps
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster) as client:
-        maps = compute_sky_maps(catalog, order=order, client=client)
-    draw_sky_maps(maps, output, title=catalog)
+        maps = write_sky_maps(catalog, output, client=client, config=config)
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
 
 
@@ -304,7 +265,6 @@ def _exit_on_sigterm() -> None:
 
 
 @main.command("encode-catalog")
-@holds_output("encode-catalog")
 @click.argument("store", type=click.Path(), required=False)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
 @click.option("-o", "--output", type=click.Path(file_okay=False), help="Catalogue to write.")
@@ -371,7 +331,6 @@ def encode_catalog_command(
     metavar="ID[,ID...]",
     help="Query source(s) of CATALOG; repeat the option or separate ids with commas.",
 )
-@click.option("-k", type=click.IntRange(min=1), default=100, show_default=True, help="Neighbours.")
 @click.option(
     "-o",
     "--output",
@@ -379,29 +338,27 @@ def encode_catalog_command(
     default=None,
     help="Write the table here (.parquet, else CSV) [default: CSV on stdout].",
 )
+@config_options(NeighboursConfig, flags={"k": Flag(names=("-k",), type=click.IntRange(min=1))})
 @cluster_options
 def neighbours_command(
-    catalog: str,
-    source_ids: tuple[str, ...],
-    k: int,
-    output: str | None,
-    **kwargs: Any,
+    catalog: str, source_ids: tuple[str, ...], output: str | None, **kwargs: Any
 ) -> None:
     """The K nearest sources of CATALOG to each query source in latent space (exact scan)."""
     try:
         ids = [int(part) for text in source_ids for part in text.split(",") if part.strip()]
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
-    from xpbatch.products.neighbours import find_neighbours, write_table
+    config = config_from_options(NeighboursConfig, kwargs)
+    from xpbatch.products.neighbours import find_neighbours, write_neighbours
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster_config(kwargs)) as client:
-        table = find_neighbours(catalog, ids, k=k, client=client)
-    if output is None:
-        click.echo(table.to_csv(index=False), nl=False)
-    else:
-        write_table(table, output)
-        click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
+        if output is None:
+            table = find_neighbours(catalog, ids, k=config.k, client=client)
+            click.echo(table.to_csv(index=False), nl=False)
+            return
+        table = write_neighbours(catalog, ids, output, client=client, config=config)
+    click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
 @main.command("verify")
@@ -426,7 +383,6 @@ def verify_command(catalog: str, store: str | None) -> None:
 
 
 @main.command("train")
-@holds_output("train")
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o",
@@ -538,7 +494,6 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
 
 
 @main.command("ingest")
-@holds_output("ingest")
 @click.argument("xp_files", nargs=-1, required=True, type=click.Path())
 @click.option(
     "--gaia-source",

@@ -88,8 +88,10 @@ def _class_body(cls: type) -> list[ast.stmt]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Each field's attribute docstring (the string literal after it), whitespace folded."""
-    body = _class_body(cls)
+    """Each field's attribute docstring (the string literal after it), whitespace folded; a
+    field of a base dataclass (``OutputOptions``) has its docstring there."""
+    bases = [base for base in reversed(cls.__mro__) if dataclasses.is_dataclass(base)]
+    body = [node for base in bases for node in _class_body(base)]
     docs = {}
     for node, after in itertools.pairwise(body):
         if (

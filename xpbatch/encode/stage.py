@@ -56,6 +56,7 @@ from xpbatch.errors import (
 )
 from xpbatch.runtime.executor import Executor, Progress
 from xpbatch.schema import CatalogFlag
+from xpbatch.storage.manifest import real_output
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike
 from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
@@ -364,6 +365,7 @@ def encode_catalog(
     """
     config = config or EncodeConfig()
     started = time.perf_counter()
+    out = real_output(out)  # through a symlink: the target is written (and replaced)
     executor = _executor(client, config)
     report: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if config.performance_report:  # checked before anything is written

@@ -1,8 +1,9 @@
 """The ingest run: XP files (or an in-memory table) -> a complete XP store.
 
 1. one task per input file (:func:`~xpbatch.ingest.parts.ingest_file`) writes its part into
-   ``<output>.parts/``; ``--resume`` reuses the finished ones (the run's inputs and options are
-   recorded in ``<output>.parts/_xpbatch_ingest.json`` and must match);
+   ``<output>.parts/``; ``--resume`` reuses the finished ones (the run's manifest,
+   ``<output>.parts/_xpbatch_run.json`` (:mod:`xpbatch.storage.manifest`), records its inputs
+   and options, which must match; a finished store records them in its attributes);
 2. the parts are laid end to end in source_id order and each store chunk is written by one task;
 3. the store is finalized (order and completeness checked) under ``<output>.partial`` and only
    then renamed to ``<output>``.
@@ -16,11 +17,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,15 +39,20 @@ from xpbatch.ingest.parts import (
     write_chunk,
 )
 from xpbatch.runtime.executor import Executor, Progress
-from xpbatch.storage.outputs import (
-    ResumePlan,
-    check_same_run,
-    claim_output,
-    locked_output,
-    remove_path,
+from xpbatch.storage.manifest import (
+    COMPLETE,
+    FINGERPRINT,
+    KIND,
+    STORE_KIND,
+    JsonRecord,
+    RunManifest,
+    RunRecord,
+    ZarrRecord,
+    real_output,
 )
+from xpbatch.storage.outputs import locked_output, remove_path
 from xpbatch.storage.partitions import range_of_file_name, ranges_from_file_names
-from xpbatch.storage.paths import PathLike, atomic_path
+from xpbatch.storage.paths import PathLike
 from xpbatch.store.xp_store import XPStoreWriter
 
 if TYPE_CHECKING:
@@ -116,8 +121,6 @@ def _part_dir(staging: Path, xp_file: str) -> Path:
     return staging / f"{Path(xp_file).name}-{key}"
 
 
-RUN_FILE = "_xpbatch_ingest.json"
-"""In ``<output>.parts/``: the inputs and options of the run, checked by ``--resume``."""
 SHOWN_BAD_ROWS = 5
 """Skipped rows that the summary lists (all are counted; the store lists up to 10,000)."""
 
@@ -173,36 +176,48 @@ def _fingerprint(
     }
 
 
-def _claim(out: Path, staging: Path, fingerprint: dict[str, Any], config: IngestConfig) -> bool:
-    """Apply the resume convention to the store and its staging parts; True when resuming."""
+class _IngestRecord(RunRecord):
+    """An ingest's manifest: in ``<output>.parts/`` while it runs, the store's own attributes
+    once it is complete (a store xpbatch wrote carries its schema version)."""
+
+    def __init__(self, out: Path, staging: Path) -> None:
+        self.out, self.staging = out, staging
+        self.where = JsonRecord.inside(staging).where
+
+    def read(self) -> dict[str, Any] | None:
+        store = ZarrRecord(self.out, fingerprint=schema.STORE_ATTR_INGEST_OPTIONS).read()
+        if self.out.exists() and (store or {}).get(KIND) != STORE_KIND:
+            return store or {KIND: None}
+        if self.staging.exists():
+            return JsonRecord(self.where).read() or {KIND: STORE_KIND, FINGERPRINT: {}}
+        return None if store is None else {**store, COMPLETE: True}
+
+    def write(self, fields: Mapping[str, Any]) -> None:
+        JsonRecord(self.where).write(fields)
+
+
+def _claim(
+    out: Path, staging: Path, fingerprint: dict[str, Any], config: IngestConfig
+) -> RunManifest:
+    """The ingest's run manifest, the store and its staging parts claimed under the one output
+    rule (:mod:`xpbatch.storage.manifest`)."""
     partial = out.with_name(out.name + ".partial")
-    run_file = staging / RUN_FILE
     if out.exists():
         found = "a complete XP store" if (out / "zarr.json").is_file() else "not a Zarr store"
     else:
         n_parts = sum(1 for p in staging.glob("*/done.json")) if staging.is_dir() else 0
         found = f"an interrupted ingest, {n_parts} file(s) parsed in {staging}"
-    resumed = claim_output(
-        out,
-        exists=out.exists() or staging.exists() or partial.exists(),
-        ours=not out.exists() or (out / "zarr.json").is_file(),
+    run = RunManifest(
+        out, kind=STORE_KIND, record=_IngestRecord(out, staging), fingerprint=fingerprint
+    )
+    run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        what="XP store",
+        exists=out.exists() or staging.exists() or partial.exists(),
         found=found,
         remove=functools.partial(_remove_staging, staging, partial),
     )
-    if resumed:
-        recorded: dict[str, Any] = {}
-        if run_file.is_file():
-            recorded = json.loads(run_file.read_text())
-        elif out.exists():
-            recorded = dict(_store_attrs(out).get(schema.STORE_ATTR_INGEST_OPTIONS, {}))
-        check_same_run(out, recorded, fingerprint, what="ingest")
-    staging.mkdir(parents=True, exist_ok=True)
-    with atomic_path(run_file) as tmp:
-        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True))
-    return resumed
+    return run
 
 
 def _remove_staging(staging: Path, partial: Path) -> None:
@@ -213,9 +228,13 @@ def _remove_staging(staging: Path, partial: Path) -> None:
 
 
 def _store_attrs(path: Path) -> dict[str, Any]:
+    """The attributes of the Zarr group at ``path``; {} when it is not one."""
     import zarr
 
-    return zarr.open_group(path, mode="r").attrs.asdict()
+    try:
+        return zarr.open_group(path, mode="r").attrs.asdict()
+    except (OSError, ValueError, zarr.errors.BaseZarrError):
+        return {}
 
 
 def _write_region(writer: XPStoreWriter, region: tuple[int, list[Any]]) -> int:
@@ -278,24 +297,37 @@ def ingest_files(
     ...                        ["GaiaSource_000000-003111.csv.gz"], "dr3.zarr")  # doctest: +SKIP
     >>> summary.rows  # doctest: +SKIP
     """
+    return _ingest_files(xp_files, gaia_source_files, out, client=client, config=config)
+
+
+def _ingest_files(
+    xp_files: Sequence[PathLike],
+    gaia_source_files: Sequence[PathLike],
+    out: PathLike,
+    *,
+    client: Client | None,
+    config: IngestConfig,
+) -> IngestSummary:
+    """:func:`ingest_files` without taking the lock (its caller holds it)."""
     started = time.perf_counter()
-    out = Path(out)
+    out = real_output(out)
     xp_files = expand_inputs(xp_files, XP_GLOB)
     gaia_source_files = expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB)
     pairs = pair_files(xp_files, gaia_source_files)
     staging = out.with_name(out.name + ".parts")
     interrupted = staging.exists()
     fingerprint = _fingerprint(xp_files, gaia_source_files, config)
-    resumed = _claim(out, staging, fingerprint, config)
-    if resumed and out.exists() and not interrupted:  # complete, from these inputs and options
+    run = _claim(out, staging, fingerprint, config)
+    if run.complete and not interrupted:  # the store, from these inputs and options
         remove_path(staging)
         return _summary(out, len(pairs), len(pairs), started, checks="none (already complete)")
+    run.begin()
     scalars = tuple(schema.DR3_SCALARS) if config.scalars is None else config.scalars
     request = ReadRequest(
         scalars, config.with_correlations, config.on_bad_row, config.verify_md5, config.columns
     )
     tasks = [FileTask(xp, gs, str(_part_dir(staging, xp)), request) for xp, gs in pairs.items()]
-    plan = ResumePlan.split(tasks, is_finished, resumed=resumed)
+    plan = run.plan(tasks, is_finished)
     logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
     executor = Executor.of(client)  # without a cluster, one file at a time
     progress = Progress(
@@ -337,6 +369,7 @@ def ingest_files(
     if out.exists():
         shutil.rmtree(out)
     partial.rename(out)
+    run.mark_complete(rows=n_rows)
     if not config.keep_parts:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("wrote %s: %d rows from %d file(s)", out, n_rows, len(tasks))
@@ -443,6 +476,6 @@ def ingest_table(
     staged = out.with_name(out.name + ".table.parquet")
     pq.write_table(arrow_table(table), staged)
     try:
-        return ingest_files([staged], gaia_source_files, out, client=client, config=config)
+        return _ingest_files([staged], gaia_source_files, out, client=client, config=config)
     finally:
         staged.unlink(missing_ok=True)

@@ -14,6 +14,18 @@ from xpbatch.mock.labels import labels_path
 from xpbatch.mock.plan import bulk_file_plan
 from xpbatch.mock.populations import POPULATIONS
 from xpbatch.mock.store_writer import write_store
+from xpbatch.storage.manifest import (
+    STORE_KIND,
+    JsonRecord,
+    RunManifest,
+    RunRecord,
+    ZarrRecord,
+    real_output,
+)
+from xpbatch.storage.outputs import locked_output
+
+BULK_KIND = "mock DR3 bulk directory"
+"""What ``mock --format dr3-bulk`` writes (its run manifest inside the directory)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +63,7 @@ class MockSummary:
         )
 
 
+@locked_output("out", "mock")
 def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSummary:
     """Write a mock catalogue of ``config.n`` sources to ``out``, in ``config.format``.
 
@@ -59,7 +72,9 @@ def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSumma
     out
         The store to write ('store'), or the directory of bulk files ('dr3-bulk').
     config
-        Everything else: size, seed, format, chunking, populations, defects, ``overwrite``.
+        Everything else: size, seed, format, chunking, populations, defects, ``overwrite``
+        (which replaces only an XP store, or the bulk files of an earlier mock: the one output
+        rule of :mod:`xpbatch.storage.manifest`).
 
     Returns
     -------
@@ -73,16 +88,24 @@ def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSumma
     (10000, 'mock.zarr.labels.parquet')
     """
     config = config or MockConfig()
-    if config.format == "store":
+    out = real_output(out)
+    bulk = config.format != "store"
+    record: RunRecord = JsonRecord.inside(out) if bulk else ZarrRecord(out)
+    run = RunManifest(out, kind=BULK_KIND if bulk else STORE_KIND, record=record)
+    exists = any(out.glob(f"{dr3.XP_PREFIX}*")) if bulk and out.is_dir() else None
+    run.claim(resume=False, overwrite=config.overwrite, exists=exists, remove=lambda: None)
+    if not bulk:  # the writer replaces the store (its overwrite)
         path = write_store(out, config)
         files: tuple[Path, ...] = (path,)
         written = [path]
     else:
-        path = Path(out)
+        path = out
+        run.begin(n=config.n, seed=config.seed)  # first: an interrupted mock is ours to replace
         files = tuple(write_bulk(path, config))
         plan = bulk_file_plan(config.n, config.rows_per_file)
         written = [path / name for file in plan for name in (file.xp_name, file.gaia_source_name)]
-        written.append(path / dr3.MD5_MANIFEST)
+        run.mark_complete()
+        written += [path / dr3.MD5_MANIFEST, run.record.where]
     labels = labels_path(path)
     return MockSummary(
         path=path,

@@ -4,7 +4,8 @@ Layout of the output directory (a HATS collection; ``NAME`` is ``--name``, defau
 ``xpbatch_latents``)::
 
     collection.properties          the collection: primary table, margin, index
-    _xpbatch_export_hats.json      which catalogue and options the export was made from
+    _xpbatch_run.json              the run manifest: which catalogue and options the export
+                                   was made from, complete or not
     NAME/                          the catalogue, written by hats-import: hats.properties,
                                    partition_info.csv, point_map.fits, skymap.fits,
                                    dataset/Norder=K/Dir=D/Npix=N.parquet, _metadata, ...
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import shutil
 from pathlib import Path
@@ -43,7 +43,8 @@ from xpbatch.config import HatsExportConfig, result_options
 from xpbatch.errors import CatalogError
 from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
 from xpbatch.runtime.executor import Executor
-from xpbatch.storage.outputs import check_same_run, claim_output, locked_output
+from xpbatch.storage.manifest import JsonRecord, RunManifest, real_output
+from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
@@ -52,8 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "_xpbatch_export_hats.json"
-MANIFEST_FORMAT = "xpbatch-hats-export"
+KIND = "HATS export"
 CHUNK_MARK = "#chunk="
 """Input "files" of hats-import are ``<catalogue path>#chunk=<k>``: chunk k of the catalogue."""
 HEALPIX_29 = "_healpix_29"
@@ -139,37 +139,26 @@ def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) ->
 
 
 # --- output directory: new, resumed or replaced ---------------------------------------------
-def _manifest(source: SkySource, config: HatsExportConfig) -> dict[str, Any]:
+def _claim(source: SkySource, out: Path, config: HatsExportConfig) -> RunManifest:
+    """Create the output, or check that ``--resume`` continues the same export (the one output
+    rule, :mod:`xpbatch.storage.manifest`)."""
     from xpbatch.catalog.zarr_catalog import read_attrs
 
-    return {
-        "format": MANIFEST_FORMAT,
+    fingerprint = {
         "catalog": source.path,
         "catalog_run_id": read_attrs(source.path).get(schema.CATALOG_ATTR_RUN_ID),
         "options": result_options(config),
     }
-
-
-def _prepare_output(out: Path, manifest: dict[str, Any], config: HatsExportConfig) -> None:
-    """Create the output, or check that ``--resume`` continues the same export."""
-    manifest_path = out / MANIFEST_NAME
-    resumed = claim_output(
-        out,
-        exists=out.exists() and any(out.iterdir()),
-        ours=manifest_path.is_file(),
+    run = RunManifest(out, kind=KIND, record=JsonRecord.inside(out), fingerprint=fingerprint)
+    run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        what="HATS export",
-        found="an xpbatch HATS export" if manifest_path.is_file() else "",
+        exists=out.exists() and (not out.is_dir() or any(out.iterdir())),
         remove=functools.partial(shutil.rmtree, out),
     )
-    if resumed:
-        found = json.loads(manifest_path.read_text())
-        check_same_run(out, found, manifest, what="HATS export")
-        return
     out.mkdir(parents=True, exist_ok=True)
-    with atomic_path(manifest_path) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    run.begin()
+    return run
 
 
 # --- the export -------------------------------------------------------------------------------
@@ -219,8 +208,8 @@ def export_hats(
 
     config = config or HatsExportConfig()
     source = SkySource.open(catalog, positions_from_source_id=config.positions_from_source_id)
-    out = Path(output_dir).resolve()
-    _prepare_output(out, _manifest(source, config), config)
+    out = real_output(output_dir).resolve()
+    run = _claim(source, out, config)
     args = CollectionArguments(
         output_path=out.parent,
         output_artifact_name=out.name,
@@ -248,6 +237,7 @@ def export_hats(
     n_approximate = write_source_id_index(source, catalog_dir, index_dir, executor=executor)
     _add_index_to_collection(out, index_dir)
     margin = [out / m for m in (args.margin_paths or [])]
+    run.mark_complete()
     return HatsExportSummary(
         output_dir=out,
         catalog_dir=catalog_dir,

@@ -24,9 +24,12 @@ import numpy as np
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.config import NeighboursConfig
 from xpbatch.errors import CatalogError, InputShapeError
 from xpbatch.runtime.executor import Executor
-from xpbatch.storage.paths import PathLike
+from xpbatch.storage.manifest import file_manifest
+from xpbatch.storage.outputs import locked_output
+from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -330,9 +333,43 @@ def _table(best: _Best, query_ids: np.ndarray | None) -> pd.DataFrame:
 
 
 def write_table(table: pd.DataFrame, out: PathLike) -> None:
-    """Write a neighbours table as Parquet (``.parquet``) or CSV (anything else)."""
+    """Write a neighbours table as Parquet (``.parquet``) or CSV (anything else), atomically."""
     out = Path(out)
-    if out.suffix == ".parquet":
-        table.to_parquet(out, index=False)
-    else:
-        table.to_csv(out, index=False)
+    with atomic_path(out) as tmp:
+        if out.suffix == ".parquet":
+            table.to_parquet(tmp, index=False)
+        else:
+            table.to_csv(tmp, index=False)
+
+
+NEIGHBOURS_KIND = "neighbours table"
+"""The kind of output :func:`write_neighbours` records (xpbatch.storage.manifest)."""
+
+
+@locked_output("out", "neighbours")
+def write_neighbours(
+    catalog_path: PathLike,
+    queries: Sequence[int] | np.ndarray | pd.DataFrame,
+    out: PathLike,
+    *,
+    client: Client | Executor | None = None,
+    config: NeighboursConfig | None = None,
+) -> pd.DataFrame:
+    """:func:`find_neighbours` of ``queries``, written to ``out`` (``xpbatch neighbours -o``).
+
+    ``out`` follows the one output rule (:mod:`xpbatch.storage.manifest`): an existing file is
+    replaced only with ``config.overwrite`` and only when it is a neighbours table xpbatch wrote
+    (its record ``OUT.xpbatch.json`` beside it); it is checked before the search starts.
+
+    Examples
+    --------
+    >>> write_neighbours("catalog.zarr", [4295806720], "n.csv")  # doctest: +SKIP
+    """
+    config = config or NeighboursConfig()
+    run = file_manifest(out, kind=NEIGHBOURS_KIND)
+    run.claim(resume=False, overwrite=config.overwrite, remove=lambda: None)  # replaced whole
+    table = find_neighbours(catalog_path, queries, k=config.k, client=client)
+    run.begin(catalog=str(Path(catalog_path).resolve()), k=config.k)
+    write_table(table, run.output)
+    run.mark_complete(rows=len(table))
+    return table

@@ -29,10 +29,10 @@ Rows that could not be encoded are kept (NaN values, flag ``NOT_ENCODED``), so e
 row is in exactly one file.
 
 Each file is written under a temporary name and renamed when whole, so a file under its final
-name is always complete. A manifest (``_xpbatch_export.json``) ties the directory to its
-catalogue and partition ranges; ``--resume`` of the same export keeps the whole files and
-writes the missing ones, and the manifest says ``complete: true`` only when every row has been
-written.
+name is always complete. The run manifest (``_xpbatch_run.json``, see
+:mod:`xpbatch.storage.manifest`) ties the directory to its catalogue and partition ranges;
+``--resume`` of the same export keeps the whole files and writes the missing ones, and the
+manifest says ``complete: true`` only when every row has been written.
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ from xpbatch import __version__, schema
 from xpbatch.config import ParquetExportConfig
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
 from xpbatch.runtime.executor import Executor, Progress
-from xpbatch.storage.outputs import ResumePlan, check_same_run, claim_output, locked_output
+from xpbatch.storage.manifest import RECORD_NAME, JsonRecord, RunManifest, real_output
+from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.partitions import (
     EXAMPLE_NAME,
     HEALPIX_LEVEL,
@@ -72,9 +73,9 @@ logger = logging.getLogger(__name__)
 
 
 FILE_PREFIX = "XpLatent"
-MANIFEST_NAME = "_xpbatch_export.json"
-MANIFEST_FORMAT = "xpbatch-parquet-export"
-MANIFEST_VERSION = 1
+MANIFEST_NAME = RECORD_NAME
+"""The export's run manifest (xpbatch.storage.manifest) in the output directory."""
+KIND = "Parquet export"
 HEALPIX_COLUMN = "healpix_8"
 
 
@@ -296,53 +297,35 @@ def _fingerprint(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _write_manifest(out: Path, manifest: dict[str, Any]) -> None:
-    with atomic_path(out / MANIFEST_NAME) as tmp:
-        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True))
-
-
-def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) -> bool:
-    """Apply the resume convention to the output directory; True when an export continues.
+def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) -> RunManifest:
+    """The export's run manifest, its output claimed under the one output rule.
 
     The directory is ours when it holds our manifest and our files only (or nothing);
     ``--overwrite`` removes only our files."""
     if out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
-    manifest_path = out / MANIFEST_NAME
+    run = RunManifest(out, kind=KIND, record=JsonRecord.inside(out), fingerprint=fingerprint)
     ours = [*out.glob(f"{FILE_PREFIX}_*.parquet"), *out.glob(f".*{TMP_MARK}*")]
     others = sorted(p.name for p in out.iterdir() if p not in ours) if out.is_dir() else []
-    previous = _read_manifest(manifest_path)
-    if previous:
+    previous = run.record.read() or {}
+    if previous.get("kind"):
         state = "marked complete" if previous.get("complete") else "unfinished"
         found = f"an export of {previous.get('catalog')}, {state}"
     else:
         found = f"no {MANIFEST_NAME}; e.g. {[*others, *(p.name for p in ours)][:1]}"
-    resumed = claim_output(
-        out,
-        exists=bool(ours or others),
-        ours=others == [MANIFEST_NAME],
+    run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        what="Parquet export",
+        exists=bool(ours or others),
         found=found,
-        remove=functools.partial(_remove_files, [*ours, manifest_path]),
+        foreign=any(name != MANIFEST_NAME for name in others),
+        remove=functools.partial(_remove_files, [*ours, out / MANIFEST_NAME]),
     )
-    if resumed:
-        earlier = f"export of {previous.get('catalog')} by {previous.get('partitions_origin')}"
-        check_same_run(out, {k: previous.get(k) for k in fingerprint}, fingerprint, what=earlier)
+    if run.resumed:
         for tmp in out.glob(f".*{TMP_MARK}*"):  # left by a killed run
             tmp.unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    return resumed
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    """The manifest of an earlier export, or {} when there is none (or it is unreadable)."""
-    try:
-        found = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return found if isinstance(found, dict) else {}
+    return run
 
 
 def _remove_files(paths: Sequence[Path]) -> None:
@@ -429,7 +412,7 @@ def export_parquet(
     config = config or ParquetExportConfig()
     started = time.perf_counter()
     catalog_path = Path(catalog)
-    out = Path(output_dir)
+    out = real_output(output_dir)
     source, attrs = _catalog_source(catalog_path)
     ranges = resolve_partitions(catalog_path, attrs, partitions=partitions, store=store)
     logger.info("exporting by %r", ranges)
@@ -438,18 +421,12 @@ def export_parquet(
         "catalog_fingerprint": fingerprint,
         "partitions_fingerprint": _fingerprint(ranges.to_list()),
     }
-    resumed = _claim(out, run, config)
-    manifest: dict[str, Any] = {
-        "format": MANIFEST_FORMAT,
-        "format_version": MANIFEST_VERSION,
-        "catalog": str(catalog_path.resolve()),
-        **run,
-        "partitions_origin": ranges.origin,
-        "n_rows": source.n_rows,
-        "xpbatch_version": __version__,
-        "complete": False,
-    }
-    _write_manifest(out, manifest)
+    manifest = _claim(out, run, config)
+    manifest.begin(
+        catalog=str(catalog_path.resolve()),
+        partitions_origin=ranges.origin,
+        n_rows=source.n_rows,
+    )
 
     blocks = [
         slice(start, min(start + source.chunk_rows, source.n_rows))
@@ -475,7 +452,7 @@ def export_parquet(
         lo, hi = (int(v) for v in ranges.ranges[p])
         rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
         tasks.append((rows, out / file_name(FILE_PREFIX, lo, hi)))
-    plan = ResumePlan.split(tasks, _is_written, resumed=resumed)
+    plan = manifest.plan(tasks, _is_written)
     files = {path.name: rows.stop - rows.start for rows, path in plan.done}
     n_reused = len(files)
     write = functools.partial(_write_partition, source, arrow_schema)
@@ -492,7 +469,7 @@ def export_parquet(
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")
-    _write_manifest(out, {**manifest, "complete": True, "files": dict(sorted(files.items()))})
+    manifest.mark_complete(files=dict(sorted(files.items())))
     logger.info(
         "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
         n_rows, catalog_path, len(files), out, n_reused,

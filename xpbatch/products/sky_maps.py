@@ -31,11 +31,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from xpbatch import schema
+from xpbatch.config import SkyMapConfig
 from xpbatch.errors import ConfigError
 from xpbatch.products.sky_positions import SkySource
 from xpbatch.runtime.executor import Executor
 from xpbatch.schema import CatalogFlag
-from xpbatch.storage.paths import PathLike
+from xpbatch.storage.manifest import file_manifest
+from xpbatch.storage.outputs import locked_output
+from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -262,6 +265,39 @@ def draw_sky_maps(maps: SkyMaps, output: PathLike, *, title: str = "", width: in
         fontsize=10,
     )
     output = Path(output)
-    fig.savefig(output, dpi=100)
+    with atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
     return output
+
+
+SKY_MAP_KIND = "sky map"
+"""The kind of output :func:`write_sky_maps` records (xpbatch.storage.manifest)."""
+
+
+@locked_output("out", "skymap")
+def write_sky_maps(
+    catalog: PathLike,
+    out: PathLike,
+    *,
+    client: Client | None = None,
+    config: SkyMapConfig | None = None,
+) -> SkyMaps:
+    """:func:`compute_sky_maps` drawn into the PNG ``out`` (``xpbatch skymap``).
+
+    ``out`` follows the one output rule (:mod:`xpbatch.storage.manifest`): an existing file is
+    replaced only with ``config.overwrite`` and only when it is a sky map xpbatch drew (its
+    record ``OUT.xpbatch.json`` beside it); it is checked before the maps are computed.
+
+    Examples
+    --------
+    >>> maps = write_sky_maps("catalog.zarr", "sky.png")  # doctest: +SKIP
+    """
+    config = config or SkyMapConfig()
+    run = file_manifest(out, kind=SKY_MAP_KIND)
+    run.claim(resume=False, overwrite=config.overwrite, remove=lambda: None)  # replaced whole
+    maps = compute_sky_maps(catalog, order=config.order, client=client)
+    run.begin(catalog=str(Path(catalog).resolve()), order=config.order)
+    draw_sky_maps(maps, run.output, title=str(catalog))
+    run.mark_complete(sources=int(maps.count.sum()))
+    return maps

@@ -9,7 +9,9 @@
   without secrets.
 - :mod:`~xpbatch.storage.lease`: one writer per output on object storage (a lease object made
   with conditional writes, renewed in the background) and the check that the server honours them.
-- :mod:`~xpbatch.storage.outputs`: one writer per output (the lock) and the resume convention.
+- :mod:`~xpbatch.storage.outputs`: one writer per output (the lock on its real path).
+- :mod:`~xpbatch.storage.manifest`: the run manifest every stage claims, resumes and completes
+  its output with (the one output rule).
 - :mod:`~xpbatch.storage.partitions`: the Gaia DR3 bulk partitions (HEALPix ranges of source_id).
 
 Nothing here knows about spectra, models or Dask.

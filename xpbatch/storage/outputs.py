@@ -1,8 +1,8 @@
-"""One writer per output, one resume convention: the lock beside every output, and the rule
-that decides whether a stage starts, continues or replaces what is there (:func:`claim_output`).
+"""One writer per output: the lock beside every output. (Whether a stage starts, continues or
+replaces what is there is the run manifest's rule, :mod:`xpbatch.storage.manifest`.)
 
-``encode-catalog``, ``ingest``, ``train`` and ``export-*`` hold :func:`output_lock` on their
-output while they write. The lock is the file ``OUTPUT.lock`` (a sibling of the output, e.g.
+Every stage function that writes holds :func:`output_lock` on its output while it writes (the
+stage, not the CLI: one owner). The lock is the file ``OUTPUT.lock`` (a sibling of the output, e.g.
 ``catalog.zarr.lock`` or ``model.safetensors.lock``), created atomically with
 ``O_CREAT | O_EXCL`` (atomic on local filesystems and on NFSv3+, Lustre and GPFS), holding JSON
 that names its holder: run id, host, pid, command and start time.
@@ -11,6 +11,9 @@ Why a sibling and not a file inside the output: ``--overwrite`` removes the whol
 directory, and a resumed run may rebuild it; a lock inside would be removed with it (letting a
 second writer in mid-run) and would have to exist before the output does. Beside it, the lock is
 taken before the output is looked at and outlives every removal.
+
+The lock is named after the output's real path (symlinks resolved), so two writers that name
+one output through different links still meet at one lock.
 
 A lock whose holder is gone is stale and is taken over: on the same host when its pid no longer
 runs (a SIGKILLed or crashed run); across hosts nobody here can tell, so the message says how to
@@ -22,7 +25,6 @@ Standard library only, so that the CLI can take the lock before it starts a clus
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import functools
 import inspect
@@ -32,12 +34,11 @@ import os
 import shutil
 import socket
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 from xpbatch.errors import OutputLockedError
 from xpbatch.storage.paths import PathLike
@@ -49,16 +50,11 @@ LOCK_SUFFIX = ".lock"
 
 P = ParamSpec("P")
 R = TypeVar("R")
-T = TypeVar("T")
-
-_HELD: dict[Path, int] = {}
-"""Lock file -> how many times this process holds it (nested holds are free)."""
-_HELD_GUARD = threading.Lock()
 
 
 def lock_path(output: PathLike) -> Path:
-    """The lock file of ``output``: ``OUTPUT.lock`` beside it (absolute)."""
-    output = Path(os.path.abspath(output))
+    """The lock file of ``output``: ``OUTPUT.lock`` beside its real path (symlinks resolved)."""
+    output = Path(os.path.realpath(output))
     return output.with_name(output.name + LOCK_SUFFIX)
 
 
@@ -187,27 +183,10 @@ def output_lock(output: PathLike, *, command: str = "", break_lock: bool = False
     'catalog.zarr.lock'
     """
     path = lock_path(output)
-    with _HELD_GUARD:
-        if path in _HELD:  # this process holds it already (the CLI took it before the API)
-            _HELD[path] += 1
-            nested = True
-        else:
-            nested = False
-    if nested:
-        try:
-            yield path
-        finally:
-            with _HELD_GUARD:
-                _HELD[path] -= 1
-        return
     holder = _acquire(Path(output), path, command=command, break_lock=break_lock)
-    with _HELD_GUARD:
-        _HELD[path] = 1
     try:
         yield path
     finally:
-        with _HELD_GUARD:
-            del _HELD[path]
         if _read_holder(path) == holder:  # never remove a lock someone broke and took over
             path.unlink(missing_ok=True)
 
@@ -219,7 +198,7 @@ def _acquire(output: Path, path: Path, *, command: str, break_lock: bool) -> dic
         "pid": os.getpid(),
         "command": command or " ".join(sys.argv[:2]),
         "started": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "output": str(Path(os.path.abspath(output))),
+        "output": os.path.realpath(output),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(100):  # only a run of takeovers and releases in between repeats this
@@ -251,8 +230,9 @@ def _acquire(output: Path, path: Path, *, command: str, break_lock: bool) -> dic
 def locked_output(parameter: str, command: str) -> Callable[[Callable[P, R]], Callable[P, R]]:
     """Decorate a stage function so it holds :func:`output_lock` on its ``parameter`` argument.
 
-    Nested holds in one process are free, so the CLI may take the lock first (before it starts a
-    cluster, and with ``--break-lock``) and the stage function's hold then costs nothing.
+    ``break_lock`` comes from the stage's ``config`` argument (its ``break_lock`` field, the
+    ``--break-lock`` option). The lock is not re-entrant: a stage that calls another stage
+    calls its undecorated body.
     """
 
     def decorate(func: Callable[P, R]) -> Callable[P, R]:
@@ -260,147 +240,14 @@ def locked_output(parameter: str, command: str) -> Callable[[Callable[P, R]], Ca
 
         @functools.wraps(func)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-            output = signature.bind(*args, **kwargs).arguments[parameter]
-            with output_lock(output, command=command):
+            arguments = signature.bind(*args, **kwargs).arguments
+            break_lock = bool(getattr(arguments.get("config"), "break_lock", False))
+            with output_lock(arguments[parameter], command=command, break_lock=break_lock):
                 return func(*args, **kwargs)
 
         return wrapper
 
     return decorate
-
-
-# --- the resume convention ---------------------------------------------------------------------
-def claim_output(
-    output: PathLike,
-    *,
-    exists: bool,
-    ours: bool,
-    resume: bool,
-    overwrite: bool,
-    what: str,
-    found: str = "",
-    remove: Callable[[], None] | None = None,
-) -> bool:
-    """Apply the one resume convention of every stage; return whether an earlier run continues.
-
-    - nothing at ``output``: a new run (also with ``resume``: a restarted job script may always
-      pass ``--resume``);
-    - something that is not ``ours`` (not an xpbatch ``what``): refused whatever the flags say
-      (:class:`~xpbatch.errors.ResumeRefusedError` with ``resume``), so ``--overwrite`` never
-      removes what xpbatch did not write;
-    - ``overwrite``: ``remove()`` is called (when given) and the run starts again;
-    - ``resume``: True; the caller then checks the run's fingerprint (:func:`check_same_run`)
-      and skips what is done;
-    - neither: refused with :class:`~xpbatch.errors.OutputExistsError`.
-
-    Hold :func:`output_lock` on ``output`` while calling this and writing (every stage does).
-
-    Parameters
-    ----------
-    output
-        The output as the user named it (for messages).
-    exists
-        Whether an earlier run left anything there (the output, or its staging files).
-    ours
-        Whether that is an xpbatch ``what`` (an empty directory counts as ours).
-    what
-        What the stage writes, e.g. ``"catalogue"``, ``"Parquet export"``.
-    found
-        What is there, e.g. ``"an incomplete catalogue, 3 of 8 chunks done"`` (for the message).
-    remove
-        Removes what an earlier run left (``overwrite``); None leaves it for the run to replace.
-
-    Examples
-    --------
-    >>> import tempfile
-    >>> out = Path(tempfile.mkdtemp()) / "new.zarr"
-    >>> claim_output(out, exists=out.exists(), ours=True, resume=True, overwrite=False,
-    ...              what="catalogue")
-    False
-    """
-    from xpbatch.errors import OutputExistsError, ResumeRefusedError
-
-    if not exists:
-        if resume:
-            logger.info("%s: nothing to resume, starting a new %s", output, what)
-        return False
-    if not ours:
-        refused = ResumeRefusedError if resume else OutputExistsError
-        raise refused(
-            f"{output} exists and is not an xpbatch {what} ({found or 'other files'}); it is never "
-            "overwritten or resumed: choose another output path. Nothing was changed."
-        )
-    if overwrite:
-        logger.info("overwriting %s", output)
-        if remove is not None:
-            remove()
-        return False
-    if not resume:
-        raise OutputExistsError(
-            f"{output} already exists ({found or f'an xpbatch {what}'}); pass --resume to continue "
-            "it, --overwrite to replace it, or choose another output path. Nothing was changed."
-        )
-    return True
-
-
-@dataclasses.dataclass(frozen=True)
-class ResumePlan(Generic[T]):
-    """What a stage does at its output: the work items an earlier run finished and those left
-    (hats-import's ``ResumePlan`` habit). Every stage's summary counts ``done`` as reused."""
-
-    resumed: bool
-    """Whether an earlier run is continued (:func:`claim_output` returned True)."""
-    done: tuple[T, ...]
-    """Items an earlier run finished (kept, not redone)."""
-    todo: tuple[T, ...]
-    """Items this run does."""
-
-    @classmethod
-    def split(
-        cls, items: Iterable[T], is_done: Callable[[T], bool], *, resumed: bool
-    ) -> ResumePlan[T]:
-        """Split ``items`` by ``is_done`` (asked only when resuming: a new run does them all)."""
-        items = tuple(items)
-        if not resumed:
-            return cls(False, (), items)
-        finished = [is_done(item) for item in items]
-        done = tuple(item for item, f in zip(items, finished, strict=True) if f)
-        todo = tuple(item for item, f in zip(items, finished, strict=True) if not f)
-        return cls(True, done, todo)
-
-
-def check_same_run(
-    output: PathLike, found: Mapping[str, Any], expected: Mapping[str, Any], *, what: str
-) -> None:
-    """Refuse ``--resume`` of an output that an earlier run wrote from other inputs or options.
-
-    ``found`` is the fingerprint the earlier run recorded, ``expected`` this run's (plain JSON
-    values: input paths or ids, options that change the result).
-
-    Raises
-    ------
-    ResumeRefusedError
-        Naming every key that differs, with both values.
-    """
-    from xpbatch.errors import ResumeRefusedError
-
-    differences = [
-        f"{key}: {found.get(key)!r} there, {expected.get(key)!r} now"
-        for key in sorted(set(found) | set(expected))
-        if _plain(found.get(key)) != _plain(expected.get(key))
-    ]
-    if differences:
-        raise ResumeRefusedError(
-            f"cannot --resume {output}: that {what} was written from other inputs or options ("
-            + "; ".join(differences)
-            + "). Rerun with the same ones, or with --overwrite to start again. Nothing was "
-            "changed."
-        )
-
-
-def _plain(value: Any) -> Any:
-    """``value`` as JSON would give it back (tuples as lists), so recorded and new compare equal."""
-    return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
 def remove_path(path: Path) -> None:

@@ -26,7 +26,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -36,14 +36,22 @@ import numpy as np
 import torch
 
 from xpbatch.config import TrainConfig, result_options
-from xpbatch.errors import TrainingError
+from xpbatch.errors import TrainingError, XPBatchError
 from xpbatch.model import fit_check as fit
 from xpbatch.model.density import LatentDensity, fit_density, latent_kl
 from xpbatch.model.device import resolve_device
 from xpbatch.model.files import runtime_versions, save_model
 from xpbatch.model.network import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.model.trained import Normalisation, TrainedModel
-from xpbatch.storage.outputs import claim_output, locked_output
+from xpbatch.storage.manifest import (
+    COMPLETE,
+    FINGERPRINT,
+    KIND,
+    RunManifest,
+    RunRecord,
+    real_output,
+)
+from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import atomic_path
 from xpbatch.store.xp_store import open_xp_store, store_id
 from xpbatch.train.data import (
@@ -251,8 +259,8 @@ def train_model(
     >>> history.validation_loss[-1]  # doctest: +SKIP
     """
     config = config or TrainConfig()
-    paths = RunPaths.for_model(out)
-    resume = _claim_outputs(paths, config)
+    paths = RunPaths.for_model(real_output(out))
+    run = _claim_outputs(paths, config)
     device = resolve_device(config.device, precision=config.precision)
     started = time.perf_counter()
     ds = store if not isinstance(store, str | os.PathLike) else open_xp_store(Path(store))
@@ -272,8 +280,9 @@ def train_model(
     state = _TrainingState.new(config, device)
     fingerprint = _fingerprint(store_id(ds), selection, config, device, train_rows.placement)
     records: list[EpochRecord] = []
-    if resume:
-        records = state.load_checkpoint(paths.checkpoint, fingerprint, epochs=config.epochs)
+    if run.resumed:
+        run.fingerprint = _flat(fingerprint)
+        records = state.load_checkpoint(paths.checkpoint, run, epochs=config.epochs)
     _rewrite_metrics(paths.metrics, records)
     with _matmul_precision(config.precision):
         epochs_resumed = len(records)
@@ -306,25 +315,55 @@ def train_model(
     )
 
 
-def _claim_outputs(paths: RunPaths, config: TrainConfig) -> bool:
-    """The resume convention for the model and its checkpoint; True when the checkpoint is
-    continued (its fingerprint is checked when it is loaded)."""
+MODEL_KIND = "model"
+"""What train writes (a model file, its checkpoint and metrics beside it), as manifests say."""
+
+
+class _TrainRecord(RunRecord):
+    """A training run's manifest is its files' own headers: the model file's xpbatch metadata
+    and the checkpoint's (its fingerprint and epochs done)."""
+
+    def __init__(self, paths: RunPaths) -> None:
+        self.paths = paths
+        self.where = paths.checkpoint
+
+    def read(self) -> dict[str, Any] | None:
+        from xpbatch.model.files import read_model_metadata
+
+        model, checkpoint = self.paths.model, self.paths.checkpoint
+        if not model.exists() and not checkpoint.exists():
+            return None
+        try:
+            if model.exists():
+                read_model_metadata(model)
+            run = _Snapshot.read_run(checkpoint) if checkpoint.exists() else {}
+        except (XPBatchError, OSError, ValueError, KeyError):
+            return {KIND: None}  # not a model file or checkpoint xpbatch wrote
+        return {KIND: MODEL_KIND, FINGERPRINT: run.get("fingerprint"), COMPLETE: model.exists()}
+
+    def write(self, fields: Mapping[str, Any]) -> None:
+        """Nothing: the loop writes the checkpoint and the model file themselves."""
+
+
+def _claim_outputs(paths: RunPaths, config: TrainConfig) -> RunManifest:
+    """The training run's manifest, the model and its checkpoint claimed under the one output
+    rule; resumed when the checkpoint is continued (its fingerprint is checked when it is
+    loaded)."""
     existing = [p for p in (paths.model, paths.checkpoint) if p.exists()]
-    resumed = claim_output(
-        paths.model,
-        exists=bool(existing),
-        ours=True,  # files xpbatch names after the model; each is replaced whole
+    run = RunManifest(paths.model, kind=MODEL_KIND, record=_TrainRecord(paths))
+    run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        what="training run",
+        exists=bool(existing),
         found=f"{existing[0].name} of an earlier run" if existing else "",
+        remove=lambda: None,  # files xpbatch names after the model; each is replaced whole
     )
-    if resumed and not paths.checkpoint.is_file():
+    if run.resumed and not paths.checkpoint.is_file():
         raise TrainingError(
             f"--resume: {paths.model} has no checkpoint beside it ({paths.checkpoint}) to "
             "continue from; pass --overwrite to train again"
         )
-    return resumed
+    return run
 
 
 def _free_memory(device: torch.device) -> int:
@@ -471,17 +510,11 @@ class _TrainingState:
         self.scheduler.load_state_dict(snapshot.meta["scheduler"])
         self.epoch = int(snapshot.meta["epoch"])
 
-    def load_checkpoint(
-        self, path: Path, fingerprint: dict[str, Any], *, epochs: int
-    ) -> list[EpochRecord]:
-        """Restore a checkpoint of this run; returns its history."""
+    def load_checkpoint(self, path: Path, run: RunManifest, *, epochs: int) -> list[EpochRecord]:
+        """Restore a checkpoint of this run (its fingerprint checked by ``run``); returns its
+        history."""
         snapshot, extra = _Snapshot.read(path)
-        if extra["fingerprint"] != fingerprint:
-            raise TrainingError(
-                f"--resume: checkpoint {path} belongs to another run: it has "
-                f"{_differences(extra['fingerprint'], fingerprint)}. Resume with the same store, "
-                "selection and settings, or start again with --overwrite"
-            )
+        run.check(_flat(extra["fingerprint"]), what=f"training run (checkpoint {path})")
         epoch = int(snapshot.meta["epoch"])
         if epoch > epochs:
             raise TrainingError(
@@ -517,6 +550,21 @@ class _Snapshot:
         with atomic_path(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
 
+    @staticmethod
+    def read_run(path: Path) -> dict[str, Any]:
+        """A checkpoint file's run description (history, fingerprint), without its tensors."""
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except (SafetensorError, OSError) as e:
+            raise TrainingError(f"checkpoint {path} is truncated or corrupt: {e}") from e
+        if metadata.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{path} is not an xpbatch training checkpoint")
+        run: dict[str, Any] = json.loads(metadata["run"])
+        return run
+
     @classmethod
     def read(cls, path: Path) -> tuple[_Snapshot, dict[str, Any]]:
         """A checkpoint file's snapshot and run description (history, fingerprint)."""
@@ -537,18 +585,10 @@ class _Snapshot:
         return cls(tensors, json.loads(metadata["state"])), json.loads(metadata["run"])
 
 
-def _differences(found: dict[str, Any], expected: dict[str, Any]) -> str:
-    """'store_id X (now Y), ...' for the fingerprint entries that differ."""
-    flat_found = {
-        **found.get("settings", {}),
-        **{k: v for k, v in found.items() if k != "settings"},
-    }
-    flat_now = {**expected["settings"], **{k: v for k, v in expected.items() if k != "settings"}}
-    return ", ".join(
-        f"{key} {flat_found.get(key)!r} (now {value!r})"
-        for key, value in flat_now.items()
-        if flat_found.get(key) != value
-    )
+def _flat(fingerprint: Mapping[str, Any]) -> dict[str, Any]:
+    """A training fingerprint with its settings at the top, so a difference names the setting."""
+    settings = fingerprint.get("settings", {})
+    return {**settings, **{k: v for k, v in fingerprint.items() if k != "settings"}}
 
 
 # --- the loop -------------------------------------------------------------------------------
