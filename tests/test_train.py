@@ -21,13 +21,12 @@ from xpbatch.model.files import load_model
 from xpbatch.store.xp_store import open_xp_store, write_xp_store
 from xpbatch.train import stage as train_module
 from xpbatch.train.data import (
-    ResidentRows,
-    StreamedRows,
     compute_normalisation,
     read_source_id_file,
     row_chunks,
     select_rows,
 )
+from xpbatch.train.feed import ResidentRows, StreamedRows
 from xpbatch.train.stage import RunPaths, train_model
 
 N_SMALL = 3000
@@ -247,7 +246,7 @@ def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
     weights and their gradients stay float32."""
     import types
 
-    from xpbatch.train.data import ResidentRows
+    from xpbatch.train.feed import ResidentRows
     from xpbatch.train.stage import _Loop, _TrainingState
 
     config = TrainConfig(precision="bf16", device="cuda", batch_size=64, learning_rate=1e-3)

@@ -29,7 +29,8 @@ from xpbatch.config import Device, TrainConfig
 from xpbatch.model.device import resolve_device
 from xpbatch.model.network import ScatterVAE, scatter_vae_loss
 from xpbatch.store.xp_store import open_xp_store
-from xpbatch.train.data import ResidentRows, compute_normalisation, row_chunks, select_rows
+from xpbatch.train.data import compute_normalisation, row_chunks, select_rows
+from xpbatch.train.feed import ResidentRows
 from xpbatch.train.stage import make_optimizer, train_model
 
 PUBLISHED_EPOCHS = 5000

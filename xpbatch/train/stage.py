@@ -1,6 +1,6 @@
 """Fit the scatter VAE on an XP store, on one device (``xpbatch train``).
 
-The loop knows nothing about where the rows live (:mod:`xpbatch.train.data` hands it batches
+The loop knows nothing about where the rows live (:mod:`xpbatch.train.feed` hands it batches
 already on the device) nor about the network's insides (:mod:`xpbatch.model.network`).
 
 Files written beside the model ``MODEL.safetensors``:
@@ -56,15 +56,14 @@ from xpbatch.storage.paths import atomic_path
 from xpbatch.store.xp_store import open_xp_store, store_id
 from xpbatch.train.data import (
     Batch,
-    ResidentRows,
     Selection,
-    StreamedRows,
     compute_normalisation,
     epoch_seed,
     read_source_id_file,
     row_chunks,
     select_rows,
 )
+from xpbatch.train.feed import ResidentRows, StreamedRows
 
 if TYPE_CHECKING:
     import xarray as xr
