@@ -127,24 +127,34 @@ class ChunkVerifier:
         rows = self.layout.rows(index)
         opened = self._arrays
         problems = []
-        row = np.asarray(opened.records[index])
+        # The chunk's record and checksums in one trip through Zarr's event loop.
+        tables = [opened.records] + ([] if opened.checksums is None else [opened.checksums])
+        row, *checksums = zarr_arrays.read_together([(table, index) for table in tables])
         record = None if row[0] == RECORD_MISSING else ChunkRecord.from_row(index, row)
         if record is None:
             problems.append("no completion record: the chunk was never finished")
-        recorded = self._recorded_checksums(index)
-        files = {}  # name -> its chunk file
+        recorded = self._recorded_checksums(checksums[0]) if checksums else None
+        data = {}  # name -> its chunk file's bytes: each file is read once, checked, decoded
         for name, array in opened.variables.items():
             file = zarr_arrays.chunk_file(self.path, array, index)
-            if not file.is_file():
+            try:
+                found = zarr_arrays.read_chunk_file(file)
+            except OSError as e:
+                problems.append(
+                    f"{name} chunk file {self._relative(file)} is unreadable "
+                    f"({type(e).__name__}: {e})"
+                )
+                continue
+            if found is None:
                 problems.append(f"{name} chunk file {self._relative(file)} is missing")
                 continue
-            files[name] = file
+            data[name] = found
             # A file is the one its writer recorded, or refused: a chunk file copied over
             # another's is a valid file with valid values, only its record tells it apart.
             why = (
                 None
                 if recorded is None
-                else zarr_arrays.record_mismatch(file, array, recorded[name])
+                else zarr_arrays.bytes_mismatch(array, found, recorded[name])
             )
             if why:
                 where = f"{name} chunk {index}: file {self._relative(file)}"
@@ -156,22 +166,27 @@ class ChunkVerifier:
             and not problems
             and recorded is not None
             and all(
-                zarr_arrays.file_has_checksum(file, recorded[name])
-                for name, file in files.items()
+                zarr_arrays.has_checksum(found, recorded[name])
+                for name, found in data.items()
                 if name not in _ALWAYS_DECODED
             )
         )
+        names = [n for n in data if not trusted or n in _ALWAYS_DECODED]
+        decoded = zarr_arrays.decode_rows(
+            [(opened.variables[n], {index: data.pop(n)}) for n in names], rows
+        )
         values: dict[str, np.ndarray] = {}
-        for name, file in files.items():
-            if trusted and name not in _ALWAYS_DECODED:
-                continue
-            try:
-                values[name] = np.asarray(opened.variables[name][rows])
-            except (ValueError, RuntimeError, OSError) as e:  # e.g. a checksum mismatch
+        for name, value in zip(names, decoded, strict=True):
+            if isinstance(value, ValueError | RuntimeError | OSError):  # e.g. a checksum mismatch
+                file = zarr_arrays.chunk_file(self.path, opened.variables[name], index)
                 problems.append(
                     f"{name} chunk file {self._relative(file)} is unreadable "
-                    f"({type(e).__name__}: {e})"
+                    f"({type(value).__name__}: {value})"
                 )
+            elif isinstance(value, Exception):
+                raise value
+            else:
+                values[name] = value
         problems.extend(value_problems(values, rows))
         if record is not None and schema.FLAGS in values:
             actual = ChunkRecord.from_outputs(index, values)
@@ -252,10 +267,10 @@ class ChunkVerifier:
     def _relative(self, file: Path) -> str:
         return file.relative_to(self.path).as_posix()
 
-    def _recorded_checksums(self, index: int) -> dict[str, int] | None:
-        """Variable -> crc32c its writer recorded for chunk ``index``; None if not recorded."""
+    def _recorded_checksums(self, row: np.ndarray) -> dict[str, int] | None:
+        """Variable -> crc32c its writer recorded for a chunk (its ``row`` of the checksums);
+        None if not recorded."""
         checksums = self._arrays.checksums
-        row = np.asarray(checksums[index])
         if np.any(row == CHECKSUM_MISSING):  # not taken: the chunk's files are decoded instead
             return None
         names = cast(list[str], checksums.attrs[schema.ATTR_CHUNK_FILE_VARIABLES])

@@ -619,11 +619,11 @@ class CatalogWriter:
     def _as_written(self, index: int, checksums: Sequence[int], record: ChunkRecord) -> bool:
         """Whether chunk ``index``'s files, checksums and record on disk are all this write's."""
         arrays, records = self._open()
-        if not np.array_equal(np.asarray(records[index]), record.to_row()):
+        tables = [records] + ([] if self._checksums is None else [self._checksums])
+        row, *found = zarr_arrays.read_together([(table, index) for table in tables])
+        if not np.array_equal(row, record.to_row()):
             return False
-        if self._checksums is not None and not np.array_equal(
-            np.asarray(self._checksums[index]), np.asarray(checksums, np.int64)
-        ):
+        if found and not np.array_equal(found[0], np.asarray(checksums, np.int64)):
             return False
         return all(
             zarr_arrays.chunk_checksum(zarr_arrays.chunk_file(self.path, array, index), array)

@@ -19,7 +19,7 @@ import os
 import sys
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,6 +28,7 @@ import numpy as np
 import zarr
 import zarr.codecs
 from zarr.core.array import AsyncArray
+from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
 from zarr.storage import MemoryStore, StorePath
 
@@ -237,6 +238,15 @@ def write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice)
     zarr_sync(write_all())
 
 
+def read_together(reads: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
+    """``array[selection]`` of several arrays in one trip through Zarr's event loop."""
+
+    async def read_all() -> list[Any]:
+        return await asyncio.gather(*(array.async_array.getitem(where) for array, where in reads))
+
+    return [np.asarray(value) for value in zarr_sync(read_all())]
+
+
 # --- chunk files ----------------------------------------------------------------------------------
 def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
     """The file of chunk ``index`` (along ``source``) of ``array`` in the group at ``path``."""
@@ -263,24 +273,35 @@ def write_chunks(
     in_memory = []
     for array, values in writes:
         found: dict[str, Any] = {}
-        memory = AsyncArray(
-            metadata=array.metadata,
-            store_path=StorePath(MemoryStore(store_dict=found)),
-            config=array.async_array.config,
-        )
         buffers.append(found)
-        in_memory.append((zarr.Array(memory), values))  # type: ignore[type-var]
+        in_memory.append((_in_memory(array, found), values))
     write_together(in_memory, rows)
     chunk_rows = writes[0][0].chunks[0] if writes else 1
     written: dict[int, list[int]] = {}
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
         written[index] = []
         for (array, _), found in zip(writes, buffers, strict=True):
-            key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-            data = found[key].to_bytes()
-            _write_file(path / array.basename / key, data)
+            data = found[_memory_key(array, index)].to_bytes()
+            _write_file(chunk_file(path, array, index), data)
             written[index].append(_checksum_of(array, data))
     return written
+
+
+def _in_memory(array: zarr.Array, files: dict[str, Any]) -> zarr.Array:
+    """``array`` (its path, metadata and codecs) over ``files``, :func:`_memory_key` -> encoded
+    bytes (a Buffer): chunks encoded into it, or decoded from bytes already read, without a
+    file."""
+    memory = AsyncArray(
+        metadata=array.metadata,
+        store_path=StorePath(MemoryStore(store_dict=files), array.path),
+        config=array.async_array.config,
+    )
+    return zarr.Array(memory)  # type: ignore[type-var]
+
+
+def _memory_key(array: zarr.Array, index: int) -> str:
+    """The key of chunk ``index`` (along ``source``) of an :func:`_in_memory` array."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((index, 0)[: array.ndim])}"
 
 
 def _write_file(file: Path, data: bytes) -> None:
@@ -307,7 +328,7 @@ def _checksum_of(array: zarr.Array, data: bytes) -> int:
     """The checksum recorded for a chunk file of ``array`` holding ``data``: the crc32c trailer
     Zarr's codec appended (checked against the body on every decode), else the file's crc32c."""
     if _ends_in_crc32c(array):
-        return int.from_bytes(data[-4:], sys.byteorder)
+        return int.from_bytes(data[-4:], sys.byteorder) if len(data) >= 4 else -2
     return int(crc32c.crc32c(data))
 
 
@@ -316,7 +337,7 @@ def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     None if the file is missing.
 
     For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
-    still matches it is checked by every decode (and by :func:`file_has_checksum`).
+    still matches it is checked by every decode (and by :func:`has_checksum`).
     """
     if isinstance(file, Location):  # object storage: one GET of the object
         try:
@@ -342,7 +363,30 @@ def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
 def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> str | None:
     """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), as a
     predicate ("is missing", ...); None when it is (its trailer, see :func:`chunk_checksum`)."""
-    found = chunk_checksum(file, array)
+    return _mismatch(chunk_checksum(file, array), recorded)
+
+
+def read_chunk_file(file: Path) -> bytes | None:
+    """The bytes of chunk ``file``, in one read; None if it is missing.
+
+    What a check reads is what it decodes: :func:`bytes_mismatch` compares these bytes with
+    their record and :func:`decode_rows` decodes them, so a file is never read twice.
+    """
+    try:
+        return file.read_bytes()
+    except FileNotFoundError:
+        return None
+
+
+def bytes_mismatch(array: zarr.Array, data: bytes | None, recorded: int) -> str | None:
+    """:func:`record_mismatch` of a chunk file of ``array`` already read (``data``; None: the file
+    is missing). For arrays whose codecs end in crc32c only the trailer is compared: decoding
+    the bytes (:func:`decode_rows`) checks the body against it, :func:`has_checksum` without a
+    decode."""
+    return _mismatch(None if data is None else _checksum_of(array, data), recorded)
+
+
+def _mismatch(found: int | None, recorded: int) -> str | None:
     if found is None:
         return "is missing"
     if found != recorded:
@@ -351,6 +395,34 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
             f"{recorded:08x}): copied from another chunk, replaced or altered"
         )
     return None
+
+
+def decode_rows(
+    reads: Sequence[tuple[zarr.Array, Mapping[int, bytes]]], rows: slice
+) -> list[np.ndarray | Exception]:
+    """``array[rows]`` of each array, decoded from its chunk files' bytes already read (chunk
+    index along ``source`` -> bytes, every chunk of ``rows``), all in one trip through Zarr's
+    event loop; in place of a value, the exception its decode raised (e.g. a crc32c mismatch:
+    the body is not the one its trailer was computed over)."""
+    arrays = []
+    buffer = default_buffer_prototype().buffer
+    for array, data in reads:
+        chunk_rows = array.chunks[0]
+        files: dict[str, Any] = {}
+        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+            if index not in data:  # it would read as the fill value
+                raise ValueError(f"chunk {index} of {array.basename} was not read")
+            files[_memory_key(array, index)] = buffer.from_bytes(data[index])
+        arrays.append(_in_memory(array, files).async_array)
+
+    async def decode_all() -> list[Any]:
+        return await asyncio.gather(*(a.getitem(rows) for a in arrays), return_exceptions=True)
+
+    found = zarr_sync(decode_all())
+    for value in found:
+        if isinstance(value, BaseException) and not isinstance(value, Exception):
+            raise value  # KeyboardInterrupt and the like are not a chunk's problem
+    return [v if isinstance(v, Exception) else np.asarray(v) for v in found]
 
 
 def create_chunk_table(
@@ -374,18 +446,19 @@ def create_chunk_table(
     )
 
 
-def file_has_checksum(file: Path, checksum: int) -> bool:
-    """Whether ``file`` is an encoded chunk followed by its crc32c, and that crc32c is
-    ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte as written.
+def has_checksum(data: bytes, checksum: int) -> bool:
+    """Whether ``data`` (a chunk file's bytes) is an encoded chunk followed by its crc32c, and
+    that crc32c is ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte
+    as written, checked without decoding it.
 
     (A CRC of a whole file that ends in its own CRC is a constant, so the body is checked
     against the trailer and the trailer against ``checksum``.)
     """
-    data = memoryview(file.read_bytes())
-    if len(data) < 4:
+    view = memoryview(data)
+    if len(view) < 4:
         return False
-    trailer = int.from_bytes(data[-4:], sys.byteorder)
-    return trailer == checksum and int(crc32c.crc32c(data[:-4])) == checksum
+    trailer = int.from_bytes(view[-4:], sys.byteorder)
+    return trailer == checksum and int(crc32c.crc32c(view[:-4])) == checksum
 
 
 def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple[int, str, int]]:

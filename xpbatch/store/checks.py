@@ -102,47 +102,58 @@ def read_rows_checked(
 ) -> np.ndarray:
     """``array[rows]``, or a StoreError naming the variable, chunk and file that cannot be read.
 
-    Every chunk carries a crc32c checksum: a flipped byte fails here instead of reading as
-    wrong values; a chunk file deleted since the store was opened is an error, not fill values.
-    With ``recorded`` (chunk index -> the crc32c its file had when written), a file that is not
-    the one written there (e.g. another chunk's, copied over it) is refused before it is read.
+    Each chunk file is read once: with ``recorded`` (chunk index -> the crc32c its file had when
+    written), a file that is not the one written there (e.g. another chunk's, copied over it) is
+    refused before its bytes are decoded; decoding them checks their crc32c, so a flipped byte
+    fails here instead of reading as wrong values. A chunk file deleted since the store was
+    opened is an error, not fill values.
     """
+    path = Path(path)
     chunk_rows = array.chunks[0]
+    data = {}
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-        file = zarr_arrays.chunk_file(Path(path), array, index)
-        if not file.exists():
+        file = zarr_arrays.chunk_file(path, array, index)
+        try:
+            found = zarr_arrays.read_chunk_file(file)
+        except OSError as e:  # e.g. not readable by this user
+            raise StoreError(
+                f"{array.basename} chunk {index} of {path} cannot be read from {file} "
+                f"({type(e).__name__}: {e}); {DAMAGED_STORE_REMEDY}"
+            ) from e
+        if found is None:
             raise StoreError(
                 f"{array.basename} chunk {index} of {path}: file {file} is missing; "
                 f"{DAMAGED_STORE_REMEDY}"
             )
-        if recorded is None:
-            continue
-        expected = recorded.get(index, -1)
-        why = (
-            "was never recorded as written"
-            if expected < 0
-            else zarr_arrays.record_mismatch(file, array, expected)
-        )
-        if why:
-            raise StoreError(
-                f"{array.basename} chunk {index} of store {path}: file "
-                f"{file.relative_to(path).as_posix()} {why}; its rows were not used. "
-                f"{DAMAGED_STORE_REMEDY}"
+        if recorded is not None:
+            expected = recorded.get(index, -1)
+            why = (
+                "was never recorded as written"
+                if expected < 0
+                else zarr_arrays.bytes_mismatch(array, found, expected)
             )
-    try:
-        return np.asarray(array[rows])
-    except (ValueError, RuntimeError, OSError) as e:  # checksum mismatch, undecodable chunk
-        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-            start, stop = index * chunk_rows, min((index + 1) * chunk_rows, array.shape[0])
-            try:  # only on this error path: find the chunk that fails
-                array[start:stop]
-            except (ValueError, RuntimeError, OSError) as bad:
+            if why:
                 raise StoreError(
-                    f"{array.basename} chunk {index} (rows {start}..{stop}) of {path} cannot "
-                    f"be read from {zarr_arrays.chunk_file(Path(path), array, index)} "
-                    f"({type(bad).__name__}: {bad}); {DAMAGED_STORE_REMEDY}"
-                ) from e
-        raise
+                    f"{array.basename} chunk {index} of store {path}: file "
+                    f"{file.relative_to(path).as_posix()} {why}; its rows were not used. "
+                    f"{DAMAGED_STORE_REMEDY}"
+                )
+        data[index] = found
+    (value,) = zarr_arrays.decode_rows([(array, data)], rows)
+    if not isinstance(value, Exception):
+        return value
+    if not isinstance(value, ValueError | RuntimeError | OSError):
+        raise value
+    for index, found in data.items():  # only on this error path: find the chunk that fails
+        start, stop = index * chunk_rows, min((index + 1) * chunk_rows, array.shape[0])
+        (bad,) = zarr_arrays.decode_rows([(array, {index: found})], slice(start, stop))
+        if isinstance(bad, Exception):
+            raise StoreError(
+                f"{array.basename} chunk {index} (rows {start}..{stop}) of {path} cannot "
+                f"be read from {zarr_arrays.chunk_file(path, array, index)} "
+                f"({type(bad).__name__}: {bad}); {DAMAGED_STORE_REMEDY}"
+            ) from value
+    raise value
 
 
 def source_id_range_problem(

@@ -622,9 +622,10 @@ def present_variables(path: PathLike, names: Iterable[str]) -> tuple[str, ...]:
 class ChunkReader:
     """Reads row ranges of some of a store's variables, all of them at once.
 
-    Zarr reads and checks (crc32c) an array's chunk in one thread, so each variable is read in a
-    thread of its own and they overlap on a worker with cores to spare. A damaged chunk is a
-    StoreError naming its variable, chunk and file (:func:`xpbatch.store.checks.read_rows_checked`).
+    Each chunk file is read once, compared with its record and decoded from the same bytes
+    (crc32c); each variable is read in a thread of its own, so they overlap on a worker with cores
+    to spare. A damaged chunk is a StoreError naming its variable, chunk and file
+    (:func:`xpbatch.store.checks.read_rows_checked`).
 
     Examples
     --------
