@@ -344,10 +344,10 @@ def encode_catalog_command(
         raise click.UsageError("give STORE, --model and --output (or --demo)")
     config = EncodeConfig(**settings)
     from xpbatch.encode.stage import encode_catalog
-    from xpbatch.model.files import read_model_metadata
+    from xpbatch.model.files import load_model
     from xpbatch.runtime.cluster import connect
 
-    read_model_metadata(model)  # a wrong file is refused before a cluster starts
+    load_model(model)  # a wrong or damaged file is refused before a cluster starts
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         summary = encode_catalog(store, model, output, client=client, config=config)

@@ -4,5 +4,6 @@
 - :mod:`~xpbatch.model.trained`: a trained network with its input recipe.
 - :mod:`~xpbatch.model.density`: the latent space (active dimensions, density, anomaly score).
 - :mod:`~xpbatch.model.files`: model files (save, load, import the published checkpoint).
+- :mod:`~xpbatch.model.file_checks`: a model file's description and tensors checked on load.
 - :mod:`~xpbatch.model.fit_check`: does a store look like the data the model was trained on?
 """

@@ -35,6 +35,17 @@ from xpbatch import __version__
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
 from xpbatch.model.density import LatentDensity, latent_kl
+from xpbatch.model.file_checks import (
+    DENSITY_PREFIX as _DENSITY,
+)
+from xpbatch.model.file_checks import (
+    FIT_STATISTICS,
+    check_description,
+    check_tensors,
+)
+from xpbatch.model.file_checks import (
+    NETWORK_PREFIX as _NETWORK,
+)
 from xpbatch.model.fit_check import FitStatistics
 from xpbatch.model.network import ScatterVAE
 from xpbatch.model.trained import Normalisation, TrainedModel
@@ -53,10 +64,6 @@ INPUT_RECIPE = {
     "units": "electron/s",
 }
 
-FIT_STATISTICS = "fit_statistics"
-"""Key of the training-data statistics in a model file's description."""
-_NETWORK = "network."
-_DENSITY = "latent_density."
 _DESCRIPTION_KEYS = (
     "name",
     "architecture",
@@ -175,9 +182,19 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except ValueError as e:  # UnicodeDecodeError included: a header length off by bytes
             raise ModelFileError(f"model file {path} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(
+            f"model file {path} has a corrupt header: a safetensors header is a JSON object, "
+            f"found a {type(header).__name__}"
+        )
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(
+            f"model file {path} has corrupt metadata: '__metadata__' must be a JSON object of "
+            f"strings, found a {type(meta).__name__}"
+        )
     if meta.get("format") != FORMAT_NAME:
         raise ModelFileError(
             f"{path} is a safetensors file but not an xpbatch model (format "
@@ -188,9 +205,7 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             f"{path} has model format version {meta.get('format_version')}, this xpbatch reads "
             f"version {FORMAT_VERSION}; upgrade xpbatch"
         )
-    description = json.loads(meta["xpbatch"])
-    description["content_sha256"] = meta.get("content_sha256", "")
-    return description
+    return check_description(path, meta)
 
 
 def load_model(
@@ -238,12 +253,17 @@ def load_model(
         )
     try:
         config = ModelConfig(**description["architecture"])
+        if not all(isinstance(n, int) for n in (config.input_dim, config.latent_dim)):
+            raise ValueError(f"input_dim and latent_dim must be integers, got {config}")
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"model file {path} has an unreadable architecture: {e}") from e
     if expect_config is not None and config != expect_config:
         raise ModelFileError(
             f"model file {path} has architecture {config}, expected {expect_config}"
         )
+    with torch.device("meta"):  # shapes only: no memory for an architecture not yet checked
+        shapes = ScatterVAE(config)
+    check_tensors(path, tensors, shapes, description.get("latent_density"))
     network = ScatterVAE(config)
     state = {k[len(_NETWORK) :]: v for k, v in tensors.items() if k.startswith(_NETWORK)}
     try:
