@@ -7,3 +7,25 @@
 
 Only this layer imports click; heavy imports are deferred so ``xpbatch --help`` is instant.
 """
+
+import os as _os
+import signal as _signal
+import sys as _sys
+import threading as _threading
+
+
+def _interrupted_while_starting(signum: int, frame: object) -> None:
+    """Ctrl-C while the ``xpbatch`` command is still importing: one line, exit 130."""
+    _sys.stderr.write("error: interrupted (Ctrl-C); nothing was written\n")
+    _sys.stderr.flush()
+    _os._exit(130)
+
+
+if (
+    _os.path.basename(_sys.argv[0] if _sys.argv else "") == "xpbatch"
+    and _threading.current_thread() is _threading.main_thread()
+    and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
+):
+    # The console script imports the commands first (a second or more on a loaded machine);
+    # :class:`xpbatch.cli.main._Group` restores the usual KeyboardInterrupt when one runs.
+    _signal.signal(_signal.SIGINT, _interrupted_while_starting)

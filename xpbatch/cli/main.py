@@ -11,6 +11,8 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
+import signal
 import sys
 import traceback
 from collections.abc import Callable
@@ -19,6 +21,7 @@ from typing import Any, TypeVar
 import click
 
 from xpbatch import __version__
+from xpbatch.cli import _interrupted_while_starting
 from xpbatch.cli.bench import bench_group
 from xpbatch.cli.options import (
     Flag,
@@ -79,12 +82,24 @@ def holds_output(command: str, output: str = "output") -> Callable[[F], F]:
 
 _RERUN = {
     "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
-    "train": "rerun with --resume to continue from the last checkpoint",
+    "train": "rerun with --resume to continue from the last checkpoint (beside the model file)",
     "ingest": "rerun with --resume to continue (files already parsed are reused)",
     "export-parquet": "rerun with --resume to continue (finished files are kept)",
     "export-hats": "rerun with --resume to continue (finished tasks are kept)",
 }
 """What to do after a failure that a rerun recovers from, per command."""
+
+
+_PARAMS = "xpbatch.params"
+"""Key of the running subcommand's parameters in the (shared) click context meta."""
+
+
+class _Command(click.Command):
+    """A subcommand that leaves its parameters where the group's error handling finds them."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        ctx.meta[_PARAMS] = ctx.params  # meta is shared with the group's context
+        return super().invoke(ctx)
 
 
 class _Group(click.Group):
@@ -96,23 +111,64 @@ class _Group(click.Group):
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # cleanup on Ctrl-C now
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except BaseException as e:
-            message, code = _failure_message(e, ctx.invoked_subcommand or "")
+            command = ctx.invoked_subcommand or ""
+            written = _wrote_output(command, ctx.meta.get(_PARAMS, {}))
+            message, code = _failure_message(e, command, written=written)
             if message is None:
                 raise
             if ctx.params.get("verbose"):
                 traceback.print_exc()
             click.secho(f"error: {message}", fg="red", err=True)
+            if isinstance(e, KeyboardInterrupt) and not _in_process(ctx):
+                # Locks are released and the cluster closed or its workers killed (the
+                # with-blocks ran): skip the interpreter's teardown of torch and dask and
+                # multiprocessing's wait for its children, many seconds on a loaded machine.
+                sys.stdout.flush()
+                sys.stderr.flush()
+                logging.shutdown()
+                os._exit(code)
             sys.exit(code)
 
 
-def _failure_message(error: BaseException, command: str) -> tuple[str | None, int]:
-    """The one-line message and exit code of ``error``; (None, 0) to let it propagate."""
-    rerun = _RERUN.get(command)
+def _wrote_output(command: str, params: dict[str, Any]) -> bool:
+    """Whether the failed command left something a ``--resume`` continues from."""
+    from pathlib import Path
+
+    output = params.get("output")
+    if output is None:
+        return True  # not known (e.g. --demo): keep the hint
+    if command == "train":  # the model file appears at the end; the checkpoint as it goes
+        return Path(_checkpoint(output)).exists()
+    return Path(output).exists()
+
+
+def _checkpoint(model: str) -> str:
+    """Where ``train`` keeps the checkpoint of the model file ``model``."""
+    from xpbatch.train.stage import RunPaths
+
+    return str(RunPaths.for_model(model).checkpoint)
+
+
+def _in_process(ctx: click.Context) -> bool:
+    """Whether the command runs inside another program (click's test runner, an API call)."""
+    return ctx.find_root().info_name != "xpbatch"  # the console script names itself so
+
+
+def _failure_message(
+    error: BaseException, command: str, *, written: bool = True
+) -> tuple[str | None, int]:
+    """The one-line message and exit code of ``error``; (None, 0) to let it propagate.
+
+    ``written``: whether the command left an output to resume; without one, no resume hint.
+    """
+    rerun = _RERUN.get(command) if written else None
     then = f"; {rerun}" if rerun else ""
     if isinstance(error, XPBatchError):
         message = str(error)
@@ -123,7 +179,7 @@ def _failure_message(error: BaseException, command: str) -> tuple[str | None, in
             message += then  # a failed task or a lost cluster: a rerun continues
         return message, 2
     if isinstance(error, KeyboardInterrupt):
-        return f"interrupted (Ctrl-C){then}", 130
+        return f"interrupted (Ctrl-C){then or '; nothing was written'}", 130
     if isinstance(error, OSError) and error.errno in _OS_ERRORS:
         where = f" ({error.filename})" if error.filename else ""
         return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
@@ -156,6 +212,9 @@ def _is_lost_cluster(error: BaseException) -> bool:
     return module.startswith(("distributed", "tornado")) or (
         isinstance(error, OSError | TimeoutError) and "scheduler" in str(error).lower()
     )
+
+
+_Group.command_class = _Command
 
 
 @click.group(cls=_Group)
@@ -468,15 +527,10 @@ def train_command(store: str, output: str, config_file: str | None, **options: A
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
     restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs).
     """
-    from xpbatch.train.stage import RunPaths, train_model
+    from xpbatch.train.stage import train_model
 
     config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
-    try:
-        summary = train_model(store, output, config=config)
-    except KeyboardInterrupt:
-        checkpoint = RunPaths.for_model(output).checkpoint
-        click.echo(f"interrupted; checkpoint in {checkpoint}; continue with --resume", err=True)
-        sys.exit(130)
+    summary = train_model(store, output, config=config)  # Ctrl-C: see _failure_message
     click.echo(str(summary))
 
 

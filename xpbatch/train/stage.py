@@ -636,7 +636,7 @@ class _Loop:
                     self._write_checkpoint(state.capture(), records)
         except KeyboardInterrupt:
             self._write_checkpoint(snapshot, records[: snapshot.meta["epoch"]])
-            logger.warning(
+            logger.info(  # the CLI says it in its one line; -v shows which epoch
                 "interrupted: checkpoint of epoch %d written to %s; resume with --resume",
                 snapshot.meta["epoch"],
                 self.paths.checkpoint,
