@@ -183,6 +183,12 @@ def _failure_message(
     if isinstance(error, OSError) and error.errno in _OS_ERRORS:
         where = f" ({error.filename})" if error.filename else ""
         return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
+    if isinstance(error, UnicodeDecodeError):  # a reader without its own check met binary
+        return (
+            f"a file read as text is binary ({error.reason} at byte {error.start}); give a text "
+            "file where one is expected (-v shows which read failed)",
+            2,
+        )
     if isinstance(error, ValueError) and "checksum" in str(error):  # zarr's crc32c codec
         return (
             f"a chunk file failed its crc32c checksum ({error}): the data is damaged; for a "
@@ -303,6 +309,7 @@ def export_parquet_command(
 
 
 @main.command("export-hats")
+@holds_output("export-hats")  # its lock refusal advises --break-lock: the command has it
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(file_okay=False), required=True, help="Collection to write."

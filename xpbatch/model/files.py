@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
@@ -126,8 +127,6 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
     >>> len(save_model(TrainedModel.untrained(), path))
     64
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     described: dict[str, Any] = {
         "name": model.name,
@@ -148,10 +147,32 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
         "content_sha256": content_hash,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(tensors, path, metadata=metadata)
     model.content_hash = content_hash
     return content_hash
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file atomically; a full disk is an ``OSError`` like any other write.
+
+    safetensors reports its I/O failures as ``SafetensorError`` with the OS error in the text;
+    they become ``OSError`` with that errno and the file's name, so the CLI says "the disk is
+    full (PATH)" as it does for every stage.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"code: (\d+)|os error (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1) or code.group(2))
+        raise OSError(number, os.strerror(number), str(path)) from e
 
 
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:

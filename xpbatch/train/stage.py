@@ -39,11 +39,10 @@ from xpbatch.config import TrainConfig, result_options
 from xpbatch.errors import ConfigError, TrainingError
 from xpbatch.model import fit_check as fit
 from xpbatch.model.density import LatentDensity, fit_density, latent_kl
-from xpbatch.model.files import runtime_versions, save_model
+from xpbatch.model.files import runtime_versions, save_model, write_safetensors
 from xpbatch.model.network import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.model.trained import Normalisation, TrainedModel
 from xpbatch.storage.outputs import claim_output, locked_output
-from xpbatch.storage.paths import atomic_path
 from xpbatch.store.xp_store import open_xp_store, store_id
 from xpbatch.train.data import (
     Batch,
@@ -522,8 +521,6 @@ class _Snapshot:
 
     def write(self, path: Path, extra: dict[str, Any]) -> None:
         """Atomically write a checkpoint file (safetensors; scalars in its JSON metadata)."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         metadata = {
             "format": CHECKPOINT_FORMAT,
@@ -531,8 +528,7 @@ class _Snapshot:
             "state": json.dumps(self.meta),
             "run": json.dumps(extra),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(tensors, path, metadata=metadata)  # a full disk: an OSError
 
     @classmethod
     def read(cls, path: Path) -> tuple[_Snapshot, dict[str, Any]]:
