@@ -107,3 +107,53 @@ def test_a_binary_file_where_text_is_expected_is_one_line(
     binary.write_bytes(bytes(range(256)) * 4)
     command = ["train", str(store), "-o", str(tmp_path / "m.safetensors"), option, str(binary)]
     _one_line(CliRunner().invoke(main, command), str(binary), "is not text", code=2)
+
+
+_PEAK = """
+import resource, sys
+from xpbatch.errors import ParseError
+from xpbatch.ingest.reader import parse_xp_file
+try:
+    parse_xp_file(sys.argv[1])
+except ParseError as e:
+    print(e)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+_HEADER = "source_id,bp_n_parameters,rp_n_parameters,bp_coefficients,bp_coefficient_errors,"
+_HEADER += "rp_coefficients,rp_coefficient_errors\n"
+
+
+def _parse_in_a_process(path: Path) -> tuple[str, int]:
+    """The ParseError message and peak RSS (MB) of parsing ``path`` in a fresh process."""
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, str(path)], capture_output=True, text=True, check=True
+    )
+    *message, peak = done.stdout.strip().splitlines()
+    return "\n".join(message), int(peak)
+
+
+@pytest.mark.parametrize("where", ["file", "zip member", "header"])
+def test_a_huge_line_is_refused_with_bounded_memory(tmp_path: Path, where: str) -> None:
+    """190 MB on one line: refused naming file and line, without holding it (3.8 GB before)."""
+    import zipfile
+
+    huge = "1," + "1" * (190 << 20) + "\n"
+    text = huge + _HEADER if where == "header" else _HEADER + huge
+    name = "XpContinuousMeanSpectrum_000000-003111.csv"
+    if where == "zip member":
+        path = tmp_path / "bundle.zip"
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+            archive.writestr(name, text)
+    else:
+        path = tmp_path / name
+        path.write_text(text)
+    small = tmp_path / "small.csv"
+    small.write_text(_HEADER + "1,x\n")
+    _, baseline = _parse_in_a_process(small)
+    message, peak = _parse_in_a_process(path)
+    line = 1 if where == "header" else 2
+    assert f"{name}, line {line}: a line longer than 16 MB" in message
+    held = 190 if where == "zip member" else 0  # a member is inflated into memory, then read
+    assert peak - baseline < held + 150, (peak, baseline)
