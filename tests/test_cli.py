@@ -39,7 +39,7 @@ STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
         (MockConfig,),
         {"output", "config_file", "rare"},
     ),
-    "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
+    "export-hats": ((HatsExportConfig, ClusterConfig), {"break_lock", "output"}),
     "export-parquet": ((ParquetExportConfig,), {"break_lock", "output", "partitions", "store"}),
 }
 """Stage command -> (the configs its options come from, its options that are not config fields:
