@@ -4,6 +4,7 @@
 - :mod:`~xpbatch.cli.options`: click options generated from the config fields.
 - :mod:`~xpbatch.cli.bench`: ``xpbatch bench ...``.
 - :mod:`~xpbatch.cli.info`: ``xpbatch info``, what a store, catalogue or model file holds.
+- :mod:`~xpbatch.cli.failures`: every failure of a command as one line and an exit code.
 
 Only this layer imports click; heavy imports are deferred so ``xpbatch --help`` is instant.
 """
@@ -27,5 +28,6 @@ if (
     and _signal.getsignal(_signal.SIGINT) is _signal.default_int_handler
 ):
     # The console script imports the commands first (a second or more on a loaded machine);
-    # :class:`xpbatch.cli.main._Group` restores the usual KeyboardInterrupt when one runs.
+    # :class:`xpbatch.cli.failures.FailuresInOneLine` restores the usual KeyboardInterrupt
+    # when a command runs.
     _signal.signal(_signal.SIGINT, _interrupted_while_starting)
