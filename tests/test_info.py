@@ -154,9 +154,15 @@ def test_incomplete_store_is_summarised_as_not_complete(tmp_path: Path) -> None:
         ),
         pytest.param(
             lambda p: (p.write_bytes(b"not a model"), p)[1],
+            StoreError,
+            "is a file but not a model file",
+            id="not-a-model",
+        ),
+        pytest.param(
+            lambda p: (p.write_bytes(b"\x10\x27\0\0\0\0\0\0{"), p)[1],
             ModelFileError,
             "truncated",
-            id="not-a-model",
+            id="truncated-model",
         ),
     ],
 )

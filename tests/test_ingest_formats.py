@@ -26,7 +26,7 @@ from conftest import shared_path
 
 import xpbatch
 from xpbatch import dr3, schema
-from xpbatch.errors import ParseError
+from xpbatch.errors import CatalogError, ParseError
 from xpbatch.ingest import ingest_files, parse_xp_file, sniff
 from xpbatch.schema import InputFlag
 from xpbatch.store.xp_store import open_xp_store
@@ -548,3 +548,42 @@ def test_the_cli_ingests_a_votable_carrying_its_own_g(
     assert (ds.input_flags.values & InputFlag.G_FLUX_FROM_XP_FILE).all()
     bad = CliRunner().invoke(main, [*args[:-2], "--columns", "nonsense", "--overwrite"])
     assert bad.exit_code == 2 and "DR3_NAME=FILE_NAME" in bad.output
+
+
+@pytest.mark.parametrize(
+    ("ra", "dec"), [("nan", "2.0"), ("400", "2.0"), ("1.0", "inf"), ("1.0", "-100")]
+)
+def test_a_companion_position_that_is_no_position_is_flagged_and_dropped(
+    rows: dict[str, Any], tmp_path: Path, ra: str, dec: str
+) -> None:
+    """Not finite or out of range: stored as NaN and flagged POSITION_INVALID, so export-hats and
+    skymap see a row without a position (placed by source_id on request) instead of failing."""
+    from xpbatch.products.sky_positions import SkySource
+
+    gaia = tmp_path / "gaia_source.csv"
+    sid = rows[dr3.SOURCE_ID]
+    good = "\n".join(f"{s},1000.5,1.0,2.0" for s in sid[1:])
+    gaia.write_text(f"source_id,phot_g_mean_flux,ra,dec\n{sid[0]},1000.5,{ra},{dec}\n{good}\n")
+    store = ingest_files(
+        [_subset_csv(rows, tmp_path / "subset.csv", with_mag=False)], [gaia], tmp_path / "s.zarr"
+    ).path
+    ds = open_xp_store(store)
+    bad = ds.source_id.values == sid[0]
+    flags = ds.input_flags.values
+    assert (flags[bad] & InputFlag.POSITION_INVALID).all()
+    assert not (flags[~bad] & InputFlag.POSITION_INVALID).any()
+    assert np.isnan(ds.ra.values[bad]).all() and np.isnan(ds.dec.values[bad]).all()
+    assert (ds.ra.values[~bad] == 1.0).all()
+    # a catalogue of it: the flag carries over, the row has no position
+    from xpbatch.config import EncodeConfig
+    from xpbatch.encode.stage import encode_catalog
+    from xpbatch.model.trained import TrainedModel
+
+    catalog = tmp_path / "c.zarr"
+    config = EncodeConfig(progress_bar=False, check_fit=False)
+    encode_catalog(store, TrainedModel.untrained(), catalog, config=config)
+    with pytest.raises(CatalogError, match="no valid ra/dec"):
+        SkySource.open(catalog).read(0, ())
+    values = SkySource.open(catalog, positions_from_source_id=True).read(0, ())
+    assert values["position_from_source_id"].sum() == 1
+    assert np.isfinite(values["ra"]).all()

@@ -420,6 +420,11 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(f"configuration file {path} does not exist") from e
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"configuration file {path} is not valid TOML: {e}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"configuration file {path} is not text (byte {e.start} is not UTF-8); give a TOML "
+            "file of settings"
+        ) from None
 
 
 def _is_int(value: Any) -> bool:

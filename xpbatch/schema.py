@@ -196,6 +196,10 @@ class InputFlag(enum.IntFlag):
     """phot_g_mean_flux was missing and was computed from phot_g_mean_mag."""
     G_FLUX_FROM_XP_FILE = 32
     """The G flux (or magnitude) came from the XP file itself, not from a gaia_source companion."""
+    POSITION_INVALID = 64
+    """ra/dec were given but not finite or out of range (ra in [0, 360), dec in [-90, 90]): they
+    are stored as NaN, so the row has no position (export-hats and skymap place it by its
+    source_id with --positions-from-source-id, as rows without a companion position)."""
 
 
 # --- the output catalogue -------------------------------------------------------------------
@@ -264,6 +268,7 @@ class CatalogFlag(enum.IntFlag):
     NON_FINITE = InputFlag.NON_FINITE
     G_FLUX_FROM_MAG = InputFlag.G_FLUX_FROM_MAG
     G_FLUX_FROM_XP_FILE = InputFlag.G_FLUX_FROM_XP_FILE
+    POSITION_INVALID = InputFlag.POSITION_INVALID
     NOT_ENCODED = 256
     """No output for this row (all outputs NaN); the input bits say why."""
     LATENT_OUTLIER = 512

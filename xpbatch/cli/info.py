@@ -49,7 +49,16 @@ def detect_kind(path: PathLike) -> Kind:
     if not path.exists():
         raise StoreNotFoundError(f"{path} does not exist")
     if path.is_file():
-        return "model"
+        with path.open("rb") as f:
+            head = f.read(9)
+        # a safetensors file: an 8-byte header length, then the JSON header; a torch.save zip
+        # is a model too, for the model reader to refuse with its conversion hint
+        if head[8:9] in (b"{", b"[") or head.startswith(b"PK\x03\x04"):
+            return "model"
+        raise StoreError(
+            f"{path} is a file but not a model file ({_what_file(head)}); info reads XP stores "
+            "and catalogues (Zarr directories) and model files (.safetensors)"
+        )
     group = _open_group(path)
     if schema.STORE_ATTR_SCHEMA_VERSION in group.attrs or schema.COEFFICIENTS in group:
         return "store"
@@ -59,6 +68,15 @@ def detect_kind(path: PathLike) -> Kind:
         f"{path} is a Zarr group but neither an XP store (no {schema.COEFFICIENTS!r}) nor a "
         f"catalogue (no {schema.LATENT_MEAN!r}); info reads stores, catalogues and model files"
     )
+
+
+def _what_file(head: bytes) -> str:
+    """A few words on what a file's first bytes say it is."""
+    if head.startswith(b"\x1f\x8b"):
+        return "gzip-compressed, e.g. a DR3 .csv.gz: ingest it with `xpbatch ingest`"
+    if not head:
+        return "empty"
+    return "no safetensors header"
 
 
 def _open_group(path: Path) -> zarr.Group:
@@ -234,8 +252,9 @@ def _short(value: Any) -> Any:
 def _model_summary(path: Path) -> dict[str, Any]:
     from safetensors import safe_open
 
-    from xpbatch.model.files import read_model_metadata
+    from xpbatch.model.files import load_model, read_model_metadata
 
+    load_model(path)  # every tensor checked against the architecture: a damaged file says so
     meta = read_model_metadata(path)
     with safe_open(str(path), framework="numpy") as f:
         shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}  # noqa: SIM118

@@ -8,16 +8,16 @@ names, defaults and help live in :mod:`xpbatch.config` only. The benchmarks are 
 
 from __future__ import annotations
 
-import errno
 import logging
+import signal
 import sys
-import traceback
 from typing import Any
 
 import click
 
 from xpbatch import __version__
 from xpbatch.cli.bench import bench_group
+from xpbatch.cli.failures import FailuresInOneLine
 from xpbatch.cli.options import (
     Flag,
     cluster_config,
@@ -37,96 +37,9 @@ from xpbatch.config import (
     TrainConfig,
     read_toml,
 )
-from xpbatch.errors import (
-    ChunkError,
-    ClusterError,
-    ClusterUnavailableError,
-    StoreError,
-    XPBatchError,
-)
-
-_RERUN = {
-    "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
-    "train": "rerun with --resume to continue from the last checkpoint",
-    "ingest": "rerun with --resume to continue (files already parsed are reused)",
-    "export-parquet": "rerun with --resume to continue (finished files are kept)",
-    "export-hats": "rerun with --resume to continue (finished tasks are kept)",
-}
-"""What to do after a failure that a rerun recovers from, per command."""
 
 
-class _Group(click.Group):
-    """Turns every failure a user can cause into one message and an exit code, not a traceback.
-
-    xpbatch's own errors, Ctrl-C, the operating system's refusals (read-only or full disk,
-    permissions) and a lost Dask scheduler each end in one line saying what happened and, where
-    a rerun continues the work, how. ``-v`` also prints the traceback.
-    """
-
-    def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
-            raise
-        except BaseException as e:
-            message, code = _failure_message(e, ctx.invoked_subcommand or "")
-            if message is None:
-                raise
-            if ctx.params.get("verbose"):
-                traceback.print_exc()
-            click.secho(f"error: {message}", fg="red", err=True)
-            sys.exit(code)
-
-
-def _failure_message(error: BaseException, command: str) -> tuple[str | None, int]:
-    """The one-line message and exit code of ``error``; (None, 0) to let it propagate."""
-    rerun = _RERUN.get(command)
-    then = f"; {rerun}" if rerun else ""
-    if isinstance(error, XPBatchError):
-        message = str(error)
-        mendable = not isinstance(error.__cause__, StoreError)  # a damaged store stays damaged
-        began = not isinstance(error, ClusterUnavailableError)  # else nothing to continue
-        resumable = isinstance(error, ChunkError | ClusterError) and mendable and began
-        if resumable and "rerun" not in message:
-            message += then  # a failed task or a lost cluster: a rerun continues
-        return message, 2
-    if isinstance(error, KeyboardInterrupt):
-        return f"interrupted (Ctrl-C){then}", 130
-    if isinstance(error, OSError) and error.errno in _OS_ERRORS:
-        where = f" ({error.filename})" if error.filename else ""
-        return f"{_OS_ERRORS[error.errno]}{where}: {error.strerror}{then}", 1
-    if isinstance(error, ValueError) and "checksum" in str(error):  # zarr's crc32c codec
-        return (
-            f"a chunk file failed its crc32c checksum ({error}): the data is damaged; for a "
-            "catalogue `xpbatch verify` names the file, -v shows where it was read",
-            2,
-        )
-    if _is_lost_cluster(error):
-        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        return f"lost the Dask scheduler or its workers ({type(error).__name__}: {first}){then}", 1
-    return None, 0
-
-
-_OS_ERRORS = {
-    errno.EROFS: "cannot write: the filesystem is read-only",
-    errno.EACCES: "cannot write: permission denied",
-    errno.EPERM: "cannot write: operation not permitted",
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EFBIG: "a file grew beyond the allowed size",
-}
-"""OS errors a user causes (and fixes), with what to say."""
-
-
-def _is_lost_cluster(error: BaseException) -> bool:
-    """A Dask communication failure: the scheduler or every worker went away mid-run."""
-    module = type(error).__module__ or ""
-    return module.startswith(("distributed", "tornado")) or (
-        isinstance(error, OSError | TimeoutError) and "scheduler" in str(error).lower()
-    )
-
-
-@click.group(cls=_Group)
+@click.group(cls=FailuresInOneLine)
 @click.version_option(__version__, prog_name="xpbatch")
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 def main(verbose: int) -> None:
@@ -255,7 +168,6 @@ def _exit_on_sigterm() -> None:
 
     Finished chunks are recorded already; ``--resume`` continues from them.
     """
-    import signal
 
     def leave(signum: int, frame: object) -> None:
         click.echo("terminated: rerun with --resume to finish", err=True)
@@ -304,10 +216,10 @@ def encode_catalog_command(
         raise click.UsageError("give STORE, --model and --output (or --demo)")
     config = EncodeConfig(**settings)
     from xpbatch.encode.stage import encode_catalog
-    from xpbatch.model.files import read_model_metadata
+    from xpbatch.model.files import load_model
     from xpbatch.runtime.cluster import connect
 
-    read_model_metadata(model)  # a wrong file is refused before a cluster starts
+    load_model(model)  # a wrong or damaged file is refused before a cluster starts
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
         summary = encode_catalog(store, model, output, client=client, config=config)
@@ -413,15 +325,10 @@ def train_command(store: str, output: str, config_file: str | None, **options: A
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
     restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs).
     """
-    from xpbatch.train.stage import RunPaths, train_model
+    from xpbatch.train.stage import train_model
 
     config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
-    try:
-        summary = train_model(store, output, config=config)
-    except KeyboardInterrupt:
-        checkpoint = RunPaths.for_model(output).checkpoint
-        click.echo(f"interrupted; checkpoint in {checkpoint}; continue with --resume", err=True)
-        sys.exit(130)
+    summary = train_model(store, output, config=config)  # Ctrl-C: see _failure_message
     click.echo(str(summary))
 
 

@@ -20,6 +20,10 @@ from xpbatch.ingest.common import BadRow, ParsedFile, ReadRequest
 from xpbatch.store.xp_store import INT_MISSING
 
 ReadMember = Callable[..., ParsedFile]
+MAX_MEMBER_BYTES = 1 << 30
+"""The largest zip member read (into memory, inflated): the archive's downloads are per-query
+files of kB to MB; zipfile stops at the size a member declares, so a lying member is bounded
+too."""
 
 
 def read_zip(
@@ -36,6 +40,13 @@ def read_zip(
         members = [m for m in archive.infolist() if not m.is_dir()]
         # the archive's README-like text files are not XP tables: skip names that say so
         members = [m for m in members if not m.filename.lower().endswith((".txt", ".md", ".pdf"))]
+        too_big = [m for m in members if m.file_size > MAX_MEMBER_BYTES]
+        if too_big:
+            raise ParseError(
+                f"{path}:{too_big[0].filename}: a zip member of {too_big[0].file_size:,} bytes "
+                f"inflated; xpbatch reads zip members in memory up to {MAX_MEMBER_BYTES >> 20} MB. "
+                "Unzip the archive and ingest its files directly (CSV files are streamed)."
+            )
         parsed = [
             read_member(Path(f"{path}:{m.filename}"), request, raw=archive.read(m)) for m in members
         ]

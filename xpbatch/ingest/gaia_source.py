@@ -156,7 +156,10 @@ class Joined:
     from_xp_file: np.ndarray
     """The flux (or magnitude) came from the XP file, not from a companion."""
     positions: dict[str, np.ndarray]
-    """ra and dec (degrees) when the companion or the XP file has them, else empty."""
+    """ra and dec (degrees) when the companion or the XP file has them, else empty; NaN where
+    the given values are not a position (see ``position_invalid``)."""
+    position_invalid: np.ndarray
+    """Rows whose given ra/dec were not finite or out of range (flag POSITION_INVALID)."""
 
 
 def join_g_flux(
@@ -199,7 +202,26 @@ def join_g_flux(
     if gaia.has_positions() or dr3.RA in own:
         ra, ra_own = best(dr3.RA)
         dec = np.where(ra_own, own.get(dr3.DEC, np.nan), companion(dr3.DEC))  # a pair, one source
+        invalid = _invalid_positions(ra, dec)
+        ra[invalid], dec[invalid] = np.nan, np.nan
         positions = {schema.RA: ra, schema.DEC: dec}
         if ra_own.any() and gaia.has_positions():
             logger.info("%d position(s) came from the XP file", ra_own.sum())
-    return Joined(flux, from_mag, from_xp_file, positions)
+        if invalid.any():
+            logger.warning(
+                "%d source(s) have ra/dec that are not finite or out of range (e.g. source_id "
+                "%d): stored without a position and flagged POSITION_INVALID",
+                invalid.sum(),
+                source_id[invalid][0],
+            )
+    else:
+        invalid = np.zeros(n, bool)
+    return Joined(flux, from_mag, from_xp_file, positions, invalid)
+
+
+def _invalid_positions(ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+    """Rows given a position (either coordinate not NaN) that is not finite or out of range."""
+    given = ~(np.isnan(ra) & np.isnan(dec))
+    with np.errstate(invalid="ignore"):
+        valid = (ra >= 0) & (ra < 360) & (dec >= -90) & (dec <= 90)
+    return given & ~valid

@@ -135,6 +135,7 @@ def _sorted_part_columns(parsed: ParsedFile, gaia: GaiaSourceTable) -> dict[str,
         flux_from_mag=joined.from_mag,
         flux_from_xp_file=joined.from_xp_file,
     )
+    flags[joined.position_invalid] |= np.uint8(schema.InputFlag.POSITION_INVALID)
     columns = {
         schema.SOURCE_ID: sid,
         "line": sort(parsed.line),

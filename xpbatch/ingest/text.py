@@ -61,6 +61,9 @@ _BLOCK_BYTES = 1 << 26  # pyarrow reads 64 MB of text per batch: ~1700 bulk rows
 # The XP scanner inflates 4 MB (~100 bulk rows) at a time: the text is still in cache when it
 # is scanned, and gzip itself runs 25% slower into 64 MB buffers (measured, isal).
 _SCAN_BLOCK_BYTES = 1 << 22
+MAX_LINE_BYTES = 1 << 24
+"""The longest line a text reader buffers (16 MB; an XP line with its correlations is ~40 kB):
+a longer one is refused with its file and line, not read whole into memory."""
 _NULLS = list(dr3.NULL_TOKENS)
 _FLOAT = r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?|[-+]?(nan|inf|infinity)"
 # An array value: a number (spaces allowed around it), or one of pyarrow's null tokens exactly.
@@ -99,8 +102,10 @@ def open_text(path: Path, *, verify_md5: bool, raw: BinaryIO | None = None) -> _
     line_no = 0
     try:
         while True:
-            line = stream.readline()
+            line = stream.readline(MAX_LINE_BYTES + 1)
             line_no += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise _too_long(path, line_no)
             if not line:
                 raise ParseError(f"{path}: no column-name line (the file is empty or all '#')")
             if not line.startswith(b"#"):
@@ -168,17 +173,33 @@ def read_batches(
 _MARK = ord("Q")
 
 
+class _LineTooLong(Exception):
+    """A line longer than MAX_LINE_BYTES (the reader that knows the line number says so)."""
+
+
+def _too_long(path: Path, line: int) -> ParseError:
+    return ParseError(
+        f"{path}, line {line}: a line longer than {MAX_LINE_BYTES >> 20} MB (an XP line is tens "
+        "of kB); this is not an XP file, or a damaged one"
+    )
+
+
 def _blocks(stream: BinaryIO) -> Iterator[tuple[bytes, int, int]]:
     """Decompressed text in ~4 MB blocks of whole lines: ``data[start:end]``.
 
     Only a line cut by a read is copied (into a small block of its own), never a whole block.
+    A line longer than MAX_LINE_BYTES raises _LineTooLong: memory stays bounded.
     """
     rest = b""
     while data := stream.read(_SCAN_BLOCK_BYTES):
         first = data.find(b"\n") + 1
         if not first:  # a line longer than a block
             rest += data
+            if len(rest) > MAX_LINE_BYTES:
+                raise _LineTooLong
             continue
+        if len(rest) + first > MAX_LINE_BYTES:
+            raise _LineTooLong
         if rest:
             yield rest + data[:first], 0, len(rest) + first
         start = first if rest else 0
@@ -264,6 +285,8 @@ def _parse_blocks(
             yield piece
     except (EOFError, OSError) as e:
         raise _unreadable(text, text.first_line + first_row, e) from e
+    except _LineTooLong:
+        raise _too_long(text.path, text.first_line + first_row) from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import struct
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +38,17 @@ from xpbatch import __version__, schema
 from xpbatch.config import ModelConfig
 from xpbatch.errors import ModelFileError
 from xpbatch.model.density import LatentDensity, latent_kl
+from xpbatch.model.file_checks import (
+    DENSITY_PREFIX as _DENSITY,
+)
+from xpbatch.model.file_checks import (
+    FIT_STATISTICS,
+    check_description,
+    check_tensors,
+)
+from xpbatch.model.file_checks import (
+    NETWORK_PREFIX as _NETWORK,
+)
 from xpbatch.model.fit_check import FitStatistics
 from xpbatch.model.network import ScatterVAE
 from xpbatch.model.trained import Normalisation, TrainedModel, standardise
@@ -53,10 +65,6 @@ INPUT_RECIPE = {
     "units": "electron/s",
 }
 
-FIT_STATISTICS = "fit_statistics"
-"""Key of the training-data statistics in a model file's description."""
-_NETWORK = "network."
-_DENSITY = "latent_density."
 _DESCRIPTION_KEYS = (
     "name",
     "architecture",
@@ -119,8 +127,6 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
     >>> len(save_model(TrainedModel.untrained(), path))
     64
     """
-    from safetensors.torch import save_file
-
     path = Path(path)
     described: dict[str, Any] = {
         "name": model.name,
@@ -140,10 +146,32 @@ def save_model(model: TrainedModel, path: str | os.PathLike[str]) -> str:
         "content_sha256": content_hash,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=metadata)
+    write_safetensors(tensors, path, metadata=metadata)
     model.content_hash = content_hash
     return content_hash
+
+
+def write_safetensors(
+    tensors: dict[str, torch.Tensor], path: Path, *, metadata: dict[str, str]
+) -> None:
+    """Write a safetensors file atomically; a full disk is an ``OSError`` like any other write.
+
+    safetensors reports its I/O failures as ``SafetensorError`` with the OS error in the text;
+    they become ``OSError`` with that errno and the file's name, so the CLI says "the disk is
+    full (PATH)" as it does for every stage.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"code: (\d+)|os error (\d+)", str(e))
+        if code is None:
+            raise
+        number = int(code.group(1) or code.group(2))
+        raise OSError(number, os.strerror(number), str(path)) from e
 
 
 def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -174,9 +202,19 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
+        except ValueError as e:  # UnicodeDecodeError included: a header length off by bytes
             raise ModelFileError(f"model file {path} has a corrupt header: {e}") from e
+    if not isinstance(header, dict):
+        raise ModelFileError(
+            f"model file {path} has a corrupt header: a safetensors header is a JSON object, "
+            f"found a {type(header).__name__}"
+        )
     meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ModelFileError(
+            f"model file {path} has corrupt metadata: '__metadata__' must be a JSON object of "
+            f"strings, found a {type(meta).__name__}"
+        )
     if meta.get("format") != schema.MODEL_FORMAT_NAME:
         raise ModelFileError(
             f"{path} is a safetensors file but not an xpbatch model (format "
@@ -191,9 +229,7 @@ def read_model_metadata(path: str | os.PathLike[str]) -> dict[str, Any]:
     )
     if problem:
         raise ModelFileError(problem)
-    description = json.loads(meta["xpbatch"])
-    description["content_sha256"] = meta.get("content_sha256", "")
-    return description
+    return check_description(path, meta)
 
 
 def load_model(
@@ -244,12 +280,17 @@ def load_model(
         )
     try:
         config = ModelConfig(**description["architecture"])
+        if not all(isinstance(n, int) for n in (config.input_dim, config.latent_dim)):
+            raise ValueError(f"input_dim and latent_dim must be integers, got {config}")
     except (TypeError, ValueError) as e:
         raise ModelFileError(f"model file {path} has an unreadable architecture: {e}") from e
     if expect_config is not None and config != expect_config:
         raise ModelFileError(
             f"model file {path} has architecture {config}, expected {expect_config}"
         )
+    with torch.device("meta"):  # shapes only: no memory for an architecture not yet checked
+        shapes = ScatterVAE(config)
+    check_tensors(path, tensors, shapes, description.get("latent_density"))
     network = ScatterVAE(config)
     state = {k[len(_NETWORK) :]: v for k, v in tensors.items() if k.startswith(_NETWORK)}
     try:

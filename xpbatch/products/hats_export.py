@@ -28,10 +28,12 @@ Norder, Npix) and hats writes its metadata.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +42,7 @@ from hats_import.catalog.file_readers import InputReader
 
 from xpbatch import schema
 from xpbatch.config import HatsExportConfig, result_options
-from xpbatch.errors import CatalogError
+from xpbatch.errors import CatalogError, ChunkError, XPBatchError
 from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
 from xpbatch.runtime.executor import Executor
 from xpbatch.storage.manifest import JsonRecord, RunManifest, real_output
@@ -230,7 +232,8 @@ def export_hats(
     )
     if config.margin_arcsec is not None:
         args = args.add_margin(margin_threshold=config.margin_arcsec, is_default=True)
-    pipeline_with_client(args, client)
+    with _stage_failures_named():
+        pipeline_with_client(args, client)
     catalog_dir = out / config.name
     index_dir = out / f"{config.name}_{schema.SOURCE_ID}"
     executor = Executor.of(client)
@@ -247,6 +250,41 @@ def export_hats(
         margin_dir=margin[0] if margin else None,
         index_dir=index_dir,
     )
+
+
+@contextlib.contextmanager
+def _stage_failures_named() -> Iterator[None]:
+    """hats-import's "Some mapping stages failed. See above Exceptions." with its cause.
+
+    The exceptions it means are in the workers' logs (silenced); while the stage's futures are
+    still held, the first failed one's error is raised instead: xpbatch's own errors and OS
+    errors (a full disk) as they are, anything else as a ChunkError naming the stage.
+    """
+    from hats_import.pipeline_resume_plan import PipelineResumePlan
+
+    original = PipelineResumePlan.wait_for_futures
+
+    def wait_for_futures(self: Any, futures: Any, stage_name: str, fail_fast: bool = False) -> Any:
+        futures = list(futures)
+        try:
+            return original(self, futures, stage_name, fail_fast=fail_fast)
+        except RuntimeError:
+            failed = [f for f in futures if f.status == "error"]
+            if not failed:
+                raise
+            cause = failed[0].exception()
+            if isinstance(cause, XPBatchError | OSError):
+                raise cause from None
+            raise ChunkError(
+                f"export-hats: {len(failed)} of {len(futures)} {stage_name} tasks failed; the "
+                f"first: {type(cause).__name__}: {cause}"
+            ) from cause
+
+    PipelineResumePlan.wait_for_futures = wait_for_futures  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        PipelineResumePlan.wait_for_futures = original  # type: ignore[method-assign]
 
 
 def _n_partitions(catalog_dir: Path) -> int:

@@ -87,14 +87,16 @@ class SkySource:
             ra, dec = values[schema.RA], values[schema.DEC]
         else:
             ra, dec = np.full(len(sid), np.nan), np.full(len(sid), np.nan)
-        missing = ~(np.isfinite(ra) & np.isfinite(dec))
+        with np.errstate(invalid="ignore"):  # NaN compares False: missing too
+            missing = ~((ra >= 0) & (ra < 360) & (dec >= -90) & (dec <= 90))
         if missing.any():
             if not self.positions_from_source_id:
                 raise CatalogError(
-                    f"{self.path}: {int(missing.sum())} row(s) of chunk {index} have no ra/dec "
-                    f"(e.g. source_id {int(sid[missing][0])}): their store had no gaia_source "
-                    "position for them. Pass --positions-from-source-id to place them at the "
-                    "centre of their source_id's level-12 pixel (marked position_from_source_id)."
+                    f"{self.path}: {int(missing.sum())} row(s) of chunk {index} have no valid "
+                    f"ra/dec (e.g. source_id {int(sid[missing][0])}): their store had no "
+                    "gaia_source position for them, or one not finite or out of range. Pass "
+                    "--positions-from-source-id to place them at the centre of their "
+                    "source_id's level-12 pixel (marked position_from_source_id)."
                 )
             ra, dec = ra.copy(), dec.copy()
             ra[missing], dec[missing] = source_id_pixel_centres(sid[missing])

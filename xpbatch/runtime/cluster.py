@@ -9,10 +9,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
+import subprocess
 import threading
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from distributed import WorkerPlugin
 
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
@@ -154,34 +156,137 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
             quiet_workers(client)
             yield client
         return
-    with _workers_ignore_ctrl_c():
-        cluster = (
-            _local_cuda_cluster(config)
-            if config.cluster == CLUSTER_LOCAL_CUDA
-            else _local_cluster(config)
-        )
-    with cluster, Client(cluster) as client:
+    make = _local_cuda_cluster if config.cluster == CLUSTER_LOCAL_CUDA else _local_cluster
+    with _workers_in_own_process_group():
+        yield from _local(lambda: make(config))
+
+
+def _local(make: Callable[[], Any]) -> Iterator[Client]:
+    """Start a local cluster, yield its client, close both (quickly after a Ctrl-C)."""
+    from distributed import Client
+
+    cluster = _start_interruptibly(make)
+    client = None
+    try:
+        client = Client(cluster)
         logger.info("Dask dashboard: %s", client.dashboard_link)
         quiet_workers(client)
         yield client
+    except KeyboardInterrupt:
+        _close_quickly(client, cluster)  # not the full close: it can wait on busy workers
+        raise
+    except BaseException:
+        _close(client, cluster)
+        raise
+    _close(client, cluster)
+
+
+def _close(client: Client | None, cluster: Any) -> None:
+    """Close the client, then the cluster, however the first goes."""
+    try:
+        if client is not None:
+            client.close()
+    finally:
+        cluster.close()
+
+
+INTERRUPT_CLOSE_S = 3.0
+"""After Ctrl-C, the seconds the client and the cluster each get to close; the workers' tasks
+are abandoned (finished chunks are recorded, a rerun with --resume redoes the rest)."""
+
+
+def _close_quickly(client: Client | None, cluster: Any) -> None:
+    """Close ``client`` and ``cluster`` within :data:`INTERRUPT_CLOSE_S` each, silently.
+
+    A worker busy with a task does not stop at once, and its nanny would report killing it;
+    after a Ctrl-C the user wants the prompt back and one line, not the shutdown's log.
+    """
+    for name in ("distributed", "asyncio", "tornado"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    if client is not None:
+        with contextlib.suppress(Exception):
+            client.close(timeout=INTERRUPT_CLOSE_S)
+    with contextlib.suppress(Exception):
+        cluster.close(timeout=INTERRUPT_CLOSE_S)
+    for process in _SPAWNED:  # workers still busy after that: they redo the chunk on resume
+        if process.poll() is None and "resource_tracker" not in str(process.args):
+            process.kill()
+
+
+def _start_interruptibly(make: Callable[[], T]) -> T:
+    """``make()`` in a helper thread, so that a Ctrl-C during a slow start stops us at once.
+
+    The half-started cluster is closed by the helper once it is up; its workers exit with
+    this process in any case (they watch their parent).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return make()
+    started: dict[str, Any] = {}
+    done = threading.Event()
+
+    def start() -> None:
+        try:
+            started["cluster"] = make()
+        except BaseException as e:  # handed to the waiting thread
+            started["error"] = e
+        finally:
+            done.set()
+            if "abandoned" in started and "cluster" in started:
+                with contextlib.suppress(Exception):
+                    started["cluster"].close(timeout=INTERRUPT_CLOSE_S)
+
+    threading.Thread(target=start, name="xpbatch-cluster-start", daemon=True).start()
+    try:
+        while not done.wait(0.1):
+            pass
+    except BaseException:
+        started["abandoned"] = True
+        raise
+    if "error" in started:
+        raise started["error"]
+    return started["cluster"]  # type: ignore[no-any-return]
+
+
+_SPAWNED: list[subprocess.Popen[bytes]] = []
+"""Processes started by :func:`_spawn_in_own_group`, held so that ``subprocess`` never reaps
+them: multiprocessing waits for them itself."""
+
+
+def _spawn_in_own_group(path: bytes, args: Sequence[Any], passfds: Sequence[int]) -> int:
+    """``multiprocessing.util.spawnv_passfds``, with the child in a process group of its own."""
+    tracker = any("resource_tracker" in str(arg) for arg in args)
+    process = subprocess.Popen(
+        list(args),
+        executable=path,
+        pass_fds=sorted(map(int, passfds)),
+        process_group=0,
+        # multiprocessing's resource tracker outlives a driver stopped by Ctrl-C; it still
+        # removes what the driver left, without a warning per run on the user's terminal
+        stderr=subprocess.DEVNULL if tracker else None,
+    )
+    _SPAWNED.append(process)
+    return process.pid
 
 
 @contextlib.contextmanager
-def _workers_ignore_ctrl_c() -> Iterator[None]:
-    """Start worker processes with SIGINT ignored, which they inherit.
+def _workers_in_own_process_group() -> Iterator[None]:
+    """Worker processes spawned meanwhile (at the start or on a restart) get their own group.
 
-    Ctrl-C in a terminal reaches the whole process group; only the driver should act on it (it
-    closes the cluster and says how to resume), instead of every worker printing its own
-    KeyboardInterrupt traceback. A Ctrl-C during the few seconds of the start is ignored too.
+    Ctrl-C in a terminal sends SIGINT to the whole foreground process group. Only the driver
+    should act on it (cancel, close the cluster quickly, say how to resume); a worker turning
+    it into task errors would have them retried and the run would go on. A worker outside the
+    group never receives it, from the first instruction of its life (a SIGINT handler set in
+    the worker would leave its start-up exposed). Workers still exit with the driver: they
+    watch their parent.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    import multiprocessing.util as mp_util
+
+    original = mp_util.spawnv_passfds
+    mp_util.spawnv_passfds = _spawn_in_own_group
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        mp_util.spawnv_passfds = original
 
 
 def _local_cluster(config: ClusterConfig) -> LocalCluster:

@@ -157,7 +157,14 @@ def read_source_id_file(path: str | Path) -> np.ndarray:
             raise ConfigError(f"cannot read column source_id from {path}: {e}") from e
     column = 0
     ids: list[int] = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    try:
+        text_lines = path.read_text().splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"source-id file {path} is not text (byte {e.start} is not UTF-8): give a text file "
+            "of source ids, one per line or a CSV column 'source_id', or a Parquet file"
+        ) from None
+    for number, line in enumerate(text_lines, start=1):
         text = line.strip()
         if not text or text.startswith("#"):
             continue

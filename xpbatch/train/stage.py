@@ -40,7 +40,7 @@ from xpbatch.errors import TrainingError, XPBatchError
 from xpbatch.model import fit_check as fit
 from xpbatch.model.density import LatentDensity, fit_density, latent_kl
 from xpbatch.model.device import resolve_device
-from xpbatch.model.files import runtime_versions, save_model
+from xpbatch.model.files import runtime_versions, save_model, write_safetensors
 from xpbatch.model.network import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.model.trained import Normalisation, TrainedModel
 from xpbatch.storage.manifest import (
@@ -52,7 +52,6 @@ from xpbatch.storage.manifest import (
     real_output,
 )
 from xpbatch.storage.outputs import locked_output
-from xpbatch.storage.paths import atomic_path
 from xpbatch.store.xp_store import open_xp_store, store_id
 from xpbatch.train.data import (
     Batch,
@@ -537,8 +536,6 @@ class _Snapshot:
 
     def write(self, path: Path, extra: dict[str, Any]) -> None:
         """Atomically write a checkpoint file (safetensors; scalars in its JSON metadata)."""
-        from safetensors.torch import save_file
-
         tensors = {k: v.detach().cpu().contiguous() for k, v in self.tensors.items()}
         metadata = {
             "format": CHECKPOINT_FORMAT,
@@ -546,8 +543,7 @@ class _Snapshot:
             "state": json.dumps(self.meta),
             "run": json.dumps(extra),
         }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=metadata)
+        write_safetensors(tensors, path, metadata=metadata)  # a full disk: an OSError
 
     @staticmethod
     def read_run(path: Path) -> dict[str, Any]:
@@ -658,7 +654,7 @@ class _Loop:
                     self._write_checkpoint(state.capture(), records)
         except KeyboardInterrupt:
             self._write_checkpoint(snapshot, records[: snapshot.meta["epoch"]])
-            logger.warning(
+            logger.info(  # the CLI says it in its one line; -v shows which epoch
                 "interrupted: checkpoint of epoch %d written to %s; resume with --resume",
                 snapshot.meta["epoch"],
                 self.paths.checkpoint,
