@@ -105,6 +105,7 @@ def test_every_parameters_cell_finds_the_checkouts_demo_cache(
     assert sum(map(len, shown)) >= 4  # the defaults derived from the demo cache were seen
 
 
+@pytest.mark.slow  # a kernel running the whole notebook
 @FROM_ROOT
 def test_quickstart_runs_a_cluster_and_encodes(
     small_inputs: dict[str, Path],
@@ -132,6 +133,7 @@ def test_quickstart_runs_a_cluster_and_encodes(
     assert xpbatch.open_catalog(out).sizes["source"] == N_ROWS
 
 
+@pytest.mark.slow  # a kernel running the whole notebook
 @FROM_NOTEBOOKS
 def test_explore_aggregates_every_row_and_plots(
     small_inputs: dict[str, Path],
@@ -161,6 +163,7 @@ def test_explore_aggregates_every_row_and_plots(
     assert f"sky maps: {N_ROWS:,} sources on 192 pixels" in text
 
 
+@pytest.mark.slow  # a kernel running the whole notebook
 @FROM_ROOT
 def test_train_fits_a_model_and_counts_active_dimensions(
     small_inputs: dict[str, Path],
@@ -185,6 +188,7 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     assert xpbatch.load_model(out).provenance["epochs"] == 2
 
 
+@pytest.mark.slow  # a kernel running the whole notebook
 @FROM_NOTEBOOKS
 def test_anomalies_ranks_sources_and_finds_neighbours(
     small_inputs: dict[str, Path],
