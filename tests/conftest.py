@@ -13,6 +13,12 @@ import pytest
 if TYPE_CHECKING:
     from distributed import Client
 
+# One OpenMP thread per test process and every process it starts (CLI runs, cluster workers,
+# notebook kernels), unless the caller chose otherwise: `pytest -n 2` runs two test processes on
+# two cores, and torch's spinning OpenMP threads competing for them make small batches run many
+# times slower. Set before torch is first imported, which reads it once.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XPBATCH_SHARED", REPO.parent / "shared"))
 

@@ -4,7 +4,9 @@ promises, and is stored without outputs."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import os
 from pathlib import Path
 
 import nbformat
@@ -16,7 +18,12 @@ NOTEBOOKS = REPO / "notebooks"
 NOTEBOOK_FILES = sorted(NOTEBOOKS.glob("*.ipynb"))
 N_ROWS, CHUNK_ROWS = 3000, 1000
 STARTS = pytest.mark.parametrize("start", [REPO, NOTEBOOKS], ids=["from-root", "from-notebooks"])
-"""Jupyter starts a kernel in the repository root or in notebooks/: each notebook runs from both."""
+"""Jupyter starts a kernel in the repository root or in notebooks/. What the start changes is
+what a parameters cell derives from the working directory (the checkout's demo cache), and
+every parameters cell runs from both starts; each whole notebook runs from one start (the two
+alternate), since each run after the parameters takes the same absolute paths from either."""
+FROM_ROOT = pytest.mark.parametrize("start", [REPO], ids=["from-root"])
+FROM_NOTEBOOKS = pytest.mark.parametrize("start", [NOTEBOOKS], ids=["from-notebooks"])
 
 
 @pytest.fixture(scope="module")
@@ -67,6 +74,39 @@ def test_notebook_is_stored_without_outputs(path: Path) -> None:
 
 
 @STARTS
+def test_every_parameters_cell_finds_the_checkouts_demo_cache(
+    start: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The parameters cell of every notebook, with its defaults, in one kernel per start."""
+    from nbclient import NotebookClient
+
+    for key in [k for k in os.environ if k.startswith("XPBATCH_NB_")] + ["XPBATCH_DEMO_DIR"]:
+        monkeypatch.delenv(key, raising=False)
+    show = (
+        "print(sorted(str(v) for k, v in globals().items()\n"
+        "             if k.isupper() and 'xpbatch-demo' in str(v)))"
+    )
+    cells = []
+    for path in NOTEBOOK_FILES:
+        first = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code")
+        cells += [nbformat.v4.new_code_cell(first.source), nbformat.v4.new_code_cell(show)]
+    cells.append(
+        nbformat.v4.new_code_cell("from xpbatch.train.demo import demo_dir\nprint(demo_dir())")
+    )
+    book = nbformat.v4.new_notebook(cells=cells)
+    NotebookClient(
+        book, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(start)}}
+    ).execute()
+    assert book.cells[-1].outputs[0]["text"].strip() == str(REPO / "xpbatch-demo")
+    shown = [ast.literal_eval(c.outputs[0]["text"]) for c in book.cells[1:-1:2]]
+    for path, values in zip(NOTEBOOK_FILES, shown, strict=True):
+        for value in values:
+            assert value.startswith(str(REPO / "xpbatch-demo")), (path.name, value)
+    assert sum(map(len, shown)) >= 4  # the defaults derived from the demo cache were seen
+
+
+@pytest.mark.slow  # a kernel running the whole notebook
+@FROM_ROOT
 def test_quickstart_runs_a_cluster_and_encodes(
     small_inputs: dict[str, Path],
     tmp_path: Path,
@@ -93,7 +133,8 @@ def test_quickstart_runs_a_cluster_and_encodes(
     assert xpbatch.open_catalog(out).sizes["source"] == N_ROWS
 
 
-@STARTS
+@pytest.mark.slow  # a kernel running the whole notebook
+@FROM_NOTEBOOKS
 def test_explore_aggregates_every_row_and_plots(
     small_inputs: dict[str, Path],
     tmp_path: Path,
@@ -122,7 +163,8 @@ def test_explore_aggregates_every_row_and_plots(
     assert f"sky maps: {N_ROWS:,} sources on 192 pixels" in text
 
 
-@STARTS
+@pytest.mark.slow  # a kernel running the whole notebook
+@FROM_ROOT
 def test_train_fits_a_model_and_counts_active_dimensions(
     small_inputs: dict[str, Path],
     tmp_path: Path,
@@ -146,7 +188,8 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     assert xpbatch.load_model(out).provenance["epochs"] == 2
 
 
-@STARTS
+@pytest.mark.slow  # a kernel running the whole notebook
+@FROM_NOTEBOOKS
 def test_anomalies_ranks_sources_and_finds_neighbours(
     small_inputs: dict[str, Path],
     tmp_path: Path,
@@ -174,7 +217,7 @@ def test_anomalies_ranks_sources_and_finds_neighbours(
 
 
 @pytest.mark.slow  # hats-import on a cluster plus lsdb in a kernel: ~2 min on 2 cores
-@STARTS
+@FROM_NOTEBOOKS
 def test_lsdb_exports_searches_and_joins(
     small_inputs: dict[str, Path],
     tmp_path: Path,

@@ -111,6 +111,7 @@ def test_cluster_writes_the_same_bytes_as_serial(
     assert report.stat().st_size > 10_000  # Dask's performance report
 
 
+@pytest.mark.slow  # its own one-worker cluster
 def test_one_worker_and_an_in_memory_model_give_the_same_bytes(
     inputs: Inputs, tmp_path: Path, assert_same_catalogue: Callable[[Path, Path], None]
 ) -> None:
@@ -162,6 +163,7 @@ def test_result_does_not_depend_on_the_input_chunking(
     )
 
 
+@pytest.mark.slow  # a CLI run with its own cluster
 def test_cli_writes_the_same_bytes_as_the_api(
     inputs: Inputs, tmp_path: Path, assert_same_catalogue: Callable[[Path, Path], None]
 ) -> None:

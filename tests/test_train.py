@@ -481,23 +481,27 @@ def test_cli_trains_the_same_model_as_the_api_and_resumes_with_resume(
 
 # --- it learns ------------------------------------------------------------------------------
 LEARN = TrainConfig(
-    epochs=15,
-    cycle_epochs=15,  # one cosine cycle, annealed by the end
-    learning_rate=1e-3,  # 10x the published rate, and
+    epochs=25,
+    cycle_epochs=25,  # one cosine cycle, annealed by the end
+    learning_rate=3e-3,  # 30x the published rate, and
     batch_size=256,  # 4x more steps per epoch than published: a few epochs instead of 5000
     kl_weight=0.1,  # short runs with the full KL term leave latent dimensions unused
     seed=2,
     device="cpu",
-    checkpoint_every=15,
+    checkpoint_every=25,
 )
-"""A short run that learns the mock's labels (deterministic on CPU with one torch thread)."""
+"""A short run that learns the mock's labels (deterministic on CPU with one torch thread).
+
+Its cost is rows x epochs: 20k rows at 3e-3 for 25 epochs take a third of the steps of the
+earlier 100k rows at 1e-3 for 15 and meet the same 0.9 bound; the 2k held-out rows measure |r|
+near 0.9 to about 0.005 (one standard error)."""
 
 
 @pytest.fixture(scope="session")
-def mock_store_100k(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """100k mock spectra with their labels (about 10 s to build)."""
-    path = tmp_path_factory.mktemp("mock") / "mock100k.zarr"
-    return write_mock_store(path, 100_000, seed=1, chunk_rows=16384)
+def mock_store_20k(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """20k mock spectra with their labels."""
+    path = tmp_path_factory.mktemp("mock") / "mock20k.zarr"
+    return write_mock_store(path, 20_000, seed=1, chunk_rows=16384)
 
 
 def _latent_means(model_path: Path, store: Path, source_id: np.ndarray) -> np.ndarray:
@@ -510,10 +514,11 @@ def _latent_means(model_path: Path, store: Path, source_id: np.ndarray) -> np.nd
 _INPUTS = ("coefficients", "coefficient_errors", "phot_g_mean_flux")
 
 
-def test_learns_the_mock_labels(mock_store_100k: Path, tmp_path: Path) -> None:
+@pytest.mark.slow  # a 25-epoch training on 20k rows
+def test_learns_the_mock_labels(mock_store_20k: Path, tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
     history = train_model(
-        mock_store_100k, out, config=dataclasses.replace(LEARN, progress_bar=False)
+        mock_store_20k, out, config=dataclasses.replace(LEARN, progress_bar=False)
     )
     loss = history.validation_loss
     thirds = [part.mean() for part in np.array_split(loss, 3)]
@@ -521,11 +526,11 @@ def test_learns_the_mock_labels(mock_store_100k: Path, tmp_path: Path) -> None:
     assert np.polyfit(np.arange(loss.size), loss, 1)[0] < 0, loss
 
     model = load_model(out)
-    fit_ids = np.random.default_rng(0).choice(model.train_source_id, 20_000, replace=False)
+    fit_ids = model.train_source_id  # the linear map is fitted on every training row
     held_out = model.validation_source_id  # seen neither by the network nor by the fit
-    labels = read_mock_labels(mock_store_100k)
-    design_fit = np.c_[np.ones(fit_ids.size), _latent_means(out, mock_store_100k, fit_ids)]
-    design_held = np.c_[np.ones(held_out.size), _latent_means(out, mock_store_100k, held_out)]
+    labels = read_mock_labels(mock_store_20k)
+    design_fit = np.c_[np.ones(fit_ids.size), _latent_means(out, mock_store_20k, fit_ids)]
+    design_held = np.c_[np.ones(held_out.size), _latent_means(out, mock_store_20k, held_out)]
     for label in ("teff", "m_h"):
         coef, *_ = np.linalg.lstsq(design_fit, labels.loc[fit_ids, label].to_numpy(), rcond=None)
         r = np.corrcoef(design_held @ coef, labels.loc[held_out, label].to_numpy())[0, 1]
