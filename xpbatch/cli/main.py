@@ -20,11 +20,15 @@ from xpbatch import __version__
 from xpbatch.cli.bench import bench_group
 from xpbatch.cli.options import (
     Flag,
+    PathOrURL,
+    check_output_storage,
     cluster_config,
     cluster_options,
     config_from_options,
     config_options,
+    located,
     options_given,
+    storage_option,
 )
 from xpbatch.config import (
     EncodeConfig,
@@ -163,15 +167,16 @@ def import_xpvae_command(
 
 
 @main.command("info")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=PathOrURL(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info_command(path: str, as_json: bool) -> None:
+@storage_option
+def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
     """Summarise an XP store, a catalogue or a model file (kind detected from PATH)."""
     import json
 
     from xpbatch.cli.info import format_summary, summarize
 
-    summary = summarize(path)
+    summary = summarize(located(path, storage_options))
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
@@ -265,9 +270,12 @@ def _exit_on_sigterm() -> None:
 
 
 @main.command("encode-catalog")
-@click.argument("store", type=click.Path(), required=False)
+@click.argument("store", type=PathOrURL(), required=False)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Catalogue to write.")
+@click.option(
+    "-o", "--output", type=PathOrURL(file_okay=False), help="Catalogue to write (a path or URL)."
+)
+@storage_option
 @click.option(
     "--demo",
     is_flag=True,
@@ -290,6 +298,7 @@ def encode_catalog_command(
     """
     _exit_on_sigterm()
     cluster = cluster_config(kwargs)
+    storage = kwargs.pop("storage_options")
     settings = options_given(EncodeConfig, kwargs)
     if demo:
         from xpbatch.train.demo import demo_inputs
@@ -308,9 +317,11 @@ def encode_catalog_command(
     from xpbatch.runtime.cluster import connect
 
     read_model_metadata(model)  # a wrong file is refused before a cluster starts
+    store_at, output_at = located(store, storage), located(output, storage)
+    check_output_storage(output_at)  # so are wrong credentials or a missing bucket
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        summary = encode_catalog(store, model, output, client=client, config=config)
+        summary = encode_catalog(store_at, model, output_at, client=client, config=config)
     click.echo(str(summary))
     if demo:
         click.echo(
@@ -362,21 +373,22 @@ def neighbours_command(
 
 
 @main.command("verify")
-@click.argument("catalog", type=click.Path())
+@click.argument("catalog", type=PathOrURL())
 @click.option(
     "--store",
-    type=click.Path(),
+    type=PathOrURL(),
     default=None,
     help="The input XP store: also check the row count, store id and source_id values.",
 )
-def verify_command(catalog: str, store: str | None) -> None:
+@storage_option
+def verify_command(catalog: str, store: str | None, storage_options: str | None) -> None:
     """Check that every chunk of CATALOG was written completely and consistently.
 
     Exit code 0 when sound, 1 when a problem was found (each one is listed).
     """
     from xpbatch.catalog.verify import verify_catalog
 
-    report = verify_catalog(catalog, store)
+    report = verify_catalog(located(catalog, storage_options), located(store, storage_options))
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)

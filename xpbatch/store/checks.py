@@ -98,7 +98,11 @@ def recorded_checksums(group: zarr.Group) -> tuple[list[str], zarr.Array] | None
 
 
 def read_rows_checked(
-    path: PathLike, array: zarr.Array, rows: slice, *, recorded: Mapping[int, int] | None = None
+    path: PathLike | Location,
+    array: zarr.Array,
+    rows: slice,
+    *,
+    recorded: Mapping[int, int] | None = None,
 ) -> np.ndarray:
     """``array[rows]``, or a StoreError naming the variable, chunk and file that cannot be read.
 
@@ -107,10 +111,11 @@ def read_rows_checked(
     With ``recorded`` (chunk index -> the crc32c its file had when written), a file that is not
     the one written there (e.g. another chunk's, copied over it) is refused before it is read.
     """
+    path = zarr_arrays.where(path)
     chunk_rows = array.chunks[0]
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-        file = zarr_arrays.chunk_file(Path(path), array, index)
-        if not file.exists():
+        file = zarr_arrays.chunk_file(path, array, index)
+        if not file.is_file():
             raise StoreError(
                 f"{array.basename} chunk {index} of {path}: file {file} is missing; "
                 f"{DAMAGED_STORE_REMEDY}"
@@ -126,7 +131,7 @@ def read_rows_checked(
         if why:
             raise StoreError(
                 f"{array.basename} chunk {index} of store {path}: file "
-                f"{file.relative_to(path).as_posix()} {why}; its rows were not used. "
+                f"{zarr_arrays.relative(file, path)} {why}; its rows were not used. "
                 f"{DAMAGED_STORE_REMEDY}"
             )
     try:
@@ -139,7 +144,7 @@ def read_rows_checked(
             except (ValueError, RuntimeError, OSError) as bad:
                 raise StoreError(
                     f"{array.basename} chunk {index} (rows {start}..{stop}) of {path} cannot "
-                    f"be read from {zarr_arrays.chunk_file(Path(path), array, index)} "
+                    f"be read from {zarr_arrays.chunk_file(path, array, index)} "
                     f"({type(bad).__name__}: {bad}); {DAMAGED_STORE_REMEDY}"
                 ) from e
         raise
@@ -169,7 +174,7 @@ def source_id_range_problem(
     return None
 
 
-def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
+def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path | Location) -> list[list[int]]:
     """[first, last] source_id of every chunk; errors if a chunk is unwritten or out of order."""
     ranges: list[list[int]] = []
     n_rows = source_id.shape[0]
