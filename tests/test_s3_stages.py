@@ -288,3 +288,57 @@ def test_wrong_credentials_and_a_missing_bucket_are_one_line(
         assert "Traceback" not in done.stderr
         for secret in (SECRET_KEY, "not-the-secret-987654321"):
             assert secret not in done.stderr + done.stdout
+
+
+def test_train_neighbours_skymap_and_info_read_s3_as_local(
+    s3_url: str, tmp_path: Path, make_xp_store: Callable[..., Path]
+) -> None:
+    """The reading stages take an s3:// URL and give what they give on the local copy."""
+    import numpy as np
+    from click.testing import CliRunner
+    from s3_server import SECRET_KEY
+    from test_s3_read import upload
+
+    from xpbatch.benchmarks.neighbours import synthetic_catalog
+    from xpbatch.cli.main import main
+    from xpbatch.config import TrainConfig
+    from xpbatch.mock import write_mock_store
+    from xpbatch.model.files import load_model
+    from xpbatch.products.neighbours import find_neighbours
+    from xpbatch.products.sky_maps import compute_sky_maps
+    from xpbatch.train.stage import train_model
+
+    root = as_location(s3_url)
+    neighbours = synthetic_catalog(tmp_path / "n.zarr", 900, chunk_rows=300)
+    upload(neighbours, root / "n.zarr")
+    from xpbatch.catalog.zarr_catalog import open_arrays
+
+    ids = np.asarray(open_arrays(neighbours, ["source_id"])["source_id"][[0, 450, 899]])
+    table = find_neighbours(neighbours, ids, k=5)
+    assert table.equals(find_neighbours((root / "n.zarr").url, ids, k=5))
+
+    from xpbatch.encode.stage import encode_catalog
+    from xpbatch.model.trained import TrainedModel
+
+    store = write_mock_store(tmp_path / "mock.zarr", 900, seed=3, chunk_rows=300)
+    sky = tmp_path / "sky.zarr"
+    encode_catalog(store, TrainedModel.untrained(), sky, config=CONFIG)
+    encode_catalog(store, TrainedModel.untrained(), (root / "sky.zarr").url, config=CONFIG)
+    a, b = compute_sky_maps(sky, order=2), compute_sky_maps((root / "sky.zarr").url, order=2)
+    assert np.array_equal(a.count, b.count)
+    assert np.array_equal(a.latent_sum, b.latent_sum, equal_nan=True)
+
+    upload(store, root / "mock.zarr")
+    config = TrainConfig(
+        epochs=2, learning_rate=1e-3, batch_size=256, device="cpu", progress_bar=False
+    )
+    train_model(store, tmp_path / "a.safetensors", config=config)
+    train_model((root / "mock.zarr").url, tmp_path / "b.safetensors", config=config)
+    net_a = load_model(tmp_path / "a.safetensors").network.state_dict()
+    net_b = load_model(tmp_path / "b.safetensors").network.state_dict()
+    assert all((net_a[k] == net_b[k]).all() for k in net_a)
+
+    shown = CliRunner().invoke(main, ["info", (root / "sky.zarr").url])
+    assert shown.exit_code == 0, shown.output
+    assert (root / "sky.zarr").url in shown.output and SECRET_KEY not in shown.output
+    assert "complete" in shown.output

@@ -236,12 +236,13 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
 
 
 @main.command("skymap")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
 )
 @config_options(SkyMapConfig, flags={"order": Flag(type=click.IntRange(0, 12))})
 @cluster_options
+@storage_option
 def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Draw HEALPix maps of CATALOG (sources, fraction encoded, median rmse, mean of each
     latent) in Mollweide, accumulated chunk by chunk on a Dask cluster."""
@@ -251,7 +252,9 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster) as client:
-        maps = write_sky_maps(catalog, output, client=client, config=config)
+        maps = write_sky_maps(
+            located(catalog, kwargs["storage_options"]), output, client=client, config=config
+        )
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
 
 
@@ -333,7 +336,7 @@ def encode_catalog_command(
 
 
 @main.command("neighbours")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "--source-id",
     "source_ids",
@@ -351,6 +354,7 @@ def encode_catalog_command(
 )
 @config_options(NeighboursConfig, flags={"k": Flag(names=("-k",), type=click.IntRange(min=1))})
 @cluster_options
+@storage_option
 def neighbours_command(
     catalog: str, source_ids: tuple[str, ...], output: str | None, **kwargs: Any
 ) -> None:
@@ -360,15 +364,16 @@ def neighbours_command(
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
     config = config_from_options(NeighboursConfig, kwargs)
+    at = located(catalog, kwargs.pop("storage_options"))
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster_config(kwargs)) as client:
         if output is None:
-            table = find_neighbours(catalog, ids, k=config.k, client=client)
+            table = find_neighbours(at, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
             return
-        table = write_neighbours(catalog, ids, output, client=client, config=config)
+        table = write_neighbours(at, ids, output, client=client, config=config)
     click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
@@ -395,7 +400,7 @@ def verify_command(catalog: str, store: str | None, storage_options: str | None)
 
 
 @main.command("train")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o",
     "--output",
@@ -419,7 +424,10 @@ def verify_command(catalog: str, store: str | None, storage_options: str | None)
         "progress_bar": Flag(("--progress/--no-progress",)),
     },
 )
-def train_command(store: str, output: str, config_file: str | None, **options: Any) -> None:
+@storage_option
+def train_command(
+    store: str, output: str, config_file: str | None, storage_options: str | None, **options: Any
+) -> None:
     """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
 
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
@@ -428,8 +436,9 @@ def train_command(store: str, output: str, config_file: str | None, **options: A
     from xpbatch.train.stage import RunPaths, train_model
 
     config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
+    storage = storage_options or (read_toml(config_file).get("storage") if config_file else None)
     try:
-        summary = train_model(store, output, config=config)
+        summary = train_model(located(store, storage), output, config=config)
     except KeyboardInterrupt:
         checkpoint = RunPaths.for_model(output).checkpoint
         click.echo(f"interrupted; checkpoint in {checkpoint}; continue with --resume", err=True)

@@ -77,6 +77,13 @@ def where(path: PathLike | Location) -> Place:
     return as_location(path) if is_url(path) else Path(path)
 
 
+def absolute(path: PathLike | Location) -> str | Location:
+    """A local path as its absolute path (workers of a remote cluster do not share this
+    process's directory); an object-storage URL as its :class:`Location`, options and all."""
+    place = where(path)
+    return place if isinstance(place, Location) else str(place.resolve())
+
+
 def zarr_target(path: Place, *, read_only: bool = False) -> Any:
     """What ``zarr.open_group`` takes for ``path``: the path itself, or a Location's store."""
     return path.zarr_store(read_only=read_only) if isinstance(path, Location) else path
