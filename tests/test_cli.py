@@ -34,18 +34,20 @@ from xpbatch.config import (
     TrainConfig,
 )
 
+STORAGE = "storage_options"
+"""--storage-options: JSON of xpbatch.storage.clients.StorageOptions, not a stage config."""
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output"}),
-    "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo"}),
-    "train": ((TrainConfig,), {"output", "config_file"}),
+    "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo", STORAGE}),
+    "train": ((TrainConfig,), {"output", "config_file", STORAGE}),
     "mock": (
         (MockConfig,),
         {"output", "config_file", "rare"},
     ),
     "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
     "export-parquet": ((ParquetExportConfig,), {"output", "partitions", "store"}),
-    "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", "model"}),
-    "skymap": ((SkyMapConfig, ClusterConfig), {"output"}),
+    "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", "model", STORAGE}),
+    "skymap": ((SkyMapConfig, ClusterConfig), {"output", STORAGE}),
 }
 """Stage command -> (the configs its options come from, its options that are not config fields:
 inputs, outputs and what the stage function takes besides its config)."""

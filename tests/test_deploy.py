@@ -428,3 +428,32 @@ def test_jobqueue_launcher_runs_on_a_single_node_slurm(
     )
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_catalog(out, encode_inputs["serial"])
+
+
+def test_the_object_storage_variant_has_no_shared_volume_and_secrets_from_a_secret() -> None:
+    """deploy/kubernetes/object-storage: every pod reads the AWS variables from one Secret,
+    no pod mounts a PersistentVolumeClaim, and the Job encodes s3:// to s3:// with --resume."""
+    docs = [
+        d
+        for p in sorted((K8S / "object-storage").glob("*.yaml"))
+        for d in yaml.safe_load_all(p.read_text())
+        if d
+    ]
+    (secret,) = [d for d in docs if d["kind"] == "Secret"]
+    (cluster,) = [d for d in docs if d["kind"] == "DaskCluster"]
+    (job,) = [d for d in docs if d["kind"] == "Job"]
+    assert {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} <= set(secret["stringData"])
+    name = secret["metadata"]["name"]
+    specs = [cluster["spec"]["worker"]["spec"], job["spec"]["template"]["spec"]]
+    for spec in specs:
+        assert all("persistentVolumeClaim" not in v for v in spec.get("volumes", []))
+        for container in [*spec["containers"], *spec.get("initContainers", [])]:
+            assert {"secretRef": {"name": name}} in container["envFrom"]
+            assert "REPLACE_ME" not in str(container)
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[3].startswith("s3://") and args[args.index("-o") + 1].startswith("s3://")
+    assert (
+        args[args.index("--cluster") + 1] == f"tcp://{cluster['metadata']['name']}-scheduler:8786"
+    )
+    assert "--resume" in args
+    _check_encode_args(args)

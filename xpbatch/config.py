@@ -533,8 +533,8 @@ class TrainConfig(OutputOptions):
     def from_toml(
         cls, path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
     ) -> TrainConfig:
-        """The settings of the file at ``path`` (if any) with ``overrides`` (CLI flags) on top."""
-        values = read_toml(path) if path is not None else {}
+        """The file's settings (if any; not its ``[storage]`` table) with ``overrides`` on top."""
+        values = {k: v for k, v in (read_toml(path) if path else {}).items() if k != "storage"}
         where = f"configuration file {path}" if path is not None else "configuration"
         return from_mapping(cls, {**values, **(overrides or {})}, where=where)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
@@ -29,8 +28,9 @@ from xpbatch.catalog.zarr_catalog import (
 from xpbatch.errors import CatalogError, StoreError
 from xpbatch.runtime.executor import SERIAL, Executor
 from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
-from xpbatch.storage.zarr_arrays import CATALOG
+from xpbatch.storage.zarr_arrays import CATALOG, Place
 
 if TYPE_CHECKING:
     from xpbatch.store.xp_store import ChunkReader
@@ -92,9 +92,9 @@ class ChunkVerifier:
     not decoded beyond ``source_id`` and ``flags``.
     """
 
-    path: Path
+    path: Place
     layout: CatalogLayout
-    store: Path | None = None
+    store: Place | None = None
     decode: bool = True
 
     def __getstate__(self) -> dict[str, Any]:
@@ -264,8 +264,8 @@ class ChunkVerifier:
             names += [schema.RA, schema.DEC]
         return ChunkReader(self.store, names)
 
-    def _relative(self, file: Path) -> str:
-        return file.relative_to(self.path).as_posix()
+    def _relative(self, file: Place) -> str:
+        return zarr_arrays.relative(file, self.path)
 
     def _recorded_checksums(self, row: np.ndarray) -> dict[str, int] | None:
         """Variable -> crc32c its writer recorded for a chunk (its ``row`` of the checksums);
@@ -293,8 +293,8 @@ class _Opened:
 
 
 def verify_catalog(
-    path: PathLike,
-    store: PathLike | None = None,
+    path: PathLike | Location,
+    store: PathLike | Location | None = None,
     *,
     executor: Executor = SERIAL,
     decode: bool = True,
@@ -309,9 +309,9 @@ def verify_catalog(
     Parameters
     ----------
     path
-        The catalogue.
+        The catalogue: a local path or an ``s3://`` URL (or a Location with its options).
     store
-        The input XP store it was made from (optional).
+        The input XP store it was made from (optional), likewise.
     executor
         Where the per-chunk checks run; by default serially here. ``encode-catalog`` passes the
         executor that encoded the chunks (Dask workers, when it had a cluster).
@@ -331,13 +331,13 @@ def verify_catalog(
     >>> print(verify_catalog("catalog.zarr", store="dr3.zarr"))  # doctest: +SKIP
     catalog.zarr: 219197643 rows in 3345 chunks, 3345 recorded done; verified, no problem found
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     attrs = read_attrs(path)
     layout = CatalogLayout.from_attrs(attrs[schema.CATALOG_ATTR_LAYOUT])
     problems = _layout_problems(path, layout)
     store_path = None
     if store is not None:
-        store_path = Path(store)
+        store_path = zarr_arrays.where(store)
         problems.extend(_store_problems(attrs, layout, store_path))
     recorded = len(completed_chunks(path))
     if not problems:
@@ -347,7 +347,7 @@ def verify_catalog(
     return VerifyReport(str(path), layout.n_rows, layout.n_chunks, recorded, tuple(problems))
 
 
-def _layout_problems(path: Path, layout: CatalogLayout) -> list[str]:
+def _layout_problems(path: Place, layout: CatalogLayout) -> list[str]:
     """Arrays missing, or of another shape or chunking than the layout says."""
     group = zarr_arrays.open_group(path, CATALOG)
     problems = []
@@ -365,7 +365,7 @@ def _layout_problems(path: Path, layout: CatalogLayout) -> list[str]:
     return problems
 
 
-def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Path) -> list[str]:
+def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Place) -> list[str]:
     from xpbatch.store.xp_store import open_xp_store, store_id
 
     ds = open_xp_store(store)

@@ -45,7 +45,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-import shutil
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -74,7 +73,7 @@ from xpbatch.storage.manifest import (
     ZarrRecord,
 )
 from xpbatch.storage.paths import PathLike
-from xpbatch.storage.zarr_arrays import CATALOG, ArraySpec, flag_attrs
+from xpbatch.storage.zarr_arrays import CATALOG, ArraySpec, Place, flag_attrs
 
 if TYPE_CHECKING:
     import xarray as xr
@@ -220,7 +219,7 @@ def _variable_specs(layout: CatalogLayout) -> list[ArraySpec]:
 
 # --- creating, resuming, overwriting ------------------------------------------------------------
 def create_catalog(
-    path: PathLike,
+    path: PathLike | Location,
     layout: CatalogLayout,
     *,
     attrs: Mapping[str, Any],
@@ -241,10 +240,10 @@ def create_catalog(
     coeff_labels
         Labels of the coefficient axis; default ``bp_0 … bp_{n/2-1}, rp_0 …``.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     # Attributes in the same write as the group: from its first file on, it is recognisably ours.
     group = zarr.open_group(
-        path,
+        zarr_arrays.zarr_target(path),
         mode="w-",
         zarr_format=3,
         attributes={
@@ -328,7 +327,7 @@ class CatalogRecord(RunRecord):
     """A catalogue's run manifest is the catalogue itself: its group attributes hold the kind
     (its schema version), the fingerprint and ``complete``; ``chunk_records`` what is done."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Place) -> None:
         self.where = path / "zarr.json"
         self.path = path
 
@@ -357,7 +356,9 @@ def _fingerprint_keys(attrs: Mapping[str, Any]) -> list[str]:
 
 
 def catalog_manifest(
-    path: PathLike, layout: CatalogLayout | None = None, attrs: Mapping[str, Any] | None = None
+    path: PathLike | Location,
+    layout: CatalogLayout | None = None,
+    attrs: Mapping[str, Any] | None = None,
 ) -> RunManifest:
     """The run manifest of the catalogue at ``path``; with ``layout`` and ``attrs``, the
     fingerprint a run with them must match to resume it."""
@@ -368,12 +369,12 @@ def catalog_manifest(
             schema.CATALOG_ATTR_SCHEMA_VERSION: schema.CATALOG_SCHEMA_VERSION,
             schema.CATALOG_ATTR_LAYOUT: layout.to_attrs(),
         }
-    path = Path(path)
+    path = zarr_arrays.where(path)
     return RunManifest(path, kind=CATALOG_KIND, record=CatalogRecord(path), fingerprint=fingerprint)
 
 
 def prepare_output(
-    path: PathLike,
+    path: PathLike | Location,
     layout: CatalogLayout,
     *,
     attrs: Mapping[str, Any],
@@ -389,7 +390,7 @@ def prepare_output(
     store id, layout, options) equals this run's, or refuses with
     :class:`~xpbatch.errors.ResumeRefusedError`.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     exists = path.exists()
     run = catalog_manifest(path, layout, attrs)
     if exists and _unfinished_template(path):
@@ -401,12 +402,12 @@ def prepare_output(
         overwrite=overwrite,
         exists=exists,
         found=_describe_existing(path) if exists else "",
-        remove=lambda: shutil.rmtree(path),
+        remove=lambda: zarr_arrays.remove_tree(path),
     )
     if run.resumed:
         if _unfinished_template(path):
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
-            shutil.rmtree(path)
+            zarr_arrays.remove_tree(path)
         else:
             check_format_version(read_attrs(path), path)
             if not run.complete:  # a complete catalogue is left as it is
@@ -421,7 +422,7 @@ def prepare_output(
     return set()
 
 
-def _unfinished_template(path: Path) -> bool:
+def _unfinished_template(path: Place) -> bool:
     """An empty directory, or a catalogue killed while its template was created."""
     if _is_empty_dir(path):
         return True
@@ -432,14 +433,15 @@ def _unfinished_template(path: Path) -> bool:
     return not isinstance(group.get(schema.RECORDS_ARRAY), zarr.Array)
 
 
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
+def _is_empty_dir(path: Place) -> bool:
+    """An empty local directory (object storage has none: an empty prefix does not exist)."""
+    return isinstance(path, Path) and path.is_dir() and not any(path.iterdir())
 
 
-def _describe_existing(path: Path) -> str:
+def _describe_existing(path: Place) -> str:
     if (CatalogRecord(path).read() or {}).get(KIND) != CATALOG_KIND:
         return "an empty directory" if _is_empty_dir(path) else "files of another kind"
-    attrs: dict[str, Any] = zarr.open_group(path, mode="r").attrs.asdict()
+    attrs: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
     if attrs.get(schema.CATALOG_ATTR_COMPLETE) is True:
         return "a complete catalogue"
     try:
@@ -450,13 +452,17 @@ def _describe_existing(path: Path) -> str:
     return f"an incomplete catalogue, {done} of {total} chunks done"
 
 
-def remove_interrupted_writes(path: PathLike) -> None:
+def remove_interrupted_writes(path: PathLike | Location) -> None:
     """Delete the temporary files of chunk writes that a kill interrupted (never valid data).
 
     Zarr writes each chunk to ``<key>.<uuid>.partial`` and renames it; a worker killed in
     between leaves the temporary file behind. Call only while this run is the one writer.
+    On object storage there are none: a PUT is atomic, an interrupted one leaves nothing.
     """
-    for partial in Path(path).rglob("*.partial"):
+    place = zarr_arrays.where(path)
+    if isinstance(place, Location):
+        return
+    for partial in place.rglob("*.partial"):
         partial.unlink(missing_ok=True)
 
 
@@ -505,8 +511,8 @@ class CatalogWriter:
     >>> record = writer.write_chunk(3, encode_chunk(model, chunk))  # doctest: +SKIP
     """
 
-    def __init__(self, path: PathLike) -> None:
-        self.path = Path(path)
+    def __init__(self, path: PathLike | Location) -> None:
+        self.path = zarr_arrays.where(path)
         self._arrays: dict[str, zarr.Array] | None = None
         self._records: zarr.Array | None = None
         self._devices: zarr.Array | None = None
@@ -632,10 +638,10 @@ class CatalogWriter:
         )
 
 
-def recorded_checksums(path: PathLike) -> tuple[list[str], np.ndarray] | None:
+def recorded_checksums(path: PathLike | Location) -> tuple[list[str], np.ndarray] | None:
     """The variables and the (chunk, variable) crc32c table of ``_xpbatch/chunk_checksums``;
     None for a catalogue written before xpbatch recorded them."""
-    node = zarr_arrays.open_group(Path(path), CATALOG).get(schema.CHECKSUMS_ARRAY)
+    node = zarr_arrays.open_group(zarr_arrays.where(path), CATALOG).get(schema.CHECKSUMS_ARRAY)
     if not isinstance(node, zarr.Array):
         return None
     attrs: dict[str, Any] = node.attrs.asdict()
@@ -644,7 +650,7 @@ def recorded_checksums(path: PathLike) -> tuple[list[str], np.ndarray] | None:
 
 
 def chunk_file_problems(
-    path: PathLike, chunks: Iterable[int] | None = None
+    path: PathLike | Location, chunks: Iterable[int] | None = None
 ) -> dict[int, list[str]]:
     """Chunk -> each of its files that is missing or not the file its writer recorded, for the
     chunks with recorded checksums (all, or those of ``chunks``); one small read per file.
@@ -652,7 +658,7 @@ def chunk_file_problems(
     A chunk file copied over another chunk's is a valid file with a valid crc32c: only its
     record tells that it does not belong there.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     found = recorded_checksums(path)
     if found is None:
         return {}
@@ -668,7 +674,7 @@ def chunk_file_problems(
             file = zarr_arrays.chunk_file(path, array, index)
             why = zarr_arrays.record_mismatch(file, array, recorded)
             if why:
-                where = f"{name} chunk {index}: file {file.relative_to(path).as_posix()}"
+                where = f"{name} chunk {index}: file {zarr_arrays.relative(file, path)}"
                 problems.setdefault(index, []).append(f"{where} {why}")
     return problems
 
@@ -724,9 +730,9 @@ def _nan_against_flag(
 
 
 # --- reading records, marking complete ------------------------------------------------------------
-def open_arrays(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array]:
+def open_arrays(path: PathLike | Location, names: Iterable[str]) -> dict[str, zarr.Array]:
     """Read-only arrays of the Zarr group at ``path``, by name (CatalogError if one is missing)."""
-    group = zarr_arrays.open_group(Path(path), CATALOG)
+    group = zarr_arrays.open_group(zarr_arrays.where(path), CATALOG)
     return {name: zarr_arrays.get_array(group, name, CATALOG) for name in names}
 
 
@@ -750,7 +756,7 @@ def check_format_version(attrs: Mapping[str, Any], path: PathLike | Location) ->
         raise CatalogError(problem)
 
 
-def read_layout(path: PathLike) -> CatalogLayout:
+def read_layout(path: PathLike | Location) -> CatalogLayout:
     """The layout recorded in a catalogue's attributes."""
     return CatalogLayout.from_attrs(read_attrs(path)[schema.CATALOG_ATTR_LAYOUT])
 
@@ -767,9 +773,9 @@ def read_records(path: PathLike | Location) -> list[ChunkRecord]:
     ]
 
 
-def chunk_devices(path: PathLike) -> dict[str, int]:
+def chunk_devices(path: PathLike | Location) -> dict[str, int]:
     """Device -> chunks it encoded."""
-    node = zarr_arrays.open_arrays(Path(path), [schema.DEVICES_ARRAY], CATALOG)[
+    node = zarr_arrays.open_arrays(zarr_arrays.where(path), [schema.DEVICES_ARRAY], CATALOG)[
         schema.DEVICES_ARRAY
     ]
     counts = collections.Counter(str(name) for name in np.asarray(node[:]).tolist())
@@ -781,18 +787,18 @@ def completed_chunks(path: PathLike | Location) -> set[int]:
     return {record.index for record in read_records(path)}
 
 
-def mark_complete(path: PathLike, *, end_time: str | None = None) -> None:
+def mark_complete(path: PathLike | Location, *, end_time: str | None = None) -> None:
     """Set ``complete = true`` and the end time (the run manifest's completion), and
     consolidate the metadata for fast opens."""
-    path = Path(path)
+    path = zarr_arrays.where(path)
     run = catalog_manifest(path)
     run.mark_complete(**({"finished": end_time} if end_time else {}))
     zarr_arrays.consolidate(path)
 
 
-def catalog_nbytes(path: PathLike) -> int:
-    """Bytes on disk under ``path``."""
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+def catalog_nbytes(path: PathLike | Location) -> int:
+    """Bytes on disk (or in objects) under ``path``."""
+    return zarr_arrays.nbytes(zarr_arrays.where(path))
 
 
 # --- opening ------------------------------------------------------------------------------------

@@ -21,7 +21,10 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.errors import StoreError, StoreNotFoundError
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
+from xpbatch.storage.zarr_arrays import Place
 from xpbatch.store import checks as store_checks
 
 if TYPE_CHECKING:
@@ -35,7 +38,7 @@ _MAX_ATTR_CHARS = 120
 """Longer attribute values (lists of input files, per-chunk ranges) are shown summarised."""
 
 
-def detect_kind(path: PathLike) -> Kind:
+def detect_kind(path: PathLike | Location) -> Kind:
     """Whether ``path`` is an XP store, a catalogue or a model file.
 
     Raises
@@ -45,10 +48,10 @@ def detect_kind(path: PathLike) -> Kind:
     StoreError
         A directory that is neither an XP store nor a catalogue.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     if not path.exists():
         raise StoreNotFoundError(f"{path} does not exist")
-    if path.is_file():
+    if isinstance(path, Path) and path.is_file():
         with path.open("rb") as f:
             head = f.read(9)
         # a safetensors file: an 8-byte header length, then the JSON header; a torch.save zip
@@ -79,7 +82,7 @@ def _what_file(head: bytes) -> str:
     return "no safetensors header"
 
 
-def _open_group(path: Path) -> zarr.Group:
+def _open_group(path: Place) -> zarr.Group:
     import zarr
 
     if not (path / "zarr.json").is_file():
@@ -87,10 +90,10 @@ def _open_group(path: Path) -> zarr.Group:
             f"{path} is a directory but not a Zarr v3 group (no zarr.json); xpbatch info reads "
             "XP stores, catalogues (Zarr) and model files (.safetensors)"
         )
-    return zarr.open_group(path, mode="r")
+    return zarr.open_group(zarr_arrays.zarr_target(path, read_only=True), mode="r")
 
 
-def summarize(path: PathLike) -> dict[str, Any]:
+def summarize(path: PathLike | Location) -> dict[str, Any]:
     """A JSON-serialisable summary of a store, a catalogue or a model file.
 
     Parameters
@@ -112,15 +115,15 @@ def summarize(path: PathLike) -> dict[str, Any]:
     >>> summarize("dr3.zarr")["rows"]  # doctest: +SKIP
     219197643
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     kind = detect_kind(path)
-    if kind == "model":
+    if kind == "model" and isinstance(path, Path):
         return _model_summary(path)
     return _zarr_summary(path, kind)
 
 
 # --- stores and catalogues ------------------------------------------------------------------
-def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
+def _zarr_summary(path: Place, kind: Kind) -> dict[str, Any]:
     group = _open_group(path)
     arrays = dict(group.arrays())
     source_id = arrays.get(schema.SOURCE_ID)
@@ -167,7 +170,7 @@ def _zarr_summary(path: Path, kind: Kind) -> dict[str, Any]:
     return summary
 
 
-def _catalog_damage(path: Path, arrays: dict[str, zarr.Array]) -> list[str]:
+def _catalog_damage(path: Place, arrays: dict[str, zarr.Array]) -> list[str]:
     """Chunk files of a complete catalogue that are missing or not the ones their writer
     recorded (a stat and a 4-byte read each, nothing decoded)."""
     from xpbatch.storage.zarr_arrays import chunk_file_sizes
@@ -189,7 +192,7 @@ def _catalog_damage(path: Path, arrays: dict[str, zarr.Array]) -> list[str]:
     return missing + mismatched
 
 
-def _chunks_recorded(path: Path) -> int | None:
+def _chunks_recorded(path: Place) -> int | None:
     """How many chunks a catalogue's run has finished (its completion records)."""
     try:
         return len(catalog.completed_chunks(path))
@@ -197,7 +200,7 @@ def _chunks_recorded(path: Path) -> int | None:
         return None
 
 
-def _variable_summary(path: Path, name: str, array: zarr.Array) -> dict[str, Any]:
+def _variable_summary(path: Place, name: str, array: zarr.Array) -> dict[str, Any]:
     return {
         "name": name,
         "dims": list(array.metadata.dimension_names or ()),  # type: ignore[union-attr]
@@ -209,8 +212,11 @@ def _variable_summary(path: Path, name: str, array: zarr.Array) -> dict[str, Any
     }
 
 
-def _bytes_on_disk(path: Path) -> int:
-    """Total size of the files under ``path`` (a local directory store)."""
+def _bytes_on_disk(path: Place) -> int:
+    """Total size of the files under ``path`` (a local directory store, or the objects under
+    a prefix)."""
+    if isinstance(path, Location):
+        return zarr_arrays.nbytes(path)
     total = 0
     for root, _dirs, files in os.walk(path):
         total += sum(os.path.getsize(os.path.join(root, f)) for f in files)

@@ -20,11 +20,15 @@ from xpbatch.cli.bench import bench_group
 from xpbatch.cli.failures import FailuresInOneLine
 from xpbatch.cli.options import (
     Flag,
+    PathOrURL,
+    check_output_storage,
     cluster_config,
     cluster_options,
     config_from_options,
     config_options,
+    located,
     options_given,
+    storage_option,
 )
 from xpbatch.config import (
     EncodeConfig,
@@ -76,15 +80,16 @@ def import_xpvae_command(
 
 
 @main.command("info")
-@click.argument("path", type=click.Path(exists=True))
+@click.argument("path", type=PathOrURL(exists=True))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info_command(path: str, as_json: bool) -> None:
+@storage_option
+def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
     """Summarise an XP store, a catalogue or a model file (kind detected from PATH)."""
     import json
 
     from xpbatch.cli.info import format_summary, summarize
 
-    summary = summarize(path)
+    summary = summarize(located(path, storage_options))
     click.echo(json.dumps(summary, indent=1) if as_json else format_summary(summary))
 
 
@@ -144,12 +149,13 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
 
 
 @main.command("skymap")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
 )
 @config_options(SkyMapConfig, flags={"order": Flag(type=click.IntRange(0, 12))})
 @cluster_options
+@storage_option
 def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Draw HEALPix maps of CATALOG (sources, fraction encoded, median rmse, mean of each
     latent) in Mollweide, accumulated chunk by chunk on a Dask cluster."""
@@ -159,7 +165,9 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster) as client:
-        maps = write_sky_maps(catalog, output, client=client, config=config)
+        maps = write_sky_maps(
+            located(catalog, kwargs["storage_options"]), output, client=client, config=config
+        )
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
 
 
@@ -177,9 +185,12 @@ def _exit_on_sigterm() -> None:
 
 
 @main.command("encode-catalog")
-@click.argument("store", type=click.Path(), required=False)
+@click.argument("store", type=PathOrURL(), required=False)
 @click.option("-m", "--model", type=click.Path(dir_okay=False), help="Model file (.safetensors).")
-@click.option("-o", "--output", type=click.Path(file_okay=False), help="Catalogue to write.")
+@click.option(
+    "-o", "--output", type=PathOrURL(file_okay=False), help="Catalogue to write (a path or URL)."
+)
+@storage_option
 @click.option(
     "--demo",
     is_flag=True,
@@ -202,6 +213,7 @@ def encode_catalog_command(
     """
     _exit_on_sigterm()
     cluster = cluster_config(kwargs)
+    storage = kwargs.pop("storage_options")
     settings = options_given(EncodeConfig, kwargs)
     if demo:
         from xpbatch.train.demo import demo_inputs
@@ -220,9 +232,11 @@ def encode_catalog_command(
     from xpbatch.runtime.cluster import connect
 
     load_model(model)  # a wrong or damaged file is refused before a cluster starts
+    store_at, output_at = located(store, storage), located(output, storage)
+    check_output_storage(output_at)  # so are wrong credentials or a missing bucket
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        summary = encode_catalog(store, model, output, client=client, config=config)
+        summary = encode_catalog(store_at, model, output_at, client=client, config=config)
     click.echo(str(summary))
     if demo:
         click.echo(
@@ -234,7 +248,7 @@ def encode_catalog_command(
 
 
 @main.command("neighbours")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "--source-id",
     "source_ids",
@@ -252,6 +266,7 @@ def encode_catalog_command(
 )
 @config_options(NeighboursConfig, flags={"k": Flag(names=("-k",), type=click.IntRange(min=1))})
 @cluster_options
+@storage_option
 def neighbours_command(
     catalog: str, source_ids: tuple[str, ...], output: str | None, **kwargs: Any
 ) -> None:
@@ -261,41 +276,43 @@ def neighbours_command(
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
     config = config_from_options(NeighboursConfig, kwargs)
+    at = located(catalog, kwargs.pop("storage_options"))
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
     from xpbatch.runtime.cluster import connect
 
     with connect(cluster_config(kwargs)) as client:
         if output is None:
-            table = find_neighbours(catalog, ids, k=config.k, client=client)
+            table = find_neighbours(at, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
             return
-        table = write_neighbours(catalog, ids, output, client=client, config=config)
+        table = write_neighbours(at, ids, output, client=client, config=config)
     click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
 @main.command("verify")
-@click.argument("catalog", type=click.Path())
+@click.argument("catalog", type=PathOrURL())
 @click.option(
     "--store",
-    type=click.Path(),
+    type=PathOrURL(),
     default=None,
     help="The input XP store: also check the row count, store id and source_id values.",
 )
-def verify_command(catalog: str, store: str | None) -> None:
+@storage_option
+def verify_command(catalog: str, store: str | None, storage_options: str | None) -> None:
     """Check that every chunk of CATALOG was written completely and consistently.
 
     Exit code 0 when sound, 1 when a problem was found (each one is listed).
     """
     from xpbatch.catalog.verify import verify_catalog
 
-    report = verify_catalog(catalog, store)
+    report = verify_catalog(located(catalog, storage_options), located(store, storage_options))
     click.echo(str(report))
     if not report.ok:
         sys.exit(1)
 
 
 @main.command("train")
-@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.argument("store", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o",
     "--output",
@@ -319,7 +336,10 @@ def verify_command(catalog: str, store: str | None) -> None:
         "progress_bar": Flag(("--progress/--no-progress",)),
     },
 )
-def train_command(store: str, output: str, config_file: str | None, **options: Any) -> None:
+@storage_option
+def train_command(
+    store: str, output: str, config_file: str | None, storage_options: str | None, **options: Any
+) -> None:
     """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
 
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
@@ -328,7 +348,10 @@ def train_command(store: str, output: str, config_file: str | None, **options: A
     from xpbatch.train.stage import train_model
 
     config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
-    summary = train_model(store, output, config=config)  # Ctrl-C: see _failure_message
+    storage = storage_options or (read_toml(config_file).get("storage") if config_file else None)
+    summary = train_model(
+        located(store, storage), output, config=config
+    )  # Ctrl-C: see cli.failures
     click.echo(str(summary))
 
 

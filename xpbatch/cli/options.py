@@ -198,3 +198,52 @@ cluster_options = config_options(
 def cluster_config(kwargs: dict[str, Any]) -> ClusterConfig:
     """Pop the ``cluster_options`` from a command's kwargs into a :class:`ClusterConfig`."""
     return config_from_options(ClusterConfig, kwargs)
+
+
+class PathOrURL(click.ParamType):
+    """A local path (checked to exist when ``exists``) or an object-storage URL (``s3://``),
+    which is checked when the command opens it (settings come with ``--storage-options``)."""
+
+    name = "PATH|URL"
+
+    def __init__(self, *, exists: bool = False, file_okay: bool = True) -> None:
+        self.local = click.Path(exists=exists, file_okay=file_okay)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and "://" in value and not value.startswith("file://"):
+            return value
+        return self.local.convert(value, param, ctx)
+
+
+def storage_option(func: F) -> F:
+    """The ``--storage-options`` option shared by every command that reads or writes a store, a
+    catalogue or an output."""
+    return click.option(
+        "--storage-options",
+        "storage_options",
+        default=None,
+        metavar="JSON",
+        help='Object-storage settings over the AWS environment, e.g. {"endpoint_url": '
+        '"http://127.0.0.1:8333", "allow_http": true} (see docs/clusters.md); '
+        "better keep credentials in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY.",
+    )(func)
+
+
+def located(target: str | None, options: str | Mapping[str, Any] | None) -> Any:
+    """``target`` as the stages take it: an ``s3://`` URL as a Location carrying the storage
+    options (JSON text or a ``[storage]`` table), a local path as it is."""
+    if target is None or "://" not in target or target.startswith("file://"):
+        return target
+    from xpbatch.storage.location import as_location
+
+    return as_location(target, storage_options=options)
+
+
+def check_output_storage(target: Any) -> None:
+    """For an output on object storage: prove the credentials, the bucket and conditional
+    writes now (once per process), so a mistake is one line before any cluster starts."""
+    from xpbatch.storage.lease import check_conditional_writes
+    from xpbatch.storage.location import Location
+
+    if isinstance(target, Location) and not target.is_local:
+        check_conditional_writes(target)

@@ -54,11 +54,14 @@ from xpbatch.errors import (
     ModelMismatchError,
     StoreError,
 )
-from xpbatch.runtime.executor import Executor, Progress
+from xpbatch.runtime.executor import Executor, Progress, storage_credentials
 from xpbatch.schema import CatalogFlag
-from xpbatch.storage.manifest import real_output
-from xpbatch.storage.outputs import locked_output
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
+from xpbatch.storage.manifest import real_place
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.paths import PathLike
+from xpbatch.storage.zarr_arrays import Place
 from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
 
 if TYPE_CHECKING:
@@ -123,9 +126,10 @@ class EncodeSummary:
 class ChunkJob:
     """Everything a task needs besides the model: a few strings and numbers."""
 
-    store: str
+    store: Place
+    """The input store: an absolute path or a Location (its options pickle without secrets)."""
     store_id: str
-    out: str
+    out: Place
     run_id: str
     index: int
     model_key: str
@@ -134,7 +138,7 @@ class ChunkJob:
     batch_size: int
 
 
-def _passthrough(store: PathLike) -> tuple[str, ...]:
+def _passthrough(store: PathLike | Location) -> tuple[str, ...]:
     """The store's variables that the catalogue copies (``ra``, ``dec`` when it has them)."""
     return present_variables(store, PASSTHROUGH_VARIABLES)
 
@@ -162,11 +166,11 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
     try:
         model, device = _model_for(job)
         reader = workers.cached(
-            ("reader", job.store + job.store_id),
+            ("reader", str(job.store) + job.store_id),
             lambda: ChunkReader(job.store, (*INPUT_VARIABLES, *_passthrough(job.store))),
         )
         writer = workers.cached(
-            ("writer", job.out + job.run_id), lambda: catalog.CatalogWriter(job.out)
+            ("writer", str(job.out) + job.run_id), lambda: catalog.CatalogWriter(job.out)
         )
         rows = writer.layout.rows(job.index)
         outputs = encode_chunk(
@@ -187,13 +191,15 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
 
 
 # --- checks before any work ----------------------------------------------------------------------
-def _open_store(store: Path) -> xr.Dataset:
+def _open_store(store: Place) -> xr.Dataset:
     from xpbatch.store.xp_store import open_xp_store
 
     return open_xp_store(store)
 
 
-def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None = None) -> None:
+def check_model_fits(
+    model: TrainedModel, ds: xr.Dataset, *, store: PathLike | Location | None = None
+) -> None:
     """Refuse a model whose input size, coefficient order, units or normalisation do not fit.
 
     With ``store`` (the path of ``ds``), also measure rows of every chunk against what the model's
@@ -229,7 +235,7 @@ def check_model_fits(model: TrainedModel, ds: xr.Dataset, *, store: Path | None 
         _check_normalisation(model, store)
 
 
-def _check_normalisation(model: TrainedModel, store: Path) -> None:
+def _check_normalisation(model: TrainedModel, store: PathLike | Location) -> None:
     """Measure rows from every chunk of the store as the model's training rows were
     (:mod:`xpbatch.model.fit_check`)."""
     from xpbatch.model import fit_check as fit
@@ -243,7 +249,7 @@ def _check_normalisation(model: TrainedModel, store: Path) -> None:
 
 
 def _input_layout(
-    store: Path, model: TrainedModel, with_reconstruction: bool
+    store: Place, model: TrainedModel, with_reconstruction: bool
 ) -> catalog.CatalogLayout:
     """The catalogue layout: the store's rows in the store's chunks."""
     coefficients = open_variables(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
@@ -278,7 +284,7 @@ def _versions() -> dict[str, str]:
 def _run_attrs(
     model: TrainedModel,
     model_hash: str,
-    store: Path,
+    store: Place,
     store_attrs: Mapping[str, Any],
     store_id: str,
     config: EncodeConfig,
@@ -294,7 +300,7 @@ def _run_attrs(
         "model_provenance": model.provenance,
         schema.ATTR_LATENT_DENSITY: model.density.attrs() if model.density else None,
         schema.CATALOG_ATTR_STORE_ID: store_id,
-        schema.CATALOG_ATTR_INPUT_STORE: str(store.resolve()),
+        schema.CATALOG_ATTR_INPUT_STORE: str(_absolute(store)),
         schema.CATALOG_ATTR_OPTIONS: {"batch_size": config.batch_size},
         "versions": _versions(),
         "command_line": shlex.join(sys.argv),
@@ -318,11 +324,17 @@ def _model_and_hash(model: TrainedModel | PathLike) -> tuple[TrainedModel, str, 
 
 
 # --- the stage ---------------------------------------------------------------------------------
+def _absolute(place: Place) -> Place:
+    """A local path made absolute (workers of a remote cluster do not share this process's
+    directory); a URL as it is."""
+    return place.resolve() if isinstance(place, Path) else place
+
+
 @locked_output("out", "encode-catalog")
 def encode_catalog(
-    store: PathLike,
+    store: PathLike | Location,
     model: TrainedModel | PathLike,
-    out: PathLike,
+    out: PathLike | Location,
     *,
     client: Client | None = None,
     config: EncodeConfig | None = None,
@@ -332,11 +344,14 @@ def encode_catalog(
     Parameters
     ----------
     store
-        The input XP store (``xpbatch ingest`` / ``xpbatch mock``).
+        The input XP store (``xpbatch ingest`` / ``xpbatch mock``): a path, an ``s3://`` URL or a
+        :class:`~xpbatch.storage.location.Location` carrying storage options.
     model
         A model file (``.safetensors``) or a :class:`~xpbatch.model.trained.TrainedModel`.
     out
-        The catalogue to write (a directory; on a filesystem every worker sees).
+        The catalogue to write: a directory on a filesystem every worker sees, or an ``s3://``
+        URL (or Location) that every worker can reach; there the lock is a lease object and
+        each chunk object is one atomic PUT.
     client
         A ``distributed.Client``: one task per chunk on its workers. None: serially here.
     config
@@ -365,21 +380,25 @@ def encode_catalog(
     """
     config = config or EncodeConfig()
     started = time.perf_counter()
-    out = real_output(out)  # through a symlink: the target is written (and replaced)
+    out = real_place(out)  # through a symlink: the target is written (and replaced)
+    store = zarr_arrays.where(store)
     executor = _executor(client, config)
     report: contextlib.AbstractContextManager[object] = contextlib.nullcontext()
     if config.performance_report:  # checked before anything is written
         report = executor.performance_report(config.performance_report)
-    plan = _plan(Path(store), model, Path(out), config)
-    with report:
-        rows_this_run = sum(record.rows for record in _records(executor, plan, config))
+    plan = _plan(store, model, out, config)
+    with report, storage_credentials(executor, out, store):
+        rows_this_run = 0
+        for record in _records(executor, plan, config):
+            rows_this_run += record.rows
+            check_lock(out)  # a run that lost its lease stops here (object storage)
         if not plan.was_complete:
             # A worker killed mid-write leaves a temporary file; the retry wrote the chunk.
             catalog.remove_interrupted_writes(out)
         # A catalogue found complete is verified again (not trusted): it may have been damaged
         # since; it is not marked again, so its files stay as they were.
-        verified = _verify(Path(out), Path(store), executor, config, mark=not plan.was_complete)
-    summary = _summarise(Path(out), plan, rows_this_run, started, verified)
+        verified = _verify(out, store, executor, config, mark=not plan.was_complete)
+    summary = _summarise(out, plan, rows_this_run, started, verified)
     if not verified:
         summary = dataclasses.replace(
             summary,
@@ -403,13 +422,13 @@ class _Plan:
     was_complete: bool
 
 
-def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: EncodeConfig) -> _Plan:
+def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: EncodeConfig) -> _Plan:
     """Check store, model and output, create (or reopen) the catalogue, list the chunks to do."""
     from xpbatch.store.xp_store import store_id
 
-    if out.resolve() == store.resolve():
+    if zarr_arrays.same_place(out, store):
         raise ConfigError(f"the output {out} is the input store; choose another output path")
-    if out.resolve().is_relative_to(store.resolve()):
+    if zarr_arrays.inside(out, store):
         raise ConfigError(
             f"the output {out} is inside the input store {store}: the store would then carry the "
             "catalogue's files; choose an output path outside it"
@@ -426,9 +445,9 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
     out_attrs = catalog.read_attrs(out)
     # Absolute paths: workers of a remote cluster do not share this process's directory.
     template = ChunkJob(
-        store=str(store.resolve()),
+        store=_absolute(store),
         store_id=input_id,
-        out=str(out.resolve()),
+        out=_absolute(out),
         run_id=out_attrs[schema.CATALOG_ATTR_RUN_ID],
         index=-1,
         model_key=model_hash,
@@ -485,7 +504,7 @@ def _records(
 
 
 def _verify(
-    out: Path, store: Path, executor: Executor, config: EncodeConfig, *, mark: bool
+    out: Place, store: Place, executor: Executor, config: EncodeConfig, *, mark: bool
 ) -> bool:
     """Verify the catalogue (on the executor that encoded it), then mark it complete."""
     if not config.verify:
@@ -498,12 +517,13 @@ def _verify(
             "--overwrite (or restore the damaged files from a backup)."
         )
     if mark:
+        check_lock(out)  # never mark complete what another writer may have touched
         catalog.mark_complete(out)
     return True
 
 
 def _summarise(
-    out: Path, plan: _Plan, rows_this_run: int, started: float, verified: bool
+    out: Place, plan: _Plan, rows_this_run: int, started: float, verified: bool
 ) -> EncodeSummary:
     records = catalog.read_records(out)
     counts = {str(f.name).lower(): 0 for f in CatalogFlag}
@@ -526,7 +546,10 @@ def _summarise(
 
 
 def verify(
-    path: PathLike, store: PathLike | None = None, *, client: Client | Executor | None = None
+    path: PathLike | Location,
+    store: PathLike | Location | None = None,
+    *,
+    client: Client | Executor | None = None,
 ) -> catalog_verify.VerifyReport:
     """:func:`xpbatch.catalog.verify.verify_catalog`, on ``client``'s workers when one is given."""
     executor = _executor(client, EncodeConfig())

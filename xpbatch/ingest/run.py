@@ -180,6 +180,8 @@ class _IngestRecord(RunRecord):
     """An ingest's manifest: in ``<output>.parts/`` while it runs, the store's own attributes
     once it is complete (a store xpbatch wrote carries its schema version)."""
 
+    where: Path
+
     def __init__(self, out: Path, staging: Path) -> None:
         self.out, self.staging = out, staging
         self.where = JsonRecord.inside(staging).where

@@ -105,7 +105,7 @@ def make_mock(out: str | Path, *, config: MockConfig | None = None) -> MockSumma
         plan = bulk_file_plan(config.n, config.rows_per_file)
         written = [path / name for file in plan for name in (file.xp_name, file.gaia_source_name)]
         run.mark_complete()
-        written += [path / dr3.MD5_MANIFEST, run.record.where]
+        written += [path / dr3.MD5_MANIFEST, JsonRecord.inside(path).where]
     labels = labels_path(path)
     return MockSummary(
         path=path,

@@ -113,7 +113,7 @@ def write_store(path: str | Path, config: MockConfig) -> Path:
         with_positions=True,
         overwrite=config.overwrite,
     )
-    labels = LabelsWriter(labels_path(writer.path))
+    labels = LabelsWriter(labels_path(path))
     for region in writer.chunk_slices():
         rows = mock_rows(n, region.start, region.stop, seed=seed, config=config)
         writer.write_rows(
@@ -133,4 +133,5 @@ def write_store(path: str | Path, config: MockConfig) -> Path:
         labels.write_table(rows.labels_table())
         logger.debug("mock store %s: wrote rows %d..%d", writer.path, region.start, region.stop)
     labels.close()
-    return writer.finalize()
+    writer.finalize()
+    return Path(path)

@@ -27,6 +27,8 @@ from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.config import NeighboursConfig
 from xpbatch.errors import CatalogError, InputShapeError
 from xpbatch.runtime.executor import Executor
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import file_manifest
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
@@ -52,7 +54,7 @@ class LatentMetric:
     scale: np.ndarray  # (latent,) float64
 
     @classmethod
-    def from_catalog(cls, path: PathLike) -> LatentMetric:
+    def from_catalog(cls, path: PathLike | Location) -> LatentMetric:
         """The metric a catalogue records (attribute ``latent_density``)."""
         attrs = catalog.read_attrs(path)
         described = attrs.get(schema.ATTR_LATENT_DENSITY)
@@ -117,7 +119,7 @@ def _order(distance: np.ndarray, source_id: np.ndarray) -> np.ndarray:
 class ChunkSearch:
     """One task: each query's k nearest rows of one catalogue chunk (picklable)."""
 
-    path: str
+    path: str | Location
     chunk_rows: int
     n_rows: int
     queries: np.ndarray  # (queries, active) standardised
@@ -176,7 +178,7 @@ class ChunkSearch:
 class _ChunkLookup:
     """One task: the latent means of the query ids found in one chunk (picklable)."""
 
-    path: str
+    path: str | Location
     chunk_rows: int
     n_rows: int
     source_id: np.ndarray  # (queries,) int64
@@ -193,7 +195,7 @@ class _ChunkLookup:
 
 
 def find_neighbours(
-    path: PathLike,
+    path: PathLike | Location,
     queries: Sequence[int] | np.ndarray | pd.DataFrame,
     *,
     k: int = DEFAULT_K,
@@ -233,17 +235,17 @@ def find_neighbours(
     """
     if k < 1:
         raise InputShapeError(f"k must be at least 1, got {k}")
-    path = str(Path(path).resolve())
-    catalog.open_catalog(path)  # refuses an incomplete or foreign catalogue, with its reason
-    layout = catalog.read_layout(path)
-    metric = LatentMetric.from_catalog(path)
+    at = zarr_arrays.absolute(path)
+    catalog.open_catalog(at)  # refuses an incomplete or foreign catalogue, with its reason
+    layout = catalog.read_layout(at)
+    metric = LatentMetric.from_catalog(at)
     query_ids, latent = _parse_queries(queries, layout.latent_dim)
     chunks = range(layout.n_chunks)
     executor = Executor.of(client)
     if query_ids is not None:
-        latent = _lookup(path, layout, query_ids, executor)
+        latent = _lookup(at, layout, query_ids, executor)
     search = ChunkSearch(
-        path,
+        at,
         layout.chunk_rows,
         layout.n_rows,
         metric.standardise(latent),
@@ -291,7 +293,7 @@ def _parse_queries(
 
 
 def _lookup(
-    path: str, layout: catalog.CatalogLayout, query_ids: np.ndarray, executor: Executor
+    path: str | Location, layout: catalog.CatalogLayout, query_ids: np.ndarray, executor: Executor
 ) -> np.ndarray:
     """(queries, latent) latent means of the query ids; InputShapeError if one is missing."""
     lookup = _ChunkLookup(path, layout.chunk_rows, layout.n_rows, np.unique(query_ids))
@@ -369,7 +371,7 @@ def write_neighbours(
     run = file_manifest(out, kind=NEIGHBOURS_KIND)
     run.claim(resume=False, overwrite=config.overwrite, remove=lambda: None)  # replaced whole
     table = find_neighbours(catalog_path, queries, k=config.k, client=client)
-    run.begin(catalog=str(Path(catalog_path).resolve()), k=config.k)
+    run.begin(catalog=str(zarr_arrays.absolute(catalog_path)), k=config.k)
     write_table(table, run.output)
     run.mark_complete(rows=len(table))
     return table

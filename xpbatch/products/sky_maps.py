@@ -36,6 +36,7 @@ from xpbatch.errors import ConfigError
 from xpbatch.products.sky_positions import SkySource
 from xpbatch.runtime.executor import Executor
 from xpbatch.schema import CatalogFlag
+from xpbatch.storage import zarr_arrays
 from xpbatch.storage.manifest import file_manifest
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
@@ -297,7 +298,7 @@ def write_sky_maps(
     run = file_manifest(out, kind=SKY_MAP_KIND)
     run.claim(resume=False, overwrite=config.overwrite, remove=lambda: None)  # replaced whole
     maps = compute_sky_maps(catalog, order=config.order, client=client)
-    run.begin(catalog=str(Path(catalog).resolve()), order=config.order)
+    run.begin(catalog=str(zarr_arrays.absolute(catalog)), order=config.order)
     draw_sky_maps(maps, run.output, title=str(catalog))
     run.mark_complete(sources=int(maps.count.sum()))
     return maps

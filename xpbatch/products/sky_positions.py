@@ -10,13 +10,14 @@ says which rows it placed that way.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import numpy as np
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.errors import CatalogError
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
 
 SOURCE_ID_PIXEL_ORDER = 12
@@ -40,13 +41,15 @@ def source_id_pixel_centres(source_id: np.ndarray) -> tuple[np.ndarray, np.ndarr
 class SkySource:
     """A complete catalogue read chunk by chunk, with positions (picklable, cheap to ship)."""
 
-    path: str
+    path: str | Location
     layout: catalog.CatalogLayout
     positions_from_source_id: bool = False
     """Place rows without ra/dec at their source_id's level-12 pixel centre."""
 
     @classmethod
-    def open(cls, path: PathLike, *, positions_from_source_id: bool = False) -> SkySource:
+    def open(
+        cls, path: PathLike | Location, *, positions_from_source_id: bool = False
+    ) -> SkySource:
         """Check that ``path`` is a complete catalogue with positions (or that the fallback is
         allowed) and describe it.
 
@@ -55,7 +58,7 @@ class SkySource:
         CatalogError
             Incomplete, not a catalogue, or without ra/dec when the fallback is not allowed.
         """
-        path = Path(path)
+        path = zarr_arrays.absolute(path)
         catalog.open_catalog(path)  # refuses an incomplete catalogue, with its own message
         layout = catalog.read_layout(path)
         if not layout.with_positions and not positions_from_source_id:
@@ -66,7 +69,7 @@ class SkySource:
                 "the centre of its source_id's HEALPix level-12 pixel (about 0.86 arcmin "
                 "across; the rows are marked position_from_source_id)."
             )
-        return cls(str(path.resolve()), layout, positions_from_source_id)
+        return cls(path, layout, positions_from_source_id)
 
     @property
     def n_chunks(self) -> int:

@@ -4,6 +4,8 @@
   client) that maps a function over many items: bounded, retried, failures named, with a
   progress bar.
 - :mod:`~xpbatch.runtime.cluster`: connect to a LocalCluster, dask-cuda or a running scheduler.
+- :mod:`~xpbatch.runtime.storage_secrets`: the worker plugin that gives workers the secrets of
+  explicit storage options, outside every task.
 
 This is the only layer (with the encode stage's worker plugin) that imports ``distributed``.
 """

@@ -280,6 +280,32 @@ SERIAL = Executor()
 """Every task in this thread, one after another (the reference the tests compare with)."""
 
 
+@contextlib.contextmanager
+def storage_credentials(executor: Executor, *places: object) -> Iterator[None]:
+    """For the block, give the executor's workers the secrets of ``places``' explicit storage
+    options (if any) through a worker plugin, never through a task
+    (:class:`xpbatch.runtime.storage_secrets.StorageSecrets`); nothing to do without a cluster or
+    without explicit secrets (workers then use their own AWS environment)."""
+    from xpbatch.storage.clients import known_secrets
+    from xpbatch.storage.location import Location
+
+    secrets = {}
+    for place in places:
+        if isinstance(place, Location) and (ref := place.options.secret_ref) is not None:
+            values = known_secrets(ref)
+            if values is not None:
+                secrets[ref] = values
+    if executor.client is None or not secrets:
+        yield
+        return
+    from xpbatch.runtime.storage_secrets import StorageSecrets
+
+    with executor.per_process(
+        StorageSecrets(secrets), name=f"xpbatch-storage-{uuid.uuid4().hex[:8]}", here=lambda: None
+    ):
+        yield
+
+
 def _in_order(numbered: Numbered[R]) -> Iterator[R]:
     """The results in their items' order: each held only until those before it have come."""
     held: dict[int, R] = {}

@@ -16,6 +16,8 @@ import hashlib
 import json
 import os
 import re
+import threading
+import uuid
 from collections.abc import Iterator, Mapping
 from typing import Any, Protocol
 
@@ -90,16 +92,25 @@ class StorageOptions:
     unsafe_no_conditional_writes: bool = False
     """UNSAFE: run on a server that ignores conditional writes; two writers may then corrupt one
     output unseen. Only for a server you know has a single writer."""
+    lease_ttl_s: float = 60.0
+    """Seconds an output's lease (its lock object) lives without renewal: how long a killed
+    run keeps others out before ``--resume`` may take it over (``--break-lock``: at once)."""
 
     def __post_init__(self) -> None:
+        if isinstance(self.lease_ttl_s, int) and not isinstance(self.lease_ttl_s, bool):
+            object.__setattr__(self, "lease_ttl_s", float(self.lease_ttl_s))
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            kind = bool if "bool" in str(field.type) else str
+            kind = {"bool": bool, "float": float}.get(str(field.type).split(" ")[0], str)
             if value is not None and not isinstance(value, kind):
                 shown = "a secret" if not field.repr else repr(value)
                 raise ConfigError(
                     f"storage option {field.name} must be a {kind.__name__}, got {shown}"
                 )
+        if not self.lease_ttl_s > 0:
+            raise ConfigError(
+                f"storage option lease_ttl_s must be positive, got {self.lease_ttl_s}"
+            )
         if self.endpoint_url is not None and not re.match(r"^https?://", self.endpoint_url):
             raise ConfigError(
                 f"storage option endpoint_url must start with http:// or https://, got "
@@ -142,6 +153,63 @@ class StorageOptions:
         """The secret values set here (to keep them out of messages)."""
         values = (self.access_key_id, self.secret_access_key, self.session_token)
         return tuple(v for v in values if v)
+
+    @property
+    def secret_ref(self) -> str | None:
+        """A random name for this process's copy of the secrets (never derived from them);
+        None without secrets. A pickled copy carries only this name (see :meth:`__reduce__`)."""
+        if not self.secrets():
+            return None
+        values = (self.access_key_id, self.secret_access_key, self.session_token)
+        with _SECRETS_GUARD:
+            for ref, known in _SECRETS.items():
+                if known == values:
+                    return ref
+            ref = uuid.uuid4().hex
+            _SECRETS[ref] = values
+            return ref
+
+    def without_secrets(self) -> StorageOptions:
+        """These settings with the secrets left out (the environment then supplies them)."""
+        return dataclasses.replace(
+            self, access_key_id=None, secret_access_key=None, session_token=None
+        )
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle without the secrets: a copy sent to another process (a Dask task, a worker)
+        carries :attr:`secret_ref` only. There the secrets come back if that process knows the
+        name (:func:`register_secrets`, e.g. from a worker plugin), else its own environment
+        (``AWS_ACCESS_KEY_ID`` ...) supplies the credentials."""
+        public = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.repr}
+        return (_restore_options, (public, self.secret_ref))
+
+
+_SECRETS: dict[str, tuple[str | None, str | None, str | None]] = {}
+"""secret_ref -> (access key id, secret key, session token) known to this process."""
+_SECRETS_GUARD = threading.Lock()
+
+
+def register_secrets(ref: str, values: tuple[str | None, str | None, str | None]) -> None:
+    """Make the secrets named ``ref`` known to this process (what a worker plugin does)."""
+    with _SECRETS_GUARD:
+        _SECRETS[ref] = values
+
+
+def known_secrets(ref: str) -> tuple[str | None, str | None, str | None] | None:
+    """The secrets named ``ref`` in this process, if known."""
+    with _SECRETS_GUARD:
+        return _SECRETS.get(ref)
+
+
+def _restore_options(public: dict[str, Any], ref: str | None) -> StorageOptions:
+    """Unpickle :class:`StorageOptions`: the secrets from this process's registry, if known."""
+    secrets = known_secrets(ref) if ref else None
+    if secrets is None:
+        return StorageOptions(**public)
+    key, secret, token = secrets
+    return StorageOptions(
+        **public, access_key_id=key, secret_access_key=secret, session_token=token
+    )
 
 
 # Clients ----------------------------------------------------------------------------------

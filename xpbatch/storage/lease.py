@@ -36,7 +36,7 @@ from typing import Any
 from xpbatch.errors import ConditionalWriteError, ConfigError, OutputLockedError, StorageError
 from xpbatch.storage.clients import endpoint_of, object_store, storage_errors
 from xpbatch.storage.location import Location
-from xpbatch.storage.outputs import LOCK_SUFFIX
+from xpbatch.storage.paths import LOCK_SUFFIX
 
 logger = logging.getLogger(__name__)
 

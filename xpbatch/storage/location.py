@@ -138,6 +138,24 @@ class Location:
                     return True
         return False
 
+    def is_file(self) -> bool:
+        """True when a file (locally) or an object (one HEAD request) is exactly here."""
+        if self.is_local:
+            return self.path.is_file()
+        import obstore
+
+        with storage_errors(self, "look up"):
+            try:
+                obstore.head(object_store(self), self.key)
+                return True
+            except FileNotFoundError:
+                return False
+
+    def relative_name(self, root: Location) -> str:
+        """This location's name below ``root`` (``latent_mean/c/0/0``), for messages."""
+        prefix = root.key.rstrip("/") + "/"
+        return self.key[len(prefix) :] if self.key.startswith(prefix) else self.url
+
     def read_bytes(self) -> bytes:
         """The whole content of the file or object here; :class:`StorageNotFoundError` if none."""
         if self.is_local:
@@ -149,6 +167,22 @@ class Location:
 
         with storage_errors(self, "read"):
             return bytes(obstore.get(object_store(self), self.key).bytes())
+
+    def read_tail(self, n: int) -> bytes:
+        """The last ``n`` bytes here (fewer if shorter): one ranged GET on object storage."""
+        if self.is_local:
+            try:
+                with open(self.path, "rb") as f:
+                    size = f.seek(0, os.SEEK_END)
+                    f.seek(max(size - n, 0))
+                    return f.read()
+            except FileNotFoundError:
+                raise StorageNotFoundError(f"{self.url} does not exist") from None
+        import obstore
+
+        with storage_errors(self, "read"):
+            found = obstore.get(object_store(self), self.key, options={"range": {"suffix": n}})
+            return bytes(found.bytes())
 
     def write_bytes(self, data: bytes) -> None:
         """Write ``data`` here whole: readers see the old content or the new, never a part."""
@@ -260,12 +294,12 @@ class Location:
 def as_location(
     target: Location | PathLike,
     *,
-    storage_options: StorageOptions | Mapping[str, Any] | None = None,
+    storage_options: StorageOptions | Mapping[str, Any] | str | None = None,
 ) -> Location:
     """The :class:`Location` of a local path, a ``file://`` URL or an ``s3://bucket/prefix`` URL.
 
-    ``storage_options`` (see :class:`StorageOptions`) apply to object storage; a location
-    passed in keeps its own unless new ones are given.
+    ``storage_options`` (see :class:`StorageOptions`; a mapping or JSON text) apply to object
+    storage; a location passed in keeps its own unless new ones are given.
     """
     options = StorageOptions.parse(storage_options)
     if isinstance(target, Location):

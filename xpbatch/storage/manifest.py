@@ -36,6 +36,7 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from xpbatch import __version__, schema
 from xpbatch.errors import OutputExistsError, ResumeRefusedError
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.outputs import remove_path
 from xpbatch.storage.paths import PathLike, atomic_path
 
@@ -71,11 +72,18 @@ def real_output(output: PathLike) -> Path:
     return Path(os.path.realpath(output)) if output.is_symlink() else output
 
 
+def real_place(output: PathLike | Location) -> Path | Location:
+    """:func:`real_output` of a local path; an object-storage URL (no links there) as its
+    :class:`Location`."""
+    place = _place(output)
+    return place if isinstance(place, Location) else real_output(place)
+
+
 class RunRecord(abc.ABC):
     """Where a stage's run manifest lives on disk."""
 
-    where: Path
-    """The file that holds it (for messages)."""
+    where: Path | Location
+    """The file (or object) that holds it (for messages)."""
 
     @abc.abstractmethod
     def read(self) -> dict[str, Any] | None:
@@ -91,6 +99,8 @@ class RunRecord(abc.ABC):
 
 class JsonRecord(RunRecord):
     """A run record in one JSON file, written atomically."""
+
+    where: Path
 
     def __init__(self, where: PathLike) -> None:
         self.where = Path(where)
@@ -113,19 +123,64 @@ class JsonRecord(RunRecord):
             return None
         except (OSError, UnicodeDecodeError):
             return {KIND: None}
-        try:
-            found = json.loads(text)
-        except ValueError:
-            return {KIND: None}
-        if not isinstance(found, dict) or found.get("format") != RECORD_FORMAT:
-            return {KIND: None}
-        return found
+        return _record_of(text)
 
     def write(self, fields: Mapping[str, Any]) -> None:
         self.where.parent.mkdir(parents=True, exist_ok=True)
-        record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, **fields}
         with atomic_path(self.where) as tmp:
-            tmp.write_text(json.dumps(record, indent=1, sort_keys=True, default=str))
+            tmp.write_text(_record_text(fields))
+
+
+class JsonObjectRecord(RunRecord):
+    """A run record in one JSON object on object storage (one PUT: atomic)."""
+
+    where: Location
+
+    def __init__(self, where: Location) -> None:
+        self.where = where
+
+    def read(self) -> dict[str, Any] | None:
+        try:
+            data = self.where.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            return _record_of(data.decode())
+        except UnicodeDecodeError:
+            return {KIND: None}
+
+    def write(self, fields: Mapping[str, Any]) -> None:
+        self.where.write_bytes(_record_text(fields).encode())
+
+
+def record_inside(directory: PathLike | Location) -> JsonRecord | JsonObjectRecord:
+    """The JSON run record of a directory output or an object-storage prefix."""
+    place = _place(directory)
+    if isinstance(place, Location):
+        return JsonObjectRecord(place / RECORD_NAME)
+    return JsonRecord.inside(place)
+
+
+def _record_of(text: str) -> dict[str, Any]:
+    try:
+        found = json.loads(text)
+    except ValueError:
+        return {KIND: None}
+    if not isinstance(found, dict) or found.get("format") != RECORD_FORMAT:
+        return {KIND: None}
+    return found
+
+
+def _record_text(fields: Mapping[str, Any]) -> str:
+    record = {"format": RECORD_FORMAT, "format_version": RECORD_VERSION, **fields}
+    return json.dumps(record, indent=1, sort_keys=True, default=str)
+
+
+def _place(target: PathLike | Location) -> Path | Location:
+    """A local path as a ``Path``, an object-storage URL as a :class:`Location`."""
+    if isinstance(target, Location):
+        return target.path if target.is_local else target
+    return as_location(target) if is_url(target) else Path(target)
 
 
 class ZarrRecord(RunRecord):
@@ -139,8 +194,8 @@ class ZarrRecord(RunRecord):
     }
     """Attribute xpbatch writes into a group -> the kind of that group."""
 
-    def __init__(self, path: PathLike, *, fingerprint: str | None = None) -> None:
-        self.path = Path(path)
+    def __init__(self, path: PathLike | Location, *, fingerprint: str | None = None) -> None:
+        self.path = _place(path)
         self.where = self.path / "zarr.json"
         self.fingerprint = fingerprint
         """The attribute that holds the run's fingerprint, if one does."""
@@ -151,8 +206,11 @@ class ZarrRecord(RunRecord):
 
         if not self.where.is_file():
             return None
+        target = (
+            self.path.zarr_store(read_only=True) if isinstance(self.path, Location) else self.path
+        )
         try:
-            return dict(zarr.open_group(self.path, mode="r").attrs.asdict())
+            return dict(zarr.open_group(target, mode="r").attrs.asdict())
         except (OSError, ValueError, zarr.errors.BaseZarrError):
             return {}
 
@@ -181,8 +239,11 @@ class ResumePlan(Generic[T]):
     """Items this run does."""
 
 
+Out = TypeVar("Out", bound=Path | Location)
+
+
 @dataclasses.dataclass
-class RunManifest:
+class RunManifest(Generic[Out]):
     """A stage's run at its output: claim it, check the fingerprint, plan, record, complete.
 
     Examples
@@ -200,8 +261,8 @@ class RunManifest:
     (True, {'part-1': 10})
     """
 
-    output: Path
-    """The output as the user named it (for messages)."""
+    output: Out
+    """The output as the user named it (for messages): a path, or a URL's location."""
     kind: str
     """What the stage writes, e.g. ``"catalogue"``, ``"XP store"``, ``"Parquet export"``."""
     record: RunRecord
@@ -234,14 +295,16 @@ class RunManifest:
         (default: the output and its record; a function that does nothing leaves them for the
         run to replace).
         """
-        output = Path(self.output)
-        exists = (output.exists() or output.is_symlink()) if exists is None else exists
+        output = self.output
+        if exists is None:
+            exists = output.exists() or (isinstance(output, Path) and output.is_symlink())
         if not exists:
             if resume:
                 logger.info("%s: nothing to resume, starting a new %s", output, self.kind)
             return False
         recorded = self.record.read()
-        empty = output.is_dir() and not any(output.iterdir())
+        # Object storage has no empty directories: an empty prefix does not exist.
+        empty = isinstance(output, Path) and output.is_dir() and not any(output.iterdir())
         kind = None if foreign else (recorded or {}).get(KIND)
         if foreign or (kind != self.kind and not (empty and recorded is None)):
             refused = ResumeRefusedError if resume else OutputExistsError
@@ -272,10 +335,16 @@ class RunManifest:
         self.resumed = True
         return True
 
-    def remove(self, output: Path) -> None:
+    def remove(self, output: Path | Location) -> None:
         """What ``--overwrite`` removes by default: the output and its record."""
+        if isinstance(output, Location):
+            output.remove_tree()
+            if isinstance(self.record.where, Location):
+                self.record.where.remove_tree()
+            return
         remove_path(output)
-        self.record.where.unlink(missing_ok=True)
+        if isinstance(self.record.where, Path):
+            self.record.where.unlink(missing_ok=True)
 
     def check(self, found: Mapping[str, Any], *, what: str = "") -> None:
         """Refuse ``--resume`` of a run recorded with another fingerprint than this run's.
@@ -351,7 +420,7 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def file_manifest(output: PathLike, *, kind: str) -> RunManifest:
+def file_manifest(output: PathLike, *, kind: str) -> RunManifest[Path]:
     """The manifest of a single-file output (a table, a picture): its record beside it, its
     path with a symlink resolved."""
     output = real_output(output)

@@ -41,12 +41,10 @@ from pathlib import Path
 from typing import Any, ParamSpec, TypeVar
 
 from xpbatch.errors import OutputLockedError
-from xpbatch.storage.paths import PathLike
+from xpbatch.storage.paths import LOCK_SUFFIX, PathLike
 
 logger = logging.getLogger(__name__)
 
-LOCK_SUFFIX = ".lock"
-"""Appended to an output's name to make its lock file's name."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -150,9 +148,37 @@ def _refusal(output: Path, path: Path, holder: dict[str, Any]) -> OutputLockedEr
     )
 
 
+_LEASES: dict[str, Any] = {}
+"""URL -> the lease this process holds on that output (object storage), for :func:`check_lock`."""
+
+
+def _is_object_storage(output: object) -> bool:
+    if isinstance(output, str | os.PathLike) and "://" not in os.fspath(output):
+        return False  # a plain local path: no need to import the storage clients
+    from xpbatch.storage.location import is_url
+
+    return is_url(output)
+
+
+def check_lock(output: object) -> None:
+    """Raise :class:`OutputLockedError` if this process held a lease on ``output`` and lost it
+    (another run took it over); stages call this before each record and before completing."""
+    if not _is_object_storage(output):
+        return
+    lease = _LEASES.get(str(output))
+    if lease is not None:
+        lease.check()
+
+
 @contextlib.contextmanager
-def output_lock(output: PathLike, *, command: str = "", break_lock: bool = False) -> Iterator[Path]:
+def output_lock(
+    output: PathLike | Any, *, command: str = "", break_lock: bool = False
+) -> Iterator[Any]:
     """Hold the exclusive lock on ``output`` for the duration of the block.
+
+    On object storage (an ``s3://`` URL or a :class:`~xpbatch.storage.location.Location`) the
+    lock is the lease of :mod:`xpbatch.storage.lease` (the server's conditional writes proven
+    first); elsewhere the lock file described above.
 
     Parameters
     ----------
@@ -182,6 +208,20 @@ def output_lock(output: PathLike, *, command: str = "", break_lock: bool = False
     ...     lock.name
     'catalog.zarr.lock'
     """
+    if _is_object_storage(output):
+        from xpbatch.storage.lease import Lease
+        from xpbatch.storage.location import as_location
+
+        location = as_location(output)
+        ttl = location.options.lease_ttl_s
+        with Lease(location, ttl_s=ttl, command=command or None, break_lock=break_lock) as lease:
+            _LEASES[location.url] = lease
+            try:
+                yield lease.lock
+            finally:
+                _LEASES.pop(location.url, None)
+            lease.check()  # a run that lost its lease mid-write must not report success
+        return
     path = lock_path(output)
     holder = _acquire(Path(output), path, command=command, break_lock=break_lock)
     try:

@@ -14,6 +14,9 @@ from pathlib import Path
 PathLike = str | os.PathLike[str]
 """A path as callers pass it: a string or any ``os.PathLike`` (``pathlib.Path``)."""
 
+LOCK_SUFFIX = ".lock"
+"""Appended to an output's name to make its lock's name (a file, or a lease object)."""
+
 TMP_MARK = ".tmp-"
 """In the name of every temporary file :func:`atomic_path` makes, ``.<name>.tmp-<random>``, so
 that code cleaning up after a killed run can recognise them (``.*.tmp-*``)."""

@@ -16,6 +16,7 @@ import dataclasses
 import datetime
 import enum
 import os
+import shutil
 import sys
 import uuid
 import warnings
@@ -64,11 +65,74 @@ CATALOG = Kind(
 )
 
 
-def where(path: PathLike | Location) -> Path | Location:
+Place = Path | Location
+"""Where a store or a catalogue is: a local directory (a ``Path``, written through the
+filesystem: temporary file, fsync, rename) or an object-storage prefix (a :class:`Location`:
+one PUT per object, atomic, no rename)."""
+
+
+def where(path: PathLike | Location) -> Place:
     """A local path as a ``Path``; an object-storage URL (``s3://``) as a :class:`Location`."""
     if isinstance(path, Location):
         return path.path if path.is_local else path
     return as_location(path) if is_url(path) else Path(path)
+
+
+def absolute(path: PathLike | Location) -> str | Location:
+    """A local path as its absolute path (workers of a remote cluster do not share this
+    process's directory); an object-storage URL as its :class:`Location`, options and all."""
+    place = where(path)
+    return place if isinstance(place, Location) else str(place.resolve())
+
+
+def zarr_target(path: Place, *, read_only: bool = False) -> Any:
+    """What ``zarr.open_group`` takes for ``path``: the path itself, or a Location's store."""
+    return path.zarr_store(read_only=read_only) if isinstance(path, Location) else path
+
+
+def is_file(file: Place) -> bool:
+    """Whether a chunk file (or object) exists exactly at ``file``."""
+    return file.is_file()
+
+
+def relative(file: Place, root: Place) -> str:
+    """``file``'s name below ``root`` (``latent_mean/c/0/0``), for messages."""
+    if isinstance(file, Location) and isinstance(root, Location):
+        return file.relative_name(root)
+    if isinstance(file, Path) and isinstance(root, Path):
+        return file.relative_to(root).as_posix()
+    return str(file)
+
+
+def remove_tree(path: Place) -> None:
+    """Remove a directory tree, or every object below a prefix."""
+    if isinstance(path, Location):
+        path.remove_tree()
+    elif path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def nbytes(path: Place) -> int:
+    """Bytes of every file (or object) under ``path``."""
+    if isinstance(path, Location):
+        return sum(path.sizes().values())
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def same_place(a: Place, b: Place) -> bool:
+    """Whether ``a`` and ``b`` name one directory or prefix."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve() == b.resolve()
+    return str(a) == str(b)
+
+
+def inside(a: Place, b: Place) -> bool:
+    """Whether ``a`` lies below ``b`` (or is it)."""
+    if isinstance(a, Path) and isinstance(b, Path):
+        return a.resolve().is_relative_to(b.resolve())
+    return str(a) == str(b) or str(a).startswith(str(b).rstrip("/") + "/")
 
 
 def open_group(
@@ -107,9 +171,11 @@ def _where(group: zarr.Group) -> str:
     return str(root) if root is not None else str(group.store_path)
 
 
-def open_arrays(path: PathLike, names: Iterable[str], kind: Kind) -> dict[str, zarr.Array]:
+def open_arrays(
+    path: PathLike | Location, names: Iterable[str], kind: Kind
+) -> dict[str, zarr.Array]:
     """Arrays of the Zarr group at ``path``, by name (``kind.error`` if one is missing)."""
-    group = open_group(Path(path), kind)
+    group = open_group(where(path), kind)
     return {name: get_array(group, name, kind) for name in names}
 
 
@@ -210,13 +276,13 @@ def write_axis(group: zarr.Group, name: str, values: np.ndarray, description: st
     axis[:] = values
 
 
-def consolidate(path: Path) -> None:
+def consolidate(path: Place) -> None:
     """Consolidate the group's metadata, so that ``xarray.open_zarr(path)`` opens it in one read."""
     with warnings.catch_warnings():
         # Consolidated metadata is a zarr-python extension to Zarr v3; xarray reads it and
         # warns when it is absent, so we write it (and silence zarr's note about it).
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(path.zarr_store() if isinstance(path, Location) else str(path))
 
 
 def utc_now() -> str:
@@ -248,8 +314,9 @@ def read_together(reads: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
 
 
 # --- chunk files ----------------------------------------------------------------------------------
-def chunk_file(path: Path, array: zarr.Array, index: int) -> Path:
-    """The file of chunk ``index`` (along ``source``) of ``array`` in the group at ``path``."""
+def chunk_file(path: Place, array: zarr.Array, index: int) -> Place:
+    """The file (or object) of chunk ``index`` (along ``source``) of ``array`` in the group at
+    ``path``."""
     return path / array.basename / chunk_key(array, index)
 
 
@@ -259,7 +326,11 @@ def chunk_key(array: zarr.Array, index: int) -> str:
 
 
 def write_chunks(
-    path: Path, writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice
+    path: Place,
+    writes: Sequence[tuple[zarr.Array, np.ndarray]],
+    rows: slice,
+    *,
+    sizes: dict[int, list[int]] | None = None,
 ) -> dict[int, list[int]]:
     """Write ``rows`` (whole chunks) of several arrays of the group at ``path``; return, per chunk
     index, the checksum of each array's chunk file as this call wrote it.
@@ -267,7 +338,10 @@ def write_chunks(
     The chunks are encoded in memory (every array at once, as :func:`write_together` does), then
     each file is written to a temporary name, fsynced and renamed into place: a record written
     next never outlives its data, and the checksums are of these bytes, whoever writes the same
-    file at the same time (see :func:`chunk_checksum`).
+    file at the same time (see :func:`chunk_checksum`). On object storage every chunk object is
+    PUT at once (a PUT is atomic: no temporary name, no rename); the call returns when all are
+    stored, so a record written next never outlives its data there either. ``sizes``, if
+    given, receives each chunk's file sizes in bytes, in the same order.
     """
     buffers: list[dict[str, Any]] = []
     in_memory = []
@@ -278,12 +352,21 @@ def write_chunks(
     write_together(in_memory, rows)
     chunk_rows = writes[0][0].chunks[0] if writes else 1
     written: dict[int, list[int]] = {}
+    objects: list[tuple[str, bytes]] = []
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
         written[index] = []
         for (array, _), found in zip(writes, buffers, strict=True):
+            key = chunk_key(array, index)
             data = found[_memory_key(array, index)].to_bytes()
-            _write_file(chunk_file(path, array, index), data)
+            if isinstance(path, Location):
+                objects.append((f"{array.basename}/{key}", data))
+            else:
+                _write_file(path / array.basename / key, data)
             written[index].append(_checksum_of(array, data))
+            if sizes is not None:
+                sizes.setdefault(index, []).append(len(data))
+    if isinstance(path, Location):
+        put_objects(path, objects)
     return written
 
 
@@ -302,6 +385,25 @@ def _in_memory(array: zarr.Array, files: dict[str, Any]) -> zarr.Array:
 def _memory_key(array: zarr.Array, index: int) -> str:
     """The key of chunk ``index`` (along ``source``) of an :func:`_in_memory` array."""
     return f"{array.path}/{array.metadata.encode_chunk_key((index, 0)[: array.ndim])}"
+
+
+def put_objects(root: Location, objects: Sequence[tuple[str, bytes]]) -> None:
+    """PUT every ``(name below root, bytes)`` at once (object stores want many requests in
+    flight, not one after another), through this process's one client of the bucket."""
+    import obstore
+
+    from xpbatch.storage.clients import object_store, storage_errors
+
+    store = object_store(root)
+    prefix = f"{root.key}/" if root.key else ""
+
+    async def put_all() -> None:
+        await asyncio.gather(
+            *(obstore.put_async(store, prefix + name, data) for name, data in objects)
+        )
+
+    with storage_errors(root, "write chunks to"):
+        zarr_sync(put_all())
 
 
 def _write_file(file: Path, data: bytes) -> None:
@@ -339,14 +441,14 @@ def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
     still matches it is checked by every decode (and by :func:`has_checksum`).
     """
-    if isinstance(file, Location):  # object storage: one GET of the object
+    if isinstance(file, Location):  # object storage: one ranged GET of the object's end
         try:
-            data = file.read_bytes()
+            if _ends_in_crc32c(array):
+                tail = file.read_tail(4)
+                return int.from_bytes(tail, sys.byteorder) if len(tail) == 4 else -2
+            return int(crc32c.crc32c(file.read_bytes()))
         except FileNotFoundError:
             return None
-        if _ends_in_crc32c(array):
-            return int.from_bytes(data[-4:], sys.byteorder) if len(data) >= 4 else -2
-        return int(crc32c.crc32c(data))
     try:
         fd = os.open(file, os.O_RDONLY)
     except FileNotFoundError:
@@ -366,7 +468,7 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
     return _mismatch(chunk_checksum(file, array), recorded)
 
 
-def read_chunk_file(file: Path) -> bytes | None:
+def read_chunk_file(file: Place) -> bytes | None:
     """The bytes of chunk ``file``, in one read; None if it is missing.
 
     What a check reads is what it decodes: :func:`bytes_mismatch` compares these bytes with
@@ -469,11 +571,11 @@ def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple
     listed = (path / array.basename).sizes() if isinstance(path, Location) else None
     for index in range(-(-array.shape[0] // chunk_rows)):
         key = array.metadata.encode_chunk_key((index, 0)[: array.ndim])
-        if listed is not None or isinstance(path, Location):
+        if isinstance(path, Location):
             size = -1 if listed is None else listed.get(key, -1)
             name = f"{array.basename}/{key}"
         else:
-            file = chunk_file(path, array, index)
+            file = path / array.basename / key
             try:
                 size = file.stat().st_size
             except FileNotFoundError:

@@ -98,7 +98,11 @@ def recorded_checksums(group: zarr.Group) -> tuple[list[str], zarr.Array] | None
 
 
 def read_rows_checked(
-    path: PathLike, array: zarr.Array, rows: slice, *, recorded: Mapping[int, int] | None = None
+    path: PathLike | Location,
+    array: zarr.Array,
+    rows: slice,
+    *,
+    recorded: Mapping[int, int] | None = None,
 ) -> np.ndarray:
     """``array[rows]``, or a StoreError naming the variable, chunk and file that cannot be read.
 
@@ -108,7 +112,7 @@ def read_rows_checked(
     fails here instead of reading as wrong values. A chunk file deleted since the store was
     opened is an error, not fill values.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     chunk_rows = array.chunks[0]
     data = {}
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
@@ -135,7 +139,7 @@ def read_rows_checked(
             if why:
                 raise StoreError(
                     f"{array.basename} chunk {index} of store {path}: file "
-                    f"{file.relative_to(path).as_posix()} {why}; its rows were not used. "
+                    f"{zarr_arrays.relative(file, path)} {why}; its rows were not used. "
                     f"{DAMAGED_STORE_REMEDY}"
                 )
         data[index] = found
@@ -180,7 +184,7 @@ def source_id_range_problem(
     return None
 
 
-def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path) -> list[list[int]]:
+def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path | Location) -> list[list[int]]:
     """[first, last] source_id of every chunk; errors if a chunk is unwritten or out of order."""
     ranges: list[list[int]] = []
     n_rows = source_id.shape[0]

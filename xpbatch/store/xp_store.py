@@ -33,9 +33,8 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import uuid
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -74,7 +73,7 @@ DEFAULT_CHUNK_ROWS = config.DEFAULT_CHUNK_ROWS
 """Rows per chunk of every variable."""
 
 
-def check_overwritable(path: Path, overwrite: bool) -> None:
+def check_overwritable(path: zarr_arrays.Place, overwrite: bool) -> None:
     """Refuse an existing output unless ``overwrite`` is set and it is a Zarr store."""
     if not path.exists():
         return
@@ -90,11 +89,11 @@ def check_overwritable(path: Path, overwrite: bool) -> None:
         )
 
 
-def _remove_existing(path: Path, overwrite: bool) -> None:
+def _remove_existing(path: zarr_arrays.Place, overwrite: bool) -> None:
     """Refuse an existing output, or remove it when ``overwrite`` and it is a Zarr store."""
     check_overwritable(path, overwrite)
     if path.exists():
-        shutil.rmtree(path)
+        zarr_arrays.remove_tree(path)
 
 
 class XPStoreWriter:
@@ -113,7 +112,7 @@ class XPStoreWriter:
 
     def __init__(
         self,
-        path: PathLike,
+        path: PathLike | Location,
         *,
         n_rows: int,
         chunk_rows: int,
@@ -121,7 +120,7 @@ class XPStoreWriter:
         with_correlations: bool = False,
         with_positions: bool = False,
     ) -> None:
-        self.path = Path(path)
+        self.path = zarr_arrays.where(path)
         self.n_rows = int(n_rows)
         self.chunk_rows = int(chunk_rows)
         self.scalars = check_scalar_names(scalars)
@@ -139,7 +138,7 @@ class XPStoreWriter:
     @classmethod
     def create(
         cls,
-        path: PathLike,
+        path: PathLike | Location,
         n_rows: int,
         *,
         chunk_rows: int = DEFAULT_CHUNK_ROWS,
@@ -185,7 +184,7 @@ class XPStoreWriter:
             with_positions=with_positions,
         )
         _remove_existing(writer.path, overwrite)
-        group = zarr.open_group(writer.path, mode="w-", zarr_format=3)
+        group = zarr.open_group(zarr_arrays.zarr_target(writer.path), mode="w-", zarr_format=3)
         group.attrs.update(writer._initial_attrs(attrs))
         zarr_arrays.create_row_arrays(
             group,
@@ -247,7 +246,7 @@ class XPStoreWriter:
 
     def _open(self) -> zarr.Group:
         if self._group is None:
-            self._group = zarr.open_group(self.path, mode="r+")
+            self._group = zarr.open_group(zarr_arrays.zarr_target(self.path), mode="r+")
         return self._group
 
     def _check_region(self, start: int, n: int) -> None:
@@ -338,20 +337,25 @@ class XPStoreWriter:
                 )
             )
         # source_id goes last: finalize treats a chunk whose source_id is written as finished.
-        checksums = zarr_arrays.write_chunks(self.path, writes, slice(start, start + n))
-        self._record_chunk_files(group, [array for array, _ in writes], checksums)
+        sizes: dict[int, list[int]] = {}
+        checksums = zarr_arrays.write_chunks(
+            self.path, writes, slice(start, start + n), sizes=sizes
+        )
+        self._record_chunk_files(group, checksums, sizes)
 
     def _record_chunk_files(
-        self, group: zarr.Group, arrays: Sequence[zarr.Array], checksums: Mapping[int, list[int]]
+        self,
+        group: zarr.Group,
+        checksums: Mapping[int, list[int]],
+        file_sizes: Mapping[int, list[int]],
     ) -> None:
         """Record the size and the crc32c of each chunk file just written (after all are)."""
         sizes = group.get(schema.CHUNK_FILES)
         crcs = group.get(schema.CHECKSUMS_ARRAY)
         for index, crc in checksums.items():
             if isinstance(sizes, zarr.Array):  # absent in stores created before chunk records
-                files = [zarr_arrays.chunk_file(self.path, a, index) for a in arrays]
                 sizes.with_config({"write_empty_chunks": True})[index] = np.array(
-                    [os.stat(f).st_size for f in files], np.int64
+                    file_sizes[index], np.int64
                 )
             if isinstance(crcs, zarr.Array):
                 crcs.with_config({"write_empty_chunks": True})[index] = np.array(crc, np.int64)
@@ -394,7 +398,7 @@ class XPStoreWriter:
         return {name: positions[name] for name in (schema.RA, schema.DEC)}
 
     # --- finishing ------------------------------------------------------------------------
-    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> Path:
+    def finalize(self, extra_attrs: Mapping[str, Any] | None = None) -> zarr_arrays.Place:
         """Check every chunk was written with ascending unique ids, then mark the store complete.
 
         Reads ``source_id`` chunk by chunk (8 bytes a row), records each chunk's id range in the
@@ -453,7 +457,7 @@ def write_xp_store(
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
     attrs: Mapping[str, Any] | None = None,
     overwrite: bool = False,
-) -> Path:
+) -> zarr_arrays.Place:
     """Write in-memory arrays (e.g. your own cross-match) as an XP store.
 
     Rows are sorted by ``source_id``; duplicate ids are an error. ``input_flags`` are computed
@@ -476,8 +480,8 @@ def write_xp_store(
 
     Returns
     -------
-    pathlib.Path
-        The store's path.
+    pathlib.Path or Location
+        The store's path (its Location for an ``s3://`` URL).
 
     Examples
     --------
@@ -585,14 +589,15 @@ def open_xp_store(path: PathLike | Location) -> xr.Dataset:
     return xr.open_zarr(target, consolidated=consolidated)
 
 
-def store_id(ds_or_path: xr.Dataset | PathLike) -> str:
+def store_id(ds_or_path: xr.Dataset | PathLike | Location) -> str:
     """A stable, cheap identifier of a complete store, recorded by models and catalogues.
 
     A hash of the store's creation uuid, row count and per-chunk source_id ranges, computed once
     by :meth:`XPStoreWriter.finalize`; two different stores never share it.
     """
-    if isinstance(ds_or_path, str | os.PathLike):
-        attrs: dict[str, Any] = zarr_arrays.open_group(Path(ds_or_path), STORE).attrs.asdict()
+    if isinstance(ds_or_path, str | os.PathLike | Location):
+        place = zarr_arrays.where(ds_or_path)
+        attrs: dict[str, Any] = zarr_arrays.open_group(place, STORE).attrs.asdict()
         where = str(ds_or_path)
     else:
         attrs = dict(ds_or_path.attrs)
@@ -605,7 +610,7 @@ def store_id(ds_or_path: xr.Dataset | PathLike) -> str:
     return str(value)
 
 
-def open_variables(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array]:
+def open_variables(path: PathLike | Location, names: Iterable[str]) -> dict[str, zarr.Array]:
     """Arrays of the store at ``path`` by name, straight from Zarr (no xarray, no schema check).
 
     A StoreError names the store and the array when one is missing.
@@ -613,9 +618,9 @@ def open_variables(path: PathLike, names: Iterable[str]) -> dict[str, zarr.Array
     return zarr_arrays.open_arrays(path, names, STORE)
 
 
-def present_variables(path: PathLike, names: Iterable[str]) -> tuple[str, ...]:
+def present_variables(path: PathLike | Location, names: Iterable[str]) -> tuple[str, ...]:
     """Those of ``names`` that the store at ``path`` has (e.g. the optional ``ra``, ``dec``)."""
-    group = zarr_arrays.open_group(Path(path), STORE)
+    group = zarr_arrays.open_group(zarr_arrays.where(path), STORE)
     return tuple(name for name in names if name in group)
 
 
@@ -634,8 +639,8 @@ class ChunkReader:
     (65536, 110)
     """
 
-    def __init__(self, path: PathLike, names: Iterable[str]) -> None:
-        self.path = Path(path)
+    def __init__(self, path: PathLike | Location, names: Iterable[str]) -> None:
+        self.path = zarr_arrays.where(path)
         group = zarr_arrays.open_group(self.path, STORE)
         self.arrays = {name: zarr_arrays.get_array(group, name, STORE) for name in names}
         self._attrs: dict[str, Any] = group.attrs.asdict()
@@ -690,7 +695,9 @@ class ChunkReader:
         }
 
 
-def sample_rows(path: PathLike, names: Iterable[str], *, per_chunk: int) -> dict[str, np.ndarray]:
+def sample_rows(
+    path: PathLike | Location, names: Iterable[str], *, per_chunk: int
+) -> dict[str, np.ndarray]:
     """``per_chunk`` evenly spaced rows of every chunk of the store, for each of ``names``, and
     ``chunk`` (the chunk of each row): a look at the whole store for the price of a few rows.
 
@@ -698,7 +705,7 @@ def sample_rows(path: PathLike, names: Iterable[str], *, per_chunk: int) -> dict
     their offsets, without reading the chunks; compressed ones (older stores) are decoded.
     These are a sample to measure, not rows to use: whole chunks are checked when read.
     """
-    path = Path(path)
+    path = zarr_arrays.where(path)
     arrays = open_variables(path, names)
     first = next(iter(arrays.values()))
     n_rows, chunk_rows = int(first.shape[0]), int(first.chunks[0])
@@ -716,15 +723,16 @@ def sample_rows(path: PathLike, names: Iterable[str], *, per_chunk: int) -> dict
     return sample
 
 
-def _rows_of(path: Path, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
-    """``array[rows]``: read at their offsets from uncompressed chunk files, else decoded."""
+def _rows_of(path: zarr_arrays.Place, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
+    """``array[rows]``: read at their offsets from uncompressed chunk files, else decoded (and
+    always decoded on object storage)."""
     serializer = array.serializer
     plain = (
         isinstance(serializer, zarr.codecs.BytesCodec)
         and not array.filters
         and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in array.compressors)
     )
-    if not plain or not rows.size:
+    if not plain or not rows.size or not isinstance(path, Path):
         return np.asarray(array.get_orthogonal_selection(rows))  # type: ignore[arg-type]
     endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
     dtype = np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
@@ -732,7 +740,7 @@ def _rows_of(path: Path, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     out = np.empty((rows.size, *array.shape[1:]), dtype)
     chunk_rows = array.chunks[0]
     for index in np.unique(rows // chunk_rows):
-        file = zarr_arrays.chunk_file(path, array, int(index))
+        file = path / array.basename / zarr_arrays.chunk_key(array, int(index))
         picked = np.flatnonzero(rows // chunk_rows == index)
         try:
             with open(file, "rb") as f:

@@ -43,6 +43,7 @@ from xpbatch.model.device import resolve_device
 from xpbatch.model.files import runtime_versions, save_model, write_safetensors
 from xpbatch.model.network import ScatterVAE, VAEOutput, reconstruction_rmse, scatter_vae_loss
 from xpbatch.model.trained import Normalisation, TrainedModel
+from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import (
     COMPLETE,
     FINGERPRINT,
@@ -212,7 +213,7 @@ class RunPaths:
 # --- the public entry point -----------------------------------------------------------------
 @locked_output("out", "train")
 def train_model(
-    store: str | os.PathLike[str] | xr.Dataset,
+    store: str | os.PathLike[str] | Location | xr.Dataset,
     out: str | os.PathLike[str],
     *,
     config: TrainConfig | None = None,
@@ -222,8 +223,8 @@ def train_model(
     Parameters
     ----------
     store
-        An XP store path (``xpbatch ingest``/``mock``/``write_xp_store``) or the dataset
-        :func:`xpbatch.open_xp_store` returned.
+        An XP store path or ``s3://`` URL (``xpbatch ingest``/``mock``/``write_xp_store``) or
+        the dataset :func:`xpbatch.open_xp_store` returned.
     out
         Model file to write (``.safetensors``); the checkpoint and the metrics file go beside it.
     config
@@ -261,7 +262,7 @@ def train_model(
     run = _claim_outputs(paths, config)
     device = resolve_device(config.device, precision=config.precision)
     started = time.perf_counter()
-    ds = store if not isinstance(store, str | os.PathLike) else open_xp_store(Path(store))
+    ds = store if not isinstance(store, str | os.PathLike | Location) else open_xp_store(store)
     wanted = read_source_id_file(config.source_ids) if config.source_ids else None
     selection = select_rows(ds, config, wanted_source_id=wanted)
     if selection.counts.get("unknown_source_ids"):
