@@ -46,7 +46,7 @@ STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     ),
     "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
     "export-parquet": ((ParquetExportConfig,), {"output", "partitions", "store"}),
-    "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", "model", STORAGE}),
+    "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", STORAGE}),
     "skymap": ((SkyMapConfig, ClusterConfig), {"output", STORAGE}),
 }
 """Stage command -> (the configs its options come from, its options that are not config fields:

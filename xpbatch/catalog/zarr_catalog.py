@@ -397,6 +397,8 @@ def prepare_output(
         # The records array is created last: without it the template was never finished, and
         # nothing was recorded yet (whatever its fingerprint).
         run.fingerprint = None
+    elif exists and resume:
+        _refuse_another_format(path)
     run.claim(
         resume=resume,
         overwrite=overwrite,
@@ -409,7 +411,6 @@ def prepare_output(
             logger.warning("%s has an unfinished template (killed at creation); rebuilding", path)
             zarr_arrays.remove_tree(path)
         else:
-            check_format_version(read_attrs(path), path)
             if not run.complete:  # a complete catalogue is left as it is
                 remove_interrupted_writes(path)
                 group = zarr_arrays.open_group(path, CATALOG, mode="r+")
@@ -420,6 +421,17 @@ def prepare_output(
             return done - set(chunk_file_problems(path, sorted(done)))  # re-derive those
     create_catalog(path, layout, attrs=attrs)
     return set()
+
+
+def _refuse_another_format(path: Place) -> None:
+    """Before the fingerprint is compared: a catalogue of another format version is named as
+    such (re-encode it), not as another run; anything else is left to the claim to describe."""
+    try:
+        found: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
+    except (CatalogError, FileNotFoundError):
+        return
+    if schema.CATALOG_ATTR_SCHEMA_VERSION in found:
+        check_format_version(found, path)
 
 
 def _unfinished_template(path: Place) -> bool:
