@@ -223,9 +223,9 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     cluster = cluster_config(kwargs)
     config = config_from_options(HatsExportConfig, kwargs)
     from xpbatch.products.hats_export import export_hats
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster) as client:
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         summary = export_hats(catalog, output, client=client, config=config)
     click.echo(str(summary))
 
@@ -243,11 +243,16 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     cluster = cluster_config(kwargs)
     config = config_from_options(SkyMapConfig, kwargs)
     from xpbatch.products.sky_maps import write_sky_maps
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster) as client:
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         maps = write_sky_maps(catalog, output, client=client, config=config)
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
+
+
+def _show_dashboard(client: Any) -> None:
+    """Print the Dask dashboard's link when a command's cluster starts (after its checks)."""
+    click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
 
 
 def _exit_on_sigterm() -> None:
@@ -304,12 +309,9 @@ def encode_catalog_command(
         raise click.UsageError("give STORE, --model and --output (or --demo)")
     config = EncodeConfig(**settings)
     from xpbatch.encode.stage import encode_catalog
-    from xpbatch.model.files import read_model_metadata
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    read_model_metadata(model)  # a wrong file is refused before a cluster starts
-    with connect(cluster) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         summary = encode_catalog(store, model, output, client=client, config=config)
     click.echo(str(summary))
     if demo:
@@ -350,9 +352,10 @@ def neighbours_command(
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
     config = config_from_options(NeighboursConfig, kwargs)
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster_config(kwargs)) as client:
+    shown = _show_dashboard if output else None  # stdout (and stderr) carry just the table
+    with lazy_connect(cluster_config(kwargs), on_start=shown) as client:
         if output is None:
             table = find_neighbours(catalog, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
@@ -500,7 +503,9 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
     "gaia_source",
     multiple=True,
     type=click.Path(),
-    help="gaia_source companion file or directory (repeat for several): the same-suffix "
+    help="gaia_source companion file, directory or quoted glob ('gaia/*.csv.gz'); one per "
+    "use, repeat it for several (an unquoted glob would make the other files XP inputs): the "
+    "same-suffix "
     "GaiaSource_*.csv.gz, or any CSV/Parquet with source_id and phot_g_mean_flux/_mag (and "
     "optionally ra, dec). Not needed for XP files that carry phot_g_mean_flux or _mag; a "
     "companion's value wins over the XP file's.",
@@ -516,23 +521,14 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     recognised from their content.
     An interrupted or failed run continues with --resume: files already parsed are reused.
     """
-    from xpbatch.ingest import (
-        GAIA_SOURCE_GLOB,
-        XP_GLOB,
-        expand_inputs,
-        ingest_files,
-        pair_files,
-    )
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.ingest import ingest_files
+    from xpbatch.runtime.cluster import lazy_connect
 
     cluster = cluster_config(kwargs)
     config = config_from_options(IngestConfig, kwargs)
-    xp = expand_inputs(xp_files, XP_GLOB)
-    gs = expand_inputs(gaia_source, GAIA_SOURCE_GLOB)
-    pair_files(xp, gs)  # refuse missing companions before starting a cluster
-    with connect(cluster) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        summary = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
+        output = kwargs["output"]
+        summary = ingest_files(xp_files, gaia_source, output, client=client, config=config)
     click.echo(str(summary))
 
 

@@ -54,7 +54,7 @@ from xpbatch.errors import (
     ModelMismatchError,
     StoreError,
 )
-from xpbatch.runtime.executor import Executor, Progress
+from xpbatch.runtime.executor import Executor, LazyClient, Progress
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage.manifest import real_output
 from xpbatch.storage.outputs import locked_output
@@ -324,7 +324,7 @@ def encode_catalog(
     model: TrainedModel | PathLike,
     out: PathLike,
     *,
-    client: Client | None = None,
+    client: Client | LazyClient | None = None,
     config: EncodeConfig | None = None,
 ) -> EncodeSummary:
     """Encode every row of an XP store into a catalogue, resumably.
@@ -449,7 +449,7 @@ def _plan(store: Path, model: TrainedModel | PathLike, out: Path, config: Encode
     )
 
 
-def _executor(client: Client | Executor | None, config: EncodeConfig) -> Executor:
+def _executor(client: Client | LazyClient | Executor | None, config: EncodeConfig) -> Executor:
     """The executor of ``client`` (serial without one) with the bounds and retries of ``config``."""
     return Executor.of(
         client,
@@ -526,7 +526,10 @@ def _summarise(
 
 
 def verify(
-    path: PathLike, store: PathLike | None = None, *, client: Client | Executor | None = None
+    path: PathLike,
+    store: PathLike | None = None,
+    *,
+    client: Client | LazyClient | Executor | None = None,
 ) -> catalog_verify.VerifyReport:
     """:func:`xpbatch.catalog.verify.verify_catalog`, on ``client``'s workers when one is given."""
     executor = _executor(client, EncodeConfig())

@@ -11,13 +11,14 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from distributed import WorkerPlugin
 
 from xpbatch.config import CLUSTER_LOCAL_CUDA, GPU_THREADS_PER_WORKER, ClusterConfig
 from xpbatch.errors import ClusterUnavailableError
+from xpbatch.runtime.executor import LazyClient
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
@@ -164,6 +165,23 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         logger.info("Dask dashboard: %s", client.dashboard_link)
         quiet_workers(client)
         yield client
+
+
+def lazy_connect(
+    config: ClusterConfig, *, on_start: Callable[[Client], object] | None = None
+) -> LazyClient:
+    """:func:`connect` deferred to the first task a stage submits (``on_start(client)`` then).
+
+    What the CLI passes to a stage: the stage checks its inputs and claims its output first, so
+    a missing input or a locked output is refused without starting a cluster.
+
+    Examples
+    --------
+    >>> from xpbatch.config import ClusterConfig
+    >>> with lazy_connect(ClusterConfig(n_workers=2)) as client:  # doctest: +SKIP
+    ...     encode_catalog("dr3.zarr", "model.safetensors", "catalog.zarr", client=client)
+    """
+    return LazyClient(lambda: connect(config), on_start=on_start)
 
 
 @contextlib.contextmanager

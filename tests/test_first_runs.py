@@ -1,0 +1,173 @@
+"""First runs: a command checks its inputs and claims its output before a cluster starts, and a
+failed ingest that parsed nothing does not block its corrected rerun."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from xpbatch import schema
+from xpbatch.benchmarks.neighbours import synthetic_catalog
+from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.cli.main import main
+from xpbatch.config import ClusterConfig
+from xpbatch.errors import ClusterUnavailableError, InputShapeError, ParseError
+from xpbatch.ingest import ingest_files
+from xpbatch.runtime import cluster
+from xpbatch.storage.outputs import lock_path
+from xpbatch.store.xp_store import open_xp_store
+
+BRIGHT = 5853498713190525696  # a source of the DR3 samples
+
+
+class ConnectSpy:
+    """Stands in for :func:`xpbatch.runtime.cluster.connect`: records each call (and whether the
+    output's lock existed then) and refuses, so no cluster ever starts."""
+
+    def __init__(self, output: Path | None = None) -> None:
+        self.output = output
+        self.calls: list[bool] = []
+
+    @contextlib.contextmanager
+    def __call__(self, config: ClusterConfig) -> Iterator[None]:
+        self.calls.append(self.output is not None and lock_path(self.output).exists())
+        raise ClusterUnavailableError("the spy starts no cluster")
+        yield
+
+
+@pytest.fixture
+def gaia(tmp_path: Path) -> Path:
+    path = tmp_path / "gaia_source.csv"
+    path.write_text(f"source_id,phot_g_mean_flux\n{BRIGHT},123456.78\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def small_catalog(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return synthetic_catalog(tmp_path_factory.mktemp("first") / "c.zarr", 3000, chunk_rows=512)
+
+
+def _catalog_ids(path: Path, rows: list[int]) -> list[int]:
+    ids = catalog.open_arrays(path, [schema.SOURCE_ID])[schema.SOURCE_ID]
+    return [int(np.asarray(ids[row])) for row in rows]
+
+
+BAD_INPUTS = {
+    "encode-catalog, missing store": (
+        lambda d, c, t: ["encode-catalog", str(t / "nope.zarr"), "-m", str(t / "m.safetensors")],
+        "nope.zarr",
+    ),
+    "neighbours, unknown source id": (
+        lambda d, c, t: ["neighbours", str(c), "--source-id", "123"],
+        "not in catalogue",
+    ),
+    "ingest, a file with no G flux": (
+        lambda d, c, t: ["ingest", str(d / "XP_CONTINUOUS_RAW.csv")],
+        "no G flux",
+    ),
+    "ingest, a shell glob after --gaia-source": (
+        lambda d, c, t: [
+            "ingest",
+            str(d / "XP_CONTINUOUS_RAW.csv"),
+            "--gaia-source",
+            str(t / "GaiaSource_1-2.csv"),
+            str(t / "GaiaSource_3-4.csv"),
+        ],
+        r"is a gaia_source file, given as an XP file: --gaia-source takes one path",
+    ),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_input_is_refused_before_any_cluster_starts(
+    args,  # type: ignore[no-untyped-def]
+    message: str,
+    dr3_samples_dir: Path,
+    small_catalog: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("GaiaSource_1-2.csv", "GaiaSource_3-4.csv"):
+        (tmp_path / name).write_text(f"source_id,phot_g_mean_flux\n{BRIGHT},1.0\n")
+    spy = ConnectSpy()
+    monkeypatch.setattr(cluster, "connect", spy)
+    command = [*args(dr3_samples_dir, small_catalog, tmp_path), "-o", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, command)
+    assert result.exit_code == 2, result.output
+    assert spy.calls == [], "a cluster was asked for before the refusal"
+    assert len(result.output.strip().splitlines()) == 1  # one line, no traceback
+    assert re.search(message, result.output), result.output
+
+
+def test_the_output_is_claimed_before_the_cluster_starts(
+    dr3_samples_dir: Path,
+    gaia: Path,
+    small_catalog: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    cases = {
+        tmp_path / "s.zarr": [
+            "ingest",
+            str(dr3_samples_dir / "XP_CONTINUOUS_RAW.csv"),
+            str(dr3_samples_dir / "XP_CONTINUOUS_RAW.ecsv"),  # parsed on the cluster
+            "--gaia-source",
+            str(gaia),
+        ],
+        tmp_path / "n.csv": ["neighbours", str(small_catalog), "--source-id", "1"],
+        tmp_path / "sky.png": ["skymap", str(small_catalog)],
+    }
+    cases[tmp_path / "n.csv"][-1] = str(_catalog_ids(small_catalog, [7])[0])
+    for output, args in cases.items():
+        spy = ConnectSpy(output)
+        monkeypatch.setattr(cluster, "connect", spy)
+        result = CliRunner().invoke(main, [*args, "-o", str(output)])
+        assert result.exit_code == 2 and "the spy starts no cluster" in result.output, args
+        assert spy.calls == [True], f"{args[0]}: the lock did not exist when the cluster started"
+        assert not lock_path(output).exists()  # released on the way out
+
+
+def test_neighbours_lookup_finds_every_chunks_ids(small_catalog: Path) -> None:
+    from xpbatch.products.neighbours import find_neighbours
+
+    rows = [0, 511, 512, 1023, 2047, 2999]  # first and last rows of chunks, and the very last
+    ids = _catalog_ids(small_catalog, rows)
+    table = find_neighbours(small_catalog, ids, k=1)
+    # each query's nearest other source is found (the query itself is not its own neighbour)
+    assert sorted(set(table.query_source_id)) == sorted(ids)
+    with pytest.raises(InputShapeError, match="not in catalogue"):
+        find_neighbours(small_catalog, [ids[0] + 1], k=1)  # between two catalogue ids
+
+
+def test_a_failed_ingest_that_parsed_nothing_lets_its_corrected_rerun_start(
+    dr3_samples_dir: Path, gaia: Path, tmp_path: Path
+) -> None:
+    xp, out = dr3_samples_dir / "XP_CONTINUOUS_RAW.csv", tmp_path / "s.zarr"
+    with pytest.raises(ParseError, match="no G flux"):
+        ingest_files([xp], [], out)
+    assert (tmp_path / "s.zarr.parts").is_dir()  # what blocked the rerun before
+    summary = ingest_files([xp], [gaia], out)  # neither --resume nor --overwrite
+    assert summary.rows == open_xp_store(out).sizes["source"] > 0
+
+
+def test_a_quoted_glob_names_several_gaia_source_files(
+    dr3_samples_dir: Path, tmp_path: Path
+) -> None:
+    gaia_dir = tmp_path / "gaia"
+    gaia_dir.mkdir()
+    (gaia_dir / "a.csv").write_text(f"source_id,phot_g_mean_flux\n{BRIGHT},123456.78\n")
+    (gaia_dir / "b.csv").write_text("source_id,phot_g_mean_flux\n1,2.0\n")
+    xp = dr3_samples_dir / "XP_CONTINUOUS_RAW.csv"
+    args = ["ingest", str(xp), "--gaia-source", str(gaia_dir / "*.csv"), "-o", str(tmp_path / "s")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    recorded = open_xp_store(tmp_path / "s").attrs[schema.STORE_ATTR_INPUT_FILES]
+    assert {Path(f["path"]).name for f in recorded} >= {"a.csv", "b.csv"}
+    nothing = CliRunner().invoke(main, [*args[:3], str(gaia_dir / "*.fits"), "-o", "t"])
+    assert nothing.exit_code == 2 and "no file matches this pattern" in nothing.output
