@@ -37,7 +37,7 @@ from xpbatch.config import (
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output"}),
     "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo"}),
-    "train": ((TrainConfig,), {"output", "config_file"}),
+    "train": ((TrainConfig,), {"output", "config_file", "preset"}),
     "mock": (
         (MockConfig,),
         {"output", "config_file", "rare"},

@@ -12,6 +12,7 @@ import errno
 import logging
 import sys
 import traceback
+import typing
 from typing import Any
 
 import click
@@ -35,6 +36,7 @@ from xpbatch.config import (
     ParquetExportConfig,
     SkyMapConfig,
     TrainConfig,
+    TrainPreset,
     read_toml,
 )
 from xpbatch.errors import (
@@ -401,6 +403,13 @@ def verify_command(catalog: str, store: str | None) -> None:
     default=None,
     help="TOML file of TrainConfig settings; flags given here win.",
 )
+@click.option(
+    "--preset",
+    type=click.Choice(typing.get_args(TrainPreset)),
+    default=None,
+    help="Start from named settings ('quick': a first model in minutes on a CPU, on a sample, "
+    "with early stopping; 'published': the defaults); --config and flags win.",
+)
 @config_options(
     TrainConfig,
     exclude=("model",),  # the architecture: a [model] table of the --config file
@@ -410,15 +419,19 @@ def verify_command(catalog: str, store: str | None) -> None:
         "progress_bar": Flag(("--progress/--no-progress",)),
     },
 )
-def train_command(store: str, output: str, config_file: str | None, **options: Any) -> None:
+def train_command(
+    store: str, output: str, config_file: str | None, preset: TrainPreset | None, **options: Any
+) -> None:
     """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
 
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
-    restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs).
+    restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs: hours on a GPU, days on a
+    CPU). For a first try use --preset quick.
     """
     from xpbatch.train.stage import RunPaths, train_model
 
-    config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
+    given = options_given(TrainConfig, options)
+    config = TrainConfig.from_toml(config_file, given, preset=preset)
     try:
         summary = train_model(store, output, config=config)
     except KeyboardInterrupt:
