@@ -171,3 +171,32 @@ def test_a_quoted_glob_names_several_gaia_source_files(
     assert {Path(f["path"]).name for f in recorded} >= {"a.csv", "b.csv"}
     nothing = CliRunner().invoke(main, [*args[:3], str(gaia_dir / "*.fits"), "-o", "t"])
     assert nothing.exit_code == 2 and "no file matches this pattern" in nothing.output
+
+
+def _bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_a_small_store_is_small_whichever_writer_wrote_it(
+    dr3_samples_dir: Path, gaia: Path, tmp_path: Path
+) -> None:
+    from xpbatch.config import MockConfig
+    from xpbatch.mock import make_mock
+    from xpbatch.store.xp_store import write_xp_store
+
+    one = np.ones((2, schema.N_COEFF), np.float32)
+    written = write_xp_store(
+        tmp_path / "w.zarr",
+        source_id=np.array([5, 7]),
+        coefficients=one,
+        coefficient_errors=one,
+        phot_g_mean_flux=np.ones(2),
+    )
+    ingested = ingest_files([dr3_samples_dir / "XP_CONTINUOUS_RAW.csv"], [gaia], tmp_path / "i")
+    make_mock(tmp_path / "m.zarr", config=MockConfig(n=300))
+    for path in (written, ingested.path, tmp_path / "m.zarr"):
+        ds = open_xp_store(path)
+        rows = ds.sizes["source"]
+        assert ds.chunks["source"] == (rows,), path  # one chunk, never longer than the rows
+        coefficient_bytes = 2 * rows * schema.N_COEFF * 4  # coefficients and their errors
+        assert _bytes(Path(path)) < 2 * coefficient_bytes + 200_000, path  # + metadata
