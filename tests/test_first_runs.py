@@ -4,7 +4,9 @@ failed ingest that parsed nothing does not block its corrected rerun."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -200,3 +202,24 @@ def test_a_small_store_is_small_whichever_writer_wrote_it(
         assert ds.chunks["source"] == (rows,), path  # one chunk, never longer than the rows
         coefficient_bytes = 2 * rows * schema.N_COEFF * 4  # coefficients and their errors
         assert _bytes(Path(path)) < 2 * coefficient_bytes + 200_000, path  # + metadata
+
+
+def test_output_files_get_the_umasks_permissions(tmp_path: Path) -> None:
+    from xpbatch.model.files import save_model
+    from xpbatch.model.trained import TrainedModel
+    from xpbatch.storage.paths import atomic_path, new_file_mode
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert new_file_mode() == 0o666 & ~mask
+    save_model(TrainedModel.untrained(), tmp_path / "m.safetensors")  # safetensors writes 0600
+    with atomic_path(tmp_path / "t.txt") as tmp:
+        tmp.touch(mode=0o600)
+    for name in ("m.safetensors", "t.txt"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~mask, name
+
+
+def test_info_on_a_dr3_file_does_not_call_it_a_model(dr3_samples_dir: Path) -> None:
+    result = CliRunner().invoke(main, ["info", str(dr3_samples_dir / "XP_CONTINUOUS_RAW.csv")])
+    assert result.exit_code == 2
+    assert "is not an xpbatch model file" in result.output and "corrupt" not in result.output

@@ -49,6 +49,12 @@ def detect_kind(path: PathLike) -> Kind:
     if not path.exists():
         raise StoreNotFoundError(f"{path} does not exist")
     if path.is_file():
+        if not _is_safetensors(path):
+            raise StoreError(
+                f"{path} is not an xpbatch model file (a .safetensors file) nor a Zarr store or "
+                "catalogue directory; info reads those three. For Gaia DR3 XP files run "
+                "`xpbatch ingest` first"
+            )
         return "model"
     group = _open_group(path)
     if schema.STORE_ATTR_SCHEMA_VERSION in group.attrs or schema.COEFFICIENTS in group:
@@ -59,6 +65,13 @@ def detect_kind(path: PathLike) -> Kind:
         f"{path} is a Zarr group but neither an XP store (no {schema.COEFFICIENTS!r}) nor a "
         f"catalogue (no {schema.LATENT_MEAN!r}); info reads stores, catalogues and model files"
     )
+
+
+def _is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts like a safetensors file: an 8-byte header length, then '{'."""
+    with path.open("rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 1
 
 
 def _open_group(path: Path) -> zarr.Group:
