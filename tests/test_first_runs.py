@@ -6,7 +6,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import socket
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -223,3 +226,32 @@ def test_info_on_a_dr3_file_does_not_call_it_a_model(dr3_samples_dir: Path) -> N
     result = CliRunner().invoke(main, ["info", str(dr3_samples_dir / "XP_CONTINUOUS_RAW.csv")])
     assert result.exit_code == 2
     assert "is not an xpbatch model file" in result.output and "corrupt" not in result.output
+
+
+def test_a_taken_dashboard_port_gives_a_free_one_without_a_warning(
+    small_catalog: Path, tmp_path: Path
+) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = f"127.0.0.1:{holder.getsockname()[1]}"
+        assert cluster.free_dashboard_address(taken) == "127.0.0.1:0"
+        args = ["skymap", str(small_catalog), "-o", str(tmp_path / "sky.png"), "--n-workers", "1"]
+        run = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from xpbatch.cli.main import main; main()",
+                *args,
+                "--dashboard-address",
+                taken,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+    assert run.returncode == 0, run.stderr
+    assert re.search(r"Dask dashboard: http://127\.0\.0\.1:\d+/status", run.stderr), run.stderr
+    assert "Warning" not in run.stderr, run.stderr  # no Python warning (port, sizeof, ...)
+    assert cluster.free_dashboard_address("127.0.0.1:0") == "127.0.0.1:0"

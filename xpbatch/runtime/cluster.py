@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
@@ -49,7 +50,7 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
         )
     try:
         return LocalCUDACluster(
-            dashboard_address=config.dashboard_address,
+            dashboard_address=free_dashboard_address(config.dashboard_address),
             threads_per_worker=config.threads_per_worker or GPU_THREADS_PER_WORKER,
             memory_limit=config.memory_limit,
         )
@@ -210,6 +211,24 @@ def _local_cluster(config: ClusterConfig) -> LocalCluster:
         threads_per_worker=config.threads_per_worker or 1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=config.dashboard_address,
+        dashboard_address=free_dashboard_address(config.dashboard_address),
         memory_limit=config.memory_limit,
     )
+
+
+def free_dashboard_address(address: str) -> str:
+    """``address``, or the same host with any free port (':0') when its port is taken.
+
+    Another cluster (or notebook) on the same machine often holds 8787; distributed would then
+    pick another port itself but warn. The link is printed either way.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return address
+    with socket.socket() as probe:
+        try:
+            probe.bind((host or "0.0.0.0", int(port)))
+        except OSError:
+            logger.info("dashboard port %s is taken; using a free one", port)
+            return f"{host}:0"
+    return address
