@@ -255,3 +255,20 @@ def test_a_taken_dashboard_port_gives_a_free_one_without_a_warning(
     assert re.search(r"Dask dashboard: http://127\.0\.0\.1:\d+/status", run.stderr), run.stderr
     assert "Warning" not in run.stderr, run.stderr  # no Python warning (port, sizeof, ...)
     assert cluster.free_dashboard_address("127.0.0.1:0") == "127.0.0.1:0"
+
+
+def test_under_jupyterhub_the_dashboard_link_goes_through_the_proxy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dask.config
+
+    with dask.config.set({"distributed.dashboard.link": "{scheme}://{host}:{port}/status"}):
+        monkeypatch.delenv("JUPYTERHUB_SERVICE_PREFIX", raising=False)
+        assert not cluster.use_jupyterhub_dashboard_link()
+        monkeypatch.setenv("JUPYTERHUB_SERVICE_PREFIX", "/user/ada/")
+        assert cluster.use_jupyterhub_dashboard_link()
+        with cluster.connect(ClusterConfig(n_workers=1, dashboard_address=":0")) as client:
+            port = client.cluster.scheduler.http_server.port  # type: ignore[union-attr]
+            assert client.dashboard_link == f"/user/ada/proxy/{port}/status"
+    with dask.config.set({"distributed.dashboard.link": "https://mine/{port}"}):
+        assert not cluster.use_jupyterhub_dashboard_link()  # a configured link is kept

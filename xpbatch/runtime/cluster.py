@@ -121,6 +121,37 @@ class _NoTraceback(logging.Filter):
         return True
 
 
+JUPYTERHUB_DASHBOARD_LINK = "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status"
+"""Dask's ``distributed.dashboard.link`` under JupyterHub: the dashboard through the user
+server's jupyter-server-proxy (the browser cannot reach the server's 127.0.0.1)."""
+
+
+def use_jupyterhub_dashboard_link() -> bool:
+    """Under JupyterHub, make every dashboard link go through jupyter-server-proxy.
+
+    Sets Dask's ``distributed.dashboard.link`` to :data:`JUPYTERHUB_DASHBOARD_LINK` when
+    ``JUPYTERHUB_SERVICE_PREFIX`` is set and the link was not configured otherwise, so that
+    ``client.dashboard_link`` (printed by the CLI and the notebooks) and dask-labextension's
+    panes open in the browser. Returns whether the proxied link is in use.
+
+    Examples
+    --------
+    >>> use_jupyterhub_dashboard_link()  # doctest: +SKIP
+    True
+    """
+    import dask.config
+
+    link = dask.config.get("distributed.dashboard.link")
+    if "JUPYTERHUB_SERVICE_PREFIX" in os.environ and link == _DASK_DEFAULT_LINK:
+        dask.config.set({"distributed.dashboard.link": JUPYTERHUB_DASHBOARD_LINK})
+        return True
+    return bool(link == JUPYTERHUB_DASHBOARD_LINK)
+
+
+_DASK_DEFAULT_LINK = "{scheme}://{host}:{port}/status"
+"""distributed's own default dashboard link."""
+
+
 @contextlib.contextmanager
 def connect(config: ClusterConfig) -> Iterator[Client]:
     """Yield a ``distributed.Client`` for ``config``; close what we started on exit.
@@ -134,6 +165,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     from distributed import Client
 
     _quiet_distributed()
+    use_jupyterhub_dashboard_link()
     if config.scheduler_file is not None:
         if not os.path.exists(config.scheduler_file):
             raise ClusterUnavailableError(
