@@ -39,7 +39,7 @@ STORAGE = "storage_options"
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
     "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output"}),
     "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo", STORAGE}),
-    "train": ((TrainConfig,), {"output", "config_file", STORAGE}),
+    "train": ((TrainConfig,), {"output", "config_file", "preset", STORAGE}),
     "mock": (
         (MockConfig,),
         {"output", "config_file", "rare"},

@@ -535,3 +535,69 @@ def test_learns_the_mock_labels(mock_store_20k: Path, tmp_path: Path) -> None:
         coef, *_ = np.linalg.lstsq(design_fit, labels.loc[fit_ids, label].to_numpy(), rcond=None)
         r = np.corrcoef(design_held @ coef, labels.loc[held_out, label].to_numpy())[0, 1]
         assert abs(r) >= 0.9, f"{label}: |r| = {abs(r):.3f} on {held_out.size} held-out rows"
+
+
+# --- first runs: the quick preset, early stopping, the summary's hint -------------------------
+def test_early_stopping_keeps_the_best_epoch_and_says_so(small_store: Path, tmp_path: Path) -> None:
+    settings = {**FAST, "learning_rate": 1e-2, "progress_bar": False}  # diverges after epoch 1
+    stopped = train_model(
+        small_store,
+        tmp_path / "s.safetensors",
+        config=TrainConfig(epochs=6, early_stopping=2, **settings),
+    )
+    assert (
+        stopped.stopped_early is not None and "kept the weights of epoch 1" in stopped.stopped_early
+    )
+    assert [r.epoch for r in stopped.records] == [1]  # the history ends at the kept epoch
+    assert "stopped        early stopping after epoch 3" in str(stopped)
+    assert len((tmp_path / "s.metrics.jsonl").read_text().splitlines()) == 1
+    best = train_model(
+        small_store, tmp_path / "b.safetensors", config=TrainConfig(epochs=1, **settings)
+    )
+    _assert_same_weights(tmp_path / "s.safetensors", tmp_path / "b.safetensors")
+    assert best.stopped_early is None
+
+
+def test_the_summary_hints_when_the_validation_loss_rose() -> None:
+    from xpbatch.train.stage import EpochRecord, TrainSummary
+
+    def summary(losses: list[float]) -> TrainSummary:
+        records = [
+            EpochRecord(i + 1, 1.0, v, v, 0.0, 1e-3, 1.0, 1.0, 1.0) for i, v in enumerate(losses)
+        ]
+        counts = {"train": 10, "validation": 2}
+        return TrainSummary(records, Path("m"), Path("c"), Path("x"), counts, "cpu", "device")
+
+    assert "hint           the validation loss rose after epoch 2 (5 -> 9)" in str(
+        summary([7, 5, 9])
+    )
+    assert summary([7, 5, 4]).hint() is None and summary([-1, -3]).hint() is None
+
+
+def test_the_quick_preset_is_one_set_of_defaults_under_the_file_and_the_flags(
+    tmp_path: Path,
+) -> None:
+    from xpbatch.config import TRAIN_PRESETS
+    from xpbatch.train.demo import DEMO_TRAINING
+
+    quick = TrainConfig.from_toml(None, preset="quick")
+    assert quick.early_stopping is not None and quick.epochs < TrainConfig().epochs
+    assert {k: getattr(quick, k) for k in TRAIN_PRESETS["quick"]} == TRAIN_PRESETS["quick"]
+    (tmp_path / "t.toml").write_text("epochs = 7\nbatch_size = 256\n")
+    mixed = TrainConfig.from_toml(tmp_path / "t.toml", {"epochs": 3}, preset="quick")
+    assert (mixed.epochs, mixed.batch_size, mixed.cycle_epochs) == (3, 256, quick.cycle_epochs)
+    assert TrainConfig.from_toml(None, preset="published") == TrainConfig()
+    assert (DEMO_TRAINING.learning_rate, DEMO_TRAINING.batch_size) == (
+        quick.learning_rate,
+        quick.batch_size,
+    )
+
+
+def test_cli_trains_with_the_quick_preset(small_store: Path, tmp_path: Path) -> None:
+    out = tmp_path / "q.safetensors"
+    args = ["train", str(small_store), "-o", str(out), "--preset", "quick", "--epochs", "2"]
+    result = CliRunner().invoke(main, [*args, "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert "epochs         2 on cpu" in result.output
+    provenance = load_model(out).provenance["config"]
+    assert provenance["learning_rate"] == 2e-3 and provenance["early_stopping"] == 5

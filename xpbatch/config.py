@@ -477,6 +477,9 @@ class TrainConfig(OutputOptions):
     """Share of the free device memory (available host memory on CPU) resident data may use."""
     shuffle_chunks: int = 4
     """Streaming: store chunks read and shuffled together (more mixes better, costs memory)."""
+    early_stopping: int | None = None
+    """Stop when the validation loss has not improved on its best for this many epochs, and keep
+    the best epoch's weights (None: train every epoch). Needs validation rows."""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     """Architecture of the network (TOML table [model])."""
     resume: bool = False
@@ -524,6 +527,16 @@ class TrainConfig(OutputOptions):
             raise ConfigError(
                 f"device_memory_fraction must be in (0, 1], got {self.device_memory_fraction}"
             )
+        if self.early_stopping is not None:
+            if not _is_int(self.early_stopping) or self.early_stopping < 1:
+                raise ConfigError(
+                    f"early_stopping (patience in epochs) must be a positive integer, got "
+                    f"{self.early_stopping!r}"
+                )
+            if self.validation_fraction == 0:
+                raise ConfigError(
+                    "early_stopping watches the validation loss: it needs validation_fraction > 0"
+                )
         _check_choices(self)
         if self.precision != "fp32" and self.device == "cpu":
             raise ConfigError(f"precision {self.precision!r} needs device 'cuda' (or 'auto')")
@@ -531,12 +544,39 @@ class TrainConfig(OutputOptions):
 
     @classmethod
     def from_toml(
-        cls, path: str | os.PathLike[str] | None, overrides: Mapping[str, Any] | None = None
+        cls,
+        path: str | os.PathLike[str] | None,
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        preset: TrainPreset | None = None,
     ) -> TrainConfig:
-        """The file's settings (if any; not its ``[storage]`` table) with ``overrides`` on top."""
-        values = {k: v for k, v in (read_toml(path) if path else {}).items() if k != "storage"}
+        """The settings of ``preset`` (if any), then the file at ``path`` (if any; not its
+        ``[storage]`` table), then ``overrides`` (CLI flags) on top."""
+        found = read_toml(path) if path is not None else {}
+        values = {k: v for k, v in found.items() if k != "storage"}
         where = f"configuration file {path}" if path is not None else "configuration"
-        return from_mapping(cls, {**values, **(overrides or {})}, where=where)
+        base = TRAIN_PRESETS[preset] if preset is not None else {}
+        return from_mapping(cls, {**base, **values, **(overrides or {})}, where=where)
+
+
+TrainPreset = Literal["published", "quick"]
+"""The named starting points of ``xpbatch train --preset``."""
+
+TRAIN_PRESETS: dict[str, dict[str, Any]] = {
+    "published": {},
+    "quick": {
+        "epochs": 40,
+        "learning_rate": 2e-3,
+        "cycle_epochs": 40,
+        "batch_size": 512,
+        "early_stopping": 5,
+    },
+}
+"""``xpbatch train --preset NAME``: settings over :class:`TrainConfig`'s defaults (flags and
+``--config`` win). 'published' is the published run (5000 epochs on every usable row); 'quick'
+trains at a higher learning rate in one short cosine cycle and stops once the validation loss
+stops improving: a first model in minutes on a CPU for a store of tens of thousands of rows, to
+try the pipeline (not for science; on a larger store add ``--sample``)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
+import typing
 from typing import Any
 
 import click
@@ -39,6 +40,7 @@ from xpbatch.config import (
     ParquetExportConfig,
     SkyMapConfig,
     TrainConfig,
+    TrainPreset,
     read_toml,
 )
 
@@ -141,9 +143,9 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     cluster = cluster_config(kwargs)
     config = config_from_options(HatsExportConfig, kwargs)
     from xpbatch.products.hats_export import export_hats
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster) as client:
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         summary = export_hats(catalog, output, client=client, config=config)
     click.echo(str(summary))
 
@@ -162,13 +164,18 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     cluster = cluster_config(kwargs)
     config = config_from_options(SkyMapConfig, kwargs)
     from xpbatch.products.sky_maps import write_sky_maps
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster) as client:
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         maps = write_sky_maps(
             located(catalog, kwargs["storage_options"]), output, client=client, config=config
         )
     click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
+
+
+def _show_dashboard(client: Any) -> None:
+    """Print the Dask dashboard's link when a command's cluster starts (after its checks)."""
+    click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
 
 
 def _exit_on_sigterm() -> None:
@@ -229,13 +236,12 @@ def encode_catalog_command(
     config = EncodeConfig(**settings)
     from xpbatch.encode.stage import encode_catalog
     from xpbatch.model.files import load_model
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
     load_model(model)  # a wrong or damaged file is refused before a cluster starts
     store_at, output_at = located(store, storage), located(output, storage)
     check_output_storage(output_at)  # so are wrong credentials or a missing bucket
-    with connect(cluster) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
         summary = encode_catalog(store_at, model, output_at, client=client, config=config)
     click.echo(str(summary))
     if demo:
@@ -278,9 +284,10 @@ def neighbours_command(
     config = config_from_options(NeighboursConfig, kwargs)
     at = located(catalog, kwargs.pop("storage_options"))
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.runtime.cluster import lazy_connect
 
-    with connect(cluster_config(kwargs)) as client:
+    shown = _show_dashboard if output else None  # stdout (and stderr) carry just the table
+    with lazy_connect(cluster_config(kwargs), on_start=shown) as client:
         if output is None:
             table = find_neighbours(at, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
@@ -327,6 +334,13 @@ def verify_command(catalog: str, store: str | None, storage_options: str | None)
     default=None,
     help="TOML file of TrainConfig settings; flags given here win.",
 )
+@click.option(
+    "--preset",
+    type=click.Choice(typing.get_args(TrainPreset)),
+    default=None,
+    help="Start from named settings ('quick': a first model in minutes on a CPU, on a sample, "
+    "with early stopping; 'published': the defaults); --config and flags win.",
+)
 @config_options(
     TrainConfig,
     exclude=("model",),  # the architecture: a [model] table of the --config file
@@ -338,20 +352,25 @@ def verify_command(catalog: str, store: str | None, storage_options: str | None)
 )
 @storage_option
 def train_command(
-    store: str, output: str, config_file: str | None, storage_options: str | None, **options: Any
+    store: str,
+    output: str,
+    config_file: str | None,
+    preset: TrainPreset | None,
+    storage_options: str | None,
+    **options: Any,
 ) -> None:
     """Fit the scatter VAE on the usable rows of STORE (an XP store) and write a model file.
 
     The defaults reproduce the published optimisation (AdamW, learning rate 1e-4, cosine warm
-    restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs).
+    restarts every 500 epochs down to 1e-10, batch 1024, 5000 epochs: hours on a GPU, days on a
+    CPU). For a first try use --preset quick.
     """
     from xpbatch.train.stage import train_model
 
-    config = TrainConfig.from_toml(config_file, options_given(TrainConfig, options))
+    given = options_given(TrainConfig, options)
+    config = TrainConfig.from_toml(config_file, given, preset=preset)
     storage = storage_options or (read_toml(config_file).get("storage") if config_file else None)
-    summary = train_model(
-        located(store, storage), output, config=config
-    )  # Ctrl-C: see cli.failures
+    summary = train_model(located(store, storage), output, config=config)  # Ctrl-C: cli.failures
     click.echo(str(summary))
 
 
@@ -430,7 +449,9 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
     "gaia_source",
     multiple=True,
     type=click.Path(),
-    help="gaia_source companion file or directory (repeat for several): the same-suffix "
+    help="gaia_source companion file, directory or quoted glob ('gaia/*.csv.gz'); one per "
+    "use, repeat it for several (an unquoted glob would make the other files XP inputs): the "
+    "same-suffix "
     "GaiaSource_*.csv.gz, or any CSV/Parquet with source_id and phot_g_mean_flux/_mag (and "
     "optionally ra, dec). Not needed for XP files that carry phot_g_mean_flux or _mag; a "
     "companion's value wins over the XP file's.",
@@ -446,23 +467,14 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     recognised from their content.
     An interrupted or failed run continues with --resume: files already parsed are reused.
     """
-    from xpbatch.ingest import (
-        GAIA_SOURCE_GLOB,
-        XP_GLOB,
-        expand_inputs,
-        ingest_files,
-        pair_files,
-    )
-    from xpbatch.runtime.cluster import connect
+    from xpbatch.ingest import ingest_files
+    from xpbatch.runtime.cluster import lazy_connect
 
     cluster = cluster_config(kwargs)
     config = config_from_options(IngestConfig, kwargs)
-    xp = expand_inputs(xp_files, XP_GLOB)
-    gs = expand_inputs(gaia_source, GAIA_SOURCE_GLOB)
-    pair_files(xp, gs)  # refuse missing companions before starting a cluster
-    with connect(cluster) as client:
-        click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)
-        summary = ingest_files(xp, gs, kwargs["output"], client=client, config=config)
+    with lazy_connect(cluster, on_start=_show_dashboard) as client:
+        output = kwargs["output"]
+        summary = ingest_files(xp_files, gaia_source, output, client=client, config=config)
     click.echo(str(summary))
 
 

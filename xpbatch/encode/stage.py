@@ -54,7 +54,7 @@ from xpbatch.errors import (
     ModelMismatchError,
     StoreError,
 )
-from xpbatch.runtime.executor import Executor, Progress, storage_credentials
+from xpbatch.runtime.executor import Executor, LazyClient, Progress, storage_credentials
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
@@ -336,7 +336,7 @@ def encode_catalog(
     model: TrainedModel | PathLike,
     out: PathLike | Location,
     *,
-    client: Client | None = None,
+    client: Client | LazyClient | None = None,
     config: EncodeConfig | None = None,
 ) -> EncodeSummary:
     """Encode every row of an XP store into a catalogue, resumably.
@@ -468,7 +468,7 @@ def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: Enco
     )
 
 
-def _executor(client: Client | Executor | None, config: EncodeConfig) -> Executor:
+def _executor(client: Client | LazyClient | Executor | None, config: EncodeConfig) -> Executor:
     """The executor of ``client`` (serial without one) with the bounds and retries of ``config``."""
     return Executor.of(
         client,
@@ -549,7 +549,7 @@ def verify(
     path: PathLike | Location,
     store: PathLike | Location | None = None,
     *,
-    client: Client | Executor | None = None,
+    client: Client | LazyClient | Executor | None = None,
 ) -> catalog_verify.VerifyReport:
     """:func:`xpbatch.catalog.verify.verify_catalog`, on ``client``'s workers when one is given."""
     executor = _executor(client, EncodeConfig())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import glob
 import hashlib
 import logging
 import shutil
@@ -38,7 +39,7 @@ from xpbatch.ingest.parts import (
     merge_overlapping,
     write_chunk,
 )
-from xpbatch.runtime.executor import Executor, Progress
+from xpbatch.runtime.executor import Executor, LazyClient, Progress
 from xpbatch.storage.manifest import (
     COMPLETE,
     FINGERPRINT,
@@ -78,6 +79,14 @@ def pair_files(
             raise ParseError(
                 f"{path}: file not found" if not Path(path).exists() else f"{path}: not a file"
             )
+    for path in map(str, xp_files):
+        if GAIA_SOURCE_NAME.match(Path(path).name):
+            raise ParseError(
+                f"{path} is a gaia_source file, given as an XP file: --gaia-source takes one path "
+                "per use (a shell glob after it leaves the other files as XP inputs); repeat it "
+                "(--gaia-source A --gaia-source B), or give their directory or a quoted glob "
+                "(--gaia-source 'gaia/GaiaSource_*.csv.gz')"
+            )
     by_suffix: dict[str, str] = {}
     for path in map(str, gaia_source_files):
         match = GAIA_SOURCE_NAME.match(Path(path).name)
@@ -99,14 +108,20 @@ def pair_files(
 
 
 def expand_inputs(paths: Sequence[PathLike], pattern: str) -> list[str]:
-    """Files as given, with each directory replaced by its files matching ``pattern``, sorted.
+    """Files as given, with each directory replaced by its files matching ``pattern`` and each
+    glob (``'gaia/*.csv'``, quoted so the shell leaves it) by the files it matches, sorted.
 
     Lets ``xpbatch ingest dr3/ --gaia-source gaia_source/`` name the 3386 DR3 files without
     overflowing the shell's argument list.
     """
     files: list[str] = []
     for path in map(Path, paths):
-        if path.is_dir():
+        if not path.exists() and set("*?[") & set(str(path)):
+            found = sorted(p for p in glob.glob(str(path)) if Path(p).is_file())
+            if not found:
+                raise ParseError(f"{path}: no file matches this pattern")
+            files.extend(found)
+        elif path.is_dir():
             found = sorted(str(p) for p in path.glob(pattern) if p.is_file())
             if not found:
                 raise ParseError(f"{path}: the directory has no {pattern} files")
@@ -209,6 +224,11 @@ def _claim(
     else:
         n_parts = sum(1 for p in staging.glob("*/done.json")) if staging.is_dir() else 0
         found = f"an interrupted ingest, {n_parts} file(s) parsed in {staging}"
+        if n_parts == 0 and not partial.exists() and _is_ours(staging):
+            # e.g. every file was refused: nothing of value is lost, so a corrected rerun (other
+            # inputs or options) starts afresh instead of asking for --resume or --overwrite
+            logger.info("%s: an earlier ingest parsed no file; starting afresh", staging)
+            remove_path(staging)
     run = RunManifest(
         out, kind=STORE_KIND, record=_IngestRecord(out, staging), fingerprint=fingerprint
     )
@@ -220,6 +240,11 @@ def _claim(
         remove=functools.partial(_remove_staging, staging, partial),
     )
     return run
+
+
+def _is_ours(staging: Path) -> bool:
+    """Whether ``staging`` holds an ingest's run manifest (and so is ours to remove)."""
+    return (JsonRecord.inside(staging).read() or {}).get(KIND) == STORE_KIND
 
 
 def _remove_staging(staging: Path, partial: Path) -> None:
@@ -254,7 +279,7 @@ def ingest_files(
     gaia_source_files: Sequence[PathLike],
     out: PathLike,
     *,
-    client: Client | None = None,
+    client: Client | LazyClient | None = None,
     config: IngestConfig = IngestConfig(),  # noqa: B008 - frozen, so a shared default is safe
 ) -> IngestSummary:
     """Ingest DR3 XP continuous-spectrum files into an XP store.
@@ -273,8 +298,10 @@ def ingest_files(
         The store to write (Zarr v3 directory).
     client
         A ``distributed.Client`` to parse files and write chunks in parallel; None runs serially.
-        Workers read and write ``<out>.parts/`` and ``out``: on several machines both must be
-        on a filesystem they share.
+        A :class:`~xpbatch.runtime.executor.LazyClient` not yet started is started after the
+        inputs are checked, the output claimed and the first file parsed here. Workers read and
+        write ``<out>.parts/`` and ``out``: on several machines both must be on a filesystem
+        they share.
     config
         Options; see :class:`~xpbatch.config.IngestConfig`.
 
@@ -307,7 +334,7 @@ def _ingest_files(
     gaia_source_files: Sequence[PathLike],
     out: PathLike,
     *,
-    client: Client | None,
+    client: Client | LazyClient | None,
     config: IngestConfig,
 ) -> IngestSummary:
     """:func:`ingest_files` without taking the lock (its caller holds it)."""
@@ -332,17 +359,19 @@ def _ingest_files(
     plan = run.plan(tasks, is_finished)
     logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
     executor = Executor.of(client)  # without a cluster, one file at a time
+    here = _parse_before_cluster(plan.todo, client)
+    todo = plan.todo[len(here) :]
     progress = Progress(
         len(tasks),
         desc="ingest",
         unit="files",
-        initial=len(tasks) - len(plan.todo),
+        initial=len(tasks) - len(todo),
         enabled=config.progress_bar,
     )
     parsed = executor.map(
-        ingest_file, plan.todo, name="xpbatch-ingest-parse", fatal=_FATAL, progress=progress
+        ingest_file, todo, name="xpbatch-ingest-parse", fatal=_FATAL, progress=progress
     )
-    by_dir = {part.part_dir: part for part in parsed}
+    by_dir = {part.part_dir: part for part in [*here, *parsed]}
     parts = [by_dir.get(t.part_dir) or PartInfo.load(Path(t.part_dir)) for t in tasks]  # in order
     ordered = merge_overlapping(parts, staging)
     present = {name for part in parts for name in part.optional}
@@ -383,6 +412,17 @@ def _ingest_files(
         checks="every chunk written, source_id ascending and unique (before the store was "
         "renamed into place)",
     )
+
+
+def _parse_before_cluster(todo: Sequence[FileTask], client: Any) -> list[PartInfo]:
+    """The first file's part, parsed in this process when the cluster is yet to start.
+
+    A file every run would refuse (no G flux, an unknown format, a missing column) is then
+    reported in seconds, before a cluster starts for the other files.
+    """
+    if not todo or not isinstance(client, LazyClient) or client.started:
+        return []
+    return [ingest_file(todo[0])]
 
 
 def _summary(

@@ -44,7 +44,7 @@ from xpbatch import schema
 from xpbatch.config import HatsExportConfig, result_options
 from xpbatch.errors import CatalogError, ChunkError, XPBatchError
 from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
-from xpbatch.runtime.executor import Executor
+from xpbatch.runtime.executor import Executor, LazyClient, started_client
 from xpbatch.storage.manifest import JsonRecord, RunManifest, real_output
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
@@ -169,7 +169,7 @@ def export_hats(
     catalog: PathLike,
     output_dir: PathLike,
     *,
-    client: Client,
+    client: Client | LazyClient,
     config: HatsExportConfig | None = None,
 ) -> HatsExportSummary:
     """Write a complete catalogue as a HATS collection (catalogue, source_id index, margin).
@@ -233,7 +233,7 @@ def export_hats(
     if config.margin_arcsec is not None:
         args = args.add_margin(margin_threshold=config.margin_arcsec, is_default=True)
     with _stage_failures_named():
-        pipeline_with_client(args, client)
+        pipeline_with_client(args, started_client(client))  # a lazy client starts here
     catalog_dir = out / config.name
     index_dir = out / f"{config.name}_{schema.SOURCE_ID}"
     executor = Executor.of(client)

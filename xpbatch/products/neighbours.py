@@ -26,7 +26,7 @@ from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.config import NeighboursConfig
 from xpbatch.errors import CatalogError, InputShapeError
-from xpbatch.runtime.executor import Executor
+from xpbatch.runtime.executor import Executor, LazyClient
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import file_manifest
@@ -174,32 +174,12 @@ class ChunkSearch:
         return result.merge(_Best.empty(len(self.queries), self.k, self.carried))
 
 
-@dataclasses.dataclass(frozen=True)
-class _ChunkLookup:
-    """One task: the latent means of the query ids found in one chunk (picklable)."""
-
-    path: str | Location
-    chunk_rows: int
-    n_rows: int
-    source_id: np.ndarray  # (queries,) int64
-
-    def __call__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        rows = slice(index * self.chunk_rows, min((index + 1) * self.chunk_rows, self.n_rows))
-        arrays = catalog.open_arrays(self.path, (schema.SOURCE_ID, schema.LATENT_MEAN))
-        ids = np.asarray(arrays[schema.SOURCE_ID][rows])
-        found = np.flatnonzero(np.isin(ids, self.source_id))
-        if not found.size:
-            return np.empty(0, np.int64), np.empty((0, arrays[schema.LATENT_MEAN].shape[1]))
-        latent = np.asarray(arrays[schema.LATENT_MEAN][rows], np.float64)[found]
-        return ids[found], latent
-
-
 def find_neighbours(
     path: PathLike | Location,
     queries: Sequence[int] | np.ndarray | pd.DataFrame,
     *,
     k: int = DEFAULT_K,
-    client: Client | Executor | None = None,
+    client: Client | LazyClient | Executor | None = None,
 ) -> pd.DataFrame:
     """The ``k`` nearest sources of a catalogue to each query, in latent space.
 
@@ -243,7 +223,7 @@ def find_neighbours(
     chunks = range(layout.n_chunks)
     executor = Executor.of(client)
     if query_ids is not None:
-        latent = _lookup(at, layout, query_ids, executor)
+        latent = _lookup(at, layout, query_ids)  # here: unknown ids cost no cluster start
     search = ChunkSearch(
         at,
         layout.chunk_rows,
@@ -293,13 +273,36 @@ def _parse_queries(
 
 
 def _lookup(
-    path: str | Location, layout: catalog.CatalogLayout, query_ids: np.ndarray, executor: Executor
+    path: str | Location, layout: catalog.CatalogLayout, query_ids: np.ndarray
 ) -> np.ndarray:
-    """(queries, latent) latent means of the query ids; InputShapeError if one is missing."""
-    lookup = _ChunkLookup(path, layout.chunk_rows, layout.n_rows, np.unique(query_ids))
+    """(queries, latent) latent means of the query ids; InputShapeError if one is missing.
+
+    Found in this process by bisecting the catalogue's source_id (ascending, as in its input
+    store) over its chunks: a few chunk reads per id, so unknown ids are refused before the
+    search's tasks (and a cluster) start.
+    """
+    arrays = catalog.open_arrays(path, (schema.SOURCE_ID, schema.LATENT_MEAN))
+    source_id, latent_mean = arrays[schema.SOURCE_ID], arrays[schema.LATENT_MEAN]
+    firsts: dict[int, int] = {}
+
+    def first(index: int) -> int:
+        if index not in firsts:
+            firsts[index] = int(np.asarray(source_id[layout.rows(index).start]))
+        return firsts[index]
+
     found: dict[int, np.ndarray] = {}
-    for ids, latent in executor.map(lookup, range(layout.n_chunks), name="xpbatch-lookup"):
-        found.update(zip(ids.tolist(), latent, strict=True))
+    for wanted in np.unique(query_ids).tolist():
+        lo, hi = 0, layout.n_chunks - 1  # the last chunk whose first id is <= wanted
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if first(mid) <= wanted else (lo, mid - 1)
+        if layout.n_chunks == 0 or first(lo) > wanted:
+            continue
+        rows = layout.rows(lo)
+        ids = np.asarray(source_id[rows])
+        at = int(np.searchsorted(ids, wanted))
+        if at < len(ids) and ids[at] == wanted:
+            found[wanted] = np.asarray(latent_mean[rows.start + at], np.float64)
     missing = [int(i) for i in query_ids if int(i) not in found]
     if missing:
         raise InputShapeError(
@@ -354,7 +357,7 @@ def write_neighbours(
     queries: Sequence[int] | np.ndarray | pd.DataFrame,
     out: PathLike,
     *,
-    client: Client | Executor | None = None,
+    client: Client | LazyClient | Executor | None = None,
     config: NeighboursConfig | None = None,
 ) -> pd.DataFrame:
     """:func:`find_neighbours` of ``queries``, written to ``out`` (``xpbatch neighbours -o``).

@@ -34,7 +34,7 @@ from xpbatch import schema
 from xpbatch.config import SkyMapConfig
 from xpbatch.errors import ConfigError
 from xpbatch.products.sky_positions import SkySource
-from xpbatch.runtime.executor import Executor
+from xpbatch.runtime.executor import Executor, LazyClient
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.manifest import file_manifest
@@ -163,7 +163,10 @@ class _ChunkMaps:
 
 
 def compute_sky_maps(
-    catalog: PathLike, *, order: int = DEFAULT_ORDER, client: Client | Executor | None = None
+    catalog: PathLike,
+    *,
+    order: int = DEFAULT_ORDER,
+    client: Client | LazyClient | Executor | None = None,
 ) -> SkyMaps:
     """Accumulate the HEALPix maps of a complete catalogue, one chunk per task.
 
@@ -281,7 +284,7 @@ def write_sky_maps(
     catalog: PathLike,
     out: PathLike,
     *,
-    client: Client | None = None,
+    client: Client | LazyClient | None = None,
     config: SkyMapConfig | None = None,
 ) -> SkyMaps:
     """:func:`compute_sky_maps` drawn into the PNG ``out`` (``xpbatch skymap``).

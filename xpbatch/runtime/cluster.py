@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +19,7 @@ from distributed import WorkerPlugin
 
 from xpbatch.config import CLUSTER_LOCAL_CUDA, GPU_THREADS_PER_WORKER, ClusterConfig
 from xpbatch.errors import ClusterUnavailableError
+from xpbatch.runtime.executor import LazyClient
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
@@ -50,7 +52,7 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
         )
     try:
         return LocalCUDACluster(
-            dashboard_address=config.dashboard_address,
+            dashboard_address=free_dashboard_address(config.dashboard_address),
             threads_per_worker=config.threads_per_worker or GPU_THREADS_PER_WORKER,
             memory_limit=config.memory_limit,
         )
@@ -121,6 +123,37 @@ class _NoTraceback(logging.Filter):
         return True
 
 
+JUPYTERHUB_DASHBOARD_LINK = "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status"
+"""Dask's ``distributed.dashboard.link`` under JupyterHub: the dashboard through the user
+server's jupyter-server-proxy (the browser cannot reach the server's 127.0.0.1)."""
+
+
+def use_jupyterhub_dashboard_link() -> bool:
+    """Under JupyterHub, make every dashboard link go through jupyter-server-proxy.
+
+    Sets Dask's ``distributed.dashboard.link`` to :data:`JUPYTERHUB_DASHBOARD_LINK` when
+    ``JUPYTERHUB_SERVICE_PREFIX`` is set and the link was not configured otherwise, so that
+    ``client.dashboard_link`` (printed by the CLI and the notebooks) and dask-labextension's
+    panes open in the browser. Returns whether the proxied link is in use.
+
+    Examples
+    --------
+    >>> use_jupyterhub_dashboard_link()  # doctest: +SKIP
+    True
+    """
+    import dask.config
+
+    link = dask.config.get("distributed.dashboard.link")
+    if "JUPYTERHUB_SERVICE_PREFIX" in os.environ and link == _DASK_DEFAULT_LINK:
+        dask.config.set({"distributed.dashboard.link": JUPYTERHUB_DASHBOARD_LINK})
+        return True
+    return bool(link == JUPYTERHUB_DASHBOARD_LINK)
+
+
+_DASK_DEFAULT_LINK = "{scheme}://{host}:{port}/status"
+"""distributed's own default dashboard link."""
+
+
 @contextlib.contextmanager
 def connect(config: ClusterConfig) -> Iterator[Client]:
     """Yield a ``distributed.Client`` for ``config``; close what we started on exit.
@@ -134,6 +167,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
     from distributed import Client
 
     _quiet_distributed()
+    use_jupyterhub_dashboard_link()
     if config.scheduler_file is not None:
         if not os.path.exists(config.scheduler_file):
             raise ClusterUnavailableError(
@@ -268,6 +302,23 @@ def _spawn_in_own_group(path: bytes, args: Sequence[Any], passfds: Sequence[int]
     return process.pid
 
 
+def lazy_connect(
+    config: ClusterConfig, *, on_start: Callable[[Client], object] | None = None
+) -> LazyClient:
+    """:func:`connect` deferred to the first task a stage submits (``on_start(client)`` then).
+
+    What the CLI passes to a stage: the stage checks its inputs and claims its output first, so
+    a missing input or a locked output is refused without starting a cluster.
+
+    Examples
+    --------
+    >>> from xpbatch.config import ClusterConfig
+    >>> with lazy_connect(ClusterConfig(n_workers=2)) as client:  # doctest: +SKIP
+    ...     encode_catalog("dr3.zarr", "model.safetensors", "catalog.zarr", client=client)
+    """
+    return LazyClient(lambda: connect(config), on_start=on_start)
+
+
 @contextlib.contextmanager
 def _workers_in_own_process_group() -> Iterator[None]:
     """Worker processes spawned meanwhile (at the start or on a restart) get their own group.
@@ -297,6 +348,24 @@ def _local_cluster(config: ClusterConfig) -> LocalCluster:
         threads_per_worker=config.threads_per_worker or 1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=config.dashboard_address,
+        dashboard_address=free_dashboard_address(config.dashboard_address),
         memory_limit=config.memory_limit,
     )
+
+
+def free_dashboard_address(address: str) -> str:
+    """``address``, or the same host with any free port (':0') when its port is taken.
+
+    Another cluster (or notebook) on the same machine often holds 8787; distributed would then
+    pick another port itself but warn. The link is printed either way.
+    """
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return address
+    with socket.socket() as probe:
+        try:
+            probe.bind((host or "0.0.0.0", int(port)))
+        except OSError:
+            logger.info("dashboard port %s is taken; using a free one", port)
+            return f"{host}:0"
+    return address

@@ -20,7 +20,10 @@ habit: the same tasks, another executor):
 - an optional :class:`Progress` bar advances with every result.
 
 A stage builds its executor from the ``client`` it was given (:meth:`Executor.of`): which one
-runs is decided there, never by a branch in the stage.
+runs is decided there, never by a branch in the stage. The client may be a :class:`LazyClient`
+(what the CLI passes, :func:`xpbatch.runtime.cluster.lazy_connect`): its cluster starts at the
+first task a map submits, so a stage checks its inputs and claims its output before any cluster
+starts, and a refused input costs no cluster start.
 """
 
 from __future__ import annotations
@@ -52,6 +55,66 @@ Numbered = Iterator[tuple[int, R]]
 """(item number, result) pairs, as tasks complete."""
 
 
+class LazyClient:
+    """A ``distributed.Client`` started on first use, and closed (with what it started) on exit.
+
+    hats-import's ``pipeline(args)`` builds its client, ``pipeline_with_client(args, client)``
+    takes one; this is the third way: the caller decides the cluster, the stage decides when it
+    is needed (after its inputs are checked and its output claimed).
+
+    Examples
+    --------
+    >>> with LazyClient(lambda: contextlib.nullcontext("a client")) as lazy:
+    ...     lazy.started, lazy(), lazy.started
+    (False, 'a client', True)
+    """
+
+    def __init__(
+        self,
+        start: Callable[[], contextlib.AbstractContextManager[Client]],
+        *,
+        on_start: Callable[[Client], object] | None = None,
+    ) -> None:
+        self._start, self._on_start = start, on_start
+        self._stack = contextlib.ExitStack()
+        self._client: Client | None = None
+
+    @property
+    def started(self) -> bool:
+        """Whether the client was asked for (and so its cluster started)."""
+        return self._client is not None
+
+    def __call__(self) -> Client:
+        """The client, started now if it is not yet."""
+        if self._client is None:
+            client = self._stack.enter_context(self._start())
+            self._client = client
+            if self._on_start is not None:
+                self._on_start(client)
+        return self._client
+
+    def close(self) -> None:
+        """Close the client and the cluster it started (nothing when it never started)."""
+        self._client = None
+        self._stack.close()
+
+    def __enter__(self) -> LazyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def dask_client(client: Client | LazyClient | None) -> Client | None:
+    """``client`` itself, a lazy one started now, or None."""
+    return client() if isinstance(client, LazyClient) else client
+
+
+def started_client(client: Client | LazyClient) -> Client:
+    """``client`` itself, or a lazy one started now (for a library that takes a client)."""
+    return client() if isinstance(client, LazyClient) else client
+
+
 @dataclasses.dataclass(frozen=True)
 class Progress:
     """A progress bar over a map: ``total`` units, ``initial`` of them done before this run."""
@@ -77,8 +140,9 @@ class Executor:
     [1, 2]
     """
 
-    client: Client | None = None
-    """A ``distributed.Client`` whose workers run the tasks; None runs them in this process."""
+    client: Client | LazyClient | None = None
+    """A ``distributed.Client`` whose workers run the tasks (a :class:`LazyClient` is started at
+    the first task); None runs them in this process."""
     threads: int | None = 1
     """Without a client: 1 runs the tasks one after another in this thread; more, in a pool of
     that many threads; None, a pool of one thread per core (as :mod:`concurrent.futures`)."""
@@ -103,7 +167,7 @@ class Executor:
             )
 
     @classmethod
-    def of(cls, client: Client | Executor | None, **options: Any) -> Executor:
+    def of(cls, client: Client | LazyClient | Executor | None, **options: Any) -> Executor:
         """The executor for a stage given ``client`` (an Executor is taken as it is)."""
         if isinstance(client, Executor):
             return client
@@ -145,16 +209,17 @@ class Executor:
         On a cluster ``plugin`` is registered on every worker (also those that join or restart
         later) and removed afterwards; locally ``here()`` runs once in this process.
         """
-        if self.client is None:
+        client = dask_client(self.client)
+        if client is None:
             here()
             yield
             return
-        self.client.register_plugin(plugin, name=name)
+        client.register_plugin(plugin, name=name)
         try:
             yield
         finally:
             with contextlib.suppress(Exception):  # the cluster may be gone; nothing left to free
-                self.client.unregister_worker_plugin(name)
+                client.unregister_worker_plugin(name)
 
     def performance_report(self, filename: str) -> contextlib.AbstractContextManager[object]:
         """Dask's performance report of the block, written to ``filename`` (HTML).
@@ -169,9 +234,15 @@ class Executor:
             raise ConfigError(
                 "--performance-report needs bokeh to draw the report: `pip install 'bokeh>=3.1'`"
             )
+        return self._performance_report(filename)
+
+    @contextlib.contextmanager
+    def _performance_report(self, filename: str) -> Iterator[None]:
         from distributed import performance_report
 
-        return performance_report(filename=filename)
+        dask_client(self.client)  # the report needs a running client when it is entered
+        with performance_report(filename=filename):
+            yield
 
     # --- the three ways to run -------------------------------------------------------------
     def _serial(
@@ -229,7 +300,7 @@ class Executor:
     ) -> Numbered[R]:
         from distributed import wait
 
-        client = self.client
+        client = dask_client(self.client)
         assert client is not None
         queue = collections.deque(enumerate(items))
         pending: dict[Future, tuple[int, T]] = {}

@@ -190,7 +190,7 @@ class XPStoreWriter:
             group,
             writer._specs,
             n_rows=n_rows,
-            chunk_rows=chunk_rows,
+            chunk_rows=writer.chunk_rows,  # never longer than the store
             compressors=zarr_arrays.crc32c_only(),
             coordinates=[schema.SOURCE_ID],
         )
@@ -215,7 +215,9 @@ class XPStoreWriter:
             description="the crc32c of each variable's chunk file, recorded when written",
         )
         writer._group = group
-        logger.info("created store %s: %d rows in chunks of %d", writer.path, n_rows, chunk_rows)
+        logger.info(
+            "created store %s: %d rows in chunks of %d", writer.path, n_rows, writer.chunk_rows
+        )
         return writer
 
     def _initial_attrs(self, attrs: Mapping[str, Any] | None) -> dict[str, Any]:

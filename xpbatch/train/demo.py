@@ -28,18 +28,22 @@ DEMO_ROWS = 200_000
 DEMO_SEED = 0
 DEMO_CHUNK_ROWS = 16_384
 """Smaller than the store default so that the demo's 2-core cluster gets 13 tasks to share."""
-DEMO_TRAINING = TrainConfig(
-    epochs=3,
-    sample=10_000,
-    learning_rate=2e-3,
-    cycle_epochs=3,
-    batch_size=512,
-    checkpoint_every=1000,
-    seed=DEMO_SEED,
-    device="cpu",
+DEMO_TRAINING = TrainConfig.from_toml(
+    None,
+    {
+        "epochs": 3,
+        "sample": 10_000,
+        "cycle_epochs": 3,
+        "early_stopping": None,
+        "checkpoint_every": 1000,
+        "seed": DEMO_SEED,
+        "device": "cpu",
+    },
+    preset="quick",
 )
-"""A few epochs on a sample: a model that is quick to train and good enough to show (not for
-science: ``xpbatch train`` with the defaults reproduces the published run)."""
+"""The quick preset (``xpbatch train --preset quick``) cut to three epochs on a smaller sample:
+a model that is quick to train and good enough to show (not for science: ``xpbatch train``
+with the defaults reproduces the published run)."""
 
 
 @dataclasses.dataclass(frozen=True)

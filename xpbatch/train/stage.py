@@ -134,6 +134,9 @@ class TrainSummary:
     """Epochs an earlier run had done (``resume``), taken from its checkpoint."""
     wall_s: float = 0.0
     """Wall time of this run (reading the store, training, writing the model)."""
+    stopped_early: str | None = None
+    """When and why early stopping ended the run (``records`` end at the kept epoch); None
+    when every epoch ran."""
 
     def __str__(self) -> str:
         counts = self.counts
@@ -157,12 +160,32 @@ class TrainSummary:
             last = self.records[-1]
             validation = "-" if last.validation_loss is None else f"{last.validation_loss:.4g}"
             lines.append(f"final loss     train {last.train_loss:.4g}, validation {validation}")
+        if self.stopped_early:
+            lines.append(f"stopped        {self.stopped_early}")
+        hint = self.hint()
+        if hint:
+            lines.append(f"hint           {hint}")
         lines += [
             f"wall time      {self.wall_s:.1f} s",
             f"metrics        {self.metrics_path}",
             f"checkpoint     {self.checkpoint_path}",
         ]
         return "\n".join(lines)
+
+    def hint(self) -> str | None:
+        """Advice when the final validation loss is above its best (the run overfitted or
+        diverged); None otherwise."""
+        losses = self.validation_loss
+        if self.stopped_early or not np.isfinite(losses).any():
+            return None
+        best = int(np.nanargmin(losses))
+        if best == len(losses) - 1 or not losses[-1] > losses[best]:
+            return None
+        return (
+            f"the validation loss rose after epoch {best + 1} ({losses[best]:.4g} -> "
+            f"{losses[-1]:.4g}): try --early-stopping 5, a lower --learning-rate, or "
+            "--preset quick for a first model"
+        )
 
     @property
     def train_loss(self) -> np.ndarray:
@@ -285,9 +308,8 @@ def train_model(
     _rewrite_metrics(paths.metrics, records)
     with _matmul_precision(config.precision):
         epochs_resumed = len(records)
-        records = _Loop(config, state, paths, fingerprint, progress=config.progress_bar).run(
-            train_rows, validation_rows, records
-        )
+        loop = _Loop(config, state, paths, fingerprint, progress=config.progress_bar)
+        records = loop.run(train_rows, validation_rows, records)
     timings = {"prepare_s": prepare_s, "train_s": sum(r.seconds for r in records)}
     _write_model(
         state.network,
@@ -311,6 +333,7 @@ def train_model(
         data_placement=train_rows.placement,
         epochs_resumed=epochs_resumed,
         wall_s=time.perf_counter() - started,
+        stopped_early=loop.stopped,
     )
 
 
@@ -599,6 +622,46 @@ def _as_float(out: VAEOutput) -> VAEOutput:
     )
 
 
+@dataclass
+class _EarlyStopping:
+    """The best validation loss so far, its epoch and state, and the patience left."""
+
+    patience: int
+    best_loss: float
+    best_epoch: int
+    best: _Snapshot
+
+    @classmethod
+    def start(
+        cls, patience: int | None, state: _TrainingState, records: list[EpochRecord]
+    ) -> _EarlyStopping | None:
+        """None without early stopping; a resumed run's current state is its best so far."""
+        if patience is None:
+            return None
+        losses = [r.validation_loss for r in records if r.validation_loss is not None]
+        best_loss = losses[-1] if losses else math.inf
+        return cls(patience, best_loss, state.epoch, state.capture())
+
+    def should_stop(self, record: EpochRecord, state: _TrainingState) -> bool:
+        """Note ``record``; whether the loss has not improved for ``patience`` epochs."""
+        if record.validation_loss is not None and record.validation_loss < self.best_loss:
+            self.best_loss, self.best_epoch, self.best = (
+                record.validation_loss,
+                record.epoch,
+                state.capture(),
+            )
+            return False
+        return record.epoch - self.best_epoch >= self.patience
+
+    def reason(self, epoch: int) -> str:
+        """What the summary says about the stop."""
+        return (
+            f"early stopping after epoch {epoch}: the validation loss has not improved for "
+            f"{self.patience} epochs; kept the weights of epoch {self.best_epoch} (validation "
+            f"{self.best_loss:.4g})"
+        )
+
+
 class _Loop:
     """Epochs, validation, metrics, checkpoints, and what happens on NaN or Ctrl-C."""
 
@@ -614,6 +677,8 @@ class _Loop:
         self.config, self.state, self.paths = config, state, paths
         self.fingerprint, self.progress = fingerprint, progress
         self.device = next(state.network.parameters()).device
+        self.stopped: str | None = None
+        """Why training stopped before ``config.epochs`` (early stopping), else None."""
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.config.precision == "bf16":
@@ -635,6 +700,7 @@ class _Loop:
             dynamic_ncols=True,
         )
         snapshot = state.capture()
+        watch = _EarlyStopping.start(config.early_stopping, state, records)
         try:
             while state.epoch < config.epochs:
                 snapshot = state.capture()  # the last good state, kept on NaN or Ctrl-C
@@ -651,6 +717,14 @@ class _Loop:
                     val="-" if record.validation_loss is None else f"{record.validation_loss:.4g}",
                     samples_s=f"{record.samples_per_s:.3g}",
                 )
+                if watch is not None and watch.should_stop(record, state):
+                    state.restore(watch.best)  # the best epoch's weights, optimizer and schedule
+                    self.stopped = watch.reason(record.epoch)
+                    records = records[: state.epoch]
+                    _rewrite_metrics(self.paths.metrics, records)
+                    self._write_checkpoint(watch.best, records)
+                    logger.info("%s", self.stopped)
+                    break
                 if state.epoch % config.checkpoint_every == 0 or state.epoch == config.epochs:
                     self._write_checkpoint(state.capture(), records)
         except KeyboardInterrupt:
