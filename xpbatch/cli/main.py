@@ -247,7 +247,10 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
 
     with connect(cluster) as client:
         maps = write_sky_maps(catalog, output, client=client, config=config)
-    click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
+    click.echo(
+        f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels "
+        f"(HEALPix order {maps.order})"
+    )
 
 
 def _exit_on_sigterm() -> None:
