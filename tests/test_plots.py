@@ -3,6 +3,7 @@ GaiaXPy's sampling in nm, corner plots count every row, top_anomalies ranks the 
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -92,10 +93,13 @@ def test_top_anomalies_refuses_a_bad_count(inputs: dict[str, Path]) -> None:
 
 # --- spectra in nm --------------------------------------------------------------------------------
 def test_sampled_spectra_are_gaiaxpys_calibration(inputs: dict[str, Path]) -> None:
-    import gaiaxpy
+    import matplotlib
     import pandas as pd
 
     import xpbatch
+
+    with matplotlib.rc_context():  # GaiaXPy's import sets text.usetex
+        import gaiaxpy
 
     rows = xpbatch.open_xp_store(inputs["store"]).isel(source=slice(0, 3)).compute()
     c = rows.coefficients.values.astype(np.float64)  # (3, 110), e-/s
@@ -127,6 +131,18 @@ def test_sampled_spectra_are_gaiaxpys_calibration(inputs: dict[str, Path]) -> No
     np.testing.assert_allclose(
         both.flux_error[0], np.hypot(sampled.flux_error[0], sampled.flux_error[1]), rtol=1e-9
     )
+
+
+def test_gaiaxpy_leaves_matplotlib_settings_alone() -> None:
+    """Importing GaiaXPy sets text.usetex, which breaks every later plot without LaTeX."""
+    code = (
+        "import matplotlib, numpy as np, xpbatch\n"
+        "xpbatch.sample_spectra(np.ones((1, 110)), np.ones((1, 110)))\n"
+        "import gaiaxpy\n"  # already imported: no second side effect
+        "print(matplotlib.rcParams['text.usetex'])"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.split()[-1] == "False"
 
 
 def test_plot_spectrum_draws_input_and_reconstruction_in_nm(inputs: dict[str, Path]) -> None:

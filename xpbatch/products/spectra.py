@@ -115,8 +115,11 @@ def sample_spectra(
 
 def _gaiaxpy_calibrate():  # type: ignore[no-untyped-def]
     """GaiaXPy's ``calibrate`` without its progress output, or one clear message."""
+    import matplotlib
+
     try:
-        from gaiaxpy.calibrator import calibrator
+        with matplotlib.rc_context():  # importing GaiaXPy sets text.usetex for every later plot
+            from gaiaxpy.calibrator import calibrator
     except ImportError as e:
         raise MissingExtraError(
             "drawing spectra in wavelength needs GaiaXPy, which is not installed: "
