@@ -111,7 +111,6 @@ def _catalog_variables() -> str:
         n_rows=1,
         chunk_rows=1,
         with_reconstruction=True,
-        with_anomaly_score=True,
         with_positions=True,
     )
     return _variables(layout.variables())

@@ -102,7 +102,6 @@ def test_format_page_is_generated_from_the_schema(site: Path) -> None:
         n_rows=1,
         chunk_rows=1,
         with_reconstruction=True,
-        with_anomaly_score=True,
         with_positions=True,
     )
     specs = [*variable_specs(list(schema.DR3_SCALARS), True, True), *layout.variables()]
