@@ -81,12 +81,15 @@ def _catalog_columns(path: Path) -> dict[str, np.ndarray]:
     ds = xpbatch.open_catalog(path).load()
     mean, std = ds[schema.LATENT_MEAN].values, ds[schema.LATENT_STD].values
     sid = ds[schema.SOURCE_ID].values
+    positions = [name for name in (schema.RA, schema.DEC) if name in ds.variables]
     return {
         "source_id": sid,
         "healpix_8": sid >> 43,
+        **{name: ds[name].values for name in positions},  # when the catalogue has them
         **{f"latent_mean_{i}": mean[:, i] for i in range(mean.shape[1])},
         **{f"latent_std_{i}": std[:, i] for i in range(std.shape[1])},
         "rmse": ds[schema.RMSE].values,
+        "anomaly_score": ds[schema.ANOMALY_SCORE].values,
         "flags": ds[schema.FLAGS].values,
     }
 
@@ -129,6 +132,35 @@ def test_every_row_is_exported_once_with_its_values(catalog: Path, tmp_path: Pat
         assert pixels.min() >= lo and pixels.max() <= hi
     manifest = json.loads((out / MANIFEST_NAME).read_text())
     assert manifest["complete"] is True and manifest["files"] == expected_files
+
+
+def test_a_catalogue_with_positions_exports_ra_dec_and_sorts_by_anomaly_score(
+    tmp_path: Path,
+) -> None:
+    import pandas as pd
+
+    rows = mock_rows(MOCK_ROWS, 0, N_ROWS, seed=2)
+    store = write_xp_store(
+        tmp_path / "store.zarr",
+        source_id=rows.source_id,
+        coefficients=rows.coefficients,
+        coefficient_errors=rows.coefficient_errors,
+        phot_g_mean_flux=rows.phot_g_mean_flux,
+        positions={schema.RA: rows.ra, schema.DEC: rows.dec},
+        chunk_rows=CHUNK_ROWS,
+    )
+    catalog = tmp_path / "catalog.zarr"
+    config = EncodeConfig(progress_bar=False, check_fit=False)
+    xpbatch.encode_catalog(store, TrainedModel.untrained(seed=4), catalog, config=config)
+    out = tmp_path / "parquet"
+    export_parquet(catalog, out, partitions=DR3_FIRST, config=ParquetExportConfig(threads=1))
+    _assert_export_equals_catalog(out, catalog)  # ra and dec included, beside healpix_8
+    frame = pd.read_parquet(out)
+    np.testing.assert_array_equal(np.sort(frame.ra.to_numpy()), np.sort(rows.ra))
+    # Equal scores (an untrained model) rank by row, i.e. by source_id.
+    ranked = frame.sort_values(["anomaly_score", "source_id"], ascending=[False, True]).head(5)
+    top = xpbatch.top_anomalies(catalog, 5)
+    np.testing.assert_array_equal(ranked.source_id.to_numpy(), top.source_id.to_numpy())
 
 
 def test_encode_catalog_carries_the_store_partitions_so_export_needs_no_flag(

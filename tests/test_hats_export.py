@@ -64,6 +64,7 @@ def catalogue_frame(path: Path) -> pd.DataFrame:
         for i in range(ds.sizes[schema.LATENT]):
             columns[f"{name}_{i}"] = ds[name].values[:, i]
     columns[schema.RMSE] = ds.rmse.values
+    columns[schema.ANOMALY_SCORE] = ds.anomaly_score.values
     columns[schema.FLAGS] = ds.flags.values
     import pandas as pd
 
@@ -137,6 +138,21 @@ def test_the_source_id_index_finds_rows(exported: Exported) -> None:
     wanted = [int(expected.index[i]) for i in (0, 1234, N_ROWS - 1)]
     found = lsdb.open_catalog(exported.hats).id_search(values={"source_id": wanted}).compute()
     assert sorted(found[schema.SOURCE_ID]) == wanted
+
+
+def test_lsdb_filters_and_ranks_by_anomaly_score(exported: Exported) -> None:
+    import lsdb
+
+    import xpbatch
+
+    top = xpbatch.top_anomalies(exported.catalog, 5)
+    threshold = float(top.anomaly_score.iloc[-1])
+    catalog = lsdb.open_catalog(exported.hats, columns=["source_id", "anomaly_score"])
+    found = catalog.query(f"anomaly_score >= {threshold!r}").compute()
+    ranked = found.sort_values(["anomaly_score", "source_id"], ascending=[False, True])
+    # Equal scores (an untrained model) rank by catalogue row, i.e. by source_id.
+    np.testing.assert_array_equal(ranked.source_id.to_numpy()[:5], top.source_id.to_numpy())
+    np.testing.assert_array_equal(ranked.anomaly_score.to_numpy()[:5], top.anomaly_score)
 
 
 def gaia_source_like(store: Path, out: Path) -> Path:

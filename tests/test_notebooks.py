@@ -44,18 +44,31 @@ def small_inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {"root": root, "store": store, "model": model, "catalog": catalog}
 
 
+PLOTS = ("plt.show()", "draw_sky_maps(", "plot_spectrum(", "plot_latents(")
+"""A code cell that contains one of these draws a figure, which must show in its outputs."""
+
+
 def _execute(name: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, **env: object) -> str:
     """Run ``notebooks/<name>.ipynb`` in a fresh kernel started in ``cwd``; return all the text
-    it printed. Every path it writes comes from ``env``, so running in the checkout is safe."""
+    it printed, after checking that every cell that plots shows its figure (the kernel's own
+    inline backend, as in Jupyter). Every path it writes comes from ``env``, so running in the
+    checkout is safe."""
     from nbclient import NotebookClient
 
-    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel chooses inline, as in Jupyter
     for key, value in env.items():
         monkeypatch.setenv(f"XPBATCH_NB_{key}", str(value))
     book = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
     NotebookClient(
         book, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
     ).execute()
+    plotting = [
+        c for c in book.cells if c.cell_type == "code" and any(p in c.source for p in PLOTS)
+    ]
+    assert plotting or name == "01_quickstart", f"{name}: no figure at all?"
+    for cell in plotting:
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert images, f"{name}: this cell drew no figure in its outputs:\n{cell.source}"
     texts = []
     for cell in book.cells:
         for output in cell.get("outputs", []):
@@ -184,8 +197,14 @@ def test_train_fits_a_model_and_counts_active_dimensions(
     assert "latent dimensions active" in text and "'z5'" in text
 
     import xpbatch
+    from xpbatch.cli.info import format_summary, summarize
 
-    assert xpbatch.load_model(out).provenance["epochs"] == 2
+    model = xpbatch.load_model(out)
+    assert model.provenance["epochs"] == 2
+    # The notebook's count is the model's own, the one `xpbatch info` prints.
+    n_active = len(model.density.active_dims)
+    assert f"{n_active} of 6 latent dimensions active" in text
+    assert f"{model.density.active_dims} (KL >= " in format_summary(summarize(out))
 
 
 @pytest.mark.slow  # a kernel running the whole notebook

@@ -80,11 +80,53 @@ def test_median_of_a_known_histogram() -> None:
     assert np.isnan(maps.median_rmse[1])
 
 
-def test_the_figure_is_drawn(catalog: Path, tmp_path: Path) -> None:
+def test_the_figure_is_labelled_for_a_talk(catalog: Path, tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from xpbatch.products.plots import save_figure
     from xpbatch.products.sky_maps import compute_sky_maps, draw_sky_maps
 
-    png = draw_sky_maps(compute_sky_maps(catalog, order=ORDER), tmp_path / "maps.png", width=120)
+    fig = draw_sky_maps(compute_sky_maps(catalog, order=ORDER), width=120)
+    assert isinstance(fig, Figure)
+    maps = [ax for ax in fig.axes if ax.name == "mollweide"]
+    bars = [ax for ax in fig.axes if ax.name != "mollweide"]
+    assert len(maps) == len(bars) == 3 + 6  # sources, encoded, rmse, six latents
+    labels = [bar.get_xlabel() for bar in bars]
+    assert labels[:3] == [
+        "sources per pixel (215 deg²)",  # order 2: 192 pixels
+        "encoded / sources",
+        "median rmse [units of the errors]",
+    ]
+    assert labels[3:] == [f"mean z{k}" for k in range(6)]
+    for ax in maps:
+        assert (ax.get_xlabel(), ax.get_ylabel()) == ("RA", "Dec")
+        ticks = sorted(
+            zip(ax.get_xticks(), [t.get_text() for t in ax.get_xticklabels()], strict=True)
+        )
+        ra = [int(text.rstrip("°")) for _, text in ticks]
+        assert ra == sorted(ra, reverse=True)  # RA increases to the left
+        assert [line.get_label() for line in ax.lines] == ["celestial equator", "Galactic plane"]
+    png = save_figure(fig, tmp_path / "maps.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(
+    ("n_sources", "order"),
+    [(0, 0), (959, 0), (960, 1), (20_000, 3), (200_000, 4), (219_000_000, 5)],
+)
+def test_the_order_follows_the_number_of_sources(n_sources: int, order: int) -> None:
+    from xpbatch.products.sky_maps import MIN_SOURCES_PER_PIXEL, auto_order
+
+    assert auto_order(n_sources) == order
+    if order:  # at least MIN_SOURCES_PER_PIXEL a pixel on average, and not one order finer
+        assert n_sources / (12 * 4**order) >= MIN_SOURCES_PER_PIXEL
+
+
+def test_without_an_order_the_catalogue_size_chooses_it(catalog: Path) -> None:
+    from xpbatch.products.sky_maps import auto_order, compute_sky_maps
+
+    maps = compute_sky_maps(catalog)
+    assert maps.order == auto_order(N_ROWS) == 1 and maps.count.sum() == N_ROWS
 
 
 def test_an_order_beyond_the_source_id_pixel_is_refused(catalog: Path) -> None:

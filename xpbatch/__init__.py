@@ -37,6 +37,9 @@ _MODULES = {
         "write_sky_maps",
         "SkyMaps",
     ),
+    "xpbatch.products.plots": ("plot_spectrum", "plot_latents", "save_figure"),
+    "xpbatch.products.spectra": ("sample_spectra", "SampledSpectra"),
+    "xpbatch.products.anomalies": ("top_anomalies",),
     # the model and its file
     "xpbatch.model.network": ("ScatterVAE",),
     "xpbatch.model.files": ("TrainedModel", "save_model", "load_model", "import_xpvae"),
@@ -64,6 +67,7 @@ _MODULES = {
         "ClusterUnavailableError",
         "ConfigError",
         "InputShapeError",
+        "MissingExtraError",
         "ModelFileError",
         "ModelMismatchError",
         "OutputExistsError",

@@ -647,5 +647,5 @@ class NeighboursConfig(OutputOptions):
 class SkyMapConfig(OutputOptions):
     """How ``skymap`` draws; its PNG follows the one output rule."""
 
-    order: int = 5
-    """HEALPix order of the maps, 0 to 12 (5: 12,288 pixels of about 1.8 degrees)."""
+    order: int | None = None
+    """HEALPix order, 0 to 12; default: the finest (up to 5) with 20+ sources a pixel on average."""

@@ -87,3 +87,7 @@ class StorageNotFoundError(StorageError, FileNotFoundError):
 class ConditionalWriteError(StorageError):
     """An object store ignores conditional writes (If-None-Match / If-Match), so one writer per
     output cannot be guaranteed there."""
+
+
+class MissingExtraError(XPBatchError, ImportError):
+    """An optional dependency is not installed; the message names the extra that brings it."""

@@ -170,7 +170,10 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
         maps = write_sky_maps(
             located(catalog, kwargs["storage_options"]), output, client=client, config=config
         )
-    click.echo(f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels")
+    click.echo(
+        f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels "
+        f"(HEALPix order {maps.order})"
+    )
 
 
 def _show_dashboard(client: Any) -> None:

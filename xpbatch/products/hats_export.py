@@ -98,7 +98,7 @@ class ZarrChunkReader(InputReader):
     """A hats-import ``InputReader`` whose input "files" are chunks of an xpbatch catalogue.
 
     ``read("<catalogue>#chunk=<k>")`` yields one pandas DataFrame: source_id, ra, dec, the flat
-    latent columns, rmse, flags, position_from_source_id and (``with_scatter``) one
+    latent columns, rmse, anomaly_score, flags, position_from_source_id and (``with_scatter``) one
     ``scatter_<coeff>`` column per coefficient.
     """
 
@@ -119,7 +119,7 @@ def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) ->
     """Chunk ``index`` of the catalogue as the flat columns of the export."""
     import pandas as pd
 
-    names = (schema.LATENT_MEAN, schema.LATENT_STD, schema.RMSE, schema.FLAGS)
+    names = (schema.LATENT_MEAN, schema.LATENT_STD, schema.RMSE, schema.ANOMALY_SCORE, schema.FLAGS)
     values = source.read(index, names + ((schema.SCATTER,) if with_scatter else ()))
     n_latent = source.layout.latent_dim
     columns: dict[str, np.ndarray] = {
@@ -131,6 +131,7 @@ def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) ->
         for i in range(n_latent):
             columns[f"{name}_{i}"] = values[name][:, i]  # (rows,) of (rows, latent)
     columns[schema.RMSE] = values[schema.RMSE]
+    columns[schema.ANOMALY_SCORE] = values[schema.ANOMALY_SCORE]
     columns[schema.FLAGS] = values[schema.FLAGS]
     columns[POSITION_FROM_SOURCE_ID] = values[POSITION_FROM_SOURCE_ID]
     if with_scatter:

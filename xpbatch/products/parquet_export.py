@@ -17,9 +17,13 @@ column                                 type     meaning
 =====================================  =======  =============================================
 ``source_id``                          int64    Gaia DR3 source identifier (rows ascending)
 ``healpix_8``                          int32    HEALPix level-8 nested index, ``source_id >> 43``
+``ra``, ``dec``                        float64  deg, ICRS, epoch J2016.0; only when the
+                                                catalogue has positions
 ``latent_mean_0`` … ``latent_mean_5``  float32  posterior mean of each latent dimension
 ``latent_std_0`` … ``latent_std_5``    float32  posterior standard deviation
 ``rmse``                               float32  error-weighted reconstruction RMSE
+``anomaly_score``                      float32  -log density of the latent mean and misfit,
+                                                nats (higher is rarer)
 ``flags``                              uint16   :class:`~xpbatch.schema.CatalogFlag` bits
 =====================================  =======  =============================================
 
@@ -179,6 +183,8 @@ class _Source:
     n_latent: int
     chunk_rows: int
     n_rows: int
+    with_positions: bool = False
+    """The catalogue has ra/dec (exported as columns)."""
 
 
 @functools.lru_cache(maxsize=8)
@@ -225,18 +231,28 @@ def _partition_rows(
 
 
 # --- writing one file -----------------------------------------------------------------------
-def _arrow_schema(n_latent: int, provenance: dict[str, Any]) -> pa.Schema:
+def _arrow_schema(source: _Source, provenance: dict[str, Any]) -> pa.Schema:
     import pyarrow as pa
 
     def field(name: str, kind: pa.DataType, text: str) -> pa.Field:
         return pa.field(name, kind, nullable=False, metadata={"description": text})
 
+    n = source.n_latent
     fields = [
         field(schema.SOURCE_ID, pa.int64(), "Gaia DR3 source_id"),
         field(HEALPIX_COLUMN, pa.int32(), "HEALPix level-8 nested index, source_id >> 43"),
-        *[field(f"latent_mean_{i}", pa.float32(), f"latent mean {i}") for i in range(n_latent)],
-        *[field(f"latent_std_{i}", pa.float32(), f"latent std {i}") for i in range(n_latent)],
+        *(
+            [
+                field(schema.RA, pa.float64(), "right ascension, deg (ICRS, epoch J2016.0)"),
+                field(schema.DEC, pa.float64(), "declination, deg (ICRS, epoch J2016.0)"),
+            ]
+            if source.with_positions
+            else []
+        ),
+        *[field(f"latent_mean_{i}", pa.float32(), f"latent mean {i}") for i in range(n)],
+        *[field(f"latent_std_{i}", pa.float32(), f"latent std {i}") for i in range(n)],
         field(schema.RMSE, pa.float32(), "error-weighted reconstruction RMSE"),
+        field(schema.ANOMALY_SCORE, pa.float32(), "-log density of latent mean and misfit, nats"),
         field(schema.FLAGS, pa.uint16(), "CatalogFlag bits (xpbatch.schema)"),
     ]
     return pa.schema(fields, metadata={"xpbatch": json.dumps(provenance, sort_keys=True)})
@@ -252,9 +268,15 @@ def _table(source: _Source, rows: slice, arrow_schema: pa.Schema) -> pa.Table:
     columns = [
         sid,
         (sid >> HEALPIX_SHIFT).astype(np.int32),
+        *(
+            [_read(source, name, rows).astype(np.float64) for name in (schema.RA, schema.DEC)]
+            if source.with_positions
+            else []
+        ),
         *[mean[:, i].astype(np.float32) for i in range(source.n_latent)],
         *[std[:, i].astype(np.float32) for i in range(source.n_latent)],
         _read(source, schema.RMSE, rows).astype(np.float32),
+        _read(source, schema.ANOMALY_SCORE, rows).astype(np.float32),
         _read(source, schema.FLAGS, rows).astype(np.uint16),
     ]
     return pa.Table.from_arrays([pa.array(c) for c in columns], schema=arrow_schema)
@@ -344,6 +366,7 @@ def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
         n_latent=int(ds.sizes[schema.LATENT]),
         chunk_rows=int(sid.chunks[0]),  # type: ignore[union-attr]
         n_rows=int(ds.sizes[schema.SOURCE]),
+        with_positions=schema.RA in ds.variables and schema.DEC in ds.variables,
     )
     return source, dict(ds.attrs)
 
@@ -358,7 +381,8 @@ def export_parquet(
     config: ParquetExportConfig | None = None,
     client: Any = None,
 ) -> ParquetExportSummary:
-    """Write a catalogue's latents, rmse and flags as Parquet, one file per DR3 partition.
+    """Write a catalogue's latents, rmse, anomaly_score, flags (and ra/dec) as Parquet, one file
+    per DR3 partition.
 
     Streams: each task reads one block of ``source_id`` to plan, then one partition's rows
     (about 65k in DR3) to write, so memory stays flat in the catalogue's size.
@@ -446,7 +470,7 @@ def export_parquet(
         "partitions_origin": ranges.origin,
         **{k: attrs[k] for k in ("model_name", "model_hash", "input_store_id") if k in attrs},
     }
-    arrow_schema = _arrow_schema(source.n_latent, provenance)
+    arrow_schema = _arrow_schema(source, provenance)
     tasks: list[tuple[slice, Path]] = []
     for p in np.flatnonzero(per_partition):
         lo, hi = (int(v) for v in ranges.ranges[p])

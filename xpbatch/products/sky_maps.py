@@ -2,7 +2,8 @@
 
 Each task reads one catalogue chunk and returns per-pixel sums (:class:`SkyMaps`) that the
 caller adds up, so memory depends on the number of pixels (``12 * 4**order``), never on the
-number of rows. The maps:
+number of rows. Unless given, the order is the finest at which a pixel holds enough sources
+on average to be a map rather than speckle (:func:`auto_order`). The maps:
 
 ================  ==========================================================================
 map               definition (per HEALPix nested pixel at ``order``)
@@ -25,7 +26,6 @@ the source had when its id was assigned.
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -33,20 +33,27 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.config import SkyMapConfig
 from xpbatch.errors import ConfigError
+from xpbatch.products.plots import save_figure
 from xpbatch.products.sky_positions import SkySource
 from xpbatch.runtime.executor import Executor, LazyClient
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.manifest import file_manifest
 from xpbatch.storage.outputs import locked_output
-from xpbatch.storage.paths import PathLike, atomic_path
+from xpbatch.storage.paths import PathLike
 
 if TYPE_CHECKING:
     from distributed import Client
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
-DEFAULT_ORDER = 5
-"""HEALPix order of the maps: 12 288 pixels of about 1.8 degrees."""
 MAX_ORDER = 12
+MIN_SOURCES_PER_PIXEL = 20
+"""The automatic order is the finest whose pixels hold at least this many sources on average,
+so that a small catalogue gives a map rather than speckle."""
+MAX_AUTO_ORDER = 5
+"""The automatic order stops here (12,288 pixels of about 1.8°): finer than a figure shows, and
+each task's per-pixel sums grow four times per order."""
 RMSE_RANGE = (1e-3, 1e3)
 """rmse values the histogram resolves; others go to the under/overflow bins."""
 RMSE_BINS_PER_DEX = 20
@@ -162,10 +169,25 @@ class _ChunkMaps:
         return maps
 
 
+def auto_order(n_sources: int) -> int:
+    """The finest HEALPix order, at most :data:`MAX_AUTO_ORDER`, whose ``12 * 4**order``
+    pixels hold at least :data:`MIN_SOURCES_PER_PIXEL` sources on average (0 for very few).
+
+    Examples
+    --------
+    >>> auto_order(20_000), auto_order(200_000), auto_order(219_000_000)
+    (3, 4, 5)
+    """
+    order = 0
+    while order < MAX_AUTO_ORDER and n_sources >= MIN_SOURCES_PER_PIXEL * 12 * 4 ** (order + 1):
+        order += 1
+    return order
+
+
 def compute_sky_maps(
     catalog: PathLike,
     *,
-    order: int = DEFAULT_ORDER,
+    order: int | None = None,
     client: Client | LazyClient | Executor | None = None,
 ) -> SkyMaps:
     """Accumulate the HEALPix maps of a complete catalogue, one chunk per task.
@@ -175,19 +197,21 @@ def compute_sky_maps(
     catalog
         A complete catalogue (``xpbatch encode-catalog``).
     order
-        HEALPix order of the maps (0..12).
+        HEALPix order of the maps (0..12); None: :func:`auto_order` of the number of rows.
     client
         A ``distributed.Client``: chunks run on its workers, at most two per worker thread in
         flight. None: serially here.
 
     Examples
     --------
-    >>> maps = compute_sky_maps("catalog.zarr", order=4)  # doctest: +SKIP
-    >>> int(maps.count.sum())  # every row once  # doctest: +SKIP
+    >>> maps = compute_sky_maps("catalog.zarr")  # doctest: +SKIP
+    >>> int(maps.count.sum()), maps.order  # every row once; the order chosen  # doctest: +SKIP
     """
-    if not 0 <= order <= MAX_ORDER:
+    if order is not None and not 0 <= order <= MAX_ORDER:
         raise ConfigError(f"a sky map's HEALPix order must be in 0..{MAX_ORDER}, got {order}")
     source = SkySource.open(catalog, positions_from_source_id=True)
+    if order is None:
+        order = auto_order(source.layout.n_rows)
     task = _ChunkMaps(source, order)
     total = SkyMaps.empty(order, source.layout.latent_dim)
     executor = Executor.of(client, tasks_per_thread=TASKS_IN_FLIGHT_PER_THREAD)
@@ -197,35 +221,73 @@ def compute_sky_maps(
 
 
 # --- drawing ----------------------------------------------------------------------------------
+def _plot_longitude(ra: np.ndarray) -> np.ndarray:
+    """Mollweide longitude (radians, -pi..pi) of right ascension ``ra`` (radians): RA 180° at
+    the centre, increasing to the left (the sky as seen from inside the sphere)."""
+    return np.pi - np.mod(ra, 2 * np.pi)
+
+
 def _mollweide_grid(order: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Longitude/latitude cell edges (radians, RA increasing to the left) and the pixel of
-    each cell centre."""
+    """Longitude/latitude cell edges (radians) and the pixel of each cell centre."""
     import cdshealpix.nested
     from astropy import units as u
 
     height = width // 2
-    x = np.linspace(np.pi, -np.pi, width + 1)  # plot longitude: RA 0 at the right edge
+    x = np.linspace(-np.pi, np.pi, width + 1)
     y = np.linspace(-np.pi / 2, np.pi / 2, height + 1)
     xc, yc = (x[:-1] + x[1:]) / 2, (y[:-1] + y[1:]) / 2
     lon, lat = np.meshgrid(xc, yc)  # (height, width)
-    ra = np.mod(np.pi - lon, 2 * np.pi)
+    ra = np.mod(np.pi - lon, 2 * np.pi)  # inverse of _plot_longitude
     pixel = cdshealpix.nested.lonlat_to_healpix(ra * u.rad, lat * u.rad, order)
     return x, y, np.asarray(pixel, np.int64)
 
 
-def _panels(maps: SkyMaps) -> list[tuple[str, np.ndarray, dict[str, Any]]]:
-    """(title, per-pixel values, imshow options) of every panel."""
-    with np.errstate(divide="ignore"):
-        log_count = np.where(maps.count > 0, np.log10(maps.count.astype(float)), np.nan)
-    panels: list[tuple[str, np.ndarray, dict[str, Any]]] = [
-        ("log10 sources per pixel", log_count, {"cmap": "viridis"}),
-        ("fraction encoded", maps.fraction_encoded, {"cmap": "magma", "vmin": 0, "vmax": 1}),
-        ("median rmse", maps.median_rmse, {"cmap": "cividis", **_robust_limits(maps.median_rmse)}),
+def _galactic_plane() -> tuple[np.ndarray, np.ndarray]:
+    """The Galactic plane (b = 0) in plot coordinates, broken (NaN) where it crosses the edge."""
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    galactic_l = np.linspace(0, 360, 1441)
+    icrs = SkyCoord(
+        l=galactic_l * u.deg, b=np.zeros_like(galactic_l) * u.deg, frame="galactic"
+    ).icrs
+    lon, lat = _plot_longitude(np.asarray(icrs.ra.rad)), np.asarray(icrs.dec.rad)
+    cut = np.flatnonzero(np.abs(np.diff(lon)) > np.pi) + 1  # where it wraps around the map
+    return np.insert(lon, cut, np.nan), np.insert(lat, cut, np.nan)
+
+
+def _panels(maps: SkyMaps) -> list[tuple[str, np.ndarray, dict[str, Any], str]]:
+    """(title, per-pixel values, pcolormesh options, colour bar label) of every panel."""
+    from matplotlib.colors import LogNorm
+
+    count = np.where(maps.count > 0, maps.count.astype(float), np.nan)
+    area = 4 * np.pi * np.degrees(1.0) ** 2 / len(maps.count)  # deg² of one pixel
+    panels: list[tuple[str, np.ndarray, dict[str, Any], str]] = [
+        (
+            "sources",
+            count,
+            {"cmap": "viridis", "norm": LogNorm(vmin=1, vmax=max(float(maps.count.max()), 2))},
+            f"sources per pixel ({area:.3g} deg²)",
+        ),
+        (
+            "fraction encoded",
+            maps.fraction_encoded,
+            {"cmap": "magma", "vmin": 0, "vmax": 1},
+            "encoded / sources",
+        ),
+        (
+            "median rmse",
+            maps.median_rmse,
+            {"cmap": "cividis", **_robust_limits(maps.median_rmse)},
+            "median rmse [units of the errors]",
+        ),
     ]
     mean = maps.mean_latent
     for k in range(mean.shape[1]):
         limits = _robust_limits(mean[:, k])
-        panels.append((f"mean latent {k}", mean[:, k], {"cmap": "coolwarm", **limits}))
+        panels.append(
+            (f"mean latent {k}", mean[:, k], {"cmap": "coolwarm", **limits}, f"mean z{k}")
+        )
     return panels
 
 
@@ -238,41 +300,66 @@ def _robust_limits(values: np.ndarray) -> dict[str, float]:
     return {"vmin": float(lo), "vmax": float(hi)} if hi > lo else {}
 
 
-def draw_sky_maps(maps: SkyMaps, output: PathLike, *, title: str = "", width: int = 480) -> Path:
-    """Draw every map in Mollweide (RA increasing to the left, centre RA 180°) into a PNG."""
-    import matplotlib
+RA_TICKS_DEG = (300, 240, 180, 120, 60)
+DEC_TICKS_DEG = (-60, -30, 0, 30, 60)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+
+def _sky_axes(ax: Axes, plane: tuple[np.ndarray, np.ndarray]) -> None:
+    """Graticule with RA/Dec labels, the celestial equator and the Galactic plane."""
+    ra = np.radians(RA_TICKS_DEG)
+    ax.set_xticks(_plot_longitude(ra), [f"{d}°" for d in RA_TICKS_DEG], fontsize=6)
+    ax.set_yticks(np.radians(DEC_TICKS_DEG), [f"{d:+d}°" for d in DEC_TICKS_DEG], fontsize=6)
+    ax.grid(True, color="0.5", lw=0.4, alpha=0.6)
+    ax.set_xlabel("RA", fontsize=7, labelpad=1)
+    ax.set_ylabel("Dec", fontsize=7, labelpad=1)
+    ax.plot([-np.pi, np.pi], [0, 0], color="k", lw=0.8, ls="--", label="celestial equator")
+    ax.plot(*plane, color="k", lw=0.9, label="Galactic plane")
+
+
+def draw_sky_maps(maps: SkyMaps, *, title: str = "", width: int = 480) -> Figure:
+    """Draw every map in Mollweide and return the figure (save it with ``fig.savefig``).
+
+    ICRS, RA increasing to the left with RA 180° at the centre; a graticule labelled in RA and
+    Dec, the celestial equator (dashed) and the Galactic plane (solid) on every panel; each
+    colour bar says what it shows and its unit. The figure is a plain
+    :class:`matplotlib.figure.Figure` (pyplot's state and backend are left alone), so in
+    Jupyter it shows as a cell's value and later plots keep working.
+
+    Examples
+    --------
+    >>> fig = draw_sky_maps(compute_sky_maps("catalog.zarr"))  # doctest: +SKIP
+    >>> fig.savefig("sky.png")  # doctest: +SKIP
+    """
     from matplotlib.ticker import ScalarFormatter
 
+    from xpbatch.products.plots import new_figure
+
     x, y, pixel = _mollweide_grid(maps.order, width)
+    plane = _galactic_plane()
     panels = _panels(maps)
     n_cols = 3
     n_rows = -(-len(panels) // n_cols)
-    fig = plt.figure(figsize=(4.2 * n_cols, 2.5 * n_rows + 0.6))
-    for i, (name, values, options) in enumerate(panels):
+    fig = new_figure(figsize=(4.4 * n_cols, 3.0 * n_rows + 0.7))
+    for i, (name, values, options, label) in enumerate(panels):
         ax = fig.add_subplot(n_rows, n_cols, i + 1, projection="mollweide")
         image = np.ma.masked_invalid(values[pixel])  # (height, width)
         mesh = ax.pcolormesh(x, y, image, shading="flat", rasterized=True, **options)
         ax.set_title(name, fontsize=9)
-        ax.set_xticklabels([])
-        ax.set_yticklabels([])
-        ax.grid(True, alpha=0.3)
-        bar = fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.04)
-        bar.formatter = ScalarFormatter(useOffset=False)
-        bar.ax.tick_params(labelsize=7)
-    n_rows_total = int(maps.count.sum())
+        _sky_axes(ax, plane)
+        bar = fig.colorbar(mesh, ax=ax, orientation="horizontal", fraction=0.05, pad=0.02)
+        if "norm" not in options:
+            bar.formatter = ScalarFormatter(useOffset=False)
+        bar.set_label(label, fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    pixel_deg = np.degrees(np.sqrt(4 * np.pi / len(maps.count)))
     fig.suptitle(
-        f"{title}  {n_rows_total:,} sources, HEALPix order {maps.order} (ICRS, Mollweide, "
-        "RA increasing to the left, centre RA 180°)".strip(),
+        f"{title}  {int(maps.count.sum()):,} sources, HEALPix order {maps.order} "
+        f"(pixels of about {pixel_deg:.2g}°); ICRS, Mollweide, RA increasing to the left".strip(),
         fontsize=10,
     )
-    output = Path(output)
-    with atomic_path(output) as tmp:
-        fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    return output
+    return fig
 
 
 SKY_MAP_KIND = "sky map"
@@ -301,7 +388,7 @@ def write_sky_maps(
     run = file_manifest(out, kind=SKY_MAP_KIND)
     run.claim(resume=False, overwrite=config.overwrite, remove=lambda: None)  # replaced whole
     maps = compute_sky_maps(catalog, order=config.order, client=client)
-    run.begin(catalog=str(zarr_arrays.absolute(catalog)), order=config.order)
-    draw_sky_maps(maps, run.output, title=str(catalog))
+    run.begin(catalog=str(zarr_arrays.absolute(catalog)), order=maps.order)
+    save_figure(draw_sky_maps(maps, title=str(catalog)), run.output)
     run.mark_complete(sources=int(maps.count.sum()))
     return maps
