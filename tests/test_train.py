@@ -19,7 +19,9 @@ from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError, T
 from xpbatch.mock import read_mock_labels, write_mock_store
 from xpbatch.model.files import load_model
 from xpbatch.store.xp_store import open_xp_store, write_xp_store
-from xpbatch.train import stage as train_module
+from xpbatch.train import checkpoints as train_checkpoints
+from xpbatch.train import loop as train_loop
+from xpbatch.train.checkpoints import RunPaths
 from xpbatch.train.data import (
     compute_normalisation,
     read_source_id_file,
@@ -27,7 +29,7 @@ from xpbatch.train.data import (
     select_rows,
 )
 from xpbatch.train.feed import ResidentRows, StreamedRows
-from xpbatch.train.stage import RunPaths, train_model
+from xpbatch.train.stage import train_model
 
 N_SMALL = 3000
 FAST = {"learning_rate": 1e-3, "batch_size": 256, "device": "cpu", "checkpoint_every": 1}
@@ -246,13 +248,14 @@ def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
     weights and their gradients stay float32."""
     import types
 
+    from xpbatch.train.checkpoints import _TrainingState
     from xpbatch.train.feed import ResidentRows
-    from xpbatch.train.stage import _Loop, _TrainingState
+    from xpbatch.train.loop import _Loop
 
     config = TrainConfig(precision="bf16", device="cuda", batch_size=64, learning_rate=1e-3)
     state = _TrainingState.new(config, torch.device("cpu"))
     seen: list[tuple[set[torch.dtype], bool, torch.dtype]] = []
-    real = train_module.scatter_vae_loss
+    real = train_loop.scatter_vae_loss
 
     def recording_loss(out, x, x_err, valid, **kwargs):  # type: ignore[no-untyped-def]
         terms = real(out, x, x_err, valid, **kwargs)
@@ -260,7 +263,7 @@ def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
         seen.append((dtypes, torch.is_autocast_enabled("cpu"), terms.total.dtype))
         return terms
 
-    monkeypatch.setattr(train_module, "scatter_vae_loss", recording_loss)
+    monkeypatch.setattr(train_loop, "scatter_vae_loss", recording_loss)
     loop = types.SimpleNamespace(config=config, state=state, device=torch.device("cpu"))
     loop._autocast = types.MethodType(_Loop._autocast, loop)
     x = torch.randn(256, 110)
@@ -275,7 +278,7 @@ def test_a_bf16_training_step_computes_the_loss_in_float32_outside_autocast(
 
 def _loss_failing_at(call: int, failure: str):  # type: ignore[no-untyped-def]
     """scatter_vae_loss that, from its ``call``-th call on, raises Ctrl-C or returns NaN."""
-    real = train_module.scatter_vae_loss
+    real = train_loop.scatter_vae_loss
     calls = {"n": 0}
 
     def loss(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -303,12 +306,12 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(
     validation_calls = 1  # one validation batch per epoch
     mid_epoch_3 = 2 * (steps + validation_calls) + steps // 2
     with monkeypatch.context() as m:
-        m.setattr(train_module, "scatter_vae_loss", _loss_failing_at(mid_epoch_3, "interrupt"))
+        m.setattr(train_loop, "scatter_vae_loss", _loss_failing_at(mid_epoch_3, "interrupt"))
         with pytest.raises(KeyboardInterrupt):
             train_model(small_store, out, config=TrainConfig(epochs=4, **FAST, progress_bar=False))
     assert not out.exists()
     checkpoint = RunPaths.for_model(out).checkpoint
-    state, _ = train_module._Snapshot.read(checkpoint)
+    state, _ = train_checkpoints._Snapshot.read(checkpoint)
     assert state.meta["epoch"] == 2
     train_model(
         small_store, out, config=TrainConfig(epochs=4, **FAST, progress_bar=False, resume=True)
@@ -322,12 +325,12 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
     out = tmp_path / "m.safetensors"
     steps = _steps_per_epoch(small_store)
     monkeypatch.setattr(
-        train_module, "scatter_vae_loss", _loss_failing_at(2 * (steps + 1) + 3, "nan")
+        train_loop, "scatter_vae_loss", _loss_failing_at(2 * (steps + 1) + 3, "nan")
     )
     with pytest.raises(TrainingError, match=r"not finite.*epoch 3.*after epoch 2"):
         train_model(small_store, out, config=TrainConfig(epochs=5, **FAST, progress_bar=False))
     assert not out.exists()
-    state, run = train_module._Snapshot.read(RunPaths.for_model(out).checkpoint)
+    state, run = train_checkpoints._Snapshot.read(RunPaths.for_model(out).checkpoint)
     assert state.meta["epoch"] == 2 and len(run["records"]) == 2
     assert all(torch.isfinite(t).all() for t in state.tensors.values() if t.is_floating_point())
 
@@ -559,7 +562,7 @@ def test_early_stopping_keeps_the_best_epoch_and_says_so(small_store: Path, tmp_
 
 
 def test_the_summary_hints_when_the_validation_loss_rose() -> None:
-    from xpbatch.train.stage import EpochRecord, TrainSummary
+    from xpbatch.train.summary import EpochRecord, TrainSummary
 
     def summary(losses: list[float]) -> TrainSummary:
         records = [

@@ -29,9 +29,10 @@ from xpbatch.config import Device, TrainConfig
 from xpbatch.model.device import resolve_device
 from xpbatch.model.network import ScatterVAE, scatter_vae_loss
 from xpbatch.store.xp_store import open_xp_store
+from xpbatch.train.checkpoints import make_optimizer
 from xpbatch.train.data import compute_normalisation, row_chunks, select_rows
 from xpbatch.train.feed import ResidentRows
-from xpbatch.train.stage import make_optimizer, train_model
+from xpbatch.train.stage import train_model
 
 PUBLISHED_EPOCHS = 5000
 PUBLISHED_ROWS = 450_000

@@ -97,7 +97,7 @@ def _wrote_output(command: str, params: dict[str, Any]) -> bool:
 
 def _checkpoint(model: str) -> str:
     """Where ``train`` keeps the checkpoint of the model file ``model``."""
-    from xpbatch.train.stage import RunPaths
+    from xpbatch.train.checkpoints import RunPaths
 
     return str(RunPaths.for_model(model).checkpoint)
 
