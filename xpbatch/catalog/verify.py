@@ -1,7 +1,7 @@
 """Verifying a catalogue: every chunk written, completely and consistently (with its store).
 
 Reads the catalogue chunk by chunk, never a whole variable, so it runs on Dask workers as well as
-serially (see ``executor``); :mod:`xpbatch.catalog.zarr_catalog` describes what a sound catalogue
+serially (see ``executor``); :mod:`xpbatch.catalog.writer` describes what a sound catalogue
 holds.
 """
 
@@ -16,15 +16,9 @@ import numpy as np
 import zarr
 
 from xpbatch import schema
-from xpbatch.catalog.zarr_catalog import (
-    CHECKSUM_MISSING,
-    RECORD_MISSING,
-    CatalogLayout,
-    ChunkRecord,
-    completed_chunks,
-    read_attrs,
-    value_problems,
-)
+from xpbatch.catalog.layout import CHECKSUM_MISSING, RECORD_MISSING, CatalogLayout, ChunkRecord
+from xpbatch.catalog.writer import value_problems
+from xpbatch.catalog.zarr_catalog import completed_chunks, read_attrs
 from xpbatch.errors import CatalogError, StoreError
 from xpbatch.runtime.executor import SERIAL, Executor
 from xpbatch.storage import zarr_arrays
