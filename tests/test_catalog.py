@@ -311,7 +311,7 @@ def test_verify_compares_with_the_input_store(
     report = catalog_verify.verify_catalog(path, store)
     assert any("store id" in p for p in report.problems)
     group = zarr.open_group(path, mode="r+")
-    from xpbatch.store.xp_store import store_id
+    from xpbatch.store.reader import store_id
 
     group.attrs[schema.CATALOG_ATTR_STORE_ID] = store_id(store)
     report = catalog_verify.verify_catalog(path, store)

@@ -26,7 +26,8 @@ from xpbatch.errors import CatalogError, ModelFileError, StoreError
 from xpbatch.model.files import load_model, save_model
 from xpbatch.model.trained import TrainedModel
 from xpbatch.storage import zarr_arrays
-from xpbatch.store.xp_store import open_xp_store, write_xp_store
+from xpbatch.store.reader import open_xp_store
+from xpbatch.store.xp_store import write_xp_store
 
 
 def _store(root: Path) -> Path:

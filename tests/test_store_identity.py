@@ -21,7 +21,7 @@ from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import StoreError
 from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
-from xpbatch.store.xp_store import ChunkReader, open_xp_store
+from xpbatch.store.reader import ChunkReader, open_xp_store
 
 CHUNK_ROWS = 128
 N_ROWS = 4 * CHUNK_ROWS

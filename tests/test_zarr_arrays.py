@@ -20,7 +20,7 @@ from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.encode.kernel import INPUT_VARIABLES
 from xpbatch.errors import CatalogError, InputShapeError, StoreError, StoreNotFoundError
 from xpbatch.storage import zarr_arrays
-from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
+from xpbatch.store.reader import ChunkReader, open_variables, present_variables
 
 CHUNK_ROWS = 128
 N_ROWS = 3 * CHUNK_ROWS + 40  # a short last chunk

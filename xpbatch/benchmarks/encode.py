@@ -33,7 +33,7 @@ from xpbatch.catalog.layout import CatalogLayout, create_catalog
 from xpbatch.config import EncodeConfig
 from xpbatch.encode.kernel import INPUT_VARIABLES, encode_chunk
 from xpbatch.schema import DR3_N_SOURCES
-from xpbatch.store.xp_store import open_variables
+from xpbatch.store.reader import open_variables
 from xpbatch.train.demo import store_ready
 
 if TYPE_CHECKING:

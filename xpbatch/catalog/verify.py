@@ -27,7 +27,7 @@ from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG, Place
 
 if TYPE_CHECKING:
-    from xpbatch.store.xp_store import ChunkReader
+    from xpbatch.store.reader import ChunkReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -250,7 +250,7 @@ class ChunkVerifier:
 
     @functools.cached_property
     def _store_reader(self) -> ChunkReader:
-        from xpbatch.store.xp_store import ChunkReader
+        from xpbatch.store.reader import ChunkReader
 
         assert self.store is not None
         names = [schema.SOURCE_ID, schema.INPUT_FLAGS]
@@ -360,7 +360,7 @@ def _layout_problems(path: Place, layout: CatalogLayout) -> list[str]:
 
 
 def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Place) -> list[str]:
-    from xpbatch.store.xp_store import open_xp_store, store_id
+    from xpbatch.store.reader import open_xp_store, store_id
 
     ds = open_xp_store(store)
     problems = []

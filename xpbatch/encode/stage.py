@@ -1,7 +1,7 @@
 """Stage entry point of ``encode-catalog``: map the model over every chunk of a store.
 
 One task per input chunk: read the chunk (its arrays read concurrently by
-:class:`xpbatch.store.xp_store.ChunkReader`), run the encode kernel
+:class:`xpbatch.store.reader.ChunkReader`), run the encode kernel
 (:func:`xpbatch.encode.kernel.encode_chunk`)
 on the worker's device, write its aligned region of the catalogue (the variables written
 concurrently) and then its completion record (:class:`xpbatch.catalog.writer.CatalogWriter`).
@@ -65,7 +65,7 @@ from xpbatch.storage.manifest import real_place
 from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import Place
-from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
+from xpbatch.store.reader import ChunkReader, open_variables, present_variables
 
 if TYPE_CHECKING:
     import torch
@@ -195,7 +195,7 @@ def run_chunk(job: ChunkJob) -> ChunkRecord:
 
 # --- checks before any work ----------------------------------------------------------------------
 def _open_store(store: Place) -> xr.Dataset:
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     return open_xp_store(store)
 
@@ -242,7 +242,7 @@ def _check_normalisation(model: TrainedModel, store: PathLike | Location) -> Non
     """Measure rows from every chunk of the store as the model's training rows were
     (:mod:`xpbatch.model.fit_check`)."""
     from xpbatch.model import fit_check as fit
-    from xpbatch.store.xp_store import sample_rows
+    from xpbatch.store.reader import sample_rows
 
     source_id = open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID]
     n_chunks = -(-source_id.shape[0] // source_id.chunks[0])
@@ -425,7 +425,7 @@ class _Plan:
 
 def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: EncodeConfig) -> _Plan:
     """Check store, model and output, create (or reopen) the catalogue, list the chunks to do."""
-    from xpbatch.store.xp_store import store_id
+    from xpbatch.store.reader import store_id
 
     if zarr_arrays.same_place(out, store):
         raise ConfigError(f"the output {out} is the input store; choose another output path")

@@ -53,7 +53,7 @@ from xpbatch.storage.manifest import (
     real_output,
 )
 from xpbatch.storage.outputs import locked_output
-from xpbatch.store.xp_store import open_xp_store, store_id
+from xpbatch.store.reader import open_xp_store, store_id
 from xpbatch.train.data import (
     Batch,
     Selection,
