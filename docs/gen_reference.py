@@ -5,7 +5,7 @@ replaces it before the page is rendered. The kinds:
 
 - ``store-variables``, ``store-scalars``, ``catalog-variables``: the row variables (name,
   dimensions, dtype, units, description) exactly as :mod:`xpbatch.store.layout` and
-  :mod:`xpbatch.catalog.zarr_catalog` create them, every optional one included;
+  :mod:`xpbatch.catalog.layout` create them, every optional one included;
 - ``input-flags``, ``catalog-flags``: the bits of :class:`xpbatch.schema.InputFlag` and
   :class:`xpbatch.schema.CatalogFlag` with their docstrings;
 - ``store-attributes``, ``catalog-attributes``, ``bookkeeping``: the names in
@@ -105,7 +105,7 @@ def _store_variables(scalars: bool) -> str:
 
 
 def _catalog_variables() -> str:
-    from xpbatch.catalog.zarr_catalog import CatalogLayout
+    from xpbatch.catalog.layout import CatalogLayout
 
     layout = CatalogLayout(
         n_rows=1,

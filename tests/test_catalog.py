@@ -20,7 +20,9 @@ from zarr.storage import StorePath
 from xpbatch import schema
 from xpbatch.catalog import verify as catalog_verify
 from xpbatch.catalog import zarr_catalog as catalog
-from xpbatch.catalog.zarr_catalog import CatalogLayout, CatalogWriter
+from xpbatch.catalog.layout import CHECKSUM_MISSING, CatalogLayout, ChunkRecord, create_catalog
+from xpbatch.catalog.output import mark_complete, prepare_output
+from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.errors import CatalogError, InputShapeError, OutputExistsError, ResumeRefusedError
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
@@ -62,12 +64,12 @@ def _outputs(layout: CatalogLayout, index: int) -> dict[str, np.ndarray]:
 
 
 def _write_catalog(path: Path, layout: CatalogLayout, *, complete: bool = True) -> Path:
-    catalog.create_catalog(path, layout, attrs=ATTRS)
+    create_catalog(path, layout, attrs=ATTRS)
     writer = CatalogWriter(path)
     for index in range(layout.n_chunks):
         writer.write_chunk(index, _outputs(layout, index))
     if complete:
-        catalog.mark_complete(path)
+        mark_complete(path)
     return path
 
 
@@ -108,14 +110,14 @@ def test_written_catalogue_opens_lazily_with_units_and_records(written: Path) ->
 
 def test_record_round_trips_through_its_row() -> None:
     outputs = _outputs(LAYOUT, 1)
-    record = catalog.ChunkRecord.from_outputs(1, outputs)
-    assert catalog.ChunkRecord.from_row(1, record.to_row()) == record
+    record = ChunkRecord.from_outputs(1, outputs)
+    assert ChunkRecord.from_row(1, record.to_row()) == record
     assert record.rows - record.rows_encoded == record.flag_counts["not_encoded"] > 0
 
 
 def test_write_refuses_wrong_shapes(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     outputs = _outputs(LAYOUT, 0)
     outputs[schema.SCATTER] = outputs[schema.SCATTER][:-1]
     with pytest.raises(InputShapeError, match="scatter must have shape"):
@@ -125,7 +127,7 @@ def test_write_refuses_wrong_shapes(tmp_path: Path) -> None:
 
 def test_writer_refuses_arrays_not_chunked_like_the_layout(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     group = zarr.open_group(path, mode="r+")
     group.attrs[schema.CATALOG_ATTR_LAYOUT] = {**LAYOUT.to_attrs(), "chunk_rows": 8}
     with pytest.raises(CatalogError, match="would not be aligned"):
@@ -144,19 +146,19 @@ def test_existing_output_is_never_touched_without_resume_or_overwrite(
     path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=complete)
     before = _snapshot(path)
     with pytest.raises(OutputExistsError, match=r"--resume .* --overwrite"):
-        catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=False)
+        prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=False)
     assert _snapshot(path) == before
 
 
 def test_overwrite_replaces_a_catalogue_but_never_another_directory(tmp_path: Path) -> None:
     path = _write_catalog(tmp_path / "c.zarr", LAYOUT)
-    assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=True) == set()
+    assert prepare_output(path, LAYOUT, attrs=ATTRS, resume=False, overwrite=True) == set()
     assert catalog.completed_chunks(path) == set()
     precious = tmp_path / "home"
     precious.mkdir()
     (precious / "thesis.tex").write_text("years of work")
     with pytest.raises(OutputExistsError, match="not an xpbatch catalogue"):
-        catalog.prepare_output(precious, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
+        prepare_output(precious, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
     assert (precious / "thesis.tex").read_text() == "years of work"
 
 
@@ -173,20 +175,18 @@ def test_resume_refuses_another_run(tmp_path: Path, change: dict, key: str) -> N
     path = _write_catalog(tmp_path / "c.zarr", LAYOUT, complete=False)
     before = _snapshot(path)
     with pytest.raises(ResumeRefusedError, match=key):
-        catalog.prepare_output(
-            path, LAYOUT, attrs={**ATTRS, **change}, resume=True, overwrite=False
-        )
+        prepare_output(path, LAYOUT, attrs={**ATTRS, **change}, resume=True, overwrite=False)
     assert _snapshot(path) == before
 
 
 def test_resume_returns_done_chunks_and_clears_interrupted_writes(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     CatalogWriter(path).write_chunk(2, _outputs(LAYOUT, 2))
     partial = path / "scatter" / "c" / "1" / "0.0123abcd.partial"  # as zarr leaves after a kill
     partial.parent.mkdir(parents=True, exist_ok=True)
     partial.write_bytes(b"half")
-    done = catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+    done = prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
     assert done == {2}
     assert not partial.exists()
 
@@ -194,9 +194,9 @@ def test_resume_returns_done_chunks_and_clears_interrupted_writes(tmp_path: Path
 def test_resume_rebuilds_a_template_killed_before_its_records(tmp_path: Path) -> None:
     """The records array is created last; a template without it was killed at creation."""
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     shutil.rmtree(path / schema.RECORDS_ARRAY)  # as if killed just before creating it
-    assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
+    assert prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
     assert catalog.completed_chunks(path) == set()
 
 
@@ -206,22 +206,22 @@ def test_resume_never_touches_what_is_not_a_catalogue(
     store = make_xp_store(tmp_path / "s.zarr", 20)
     before = _snapshot(store)
     with pytest.raises(ResumeRefusedError, match="an xpbatch XP store, not the catalogue"):
-        catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+        prepare_output(store, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
     with pytest.raises(OutputExistsError, match="an xpbatch XP store, not the catalogue"):
-        catalog.prepare_output(store, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
+        prepare_output(store, LAYOUT, attrs=ATTRS, resume=False, overwrite=True)
     foreign = tmp_path / "notes"
     foreign.mkdir()
     (foreign / "zarr.json").write_text("not zarr")
     with pytest.raises(ResumeRefusedError, match="not an xpbatch catalogue"):
-        catalog.prepare_output(foreign, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
+        prepare_output(foreign, LAYOUT, attrs=ATTRS, resume=True, overwrite=False)
     assert _snapshot(store) == before and (foreign / "zarr.json").read_text() == "not zarr"
 
 
 def test_resume_rebuilds_a_template_killed_at_creation(tmp_path: Path) -> None:
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     zarr.open_group(path, mode="r+").__delitem__(schema.BOOKKEEPING_GROUP)
-    assert catalog.prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
+    assert prepare_output(path, LAYOUT, attrs=ATTRS, resume=True, overwrite=False) == set()
     assert isinstance(zarr.open_group(path)[schema.BOOKKEEPING_GROUP], zarr.Group)
 
 
@@ -311,7 +311,7 @@ def test_verify_compares_with_the_input_store(
     report = catalog_verify.verify_catalog(path, store)
     assert any("store id" in p for p in report.problems)
     group = zarr.open_group(path, mode="r+")
-    from xpbatch.store.xp_store import store_id
+    from xpbatch.store.reader import store_id
 
     group.attrs[schema.CATALOG_ATTR_STORE_ID] = store_id(store)
     report = catalog_verify.verify_catalog(path, store)
@@ -339,7 +339,7 @@ def test_verify_reads_one_chunk_at_a_time(written: Path, monkeypatch: pytest.Mon
 def test_the_writer_refuses_values_that_break_the_rules(tmp_path: Path) -> None:
     """A NaN without the not_encoded flag is never written: verification may trust checksums."""
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs=ATTRS)
+    create_catalog(path, LAYOUT, attrs=ATTRS)
     outputs = _outputs(LAYOUT, 1)
     outputs[schema.RMSE][0] = np.nan  # row 16 is encoded (16 % 7 != 3)
     with pytest.raises(CatalogError, match=r"chunk 1 .* not written: rmse is NaN in 1 row\(s\)"):
@@ -439,7 +439,7 @@ def test_verify_refuses_a_chunk_file_swapped_with_another(
     """Two chunks' files of one variable swapped: same NaN pattern, valid crc32c, every value
     plausible; their records tell them apart (ra and dec included). Resume re-derives them."""
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, POSITIONS, attrs=ATTRS)
+    create_catalog(path, POSITIONS, attrs=ATTRS)
     for index in range(POSITIONS.n_chunks):
         CatalogWriter(path).write_chunk(index, _with_positions(POSITIONS, index))
     assert catalog_verify.verify_catalog(path, decode=decode).ok
@@ -451,7 +451,7 @@ def test_verify_refuses_a_chunk_file_swapped_with_another(
             f"{name} chunk {index}: file {name}/c/{index}" in p and "refused" in p
             for p in report.problems
         ), report.problems
-    done = catalog.prepare_output(path, POSITIONS, attrs=ATTRS, resume=True, overwrite=False)
+    done = prepare_output(path, POSITIONS, attrs=ATTRS, resume=True, overwrite=False)
     assert done == {1, 3}  # the swapped chunks are encoded again
 
 
@@ -506,10 +506,10 @@ def test_two_attempts_at_a_chunk_end_verified_and_consistent(
     assert report.ok, report.problems
     assert catalog_verify.verify_catalog(path).ok
     expected = tmp_path / "expected.zarr"
-    catalog.create_catalog(expected, LAYOUT, attrs=ATTRS)
+    create_catalog(expected, LAYOUT, attrs=ATTRS)
     CatalogWriter(expected).write_chunk(1, last)
     assert _files_of(path, 1) == _files_of(expected, 1)
-    assert catalog.read_records(path)[1] == catalog.ChunkRecord.from_outputs(1, last)
+    assert catalog.read_records(path)[1] == ChunkRecord.from_outputs(1, last)
 
 
 def test_verify_finds_duplicated_and_unordered_source_ids_without_a_store(written: Path) -> None:
@@ -527,7 +527,7 @@ def test_a_chunk_without_checksums_is_decoded_in_full(
 ) -> None:
     """A chunk whose checksums were not taken is still checked value by value."""
     checksums = zarr.open_array(written / schema.CHECKSUMS_ARRAY, mode="r+")
-    checksums[:] = catalog.CHECKSUM_MISSING
+    checksums[:] = CHECKSUM_MISSING
     _unexplained_nan(written)
     seen = _decoded_variables(monkeypatch)
     report = catalog_verify.verify_catalog(written, decode=False)

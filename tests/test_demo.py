@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 from xpbatch.train import demo
 
 

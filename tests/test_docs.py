@@ -91,7 +91,7 @@ def test_every_page_is_built(site: Path) -> None:
 
 @pytest.mark.slow
 def test_format_page_is_generated_from_the_schema(site: Path) -> None:
-    from xpbatch.catalog.zarr_catalog import CatalogLayout
+    from xpbatch.catalog.layout import CatalogLayout
     from xpbatch.store.layout import variable_specs
 
     page = _text(site, "format")

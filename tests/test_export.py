@@ -25,7 +25,8 @@ from xpbatch.model.files import save_model
 from xpbatch.model.trained import Normalisation, TrainedModel
 from xpbatch.products.parquet_export import MANIFEST_NAME, export_parquet, resolve_partitions
 from xpbatch.storage.partitions import PartitionRanges, file_name
-from xpbatch.store.xp_store import open_xp_store, store_id, write_xp_store
+from xpbatch.store.reader import open_xp_store, store_id
+from xpbatch.store.xp_store import write_xp_store
 
 # Rows 0:1200 of a 1e6-row mock catalogue fall in the first three DR3 partitions (564, 533 and
 # 103 rows); chunks of 500 rows straddle the partition boundaries.

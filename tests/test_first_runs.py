@@ -26,7 +26,7 @@ from xpbatch.errors import ClusterUnavailableError, InputShapeError, ParseError
 from xpbatch.ingest import ingest_files
 from xpbatch.runtime import cluster
 from xpbatch.storage.outputs import lock_path
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 BRIGHT = 5853498713190525696  # a source of the DR3 samples
 

@@ -20,12 +20,14 @@ from click.testing import CliRunner
 from xpbatch import schema
 from xpbatch.benchmarks.neighbours import synthetic_catalog
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.output import prepare_output
 from xpbatch.cli.main import main
 from xpbatch.errors import CatalogError, ModelFileError, StoreError
 from xpbatch.model.files import load_model, save_model
 from xpbatch.model.trained import TrainedModel
 from xpbatch.storage import zarr_arrays
-from xpbatch.store.xp_store import open_xp_store, write_xp_store
+from xpbatch.store.reader import open_xp_store
+from xpbatch.store.xp_store import write_xp_store
 
 
 def _store(root: Path) -> Path:
@@ -156,4 +158,4 @@ def test_resuming_an_older_catalogue_is_refused(tmp_path: Path) -> None:
     layout = catalog.read_layout(path)
     _set_group_attr(schema.CATALOG_ATTR_SCHEMA_VERSION)(path, 1)
     with pytest.raises(CatalogError, match=r"older xpbatch .* re-encode it"):
-        catalog.prepare_output(path, layout, attrs=attrs, resume=True, overwrite=False)
+        prepare_output(path, layout, attrs=attrs, resume=True, overwrite=False)

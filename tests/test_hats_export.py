@@ -161,7 +161,7 @@ def gaia_source_like(store: Path, out: Path) -> Path:
     import pandas as pd
 
     from xpbatch.mock import mock_rows
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     mock = open_xp_store(store).attrs["mock"]
     rows = mock_rows(mock["n"], 0, mock["n"], seed=mock["seed"])

@@ -21,7 +21,7 @@ from xpbatch.errors import ChecksumError, OutputExistsError, ParseError, ResumeR
 from xpbatch.ingest import ingest_files
 from xpbatch.mock import write_mock_dr3_bulk, write_mock_store
 from xpbatch.schema import InputFlag
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 BRIGHT = 5853498713190525696  # in gaia_source with a flux
 RP_ONLY = 5405570973190252288  # DR3's only source without BP; gaia_source has only its magnitude

@@ -29,7 +29,7 @@ from xpbatch import dr3, schema
 from xpbatch.errors import CatalogError, ParseError
 from xpbatch.ingest import ingest_files, parse_xp_file, sniff
 from xpbatch.schema import InputFlag
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 RP_ONLY = 5405570973190252288
 SCALARS = tuple(schema.DR3_SCALARS)

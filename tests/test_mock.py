@@ -25,7 +25,7 @@ from xpbatch.mock import sky as mock_sky
 from xpbatch.schema import G_ZERO_POINT_MAG, N_BP, InputFlag
 from xpbatch.storage.partitions import HEALPIX_SHIFT, N_PIXELS
 from xpbatch.store.input_recipe import compute_input_flags
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 # Defects far more often than the defaults, so a few thousand rows hold every kind.
 DEFECTS = MockConfig(

@@ -73,7 +73,8 @@ def test_export_hats_on_rows_without_a_position_is_one_line(
     make_xp_store: Callable[..., Path],
     encode_untrained: Callable[[Path, Path], Path],
 ) -> None:
-    from xpbatch.store.xp_store import open_xp_store, write_xp_store
+    from xpbatch.store.reader import open_xp_store
+    from xpbatch.store.xp_store import write_xp_store
 
     plain = open_xp_store(make_xp_store(tmp_path / "p.zarr", 800, chunk_rows=400))
     n = plain.sizes["source"]

@@ -20,7 +20,7 @@ from xpbatch.storage.partitions import (
     ranges_from_file_names,
     read_partition_ranges,
 )
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 FIRST_THREE = [[0, 3111], [3112, 5263], [5264, 6601]]
 # The first lines of the CDN's _MD5SUM.txt for XP spectra, with a GaiaSource name mixed in.

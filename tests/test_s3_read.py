@@ -11,7 +11,7 @@ import xarray as xr
 
 from xpbatch.errors import CatalogError, StoreError
 from xpbatch.storage.location import Location, as_location
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 
 def upload(local: Path, target: Location) -> None:

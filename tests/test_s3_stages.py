@@ -60,7 +60,7 @@ def test_encode_verify_open_on_s3_equal_local(
     from xpbatch.encode.stage import encode_catalog
     from xpbatch.model.trained import TrainedModel
     from xpbatch.storage.lease import read_lease
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     model = TrainedModel.untrained()
     local = tmp_path / "catalog.zarr"

@@ -15,12 +15,8 @@ from xpbatch import schema
 from xpbatch.errors import InputShapeError, OutputExistsError, StoreError, StoreNotFoundError
 from xpbatch.schema import InputFlag
 from xpbatch.store.input_recipe import compute_input_flags
-from xpbatch.store.xp_store import (
-    XPStoreWriter,
-    open_xp_store,
-    store_id,
-    write_xp_store,
-)
+from xpbatch.store.reader import open_xp_store, store_id
+from xpbatch.store.xp_store import XPStoreWriter, write_xp_store
 
 
 def _arrays(n: int, seed: int = 0) -> dict[str, np.ndarray]:

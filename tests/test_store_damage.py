@@ -20,7 +20,7 @@ from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
 from xpbatch.schema import CHUNK_FILES
 from xpbatch.store.checks import chunk_file_problems
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 
 CHUNK_ROWS = 256
 N_ROWS = 8 * CHUNK_ROWS

@@ -21,7 +21,7 @@ from xpbatch.encode.stage import encode_catalog
 from xpbatch.errors import StoreError
 from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
-from xpbatch.store.xp_store import ChunkReader, open_xp_store
+from xpbatch.store.reader import ChunkReader, open_xp_store
 
 CHUNK_ROWS = 128
 N_ROWS = 4 * CHUNK_ROWS
@@ -96,7 +96,8 @@ def test_verify_with_the_store_compares_flags_row_for_row(
 ) -> None:
     """Two rows' flags swapped (per-chunk counts unchanged, files rewritten with their records,
     as a writer would): caught against the input store's input_flags."""
-    from xpbatch.catalog.zarr_catalog import CatalogWriter, open_arrays
+    from xpbatch.catalog.writer import CatalogWriter
+    from xpbatch.catalog.zarr_catalog import open_arrays
 
     out = tmp_path / "c.zarr"
     encode_catalog(pristine, model, out, config=CONFIG)

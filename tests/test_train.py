@@ -18,7 +18,8 @@ from xpbatch.encode.kernel import encode_arrays
 from xpbatch.errors import ConfigError, OutputExistsError, ResumeRefusedError, TrainingError
 from xpbatch.mock import read_mock_labels, write_mock_store
 from xpbatch.model.files import load_model
-from xpbatch.store.xp_store import open_xp_store, write_xp_store
+from xpbatch.store.reader import open_xp_store
+from xpbatch.store.xp_store import write_xp_store
 from xpbatch.train import checkpoints as train_checkpoints
 from xpbatch.train import loop as train_loop
 from xpbatch.train.checkpoints import RunPaths

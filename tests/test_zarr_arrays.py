@@ -15,10 +15,12 @@ import zarr
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import RECORD_FIELDS, CatalogLayout, create_catalog
+from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.encode.kernel import INPUT_VARIABLES
 from xpbatch.errors import CatalogError, InputShapeError, StoreError, StoreNotFoundError
 from xpbatch.storage import zarr_arrays
-from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
+from xpbatch.store.reader import ChunkReader, open_variables, present_variables
 
 CHUNK_ROWS = 128
 N_ROWS = 3 * CHUNK_ROWS + 40  # a short last chunk
@@ -62,7 +64,7 @@ def test_a_missing_array_names_the_kind_and_the_array(store: Path, kind: str) ->
 def test_the_pipeline_input_speaks_of_a_store_not_a_catalogue(store: Path, tmp_path: Path) -> None:
     """Encode reads its input through the store module: its errors name the XP store."""
     not_a_store = tmp_path / "c.zarr"
-    catalog.create_catalog(not_a_store, LAYOUT, attrs={})
+    create_catalog(not_a_store, LAYOUT, attrs={})
     with pytest.raises(StoreError, match=r"XP store .* has no array 'coefficients'") as e:
         ChunkReader(not_a_store, INPUT_VARIABLES)
     assert "catalogue" not in str(e.value)
@@ -93,7 +95,7 @@ def test_chunk_reader_names_a_damaged_chunk(store: Path, tmp_path: Path) -> None
         reader.read(slice(CHUNK_ROWS, 2 * CHUNK_ROWS))
 
 
-LAYOUT = catalog.CatalogLayout(n_rows=N_ROWS, chunk_rows=CHUNK_ROWS, latent_dim=3)
+LAYOUT = CatalogLayout(n_rows=N_ROWS, chunk_rows=CHUNK_ROWS, latent_dim=3)
 
 
 def _outputs(index: int) -> dict[str, np.ndarray]:
@@ -109,13 +111,13 @@ def _outputs(index: int) -> dict[str, np.ndarray]:
 @pytest.fixture
 def template(tmp_path: Path) -> Path:
     path = tmp_path / "c.zarr"
-    catalog.create_catalog(path, LAYOUT, attrs={})
+    create_catalog(path, LAYOUT, attrs={})
     return path
 
 
 def test_chunk_writes_land_in_their_region(template: Path) -> None:
     outputs = _outputs(3)
-    catalog.CatalogWriter(template).write_chunk(3, outputs)
+    CatalogWriter(template).write_chunk(3, outputs)
     arrays = catalog.open_arrays(template, outputs)
     for name, values in outputs.items():
         np.testing.assert_array_equal(arrays[name][LAYOUT.rows(3)], values, err_msg=name)
@@ -131,7 +133,7 @@ def test_a_bad_variable_writes_nothing_of_the_chunk(template: Path) -> None:
     outputs = _outputs(0)
     outputs[schema.FLAGS] = outputs[schema.FLAGS][:-1]
     with pytest.raises(InputShapeError, match=r"chunk 0 of .*flags must have shape"):
-        catalog.CatalogWriter(template).write_chunk(0, outputs)
+        CatalogWriter(template).write_chunk(0, outputs)
     assert not [v.name for v in LAYOUT.variables() if (template / v.name / "c" / "0").exists()]
     assert catalog.completed_chunks(template) == set()
 
@@ -152,7 +154,7 @@ def test_the_record_is_written_after_the_data_is_on_disk(
 
     monkeypatch.setattr(zarr_arrays, "_write_file", killed)
     with pytest.raises(KeyboardInterrupt):
-        catalog.CatalogWriter(template).write_chunk(1, _outputs(1))
+        CatalogWriter(template).write_chunk(1, _outputs(1))
     assert all((template / v.name / "c" / "1").exists() for v in LAYOUT.variables() if v.width == 0)
     assert catalog.completed_chunks(template) == set()
 
@@ -162,4 +164,4 @@ def test_template_arrays_name_their_coordinates(template: Path) -> None:
     assert schema.ATTR_COORDINATES not in group[schema.SOURCE_ID].attrs
     assert group[schema.RMSE].attrs[schema.ATTR_COORDINATES] == schema.SOURCE_ID
     records = group[schema.RECORDS_ARRAY]
-    assert records.attrs[schema.ATTR_RECORD_FIELDS] == list(catalog.RECORD_FIELDS)
+    assert records.attrs[schema.ATTR_RECORD_FIELDS] == list(RECORD_FIELDS)

@@ -29,11 +29,11 @@ import numpy as np
 import zarr
 
 from xpbatch import schema
-from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import CatalogLayout, create_catalog
 from xpbatch.config import EncodeConfig
 from xpbatch.encode.kernel import INPUT_VARIABLES, encode_chunk
 from xpbatch.schema import DR3_N_SOURCES
-from xpbatch.store.xp_store import open_variables
+from xpbatch.store.reader import open_variables
 from xpbatch.train.demo import store_ready
 
 if TYPE_CHECKING:
@@ -309,9 +309,9 @@ def bare_loop(store: Path, model: TrainedModel, out: Path) -> None:
     inputs = open_variables(store, INPUT_VARIABLES)
     n_rows = inputs[schema.SOURCE_ID].shape[0]
     chunk_rows = inputs[schema.COEFFICIENTS].chunks[0]
-    layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
+    layout = CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows)
     shutil.rmtree(out, ignore_errors=True)
-    catalog.create_catalog(out, layout, attrs={})
+    create_catalog(out, layout, attrs={})
     outputs = {
         spec.name: zarr.open_array(out / spec.name, mode="r+") for spec in layout.variables()
     }

@@ -21,6 +21,9 @@ import numpy as np
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import CatalogLayout, create_catalog
+from xpbatch.catalog.output import mark_complete
+from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.model.density import LatentDensity
 from xpbatch.schema import CatalogFlag
 
@@ -38,7 +41,7 @@ def synthetic_catalog(path: Path, n_rows: int, *, chunk_rows: int = 65536, seed:
     density = dataclasses.replace(
         LatentDensity.prior(LATENT_DIM, ACTIVE_KL), scale=np.linspace(0.5, 2.0, LATENT_DIM)
     )
-    layout = catalog.CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows, latent_dim=LATENT_DIM)
+    layout = CatalogLayout(n_rows=n_rows, chunk_rows=chunk_rows, latent_dim=LATENT_DIM)
     attrs = {
         schema.CATALOG_ATTR_MODEL_HASH: "synthetic",
         schema.CATALOG_ATTR_STORE_ID: "synthetic",
@@ -46,15 +49,15 @@ def synthetic_catalog(path: Path, n_rows: int, *, chunk_rows: int = 65536, seed:
         "run_id": "synthetic",
         schema.ATTR_LATENT_DENSITY: density.attrs(),
     }
-    catalog.create_catalog(path, layout, attrs=attrs)
-    writer = catalog.CatalogWriter(path)
+    create_catalog(path, layout, attrs=attrs)
+    writer = CatalogWriter(path)
     for index in range(layout.n_chunks):
         writer.write_chunk(index, _chunk(layout, index, seed))
-    catalog.mark_complete(path)
+    mark_complete(path)
     return path
 
 
-def _chunk(layout: catalog.CatalogLayout, index: int, seed: int) -> dict[str, np.ndarray]:
+def _chunk(layout: CatalogLayout, index: int, seed: int) -> dict[str, np.ndarray]:
     rows = np.arange(layout.rows(index).start, layout.rows(index).stop)
     n = rows.size
     rng = np.random.default_rng([seed, index])

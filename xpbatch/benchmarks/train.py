@@ -28,7 +28,7 @@ from xpbatch.benchmarks.encode import mock_store
 from xpbatch.config import Device, TrainConfig
 from xpbatch.model.device import resolve_device
 from xpbatch.model.network import ScatterVAE, scatter_vae_loss
-from xpbatch.store.xp_store import open_xp_store
+from xpbatch.store.reader import open_xp_store
 from xpbatch.train.checkpoints import make_optimizer
 from xpbatch.train.data import compute_normalisation, row_chunks, select_rows
 from xpbatch.train.feed import ResidentRows

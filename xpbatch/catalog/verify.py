@@ -1,7 +1,7 @@
 """Verifying a catalogue: every chunk written, completely and consistently (with its store).
 
 Reads the catalogue chunk by chunk, never a whole variable, so it runs on Dask workers as well as
-serially (see ``executor``); :mod:`xpbatch.catalog.zarr_catalog` describes what a sound catalogue
+serially (see ``executor``); :mod:`xpbatch.catalog.writer` describes what a sound catalogue
 holds.
 """
 
@@ -16,15 +16,9 @@ import numpy as np
 import zarr
 
 from xpbatch import schema
-from xpbatch.catalog.zarr_catalog import (
-    CHECKSUM_MISSING,
-    RECORD_MISSING,
-    CatalogLayout,
-    ChunkRecord,
-    completed_chunks,
-    read_attrs,
-    value_problems,
-)
+from xpbatch.catalog.layout import CHECKSUM_MISSING, RECORD_MISSING, CatalogLayout, ChunkRecord
+from xpbatch.catalog.writer import value_problems
+from xpbatch.catalog.zarr_catalog import completed_chunks, read_attrs
 from xpbatch.errors import CatalogError, StoreError
 from xpbatch.runtime.executor import SERIAL, Executor
 from xpbatch.storage import zarr_arrays
@@ -33,7 +27,7 @@ from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import CATALOG, Place
 
 if TYPE_CHECKING:
-    from xpbatch.store.xp_store import ChunkReader
+    from xpbatch.store.reader import ChunkReader
 
 
 @dataclasses.dataclass(frozen=True)
@@ -256,7 +250,7 @@ class ChunkVerifier:
 
     @functools.cached_property
     def _store_reader(self) -> ChunkReader:
-        from xpbatch.store.xp_store import ChunkReader
+        from xpbatch.store.reader import ChunkReader
 
         assert self.store is not None
         names = [schema.SOURCE_ID, schema.INPUT_FLAGS]
@@ -366,7 +360,7 @@ def _layout_problems(path: Place, layout: CatalogLayout) -> list[str]:
 
 
 def _store_problems(attrs: Mapping[str, Any], layout: CatalogLayout, store: Place) -> list[str]:
-    from xpbatch.store.xp_store import open_xp_store, store_id
+    from xpbatch.store.reader import open_xp_store, store_id
 
     ds = open_xp_store(store)
     problems = []

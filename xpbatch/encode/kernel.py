@@ -3,7 +3,7 @@
 No I/O and no cluster: :func:`encode_chunk` runs the same in a test, a notebook and a Dask
 worker (the rechunker habit); :func:`encode_arrays` is the same kernel on arrays in physical
 units (numpy in, numpy out), for notebooks. Reading the input chunk and writing the result are
-:mod:`xpbatch.encode.stage`'s and :mod:`xpbatch.catalog.zarr_catalog`'s business.
+:mod:`xpbatch.encode.stage`'s and :mod:`xpbatch.catalog.writer`'s business.
 """
 
 from __future__ import annotations

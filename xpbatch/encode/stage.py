@@ -1,10 +1,10 @@
 """Stage entry point of ``encode-catalog``: map the model over every chunk of a store.
 
 One task per input chunk: read the chunk (its arrays read concurrently by
-:class:`xpbatch.store.xp_store.ChunkReader`), run the encode kernel
+:class:`xpbatch.store.reader.ChunkReader`), run the encode kernel
 (:func:`xpbatch.encode.kernel.encode_chunk`)
 on the worker's device, write its aligned region of the catalogue (the variables written
-concurrently) and then its completion record (:class:`xpbatch.catalog.zarr_catalog.CatalogWriter`).
+concurrently) and then its completion record (:class:`xpbatch.catalog.writer.CatalogWriter`).
 Without
 a client the same function runs serially in this process, which the tests use as the reference.
 
@@ -44,6 +44,9 @@ import zarr
 from xpbatch import schema
 from xpbatch.catalog import verify as catalog_verify
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import CatalogLayout, ChunkRecord
+from xpbatch.catalog.output import mark_complete, prepare_output, remove_interrupted_writes
+from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import workers
 from xpbatch.encode.kernel import INPUT_VARIABLES, PASSTHROUGH_VARIABLES, encode_chunk
@@ -62,7 +65,7 @@ from xpbatch.storage.manifest import real_place
 from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import Place
-from xpbatch.store.xp_store import ChunkReader, open_variables, present_variables
+from xpbatch.store.reader import ChunkReader, open_variables, present_variables
 
 if TYPE_CHECKING:
     import torch
@@ -155,7 +158,7 @@ def _model_for(job: ChunkJob) -> tuple[TrainedModel, torch.device]:
     return found
 
 
-def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
+def run_chunk(job: ChunkJob) -> ChunkRecord:
     """Read, encode and write one chunk, then record it (the body of every task).
 
     Raises
@@ -170,7 +173,7 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
             lambda: ChunkReader(job.store, (*INPUT_VARIABLES, *_passthrough(job.store))),
         )
         writer = workers.cached(
-            ("writer", str(job.out) + job.run_id), lambda: catalog.CatalogWriter(job.out)
+            ("writer", str(job.out) + job.run_id), lambda: CatalogWriter(job.out)
         )
         rows = writer.layout.rows(job.index)
         outputs = encode_chunk(
@@ -192,7 +195,7 @@ def run_chunk(job: ChunkJob) -> catalog.ChunkRecord:
 
 # --- checks before any work ----------------------------------------------------------------------
 def _open_store(store: Place) -> xr.Dataset:
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     return open_xp_store(store)
 
@@ -239,7 +242,7 @@ def _check_normalisation(model: TrainedModel, store: PathLike | Location) -> Non
     """Measure rows from every chunk of the store as the model's training rows were
     (:mod:`xpbatch.model.fit_check`)."""
     from xpbatch.model import fit_check as fit
-    from xpbatch.store.xp_store import sample_rows
+    from xpbatch.store.reader import sample_rows
 
     source_id = open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID]
     n_chunks = -(-source_id.shape[0] // source_id.chunks[0])
@@ -248,12 +251,10 @@ def _check_normalisation(model: TrainedModel, store: PathLike | Location) -> Non
     fit.check_store_sample(model, sample, where="the store")
 
 
-def _input_layout(
-    store: Place, model: TrainedModel, with_reconstruction: bool
-) -> catalog.CatalogLayout:
+def _input_layout(store: Place, model: TrainedModel, with_reconstruction: bool) -> CatalogLayout:
     """The catalogue layout: the store's rows in the store's chunks."""
     coefficients = open_variables(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
-    return catalog.CatalogLayout(
+    return CatalogLayout(
         n_rows=int(coefficients.shape[0]),
         chunk_rows=int(coefficients.chunks[0]),
         latent_dim=model.config.latent_dim,
@@ -394,7 +395,7 @@ def encode_catalog(
             check_lock(out)  # a run that lost its lease stops here (object storage)
         if not plan.was_complete:
             # A worker killed mid-write leaves a temporary file; the retry wrote the chunk.
-            catalog.remove_interrupted_writes(out)
+            remove_interrupted_writes(out)
         # A catalogue found complete is verified again (not trusted): it may have been damaged
         # since; it is not marked again, so its files stay as they were.
         verified = _verify(out, store, executor, config, mark=not plan.was_complete)
@@ -415,7 +416,7 @@ class _Plan:
     model: TrainedModel
     model_hash: str
     model_path: str | None
-    layout: catalog.CatalogLayout
+    layout: CatalogLayout
     done: set[int]
     """Chunks recorded by an earlier run."""
     jobs: list[ChunkJob]
@@ -424,7 +425,7 @@ class _Plan:
 
 def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: EncodeConfig) -> _Plan:
     """Check store, model and output, create (or reopen) the catalogue, list the chunks to do."""
-    from xpbatch.store.xp_store import store_id
+    from xpbatch.store.reader import store_id
 
     if zarr_arrays.same_place(out, store):
         raise ConfigError(f"the output {out} is the input store; choose another output path")
@@ -439,7 +440,7 @@ def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: Enco
     layout = _input_layout(store, trained, config.with_reconstruction)
     input_id = store_id(ds)
     attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config)
-    done = catalog.prepare_output(
+    done = prepare_output(
         out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
     )
     out_attrs = catalog.read_attrs(out)
@@ -478,9 +479,7 @@ def _executor(client: Client | LazyClient | Executor | None, config: EncodeConfi
     )
 
 
-def _records(
-    executor: Executor, plan: _Plan, config: EncodeConfig
-) -> Iterator[catalog.ChunkRecord]:
+def _records(executor: Executor, plan: _Plan, config: EncodeConfig) -> Iterator[ChunkRecord]:
     """Put the model in every process that runs chunks, then map :func:`run_chunk` over the jobs."""
     done_rows = sum(plan.layout.rows(i).stop - plan.layout.rows(i).start for i in plan.done)
     progress = Progress(
@@ -518,7 +517,7 @@ def _verify(
         )
     if mark:
         check_lock(out)  # never mark complete what another writer may have touched
-        catalog.mark_complete(out)
+        mark_complete(out)
     return True
 
 

@@ -461,7 +461,7 @@ def _store_kl(
 ) -> tuple[np.ndarray, str]:
     """Mean KL per dimension over the first KL_ROWS encodable rows of an XP store."""
     from xpbatch import schema
-    from xpbatch.store.xp_store import open_xp_store, store_id
+    from xpbatch.store.reader import open_xp_store, store_id
 
     ds = open_xp_store(Path(store)).isel({schema.SOURCE: slice(0, KL_ROWS)})
     inp = standardise(

@@ -24,6 +24,7 @@ import numpy as np
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import CatalogLayout
 from xpbatch.config import NeighboursConfig
 from xpbatch.errors import CatalogError, InputShapeError
 from xpbatch.runtime.executor import Executor, LazyClient
@@ -272,9 +273,7 @@ def _parse_queries(
     )
 
 
-def _lookup(
-    path: str | Location, layout: catalog.CatalogLayout, query_ids: np.ndarray
-) -> np.ndarray:
+def _lookup(path: str | Location, layout: CatalogLayout, query_ids: np.ndarray) -> np.ndarray:
     """(queries, latent) latent means of the query ids; InputShapeError if one is missing.
 
     Found in this process by bisecting the catalogue's source_id (ascending, as in its input

@@ -125,7 +125,7 @@ def resolve_partitions(
 
 def _store_partitions(store: Path, catalog_attrs: dict[str, Any]) -> PartitionRanges:
     """The ranges a store records, once it is known to be the catalogue's input."""
-    from xpbatch.store.xp_store import open_xp_store, store_id
+    from xpbatch.store.reader import open_xp_store, store_id
 
     ds = open_xp_store(store)
     expected = catalog_attrs.get(schema.CATALOG_ATTR_STORE_ID)

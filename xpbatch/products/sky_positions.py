@@ -15,6 +15,7 @@ import numpy as np
 
 from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
+from xpbatch.catalog.layout import CatalogLayout
 from xpbatch.errors import CatalogError
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
@@ -42,7 +43,7 @@ class SkySource:
     """A complete catalogue read chunk by chunk, with positions (picklable, cheap to ship)."""
 
     path: str | Location
-    layout: catalog.CatalogLayout
+    layout: CatalogLayout
     positions_from_source_id: bool = False
     """Place rows without ra/dec at their source_id's level-12 pixel centre."""
 

@@ -156,7 +156,7 @@ def spectra_of(
     wavelength: np.ndarray | None = None,
 ) -> SourceSpectra:
     """Measured and reconstructed spectra in nm of ``source_id`` (see :func:`plot_spectrum`)."""
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     _gaiaxpy_calibrate()  # the missing extra is said before any data is read
     ds = _dataset(store, open_xp_store)

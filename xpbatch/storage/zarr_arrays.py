@@ -3,8 +3,8 @@ region writes and chunk files.
 
 Both outputs are Zarr v3 groups of arrays chunked along ``source`` only, written template first
 and then one chunk-aligned region per task. What differs between them (their variables, their
-attributes, how they check themselves) lives in :mod:`xpbatch.store.xp_store` and
-:mod:`xpbatch.catalog.zarr_catalog`;
+attributes, how they check themselves) lives in :mod:`xpbatch.store` and
+:mod:`xpbatch.catalog`;
 what they share is here, so an error always names the kind of thing it opened (:data:`STORE`
 or :data:`CATALOG`) with its path and array.
 """

@@ -1,7 +1,8 @@
 """Checking an XP store: its schema, its source_id order and its chunk files, no data read;
 and reading rows so that damage is an error naming the file, never fill values standing in.
 
-:mod:`xpbatch.store.xp_store` runs these checks when it finalizes and when it opens a store.
+:mod:`xpbatch.store.xp_store` runs these checks when it finalizes a store,
+:mod:`xpbatch.store.reader` when it opens and reads one.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def demo_inputs(
 def store_ready(path: Path) -> bool:
     """Whether ``path`` is a complete, valid XP store (else it is (re)built)."""
     from xpbatch import schema
-    from xpbatch.store.xp_store import open_xp_store
+    from xpbatch.store.reader import open_xp_store
 
     try:
         ds = open_xp_store(path)

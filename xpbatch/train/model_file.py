@@ -17,7 +17,7 @@ from xpbatch.model.density import LatentDensity, fit_density, latent_kl
 from xpbatch.model.files import runtime_versions, save_model
 from xpbatch.model.network import ScatterVAE, reconstruction_rmse
 from xpbatch.model.trained import Normalisation, TrainedModel
-from xpbatch.store.xp_store import store_id
+from xpbatch.store.reader import store_id
 from xpbatch.train.checkpoints import _json_roundtrip
 from xpbatch.train.data import Selection
 from xpbatch.train.loop import EVAL_BATCH_SIZE, Rows

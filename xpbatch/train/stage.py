@@ -26,7 +26,7 @@ from xpbatch.model.trained import Normalisation
 from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import real_output
 from xpbatch.storage.outputs import locked_output
-from xpbatch.store.xp_store import open_xp_store, store_id
+from xpbatch.store.reader import open_xp_store, store_id
 from xpbatch.train.checkpoints import RunPaths, _claim_outputs, _fingerprint, _flat, _TrainingState
 from xpbatch.train.data import (
     Selection,
