@@ -225,7 +225,8 @@ def test_output_files_get_the_umasks_permissions(tmp_path: Path) -> None:
 def test_info_on_a_dr3_file_does_not_call_it_a_model(dr3_samples_dir: Path) -> None:
     result = CliRunner().invoke(main, ["info", str(dr3_samples_dir / "XP_CONTINUOUS_RAW.csv")])
     assert result.exit_code == 2
-    assert "is not an xpbatch model file" in result.output and "corrupt" not in result.output
+    assert "not a model file" in result.output and "corrupt" not in result.output
+    assert "info reads XP stores and catalogues" in result.output
 
 
 def test_a_taken_dashboard_port_gives_a_free_one_without_a_warning(

@@ -170,7 +170,8 @@ def test_ctrl_c_in_ingest_is_one_line(tmp_path: Path) -> None:
         capture_output=True,
     )
     out = tmp_path / "s.zarr"
-    command = [str(BIN / "xpbatch"), "ingest", str(bulk), "-o", str(out), "--n-workers", "2"]
+    command = [str(BIN / "xpbatch"), "ingest", str(bulk), "--gaia-source", str(bulk)]
+    command += ["-o", str(out), "--n-workers", "2", "--no-progress-bar"]
     stderr = interrupt([*command, "--dashboard-address", ":0"], _when_children)
     one_line(stderr, "interrupted (Ctrl-C)")
     assert not lock_path(out).exists()

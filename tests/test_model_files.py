@@ -1,7 +1,7 @@
 """Malformed model files end in one ``ModelFileError`` line naming the file and what is wrong,
-in ``info``, ``encode-catalog -m`` and ``neighbours -m``: headers, metadata, every tensor's
-shape and dtype, the latent density's shapes (content hash recomputed, so only the checks
-against the architecture can catch them)."""
+in ``info`` and ``encode-catalog -m`` (``neighbours`` reads the catalogue's own density):
+headers, metadata, every tensor's shape and dtype, the latent density's shapes (content hash
+recomputed, so only the checks against the architecture can catch them)."""
 
 from __future__ import annotations
 
@@ -185,7 +185,7 @@ def test_a_malformed_model_file_is_one_line_in_info_and_load(
 
 
 @pytest.mark.parametrize("case", ["header a JSON list", "no xpbatch key", "density means shape"])
-def test_encode_and_neighbours_refuse_a_malformed_model_in_one_line(
+def test_encode_refuses_a_malformed_model_in_one_line(
     good_model: Path,
     tmp_path: Path,
     case: str,
@@ -198,9 +198,6 @@ def test_encode_and_neighbours_refuse_a_malformed_model_in_one_line(
     encode = ["encode-catalog", str(store), "-m", str(path), "-o", str(out)]
     _one_line(CliRunner().invoke(main, encode), str(path), expected)
     assert not out.exists()
-    catalog = encode_untrained(store, tmp_path / "u.zarr")
-    neighbours = ["neighbours", str(catalog), "--source-id", "1017", "-m", str(path)]
-    _one_line(CliRunner().invoke(main, neighbours), str(path), expected)
 
 
 @pytest.mark.parametrize(

@@ -92,6 +92,8 @@ def _wrote_output(command: str, params: dict[str, Any]) -> bool:
         return True  # not known (e.g. --demo): keep the hint
     if command == "train":  # the model file appears at the end; the checkpoint as it goes
         return Path(_checkpoint(output)).exists()
+    if command == "ingest":  # the store appears at the end; the parsed files' parts as it goes
+        return any(Path(f"{output}{end}").exists() for end in ("", ".parts", ".partial"))
     return Path(output).exists()
 
 

@@ -238,10 +238,8 @@ def encode_catalog_command(
         raise click.UsageError("give STORE, --model and --output (or --demo)")
     config = EncodeConfig(**settings)
     from xpbatch.encode.stage import encode_catalog
-    from xpbatch.model.files import load_model
     from xpbatch.runtime.cluster import lazy_connect
 
-    load_model(model)  # a wrong or damaged file is refused before a cluster starts
     store_at, output_at = located(store, storage), located(output, storage)
     check_output_storage(output_at)  # so are wrong credentials or a missing bucket
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
