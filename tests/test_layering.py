@@ -93,10 +93,12 @@ def test_no_module_imports_itself_through_others() -> None:
 
 
 def test_the_top_level_holds_packages_and_the_foundation() -> None:
-    """The folder tree is the architecture: packages, plus the few foundation modules."""
+    """The folder tree is the architecture: packages, plus the foundation: a few modules and
+    the config package."""
     package = REPO / "xpbatch"
     modules = {p.name for p in package.glob("*.py")}
-    assert modules == {"__init__.py", "errors.py", "schema.py", "config.py", "dr3.py"}
+    assert modules == {"__init__.py", "errors.py", "schema.py", "dr3.py"}
+    assert (package / "config" / "__init__.py").is_file()
     for sub in sorted(p for p in package.iterdir() if (p / "__init__.py").is_file()):
         text = (sub / "__init__.py").read_text()
         assert text.startswith('"""'), f"{sub.name}/__init__.py: say the package's job first"
