@@ -105,9 +105,9 @@ CONFIGS = {
     for obj in vars(config_module).values()
     if isinstance(obj, type)
     and dataclasses.is_dataclass(obj)
-    and obj.__module__ == config_module.__name__
+    and obj.__module__.startswith(f"{config_module.__name__}.")
 }
-"""Every config class of xpbatch.config."""
+"""Every config class of xpbatch.config (each defined in one of its modules)."""
 
 
 def test_every_config_is_the_options_of_a_command() -> None:

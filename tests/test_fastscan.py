@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from xpbatch import schema
 from xpbatch.config import MockConfig
-from xpbatch.ingest import ReadRequest, fastscan, parse_xp_file
+from xpbatch.ingest import ReadRequest, array_cells, fast_layout, fastscan, parse_xp_file
 from xpbatch.ingest import text as ingest
 from xpbatch.mock import write_mock_dr3_bulk
 from xpbatch.store.xp_store import n_correlations
@@ -63,7 +63,7 @@ def _reference(text: str) -> np.float32:
 def _general_reader(texts: list[str]) -> np.ndarray:
     """The general reader's own parse of array values (pyarrow), as float32."""
     lines = np.frombuffer("".join(t + "\n" for t in texts).encode(), dtype=np.uint8).copy()
-    values = ingest._parse_number_lines(lines, 1)
+    values = array_cells._parse_number_lines(lines, 1)
     assert values is not None, f"pyarrow cannot parse one of {texts[:5]}..."
     return values[:, 0].astype(np.float32)
 
@@ -250,14 +250,14 @@ def fast_blocks(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
     """Whether each block of the test's parses was read by the scanner (a spy on the fast path:
     scan_block and the checks after it)."""
     taken: list[bool] = []
-    parse = ingest._FastLayout.parse
+    parse = fast_layout.FastLayout.parse
 
     def spy(self: Any, buffer: np.ndarray, quotes: np.ndarray) -> dict[str, np.ndarray] | None:
         piece = parse(self, buffer, quotes)
         taken.append(piece is not None)
         return piece
 
-    monkeypatch.setattr(ingest._FastLayout, "parse", spy)
+    monkeypatch.setattr(fast_layout.FastLayout, "parse", spy)
     return taken
 
 
@@ -265,7 +265,7 @@ def _parse(path: Path, *, with_correlations: bool, general: bool = False, **kw: 
     """parse_xp_file with every DR3 scalar; ``general``: with the scanner switched off."""
     with pytest.MonkeyPatch.context() as patch:
         if general:
-            patch.setattr(ingest, "fastscan", None)  # every block through the general reader
+            patch.setattr(fast_layout, "fastscan", None)  # every block through the general reader
         return parse_xp_file(path, scalars=SCALARS, with_correlations=with_correlations, **kw)
 
 
@@ -682,7 +682,7 @@ def test_the_fast_path_leaves_rows_the_general_reader_must_judge(cells: dict[str
     data = "\n".join([_xp_line(11, {}), _xp_line(12, cells), ""]).encode()
     buffer = np.frombuffer(data, dtype=np.uint8)
     quotes = ingest._quote_positions(data, 0, len(data))
-    fast = ingest._FastLayout.of(COLUMNS, COLUMNS, ReadRequest(SCALARS))
+    fast = fast_layout.FastLayout.of(COLUMNS, COLUMNS, ReadRequest(SCALARS))
     assert fast is not None
     assert fastscan.scan_block(buffer, quotes, fast.layout) is not None  # the scanner reads it
     assert fast.parse(buffer, quotes) is None  # the checks after it refuse

@@ -4,6 +4,8 @@ checks them in ``__post_init__`` and the CLI offers them, both read from that de
 from __future__ import annotations
 
 import dataclasses
+import importlib
+import pkgutil
 import typing
 
 import click
@@ -13,13 +15,20 @@ from xpbatch import config
 from xpbatch.cli.main import main
 from xpbatch.errors import ConfigError
 
+MODULES = [
+    importlib.import_module(f"{config.__name__}.{info.name}")
+    for info in pkgutil.iter_modules(config.__path__)
+]
+"""The modules of the config package."""
 CONFIGS = [
     value
-    for value in vars(config).values()
+    for module in MODULES
+    for value in vars(module).values()
     if isinstance(value, type)
     and dataclasses.is_dataclass(value)
-    and value.__module__ == "xpbatch.config"
+    and value.__module__ == module.__name__
 ]
+"""Every config dataclass, wherever in the package it is defined."""
 EXPECTED = {
     (config.EncodeConfig, "device"): ("auto", "cpu", "cuda"),
     (config.IngestConfig, "on_bad_row"): ("error", "skip"),
@@ -35,6 +44,13 @@ COMMANDS = {
     config.MockConfig: "mock",
     config.TrainConfig: "train",
 }
+
+
+def test_every_config_is_imported_from_the_package() -> None:
+    assert CONFIGS
+    for cls in CONFIGS:
+        assert getattr(config, cls.__name__) is cls
+        assert cls.__name__ in config.__all__
 
 
 def test_every_choice_field_is_found_from_its_annotation() -> None:

@@ -5,7 +5,12 @@ archive's CSV/ECSV (:mod:`~xpbatch.ingest.text`), VOTable (:mod:`~xpbatch.ingest
 FITS (:mod:`~xpbatch.ingest.fits`), DPAC AVRO (:mod:`~xpbatch.ingest.avro`), Parquet
 (:mod:`~xpbatch.ingest.parquet`) and zip bundles of these (:mod:`~xpbatch.ingest.bundle`), in
 any layout of ``shared/dr3/FORMAT.md`` (:mod:`~xpbatch.ingest.table`), recognised from their
-bytes (:mod:`~xpbatch.ingest.reader`). The G flux comes from a gaia_source companion or the XP
+bytes (:mod:`~xpbatch.ingest.reader`). The text reader opens a file and reads its header in
+:mod:`~xpbatch.ingest.text_file`; it reads blocks of well-formed lines with the compiled
+scanner (:mod:`~xpbatch.ingest.fastscan`, laid out by :mod:`~xpbatch.ingest.fast_layout`), and
+the others with the general reader: quoted cells cut out of the lines
+(:mod:`~xpbatch.ingest.quoted_cells`), then array cells parsed into numbers
+(:mod:`~xpbatch.ingest.array_cells`). The G flux comes from a gaia_source companion or the XP
 file itself (:mod:`~xpbatch.ingest.gaia_source`); each file becomes a resumable part
 (:mod:`~xpbatch.ingest.parts`); :mod:`~xpbatch.ingest.run` builds the store. The DR3 format
 facts live in :mod:`xpbatch.dr3`.

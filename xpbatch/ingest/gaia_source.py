@@ -30,7 +30,7 @@ from xpbatch.ingest.common import (
     numbers,
     string_column,
 )
-from xpbatch.ingest.text import open_text, read_batches
+from xpbatch.ingest.text_file import open_text, read_batches
 from xpbatch.storage.paths import PathLike
 from xpbatch.store.xp_store import source_id_order
 
