@@ -1,4 +1,4 @@
-"""The Gaia DR3 XP format facts, in one place (``shared/dr3/FORMAT.md``).
+"""The Gaia DR3 XP format facts, in one place.
 
 Columns of ``gaiadr3.xp_continuous_mean_spectrum`` and of the GaiaSource companions (dtype, UCD
 and the archive's description), the basis of each band, the null tokens of its text encodings,

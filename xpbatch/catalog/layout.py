@@ -47,9 +47,8 @@ RECORD_MISSING = -1
 CHECKSUM_MISSING = -1
 """Fill value of ``chunk_checksums``: no checksum was taken (the chunk is not written yet)."""
 
-# Blosc lz4 with byte shuffle. Measured on encoder outputs (65k rows, one core): ~3 M rows/s to
-# write and ~3.7 M rows/s to read, 5-10x faster than zstd for a similar size, so the codec costs
-# a few percent of the forward pass.
+# Blosc lz4 with byte shuffle: several times faster than zstd for a similar size on encoder
+# outputs, so the codec costs little beside the forward pass (docs/performance.md, codecs).
 _SHUFFLE: Final = "shuffle"
 
 

@@ -8,11 +8,10 @@ from xpbatch.errors import ConfigError
 
 CLUSTER_LOCAL_CUDA = "local-cuda"
 GPU_THREADS_PER_WORKER = 8
-"""Chunk tasks at once on one GPU worker. The GPU needs ~0.1 µs per spectrum; the host needs
-~3-4 core-µs (read and decompress the inputs, pack and copy, compress and write the outputs,
-verify), much of it in zarr and numcodecs outside the GIL. Eight threads overlap one chunk's
-device work with seven others' I/O and keep about 1-2 M spectra/s of host work in flight per
-GPU; more only adds memory (each thread holds up to two 65k-row chunks, ~0.2 GB)."""
+"""Chunk tasks at once on one GPU worker. The GPU's share of a spectrum is far smaller than the
+host's (read and decompress the inputs, pack and copy, compress and write the outputs, verify),
+much of it in zarr and numcodecs outside the GIL, so several threads overlap one chunk's device
+work with the others' I/O; more only adds memory (each thread holds up to two chunks)."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,9 +8,8 @@ from typing import Literal
 from xpbatch.config.fields import OutputOptions, check_choices, check_resume_or_overwrite
 from xpbatch.errors import ConfigError
 
-# Rows per chunk of an XP store. Measured on 262k mock rows (2 shared cores, blosc-zstd):
-# 65536 rows (29 MB per float32 variable) wrote and read fastest; 16384 was ~10 % slower,
-# 131072 read 2x slower. store.DEFAULT_CHUNK_ROWS re-exports it.
+# Rows per chunk of an XP store (29 MB per float32 variable): of the sizes measured, it wrote
+# and read fastest (docs/performance.md). store.DEFAULT_CHUNK_ROWS re-exports it.
 DEFAULT_CHUNK_ROWS = 65536
 
 

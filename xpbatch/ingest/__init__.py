@@ -4,7 +4,7 @@ Every XP file a user downloads ingests: bulk ``XpContinuousMeanSpectrum_*.csv.gz
 archive's CSV/ECSV (:mod:`~xpbatch.ingest.text`), VOTable (:mod:`~xpbatch.ingest.votable`),
 FITS (:mod:`~xpbatch.ingest.fits`), DPAC AVRO (:mod:`~xpbatch.ingest.avro`), Parquet
 (:mod:`~xpbatch.ingest.parquet`) and zip bundles of these (:mod:`~xpbatch.ingest.bundle`), in
-any layout of ``shared/dr3/FORMAT.md`` (:mod:`~xpbatch.ingest.table`), recognised from their
+any layout seen in real use (:mod:`~xpbatch.ingest.table`), recognised from their
 bytes (:mod:`~xpbatch.ingest.reader`). The text reader opens a file and reads its header in
 :mod:`~xpbatch.ingest.text_file`; it reads blocks of well-formed lines with the compiled
 scanner (:mod:`~xpbatch.ingest.fastscan`, laid out by :mod:`~xpbatch.ingest.fast_layout`), and

@@ -18,7 +18,7 @@ from xpbatch import dr3, schema
 from xpbatch.dr3 import MD5_MANIFEST
 from xpbatch.errors import ChecksumError, ParseError
 
-try:  # ISA-L inflates gzip ~3x faster than zlib: decompression is a third of the parse time.
+try:  # ISA-L inflates gzip several times faster than zlib: decompression weighs on the parse.
     from isal import igzip as gzip_module  # noqa: F401 - the readers inflate with it
     from isal.isal_zlib import crc32 as _crc32
 except ImportError:  # pragma: no cover - the plain zlib path is exercised where isal is absent

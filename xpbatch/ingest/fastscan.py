@@ -1,7 +1,7 @@
 """The compiled fast path of ``xpbatch ingest``: one pass over a block of well-formed XP lines.
 
 The general reader in :mod:`xpbatch.ingest` (pyarrow) reads every DR3 encoding and explains every
-malformed row, but spends ~50 us per bulk row besides gzip; this scanner ~10 us. Real DR3 files
+malformed row, at a cost per row several times this scanner's (docs: performance). Real DR3 files
 are well-formed, so :func:`scan_block` parses a block of whole lines in one numba-compiled pass
 and *gives up* on the block (returns None) at the first thing it does not fully understand: an
 odd token, a wrong array length, a value whose float32 it cannot prove. The caller then reads

@@ -129,7 +129,7 @@ def parse_xp_file(
     verify_md5: bool = True,
     columns: Sequence[tuple[str, str]] = (),
 ) -> ParsedFile:
-    """Parse one DR3 XP continuous-spectrum file (any encoding of FORMAT.md, gzipped or not).
+    """Parse one DR3 XP continuous-spectrum file (any encoding of DR3 XP files, gzipped or not).
 
     Parameters
     ----------

@@ -2,10 +2,11 @@
 
 FITS, VOTable, AVRO, Parquet, per-coefficient CSV and in-memory tables (astropy, pandas) all
 become one :class:`pyarrow.Table`; :func:`parse_columns` turns it into the store's columns. Every
-layout of FORMAT.md is recognised here: the archive's 26 columns or any subset with source_id and
-both bands' coefficients and errors; arrays as list columns (variable or fixed length) or as one
-column per coefficient (``bp_coeff_0..54``, ``e_bp_coeff_0..54``, ...); integers written as
-floats; any letter case. Arrays are gathered with offsets and fancy indexing, never value by value.
+layout seen in real use is recognised here: the archive's 26 columns or any subset with
+source_id and both bands' coefficients and errors; arrays as list columns (variable or fixed
+length) or as one column per coefficient (``bp_coeff_0..54``, ``e_bp_coeff_0..54``, ...);
+integers written as floats; any letter case. Arrays are gathered with offsets and fancy
+indexing, never value by value.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """CSV and ECSV XP files: the bulk ``XpContinuousMeanSpectrum_*.csv.gz`` and the archive's.
 
-Reads every text encoding in ``shared/dr3/FORMAT.md`` (bulk files with an ECSV ``#`` header,
+Reads every text encoding of DR3 XP files (bulk files with an ECSV ``#`` header,
 JSON arrays and ``null``; archive CSV ``"(a, b)"``; archive ECSV ``"[a,b]"``; pandas re-writes
 with ``55.0``), gzipped or not. A file holding its arrays in one column per coefficient is read
 as a table (:mod:`xpbatch.ingest.table`).
@@ -50,7 +50,7 @@ from xpbatch.ingest.text_file import (
 )
 
 # The XP scanner inflates 4 MB (~100 bulk rows) at a time: the text is still in cache when it
-# is scanned, and gzip itself runs 25% slower into 64 MB buffers (measured, isal).
+# is scanned, and gzip itself runs slower into much larger buffers.
 _SCAN_BLOCK_BYTES = 1 << 22
 
 
@@ -145,7 +145,7 @@ def _wanted(layout: Layout, request: ReadRequest) -> list[str]:
 
 
 def parse_text(path: Path, request: ReadRequest, *, raw: BinaryIO | None = None) -> ParsedFile:
-    """Parse one CSV or ECSV XP file (any text encoding of FORMAT.md, gzipped or not).
+    """Parse one CSV or ECSV XP file (any text encoding of DR3 XP files, gzipped or not).
 
     ``raw``: the file's bytes when they do not come from ``path`` (a zip member).
     Coefficients and errors are float32 of the text values, BP then RP; NaN for a missing band.

@@ -1,6 +1,6 @@
 """The text of DR3 bulk files: ECSV ``#`` headers and CSV lines of mock rows.
 
-The format of the DR3 CDN (``shared/dr3/FORMAT.md``): JSON arrays in double quotes, ``null`` in
+The format of the DR3 CDN's bulk files: JSON arrays in double quotes, ``null`` in
 every field of a missing band, floats as the shortest decimal that reads back exactly. Column
 names, order, dtypes and the archive's ECSV metadata come from :mod:`xpbatch.dr3`.
 """

@@ -178,7 +178,7 @@ def project(photons: np.ndarray, g_flux: np.ndarray) -> tuple[np.ndarray, np.nda
 
 # --- errors ---------------------------------------------------------------------------------
 # sigma(c_0) = k sqrt((a F)^2 + b F + c) for a band with F e-/s and k = c_0 / F of a solar-type
-# star, fitted to the three real DR3 rows in ../shared/dr3/samples (signal-to-noise of c_0:
+# star, fitted to real DR3 rows (signal-to-noise of c_0:
 # ~2500 when bright, ~100 at G ~ 19).
 _ERROR_FLOOR = 3.9e-4  # a: calibration floor, relative
 _ERROR_PHOTON = 1.2e-3  # b: photon noise

@@ -170,8 +170,8 @@ def read_partition_ranges(path: PathLike) -> PartitionRanges:
     path
         One of:
 
-        - a text file of lines ``lo hi [...]`` (further columns ignored, ``#`` comments), like
-          ``shared/dr3/partition_ranges.txt``;
+        - a text file of lines ``lo hi [...]`` (further columns ignored, ``#`` comments), such as
+          the list of the 3386 DR3 bulk-file ranges;
         - any text listing DR3 bulk file names, such as the CDN's ``_MD5SUM.txt``
           (``<md5>  XpContinuousMeanSpectrum_000000-003111.csv.gz``);
         - a directory holding DR3 bulk files (``XpContinuousMeanSpectrum_*``,

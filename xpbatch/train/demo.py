@@ -3,7 +3,7 @@
 Both are cached in the repository's ``xpbatch-demo/`` (or ``$XPBATCH_DEMO_DIR``; see
 :func:`demo_dir`, which finds it from the repository root or any directory below it, such as
 ``notebooks/`` where Jupyter starts the notebooks): the first demo builds them
-(about a minute on 2 cores), later demos only encode. Every file is written atomically by the
+(the README says how long), later demos only encode. Every file is written atomically by the
 module that owns it, and a half-built input is rebuilt, so killing a demo is harmless.
 """
 
