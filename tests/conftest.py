@@ -18,6 +18,13 @@ if TYPE_CHECKING:
 # two cores, and torch's spinning OpenMP threads competing for them make small batches run many
 # times slower. Set before torch is first imported, which reads it once.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# No test may reach a cloud's instance-metadata service (169.254.169.254) for credentials: an S3
+# client left without keys fails at once on loopback instead (obstore, then botocore).
+NO_INSTANCE_METADATA = {
+    "AWS_METADATA_ENDPOINT": "http://127.0.0.1:9",
+    "AWS_EC2_METADATA_DISABLED": "true",
+}
+os.environ.update(NO_INSTANCE_METADATA)
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("XPBATCH_SHARED", REPO.parent / "shared"))
@@ -71,7 +78,7 @@ def dask_client() -> Iterator[Client]:
     cluster = LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
-    client = Client(cluster)
+    client = Client(cluster, set_as_default=False)  # tests pass it; dask's default stays local
     try:
         yield client
     finally:
@@ -180,7 +187,7 @@ def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> str:
     set to reach it."""
     import uuid
 
-    for name in [n for n in os.environ if n.startswith("AWS_")]:
+    for name in [n for n in os.environ if n.startswith("AWS_") and n not in NO_INSTANCE_METADATA]:
         monkeypatch.delenv(name)
     for name, value in s3_server.env.items():  # type: ignore[attr-defined]
         monkeypatch.setenv(name, value)

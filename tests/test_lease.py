@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import NO_INSTANCE_METADATA as NO_METADATA
 from s3_server import SECRET_KEY, S3Server, moto_ignoring_conditions
 
 from xpbatch.errors import ConditionalWriteError, ConfigError, OutputLockedError
@@ -144,7 +145,7 @@ def test_local_paths_are_not_leased(tmp_path: os.PathLike[str]) -> None:
 def ignoring_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3Server]:
     pytest.importorskip("moto", reason="moto[server] is in the test extra")
     with moto_ignoring_conditions() as server:
-        for name in [n for n in os.environ if n.startswith("AWS_")]:
+        for name in [n for n in os.environ if n.startswith("AWS_") and n not in NO_METADATA]:
             monkeypatch.delenv(name)
         for name, value in server.env.items():
             monkeypatch.setenv(name, value)
