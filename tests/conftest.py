@@ -78,7 +78,7 @@ def dask_client() -> Iterator[Client]:
     cluster = LocalCluster(
         n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
     )
-    client = Client(cluster, set_as_default=False)  # tests pass it; dask's default stays local
+    client = Client(cluster)
     try:
         yield client
     finally:
@@ -182,7 +182,7 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
 
 
 @pytest.fixture
-def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> str:
+def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """A fresh ``s3://bucket/prefix`` on the test server, with only the standard AWS variables
     set to reach it."""
     import uuid
@@ -191,4 +191,9 @@ def s3_url(s3_server: object, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.delenv(name)
     for name, value in s3_server.env.items():  # type: ignore[attr-defined]
         monkeypatch.setenv(name, value)
-    return f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"  # type: ignore[attr-defined]
+    import dask
+
+    # dask's own computations (xarray's .load()) run here, not on the shared cluster's workers,
+    # which were started before this server's credentials were set
+    with dask.config.set(scheduler="threads"):
+        yield f"s3://{s3_server.bucket}/{uuid.uuid4().hex[:12]}"  # type: ignore[attr-defined]

@@ -286,11 +286,20 @@ _SPAWNED: list[subprocess.Popen[bytes]] = []
 them: multiprocessing waits for them itself."""
 
 
+_QUIET_IF_ORPHANED = "import sys\ntry:\n    {code}\nexcept EOFError:\n    sys.exit(0)"
+"""A spawned worker whose driver was stopped (Ctrl-C) before handing it its work exits quietly
+instead of printing multiprocessing's traceback on the user's terminal."""
+
+
 def _spawn_in_own_group(path: bytes, args: Sequence[Any], passfds: Sequence[int]) -> int:
     """``multiprocessing.util.spawnv_passfds``, with the child in a process group of its own."""
     tracker = any("resource_tracker" in str(arg) for arg in args)
+    args = list(args)
+    if "-c" in args and not tracker:
+        code = args.index("-c") + 1
+        args[code] = _QUIET_IF_ORPHANED.format(code=args[code])
     process = subprocess.Popen(
-        list(args),
+        args,
         executable=path,
         pass_fds=sorted(map(int, passfds)),
         process_group=0,
@@ -336,8 +345,12 @@ def _workers_in_own_process_group() -> Iterator[None]:
     mp_util.spawnv_passfds = _spawn_in_own_group
     try:
         yield
-    finally:
+    except KeyboardInterrupt:
+        raise  # a cluster still starting in its thread spawns more workers: keep them out too
+    except BaseException:
         mp_util.spawnv_passfds = original
+        raise
+    mp_util.spawnv_passfds = original
 
 
 def _local_cluster(config: ClusterConfig) -> LocalCluster:
