@@ -218,3 +218,26 @@ def test_break_lock_reaches_the_stage_through_its_config(cat: Path, tmp_path: Pa
     table = write_neighbours(cat, _ids(cat), out, config=NeighboursConfig(k=2, break_lock=True))
     assert len(table) == 4 and not lock.exists()
     np.testing.assert_array_equal(sorted(set(table.query_source_id)), sorted(_ids(cat)))
+
+
+def test_import_xpvae_never_replaces_a_file_it_did_not_write(
+    reference_dir: Path, tmp_path: Path
+) -> None:
+    """``import-xpvae -o`` follows the output rule: a user's file is never replaced, a model
+    file only with ``--overwrite``."""
+    import numpy as np
+
+    norm = tmp_path / "norm.npz"
+    np.savez(norm, mu=np.zeros(110), sig=np.ones(110))
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes")
+    base = ["import-xpvae", str(reference_dir / "weight.pt"), "--norm", str(norm)]
+    for extra in ([], ["--overwrite"]):
+        result = CliRunner().invoke(main, [*base, "-o", str(notes), *extra])
+        assert result.exit_code == 2 and len(result.output.strip().splitlines()) == 1
+        assert notes.read_text() == "my notes"
+    model = tmp_path / "m.safetensors"
+    assert CliRunner().invoke(main, [*base, "-o", str(model)]).exit_code == 0
+    again = CliRunner().invoke(main, [*base, "-o", str(model)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    assert CliRunner().invoke(main, [*base, "-o", str(model), "--overwrite"]).exit_code == 0

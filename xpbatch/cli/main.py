@@ -37,6 +37,7 @@ from xpbatch.config import (
     IngestConfig,
     MockConfig,
     NeighboursConfig,
+    OutputOptions,
     ParquetExportConfig,
     SkyMapConfig,
     TrainConfig,
@@ -71,13 +72,15 @@ def main(verbose: int) -> None:
     help="Measure the latent dimensions' KL on this XP store's first rows [default: on spectra "
     "the model generates].",
 )
+@config_options(OutputOptions)
 def import_xpvae_command(
-    weight: str, norm: str, output: str, name: str | None, store: str | None
+    weight: str, norm: str, output: str, name: str | None, store: str | None, **kwargs: Any
 ) -> None:
     """Convert the published scatter-VAE checkpoint (WEIGHT.pt) into an xpbatch model file."""
     from xpbatch.model.files import import_xpvae
 
-    model = import_xpvae(weight, norm, output, name=name, store=store)
+    config = config_from_options(OutputOptions, kwargs)
+    model = import_xpvae(weight, norm, output, name=name, store=store, config=config)
     click.echo(f"wrote {output} (model {model.name}, sha256 {model.content_hash[:16]}…)")
 
 

@@ -35,8 +35,8 @@ import numpy as np
 import torch
 
 from xpbatch import __version__, schema
-from xpbatch.config import ModelConfig
-from xpbatch.errors import ModelFileError
+from xpbatch.config import ModelConfig, OutputOptions
+from xpbatch.errors import ModelFileError, OutputExistsError
 from xpbatch.model.density import LatentDensity, latent_kl
 from xpbatch.model.file_checks import (
     DENSITY_PREFIX as _DENSITY,
@@ -52,6 +52,7 @@ from xpbatch.model.file_checks import (
 from xpbatch.model.fit_check import FitStatistics
 from xpbatch.model.network import ScatterVAE
 from xpbatch.model.trained import Normalisation, TrainedModel, standardise
+from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import atomic_path
 
 INPUT_RECIPE = {
@@ -347,6 +348,7 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+@locked_output("out", "import-xpvae")
 def import_xpvae(
     weight: str | os.PathLike[str],
     norm: str | os.PathLike[str],
@@ -354,6 +356,7 @@ def import_xpvae(
     *,
     name: str | None = None,
     store: str | os.PathLike[str] | None = None,
+    config: OutputOptions | None = None,
 ) -> TrainedModel:
     """Convert the authors' checkpoint and normalisation file into an xpbatch model file.
 
@@ -378,8 +381,12 @@ def import_xpvae(
         Model name recorded in the file; default the output file's stem.
     store
         An XP store whose rows measure the per-dimension KL (optional, see above).
+    config
+        The output rule: an existing ``out`` is replaced only with ``overwrite`` and only when it
+        is an xpbatch model file (never a file xpbatch did not write).
     """
     weight, norm, out = Path(weight), Path(norm), Path(out)
+    _claim_model_file(out, overwrite=(config or OutputOptions()).overwrite)
     try:
         checkpoint = torch.load(weight, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types (UnpicklingError, RuntimeError, EOF)
@@ -390,12 +397,12 @@ def import_xpvae(
     state = checkpoint.get("model_state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise ModelFileError(f"checkpoint {weight} holds no state dict (found {type(checkpoint)})")
-    config = _architecture_from_state_dict(state)
-    network = ScatterVAE(config)
+    architecture = _architecture_from_state_dict(state)
+    network = ScatterVAE(architecture)
     try:
         network.load_state_dict(state, strict=True)
     except RuntimeError as e:
-        raise ModelFileError(f"checkpoint {weight} does not fit {config}: {e}") from e
+        raise ModelFileError(f"checkpoint {weight} does not fit {architecture}: {e}") from e
 
     try:
         with np.load(norm, allow_pickle=False) as npz:
@@ -404,11 +411,11 @@ def import_xpvae(
         raise ModelFileError(f"normalisation file {norm} must contain arrays 'mu' and 'sig'") from e
     except (OSError, ValueError) as e:
         raise ModelFileError(f"cannot read normalisation file {norm}: {e}") from e
-    expected = (config.input_dim,)
+    expected = (architecture.input_dim,)
     if mean.shape != expected or std.shape != expected:
         raise ModelFileError(
-            f"normalisation arrays must have {config.input_dim} values each (BP then RP), got "
-            f"mu {mean.shape} and sig {std.shape} in {norm}"
+            f"normalisation arrays must have {architecture.input_dim} values each (BP then RP), "
+            f"got mu {mean.shape} and sig {std.shape} in {norm}"
         )
     normalisation = Normalisation(mean, std)
     kl, kl_source = (
@@ -418,7 +425,7 @@ def import_xpvae(
         network=network,
         normalisation=normalisation,
         name=name or out.stem,
-        density=LatentDensity.prior(config.latent_dim, kl),
+        density=LatentDensity.prior(architecture.latent_dim, kl),
         provenance={
             "latent_kl_source": kl_source,
             "source": "imported",
@@ -435,6 +442,24 @@ def import_xpvae(
     )
     save_model(model, out)
     return model
+
+
+def _claim_model_file(out: Path, *, overwrite: bool) -> None:
+    """Refuse an existing ``out`` unless ``overwrite`` and it is an xpbatch model file."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not overwrite:
+        raise OutputExistsError(
+            f"{out} exists; pass --overwrite to replace it (only an xpbatch model file is "
+            "replaced), or choose another --output. Nothing was changed."
+        )
+    try:
+        read_model_metadata(out)
+    except ModelFileError as e:
+        raise OutputExistsError(
+            f"{out} is not an xpbatch model file, so it is never replaced, even with "
+            f"--overwrite ({e}); choose another --output. Nothing was changed."
+        ) from e
 
 
 KL_ROWS = 20_000
