@@ -20,9 +20,8 @@ N_ROWS, CHUNK_ROWS = 3000, 1000
 STARTS = pytest.mark.parametrize("start", [REPO, NOTEBOOKS], ids=["from-root", "from-notebooks"])
 """Jupyter starts a kernel in the repository root or in notebooks/. What the start changes is
 what a parameters cell derives from the working directory (the checkout's demo cache), and
-every parameters cell runs from both starts; each whole notebook runs from one start (the two
-alternate), since each run after the parameters takes the same absolute paths from either."""
-FROM_ROOT = pytest.mark.parametrize("start", [REPO], ids=["from-root"])
+every parameters cell runs from both starts; each whole notebook runs from notebooks/, where
+Jupyter starts it, since each run after the parameters takes the same absolute paths from either."""
 FROM_NOTEBOOKS = pytest.mark.parametrize("start", [NOTEBOOKS], ids=["from-notebooks"])
 
 
@@ -119,7 +118,7 @@ def test_every_parameters_cell_finds_the_checkouts_demo_cache(
 
 
 @pytest.mark.slow  # a kernel running the whole notebook
-@FROM_ROOT
+@FROM_NOTEBOOKS
 def test_quickstart_runs_a_cluster_and_encodes(
     small_inputs: dict[str, Path],
     tmp_path: Path,
@@ -177,7 +176,7 @@ def test_explore_aggregates_every_row_and_plots(
 
 
 @pytest.mark.slow  # a kernel running the whole notebook
-@FROM_ROOT
+@FROM_NOTEBOOKS
 def test_train_fits_a_model_and_counts_active_dimensions(
     small_inputs: dict[str, Path],
     tmp_path: Path,
