@@ -29,9 +29,11 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
-def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
+def check_local_cuda() -> None:
+    """ClusterUnavailableError unless dask-cuda imports and torch sees a CUDA GPU: checked before
+    a stage starts, so a machine without a GPU is told so before anything is written."""
     try:
-        from dask_cuda import LocalCUDACluster
+        import dask_cuda  # noqa: F401
     except ImportError as e:  # also covers missing CUDA libraries at import
         raise ClusterUnavailableError(
             f"--cluster local-cuda needs dask-cuda, but importing dask_cuda failed ({e}). Install "
@@ -50,6 +52,12 @@ def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
             f"--cluster local-cuda needs a CUDA GPU, but {why}. Check `nvidia-smi` and "
             "CUDA_VISIBLE_DEVICES, or omit --cluster to run on CPU workers."
         )
+
+
+def _local_cuda_cluster(config: ClusterConfig):  # type: ignore[no-untyped-def]
+    check_local_cuda()
+    from dask_cuda import LocalCUDACluster
+
     try:
         return LocalCUDACluster(
             dashboard_address=free_dashboard_address(config.dashboard_address),
@@ -325,6 +333,8 @@ def lazy_connect(
     >>> with lazy_connect(ClusterConfig(n_workers=2)) as client:  # doctest: +SKIP
     ...     encode_catalog("dr3.zarr", "model.safetensors", "catalog.zarr", client=client)
     """
+    if config.cluster == CLUSTER_LOCAL_CUDA:
+        check_local_cuda()
     return LazyClient(lambda: connect(config), on_start=on_start)
 
 
