@@ -371,9 +371,11 @@ def train_command(
     """
     from xpbatch.train.stage import train_model
 
+    settings = read_toml(config_file) if config_file else {}  # read once: [storage] is here too
+    where = f"configuration file {config_file}" if config_file else "configuration"
     given = options_given(TrainConfig, options)
-    config = TrainConfig.from_toml(config_file, given, preset=preset)
-    storage = storage_options or (read_toml(config_file).get("storage") if config_file else None)
+    config = TrainConfig.from_settings(settings, given, preset=preset, where=where)
+    storage = storage_options or settings.get("storage")
     summary = train_model(located(store, storage), output, config=config)  # Ctrl-C: cli.failures
     click.echo(str(summary))
 

@@ -166,8 +166,20 @@ class TrainConfig(OutputOptions):
         """The settings of ``preset`` (if any), then the file at ``path`` (if any; not its
         ``[storage]`` table), then ``overrides`` (CLI flags) on top."""
         found = read_toml(path) if path is not None else {}
-        values = {k: v for k, v in found.items() if k != "storage"}
         where = f"configuration file {path}" if path is not None else "configuration"
+        return cls.from_settings(found, overrides, preset=preset, where=where)
+
+    @classmethod
+    def from_settings(
+        cls,
+        settings: Mapping[str, Any],
+        overrides: Mapping[str, Any] | None = None,
+        *,
+        preset: TrainPreset | None = None,
+        where: str = "configuration",
+    ) -> TrainConfig:
+        """:meth:`from_toml` of settings already read (a ``[storage]`` table is not ours)."""
+        values = {k: v for k, v in settings.items() if k != "storage"}
         base = TRAIN_PRESETS[preset] if preset is not None else {}
         return from_mapping(cls, {**base, **values, **(overrides or {})}, where=where)
 
