@@ -15,7 +15,7 @@ import zarr
 
 from xpbatch import schema
 from xpbatch.catalog.layout import CatalogLayout, create_catalog
-from xpbatch.catalog.zarr_catalog import check_format_version, chunk_file_problems, completed_chunks
+from xpbatch.catalog.zarr_catalog import chunk_file_problems, completed_chunks
 from xpbatch.errors import CatalogError
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
@@ -142,7 +142,7 @@ def _refuse_another_format(path: Place) -> None:
     except (CatalogError, FileNotFoundError):
         return
     if schema.CATALOG_ATTR_SCHEMA_VERSION in found:
-        check_format_version(found, path)
+        zarr_arrays.check_format_version(found, path, CATALOG)
 
 
 def _unfinished_template(path: Place) -> bool:

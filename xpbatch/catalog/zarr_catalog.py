@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import collections
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,20 +40,8 @@ def read_attrs(path: PathLike | Location) -> dict[str, Any]:
     """The group attributes of a catalogue (a CatalogError when it is not one)."""
     path = zarr_arrays.where(path)
     attrs: dict[str, Any] = zarr_arrays.open_group(path, CATALOG).attrs.asdict()
-    check_format_version(attrs, path)
+    zarr_arrays.check_format_version(attrs, path, CATALOG)
     return attrs
-
-
-def check_format_version(attrs: Mapping[str, Any], path: PathLike | Location) -> None:
-    """Refuse (CatalogError) a catalogue of another format version than this xpbatch writes."""
-    problem = schema.format_version_problem(
-        attrs.get(schema.CATALOG_ATTR_SCHEMA_VERSION),
-        schema.CATALOG_SCHEMA_VERSION,
-        what=f"catalogue {path}",
-        redo="re-encode it (`xpbatch encode-catalog ... --overwrite`)",
-    )
-    if problem:
-        raise CatalogError(problem)
 
 
 def read_layout(path: PathLike | Location) -> CatalogLayout:

@@ -25,7 +25,6 @@ from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
 from xpbatch.storage.paths import PathLike
 from xpbatch.storage.zarr_arrays import Place
-from xpbatch.store import checks as store_checks
 
 if TYPE_CHECKING:
     import zarr
@@ -137,9 +136,9 @@ def _zarr_summary(path: Place, kind: Kind) -> dict[str, Any]:
     )
     attrs: dict[str, Any] = group.attrs.asdict()
     if kind == "store":
-        store_checks.check_format_version(attrs, path)
+        zarr_arrays.check_format_version(attrs, path, zarr_arrays.STORE)
     else:
-        catalog.check_format_version(attrs, path)
+        zarr_arrays.check_format_version(attrs, path, zarr_arrays.CATALOG)
     summary: dict[str, Any] = {
         "kind": kind,
         "path": str(path),

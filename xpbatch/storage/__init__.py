@@ -1,6 +1,8 @@
 """Where outputs live and how they are written safely: the layer every stage writes through.
 
 - :mod:`~xpbatch.storage.paths`: path helpers (atomic files, sizes, ``PathLike``).
+- :mod:`~xpbatch.storage.kinds`: the store and the catalogue as kinds of output (names in
+  errors, format versions).
 - :mod:`~xpbatch.storage.zarr_arrays`: the Zarr layer the XP store and the catalogue share
   (array specs, codecs, templates, region writes, chunk files and their checksums).
 - :mod:`~xpbatch.storage.location`: where an output or input lives, a local path or an

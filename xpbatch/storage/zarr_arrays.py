@@ -34,37 +34,15 @@ from zarr.core.sync import sync as zarr_sync
 from zarr.storage import MemoryStore, StorePath
 
 from xpbatch import schema
-from xpbatch.errors import CatalogError, StoreError, StoreNotFoundError
+from xpbatch.errors import StoreNotFoundError
+from xpbatch.storage.kinds import CATALOG as CATALOG
+from xpbatch.storage.kinds import STORE as STORE
+from xpbatch.storage.kinds import Kind as Kind
+from xpbatch.storage.kinds import check_format_version as check_format_version
 from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.paths import PathLike
 
-
 # --- what is being opened -------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Kind:
-    """Which xpbatch output a Zarr group is, for error messages that name it."""
-
-    noun: str
-    """E.g. 'XP store': starts the sentence '... does not exist'."""
-    article_noun: str
-    """E.g. 'an XP store': ends the question 'is it ...?'."""
-    error: type[StoreError] | type[CatalogError]
-    """Raised for a group or array that is not what it should be."""
-    remedy: str
-    """What to do when it does not exist."""
-
-
-STORE = Kind(
-    "XP store", "an XP store", StoreError, "build one with `xpbatch ingest` or `xpbatch mock`"
-)
-CATALOG = Kind(
-    "catalogue",
-    "an xpbatch catalogue",
-    CatalogError,
-    "write one with `xpbatch encode-catalog`",
-)
-
-
 Place = Path | Location
 """Where a store or a catalogue is: a local directory (a ``Path``, written through the
 filesystem: temporary file, fsync, rename) or an object-storage prefix (a :class:`Location`:

@@ -208,25 +208,14 @@ def chunk_ranges(source_id: zarr.Array, chunk_rows: int, path: Path | Location) 
     return ranges
 
 
-def check_format_version(attrs: Mapping[str, Any], path: PathLike | Location) -> None:
-    """Refuse (StoreError) a store of another format version than this xpbatch writes."""
-    problem = schema.format_version_problem(
-        attrs.get(schema.STORE_ATTR_SCHEMA_VERSION),
-        schema.STORE_SCHEMA_VERSION,
-        what=f"store {path}",
-        redo="re-ingest it (`xpbatch ingest ... --overwrite`, or `xpbatch mock` for mock data)",
-    )
-    if problem:
-        raise StoreError(problem)
-
-
 def schema_problems(group: zarr.Group, path: Path | Location) -> list[str]:
     """Every way in which the store ``group`` at ``path`` departs from the schema or is damaged.
 
-    A store of another format version is refused at once (:func:`check_format_version`).
+    A store of another format version is refused at once
+    (:func:`xpbatch.storage.zarr_arrays.check_format_version`).
     """
     attrs: dict[str, Any] = group.attrs.asdict()
-    check_format_version(attrs, path)
+    zarr_arrays.check_format_version(attrs, path, STORE)
     problems = []
     if attrs.get(schema.STORE_ATTR_COMPLETE) is not True:
         problems.append(
