@@ -20,6 +20,13 @@ import torch
 from xpbatch import schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import cpu as encode_cpu
+from xpbatch.encode.outputs import (
+    PASSTHROUGH_VARIABLES,
+    Chunk,
+    check_chunk,
+    empty_outputs,
+    output_variables,
+)
 from xpbatch.errors import InputShapeError
 from xpbatch.model.density import score_rows, score_terms
 from xpbatch.model.network import reconstruction_rmse
@@ -32,24 +39,10 @@ DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
 many rows, so the same kernels run whatever the chunk size (results then agree to float32
 round-off; the same chunking gives the same bytes)."""
 
-INPUT_VARIABLES = (
-    schema.SOURCE_ID,
-    schema.COEFFICIENTS,
-    schema.COEFFICIENT_ERRORS,
-    schema.PHOT_G_MEAN_FLUX,
-    schema.INPUT_FLAGS,
-)
-"""The store variables one chunk must carry."""
-PASSTHROUGH_VARIABLES = (schema.RA, schema.DEC)
-"""Store variables copied unchanged into the outputs when a chunk carries them (positions)."""
-
 BATCHES_PER_BLOCK = 8
 """The kernel works through a chunk in blocks of this many forward passes, so its temporaries
 (host and device) are bounded by the block, not the chunk (memory flat in chunk size). Blocks
 are whole batches, so results stay bitwise identical to one call on the chunk."""
-
-Chunk = Mapping[str, np.ndarray]
-"""Variable name -> numpy array of one chunk's rows (the store's names, see INPUT_VARIABLES)."""
 
 
 class EncodeKernel:
@@ -478,34 +471,6 @@ def encode_arrays(
     return result
 
 
-def output_variables(*, with_reconstruction: bool) -> tuple[str, ...]:
-    """Row variables the kernel returns (and the catalogue stores), ``source_id`` first."""
-    names = (
-        schema.SOURCE_ID,
-        schema.LATENT_MEAN,
-        schema.LATENT_STD,
-        schema.SCATTER,
-        schema.RMSE,
-        schema.FLAGS,
-        schema.ANOMALY_SCORE,
-    )
-    return (*names, schema.RECONSTRUCTION) if with_reconstruction else names
-
-
-def _check_chunk(chunk: Chunk) -> int:
-    """Number of rows of ``chunk``; an InputShapeError naming what is missing or ragged."""
-    missing = [name for name in INPUT_VARIABLES if name not in chunk]
-    if missing:
-        raise InputShapeError(
-            f"an input chunk must carry {', '.join(INPUT_VARIABLES)}; missing {', '.join(missing)}"
-        )
-    n_rows = len(chunk[schema.SOURCE_ID])
-    ragged = {k: np.shape(chunk[k]) for k in INPUT_VARIABLES if len(chunk[k]) != n_rows}
-    if ragged:
-        raise InputShapeError(f"every input variable must have {n_rows} rows, got {ragged}")
-    return n_rows
-
-
 def encode_chunk(
     model: TrainedModel,
     chunk: Chunk,
@@ -552,9 +517,9 @@ def encode_chunk(
     >>> out["latent_mean"].shape, int(out["flags"][1])  # G_FLUX_MISSING | NOT_ENCODED
     ((2, 6), 260)
     """
-    n_rows = _check_chunk(chunk)
+    n_rows = check_chunk(chunk)
     names = output_variables(with_reconstruction=with_reconstruction)
-    out = _empty_outputs(model, n_rows, names)
+    out = empty_outputs(model, n_rows, names)
     encode_rows(
         kernel_for(model, device),
         chunk[schema.COEFFICIENTS],
@@ -573,21 +538,3 @@ def encode_chunk(
         if name in chunk:
             out[name] = np.array(chunk[name], np.float64)  # (n,)
     return out
-
-
-def _empty_outputs(
-    model: TrainedModel, n_rows: int, names: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """Preallocated output arrays of one chunk, keyed by catalogue variable."""
-    latent, n_coeff = model.config.latent_dim, model.config.input_dim
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {
-        schema.SOURCE_ID: ((n_rows,), "int64"),
-        schema.LATENT_MEAN: ((n_rows, latent), "float32"),
-        schema.LATENT_STD: ((n_rows, latent), "float32"),
-        schema.SCATTER: ((n_rows, n_coeff), "float32"),
-        schema.RMSE: ((n_rows,), "float32"),
-        schema.FLAGS: ((n_rows,), "uint16"),
-        schema.RECONSTRUCTION: ((n_rows, n_coeff), "float32"),
-        schema.ANOMALY_SCORE: ((n_rows,), "float32"),
-    }
-    return {name: np.empty(*shapes[name]) for name in names}

@@ -49,7 +49,8 @@ from xpbatch.catalog.output import mark_complete, prepare_output, remove_interru
 from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import workers
-from xpbatch.encode.kernel import INPUT_VARIABLES, PASSTHROUGH_VARIABLES, encode_chunk
+from xpbatch.encode.kernel import encode_chunk
+from xpbatch.encode.outputs import INPUT_VARIABLES, PASSTHROUGH_VARIABLES
 from xpbatch.errors import (
     CatalogError,
     ChunkError,
