@@ -20,6 +20,7 @@ import torch
 from xpbatch import schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import cpu as encode_cpu
+from xpbatch.encode.mc import MonteCarlo, chunk_correlations, mc_outputs
 from xpbatch.encode.outputs import (
     PASSTHROUGH_VARIABLES,
     Chunk,
@@ -403,6 +404,8 @@ class EncodeResult:
     rmse: np.ndarray  # (rows,) float32, sqrt(mean over valid j of ((x - xhat) / x_err)^2)
     flags: np.ndarray  # (rows,) uint16 CatalogFlag bits
     anomaly_score: np.ndarray  # (rows,) float32, -log p(latent mean), nats (xpbatch.model.density)
+    latent_mean_mc: np.ndarray | None = None  # (rows, latent) float32, with ``mc`` (encode.mc)
+    latent_std_mc: np.ndarray | None = None  # (rows, latent) float32, with ``mc``
 
 
 def encode_arrays(
@@ -413,6 +416,9 @@ def encode_arrays(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
+    mc: MonteCarlo | None = None,
+    source_id: np.ndarray | None = None,
+    correlations: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> EncodeResult:
     """Encode spectra given in physical units (e-/s) with ``model``, deterministically.
 
@@ -431,6 +437,10 @@ def encode_arrays(
         rows are grouped into chunks only at float32 round-off.
     device
         Torch device for the forward pass.
+    mc, source_id, correlations
+        Also the Monte-Carlo latents (:mod:`xpbatch.encode.mc`): the draws, each row's
+        source_id (seeds its draws; default 0, 1, ...) and, for a full covariance, the packed
+        (BP, RP) correlations, (rows, 1485) each.
 
     Returns
     -------
@@ -467,8 +477,15 @@ def encode_arrays(
         anomaly_score=np.empty(n_rows, np.float32),
     )
     outputs = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    encode_rows(kernel_for(model, device), c, e, g, outputs, batch_size=batch_size)
-    return result
+    kernel = kernel_for(model, device)
+    encode_rows(
+        kernel, c, e, g, {k: v for k, v in outputs.items() if v is not None}, batch_size=batch_size
+    )
+    if mc is None:
+        return result
+    ids = np.arange(n_rows) if source_id is None else np.asarray(source_id, np.int64)
+    drawn = mc_outputs(kernel, c, e, g, ids, correlations, mc=mc, batch_size=batch_size)
+    return dataclasses.replace(result, **drawn)
 
 
 def encode_chunk(
@@ -478,6 +495,7 @@ def encode_chunk(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     with_reconstruction: bool = False,
+    mc: MonteCarlo | None = None,
 ) -> dict[str, np.ndarray]:
     """Encode the rows of one input chunk into the catalogue's variables.
 
@@ -494,6 +512,9 @@ def encode_chunk(
         Torch device of the forward pass.
     with_reconstruction
         Also return the decoder's reconstruction in e-/s.
+    mc
+        Also the Monte-Carlo latents (:mod:`xpbatch.encode.mc`); a full covariance reads the
+        chunk's packed correlations.
 
     Returns
     -------
@@ -520,8 +541,9 @@ def encode_chunk(
     n_rows = check_chunk(chunk)
     names = output_variables(with_reconstruction=with_reconstruction)
     out = empty_outputs(model, n_rows, names)
+    kernel = kernel_for(model, device)
     encode_rows(
-        kernel_for(model, device),
+        kernel,
         chunk[schema.COEFFICIENTS],
         chunk[schema.COEFFICIENT_ERRORS],
         chunk[schema.PHOT_G_MEAN_FLUX],
@@ -537,4 +559,9 @@ def encode_chunk(
     for name in PASSTHROUGH_VARIABLES:
         if name in chunk:
             out[name] = np.array(chunk[name], np.float64)  # (n,)
+    if mc is not None:
+        c, e = chunk[schema.COEFFICIENTS], chunk[schema.COEFFICIENT_ERRORS]
+        g = chunk[schema.PHOT_G_MEAN_FLUX]
+        correlations = chunk_correlations(chunk, mc)
+        out |= mc_outputs(kernel, c, e, g, source_id, correlations, mc=mc, batch_size=batch_size)
     return out
