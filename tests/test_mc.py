@@ -282,6 +282,8 @@ def test_without_mc_samples_nothing_changes(reference: Path, plain: Path) -> Non
     with_mc, without = open_catalog(reference), open_catalog(plain)
     assert schema.LATENT_MEAN_MC not in without
     assert read_attrs(plain)[schema.CATALOG_ATTR_OPTIONS] == {"batch_size": BATCH}
+    assert "with_mc" not in read_attrs(plain)[schema.CATALOG_ATTR_LAYOUT]
+    assert read_attrs(reference)[schema.CATALOG_ATTR_LAYOUT]["with_mc"] is True
     for name in without.data_vars:
         np.testing.assert_array_equal(with_mc[name].values, without[name].values, err_msg=name)
 
