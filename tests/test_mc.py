@@ -349,3 +349,25 @@ def test_a_killed_run_resumed_writes_the_same_bytes(
     )
     assert 0 < summary.chunks_skipped < summary.chunks, "the kill came after the run"
     assert_same_catalogue(reference, out)
+
+
+def test_memory_is_flat_in_the_number_of_draws(model: TrainedModel) -> None:
+    """A pass holds batch_size draws whatever K: the host's peak is the same for 4 and 64."""
+    import tracemalloc
+
+    rows = _inputs(1000)
+    c, e, g = (
+        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
+    )
+    corr = tuple(rows[schema.correlations_name(b)] for b in schema.BANDS)
+    kernel = EncodeKernel(model, "cpu")
+    peaks = {}
+    for k in (4, 64):
+        mc = MonteCarlo(k, covariance="full")
+        mc_outputs(kernel, c, e, g, rows[schema.SOURCE_ID], corr, mc=mc, batch_size=BATCH)  # type: ignore[arg-type]
+        tracemalloc.start()
+        mc_outputs(kernel, c, e, g, rows[schema.SOURCE_ID], corr, mc=mc, batch_size=BATCH)  # type: ignore[arg-type]
+        peaks[k] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[64] < 1.2 * peaks[4], peaks
+    assert peaks[64] < 1000 * 4 * 110 * 64 / 4, "a pass held a chunk's K copies"
