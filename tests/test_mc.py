@@ -194,6 +194,14 @@ def test_a_full_covariance_needs_the_correlations(model: TrainedModel) -> None:
         del rows[schema.correlations_name(band)]
     with pytest.raises(InputShapeError, match="--with-correlations"):
         encode_chunk(model, _chunk(rows), mc=MonteCarlo(K, covariance="full"))
+    c, e, g = (
+        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
+    )
+    short = (np.zeros((10, 1484), np.float32), np.zeros((10, 1485), np.float32))
+    with pytest.raises(InputShapeError, match=r"must be \(10, 1485\) per band"):
+        encode_arrays(model, c, e, g, mc=MonteCarlo(K, covariance="full"), correlations=short)
+    with pytest.raises(InputShapeError, match="for a diagonal covariance"):
+        encode_arrays(model, c, e, g, mc=MonteCarlo(K), correlations=short)
 
 
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])

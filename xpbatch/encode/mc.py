@@ -293,12 +293,8 @@ class MonteCarloKernel:
         """
         if batch_size < 1:
             raise InputShapeError(f"batch_size must be at least 1, got {batch_size}")
-        if (mc.covariance == "full") != (correlations is not None):
-            raise InputShapeError(
-                f"a {mc.covariance} covariance takes "
-                + ("the packed correlations" if mc.covariance == "full" else "no correlations")
-            )
         n_rows = len(phot_g_mean_flux)
+        self._check_correlations(correlations, mc, n_rows)
         per_pass = max(1, batch_size // mc.samples)  # rows per forward pass
         pass_rows = max(batch_size, mc.samples)  # draws per pass, padded: kernels never change
         mean, std = out[schema.LATENT_MEAN_MC], out[schema.LATENT_STD_MC]
@@ -313,6 +309,29 @@ class MonteCarloKernel:
                     np.asarray(source_id[rows], np.int64), corr, mc, pass_rows,
                 )  # fmt: skip
                 reduce_draws(mu, flags, mean[rows], std[rows])
+
+    def _check_correlations(
+        self, correlations: tuple[np.ndarray, np.ndarray] | None, mc: MonteCarlo, n_rows: int
+    ) -> None:
+        """An InputShapeError unless a full covariance has (rows, m(m-1)/2) correlations per band
+        and a diagonal one none."""
+        if correlations is None and mc.covariance == "full":
+            raise InputShapeError(
+                "a full covariance draws from the packed correlations; pass them (BP, RP), or "
+                "draw from the diagonal one (MonteCarlo(..., covariance='diagonal'))"
+            )
+        if correlations is not None and mc.covariance == "diagonal":
+            raise InputShapeError(
+                "correlations were given for a diagonal covariance; pass "
+                "MonteCarlo(..., covariance='full') to use them, or leave them out"
+            )
+        for band, packed in zip(self._bands(), correlations or (), strict=True):
+            m = band.stop - band.start
+            if np.shape(packed) != (n_rows, m * (m - 1) // 2):
+                raise InputShapeError(
+                    f"packed correlations must be ({n_rows}, {m * (m - 1) // 2}) per band (the "
+                    f"strict lower triangle of {m} x {m}), got {np.shape(packed)}"
+                )
 
     def _pass(
         self,
