@@ -90,14 +90,19 @@ class McEfficiency:
                 f"(draws' host share {self.host_mc_cpu_s * 1e6:.1f})",
                 f"  ratio / {k} bare forward passes: {self.ratio:.2f} (bar <= 1.3)",
                 f"  DR3 ({DR3_N_SOURCES:,} spectra) on CPUs: {self.cpu_hours():,.0f} core-hours; "
-                + ", ".join(f"{self.cpu_hours() / n:,.1f} h on {n} cores" for n in cores)
+                + ", ".join(f"{_duration(self.cpu_hours() / n)} on {n} cores" for n in cores)
                 + " (model: CPU per spectrum x rows / cores, ideal scaling, I/O not counted)",
                 f"  DR3 on one GPU node ({GPU_NODE_CORES} cores): {node:,.0f} spectra/s, "
-                f"{DR3_N_SOURCES / node / 3600:,.1f} h (model: min of cores / host CPU per "
+                f"{_duration(DR3_N_SOURCES / node / 3600)} (model: min of cores / host CPU per "
                 f"spectrum and GPU {GPU_FLOPS / 1e12:.0f} TFLOP/s / "
                 f"{self.encoder_flops / 1e6:.2f} MFLOP per spectrum)",
             ]
         )
+
+
+def _duration(hours: float) -> str:
+    """'3.2 h', or '14 min' under an hour."""
+    return f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
 
 
 def encoder_flops(model_path: Path, samples: int) -> float:
