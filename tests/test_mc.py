@@ -379,3 +379,21 @@ def test_memory_is_flat_in_the_number_of_draws(model: TrainedModel) -> None:
         tracemalloc.stop()
     assert peaks[64] < 1.2 * peaks[4], peaks
     assert peaks[64] < 1000 * 4 * 110 * 64 / 4, "a pass held a chunk's K copies"
+
+
+def test_the_convolved_score_is_the_score_at_zero_width_and_widens_the_prior() -> None:
+    from xpbatch.benchmarks.anomalies_mc import convolved_score
+    from xpbatch.model.density import LatentDensity, fit_density
+
+    rng = np.random.default_rng(4)
+    latent = rng.normal(size=(3000, 4)) * [1.0, 2.0, 0.5, 1.0] + [0.0, 1.0, 0.0, -1.0]
+    rmse = rng.lognormal(0.0, 0.3, 3000)
+    density = fit_density(latent, np.ones(4), rmse)
+    mu, r = latent[:50], rmse[:50]
+    np.testing.assert_allclose(
+        convolved_score(density, mu, r, np.zeros_like(mu)), density.score_numpy(mu, r), rtol=1e-9
+    )
+    prior = LatentDensity.prior(4)
+    width = np.full_like(mu, 0.5)
+    expected = 0.5 * ((mu**2 / 1.25).sum(axis=1) + 4 * np.log(2 * np.pi * 1.25))
+    np.testing.assert_allclose(convolved_score(prior, mu, r, width), expected, rtol=1e-9)
