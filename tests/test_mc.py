@@ -397,3 +397,23 @@ def test_the_convolved_score_is_the_score_at_zero_width_and_widens_the_prior() -
     width = np.full_like(mu, 0.5)
     expected = 0.5 * ((mu**2 / 1.25).sum(axis=1) + 4 * np.log(2 * np.pi * 1.25))
     np.testing.assert_allclose(convolved_score(prior, mu, r, width), expected, rtol=1e-9)
+
+
+def test_the_device_draws_equal_the_hosts() -> None:
+    """The torch path's normals (SplitMix64 in int64) and factors (batched Cholesky) against
+    the host's: the same uniforms, so normals equal to float32 round-off."""
+    import torch
+
+    from xpbatch.encode import mc_device
+    from xpbatch.encode.mc import SHRINKAGE
+
+    ids = np.array([17, 1017, 2**62 + 5, 0], np.int64)
+    host = np.empty((4, 3520), np.float32)
+    standard_normals(ids, 2**40 + 3, host)
+    device = mc_device.standard_normals(torch.from_numpy(ids), 2**40 + 3, 3520).numpy()
+    np.testing.assert_allclose(device, host, rtol=2e-6, atol=2e-6)
+    packed = np.concatenate([packed_correlations("rp")[:3], np.full((1, 1485), np.nan, np.float32)])
+    factors = np.empty((4, 55, 55), np.float32)
+    correlation_factors(packed, factors)
+    found = mc_device.correlation_factors(torch.from_numpy(packed), 55, SHRINKAGE).numpy()
+    np.testing.assert_allclose(found, factors, atol=2e-6)

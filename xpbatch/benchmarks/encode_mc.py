@@ -54,9 +54,13 @@ class McEfficiency:
     mc_cpu_s: float
     """Serial encode_catalog with K draws per spectrum, everything included."""
     host_mc_cpu_s: float
-    """The draws' host work: normals, factors of both bands, reduction."""
-    encoder_flops: float
-    """Floating-point operations per spectrum of the K encoder passes and noise products."""
+    """The draws' host work on the CPU path: normals, factors of both bands, reduction."""
+    gpu_host_mc_cpu_s: float
+    """The draws' host work on the torch (GPU) path, which makes normals and factors on the
+    device: the reduction."""
+    device_flops: float
+    """Floating-point operations per spectrum on the device: K encoder passes, the noise
+    products, the two Cholesky factors and the normals."""
 
     @property
     def ratio(self) -> float:
@@ -70,10 +74,10 @@ class McEfficiency:
 
     def gpu_node_rate(self, cores: int = GPU_NODE_CORES) -> float:
         """Spectra/s of one GPU node: the slower of its cores doing the host work (the plain
-        encode's non-network part plus the draws' host share) and the GPU doing
-        :attr:`encoder_flops` at :data:`GPU_FLOPS`."""
-        host = (self.plain_cpu_s - self.forward_cpu_s) + self.host_mc_cpu_s
-        return min(cores / host, GPU_FLOPS / self.encoder_flops)
+        encode's non-network part plus the torch path's host share, kernel launches not
+        counted) and the GPU doing :attr:`device_flops` at :data:`GPU_FLOPS`."""
+        host = (self.plain_cpu_s - self.forward_cpu_s) + self.gpu_host_mc_cpu_s
+        return min(cores / host, GPU_FLOPS / self.device_flops)
 
     def report(self, cores: tuple[int, ...] = (16, 128, 1024)) -> str:
         """The figures as the CLI prints them."""
@@ -87,15 +91,16 @@ class McEfficiency:
                 f"  bare forward pass x {k}: {k * self.forward_cpu_s * 1e6:8.1f} CPU µs/spectrum",
                 f"  encode_catalog, no draws: {self.plain_cpu_s * 1e6:8.1f} CPU µs/spectrum",
                 f"  encode_catalog --mc-samples {k}: {self.mc_cpu_s * 1e6:8.1f} CPU µs/spectrum "
-                f"(draws' host share {self.host_mc_cpu_s * 1e6:.1f})",
+                f"(the draws' normals, factors and reduction {self.host_mc_cpu_s * 1e6:.1f})",
                 f"  ratio / {k} bare forward passes: {self.ratio:.2f} (bar <= 1.3)",
                 f"  DR3 ({DR3_N_SOURCES:,} spectra) on CPUs: {self.cpu_hours():,.0f} core-hours; "
                 + ", ".join(f"{_duration(self.cpu_hours() / n)} on {n} cores" for n in cores)
                 + " (model: CPU per spectrum x rows / cores, ideal scaling, I/O not counted)",
                 f"  DR3 on one GPU node ({GPU_NODE_CORES} cores): {node:,.0f} spectra/s, "
                 f"{_duration(DR3_N_SOURCES / node / 3600)} (model: min of cores / host CPU per "
-                f"spectrum and GPU {GPU_FLOPS / 1e12:.0f} TFLOP/s / "
-                f"{self.encoder_flops / 1e6:.2f} MFLOP per spectrum)",
+                f"spectrum, the draws' normals and factors made on the GPU, and GPU "
+                f"{GPU_FLOPS / 1e12:.0f} TFLOP/s / {self.device_flops / 1e6:.2f} MFLOP per "
+                "spectrum; kernel launches not counted)",
             ]
         )
 
@@ -105,9 +110,10 @@ def _duration(hours: float) -> str:
     return f"{hours:,.1f} h" if hours >= 1 else f"{hours * 60:.0f} min"
 
 
-def encoder_flops(model_path: Path, samples: int) -> float:
-    """FLOPs per spectrum: K passes of the encoder (2 per weight) and both bands' noise
-    products (2 n^2 per band and draw)."""
+def device_flops(model_path: Path, samples: int) -> float:
+    """FLOPs per spectrum: K passes of the encoder (2 per weight), both bands' noise products
+    (2 n^2 per band and draw), their Cholesky factors (n^3 / 3 each) and the normals (taken as
+    40 per value)."""
     from xpbatch.model.files import load_model
 
     network = load_model(model_path).network
@@ -118,12 +124,14 @@ def encoder_flops(model_path: Path, samples: int) -> float:
     )
     n_bp = network.config.input_dim // 2
     n_rp = network.config.input_dim - n_bp
-    return float(samples * (2 * weights + 2 * (n_bp**2 + n_rp**2)))
+    per_draw = 2 * weights + 2 * (n_bp**2 + n_rp**2) + 40 * (n_bp + n_rp)
+    return float(samples * per_draw + (n_bp**3 + n_rp**3) / 3)
 
 
-def host_mc_seconds(store: Path, samples: int, *, full: bool) -> float:
-    """CPU seconds per spectrum of the draws' host work on the store's first rows (the
-    Cholesky factors only for a ``full`` covariance)."""
+def host_mc_seconds(store: Path, samples: int, *, full: bool) -> tuple[float, float]:
+    """CPU seconds per spectrum of the draws' host work on the store's first rows: on the CPU
+    path (normals, the factors for a ``full`` covariance, reduction) and on the torch path
+    (the reduction)."""
     bands = schema.BANDS if full else ()
     names = [schema.SOURCE_ID, *(schema.correlations_name(b) for b in bands)]
     arrays = open_variables(store, names)
@@ -137,19 +145,25 @@ def host_mc_seconds(store: Path, samples: int, *, full: bool) -> float:
     mean, std = np.empty((n, 6), np.float32), np.empty((n, 6), np.float32)
     flags = np.zeros(n, np.uint16)
 
-    def once() -> None:
+    def draws() -> None:
         standard_normals(ids, 0, z)
         for p, f in zip(packed, factors, strict=True):
             correlation_factors(p, f)
+
+    def reduction() -> None:
         reduce_draws(mu, flags, mean, std)
 
-    once()  # compiled and warm
-    best = float("inf")
-    for _ in range(3):
-        started = time.process_time()
-        once()
-        best = min(best, time.process_time() - started)
-    return best / n
+    def best(step: Callable[[], None]) -> float:
+        step()  # compiled and warm
+        times = []
+        for _ in range(3):
+            started = time.process_time()
+            step()
+            times.append(time.process_time() - started)
+        return min(times) / n
+
+    reduced = best(reduction)
+    return best(draws) + reduced, reduced
 
 
 def correlated_mock_store(rows: int, workdir: Path, *, echo: Callable[[str], object]) -> Path:
@@ -192,7 +206,7 @@ def measure_mc_efficiency(
                 encode_catalog(store, model_path, out, config=config)
                 times.append((_cpu_seconds() - cpu) / n_rows)
         covariance = "full" if store_has_correlations(store) else "diagonal"
-        host = host_mc_seconds(store, samples, full=covariance == "full")
+        host, gpu_host = host_mc_seconds(store, samples, full=covariance == "full")
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(out, ignore_errors=True)
@@ -205,7 +219,8 @@ def measure_mc_efficiency(
         plain_cpu_s=min(plain_s),
         mc_cpu_s=min(mc_s),
         host_mc_cpu_s=host,
-        encoder_flops=encoder_flops(model_path, samples),
+        gpu_host_mc_cpu_s=gpu_host,
+        device_flops=device_flops(model_path, samples),
     )
 
 

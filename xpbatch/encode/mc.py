@@ -7,12 +7,13 @@ encoder runs on all of them and the mean and standard deviation of the K posteri
 stored (``latent_mean_mc``, ``latent_std_mc``). Missing or broken coefficients get no noise, as
 they get no weight in the plain encode.
 
-Deterministic and the same on every device: a row's normals come from its own counter-based
-generator, SplitMix64 keyed by (seed, source_id) with Box-Muller, drawn on the host by
-:func:`standard_normals`; the correlation factors are computed on the host too
-(:func:`correlation_factors`), and the K means are reduced on the host (:func:`reduce_draws`). So
-the CPU and GPU paths differ only in the matrix products and the encoder, at float32 round-off,
-and a resumed or re-chunked run draws the same numbers for every row.
+Deterministic: a row's normals come from its own counter-based generator, SplitMix64 keyed by
+(seed, source_id) with Box-Muller, so a resumed or re-chunked run draws the same numbers for
+every row. The fused CPU path makes the normals and the correlations' Cholesky factors on the
+host (:func:`standard_normals`, :func:`correlation_factors`, numba); the torch path (a GPU) makes
+them on its device (:mod:`xpbatch.encode.mc_device`: the same uniforms bit for bit, the same
+shrinkage), so the node's cores are not its bound. Both reduce the K means on the host
+(:func:`reduce_draws`) and agree to float32 round-off.
 
 Memory is flat in K: rows go through in passes of ``batch_size // K`` rows, so one pass holds
 ``batch_size`` draws (the same forward-pass size as the plain encode), never K copies of a chunk;
@@ -33,6 +34,7 @@ import torch
 
 from xpbatch import schema
 from xpbatch.config import EncodeConfig
+from xpbatch.encode import mc_device
 from xpbatch.errors import ConfigError, InputShapeError
 from xpbatch.schema import CatalogFlag
 from xpbatch.store.input_recipe import recipe_rows
@@ -325,7 +327,7 @@ class MonteCarloKernel:
                 "correlations were given for a diagonal covariance; pass "
                 "MonteCarlo(..., covariance='full') to use them, or leave them out"
             )
-        for band, packed in zip(self._bands(), correlations or (), strict=True):
+        for band, packed in zip(self._bands(), correlations, strict=True) if correlations else ():
             m = band.stop - band.start
             if np.shape(packed) != (n_rows, m * (m - 1) // 2):
                 raise InputShapeError(
@@ -345,11 +347,8 @@ class MonteCarloKernel:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The (rows * K, latent) posterior means of one pass's draws and the rows' flags."""
         n, k_draws = len(g), mc.samples
-        device = self.kernel.device
         x, scale, flags = self._recipe(c, e, g)  # (n, input) x2 on the device, (n,) host
-        z = self._buffer("z", (pass_rows, self.n_in))
-        standard_normals(source_id, mc.seed, z[: n * k_draws].reshape(n, k_draws * self.n_in))
-        noise = torch.from_numpy(z[: n * k_draws]).to(device).view(n, k_draws, self.n_in)
+        noise = self._normals(source_id, mc.seed, n, k_draws, pass_rows)  # (n, K, input)
         if correlations is not None:
             noise = torch.cat(
                 [
@@ -369,9 +368,26 @@ class MonteCarloKernel:
     def _bands(self) -> tuple[slice, slice]:
         return slice(0, self.n_bp), slice(self.n_bp, self.n_in)
 
+    def _normals(
+        self, source_id: np.ndarray, seed: int, n: int, k_draws: int, pass_rows: int
+    ) -> torch.Tensor:
+        """(n, K, input) standard normals on the device: drawn there on the torch path, on the
+        host (into this thread's buffer) on the fused CPU path."""
+        width = k_draws * self.n_in
+        if not self.kernel.fused and width % 2 == 0:
+            ids = torch.from_numpy(source_id).to(self.kernel.device)
+            return mc_device.standard_normals(ids, seed, width).view(n, k_draws, self.n_in)
+        z = self._buffer("z", (pass_rows, self.n_in))
+        standard_normals(source_id, seed, z[: n * k_draws].reshape(n, width))
+        return torch.from_numpy(z[: n * k_draws]).to(self.kernel.device).view(n, k_draws, -1)
+
     def _factors(self, packed: np.ndarray, band: slice, n: int) -> torch.Tensor:
-        """(n, m, m) Cholesky factors ``L`` of one band's correlations, on the device."""
+        """(n, m, m) Cholesky factors ``L`` of one band's correlations, on the device (made
+        there on the torch path, on the host on the fused CPU path)."""
         m = band.stop - band.start
+        if not self.kernel.fused:
+            on_device = torch.from_numpy(np.ascontiguousarray(packed)).to(self.kernel.device)
+            return mc_device.correlation_factors(on_device, m, SHRINKAGE)
         factors = self._buffer(f"factors{band.start}", (n, m, m))
         correlation_factors(np.ascontiguousarray(packed), factors)
         return torch.from_numpy(factors).to(self.kernel.device)
