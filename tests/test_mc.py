@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from xpbatch import schema
 from xpbatch.catalog.zarr_catalog import open_catalog, read_attrs
@@ -417,3 +418,22 @@ def test_the_device_draws_equal_the_hosts() -> None:
     correlation_factors(packed, factors)
     found = mc_device.correlation_factors(torch.from_numpy(packed), 55, SHRINKAGE).numpy()
     np.testing.assert_allclose(found, factors, atol=2e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("covariance", ["full", "diagonal"])
+def test_the_gpu_agrees_with_the_fused_cpu_path(model: TrainedModel, covariance: str) -> None:
+    rows = _inputs(3000)
+    c, e, g = (
+        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
+    )
+    bp, rp = (rows[schema.correlations_name(b)] for b in schema.BANDS)
+    mc = MonteCarlo(32, seed=9, covariance=covariance)  # type: ignore[arg-type]
+    correlations = (bp, rp) if covariance == "full" else None
+    ids = rows[schema.SOURCE_ID]
+    cpu, gpu = (
+        mc_outputs(EncodeKernel(model, device), c, e, g, ids, correlations, mc=mc, batch_size=4096)
+        for device in ("cpu", "cuda")
+    )
+    for name in cpu:
+        np.testing.assert_allclose(gpu[name], cpu[name], rtol=1e-3, atol=1e-5, err_msg=name)

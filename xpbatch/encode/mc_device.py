@@ -11,6 +11,7 @@ matrix that is not positive definite.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -54,8 +55,7 @@ def standard_normals(source_id: torch.Tensor, seed: int, n: int) -> torch.Tensor
     half = n // 2
     key = _signed(_mix_int(seed + GAMMA))
     state = _mix(source_id.to(torch.int64) ^ key)  # (rows,)
-    steps = [_signed((j + 1) * GAMMA) for j in range(half)]
-    offsets = torch.tensor(steps, dtype=torch.int64, device=source_id.device)
+    offsets = _offsets(half, source_id.device)
     z = _mix(state[:, None] + offsets[None, :])  # (rows, half)
     scale = torch.tensor(np.float32(1.0 / 16777216.0), device=source_id.device)
     two_pi = torch.tensor(np.float32(2.0 * math.pi / 16777216.0), device=source_id.device)
@@ -63,6 +63,13 @@ def standard_normals(source_id: torch.Tensor, seed: int, n: int) -> torch.Tensor
     angle = (z & 0xFFFFFF).to(torch.float32) * two_pi
     radius = torch.sqrt(-2.0 * torch.log(u))
     return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1)
+
+
+@functools.lru_cache(maxsize=8)
+def _offsets(half: int, device: torch.device) -> torch.Tensor:
+    """(half,) int64 ``(j + 1) * gamma`` modulo 2**64: a row's counters, made once per device."""
+    steps = [_signed((j + 1) * GAMMA) for j in range(half)]
+    return torch.tensor(steps, dtype=torch.int64, device=device)
 
 
 def correlation_factors(packed: torch.Tensor, m: int, shrinkage: tuple[float, ...]) -> torch.Tensor:
