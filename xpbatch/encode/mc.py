@@ -274,7 +274,6 @@ class MonteCarloKernel:
     def __init__(self, kernel: EncodeKernel) -> None:
         self.kernel = kernel
         self.n_in, self.n_bp = kernel.n_in, kernel.n_bp
-        self.latent = kernel.model.config.latent_dim
         self._local = threading.local()
 
     def run(
