@@ -156,7 +156,7 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
 @main.command("skymap")
 @click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
+    "-o", "--output", type=PathOrURL(), required=True, help="PNG to write (a path or URL)."
 )
 @config_options(SkyMapConfig, flags={"order": Flag(type=click.IntRange(0, 12))})
 @cluster_options
@@ -169,9 +169,11 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     from xpbatch.products.sky_maps import write_sky_maps
     from xpbatch.runtime.cluster import lazy_connect
 
+    output_at = located(output, kwargs["storage_options"])
+    check_output_storage(output_at)
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
         maps = write_sky_maps(
-            located(catalog, kwargs["storage_options"]), output, client=client, config=config
+            located(catalog, kwargs["storage_options"]), output_at, client=client, config=config
         )
     click.echo(
         f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels "
@@ -270,9 +272,9 @@ def encode_catalog_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
+    type=PathOrURL(),
     default=None,
-    help="Write the table here (.parquet, else CSV) [default: CSV on stdout].",
+    help="Write the table here (.parquet, else CSV; a path or URL) [default: CSV on stdout].",
 )
 @config_options(NeighboursConfig, flags={"k": Flag(names=("-k",), type=click.IntRange(min=1))})
 @cluster_options
@@ -286,7 +288,9 @@ def neighbours_command(
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
     config = config_from_options(NeighboursConfig, kwargs)
-    at = located(catalog, kwargs.pop("storage_options"))
+    storage = kwargs.pop("storage_options")
+    at, output_at = located(catalog, storage), located(output, storage)
+    check_output_storage(output_at)
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
     from xpbatch.runtime.cluster import lazy_connect
 
@@ -296,7 +300,7 @@ def neighbours_command(
             table = find_neighbours(at, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
             return
-        table = write_neighbours(at, ids, output, client=client, config=config)
+        table = write_neighbours(at, ids, output_at, client=client, config=config)
     click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
