@@ -11,7 +11,13 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xpbatch.config import EncodeConfig, MockConfig, NeighboursConfig, SkyMapConfig
+from xpbatch.config import (
+    EncodeConfig,
+    IngestConfig,
+    MockConfig,
+    NeighboursConfig,
+    SkyMapConfig,
+)
 from xpbatch.storage.location import Location, as_location
 
 CONFIG = EncodeConfig(progress_bar=False, check_fit=False)
@@ -35,7 +41,7 @@ def catalogue(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from xpbatch.model.trained import TrainedModel
 
     root = tmp_path_factory.mktemp("s3out")
-    store = write_mock_store(root / "mock.zarr", 900, seed=3, chunk_rows=300)
+    store = write_mock_store(root / "mock.zarr", 900, seed=3, chunk_rows=300, rows_per_file=300)
     out = root / "catalog.zarr"
     encode_catalog(store, TrainedModel.untrained(), out, config=CONFIG)
     return out
@@ -103,3 +109,139 @@ def test_skymap_and_neighbours_outputs_on_s3_equal_local(
         remote = write_neighbours(catalogue, ids, (root / name).url, config=NeighboursConfig(k=4))
         assert local.equals(remote)
         assert (root / name).read_bytes() == (tmp_path / name).read_bytes()
+
+
+@pytest.fixture(scope="module")
+def bulk(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Mock DR3 bulk files (many small ones, so that a kill lands mid-ingest)."""
+    from xpbatch.mock import write_mock_dr3_bulk
+
+    root = tmp_path_factory.mktemp("s3bulk") / "bulk"
+    write_mock_dr3_bulk(root, 800, seed=4, rows_per_file=50)
+    return root
+
+
+INGEST = IngestConfig(chunk_rows=256, progress_bar=False)
+
+
+def _parts_done(staging: Location) -> int:
+    from xpbatch.errors import XPBatchError
+
+    try:
+        return sum(1 for name in staging.list() if name.endswith("/done.json"))
+    except (XPBatchError, OSError):
+        return 0
+
+
+def test_ingest_on_s3_equals_local_and_resumes_after_a_killed_driver(
+    s3_url: str, tmp_path: Path, bulk: Path
+) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from xpbatch.errors import OutputExistsError, OutputLockedError, StoreError
+    from xpbatch.ingest import ingest_files
+    from xpbatch.storage.lease import read_lease
+    from xpbatch.store.reader import open_xp_store
+
+    local = tmp_path / "s.zarr"
+    ingest_files([bulk], [bulk], local, config=INGEST)
+    out = as_location(s3_url) / "s.zarr"
+    staging = as_location(s3_url) / "s.zarr.parts"
+    command = [
+        *(str(Path(sys.executable).parent / "xpbatch"), "ingest", str(bulk)),
+        *("--gaia-source", str(bulk), "-o", out.url, "--chunk-rows", "256"),
+        *("--n-workers", "1", "--threads-per-worker", "1", "--dashboard-address", ":0"),
+        *("--no-progress-bar", "--storage-options", '{"lease_ttl_s": 3}'),
+    ]
+    driver = subprocess.Popen(
+        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while _parts_done(staging) < 1:
+            assert driver.poll() is None, driver.stderr.read()  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no file parsed in time"
+            time.sleep(0.05)
+    finally:
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=60)
+    parsed = _parts_done(staging)
+    assert 1 <= parsed < 16, "the kill came after the parsing"
+    with pytest.raises(StoreError):
+        open_xp_store(out.url)  # no store, or an incomplete one: refused either way
+    holder = read_lease(out)
+    assert holder is not None and not holder.released
+
+    short = as_location(out.url, storage_options={"lease_ttl_s": 3})
+    resume = IngestConfig(chunk_rows=256, progress_bar=False, resume=True)
+    with pytest.raises(OutputExistsError, match="--resume"):
+        time.sleep(max(0.0, holder.renewed + holder.ttl_s - time.time()) + 0.5)
+        ingest_files([bulk], [bulk], short, config=INGEST)
+    summary = ingest_files([bulk], [bulk], short, config=resume)
+    assert summary.files_reused >= parsed and summary.rows == 800
+    assert not staging.exists() and read_lease(out) is None
+    same_objects(local, out)
+    a, b = open_xp_store(local), open_xp_store(out.url)
+    xr.testing.assert_identical(a.drop_attrs().load(), b.drop_attrs().load())
+    assert b.attrs["input_files"] == a.attrs["input_files"]
+
+    # complete: --resume does nothing; --overwrite replaces only an xpbatch store
+    again = ingest_files([bulk], [bulk], short, config=resume)
+    assert again.checks.startswith("none")
+    overwrite = IngestConfig(chunk_rows=512, progress_bar=False, overwrite=True)
+    ingest_files([bulk], [bulk], short, config=overwrite)
+    assert open_xp_store(out.url).attrs["chunk_rows"] == 512
+    assert not [n for n in out.list() if "/c/" in n and n.split("/c/")[1].startswith("4")]
+    with pytest.raises(OutputLockedError):
+        from xpbatch.storage.outputs import output_lock
+
+        with output_lock(short, command="test"), output_lock(short, command="second"):
+            pass
+
+
+def test_parquet_export_on_s3_equals_local_and_resumes(
+    s3_url: str, tmp_path: Path, catalogue: Path
+) -> None:
+    import pandas as pd
+
+    from xpbatch.config import ParquetExportConfig
+    from xpbatch.errors import OutputExistsError
+    from xpbatch.products.parquet_export import export_parquet
+    from xpbatch.storage.lease import read_lease
+
+    store = catalogue.parent / "mock.zarr"
+    config = ParquetExportConfig(progress_bar=False)
+    local = export_parquet(catalogue, tmp_path / "pq", store=store, config=config)
+    out = as_location(s3_url) / "pq"
+    remote = export_parquet(catalogue, out.url, store=store, config=config)
+    assert remote.files == local.files and len(local.files) > 1
+    assert read_lease(out) is None
+
+    def tables(where: Path | Location) -> dict[str, pd.DataFrame]:
+        loc = as_location(where)
+        names = [n for n in loc.list() if n.endswith(".parquet")]
+        return {n: pd.read_parquet((loc / n).open_reader()) for n in names}
+
+    expected = tables(tmp_path / "pq")
+    assert all(frame.equals(expected[n]) for n, frame in tables(out).items())
+    assert sorted(tables(out)) == sorted(expected)
+
+    # a killed run's state: the manifest unfinished, one file missing; --resume completes it
+    first = sorted(local.files)[0]
+    (out / first).remove_tree()
+    with pytest.raises(OutputExistsError, match="--resume"):
+        export_parquet(catalogue, out.url, store=store, config=config)
+    resume = ParquetExportConfig(progress_bar=False, resume=True)
+    again = export_parquet(catalogue, out.url, store=store, config=resume)
+    assert again.n_reused == len(local.files) - 1 and again.files == local.files
+    assert all(frame.equals(expected[n]) for n, frame in tables(out).items())
+
+    (out / "notes.txt").write_bytes(b"mine")
+    overwrite = ParquetExportConfig(progress_bar=False, overwrite=True)
+    with pytest.raises(OutputExistsError, match="not an xpbatch"):
+        export_parquet(catalogue, out.url, store=store, config=overwrite)
+    assert (out / "notes.txt").read_bytes() == b"mine"

@@ -101,7 +101,11 @@ def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
 @main.command("export-parquet")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
+    "-o",
+    "--output",
+    type=PathOrURL(file_okay=False),
+    required=True,
+    help="Directory (or s3:// prefix) to write.",
 )
 @click.option(
     "--partitions",
@@ -118,8 +122,14 @@ def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
     "ingest` from DR3 bulk files) are used when CATALOG records none.",
 )
 @config_options(ParquetExportConfig, flags={"threads": Flag(type=click.IntRange(min=1))})
+@storage_option
 def export_parquet_command(
-    catalog: str, output: str, partitions: str | None, store: str | None, **options: Any
+    catalog: str,
+    output: str,
+    partitions: str | None,
+    store: str | None,
+    storage_options: str | None,
+    **options: Any,
 ) -> None:
     """Write CATALOG's latents, rmse and flags as Parquet, one file per DR3 partition.
 
@@ -129,7 +139,9 @@ def export_parquet_command(
     from xpbatch.products.parquet_export import export_parquet
 
     config = config_from_options(ParquetExportConfig, options)
-    summary = export_parquet(catalog, output, partitions=partitions, store=store, config=config)
+    target = located(output, storage_options)
+    check_output_storage(target)
+    summary = export_parquet(catalog, target, partitions=partitions, store=store, config=config)
     click.echo(str(summary))
 
 
@@ -388,9 +400,9 @@ def train_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(),
+    type=PathOrURL(),
     required=True,
-    help="The store to write (store) or the directory of bulk files (dr3-bulk).",
+    help="The store to write (store; a path or URL) or the directory of bulk files (dr3-bulk).",
 )
 @click.option(
     "--config",
@@ -413,8 +425,13 @@ def train_command(
         "seed": Flag(type=click.IntRange(min=0)),
     },
 )
+@storage_option
 def mock_command(
-    output: str, config_file: str | None, rare: tuple[str, ...], **options: Any
+    output: str,
+    config_file: str | None,
+    rare: tuple[str, ...],
+    storage_options: str | None,
+    **options: Any,
 ) -> None:
     """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
 
@@ -425,10 +442,13 @@ def mock_command(
     from xpbatch.mock import make_mock
 
     settings = read_toml(config_file) if config_file else {}
+    storage = storage_options or settings.pop("storage", None)  # a [storage] table
     settings.update(_rare_fractions(rare))
     where = config_file or "mock configuration"
     config = config_from_options(MockConfig, options, base=settings, where=where)
-    click.echo(str(make_mock(output, config=config)))
+    target = located(output, storage)
+    check_output_storage(target)
+    click.echo(str(make_mock(target, config=config)))
 
 
 def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
@@ -466,9 +486,12 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
     "optionally ra, dec). Not needed for XP files that carry phot_g_mean_flux or _mag; a "
     "companion's value wins over the XP file's.",
 )
-@click.option("-o", "--output", type=click.Path(), required=True, help="The store to write.")
+@click.option(
+    "-o", "--output", type=PathOrURL(), required=True, help="The store to write (a path or URL)."
+)
 @config_options(IngestConfig, flags={"columns": Flag(metavar="DR3_NAME=FILE_NAME,...")})
 @cluster_options
+@storage_option
 def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kwargs: Any) -> None:
     """Ingest Gaia DR3 XP continuous-spectrum files (or directories of them) into an XP store.
 
@@ -480,10 +503,11 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     from xpbatch.ingest import ingest_files
     from xpbatch.runtime.cluster import lazy_connect
 
+    output = located(kwargs.pop("output"), kwargs.pop("storage_options"))
     cluster = cluster_config(kwargs)
     config = config_from_options(IngestConfig, kwargs)
+    check_output_storage(output)  # wrong credentials or a missing bucket: one line, now
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
-        output = kwargs["output"]
         summary = ingest_files(xp_files, gaia_source, output, client=client, config=config)
     click.echo(str(summary))
 
