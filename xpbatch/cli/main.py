@@ -148,20 +148,27 @@ def export_parquet_command(
 @main.command("export-hats")
 @click.argument("catalog", type=click.Path(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Collection to write."
+    "-o",
+    "--output",
+    type=PathOrURL(file_okay=False),
+    required=True,
+    help="Collection to write (a directory or s3:// URL).",
 )
 @config_options(HatsExportConfig)
 @cluster_options
+@storage_option
 def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Write CATALOG as a HATS collection (catalogue, source_id index, optional margin) that
     lsdb.open_catalog opens, cone-searches and joins; hats-import does the partitioning."""
+    target = located(output, kwargs.pop("storage_options"))
     cluster = cluster_config(kwargs)
     config = config_from_options(HatsExportConfig, kwargs)
+    check_output_storage(target)
     from xpbatch.products.hats_export import export_hats
     from xpbatch.runtime.cluster import lazy_connect
 
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
-        summary = export_hats(catalog, output, client=client, config=config)
+        summary = export_hats(catalog, target, client=client, config=config)
     click.echo(str(summary))
 
 
