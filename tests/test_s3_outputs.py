@@ -5,12 +5,14 @@ under the same rules: the lease, the one output rule, completion records last.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import xarray as xr
 
+import xpbatch
 from xpbatch.config import (
     EncodeConfig,
     IngestConfig,
@@ -97,7 +99,6 @@ def test_skymap_and_neighbours_outputs_on_s3_equal_local(
     assert (root / "sky.png.xpbatch.json").is_file() and read_lease(root / "sky.png") is None
     with pytest.raises(OutputExistsError, match="--overwrite"):
         write_sky_maps(catalogue, (root / "sky.png").url, config=config)
-    write_sky_maps(catalogue, (root / "sky.png").url, config=SkyMapConfig(order=1, overwrite=True))
     (root / "mine.png").write_bytes(b"not ours")
     with pytest.raises(OutputExistsError, match="not an xpbatch"):
         write_sky_maps(catalogue, (root / "mine.png").url, config=SkyMapConfig(overwrite=True))
@@ -109,6 +110,10 @@ def test_skymap_and_neighbours_outputs_on_s3_equal_local(
         remote = write_neighbours(catalogue, ids, (root / name).url, config=NeighboursConfig(k=4))
         assert local.equals(remote)
         assert (root / name).read_bytes() == (tmp_path / name).read_bytes()
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        write_neighbours(catalogue, ids, (root / "n.csv").url, config=NeighboursConfig(k=4))
+    again = NeighboursConfig(k=2, overwrite=True)
+    assert len(write_neighbours(catalogue, ids, (root / "n.csv").url, config=again)) == 6
 
 
 @pytest.fixture(scope="module")
@@ -142,7 +147,7 @@ def test_ingest_on_s3_equals_local_and_resumes_after_a_killed_driver(
     import sys
     import time
 
-    from xpbatch.errors import OutputExistsError, OutputLockedError, StoreError
+    from xpbatch.errors import OutputExistsError, StoreError
     from xpbatch.ingest import ingest_files
     from xpbatch.storage.lease import read_lease
     from xpbatch.store.reader import open_xp_store
@@ -196,11 +201,6 @@ def test_ingest_on_s3_equals_local_and_resumes_after_a_killed_driver(
     ingest_files([bulk], [bulk], short, config=overwrite)
     assert open_xp_store(out.url).attrs["chunk_rows"] == 512
     assert not [n for n in out.list() if "/c/" in n and n.split("/c/")[1].startswith("4")]
-    with pytest.raises(OutputLockedError):
-        from xpbatch.storage.outputs import output_lock
-
-        with output_lock(short, command="test"), output_lock(short, command="second"):
-            pass
 
 
 def test_parquet_export_on_s3_equals_local_and_resumes(
@@ -239,6 +239,15 @@ def test_parquet_export_on_s3_equals_local_and_resumes(
     again = export_parquet(catalogue, out.url, store=store, config=resume)
     assert again.n_reused == len(local.files) - 1 and again.files == local.files
     assert all(frame.equals(expected[n]) for n, frame in tables(out).items())
+
+    # the catalogue itself on object storage too
+    from test_s3_read import upload
+
+    upload(catalogue, as_location(s3_url) / "catalog.zarr")
+    both = as_location(s3_url) / "pq-from-s3"
+    export_parquet((as_location(s3_url) / "catalog.zarr").url, both, store=store, config=config)
+    assert sorted(tables(both)) == sorted(expected)
+    assert all(frame.equals(expected[n]) for n, frame in tables(both).items())
 
     (out / "notes.txt").write_bytes(b"mine")
     overwrite = ParquetExportConfig(progress_bar=False, overwrite=True)
@@ -284,3 +293,29 @@ def test_hats_export_on_s3_equals_local_and_lsdb_opens_it(
         values={"source_id": int(a["source_id"].iloc[5])}
     )
     assert len(index.compute()) == 1
+
+
+STAGES: dict[str, Callable[[str, Path], object]] = {
+    "ingest": lambda url, catalog: xpbatch.ingest_files([], [], url),
+    "mock": lambda url, catalog: xpbatch.make_mock(url),
+    "skymap": lambda url, catalog: xpbatch.write_sky_maps(catalog, url),
+    "neighbours": lambda url, catalog: xpbatch.write_neighbours(catalog, [1], url),
+    "export-parquet": lambda url, catalog: xpbatch.export_parquet(catalog, url),
+    "export-hats": lambda url, catalog: xpbatch.export_hats(catalog, url, client=None),
+}
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_second_writer_of_an_s3_output_is_refused(
+    s3_url: str, catalogue: Path, stage: str
+) -> None:
+    """While another run holds the output's lease, every stage is refused before it writes."""
+    from xpbatch.errors import OutputLockedError
+    from xpbatch.storage.outputs import output_lock
+
+    out = as_location(s3_url) / "out"
+    with output_lock(out, command="the first writer"):
+        with pytest.raises(OutputLockedError, match="the first writer") as info:
+            STAGES[stage](out.url, catalogue)
+        assert "\n" not in str(info.value)
+        assert out.list() == []

@@ -99,7 +99,7 @@ def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
 
 
 @main.command("export-parquet")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o",
     "--output",
@@ -141,12 +141,13 @@ def export_parquet_command(
     config = config_from_options(ParquetExportConfig, options)
     target = located(output, storage_options)
     check_output_storage(target)
-    summary = export_parquet(catalog, target, partitions=partitions, store=store, config=config)
+    catalog_at = located(catalog, storage_options)
+    summary = export_parquet(catalog_at, target, partitions=partitions, store=store, config=config)
     click.echo(str(summary))
 
 
 @main.command("export-hats")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
     "-o",
     "--output",
@@ -160,7 +161,8 @@ def export_parquet_command(
 def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Write CATALOG as a HATS collection (catalogue, source_id index, optional margin) that
     lsdb.open_catalog opens, cone-searches and joins; hats-import does the partitioning."""
-    target = located(output, kwargs.pop("storage_options"))
+    storage = kwargs.pop("storage_options")
+    target, catalog_at = located(output, storage), located(catalog, storage)
     cluster = cluster_config(kwargs)
     config = config_from_options(HatsExportConfig, kwargs)
     check_output_storage(target)
@@ -168,7 +170,7 @@ def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     from xpbatch.runtime.cluster import lazy_connect
 
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
-        summary = export_hats(catalog, target, client=client, config=config)
+        summary = export_hats(catalog_at, target, client=client, config=config)
     click.echo(str(summary))
 
 

@@ -61,9 +61,10 @@ from xpbatch.storage.manifest import (
     real_place,
     record_inside,
 )
-from xpbatch.storage.outputs import locked_output
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.partitions import range_of_file_name, ranges_from_file_names
 from xpbatch.storage.paths import PathLike
+from xpbatch.storage.zarr_arrays import Place
 from xpbatch.store.xp_store import XPStoreWriter
 
 if TYPE_CHECKING:
@@ -139,10 +140,6 @@ def expand_inputs(paths: Sequence[PathLike], pattern: str) -> list[str]:
         else:
             files.append(str(path))
     return files
-
-
-Place = Path | Location
-"""A local path, or a location on object storage."""
 
 
 def _part_dir(staging: Place, xp_file: str) -> str | Location:
@@ -244,7 +241,10 @@ def _claim(
     rule (:mod:`xpbatch.storage.manifest`); ``build`` is where the store is built."""
     in_place = zarr_arrays.same_place(build, out)
     if out.exists() and not (in_place and staging.exists()):
-        found = "a complete XP store" if (out / "zarr.json").is_file() else "not a Zarr store"
+        store = ZarrRecord(out).read()
+        complete = store is not None and store.get(COMPLETE) is not False
+        found = "a complete XP store" if complete else "an unfinished XP store"
+        found = found if store is not None else "not a Zarr store"
     else:
         n_parts = _finished_parts(staging)
         found = f"an interrupted ingest, {n_parts} file(s) parsed in {staging}"
@@ -334,7 +334,7 @@ def ingest_files(
         A :class:`~xpbatch.runtime.executor.LazyClient` not yet started is started after the
         inputs are checked, the output claimed and the first file parsed here. Workers read and
         write ``<out>.parts/`` and ``out``: on several machines both must be on a filesystem
-        they share.
+        they share, or on object storage.
     config
         Options; see :class:`~xpbatch.config.IngestConfig`.
 
@@ -448,6 +448,7 @@ def _build(
         write, list(zip(starts, chunks, strict=True)), name="xpbatch-ingest-write", fatal=_FATAL
     ):
         pass
+    check_lock(out)  # never mark complete what another writer may have touched
     writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
     if isinstance(build, Path) and isinstance(out, Path):
         if out.exists():

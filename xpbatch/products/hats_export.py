@@ -59,7 +59,7 @@ from xpbatch.runtime.executor import Executor, LazyClient, started_client
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location, as_location
 from xpbatch.storage.manifest import RunManifest, real_place, record_inside
-from xpbatch.storage.outputs import locked_output
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
@@ -122,7 +122,7 @@ class ZarrChunkReader(InputReader):
     def read(self, input_file: Any, read_columns: list[str] | None = None) -> Any:
         """Yield chunk k of the catalogue as one DataFrame (hats-import's reader protocol)."""
         path, _, index = str(input_file).rpartition(CHUNK_MARK)
-        if path != self.source.path or not index.isdigit():
+        if path != str(self.source.path) or not index.isdigit():
             raise ValueError(f"{input_file} is not a chunk of {self.source.path}")
         frame = chunk_frame(self.source, int(index), with_scatter=self.with_scatter)
         yield frame if read_columns is None else frame[read_columns]
@@ -203,7 +203,7 @@ def hats_path(place: Path | Location) -> Any:
 # --- the export -------------------------------------------------------------------------------
 @locked_output("output_dir", "export-hats")
 def export_hats(
-    catalog: PathLike,
+    catalog: PathLike | Location,
     output_dir: PathLike | Location,
     *,
     client: Client | LazyClient,
@@ -283,6 +283,7 @@ def export_hats(
     n_approximate = write_source_id_index(source, catalog_dir, index_dir, executor=executor)
     _add_index_to_collection(collection, index_dir.name)
     margin = [out / str(m) for m in (args.margin_paths or [])]
+    check_lock(out)  # never mark complete what another writer may have touched
     run.mark_complete()
     return HatsExportSummary(
         output_dir=out,

@@ -64,7 +64,7 @@ from xpbatch.runtime.executor import Executor, Progress, storage_credentials
 from xpbatch.storage import zarr_arrays
 from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import RECORD_NAME, RunManifest, real_place, record_inside
-from xpbatch.storage.outputs import locked_output
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.partitions import (
     EXAMPLE_NAME,
     HEALPIX_LEVEL,
@@ -102,7 +102,7 @@ _NO_PARTITIONS = (
 
 
 def resolve_partitions(
-    catalog: PathLike,
+    catalog: PathLike | Location,
     catalog_attrs: dict[str, Any],
     *,
     partitions: PartitionRanges | PathLike | None = None,
@@ -185,7 +185,7 @@ class ParquetExportSummary:
 class _Source:
     """Where the tasks read the catalogue: its path and latent size (picklable)."""
 
-    path: str
+    path: str | Location
     n_latent: int
     chunk_rows: int
     n_rows: int
@@ -194,10 +194,12 @@ class _Source:
 
 
 @functools.lru_cache(maxsize=8)
-def _group(path: str) -> zarr.Group:
+def _group(path: str | Location) -> zarr.Group:
     import zarr
 
-    return zarr.open_group(path, mode="r")
+    return zarr.open_group(
+        zarr_arrays.zarr_target(zarr_arrays.where(path), read_only=True), mode="r"
+    )
 
 
 def _read(source: _Source, name: str, rows: slice) -> np.ndarray:
@@ -388,14 +390,15 @@ def _remove_files(paths: Sequence[Path | Location]) -> None:
             path.unlink(missing_ok=True)
 
 
-def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
+def _catalog_source(path: Path | Location) -> tuple[_Source, dict[str, Any]]:
     """Check the catalogue (complete, schema) and describe it for the tasks."""
     from xpbatch.catalog.zarr_catalog import open_catalog
 
     ds = open_catalog(path)
-    sid = _group(str(path))[schema.SOURCE_ID]
+    where = path if isinstance(path, Location) else str(path)
+    sid = _group(where)[schema.SOURCE_ID]
     source = _Source(
-        path=str(path),
+        path=where,
         n_latent=int(ds.sizes[schema.LATENT]),
         chunk_rows=int(sid.chunks[0]),  # type: ignore[union-attr]
         n_rows=int(ds.sizes[schema.SOURCE]),
@@ -406,7 +409,7 @@ def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
 
 @locked_output("output_dir", "export-parquet")
 def export_parquet(
-    catalog: PathLike,
+    catalog: PathLike | Location,
     output_dir: PathLike | Location,
     *,
     partitions: PartitionRanges | PathLike | None = None,
@@ -469,7 +472,7 @@ def export_parquet(
     """
     config = config or ParquetExportConfig()
     started = time.perf_counter()
-    catalog_path = Path(catalog)
+    catalog_path = zarr_arrays.where(catalog)
     out = real_place(output_dir)
     source, attrs = _catalog_source(catalog_path)
     ranges = resolve_partitions(catalog_path, attrs, partitions=partitions, store=store)
@@ -481,7 +484,7 @@ def export_parquet(
     }
     manifest = _claim(out, run, config)
     manifest.begin(
-        catalog=str(catalog_path.resolve()),
+        catalog=str(zarr_arrays.absolute(catalog_path)),
         partitions_origin=ranges.origin,
         n_rows=source.n_rows,
     )
@@ -497,7 +500,7 @@ def export_parquet(
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
     provenance: dict[str, Any] = {
-        "catalog": str(catalog_path.resolve()),
+        "catalog": str(zarr_arrays.absolute(catalog_path)),
         "catalog_fingerprint": fingerprint,
         "xpbatch_version": __version__,
         "healpix_level": HEALPIX_LEVEL,
@@ -529,6 +532,7 @@ def export_parquet(
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")
+    check_lock(out)  # never mark complete what another writer may have touched
     manifest.mark_complete(files=dict(sorted(files.items())))
     logger.info(
         "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
