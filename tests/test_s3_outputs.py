@@ -77,6 +77,16 @@ def test_mock_store_on_s3_equals_local(s3_url: str, tmp_path: Path) -> None:
     with pytest.raises(OutputExistsError, match="not an xpbatch"):
         make_mock(foreign.url, config=MockConfig(n=100, overwrite=True))
     assert (foreign / "data.txt").read_bytes() == b"mine"
+    from click.testing import CliRunner
+
+    from xpbatch.cli.main import main
+
+    cli = as_location(s3_url) / "cli.zarr"
+    args = ["mock", "-n", "700", "--seed", "5", "--chunk-rows", "200", "-o", cli.url]
+    shown = CliRunner().invoke(main, [*args, "--binary-fraction", "0.05"])
+    assert shown.exit_code == 0, shown.output
+    assert cli.url in shown.output
+    same_objects(tmp_path / "mock.zarr", cli)
     with pytest.raises(ConfigError, match="local directory"):
         make_mock((as_location(s3_url) / "bulk").url, config=MockConfig(n=100, format="dr3-bulk"))
 
@@ -239,6 +249,16 @@ def test_parquet_export_on_s3_equals_local_and_resumes(
     again = export_parquet(catalogue, out.url, store=store, config=resume)
     assert again.n_reused == len(local.files) - 1 and again.files == local.files
     assert all(frame.equals(expected[n]) for n, frame in tables(out).items())
+
+    from click.testing import CliRunner
+
+    from xpbatch.cli.main import main
+
+    cli = as_location(s3_url) / "pq-cli"
+    args = ["export-parquet", str(catalogue), "-o", cli.url, "--store", str(store)]
+    shown = CliRunner().invoke(main, [*args, "--no-progress-bar"])
+    assert shown.exit_code == 0, shown.output
+    assert sorted(tables(cli)) == sorted(expected)
 
     # the catalogue itself on object storage too
     from test_s3_read import upload
