@@ -211,6 +211,11 @@ def test_ingest_on_s3_equals_local_and_resumes_after_a_killed_driver(
     ingest_files([bulk], [bulk], short, config=overwrite)
     assert open_xp_store(out.url).attrs["chunk_rows"] == 512
     assert not [n for n in out.list() if "/c/" in n and n.split("/c/")[1].startswith("4")]
+    foreign = as_location(s3_url) / "foreign.zarr"
+    (foreign / "zarr.json").write_bytes(b'{"zarr_format": 3, "node_type": "group"}')
+    with pytest.raises(OutputExistsError, match="not an xpbatch"):
+        ingest_files([bulk], [bulk], foreign, config=overwrite)
+    assert foreign.list() == ["zarr.json"]
 
 
 def test_parquet_export_on_s3_equals_local_and_resumes(
