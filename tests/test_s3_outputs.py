@@ -306,6 +306,7 @@ def test_hats_export_on_s3_equals_local_and_lsdb_opens_it(
         local = export_hats(catalogue, tmp_path / "hats", client=client, config=config)
         remote = export_hats(catalogue, out.url, client=client, config=config)
         assert remote.n_partitions == local.n_partitions and remote.n_rows == 900
+        assert f"UPath('{out.url}', anon=False)" in str(remote)
         with pytest.raises(OutputExistsError, match="--overwrite"):
             export_hats(catalogue, out.url, client=client, config=config)
     assert read_lease(out) is None and not [n for n in out.list() if "intermediate" in n]

@@ -93,10 +93,13 @@ class HatsExportSummary:
             self.n_approximate
         )
         margin = f", margin {self.margin_dir.name}" if self.margin_dir else ""
+        opener = f"'{self.output_dir}'"
+        if isinstance(self.output_dir, Location):  # hats reads a bare s3:// string as public
+            opener = f"UPath({opener}, anon=False)"
         return (
             f"wrote {self.n_rows:,} rows{approx} in {self.n_partitions:,} HEALPix partitions to "
             f"{self.output_dir} (catalogue {self.catalog_dir.name}, index {self.index_dir.name}"
-            f"{margin}); open it with lsdb.open_catalog('{self.output_dir}')"
+            f"{margin}); open it with lsdb.open_catalog({opener})"
         )
 
 
