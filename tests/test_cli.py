@@ -37,15 +37,15 @@ from xpbatch.config import (
 STORAGE = "storage_options"
 """--storage-options: JSON of xpbatch.storage.clients.StorageOptions, not a stage config."""
 STAGES: dict[str, tuple[tuple[type, ...], set[str]]] = {
-    "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output"}),
+    "ingest": ((IngestConfig, ClusterConfig), {"gaia_source", "output", STORAGE}),
     "encode-catalog": ((EncodeConfig, ClusterConfig), {"model", "output", "demo", STORAGE}),
     "train": ((TrainConfig,), {"output", "config_file", "preset", STORAGE}),
     "mock": (
         (MockConfig,),
-        {"output", "config_file", "rare"},
+        {"output", "config_file", "rare", STORAGE},
     ),
-    "export-hats": ((HatsExportConfig, ClusterConfig), {"output"}),
-    "export-parquet": ((ParquetExportConfig,), {"output", "partitions", "store"}),
+    "export-hats": ((HatsExportConfig, ClusterConfig), {"output", STORAGE}),
+    "export-parquet": ((ParquetExportConfig,), {"output", "partitions", "store", STORAGE}),
     "neighbours": ((NeighboursConfig, ClusterConfig), {"source_ids", "output", STORAGE}),
     "skymap": ((SkyMapConfig, ClusterConfig), {"output", STORAGE}),
 }

@@ -274,6 +274,7 @@ def test_wrong_credentials_and_a_missing_bucket_are_one_line(
         ("info", f"{url}/c.zarr"),
         ("verify", f"{url}/c.zarr"),
         ("encode-catalog", str(faults.store), "-m", str(faults.model), "-o", f"{url}/c.zarr"),
+        ("mock", "-n", "100", "-o", f"{url}/m.zarr"),  # an output of the new writers
     ):
         done = subprocess.run(
             _cli(*command, *(("--n-workers", "1") if "encode" in command[0] else ())),

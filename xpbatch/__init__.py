@@ -47,6 +47,7 @@ _MODULES = {
     "xpbatch.model.network": ("ScatterVAE",),
     "xpbatch.model.files": ("TrainedModel", "save_model", "load_model", "import_xpvae"),
     # every stage's options
+    "xpbatch.storage.location": ("Location", "as_location"),
     "xpbatch.config": (
         "ClusterConfig",
         "EncodeConfig",

@@ -280,3 +280,23 @@ def bench_neighbours_command(
         click.echo(
             run_neighbours_benchmark(rows, client=client, queries=queries, k=k, workdir=workdir)
         )
+
+
+@bench_group.command("object-storage")
+@click.argument("url")
+@_count("--rows", 262_144, minimum=1000, help="Rows of the mock store (written once in --workdir).")
+@_count("--repeats", 3, minimum=1, help="Runs of each, alternating local and object storage.")
+@_workdir("Keep the mock store and the local catalogue here")
+@click.option(
+    "--storage-options", default=None, metavar="JSON", help="Settings over the AWS environment."
+)
+def bench_object_storage_command(
+    url: str, rows: int, repeats: int, workdir: str | None, storage_options: str | None
+) -> None:
+    """The same encode written to local disk and to URL (s3://bucket/prefix), alternating."""
+    from xpbatch.benchmarks.object_storage import run_object_storage_benchmark
+    from xpbatch.cli.options import check_output_storage, located
+
+    target = located(url, storage_options)
+    check_output_storage(target)
+    click.echo(run_object_storage_benchmark(target, rows=rows, repeats=repeats, workdir=workdir))

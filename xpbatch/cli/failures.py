@@ -88,8 +88,8 @@ def _wrote_output(command: str, params: dict[str, Any]) -> bool:
     from pathlib import Path
 
     output = params.get("output")
-    if output is None:
-        return True  # not known (e.g. --demo): keep the hint
+    if output is None or "://" in str(output):
+        return True  # not known (e.g. --demo), or not looked up on object storage: keep the hint
     if command == "train":  # the model file appears at the end; the checkpoint as it goes
         return Path(_checkpoint(output)).exists()
     if command == "ingest":  # the store appears at the end; the parsed files' parts as it goes

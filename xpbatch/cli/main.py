@@ -99,9 +99,13 @@ def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
 
 
 @main.command("export-parquet")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Directory to write."
+    "-o",
+    "--output",
+    type=PathOrURL(file_okay=False),
+    required=True,
+    help="Directory (or s3:// prefix) to write.",
 )
 @click.option(
     "--partitions",
@@ -118,8 +122,14 @@ def info_command(path: str, as_json: bool, storage_options: str | None) -> None:
     "ingest` from DR3 bulk files) are used when CATALOG records none.",
 )
 @config_options(ParquetExportConfig, flags={"threads": Flag(type=click.IntRange(min=1))})
+@storage_option
 def export_parquet_command(
-    catalog: str, output: str, partitions: str | None, store: str | None, **options: Any
+    catalog: str,
+    output: str,
+    partitions: str | None,
+    store: str | None,
+    storage_options: str | None,
+    **options: Any,
 ) -> None:
     """Write CATALOG's latents, rmse and flags as Parquet, one file per DR3 partition.
 
@@ -129,34 +139,45 @@ def export_parquet_command(
     from xpbatch.products.parquet_export import export_parquet
 
     config = config_from_options(ParquetExportConfig, options)
-    summary = export_parquet(catalog, output, partitions=partitions, store=store, config=config)
+    target = located(output, storage_options)
+    check_output_storage(target)
+    catalog_at = located(catalog, storage_options)
+    summary = export_parquet(catalog_at, target, partitions=partitions, store=store, config=config)
     click.echo(str(summary))
 
 
 @main.command("export-hats")
-@click.argument("catalog", type=click.Path(exists=True, file_okay=False))
+@click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(file_okay=False), required=True, help="Collection to write."
+    "-o",
+    "--output",
+    type=PathOrURL(file_okay=False),
+    required=True,
+    help="Collection to write (a directory or s3:// URL).",
 )
 @config_options(HatsExportConfig)
 @cluster_options
+@storage_option
 def export_hats_command(catalog: str, output: str, **kwargs: Any) -> None:
     """Write CATALOG as a HATS collection (catalogue, source_id index, optional margin) that
     lsdb.open_catalog opens, cone-searches and joins; hats-import does the partitioning."""
+    storage = kwargs.pop("storage_options")
+    target, catalog_at = located(output, storage), located(catalog, storage)
     cluster = cluster_config(kwargs)
     config = config_from_options(HatsExportConfig, kwargs)
+    check_output_storage(target)
     from xpbatch.products.hats_export import export_hats
     from xpbatch.runtime.cluster import lazy_connect
 
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
-        summary = export_hats(catalog, output, client=client, config=config)
+        summary = export_hats(catalog_at, target, client=client, config=config)
     click.echo(str(summary))
 
 
 @main.command("skymap")
 @click.argument("catalog", type=PathOrURL(exists=True, file_okay=False))
 @click.option(
-    "-o", "--output", type=click.Path(dir_okay=False), required=True, help="PNG to write."
+    "-o", "--output", type=PathOrURL(), required=True, help="PNG to write (a path or URL)."
 )
 @config_options(SkyMapConfig, flags={"order": Flag(type=click.IntRange(0, 12))})
 @cluster_options
@@ -169,9 +190,11 @@ def skymap_command(catalog: str, output: str, **kwargs: Any) -> None:
     from xpbatch.products.sky_maps import write_sky_maps
     from xpbatch.runtime.cluster import lazy_connect
 
+    output_at = located(output, kwargs["storage_options"])
+    check_output_storage(output_at)
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
         maps = write_sky_maps(
-            located(catalog, kwargs["storage_options"]), output, client=client, config=config
+            located(catalog, kwargs["storage_options"]), output_at, client=client, config=config
         )
     click.echo(
         f"wrote {output}: {int(maps.count.sum()):,} sources on {len(maps.count):,} pixels "
@@ -270,9 +293,9 @@ def encode_catalog_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(dir_okay=False),
+    type=PathOrURL(),
     default=None,
-    help="Write the table here (.parquet, else CSV) [default: CSV on stdout].",
+    help="Write the table here (.parquet, else CSV; a path or URL) [default: CSV on stdout].",
 )
 @config_options(NeighboursConfig, flags={"k": Flag(names=("-k",), type=click.IntRange(min=1))})
 @cluster_options
@@ -286,7 +309,9 @@ def neighbours_command(
     except ValueError as e:
         raise click.BadParameter(f"source ids are integers: {e}", param_hint="--source-id") from e
     config = config_from_options(NeighboursConfig, kwargs)
-    at = located(catalog, kwargs.pop("storage_options"))
+    storage = kwargs.pop("storage_options")
+    at, output_at = located(catalog, storage), located(output, storage)
+    check_output_storage(output_at)
     from xpbatch.products.neighbours import find_neighbours, write_neighbours
     from xpbatch.runtime.cluster import lazy_connect
 
@@ -296,7 +321,7 @@ def neighbours_command(
             table = find_neighbours(at, ids, k=config.k, client=client)
             click.echo(table.to_csv(index=False), nl=False)
             return
-        table = write_neighbours(at, ids, output, client=client, config=config)
+        table = write_neighbours(at, ids, output_at, client=client, config=config)
     click.echo(f"wrote {len(table):,} neighbours of {len(set(ids)):,} sources to {output}")
 
 
@@ -384,9 +409,9 @@ def train_command(
 @click.option(
     "-o",
     "--output",
-    type=click.Path(),
+    type=PathOrURL(),
     required=True,
-    help="The store to write (store) or the directory of bulk files (dr3-bulk).",
+    help="The store to write (store; a path or URL) or the directory of bulk files (dr3-bulk).",
 )
 @click.option(
     "--config",
@@ -409,8 +434,13 @@ def train_command(
         "seed": Flag(type=click.IntRange(min=0)),
     },
 )
+@storage_option
 def mock_command(
-    output: str, config_file: str | None, rare: tuple[str, ...], **options: Any
+    output: str,
+    config_file: str | None,
+    rare: tuple[str, ...],
+    storage_options: str | None,
+    **options: Any,
 ) -> None:
     """Write a realistic synthetic catalogue of N sources with known labels (Teff, log g, ...).
 
@@ -421,10 +451,13 @@ def mock_command(
     from xpbatch.mock import make_mock
 
     settings = read_toml(config_file) if config_file else {}
+    storage = storage_options or settings.pop("storage", None)  # a [storage] table
     settings.update(_rare_fractions(rare))
     where = config_file or "mock configuration"
     config = config_from_options(MockConfig, options, base=settings, where=where)
-    click.echo(str(make_mock(output, config=config)))
+    target = located(output, storage)
+    check_output_storage(target)
+    click.echo(str(make_mock(target, config=config)))
 
 
 def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
@@ -462,9 +495,12 @@ def _rare_fractions(options: tuple[str, ...]) -> dict[str, float]:
     "optionally ra, dec). Not needed for XP files that carry phot_g_mean_flux or _mag; a "
     "companion's value wins over the XP file's.",
 )
-@click.option("-o", "--output", type=click.Path(), required=True, help="The store to write.")
+@click.option(
+    "-o", "--output", type=PathOrURL(), required=True, help="The store to write (a path or URL)."
+)
 @config_options(IngestConfig, flags={"columns": Flag(metavar="DR3_NAME=FILE_NAME,...")})
 @cluster_options
+@storage_option
 def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kwargs: Any) -> None:
     """Ingest Gaia DR3 XP continuous-spectrum files (or directories of them) into an XP store.
 
@@ -476,10 +512,11 @@ def ingest_command(xp_files: tuple[str, ...], gaia_source: tuple[str, ...], **kw
     from xpbatch.ingest import ingest_files
     from xpbatch.runtime.cluster import lazy_connect
 
+    output = located(kwargs.pop("output"), kwargs.pop("storage_options"))
     cluster = cluster_config(kwargs)
     config = config_from_options(IngestConfig, kwargs)
+    check_output_storage(output)  # wrong credentials or a missing bucket: one line, now
     with lazy_connect(cluster, on_start=_show_dashboard) as client:
-        output = kwargs["output"]
         summary = ingest_files(xp_files, gaia_source, output, client=client, config=config)
     click.echo(str(summary))
 

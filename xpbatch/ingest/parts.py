@@ -4,12 +4,18 @@ One task per input file (:func:`ingest_file`) parses it, joins the G flux, sorts
 writes a *part* (a directory of ``.npy`` files) with a ``done.json`` marker written last; a rerun
 reuses parts whose marker matches. The parts are then laid end to end in source_id order and each
 store chunk is written by one task (:func:`write_chunk`) from the slices of the parts it covers.
+
+A part of a store on object storage is a prefix of ``.npy`` objects beside the store (its
+``done.json`` again last: a PUT is whole or absent, so no rename is needed); a chunk task reads
+just its rows of each (the ``.npy`` header, then one ranged GET).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 import os
@@ -26,10 +32,16 @@ from xpbatch.errors import ParseError
 from xpbatch.ingest.common import BadRow, ParsedFile, ReadRequest
 from xpbatch.ingest.gaia_source import GaiaSourceTable, join_g_flux, read_gaia_source
 from xpbatch.ingest.reader import read_xp_file
+from xpbatch.storage.location import Location
+from xpbatch.storage.zarr_arrays import put_objects
 from xpbatch.store.input_recipe import compute_input_flags
 from xpbatch.store.xp_store import INT_MISSING, XPStoreWriter, source_id_order
 
 logger = logging.getLogger(__name__)
+
+
+PartDir = str | Location
+"""Where a part is: a local directory, or a prefix on object storage."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +50,7 @@ class FileTask:
 
     xp_file: str
     gaia_source_files: tuple[str, ...]
-    part_dir: str
+    part_dir: PartDir
     request: ReadRequest
 
     def fingerprint(self) -> str:
@@ -55,7 +67,7 @@ class FileTask:
 class PartInfo:
     """A finished part: where it is, its rows and source_id range, and its provenance."""
 
-    part_dir: str
+    part_dir: PartDir
     rows: int
     first_id: int
     last_id: int
@@ -65,10 +77,10 @@ class PartInfo:
     """The optional store variables (DR3 scalars, ra, dec) this part's file had."""
 
     @classmethod
-    def load(cls, part_dir: Path) -> PartInfo:
-        info = json.loads((part_dir / "done.json").read_text())
+    def load(cls, part_dir: PartDir | Path) -> PartInfo:
+        info = json.loads(_read_marker(part_dir) or b"")
         return cls(
-            str(part_dir),
+            part_dir if isinstance(part_dir, Location) else str(part_dir),
             info["rows"],
             info["first_id"],
             info["last_id"],
@@ -78,17 +90,24 @@ class PartInfo:
         )
 
 
+def _read_marker(part_dir: PartDir | Path) -> bytes | None:
+    """The ``done.json`` of a part; None when the part is not finished."""
+    if isinstance(part_dir, Location):
+        marker = part_dir / "done.json"
+        return marker.read_bytes() if marker.is_file() else None
+    path = Path(part_dir) / "done.json"
+    return path.read_bytes() if path.is_file() else None
+
+
 def is_finished(task: FileTask) -> bool:
     """Whether an earlier run left this file's part whole, from the same file and options."""
-    marker = Path(task.part_dir) / "done.json"
-    return marker.is_file() and json.loads(marker.read_text()).get("fingerprint") == (
-        task.fingerprint()
-    )
+    marker = _read_marker(task.part_dir)
+    return marker is not None and json.loads(marker).get("fingerprint") == task.fingerprint()
 
 
 def ingest_file(task: FileTask) -> PartInfo:
     """Parse one XP file, join its G flux, sort by source_id and write its part (or reuse it)."""
-    part_dir = Path(task.part_dir)
+    part_dir = task.part_dir
     fingerprint = task.fingerprint()
     if is_finished(task):
         logger.info("reusing the finished part of %s", task.xp_file)
@@ -165,17 +184,45 @@ def _fill(name: str) -> tuple[str, Any]:
 
 
 def _write_part(
-    part_dir: Path,
+    part_dir: PartDir | Path,
     columns: Mapping[str, np.ndarray],
     fingerprint: str,
     files: list[dict[str, Any]],
     bad_rows: list[BadRow],
 ) -> None:
-    """Write a part under a temporary name, its marker last, then rename it into place."""
+    """Write a part under a temporary name, its marker last, then rename it into place; on
+    object storage in place, after removing what a killed writer left, its marker last."""
+    info = _part_info(columns, fingerprint, files, bad_rows)
+    if isinstance(part_dir, Location):
+        part_dir.remove_tree()
+        put_objects(part_dir, [(f"{name}.npy", _npy(values)) for name, values in columns.items()])
+        (part_dir / "done.json").write_bytes(json.dumps(info).encode())
+        return
+    part_dir = Path(part_dir)
     tmp = part_dir.with_name(f"{part_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     for name, values in columns.items():
         np.save(tmp / f"{name}.npy", values)
+    (tmp / "done.json").write_text(json.dumps(info))
+    if part_dir.exists():
+        shutil.rmtree(part_dir)
+    tmp.rename(part_dir)
+
+
+def _npy(values: np.ndarray) -> bytes:
+    """``values`` as the bytes of a ``.npy`` file."""
+    buffer = io.BytesIO()
+    np.save(buffer, values)
+    return buffer.getvalue()
+
+
+def _part_info(
+    columns: Mapping[str, np.ndarray],
+    fingerprint: str,
+    files: list[dict[str, Any]],
+    bad_rows: list[BadRow],
+) -> dict[str, Any]:
+    """What a part's ``done.json`` records."""
     sid = columns[schema.SOURCE_ID]
     info = {
         "fingerprint": fingerprint,
@@ -186,13 +233,46 @@ def _write_part(
         "bad_rows": [dataclasses.asdict(b) for b in bad_rows],
         "optional": [name for name in OPTIONAL if name in columns],
     }
-    (tmp / "done.json").write_text(json.dumps(info))
-    if part_dir.exists():
-        shutil.rmtree(part_dir)
-    tmp.rename(part_dir)
+    return info
 
 
-def _load(part_dir: str, name: str, rows: slice | None = None) -> np.ndarray:
+FETCH_THREADS = 16
+"""Slices of parts fetched at once by a chunk task (object storage wants requests in flight)."""
+NPY_HEADER_BYTES = 4096
+"""Bytes read to find a ``.npy`` object's header (the parts' headers are far shorter)."""
+
+
+def _npy_header(file: Location) -> tuple[tuple[int, ...], np.dtype, int]:
+    """Shape, dtype and data offset of a ``.npy`` object (one ranged GET)."""
+    head = io.BytesIO(file.read_range(0, NPY_HEADER_BYTES))
+    major, _ = np.lib.format.read_magic(head)
+    read_header = (
+        np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
+    )
+    shape, fortran, found = read_header(head)
+    if fortran:
+        raise ParseError(f"{file}: a Fortran-ordered array, not written by xpbatch ingest")
+    return tuple(shape), np.dtype(found), head.tell()
+
+
+def _load_object(part_dir: Location, name: str, rows: slice | None) -> np.ndarray:
+    """Rows of one column of a part on object storage: its header, then only those rows."""
+    file = part_dir / f"{name}.npy"
+    if name in OPTIONAL and not file.is_file():  # the part's file had no such column
+        ids = range(_npy_header(part_dir / f"{schema.SOURCE_ID}.npy")[0][0])
+        n = len(ids if rows is None else ids[rows])
+        fill_dtype, fill = _fill(name)
+        return np.full(n, fill, dtype=fill_dtype)
+    shape, dtype, offset = _npy_header(file)
+    lo, hi, _ = (rows or slice(None)).indices(shape[0])
+    row_bytes = dtype.itemsize * int(np.prod(shape[1:], dtype=np.int64))
+    data = file.read_range(offset + lo * row_bytes, offset + max(hi, lo) * row_bytes)
+    return np.frombuffer(data, dtype=dtype).reshape((max(hi - lo, 0), *shape[1:]))
+
+
+def _load(part_dir: PartDir, name: str, rows: slice | None = None) -> np.ndarray:
+    if isinstance(part_dir, Location):
+        return _load_object(part_dir, name, rows)
     path = Path(part_dir) / f"{name}.npy"
     if name in OPTIONAL and not path.is_file():  # the part's file had no such column
         n = len(np.load(Path(part_dir) / f"{schema.SOURCE_ID}.npy", mmap_mode="r")[rows or ...])
@@ -203,11 +283,11 @@ def _load(part_dir: str, name: str, rows: slice | None = None) -> np.ndarray:
 
 
 # --- assembling the store ---------------------------------------------------------------------
-Piece = tuple[str, int, int]
+Piece = tuple[PartDir, int, int]
 """(part directory, first row, stop row) of a part."""
 
 
-def merge_overlapping(parts: list[PartInfo], staging: Path) -> list[PartInfo]:
+def merge_overlapping(parts: list[PartInfo], staging: Path | Location) -> list[PartInfo]:
     """Parts in source_id order with disjoint id ranges; overlapping ones are merged into one.
 
     DR3 bulk files never overlap, so this is a no-op there; arbitrary archive extracts may.
@@ -223,8 +303,15 @@ def merge_overlapping(parts: list[PartInfo], staging: Path) -> list[PartInfo]:
     return [g[0] if len(g) == 1 else _merge_group(g, staging) for g in groups]
 
 
-def _merge_group(group: list[PartInfo], staging: Path) -> PartInfo:
-    names = sorted({n.name[:-4] for p in group for n in Path(p.part_dir).glob("*.npy")})
+def _columns(part_dir: PartDir) -> list[str]:
+    """The names of the columns a part holds."""
+    if isinstance(part_dir, Location):
+        return [n[:-4] for n in part_dir.list() if n.endswith(".npy") and "/" not in n]
+    return [n.name[:-4] for n in Path(part_dir).glob("*.npy")]
+
+
+def _merge_group(group: list[PartInfo], staging: Path | Location) -> PartInfo:
+    names = sorted({name for p in group for name in _columns(p.part_dir)})
     sid = np.concatenate([_load(p.part_dir, schema.SOURCE_ID) for p in group])
     origin = np.concatenate([np.full(p.rows, i) for i, p in enumerate(group)])
     order, repeats = source_id_order(sid)
@@ -238,7 +325,7 @@ def _merge_group(group: list[PartInfo], staging: Path) -> PartInfo:
             "Remove the duplicate file or row."
         )
     columns = {n: np.concatenate([_load(p.part_dir, n) for p in group])[order] for n in names}
-    key = hashlib.sha256("".join(p.part_dir for p in group).encode()).hexdigest()[:12]
+    key = hashlib.sha256("".join(str(p.part_dir) for p in group).encode()).hexdigest()[:12]
     merged = staging / f"merged-{key}"
     files = [f for p in group for f in p.files]
     _write_part(merged, columns, key, files, [b for p in group for b in p.bad_rows])
@@ -263,10 +350,32 @@ def chunk_pieces(parts: list[PartInfo], regions: Sequence[slice]) -> list[list[P
 
 
 def write_chunk(writer: XPStoreWriter, start: int, pieces: list[Piece]) -> int:
-    """Write one store chunk from slices of parts; returns its first row (a task's result)."""
+    """Write one store chunk from slices of parts; returns its first row (a task's result).
+
+    Slices of parts on object storage are fetched together (many requests in flight)."""
+    names = [
+        schema.SOURCE_ID,
+        schema.COEFFICIENTS,
+        schema.COEFFICIENT_ERRORS,
+        schema.PHOT_G_MEAN_FLUX,
+        schema.INPUT_FLAGS,
+        *writer.scalars,
+        *(schema.correlations_name(b) for b in schema.BANDS if writer.with_correlations),
+        *(POSITIONS if writer.with_positions else ()),
+    ]
+    reads = [(d, name, slice(lo, hi)) for name in names for d, lo, hi in pieces]
+    if any(isinstance(d, Location) for d, _, _ in pieces):
+        with concurrent.futures.ThreadPoolExecutor(FETCH_THREADS) as pool:
+            loaded = list(pool.map(lambda read: _load(*read), reads))
+    else:
+        loaded = [_load(*read) for read in reads]
+    by_name = {
+        name: np.concatenate(loaded[i * len(pieces) : (i + 1) * len(pieces)])
+        for i, name in enumerate(names)
+    }
 
     def column(name: str) -> np.ndarray:
-        return np.concatenate([_load(d, name, slice(lo, hi)) for d, lo, hi in pieces])
+        return by_name[name]
 
     writer.write_rows(
         start,

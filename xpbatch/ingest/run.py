@@ -8,18 +8,26 @@
 3. the store is finalized (order and completeness checked) under ``<output>.partial`` and only
    then renamed to ``<output>``.
 
+On object storage (``-o s3://bucket/store.zarr``) there is no rename: the parts are objects
+under ``<output>.parts/`` (each with its ``done.json`` last), the store is written in place
+under the output's lease and is complete only once its ``complete`` attribute is written, last;
+readers refuse it before. ``--overwrite`` there removes the earlier store (only one xpbatch
+wrote) when the run starts, not once the new one is complete.
+
 The tasks of steps 1 and 2 go through :class:`xpbatch.runtime.executor.Executor` (bounded,
 retried on a cluster; a malformed file is reported at once).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import glob
 import hashlib
 import logging
 import shutil
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -39,21 +47,24 @@ from xpbatch.ingest.parts import (
     merge_overlapping,
     write_chunk,
 )
-from xpbatch.runtime.executor import Executor, LazyClient, Progress
+from xpbatch.runtime.executor import Executor, LazyClient, Progress, storage_credentials
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.manifest import (
     COMPLETE,
     FINGERPRINT,
     KIND,
     STORE_KIND,
-    JsonRecord,
     RunManifest,
     RunRecord,
     ZarrRecord,
-    real_output,
+    real_place,
+    record_inside,
 )
-from xpbatch.storage.outputs import locked_output, remove_path
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.partitions import range_of_file_name, ranges_from_file_names
 from xpbatch.storage.paths import PathLike
+from xpbatch.storage.zarr_arrays import Place
 from xpbatch.store.xp_store import XPStoreWriter
 
 if TYPE_CHECKING:
@@ -131,9 +142,17 @@ def expand_inputs(paths: Sequence[PathLike], pattern: str) -> list[str]:
     return files
 
 
-def _part_dir(staging: Path, xp_file: str) -> Path:
+def _part_dir(staging: Place, xp_file: str) -> str | Location:
     key = hashlib.sha256(str(Path(xp_file).resolve()).encode()).hexdigest()[:12]
-    return staging / f"{Path(xp_file).name}-{key}"
+    part = staging / f"{Path(xp_file).name}-{key}"
+    return part if isinstance(part, Location) else str(part)
+
+
+def _beside(out: Place, suffix: str) -> Place:
+    """``<out><suffix>`` beside ``out`` (its parts, its unfinished local store)."""
+    if isinstance(out, Location):
+        return out.sibling(out.name + suffix)
+    return out.with_name(out.name + suffix)
 
 
 SHOWN_BAD_ROWS = 5
@@ -144,7 +163,7 @@ SHOWN_BAD_ROWS = 5
 class IngestSummary:
     """What :func:`ingest_files` did; ``str()`` is what ``xpbatch ingest`` prints."""
 
-    path: Path
+    path: Path | Location
     rows: int
     """Rows in the store (every parsed row; skipped malformed rows are not rows)."""
     xp_files: int
@@ -157,7 +176,7 @@ class IngestSummary:
     output_bytes: int
     wall_s: float
     checks: str
-    """What was checked before the store was renamed into place."""
+    """What was checked before the store was renamed into place (marked complete)."""
 
     def __str__(self) -> str:
         reused = f" ({self.files_reused:,} parsed before, reused)" if self.files_reused else ""
@@ -193,73 +212,86 @@ def _fingerprint(
 
 class _IngestRecord(RunRecord):
     """An ingest's manifest: in ``<output>.parts/`` while it runs, the store's own attributes
-    once it is complete (a store xpbatch wrote carries its schema version)."""
+    once it is complete (a store xpbatch wrote carries its schema version; one written in place
+    on object storage says whether it is complete)."""
 
-    where: Path
+    where: Path | Location
 
-    def __init__(self, out: Path, staging: Path) -> None:
+    def __init__(self, out: Place, staging: Place) -> None:
         self.out, self.staging = out, staging
-        self.where = JsonRecord.inside(staging).where
+        self.json = record_inside(staging)
+        self.where = self.json.where
 
     def read(self) -> dict[str, Any] | None:
         store = ZarrRecord(self.out, fingerprint=schema.STORE_ATTR_INGEST_OPTIONS).read()
         if self.out.exists() and (store or {}).get(KIND) != STORE_KIND:
             return store or {KIND: None}
         if self.staging.exists():
-            return JsonRecord(self.where).read() or {KIND: STORE_KIND, FINGERPRINT: {}}
-        return None if store is None else {**store, COMPLETE: True}
+            return self.json.read() or {KIND: STORE_KIND, FINGERPRINT: {}}
+        return None if store is None else {**store, COMPLETE: store.get(COMPLETE) is not False}
 
     def write(self, fields: Mapping[str, Any]) -> None:
-        JsonRecord(self.where).write(fields)
+        self.json.write(fields)
 
 
 def _claim(
-    out: Path, staging: Path, fingerprint: dict[str, Any], config: IngestConfig
+    out: Place, staging: Place, build: Place, fingerprint: dict[str, Any], config: IngestConfig
 ) -> RunManifest:
     """The ingest's run manifest, the store and its staging parts claimed under the one output
-    rule (:mod:`xpbatch.storage.manifest`)."""
-    partial = out.with_name(out.name + ".partial")
-    if out.exists():
-        found = "a complete XP store" if (out / "zarr.json").is_file() else "not a Zarr store"
+    rule (:mod:`xpbatch.storage.manifest`); ``build`` is where the store is built."""
+    in_place = zarr_arrays.same_place(build, out)
+    if out.exists() and not (in_place and staging.exists()):
+        store = ZarrRecord(out).read()
+        complete = store is not None and store.get(COMPLETE) is not False
+        found = "a complete XP store" if complete else "an unfinished XP store"
+        found = found if store is not None else "not a Zarr store"
     else:
-        n_parts = sum(1 for p in staging.glob("*/done.json")) if staging.is_dir() else 0
+        n_parts = _finished_parts(staging)
         found = f"an interrupted ingest, {n_parts} file(s) parsed in {staging}"
-        if n_parts == 0 and not partial.exists() and _is_ours(staging):
+        if n_parts == 0 and (in_place or not build.exists()) and _is_ours(staging):
             # e.g. every file was refused: nothing of value is lost, so a corrected rerun (other
             # inputs or options) starts afresh instead of asking for --resume or --overwrite
             logger.info("%s: an earlier ingest parsed no file; starting afresh", staging)
-            remove_path(staging)
+            zarr_arrays.remove_tree(staging)
     run = RunManifest(
         out, kind=STORE_KIND, record=_IngestRecord(out, staging), fingerprint=fingerprint
     )
     run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        exists=out.exists() or staging.exists() or partial.exists(),
+        exists=out.exists() or staging.exists() or build.exists(),
         found=found,
-        remove=functools.partial(_remove_staging, staging, partial),
+        remove=functools.partial(_remove_staging, staging, build),
     )
     return run
 
 
-def _is_ours(staging: Path) -> bool:
+def _finished_parts(staging: Place) -> int:
+    """How many parts an earlier run finished in ``staging``."""
+    if isinstance(staging, Location):
+        return sum(1 for name in staging.list() if name.endswith("/done.json"))
+    return sum(1 for p in staging.glob("*/done.json")) if staging.is_dir() else 0
+
+
+def _is_ours(staging: Place) -> bool:
     """Whether ``staging`` holds an ingest's run manifest (and so is ours to remove)."""
-    return (JsonRecord.inside(staging).read() or {}).get(KIND) == STORE_KIND
+    return (record_inside(staging).read() or {}).get(KIND) == STORE_KIND
 
 
-def _remove_staging(staging: Path, partial: Path) -> None:
-    """What ``--overwrite`` removes at once: an earlier run's parts and unfinished store. The
-    store itself is replaced only once the new one is complete."""
-    remove_path(staging)
-    remove_path(partial)
+def _remove_staging(staging: Place, build: Place) -> None:
+    """What ``--overwrite`` removes at once: an earlier run's parts and unfinished store. A
+    local store is replaced only once the new one is complete; one on object storage, built in
+    place, now."""
+    zarr_arrays.remove_tree(staging)
+    zarr_arrays.remove_tree(build)
 
 
-def _store_attrs(path: Path) -> dict[str, Any]:
+def _store_attrs(path: Place) -> dict[str, Any]:
     """The attributes of the Zarr group at ``path``; {} when it is not one."""
     import zarr
 
     try:
-        return zarr.open_group(path, mode="r").attrs.asdict()
+        return zarr.open_group(zarr_arrays.zarr_target(path), mode="r").attrs.asdict()
     except (OSError, ValueError, zarr.errors.BaseZarrError):
         return {}
 
@@ -277,7 +309,7 @@ _FATAL = (XPBatchError,)
 def ingest_files(
     xp_files: Sequence[PathLike],
     gaia_source_files: Sequence[PathLike],
-    out: PathLike,
+    out: PathLike | Location,
     *,
     client: Client | LazyClient | None = None,
     config: IngestConfig = IngestConfig(),  # noqa: B008 - frozen, so a shared default is safe
@@ -295,13 +327,14 @@ def ingest_files(
         (CSV(.gz) or Parquet); a directory stands for its ``GaiaSource_*`` files. May be empty
         when every XP file carries phot_g_mean_flux or phot_g_mean_mag itself.
     out
-        The store to write (Zarr v3 directory).
+        The store to write: a Zarr v3 directory, or an ``s3://bucket/store.zarr`` URL (written
+        in place, its parts beside it; see the module docstring).
     client
         A ``distributed.Client`` to parse files and write chunks in parallel; None runs serially.
         A :class:`~xpbatch.runtime.executor.LazyClient` not yet started is started after the
         inputs are checked, the output claimed and the first file parsed here. Workers read and
         write ``<out>.parts/`` and ``out``: on several machines both must be on a filesystem
-        they share.
+        they share, or on object storage.
     config
         Options; see :class:`~xpbatch.config.IngestConfig`.
 
@@ -332,33 +365,53 @@ def ingest_files(
 def _ingest_files(
     xp_files: Sequence[PathLike],
     gaia_source_files: Sequence[PathLike],
-    out: PathLike,
+    out: PathLike | Location,
     *,
     client: Client | LazyClient | None,
     config: IngestConfig,
 ) -> IngestSummary:
     """:func:`ingest_files` without taking the lock (its caller holds it)."""
     started = time.perf_counter()
-    out = real_output(out)
+    place = real_place(out)
     xp_files = expand_inputs(xp_files, XP_GLOB)
     gaia_source_files = expand_inputs(gaia_source_files, GAIA_SOURCE_GLOB)
     pairs = pair_files(xp_files, gaia_source_files)
-    staging = out.with_name(out.name + ".parts")
+    staging = _beside(place, ".parts")
+    build = place if isinstance(place, Location) else _beside(place, ".partial")
     interrupted = staging.exists()
     fingerprint = _fingerprint(xp_files, gaia_source_files, config)
-    run = _claim(out, staging, fingerprint, config)
+    run = _claim(place, staging, build, fingerprint, config)
     if run.complete and not interrupted:  # the store, from these inputs and options
-        remove_path(staging)
-        return _summary(out, len(pairs), len(pairs), started, checks="none (already complete)")
+        zarr_arrays.remove_tree(staging)
+        return _summary(place, len(pairs), len(pairs), started, checks="none (already complete)")
     run.begin()
     scalars = tuple(schema.DR3_SCALARS) if config.scalars is None else config.scalars
     request = ReadRequest(
         scalars, config.with_correlations, config.on_bad_row, config.verify_md5, config.columns
     )
-    tasks = [FileTask(xp, gs, str(_part_dir(staging, xp)), request) for xp, gs in pairs.items()]
+    tasks = [FileTask(xp, gs, _part_dir(staging, xp), request) for xp, gs in pairs.items()]
     plan = run.plan(tasks, is_finished)
     logger.info("parsing %d of %d XP file(s) into %s", len(plan.todo), len(tasks), staging)
     executor = Executor.of(client)  # without a cluster, one file at a time
+    with storage_credentials(executor, place):
+        return _build(tasks, plan, run, xp_files, place, staging, build, executor, config, started)
+
+
+def _build(
+    tasks: list[FileTask],
+    plan: Any,
+    run: RunManifest,
+    xp_files: list[str],
+    out: Place,
+    staging: Place,
+    build: Place,
+    executor: Executor,
+    config: IngestConfig,
+    started: float,
+) -> IngestSummary:
+    """Parse the files left, lay out the store at ``build``, write its chunks, finalize it and
+    put it at ``out`` (:func:`_ingest_files` once the output is claimed)."""
+    client = executor.client
     here = _parse_before_cluster(plan.todo, client)
     todo = plan.todo[len(here) :]
     progress = Progress(
@@ -372,21 +425,20 @@ def _ingest_files(
         ingest_file, todo, name="xpbatch-ingest-parse", fatal=_FATAL, progress=progress
     )
     by_dir = {part.part_dir: part for part in [*here, *parsed]}
-    parts = [by_dir.get(t.part_dir) or PartInfo.load(Path(t.part_dir)) for t in tasks]  # in order
+    parts = [by_dir.get(t.part_dir) or PartInfo.load(t.part_dir) for t in tasks]  # in order
     ordered = merge_overlapping(parts, staging)
     present = {name for part in parts for name in part.optional}
     kept = [name for name in schema.DR3_SCALARS if name in present]  # what any input file had
     n_rows = sum(p.rows for p in ordered)
-    partial = out.with_name(out.name + ".partial")
     writer = XPStoreWriter.create(
-        partial,
+        build,
         n_rows,
         chunk_rows=config.chunk_rows,
-        attrs={schema.STORE_ATTR_INGEST_OPTIONS: fingerprint},
+        attrs={schema.STORE_ATTR_INGEST_OPTIONS: dict(run.fingerprint or {})},
         scalars=kept,
         with_correlations=config.with_correlations,
         with_positions=schema.RA in present,
-        overwrite=True,  # a leftover .partial is ours, from a failed run
+        overwrite=True,  # a leftover .partial (or unfinished store in place) is ours
     )
     regions = writer.chunk_slices()
     chunks = chunk_pieces(ordered, regions)
@@ -396,13 +448,16 @@ def _ingest_files(
         write, list(zip(starts, chunks, strict=True)), name="xpbatch-ingest-write", fatal=_FATAL
     ):
         pass
+    check_lock(out)  # never mark complete what another writer may have touched
     writer.finalize(extra_attrs={**_provenance(parts), **_partition_attrs(xp_files)})
-    if out.exists():
-        shutil.rmtree(out)
-    partial.rename(out)
+    if isinstance(build, Path) and isinstance(out, Path):
+        if out.exists():
+            shutil.rmtree(out)
+        build.rename(out)
     run.mark_complete(rows=n_rows)
     if not config.keep_parts:
-        shutil.rmtree(staging, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            zarr_arrays.remove_tree(staging)
     logger.info("wrote %s: %d rows from %d file(s)", out, n_rows, len(tasks))
     return _summary(
         out,
@@ -410,7 +465,7 @@ def _ingest_files(
         len(plan.done),
         started,
         checks="every chunk written, source_id ascending and unique (before the store was "
-        "renamed into place)",
+        + ("marked complete)" if isinstance(out, Location) else "renamed into place)"),
     )
 
 
@@ -426,7 +481,7 @@ def _parse_before_cluster(todo: Sequence[FileTask], client: Any) -> list[PartInf
 
 
 def _summary(
-    out: Path, xp_files: int, reused: int, started: float, *, checks: str
+    out: Place, xp_files: int, reused: int, started: float, *, checks: str
 ) -> IngestSummary:
     """The summary of the store at ``out`` (its attributes count rows and skipped rows)."""
     attrs = _store_attrs(out)
@@ -437,7 +492,7 @@ def _summary(
         files_reused=reused,
         skipped_rows=int(attrs[schema.STORE_ATTR_SKIPPED_ROW_COUNT]),
         skipped_examples=tuple(attrs[schema.STORE_ATTR_SKIPPED_ROWS][:SHOWN_BAD_ROWS]),
-        output_bytes=sum(f.stat().st_size for f in out.rglob("*") if f.is_file()),
+        output_bytes=zarr_arrays.nbytes(out),
         wall_s=time.perf_counter() - started,
         checks=checks,
     )
@@ -476,7 +531,7 @@ def _provenance(parts: list[PartInfo]) -> dict[str, Any]:
 @locked_output("out", "ingest")
 def ingest_table(
     table: Any,
-    out: PathLike,
+    out: PathLike | Location,
     *,
     gaia_source_files: Sequence[PathLike] = (),
     client: Client | None = None,
@@ -514,10 +569,15 @@ def ingest_table(
 
     from xpbatch.ingest.table import arrow_table
 
-    out = Path(out)
-    staged = out.with_name(out.name + ".table.parquet")
-    pq.write_table(arrow_table(table), staged)
-    try:
-        return _ingest_files([staged], gaia_source_files, out, client=client, config=config)
-    finally:
-        staged.unlink(missing_ok=True)
+    with contextlib.ExitStack() as stack:
+        if is_url(out):  # no local place beside it: a temporary directory
+            tmp = stack.enter_context(tempfile.TemporaryDirectory())
+            staged = Path(tmp, as_location(out).name + ".table.parquet")
+        else:
+            local = as_location(out).path
+            staged = local.with_name(local.name + ".table.parquet")
+        pq.write_table(arrow_table(table), staged)
+        try:
+            return _ingest_files([staged], gaia_source_files, out, client=client, config=config)
+        finally:
+            staged.unlink(missing_ok=True)

@@ -6,13 +6,16 @@ inside their directory (``mock_labels.parquet``); :func:`read_mock_labels` finds
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
 
 from xpbatch.errors import StoreNotFoundError
+from xpbatch.storage.location import Location, as_location, is_url
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -28,9 +31,13 @@ STORE_LABELS_SUFFIX = ".labels.parquet"
 the store, Zarr would warn about a foreign file on every listing)."""
 
 
-def labels_path(path: str | Path) -> Path:
-    """Where the labels of the mock store or bulk-file directory ``path`` are."""
-    path = Path(path)
+def labels_path(path: str | Path | Location) -> Path | Location:
+    """Where the labels of the mock store or bulk-file directory ``path`` are (beside a store
+    on object storage: ``s3://b/mock.zarr.labels.parquet``)."""
+    if is_url(path):
+        location = as_location(path)
+        return location.sibling(location.name + STORE_LABELS_SUFFIX)
+    path = path.path if isinstance(path, Location) else Path(path)
     if (path / "zarr.json").is_file():
         return path.with_name(path.name + STORE_LABELS_SUFFIX)
     return path / LABELS_FILE
@@ -43,11 +50,16 @@ _LABEL_TYPES = {"is_giant": pa.bool_(), "population": pa.int8()}
 class LabelsWriter:
     """Streams the labels table to Parquet under a temporary name; ``close`` publishes it."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path | Location) -> None:
         import pyarrow.parquet as pq
 
         self.path = path
-        self._partial = path.with_name(path.name + ".partial")
+        if isinstance(path, Location):  # written here, uploaded whole on close
+            self._staging: tempfile.TemporaryDirectory[str] | None = tempfile.TemporaryDirectory()
+            self._partial = Path(self._staging.name, path.name)
+        else:
+            self._staging = None
+            self._partial = path.with_name(path.name + ".partial")
         schema_ = pa.schema(
             [("source_id", pa.int64())]
             + [(c, _LABEL_TYPES.get(c, pa.float32())) for c in LABEL_COLUMNS]
@@ -61,10 +73,15 @@ class LabelsWriter:
     def close(self) -> None:
         """Finish the file and publish it under its name."""
         self._writer.close()
+        if isinstance(self.path, Location):
+            self.path.upload(self._partial)
+            if self._staging is not None:
+                self._staging.cleanup()
+            return
         os.replace(self._partial, self.path)
 
 
-def read_mock_labels(path: str | Path) -> pd.DataFrame:
+def read_mock_labels(path: str | Path | Location) -> pd.DataFrame:
     """The labels of a mock catalogue, indexed by ``source_id``.
 
     Parameters
@@ -84,11 +101,12 @@ def read_mock_labels(path: str | Path) -> pd.DataFrame:
     """
     import pandas as pd
 
-    path = Path(path)
-    table_path = path if path.suffix == ".parquet" else labels_path(path)
+    where = as_location(path)
+    table_path = where if where.name.endswith(".parquet") else as_location(labels_path(path))
     if not table_path.is_file():
         raise StoreNotFoundError(
             f"no mock labels at {table_path}; labels exist only for catalogues written by "
             "`xpbatch mock` (store or dr3-bulk)"
         )
-    return pd.read_parquet(table_path).set_index("source_id")
+    with contextlib.closing(table_path.open_reader()) as f:
+        return pd.read_parquet(f).set_index("source_id")

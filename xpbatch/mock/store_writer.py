@@ -13,6 +13,7 @@ from xpbatch.config import MOCK_ROWS_PER_FILE, MockConfig
 from xpbatch.mock.labels import LabelsWriter, labels_path
 from xpbatch.mock.plan import bulk_file_plan
 from xpbatch.mock.rows import BLOCK_ROWS, check_size, mock_rows
+from xpbatch.storage.location import Location
 from xpbatch.store.xp_store import DEFAULT_CHUNK_ROWS, XPStoreWriter
 
 logger = logging.getLogger(__name__)
@@ -32,7 +33,7 @@ def mock_attrs(n: int, seed: int, config: MockConfig) -> dict[str, Any]:
 
 
 def write_mock_store(
-    path: str | Path,
+    path: str | Path | Location,
     n: int,
     *,
     seed: int = 0,
@@ -42,7 +43,7 @@ def write_mock_store(
     with_correlations: bool = False,
     rows_per_file: int = MOCK_ROWS_PER_FILE,
     overwrite: bool = False,
-) -> Path:
+) -> Path | Location:
     """Write an ``n``-row mock catalogue as an XP store, chunk by chunk (memory flat in ``n``).
 
     The labels go beside the store, to ``<path>.labels.parquet`` (``mock.zarr`` ->
@@ -75,8 +76,8 @@ def write_mock_store(
 
     Returns
     -------
-    pathlib.Path
-        The store's path.
+    pathlib.Path or Location
+        The store's path (its Location for an ``s3://`` URL).
 
     Examples
     --------
@@ -98,7 +99,7 @@ def write_mock_store(
     return write_store(path, settings)
 
 
-def write_store(path: str | Path, config: MockConfig) -> Path:
+def write_store(path: str | Path | Location, config: MockConfig) -> Path | Location:
     """:func:`write_mock_store` with every setting from ``config`` (the stage's way in)."""
     n, seed = config.n, config.seed
     check_size(n, seed)
@@ -134,4 +135,4 @@ def write_store(path: str | Path, config: MockConfig) -> Path:
         logger.debug("mock store %s: wrote rows %d..%d", writer.path, region.start, region.stop)
     labels.close()
     writer.finalize()
-    return Path(path)
+    return writer.path

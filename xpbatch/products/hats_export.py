@@ -24,6 +24,13 @@ rows are already in ascending source_id, so each chunk becomes one sorted index 
 shuffle (hats-import's index pipeline also refuses Python 3.11 with dask >= 2025.4). Its files
 follow hats-import's index layout (``dataset/index/*.parquet`` with source_id, _healpix_29,
 Norder, Npix) and hats writes its metadata.
+
+On object storage (``-o s3://bucket/prefix``) hats-import and hats write the collection through
+UPath (s3fs) and the index files are single PUTs. hats-import keeps its intermediate files and
+done-markers on a local disk (it opens them with ``open``): under
+``$TMPDIR/xpbatch-hats/<digest of the URL>``, so ``--resume`` continues on the same machine
+(elsewhere hats-import starts over, into the same output). Its tasks take their credentials from
+the workers' AWS environment: explicit secrets in the storage options are not sent to them.
 """
 
 from __future__ import annotations
@@ -31,8 +38,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
+import io
 import logging
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,10 +53,13 @@ from hats_import.catalog.file_readers import InputReader
 from xpbatch import schema
 from xpbatch.config import HatsExportConfig, result_options
 from xpbatch.errors import CatalogError, ChunkError, XPBatchError
+from xpbatch.products.parquet_export import is_whole_parquet
 from xpbatch.products.sky_positions import POSITION_FROM_SOURCE_ID, SkySource
 from xpbatch.runtime.executor import Executor, LazyClient, started_client
-from xpbatch.storage.manifest import JsonRecord, RunManifest, real_output
-from xpbatch.storage.outputs import locked_output
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location, as_location
+from xpbatch.storage.manifest import RunManifest, real_place, record_inside
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
@@ -66,24 +79,27 @@ INDEX_DIR = ("dataset", "index")
 class HatsExportSummary:
     """What :func:`export_hats` wrote."""
 
-    output_dir: Path
-    catalog_dir: Path
+    output_dir: Path | Location
+    catalog_dir: Path | Location
     n_rows: int
     n_partitions: int
     n_approximate: int
     """Rows placed at their source_id's level-12 pixel centre (no ra/dec in the catalogue)."""
-    margin_dir: Path | None
-    index_dir: Path
+    margin_dir: Path | Location | None
+    index_dir: Path | Location
 
     def __str__(self) -> str:
         approx = f" ({self.n_approximate:,} at their source_id pixel centre)" * bool(
             self.n_approximate
         )
         margin = f", margin {self.margin_dir.name}" if self.margin_dir else ""
+        opener = f"'{self.output_dir}'"
+        if isinstance(self.output_dir, Location):  # hats reads a bare s3:// string as public
+            opener = f"UPath({opener}, anon=False)"
         return (
             f"wrote {self.n_rows:,} rows{approx} in {self.n_partitions:,} HEALPix partitions to "
             f"{self.output_dir} (catalogue {self.catalog_dir.name}, index {self.index_dir.name}"
-            f"{margin}); open it with lsdb.open_catalog('{self.output_dir}')"
+            f"{margin}); open it with lsdb.open_catalog({opener})"
         )
 
 
@@ -109,7 +125,7 @@ class ZarrChunkReader(InputReader):
     def read(self, input_file: Any, read_columns: list[str] | None = None) -> Any:
         """Yield chunk k of the catalogue as one DataFrame (hats-import's reader protocol)."""
         path, _, index = str(input_file).rpartition(CHUNK_MARK)
-        if path != self.source.path or not index.isdigit():
+        if path != str(self.source.path) or not index.isdigit():
             raise ValueError(f"{input_file} is not a chunk of {self.source.path}")
         frame = chunk_frame(self.source, int(index), with_scatter=self.with_scatter)
         yield frame if read_columns is None else frame[read_columns]
@@ -142,7 +158,7 @@ def chunk_frame(source: SkySource, index: int, *, with_scatter: bool = False) ->
 
 
 # --- output directory: new, resumed or replaced ---------------------------------------------
-def _claim(source: SkySource, out: Path, config: HatsExportConfig) -> RunManifest:
+def _claim(source: SkySource, out: Path | Location, config: HatsExportConfig) -> RunManifest:
     """Create the output, or check that ``--resume`` continues the same export (the one output
     rule, :mod:`xpbatch.storage.manifest`)."""
     from xpbatch.catalog.zarr_catalog import read_attrs
@@ -152,23 +168,46 @@ def _claim(source: SkySource, out: Path, config: HatsExportConfig) -> RunManifes
         "catalog_run_id": read_attrs(source.path).get(schema.CATALOG_ATTR_RUN_ID),
         "options": result_options(config),
     }
-    run = RunManifest(out, kind=KIND, record=JsonRecord.inside(out), fingerprint=fingerprint)
+    run = RunManifest(out, kind=KIND, record=record_inside(out), fingerprint=fingerprint)
     run.claim(
         resume=config.resume,
         overwrite=config.overwrite,
-        exists=out.exists() and (not out.is_dir() or any(out.iterdir())),
-        remove=functools.partial(shutil.rmtree, out),
+        exists=out.exists()
+        and (isinstance(out, Location) or not out.is_dir() or any(out.iterdir())),
+        remove=functools.partial(zarr_arrays.remove_tree, out),
     )
-    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(out, Path):
+        out.mkdir(parents=True, exist_ok=True)
     run.begin()
     return run
+
+
+def _local_tmp(out: Path | Location) -> Path | None:
+    """Where hats-import keeps its intermediate files for an output on object storage (a local
+    directory named after the URL, so a rerun here finds them); None beside a local output."""
+    if isinstance(out, Path):
+        return None
+    digest = hashlib.sha256(out.url.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir(), "xpbatch-hats", digest)
+
+
+def hats_path(place: Path | Location) -> Any:
+    """``place`` as hats and hats-import take it: a local path, or a UPath of the URL with its
+    storage settings (never the explicit secrets: the UPath travels in hats-import's tasks).
+    hats reads an ``s3://`` string as a public bucket (``anon``), so the UPath says otherwise."""
+    if isinstance(place, Path):
+        return place
+    from upath import UPath
+
+    public = as_location(place.url, storage_options=place.options.without_secrets())
+    return UPath(place.url, **{"anon": False, **public.storage_options()})
 
 
 # --- the export -------------------------------------------------------------------------------
 @locked_output("output_dir", "export-hats")
 def export_hats(
-    catalog: PathLike,
-    output_dir: PathLike,
+    catalog: PathLike | Location,
+    output_dir: PathLike | Location,
     *,
     client: Client | LazyClient,
     config: HatsExportConfig | None = None,
@@ -181,7 +220,8 @@ def export_hats(
         A complete catalogue (``xpbatch encode-catalog``), with ra/dec unless
         ``config.positions_from_source_id``.
     output_dir
-        The collection directory to write (on a filesystem every worker sees).
+        The collection directory to write (on a filesystem every worker sees), or an
+        ``s3://`` URL.
     client
         The ``distributed.Client`` whose workers run hats-import's tasks.
     config
@@ -211,11 +251,14 @@ def export_hats(
 
     config = config or HatsExportConfig()
     source = SkySource.open(catalog, positions_from_source_id=config.positions_from_source_id)
-    out = real_output(output_dir).resolve()
+    place = real_place(output_dir)
+    out = place.resolve() if isinstance(place, Path) else place
     run = _claim(source, out, config)
+    collection = hats_path(out)
     args = CollectionArguments(
-        output_path=out.parent,
+        output_path=collection.parent,
         output_artifact_name=out.name,
+        tmp_dir=_local_tmp(out),
         resume=True,  # our manifest decided above whether this is a new or a resumed export
         progress_bar=config.progress_bar,
         simple_progress_bar=True,
@@ -235,12 +278,15 @@ def export_hats(
         args = args.add_margin(margin_threshold=config.margin_arcsec, is_default=True)
     with _stage_failures_named():
         pipeline_with_client(args, started_client(client))  # a lazy client starts here
+    if (tmp := _local_tmp(out)) is not None:
+        shutil.rmtree(tmp, ignore_errors=True)  # hats-import finished with it
     catalog_dir = out / config.name
     index_dir = out / f"{config.name}_{schema.SOURCE_ID}"
     executor = Executor.of(client)
     n_approximate = write_source_id_index(source, catalog_dir, index_dir, executor=executor)
-    _add_index_to_collection(out, index_dir)
-    margin = [out / m for m in (args.margin_paths or [])]
+    _add_index_to_collection(collection, index_dir.name)
+    margin = [out / str(m) for m in (args.margin_paths or [])]
+    check_lock(out)  # never mark complete what another writer may have touched
     run.mark_complete()
     return HatsExportSummary(
         output_dir=out,
@@ -288,16 +334,16 @@ def _stage_failures_named() -> Iterator[None]:
         PipelineResumePlan.wait_for_futures = original  # type: ignore[method-assign]
 
 
-def _n_partitions(catalog_dir: Path) -> int:
+def _n_partitions(catalog_dir: Path | Location) -> int:
     return len(_partitions(catalog_dir))
 
 
-def _partitions(catalog_dir: Path) -> list[Any]:
+def _partitions(catalog_dir: Path | Location) -> list[Any]:
     """The HEALPix pixels (``HealpixPixel``) of the HATS catalogue hats-import wrote."""
     from hats import read_hats
     from hats.catalog import Catalog
 
-    catalog = read_hats(catalog_dir)
+    catalog = read_hats(hats_path(catalog_dir))
     if not isinstance(catalog, Catalog):
         raise CatalogError(f"{catalog_dir} is not a HATS catalogue (hats-import did not finish?)")
     return list(catalog.get_healpix_pixels())
@@ -309,7 +355,7 @@ class _IndexTask:
     """Writes the index file of one catalogue chunk (picklable)."""
 
     source: SkySource
-    index_dir: str
+    index_dir: str | Location
     starts: np.ndarray
     """_healpix_29 where each partition starts, ascending."""
     orders: np.ndarray
@@ -323,9 +369,11 @@ class _IndexTask:
         from hats.pixel_math.spatial_index import compute_spatial_index
 
         values = self.source.read(chunk, ())
-        path = Path(self.index_dir, *INDEX_DIR, f"part.{chunk:06d}.parquet")
+        name = "/".join((*INDEX_DIR, f"part.{chunk:06d}.parquet"))
+        at = self.index_dir
+        path = at / name if isinstance(at, Location) else Path(at, name)
         n_rows = len(values[schema.SOURCE_ID])
-        if not _is_whole(path, n_rows):
+        if not is_whole_parquet(path, n_rows):
             healpix_29 = compute_spatial_index(values[schema.RA], values[schema.DEC])
             where = np.searchsorted(self.starts, healpix_29, side="right") - 1  # its partition
             table = pa.table(
@@ -336,23 +384,23 @@ class _IndexTask:
                     "Npix": self.pixels[where].astype(np.uint64),
                 }
             )
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as tmp:
-                pq.write_table(table, tmp, compression="zstd")
+            if isinstance(path, Location):  # one PUT: whole or absent
+                buffer = io.BytesIO()
+                pq.write_table(table, buffer, compression="zstd")
+                path.write_bytes(buffer.getvalue())
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(path) as tmp:
+                    pq.write_table(table, tmp, compression="zstd")
         return int(values[POSITION_FROM_SOURCE_ID].sum())
 
 
-def _is_whole(path: Path, n_rows: int) -> bool:
-    import pyarrow.parquet as pq
-
-    try:
-        return bool(pq.read_metadata(path).num_rows == n_rows)
-    except (OSError, ValueError):
-        return False
-
-
 def write_source_id_index(
-    source: SkySource, catalog_dir: Path, index_dir: Path, *, executor: Executor
+    source: SkySource,
+    catalog_dir: Path | Location,
+    index_dir: Path | Location,
+    *,
+    executor: Executor,
 ) -> int:
     """Write the source_id index of the HATS catalogue at ``catalog_dir``, one file per chunk.
 
@@ -366,7 +414,7 @@ def write_source_id_index(
     order = np.argsort(starts)
     task = _IndexTask(
         source,
-        str(index_dir),
+        index_dir if isinstance(index_dir, Location) else str(index_dir),
         starts[order],
         np.array([p.order for p in pixels])[order],
         np.array([p.pixel for p in pixels])[order],
@@ -379,16 +427,16 @@ def write_source_id_index(
         "primary_catalog": str(catalog_dir),
         "indexing_column": schema.SOURCE_ID,
     }
-    TableProperties(**properties).to_properties_file(index_dir)
-    write_parquet_metadata(index_dir, order_by_healpix=False)
+    TableProperties(**properties).to_properties_file(hats_path(index_dir))
+    write_parquet_metadata(hats_path(index_dir), order_by_healpix=False)
     return n_approximate
 
 
-def _add_index_to_collection(out: Path, index_dir: Path) -> None:
+def _add_index_to_collection(collection: Any, index_name: str) -> None:
     from hats.catalog.dataset.collection_properties import CollectionProperties
 
-    properties = CollectionProperties.read_from_dir(out)
+    properties = CollectionProperties.read_from_dir(collection)
     updated = properties.model_copy(
-        update={"all_indexes": {schema.SOURCE_ID: index_dir.name}, "default_index": None}
+        update={"all_indexes": {schema.SOURCE_ID: index_name}, "default_index": None}
     )
-    updated.to_properties_file(out)
+    updated.to_properties_file(collection)

@@ -15,6 +15,7 @@ task). Exact by construction: no index, no approximation. Rows flagged not_encod
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -29,7 +30,7 @@ from xpbatch.config import NeighboursConfig
 from xpbatch.errors import CatalogError, InputShapeError
 from xpbatch.runtime.executor import Executor, LazyClient
 from xpbatch.storage import zarr_arrays
-from xpbatch.storage.location import Location
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.manifest import file_manifest
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike, atomic_path
@@ -336,9 +337,19 @@ def _table(best: _Best, query_ids: np.ndarray | None) -> pd.DataFrame:
     return pd.DataFrame(columns)
 
 
-def write_table(table: pd.DataFrame, out: PathLike) -> None:
-    """Write a neighbours table as Parquet (``.parquet``) or CSV (anything else), atomically."""
-    out = Path(out)
+def write_table(table: pd.DataFrame, out: PathLike | Location) -> None:
+    """Write a neighbours table as Parquet (``.parquet``) or CSV (anything else), atomically
+    (on object storage, one PUT)."""
+    if is_url(out):
+        location = as_location(out)
+        data = io.BytesIO()
+        if location.name.endswith(".parquet"):
+            table.to_parquet(data, index=False)
+        else:
+            data.write(table.to_csv(index=False).encode())
+        location.write_bytes(data.getvalue())
+        return
+    out = out.path if isinstance(out, Location) else Path(out)
     with atomic_path(out) as tmp:
         if out.suffix == ".parquet":
             table.to_parquet(tmp, index=False)
@@ -354,7 +365,7 @@ NEIGHBOURS_KIND = "neighbours table"
 def write_neighbours(
     catalog_path: PathLike,
     queries: Sequence[int] | np.ndarray | pd.DataFrame,
-    out: PathLike,
+    out: PathLike | Location,
     *,
     client: Client | LazyClient | Executor | None = None,
     config: NeighboursConfig | None = None,

@@ -33,7 +33,8 @@ Rows that could not be encoded are kept (NaN values, flag ``NOT_ENCODED``), so e
 row is in exactly one file.
 
 Each file is written under a temporary name and renamed when whole, so a file under its final
-name is always complete. The run manifest (``_xpbatch_run.json``, see
+name is always complete (on object storage, ``-o s3://bucket/prefix``, each file is one PUT:
+whole or absent). The run manifest (``_xpbatch_run.json``, see
 :mod:`xpbatch.storage.manifest`) ties the directory to its catalogue and partition ranges;
 ``--resume`` of the same export keeps the whole files and writes the missing ones, and the
 manifest says ``complete: true`` only when every row has been written.
@@ -41,9 +42,12 @@ manifest says ``complete: true`` only when every row has been written.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fnmatch
 import functools
 import hashlib
+import io
 import json
 import logging
 import time
@@ -56,9 +60,11 @@ import numpy as np
 from xpbatch import __version__, schema
 from xpbatch.config import ParquetExportConfig
 from xpbatch.errors import CatalogError, ConfigError, OutputExistsError
-from xpbatch.runtime.executor import Executor, Progress
-from xpbatch.storage.manifest import RECORD_NAME, JsonRecord, RunManifest, real_output
-from xpbatch.storage.outputs import locked_output
+from xpbatch.runtime.executor import Executor, Progress, storage_credentials
+from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
+from xpbatch.storage.manifest import RECORD_NAME, RunManifest, real_place, record_inside
+from xpbatch.storage.outputs import check_lock, locked_output
 from xpbatch.storage.partitions import (
     EXAMPLE_NAME,
     HEALPIX_LEVEL,
@@ -96,7 +102,7 @@ _NO_PARTITIONS = (
 
 
 def resolve_partitions(
-    catalog: PathLike,
+    catalog: PathLike | Location,
     catalog_attrs: dict[str, Any],
     *,
     partitions: PartitionRanges | PathLike | None = None,
@@ -148,7 +154,7 @@ def _store_partitions(store: Path, catalog_attrs: dict[str, Any]) -> PartitionRa
 class ParquetExportSummary:
     """What :func:`export_parquet` did; ``str()`` is what ``xpbatch export-parquet`` prints."""
 
-    output_dir: Path
+    output_dir: Path | Location
     partitions: PartitionRanges
     """The ranges the rows were split by (``partitions.origin`` says where they came from)."""
     n_rows: int
@@ -179,7 +185,7 @@ class ParquetExportSummary:
 class _Source:
     """Where the tasks read the catalogue: its path and latent size (picklable)."""
 
-    path: str
+    path: str | Location
     n_latent: int
     chunk_rows: int
     n_rows: int
@@ -188,10 +194,12 @@ class _Source:
 
 
 @functools.lru_cache(maxsize=8)
-def _group(path: str) -> zarr.Group:
+def _group(path: str | Location) -> zarr.Group:
     import zarr
 
-    return zarr.open_group(path, mode="r")
+    return zarr.open_group(
+        zarr_arrays.zarr_target(zarr_arrays.where(path), read_only=True), mode="r"
+    )
 
 
 def _read(source: _Source, name: str, rows: slice) -> np.ndarray:
@@ -283,29 +291,39 @@ def _table(source: _Source, rows: slice, arrow_schema: pa.Schema) -> pa.Table:
 
 
 def _write_partition(
-    source: _Source, arrow_schema: pa.Schema, task: tuple[slice, Path]
+    source: _Source, arrow_schema: pa.Schema, task: tuple[slice, Path | Location]
 ) -> tuple[str, int]:
-    """Write one partition's rows to its path atomically (temporary file, then rename)."""
+    """Write one partition's rows to its path atomically (temporary file, then rename; on
+    object storage one PUT)."""
     import pyarrow.parquet as pq
 
     rows, path = task
     table = _table(source, rows, arrow_schema)
+    if isinstance(path, Location):
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer, compression="zstd")
+        path.write_bytes(buffer.getvalue())
+        return path.name, table.num_rows
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
     return path.name, table.num_rows
 
 
-def _is_written(task: tuple[slice, Path]) -> bool:
+def _is_written(task: tuple[slice, Path | Location]) -> bool:
     """Whether an earlier run wrote this task's file whole."""
     rows, path = task
-    return path.exists() and _is_whole(path, rows.stop - rows.start)
+    return path.is_file() and is_whole_parquet(path, rows.stop - rows.start)
 
 
-def _is_whole(path: Path, n_rows: int) -> bool:
-    """A file from an earlier run is kept when its footer has the expected row count."""
+def is_whole_parquet(path: Path | Location, n_rows: int) -> bool:
+    """A file from an earlier run is kept when its footer has the expected row count (read
+    with ranged GETs on object storage)."""
     import pyarrow.parquet as pq
 
     try:
+        if isinstance(path, Location):
+            with contextlib.closing(path.open_reader()) as f:
+                return bool(pq.read_metadata(f).num_rows == n_rows)
         return bool(pq.read_metadata(path).num_rows == n_rows)
     except (OSError, ValueError):
         return False
@@ -319,16 +337,28 @@ def _fingerprint(value: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) -> RunManifest:
+def _names(out: Path | Location) -> list[str]:
+    """The names directly in the output directory (every object below it on object storage:
+    a nested one is never ours)."""
+    if isinstance(out, Location):
+        return out.list()
+    return [p.name for p in out.iterdir()] if out.is_dir() else []
+
+
+def _claim(
+    out: Path | Location, fingerprint: dict[str, str], config: ParquetExportConfig
+) -> RunManifest:
     """The export's run manifest, its output claimed under the one output rule.
 
     The directory is ours when it holds our manifest and our files only (or nothing);
     ``--overwrite`` removes only our files."""
-    if out.exists() and not out.is_dir():
+    if out.is_file() if isinstance(out, Location) else out.exists() and not out.is_dir():
         raise OutputExistsError(f"{out} exists and is not a directory; choose another -o")
-    run = RunManifest(out, kind=KIND, record=JsonRecord.inside(out), fingerprint=fingerprint)
-    ours = [*out.glob(f"{FILE_PREFIX}_*.parquet"), *out.glob(f".*{TMP_MARK}*")]
-    others = sorted(p.name for p in out.iterdir() if p not in ours) if out.is_dir() else []
+    run = RunManifest(out, kind=KIND, record=record_inside(out), fingerprint=fingerprint)
+    names = _names(out)
+    patterns = (f"{FILE_PREFIX}_*.parquet", f".*{TMP_MARK}*")
+    ours = [out / n for n in names if any(fnmatch.fnmatchcase(n, p) for p in patterns)]
+    others = sorted(n for n in names if (out / n) not in ours)
     previous = run.record.read() or {}
     if previous.get("kind"):
         state = "marked complete" if previous.get("complete") else "unfinished"
@@ -343,6 +373,8 @@ def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) 
         foreign=any(name != MANIFEST_NAME for name in others),
         remove=functools.partial(_remove_files, [*ours, out / MANIFEST_NAME]),
     )
+    if isinstance(out, Location):
+        return run  # no directories, no temporary names there
     if run.resumed:
         for tmp in out.glob(f".*{TMP_MARK}*"):  # left by a killed run
             tmp.unlink(missing_ok=True)
@@ -350,19 +382,23 @@ def _claim(out: Path, fingerprint: dict[str, str], config: ParquetExportConfig) 
     return run
 
 
-def _remove_files(paths: Sequence[Path]) -> None:
+def _remove_files(paths: Sequence[Path | Location]) -> None:
     for path in paths:
-        path.unlink(missing_ok=True)
+        if isinstance(path, Location):
+            path.remove_tree()
+        else:
+            path.unlink(missing_ok=True)
 
 
-def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
+def _catalog_source(path: Path | Location) -> tuple[_Source, dict[str, Any]]:
     """Check the catalogue (complete, schema) and describe it for the tasks."""
     from xpbatch.catalog.zarr_catalog import open_catalog
 
     ds = open_catalog(path)
-    sid = _group(str(path))[schema.SOURCE_ID]
+    where = path if isinstance(path, Location) else str(path)
+    sid = _group(where)[schema.SOURCE_ID]
     source = _Source(
-        path=str(path),
+        path=where,
         n_latent=int(ds.sizes[schema.LATENT]),
         chunk_rows=int(sid.chunks[0]),  # type: ignore[union-attr]
         n_rows=int(ds.sizes[schema.SOURCE]),
@@ -373,8 +409,8 @@ def _catalog_source(path: Path) -> tuple[_Source, dict[str, Any]]:
 
 @locked_output("output_dir", "export-parquet")
 def export_parquet(
-    catalog: PathLike,
-    output_dir: PathLike,
+    catalog: PathLike | Location,
+    output_dir: PathLike | Location,
     *,
     partitions: PartitionRanges | PathLike | None = None,
     store: PathLike | None = None,
@@ -392,7 +428,8 @@ def export_parquet(
     catalog
         A complete catalogue written by ``xpbatch encode-catalog``.
     output_dir
-        Directory for the ``XpLatent_<lo>-<hi>.parquet`` files (created if needed). With
+        Directory (or ``s3://`` prefix) for the ``XpLatent_<lo>-<hi>.parquet`` files
+        (created if needed). With
         ``config.resume``, an earlier export of the same catalogue and partition ranges there
         is continued: the whole files are kept and only the missing ones are written.
     partitions
@@ -435,8 +472,8 @@ def export_parquet(
     """
     config = config or ParquetExportConfig()
     started = time.perf_counter()
-    catalog_path = Path(catalog)
-    out = real_output(output_dir)
+    catalog_path = zarr_arrays.where(catalog)
+    out = real_place(output_dir)
     source, attrs = _catalog_source(catalog_path)
     ranges = resolve_partitions(catalog_path, attrs, partitions=partitions, store=store)
     logger.info("exporting by %r", ranges)
@@ -447,7 +484,7 @@ def export_parquet(
     }
     manifest = _claim(out, run, config)
     manifest.begin(
-        catalog=str(catalog_path.resolve()),
+        catalog=str(zarr_arrays.absolute(catalog_path)),
         partitions_origin=ranges.origin,
         n_rows=source.n_rows,
     )
@@ -463,7 +500,7 @@ def export_parquet(
     starts = np.concatenate([[0], np.cumsum(per_partition)[:-1]])
 
     provenance: dict[str, Any] = {
-        "catalog": str(catalog_path.resolve()),
+        "catalog": str(zarr_arrays.absolute(catalog_path)),
         "catalog_fingerprint": fingerprint,
         "xpbatch_version": __version__,
         "healpix_level": HEALPIX_LEVEL,
@@ -471,7 +508,7 @@ def export_parquet(
         **{k: attrs[k] for k in ("model_name", "model_hash", "input_store_id") if k in attrs},
     }
     arrow_schema = _arrow_schema(source, provenance)
-    tasks: list[tuple[slice, Path]] = []
+    tasks: list[tuple[slice, Path | Location]] = []
     for p in np.flatnonzero(per_partition):
         lo, hi = (int(v) for v in ranges.ranges[p])
         rows = slice(int(starts[p]), int(starts[p] + per_partition[p]))
@@ -487,12 +524,15 @@ def export_parquet(
         initial=len(tasks) - len(plan.todo),
         enabled=config.progress_bar,
     )
-    files.update(
-        executor.map(write, plan.todo, name="xpbatch-export", ordered=True, progress=progress)
-    )
+    with storage_credentials(executor, out):
+        done = executor.map(
+            write, plan.todo, name="xpbatch-export", ordered=True, progress=progress
+        )
+        files.update(done)
     n_rows = sum(files.values())
     if n_rows != source.n_rows:  # every row in exactly one file, or we say so
         raise CatalogError(f"wrote {n_rows} rows but {catalog_path} has {source.n_rows}")
+    check_lock(out)  # never mark complete what another writer may have touched
     manifest.mark_complete(files=dict(sorted(files.items())))
     logger.info(
         "exported %d rows of %s into %d files in %s (%d kept from an earlier run)",
@@ -504,6 +544,10 @@ def export_parquet(
         n_rows=n_rows,
         files=files,
         n_reused=n_reused,
-        output_bytes=sum(f.stat().st_size for f in out.iterdir() if f.is_file()),
+        output_bytes=(
+            zarr_arrays.nbytes(out)
+            if isinstance(out, Location)
+            else sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+        ),
         wall_s=time.perf_counter() - started,
     )

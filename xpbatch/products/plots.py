@@ -15,6 +15,7 @@ kernel a returned figure is shown when it is a cell's value.
 from __future__ import annotations
 
 import contextlib
+import io
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +26,7 @@ import numpy as np
 from xpbatch import schema
 from xpbatch.errors import ConfigError
 from xpbatch.products.spectra import SPECTRA_EXTRA, SampledSpectra, spectra_of
+from xpbatch.storage.location import Location, as_location, is_url
 from xpbatch.storage.paths import PathLike, atomic_path
 
 if TYPE_CHECKING:
@@ -56,9 +58,16 @@ def new_figure(*, figsize: tuple[float, float]) -> Figure:
     return fig
 
 
-def save_figure(fig: Figure, path: PathLike, *, dpi: int = 100) -> Path:
-    """Write ``fig`` as a PNG under a temporary name and rename it (never half a file)."""
-    path = Path(path)
+def save_figure(fig: Figure, path: PathLike | Location, *, dpi: int = 100) -> Path | Location:
+    """Write ``fig`` as a PNG under a temporary name and rename it (never half a file); on
+    object storage as one PUT (whole or absent)."""
+    if is_url(path):
+        png = io.BytesIO()
+        fig.savefig(png, dpi=dpi, format="png")
+        location = as_location(path)
+        location.write_bytes(png.getvalue())
+        return location
+    path = Path(path) if not isinstance(path, Location) else path.path
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
     return path

@@ -38,6 +38,7 @@ from xpbatch.products.sky_positions import SkySource
 from xpbatch.runtime.executor import Executor, LazyClient
 from xpbatch.schema import CatalogFlag
 from xpbatch.storage import zarr_arrays
+from xpbatch.storage.location import Location
 from xpbatch.storage.manifest import file_manifest
 from xpbatch.storage.outputs import locked_output
 from xpbatch.storage.paths import PathLike
@@ -369,7 +370,7 @@ SKY_MAP_KIND = "sky map"
 @locked_output("out", "skymap")
 def write_sky_maps(
     catalog: PathLike,
-    out: PathLike,
+    out: PathLike | Location,
     *,
     client: Client | LazyClient | None = None,
     config: SkyMapConfig | None = None,

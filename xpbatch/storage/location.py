@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from xpbatch.errors import ConfigError, StorageNotFoundError
 from xpbatch.storage.clients import StorageOptions, object_store, storage_errors
@@ -151,6 +152,18 @@ class Location:
             except FileNotFoundError:
                 return False
 
+    def size(self) -> int:
+        """Bytes of the file or object here (one HEAD request on object storage)."""
+        if self.is_local:
+            try:
+                return self.path.stat().st_size
+            except FileNotFoundError:
+                raise StorageNotFoundError(f"{self.url} does not exist") from None
+        import obstore
+
+        with storage_errors(self, "look up"):
+            return int(obstore.head(object_store(self), self.key)["size"])
+
     def relative_name(self, root: Location) -> str:
         """This location's name below ``root`` (``latent_mean/c/0/0``), for messages."""
         prefix = root.key.rstrip("/") + "/"
@@ -195,6 +208,48 @@ class Location:
 
         with storage_errors(self, "write"):
             obstore.put(object_store(self), self.key, data)
+
+    def upload(self, file: Path) -> None:
+        """Copy the local ``file`` here whole (a large one in parts, in parallel; readers see
+        it only once complete); locally, copied under a temporary name and renamed."""
+        if self.is_local:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(self.path) as tmp:
+                shutil.copyfile(file, tmp)
+            return
+        import obstore
+
+        with storage_errors(self, "write"):
+            obstore.put(object_store(self), self.key, Path(file))
+
+    def open_reader(self) -> BinaryIO:
+        """The file or object here as a binary file to read and seek (buffered ranged GETs on
+        object storage, e.g. for ``pyarrow.parquet.ParquetFile``)."""
+        if self.is_local:
+            try:
+                return open(self.path, "rb")
+            except FileNotFoundError:
+                raise StorageNotFoundError(f"{self.url} does not exist") from None
+        import obstore
+
+        with storage_errors(self, "read"):
+            return _ObjectReader(obstore.open_reader(object_store(self), self.key))
+
+    def read_range(self, start: int, stop: int) -> bytes:
+        """Bytes ``start`` to ``stop`` of the file or object here (one ranged GET)."""
+        if self.is_local:
+            try:
+                with open(self.path, "rb") as f:
+                    f.seek(start)
+                    return f.read(max(stop - start, 0))
+            except FileNotFoundError:
+                raise StorageNotFoundError(f"{self.url} does not exist") from None
+        if stop <= start:
+            return b""
+        import obstore
+
+        with storage_errors(self, "read"):
+            return bytes(obstore.get_range(object_store(self), self.key, start=start, end=stop))
 
     def list(self) -> list[str]:
         """The relative names of all files/objects below this location, sorted (recursive)."""
@@ -289,6 +344,37 @@ class Location:
 
     def _dir_prefix(self) -> str:
         return f"{self.key}/" if self.key else ""
+
+
+class _ObjectReader(io.RawIOBase, BinaryIO):
+    """obstore's buffered object reader as a standard binary file (``closed``, ``readinto``),
+    which pyarrow and pandas expect."""
+
+    def __init__(self, reader: Any) -> None:
+        super().__init__()
+        self._reader = reader
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = memoryview(self._reader.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return int(self._reader.seek(offset, whence))
+
+    def tell(self) -> int:
+        return int(self._reader.tell())
+
+    def close(self) -> None:
+        if not self.closed:
+            self._reader.close()
+        super().close()
 
 
 def as_location(

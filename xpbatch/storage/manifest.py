@@ -420,8 +420,11 @@ def _plain(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True, default=str))
 
 
-def file_manifest(output: PathLike, *, kind: str) -> RunManifest[Path]:
+def file_manifest(output: PathLike | Location, *, kind: str) -> RunManifest[Path | Location]:
     """The manifest of a single-file output (a table, a picture): its record beside it, its
-    path with a symlink resolved."""
-    output = real_output(output)
-    return RunManifest(output, kind=kind, record=JsonRecord.beside(output))
+    path with a symlink resolved; on object storage the object ``OUTPUT.xpbatch.json``."""
+    place = real_place(output)
+    if isinstance(place, Location):
+        record: RunRecord = JsonObjectRecord(place.sibling(place.name + SIDECAR_SUFFIX))
+        return RunManifest(place, kind=kind, record=record)
+    return RunManifest(place, kind=kind, record=JsonRecord.beside(place))
