@@ -235,3 +235,39 @@ def bench_neighbours_command(
         click.echo(
             run_neighbours_benchmark(rows, client=client, queries=queries, k=k, workdir=workdir)
         )
+
+
+@bench_group.command("uncertainty")
+@_count(
+    "--stars",
+    20_000,
+    minimum=100,
+    help="Mock stars, each observed twice with independent noise, G spread evenly over 9-17.6.",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The model to calibrate [default: train a quick one on a mock, kept in --workdir].",
+)
+@_count("--train-rows", 20_000, minimum=1000, help="Rows of the training mock (no --model).")
+@_count("--epochs", 20, minimum=1, help="Epochs of the quick model (no --model).")
+@_workdir("Keep the mocks, model and catalogue here")
+def bench_uncertainty_command(
+    stars: int, model: str | None, train_rows: int, epochs: int, workdir: str | None
+) -> None:
+    """std of the normalised repeat difference of the latent means, per dim and G bin."""
+    import dataclasses
+
+    from xpbatch.benchmarks.uncertainty import TRAINING, run_uncertainty_benchmark
+
+    training = dataclasses.replace(TRAINING, epochs=epochs, cycle_epochs=epochs)
+    result = run_uncertainty_benchmark(
+        stars,
+        model=model,
+        train_rows=train_rows,
+        training=training,
+        workdir=workdir,
+        echo=click.echo,
+    )
+    click.echo(result.report())
