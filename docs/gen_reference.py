@@ -111,6 +111,7 @@ def _catalog_variables() -> str:
         n_rows=1,
         chunk_rows=1,
         with_reconstruction=True,
+        with_mc=True,
         with_positions=True,
     )
     return _variables(layout.variables())

@@ -103,6 +103,7 @@ def test_format_page_is_generated_from_the_schema(site: Path) -> None:
         chunk_rows=1,
         with_reconstruction=True,
         with_positions=True,
+        with_mc=True,
     )
     specs = [*variable_specs(list(schema.DR3_SCALARS), True, True), *layout.variables()]
     for spec in specs:

@@ -17,7 +17,7 @@ from xpbatch import schema
 from xpbatch.catalog import zarr_catalog as catalog
 from xpbatch.catalog.layout import RECORD_FIELDS, CatalogLayout, create_catalog
 from xpbatch.catalog.writer import CatalogWriter
-from xpbatch.encode.kernel import INPUT_VARIABLES
+from xpbatch.encode.outputs import INPUT_VARIABLES
 from xpbatch.errors import CatalogError, InputShapeError, StoreError, StoreNotFoundError
 from xpbatch.storage import zarr_arrays
 from xpbatch.store.reader import ChunkReader, open_variables, present_variables

@@ -221,7 +221,17 @@ CATALOG_ATTR_STORE_ID = "input_store_id"
 CATALOG_ATTR_INPUT_STORE = "input_store"
 """Path of the input store when the catalogue was written."""
 CATALOG_ATTR_OPTIONS = "options"
-"""The encode options that change the result (the batch size)."""
+"""The encode options that change the result: the batch size and, with Monte-Carlo latents, the
+draws per spectrum, their seed and covariance (:data:`MC_OPTION_SAMPLES` ...)."""
+MC_OPTION_SAMPLES = "mc_samples"
+"""Key of :data:`CATALOG_ATTR_OPTIONS`: draws per spectrum K (absent: no Monte-Carlo latents)."""
+MC_OPTION_SEED = "mc_seed"
+"""Key of :data:`CATALOG_ATTR_OPTIONS`: the seed; a row's draws depend on (seed, source_id) only."""
+MC_OPTION_COVARIANCE = "mc_covariance"
+"""Key of :data:`CATALOG_ATTR_OPTIONS`: the draws' covariance, one of :data:`MC_COVARIANCES`."""
+MC_COVARIANCES = ("full", "diagonal")
+"""'full': each band's errors and packed correlations (the store's ``*_coefficient_correlations``);
+'diagonal': the errors alone (a store without correlations)."""
 CATALOG_ATTR_RUN_ID = "run_id"
 """A random id of the run that created the catalogue (kept on ``--resume``)."""
 CATALOG_ATTR_START_TIME = "start_time"
@@ -255,6 +265,13 @@ RMSE = "rmse"
 FLAGS = "flags"
 RECONSTRUCTION = "reconstruction"
 ANOMALY_SCORE = "anomaly_score"
+LATENT_MEAN_MC = "latent_mean_mc"
+"""(source, latent) float32, only with Monte-Carlo latents (``--mc-samples K``): the mean over K
+draws of the coefficients from the source's measurement covariance of the encoder's posterior
+mean (dimensionless latent units, as latent_mean)."""
+LATENT_STD_MC = "latent_std_mc"
+"""(source, latent) float32, beside :data:`LATENT_MEAN_MC`: the standard deviation (ddof=1) over
+the K draws of the posterior mean: how far the source's own measurement noise moves its latents."""
 ATTR_LATENT_DENSITY = "latent_density"
 """Catalogue attribute: the model's active dimensions, latent centre and scale, outlier cut."""
 

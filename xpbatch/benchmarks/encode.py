@@ -31,7 +31,8 @@ import zarr
 from xpbatch import schema
 from xpbatch.catalog.layout import CatalogLayout, create_catalog
 from xpbatch.config import EncodeConfig
-from xpbatch.encode.kernel import INPUT_VARIABLES, encode_chunk
+from xpbatch.encode.kernel import encode_chunk
+from xpbatch.encode.outputs import INPUT_VARIABLES
 from xpbatch.schema import DR3_N_SOURCES
 from xpbatch.store.reader import open_variables
 from xpbatch.train.demo import store_ready

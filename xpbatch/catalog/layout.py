@@ -8,6 +8,7 @@ Layout of ``CATALOG.zarr`` (a Zarr v3 group; names from :mod:`xpbatch.schema`)::
     scatter                   (source, coeff) float32, e-/s
     rmse, flags               (source,) float32 / uint16
     anomaly_score             (source,) float32, nats
+    latent_mean_mc, _std_mc   (source, latent) float32, only ``with_mc`` (``--mc-samples``)
     ra, dec                   (source,) float64 coordinates in deg (ICRS, J2016.0), if the store has
     reconstruction            (source, coeff) float32, e-/s, only ``with_reconstruction``
     _xpbatch/chunk_records    (chunk, field) int64: one completion record per chunk
@@ -69,6 +70,8 @@ class CatalogLayout:
     """Whether the catalogue holds the decoder's reconstruction."""
     with_positions: bool = False
     """Whether the catalogue carries the store's ``ra`` and ``dec`` (copied, as coordinates)."""
+    with_mc: bool = False
+    """Whether the catalogue holds Monte-Carlo latents (``latent_mean_mc``, ``latent_std_mc``)."""
 
     def __post_init__(self) -> None:
         if self.n_rows < 0 or self.chunk_rows < 1:
@@ -148,6 +151,23 @@ def _variable_specs(layout: CatalogLayout) -> list[ArraySpec]:
             "rarer; NaN where flags has not_encoded",
         ),
     ]  # fmt: skip
+    if layout.with_mc:
+        specs += [
+            ArraySpec(
+                schema.LATENT_MEAN_MC, "float32", by_latent, np.nan, "1",
+                "mean over the Monte-Carlo draws of the coefficients (from each source's "
+                "measurement covariance, see the options attribute) of the latent posterior "
+                "mean; NaN where flags has not_encoded",
+                latent,
+            ),
+            ArraySpec(
+                schema.LATENT_STD_MC, "float32", by_latent, np.nan, "1",
+                "standard deviation (ddof=1) over the Monte-Carlo draws of the latent posterior "
+                "mean: the latents' spread due to the source's measurement noise; NaN where "
+                "flags has not_encoded",
+                latent,
+            ),
+        ]  # fmt: skip
     if layout.with_positions:
         units = schema.POSITION_ATTRS[schema.ATTR_UNITS]
         extra = tuple((k, v) for k, v in schema.POSITION_ATTRS.items() if k != schema.ATTR_UNITS)

@@ -154,6 +154,7 @@ def _zarr_summary(path: Place, kind: Kind) -> dict[str, Any]:
     if kind == "catalog":
         summary["chunks_recorded"] = _chunks_recorded(path)
         summary["chunk_devices"] = catalog.chunk_devices(path)
+        summary["monte_carlo"] = _monte_carlo(attrs)
         if summary["complete"]:
             summary["damaged_chunks"] = _catalog_damage(path, arrays)
             summary["complete"] = not summary["damaged_chunks"]
@@ -167,6 +168,15 @@ def _zarr_summary(path: Place, kind: Kind) -> dict[str, Any]:
     if flags is not None:
         summary["flags"] = {"variable": flags_name, "rows": _flag_counts(flags, flag_bits)}
     return summary
+
+
+def _monte_carlo(attrs: dict[str, Any]) -> dict[str, Any] | None:
+    """The catalogue's Monte-Carlo draws (samples, seed, covariance), None when it has none."""
+    options = attrs.get(schema.CATALOG_ATTR_OPTIONS) or {}
+    if schema.MC_OPTION_SAMPLES not in options:
+        return None
+    keys = (schema.MC_OPTION_SAMPLES, schema.MC_OPTION_SEED, schema.MC_OPTION_COVARIANCE)
+    return {key.removeprefix("mc_"): options.get(key) for key in keys}
 
 
 def _catalog_damage(path: Place, arrays: dict[str, zarr.Array]) -> list[str]:
@@ -371,6 +381,16 @@ def _progress_row(s: dict[str, Any]) -> list[tuple[str, str]]:
     rows = [("chunks done", f"{s['chunks_recorded']:,} of {s['n_chunks']:,}")]
     devices = s["chunk_devices"].items()
     rows.append(("encoded on", ", ".join(f"{name} ({n:,} chunks)" for name, n in devices) or "-"))
+    mc = s.get("monte_carlo")
+    rows.append(
+        (
+            "monte carlo",
+            "off (no latent_mean_mc, latent_std_mc)"
+            if mc is None
+            else f"{mc['samples']} draws per spectrum, seed {mc['seed']}, "
+            f"{mc['covariance']} covariance",
+        )
+    )
     return rows
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 from xpbatch.config.fields import (
     Device,
@@ -42,6 +43,16 @@ class EncodeConfig(OutputOptions):
     rows (xpbatch.model.fit_check: scaled or foreign-unit coefficients, a foreign normalisation)."""
     progress_bar: bool = True
     """Show a progress bar of spectra done, spectra/s and ETA on stderr."""
+    mc_samples: int = 0
+    """Monte-Carlo latents: draw this many realisations of each spectrum from its measurement
+    covariance, encode them all and store the mean and spread of their latent means
+    (latent_mean_mc, latent_std_mc); 0 = off, else at least 2."""
+    mc_seed: int = 0
+    """Seed of the Monte-Carlo draws: a row's draws depend on (seed, source_id) alone, so a
+    resumed or re-chunked run writes the same bytes."""
+    mc_covariance: Literal["auto", "full", "diagonal"] = "auto"
+    """Covariance of the draws: 'full' = errors and the store's packed correlations, 'diagonal'
+    = the errors alone, 'auto' = full when the store carries correlations."""
     performance_report: str | None = None
     """Save Dask's performance report of the run to this HTML file (needs a cluster)."""
 
@@ -55,6 +66,13 @@ class EncodeConfig(OutputOptions):
                 f"tasks_per_thread and max_attempts must be at least 1, got "
                 f"{self.tasks_per_thread} and {self.max_attempts}"
             )
+        if self.mc_samples < 0 or self.mc_samples == 1:
+            raise ConfigError(
+                f"mc_samples must be 0 (off) or at least 2 (a spread needs two draws), got "
+                f"{self.mc_samples}"
+            )
+        if not 0 <= self.mc_seed < 2**63:
+            raise ConfigError(f"mc_seed must be in [0, 2**63), got {self.mc_seed}")
         if not self.no_workers_timeout > 0:
             raise ConfigError(
                 f"no_workers_timeout must be positive seconds, got {self.no_workers_timeout}"

@@ -20,6 +20,14 @@ import torch
 from xpbatch import schema
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import cpu as encode_cpu
+from xpbatch.encode.mc import MonteCarlo, chunk_correlations, mc_outputs
+from xpbatch.encode.outputs import (
+    PASSTHROUGH_VARIABLES,
+    Chunk,
+    check_chunk,
+    empty_outputs,
+    output_variables,
+)
 from xpbatch.errors import InputShapeError
 from xpbatch.model.density import score_rows, score_terms
 from xpbatch.model.network import reconstruction_rmse
@@ -32,24 +40,10 @@ DEFAULT_BATCH_SIZE = EncodeConfig.batch_size
 many rows, so the same kernels run whatever the chunk size (results then agree to float32
 round-off; the same chunking gives the same bytes)."""
 
-INPUT_VARIABLES = (
-    schema.SOURCE_ID,
-    schema.COEFFICIENTS,
-    schema.COEFFICIENT_ERRORS,
-    schema.PHOT_G_MEAN_FLUX,
-    schema.INPUT_FLAGS,
-)
-"""The store variables one chunk must carry."""
-PASSTHROUGH_VARIABLES = (schema.RA, schema.DEC)
-"""Store variables copied unchanged into the outputs when a chunk carries them (positions)."""
-
 BATCHES_PER_BLOCK = 8
 """The kernel works through a chunk in blocks of this many forward passes, so its temporaries
 (host and device) are bounded by the block, not the chunk (memory flat in chunk size). Blocks
 are whole batches, so results stay bitwise identical to one call on the chunk."""
-
-Chunk = Mapping[str, np.ndarray]
-"""Variable name -> numpy array of one chunk's rows (the store's names, see INPUT_VARIABLES)."""
 
 
 class EncodeKernel:
@@ -410,6 +404,8 @@ class EncodeResult:
     rmse: np.ndarray  # (rows,) float32, sqrt(mean over valid j of ((x - xhat) / x_err)^2)
     flags: np.ndarray  # (rows,) uint16 CatalogFlag bits
     anomaly_score: np.ndarray  # (rows,) float32, -log p(latent mean), nats (xpbatch.model.density)
+    latent_mean_mc: np.ndarray | None = None  # (rows, latent) float32, with ``mc`` (encode.mc)
+    latent_std_mc: np.ndarray | None = None  # (rows, latent) float32, with ``mc``
 
 
 def encode_arrays(
@@ -420,6 +416,9 @@ def encode_arrays(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
+    mc: MonteCarlo | None = None,
+    source_id: np.ndarray | None = None,
+    correlations: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> EncodeResult:
     """Encode spectra given in physical units (e-/s) with ``model``, deterministically.
 
@@ -438,6 +437,10 @@ def encode_arrays(
         rows are grouped into chunks only at float32 round-off.
     device
         Torch device for the forward pass.
+    mc, source_id, correlations
+        Also the Monte-Carlo latents (:mod:`xpbatch.encode.mc`): the draws, each row's
+        source_id (seeds its draws; default 0, 1, ...) and, for a full covariance, the packed
+        (BP, RP) correlations, (rows, 1485) each.
 
     Returns
     -------
@@ -474,36 +477,15 @@ def encode_arrays(
         anomaly_score=np.empty(n_rows, np.float32),
     )
     outputs = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
-    encode_rows(kernel_for(model, device), c, e, g, outputs, batch_size=batch_size)
-    return result
-
-
-def output_variables(*, with_reconstruction: bool) -> tuple[str, ...]:
-    """Row variables the kernel returns (and the catalogue stores), ``source_id`` first."""
-    names = (
-        schema.SOURCE_ID,
-        schema.LATENT_MEAN,
-        schema.LATENT_STD,
-        schema.SCATTER,
-        schema.RMSE,
-        schema.FLAGS,
-        schema.ANOMALY_SCORE,
+    kernel = kernel_for(model, device)
+    encode_rows(
+        kernel, c, e, g, {k: v for k, v in outputs.items() if v is not None}, batch_size=batch_size
     )
-    return (*names, schema.RECONSTRUCTION) if with_reconstruction else names
-
-
-def _check_chunk(chunk: Chunk) -> int:
-    """Number of rows of ``chunk``; an InputShapeError naming what is missing or ragged."""
-    missing = [name for name in INPUT_VARIABLES if name not in chunk]
-    if missing:
-        raise InputShapeError(
-            f"an input chunk must carry {', '.join(INPUT_VARIABLES)}; missing {', '.join(missing)}"
-        )
-    n_rows = len(chunk[schema.SOURCE_ID])
-    ragged = {k: np.shape(chunk[k]) for k in INPUT_VARIABLES if len(chunk[k]) != n_rows}
-    if ragged:
-        raise InputShapeError(f"every input variable must have {n_rows} rows, got {ragged}")
-    return n_rows
+    if mc is None:
+        return result
+    ids = np.arange(n_rows) if source_id is None else np.asarray(source_id, np.int64)
+    drawn = mc_outputs(kernel, c, e, g, ids, correlations, mc=mc, batch_size=batch_size)
+    return dataclasses.replace(result, **drawn)
 
 
 def encode_chunk(
@@ -513,6 +495,7 @@ def encode_chunk(
     batch_size: int = DEFAULT_BATCH_SIZE,
     device: str | torch.device = "cpu",
     with_reconstruction: bool = False,
+    mc: MonteCarlo | None = None,
 ) -> dict[str, np.ndarray]:
     """Encode the rows of one input chunk into the catalogue's variables.
 
@@ -529,6 +512,9 @@ def encode_chunk(
         Torch device of the forward pass.
     with_reconstruction
         Also return the decoder's reconstruction in e-/s.
+    mc
+        Also the Monte-Carlo latents (:mod:`xpbatch.encode.mc`); a full covariance reads the
+        chunk's packed correlations.
 
     Returns
     -------
@@ -552,11 +538,12 @@ def encode_chunk(
     >>> out["latent_mean"].shape, int(out["flags"][1])  # G_FLUX_MISSING | NOT_ENCODED
     ((2, 6), 260)
     """
-    n_rows = _check_chunk(chunk)
+    n_rows = check_chunk(chunk)
     names = output_variables(with_reconstruction=with_reconstruction)
-    out = _empty_outputs(model, n_rows, names)
+    out = empty_outputs(model, n_rows, names)
+    kernel = kernel_for(model, device)
     encode_rows(
-        kernel_for(model, device),
+        kernel,
         chunk[schema.COEFFICIENTS],
         chunk[schema.COEFFICIENT_ERRORS],
         chunk[schema.PHOT_G_MEAN_FLUX],
@@ -572,22 +559,9 @@ def encode_chunk(
     for name in PASSTHROUGH_VARIABLES:
         if name in chunk:
             out[name] = np.array(chunk[name], np.float64)  # (n,)
+    if mc is not None:
+        c, e = chunk[schema.COEFFICIENTS], chunk[schema.COEFFICIENT_ERRORS]
+        g = chunk[schema.PHOT_G_MEAN_FLUX]
+        correlations = chunk_correlations(chunk, mc)
+        out |= mc_outputs(kernel, c, e, g, source_id, correlations, mc=mc, batch_size=batch_size)
     return out
-
-
-def _empty_outputs(
-    model: TrainedModel, n_rows: int, names: tuple[str, ...]
-) -> dict[str, np.ndarray]:
-    """Preallocated output arrays of one chunk, keyed by catalogue variable."""
-    latent, n_coeff = model.config.latent_dim, model.config.input_dim
-    shapes: dict[str, tuple[tuple[int, ...], str]] = {
-        schema.SOURCE_ID: ((n_rows,), "int64"),
-        schema.LATENT_MEAN: ((n_rows, latent), "float32"),
-        schema.LATENT_STD: ((n_rows, latent), "float32"),
-        schema.SCATTER: ((n_rows, n_coeff), "float32"),
-        schema.RMSE: ((n_rows,), "float32"),
-        schema.FLAGS: ((n_rows,), "uint16"),
-        schema.RECONSTRUCTION: ((n_rows, n_coeff), "float32"),
-        schema.ANOMALY_SCORE: ((n_rows,), "float32"),
-    }
-    return {name: np.empty(*shapes[name]) for name in names}

@@ -49,7 +49,9 @@ from xpbatch.catalog.output import mark_complete, prepare_output, remove_interru
 from xpbatch.catalog.writer import CatalogWriter
 from xpbatch.config import EncodeConfig
 from xpbatch.encode import workers
-from xpbatch.encode.kernel import INPUT_VARIABLES, PASSTHROUGH_VARIABLES, encode_chunk
+from xpbatch.encode.kernel import encode_chunk
+from xpbatch.encode.mc import MonteCarlo
+from xpbatch.encode.outputs import INPUT_VARIABLES, PASSTHROUGH_VARIABLES
 from xpbatch.errors import (
     CatalogError,
     ChunkError,
@@ -139,6 +141,8 @@ class ChunkJob:
     model_path: str | None
     device: str
     batch_size: int
+    mc: MonteCarlo | None = None
+    """The Monte-Carlo latents' draws, or None."""
 
 
 def _passthrough(store: PathLike | Location) -> tuple[str, ...]:
@@ -168,9 +172,14 @@ def run_chunk(job: ChunkJob) -> ChunkRecord:
     """
     try:
         model, device = _model_for(job)
+        names = (
+            *INPUT_VARIABLES,
+            *_passthrough(job.store),
+            *(job.mc.store_variables() if job.mc else ()),
+        )
         reader = workers.cached(
-            ("reader", str(job.store) + job.store_id),
-            lambda: ChunkReader(job.store, (*INPUT_VARIABLES, *_passthrough(job.store))),
+            ("reader", str(job.store) + job.store_id + ",".join(names)),
+            lambda: ChunkReader(job.store, names),
         )
         writer = workers.cached(
             ("writer", str(job.out) + job.run_id), lambda: CatalogWriter(job.out)
@@ -183,6 +192,7 @@ def run_chunk(job: ChunkJob) -> ChunkRecord:
             device=device,
             # The catalogue's layout decides, so a task always writes what its template holds.
             with_reconstruction=writer.layout.with_reconstruction,
+            mc=job.mc,
         )
         return writer.write_chunk(job.index, outputs, device=workers.device_name(device))
     except (ChunkError, StoreError):  # a damaged input chunk names itself; no rerun mends it
@@ -251,7 +261,9 @@ def _check_normalisation(model: TrainedModel, store: PathLike | Location) -> Non
     fit.check_store_sample(model, sample, where="the store")
 
 
-def _input_layout(store: Place, model: TrainedModel, with_reconstruction: bool) -> CatalogLayout:
+def _input_layout(
+    store: Place, model: TrainedModel, with_reconstruction: bool, *, with_mc: bool = False
+) -> CatalogLayout:
     """The catalogue layout: the store's rows in the store's chunks."""
     coefficients = open_variables(store, [schema.COEFFICIENTS])[schema.COEFFICIENTS]
     return CatalogLayout(
@@ -261,6 +273,7 @@ def _input_layout(store: Place, model: TrainedModel, with_reconstruction: bool) 
         n_coeff=model.config.input_dim,
         with_reconstruction=with_reconstruction,
         with_positions=_passthrough(store) == PASSTHROUGH_VARIABLES,
+        with_mc=with_mc,
     )
 
 
@@ -289,6 +302,7 @@ def _run_attrs(
     store_attrs: Mapping[str, Any],
     store_id: str,
     config: EncodeConfig,
+    mc: MonteCarlo | None,
 ) -> dict[str, Any]:
     # The DR3 partition ranges travel with the rows, so export-parquet finds them here.
     partitions = store_attrs.get(schema.STORE_ATTR_PARTITION_RANGES)
@@ -302,7 +316,11 @@ def _run_attrs(
         schema.ATTR_LATENT_DENSITY: model.density.attrs() if model.density else None,
         schema.CATALOG_ATTR_STORE_ID: store_id,
         schema.CATALOG_ATTR_INPUT_STORE: str(_absolute(store)),
-        schema.CATALOG_ATTR_OPTIONS: {"batch_size": config.batch_size},
+        # Monte-Carlo options only when drawn: a plain run's attributes stay as they were.
+        schema.CATALOG_ATTR_OPTIONS: {
+            "batch_size": config.batch_size,
+            **(mc.options() if mc else {}),
+        },
         "versions": _versions(),
         "command_line": shlex.join(sys.argv),
         schema.CATALOG_ATTR_RUN_ID: uuid.uuid4().hex,
@@ -437,9 +455,10 @@ def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: Enco
     ds = _open_store(store)
     trained, model_hash, model_path = _model_and_hash(model)
     check_model_fits(trained, ds, store=store if config.check_fit else None)
-    layout = _input_layout(store, trained, config.with_reconstruction)
+    mc = MonteCarlo.of_run(config, ds.attrs)
+    layout = _input_layout(store, trained, config.with_reconstruction, with_mc=mc is not None)
     input_id = store_id(ds)
-    attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config)
+    attrs = _run_attrs(trained, model_hash, store, ds.attrs, input_id, config, mc)
     done = prepare_output(
         out, layout, attrs=attrs, resume=config.resume, overwrite=config.overwrite
     )
@@ -455,6 +474,7 @@ def _plan(store: Place, model: TrainedModel | PathLike, out: Place, config: Enco
         model_path=model_path,
         device=config.device,
         batch_size=config.batch_size,
+        mc=mc,
     )
     jobs = [dataclasses.replace(template, index=i) for i in range(layout.n_chunks) if i not in done]
     logger.info("encoding %d of %d chunks of %s into %s", len(jobs), layout.n_chunks, store, out)
