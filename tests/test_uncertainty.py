@@ -14,12 +14,14 @@ from xpbatch.benchmarks.uncertainty import (
     BAR,
     G_EDGES,
     ZTable,
+    comparable_pairs,
     pair_rows,
     repeat_z,
     robust_std,
     z_table,
 )
 from xpbatch.cli.main import main
+from xpbatch.schema import CatalogFlag
 
 N = 40_000
 
@@ -112,17 +114,31 @@ def test_pair_rows_finds_the_first_two_observations_of_each_star(
     assert got_a.tolist() == a and got_b.tolist() == b
 
 
+def test_pairs_with_an_incomplete_or_unencoded_row_are_not_compared() -> None:
+    star_id = np.array([1, 1, 2, 2, 3, 3, 4, 4, 5, 5])
+    latent = np.zeros((10, 2))
+    latent[5, 1] = np.nan  # star 3: not encoded
+    flags = np.zeros(10, np.uint16)
+    flags[2] = CatalogFlag.BP_MISSING  # star 2: one observation without BP
+    flags[6] = CatalogFlag.NON_FINITE  # star 4
+    flags[8] = flags[9] = CatalogFlag.LATENT_OUTLIER  # star 5: an output flag, still compared
+    a, b = comparable_pairs(star_id, latent, flags)
+    assert a.tolist() == [0, 8] and b.tolist() == [1, 9]
+
+
 @pytest.mark.slow
 def test_bench_uncertainty_runs_end_to_end(tmp_path: Path) -> None:
     args = ["bench", "uncertainty", "--stars", "600", "--train-rows", "2000", "--epochs", "6",
-            "--workdir", str(tmp_path)]  # fmt: skip
+            "--mc-samples", "4", "--workdir", str(tmp_path)]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     out = result.output
     assert "600 mock stars observed twice" in out and "sigma = latent_std" in out
     assert re.search(r"^dim \d+ +\d\.\d\d \(\d\.\d\d\)", out, re.M), out  # a learned dim's row
     assert "G bin" in out and "17-17.6" in out
-    assert "recommended: sigma = " in out and "the bar 0.9 <= std(z) <= 1.15" in out
+    assert "recommended: sigma = latent_std_mc (MC spread)" in out
+    assert "shown beside: sigma = latent_std (posterior width)" in out
+    assert "the bar 0.9 <= std(z) <= 1.15" in out and "4 Monte-Carlo draws" in out
     assert (tmp_path / "model-2000-6ep-seed1.safetensors").is_file()
     again = CliRunner().invoke(main, args)  # the model is reused
     assert again.exit_code == 0 and "(reused)" in again.output

@@ -32,6 +32,14 @@ MIN_STARS = 500
 """A magnitude bin counts for the bar when it holds at least this many stars (pairs)."""
 G_EDGES = (9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 17.6)
 """Edges of the true-G bins (the bar's range, G 9 to 17.6)."""
+INCOMPLETE = int(
+    schema.InputFlag.BP_MISSING
+    | schema.InputFlag.RP_MISSING
+    | schema.InputFlag.G_FLUX_MISSING
+    | schema.InputFlag.NON_FINITE
+)
+"""Input flags that make an observation incomplete: a pair is compared only when neither row has
+one (a star seen once with both bands and once with one is not measured twice the same way)."""
 MAD_TO_STD = 1.4826
 """A normal distribution's standard deviation over its median absolute deviation."""
 PAIRS_MOCK = MockConfig(
@@ -41,7 +49,7 @@ PAIRS_MOCK = MockConfig(
     faint_fraction=0.0,
 )
 """The stars: G spread evenly over the bar's range (so every bin is populated), DR3-like
-errors, correlations and defects otherwise (rows with a defect drop out of the pairs)."""
+errors, correlations and defects otherwise (a pair with an incomplete row is not compared)."""
 TRAINING = TrainConfig.from_toml(
     None,
     {"epochs": 20, "cycle_epochs": 20, "early_stopping": None, "checkpoint_every": 1000},
@@ -49,6 +57,8 @@ TRAINING = TrainConfig.from_toml(
 )
 """The model trained when none is given: the quick preset in one fixed cosine cycle (a first
 model, not the published one; pass ``model`` to calibrate another)."""
+MC_SAMPLES = 32
+"""Monte-Carlo draws per spectrum by default (the issue's K)."""
 TRAIN_ROWS = 20_000
 """Rows of the training mock (another seed than the pairs, no repeats)."""
 
@@ -81,6 +91,16 @@ def pair_rows(star_id: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     seen_twice = starts[(starts + 1 < len(ids))]
     seen_twice = seen_twice[ids[seen_twice + 1] == ids[seen_twice]]
     return order[seen_twice], order[seen_twice + 1]
+
+
+def comparable_pairs(
+    star_id: np.ndarray, latent_mean: np.ndarray, flags: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`pair_rows` less the pairs with a row not encoded or :data:`INCOMPLETE`."""
+    a, b = pair_rows(star_id)
+    usable = np.isfinite(latent_mean).all(axis=1) & ((np.asarray(flags) & INCOMPLETE) == 0)
+    keep = usable[a] & usable[b]
+    return a[keep], b[keep]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,23 +234,21 @@ def uncertainty_choices(ds: Mapping[str, np.ndarray]) -> list[Choice]:
     return [(POSTERIOR, ds[schema.LATENT_MEAN], ds[schema.LATENT_STD]), *mc_choices(ds)]
 
 
-_MC_MEAN, _MC_STD = "latent_mean_mc", "latent_std_mc"  # until schema names them
-
-
 def mc_choices(ds: Mapping[str, np.ndarray]) -> list[Choice]:
-    """The Monte-Carlo uncertainties, when ``encode-catalog --mc-samples`` wrote them.
+    """The Monte-Carlo uncertainties, when ``encode-catalog --mc-samples`` wrote them
+    (:data:`xpbatch.schema.LATENT_STD_MC`, :data:`xpbatch.schema.LATENT_MEAN_MC`).
 
     The catalogue's value is ``latent_mean``, so every σ is tried on it: the MC spread, and the
     spread added in quadrature to the posterior width. The MC spread on the MC means is shown
     too, for comparison only (it is not the published value).
     """
-    if _MC_STD not in ds:
+    if schema.LATENT_STD_MC not in ds:
         return []
-    mean, std, mc_std = ds[schema.LATENT_MEAN], ds[schema.LATENT_STD], ds[_MC_STD]
+    mean, std, mc_std = ds[schema.LATENT_MEAN], ds[schema.LATENT_STD], ds[schema.LATENT_STD_MC]
     return [
         (MC_SPREAD, mean, mc_std),
         (QUADRATURE, mean, np.hypot(std, mc_std)),
-        (MC_ON_MC_MEANS, ds[_MC_MEAN], mc_std),
+        (MC_ON_MC_MEANS, ds[schema.LATENT_MEAN_MC], mc_std),
     ]
 
 
@@ -241,8 +259,10 @@ class UncertaintyBenchmark:
 
     stars: int
     pairs: int
-    """Pairs with both rows encoded (rows with a defect are not)."""
+    """Pairs compared: both rows complete (no :data:`INCOMPLETE` flag) and encoded."""
     model: str
+    mc_samples: int
+    """Monte-Carlo draws per spectrum (0: none)."""
     tables: tuple[ZTable, ...]
     recommended: str
     """The name of the table the verdict is about."""
@@ -250,8 +270,9 @@ class UncertaintyBenchmark:
     def report(self) -> str:
         """The tables and the verdict, for the terminal."""
         lines = [
-            f"{self.stars:,} mock stars observed twice, {self.pairs:,} pairs encoded; model "
-            f"{self.model}",
+            f"{self.stars:,} mock stars observed twice, {self.pairs:,} pairs complete and "
+            f"encoded; model {self.model}; {self.mc_samples or 'no'} Monte-Carlo draws per "
+            "spectrum",
             f"z = (mu1 - mu2) / sqrt(s1^2 + s2^2) per active latent dim and true-G bin: "
             f"std(z) (1.4826 MAD); * bins with >= {MIN_STARS} stars count for the bar",
         ]
@@ -275,6 +296,7 @@ def run_uncertainty_benchmark(
     stars: int = 20_000,
     *,
     model: str | Path | None = None,
+    mc_samples: int = MC_SAMPLES,
     train_rows: int = TRAIN_ROWS,
     training: TrainConfig = TRAINING,
     workdir: str | Path | None = None,
@@ -290,6 +312,8 @@ def run_uncertainty_benchmark(
     model
         The model to calibrate; default: one trained on a ``train_rows`` mock with
         ``training`` (kept in ``workdir`` and reused when its settings are the same).
+    mc_samples
+        Monte-Carlo draws per spectrum (``encode-catalog --mc-samples``); 0: ``latent_std`` only.
     workdir
         Where the mocks, the model and the catalogue go (default: a temporary directory).
     """
@@ -298,7 +322,7 @@ def run_uncertainty_benchmark(
         root.mkdir(parents=True, exist_ok=True)
         if model is None:
             model = _train(root, train_rows, training, seed, echo)
-        return _measure(root, stars, Path(model), seed, echo)
+        return _measure(root, stars, Path(model), mc_samples, seed, echo)
 
 
 def _train(
@@ -324,7 +348,7 @@ def _train(
 
 
 def _measure(
-    root: Path, stars: int, model: Path, seed: int, echo: Callable[[str], None]
+    root: Path, stars: int, model: Path, mc_samples: int, seed: int, echo: Callable[[str], None]
 ) -> UncertaintyBenchmark:
     """Encode the repeat mock with ``model`` and tabulate every σ on offer."""
     from xpbatch.catalog.zarr_catalog import open_catalog
@@ -335,17 +359,22 @@ def _measure(
     store = root / f"pairs-{stars}.zarr"
     echo(f"mock of {stars:,} stars observed twice ({2 * stars:,} rows) ...")
     config = dataclasses.replace(PAIRS_MOCK, repeats=2)
-    write_mock_store(store, 2 * stars, seed=seed, config=config, overwrite=True)
-    echo(f"encoding with {model} ...")
+    # With the packed correlations, so that Monte-Carlo draws follow the mock's correlated noise.
+    write_mock_store(
+        store, 2 * stars, seed=seed, config=config, with_correlations=True, overwrite=True
+    )
+    draws = f", {mc_samples} Monte-Carlo draws per spectrum" if mc_samples else ""
+    echo(f"encoding with {model}{draws} ...")
     catalog = root / f"pairs-{stars}.catalog.zarr"
-    encode_catalog(store, model, catalog, config=EncodeConfig(overwrite=True, progress_bar=False))
+    encode = EncodeConfig(overwrite=True, progress_bar=False, mc_samples=mc_samples)
+    encode_catalog(store, model, catalog, config=encode)
 
     ds = open_catalog(catalog)
     values = {str(name): ds[name].values for name in ds.data_vars}
     labels = read_mock_labels(store).loc[ds[schema.SOURCE_ID].values]
-    a, b = pair_rows(labels["star_id"].to_numpy())
-    encoded = np.isfinite(values[schema.LATENT_MEAN]).all(axis=1)
-    a, b = a[encoded[a] & encoded[b]], b[encoded[a] & encoded[b]]
+    a, b = comparable_pairs(
+        labels["star_id"].to_numpy(), values[schema.LATENT_MEAN], values[schema.FLAGS]
+    )
     g_mag = labels["g_mag"].to_numpy()[a]
     dims = tuple(int(d) for d in np.flatnonzero(LatentMetric.from_catalog(catalog).active))
     tables = tuple(
@@ -356,6 +385,7 @@ def _measure(
         stars=stars,
         pairs=len(a),
         model=str(model),
+        mc_samples=mc_samples,
         tables=tables,
         recommended=RECOMMENDED if any(t.name == RECOMMENDED for t in tables) else POSTERIOR,
     )

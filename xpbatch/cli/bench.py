@@ -250,11 +250,23 @@ def bench_neighbours_command(
     default=None,
     help="The model to calibrate [default: train a quick one on a mock, kept in --workdir].",
 )
+@click.option(
+    "--mc-samples",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Monte-Carlo draws per spectrum (encode-catalog --mc-samples); 0: latent_std alone.",
+)
 @_count("--train-rows", 20_000, minimum=1000, help="Rows of the training mock (no --model).")
 @_count("--epochs", 20, minimum=1, help="Epochs of the quick model (no --model).")
 @_workdir("Keep the mocks, model and catalogue here")
 def bench_uncertainty_command(
-    stars: int, model: str | None, train_rows: int, epochs: int, workdir: str | None
+    stars: int,
+    model: str | None,
+    mc_samples: int,
+    train_rows: int,
+    epochs: int,
+    workdir: str | None,
 ) -> None:
     """std of the normalised repeat difference of the latent means, per dim and G bin."""
     import dataclasses
@@ -265,6 +277,7 @@ def bench_uncertainty_command(
     result = run_uncertainty_benchmark(
         stars,
         model=model,
+        mc_samples=mc_samples,
         train_rows=train_rows,
         training=training,
         workdir=workdir,
