@@ -63,3 +63,18 @@ def test_the_forward_pass_is_timed_alone_on_the_loaded_network() -> None:
     model = TrainedModel.untrained()
     assert forward_cpu_seconds(model, batch_size=4096, rows=65536) > 0  # enough for the clock
     assert not model.network.training  # eval mode: batch norm uses its running statistics
+
+
+def test_bench_encode_mc_reports_the_ratio_and_projections(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from xpbatch.cli.main import main
+
+    args = ["bench", "encode", "--mc-samples", "8", "--rows", "1000", "--repeats", "1"]
+    result = CliRunner().invoke(main, [*args, "--workdir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "K = 8 draws, full covariance, on 1,000 mock spectra" in result.output
+    ratio = float(result.output.split("ratio / 8 bare forward passes: ")[1].split()[0])
+    assert 0.1 < ratio < 10  # measured, not the bar: 1,000 rows on a shared machine are noisy
+    assert "core-hours" in result.output and "one GPU node (16 cores)" in result.output
+    assert not (tmp_path / "mc.zarr").exists()  # the measured catalogue is removed

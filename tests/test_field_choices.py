@@ -31,6 +31,7 @@ CONFIGS = [
 """Every config dataclass, wherever in the package it is defined."""
 EXPECTED = {
     (config.EncodeConfig, "device"): ("auto", "cpu", "cuda"),
+    (config.EncodeConfig, "mc_covariance"): ("auto", "full", "diagonal"),
     (config.IngestConfig, "on_bad_row"): ("error", "skip"),
     (config.MockConfig, "format"): ("store", "dr3-bulk"),
     (config.TrainConfig, "device"): ("auto", "cpu", "cuda"),

@@ -106,8 +106,9 @@ def test_correlation_factors_reproduce_the_packed_matrices() -> None:
     not_pd[0, :3] = -0.9  # rows 0-2 of a matrix of 0.9s: not positive definite
     out = np.empty((6, 55, 55), np.float32)
     shrunk = correlation_factors(np.concatenate([packed, missing, not_pd]), out)
-    lower = out.transpose(0, 2, 1).astype(np.float64)  # out holds L.T
-    np.testing.assert_allclose(lower[:4] @ out[:4], templates, atol=2e-6)
+    lower = out.astype(np.float64)
+    np.testing.assert_array_equal(np.triu(out[:4], 1), 0)
+    np.testing.assert_allclose(lower[:4] @ lower[:4].transpose(0, 2, 1), templates, atol=1e-5)
     np.testing.assert_array_equal(out[4], np.eye(55))
     assert shrunk == 1 and np.all(np.isfinite(out[5])) and np.all(np.diag(out[5]) > 0)
 
@@ -193,6 +194,14 @@ def test_a_full_covariance_needs_the_correlations(model: TrainedModel) -> None:
         del rows[schema.correlations_name(band)]
     with pytest.raises(InputShapeError, match="--with-correlations"):
         encode_chunk(model, _chunk(rows), mc=MonteCarlo(K, covariance="full"))
+    c, e, g = (
+        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
+    )
+    short = (np.zeros((10, 1484), np.float32), np.zeros((10, 1485), np.float32))
+    with pytest.raises(InputShapeError, match=r"must be \(10, 1485\) per band"):
+        encode_arrays(model, c, e, g, mc=MonteCarlo(K, covariance="full"), correlations=short)
+    with pytest.raises(InputShapeError, match="for a diagonal covariance"):
+        encode_arrays(model, c, e, g, mc=MonteCarlo(K), correlations=short)
 
 
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])
@@ -281,6 +290,8 @@ def test_without_mc_samples_nothing_changes(reference: Path, plain: Path) -> Non
     with_mc, without = open_catalog(reference), open_catalog(plain)
     assert schema.LATENT_MEAN_MC not in without
     assert read_attrs(plain)[schema.CATALOG_ATTR_OPTIONS] == {"batch_size": BATCH}
+    assert "with_mc" not in read_attrs(plain)[schema.CATALOG_ATTR_LAYOUT]
+    assert read_attrs(reference)[schema.CATALOG_ATTR_LAYOUT]["with_mc"] is True
     for name in without.data_vars:
         np.testing.assert_array_equal(with_mc[name].values, without[name].values, err_msg=name)
 
@@ -346,3 +357,25 @@ def test_a_killed_run_resumed_writes_the_same_bytes(
     )
     assert 0 < summary.chunks_skipped < summary.chunks, "the kill came after the run"
     assert_same_catalogue(reference, out)
+
+
+def test_memory_is_flat_in_the_number_of_draws(model: TrainedModel) -> None:
+    """A pass holds batch_size draws whatever K: the host's peak is the same for 4 and 64."""
+    import tracemalloc
+
+    rows = _inputs(1000)
+    c, e, g = (
+        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
+    )
+    corr = tuple(rows[schema.correlations_name(b)] for b in schema.BANDS)
+    kernel = EncodeKernel(model, "cpu")
+    peaks = {}
+    for k in (4, 64):
+        mc = MonteCarlo(k, covariance="full")
+        mc_outputs(kernel, c, e, g, rows[schema.SOURCE_ID], corr, mc=mc, batch_size=BATCH)  # type: ignore[arg-type]
+        tracemalloc.start()
+        mc_outputs(kernel, c, e, g, rows[schema.SOURCE_ID], corr, mc=mc, batch_size=BATCH)  # type: ignore[arg-type]
+        peaks[k] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peaks[64] < 1.2 * peaks[4], peaks
+    assert peaks[64] < 1000 * 4 * 110 * 64 / 4, "a pass held a chunk's K copies"

@@ -28,6 +28,7 @@ _MODULES = {
     "xpbatch.runtime.cluster": ("connect",),
     "xpbatch.encode.stage": ("encode_catalog", "EncodeSummary"),
     "xpbatch.encode.kernel": ("encode_chunk", "encode_arrays", "EncodeResult"),
+    "xpbatch.encode.mc": ("MonteCarlo",),
     "xpbatch.catalog.zarr_catalog": ("open_catalog",),
     "xpbatch.catalog.verify": ("verify_catalog", "VerifyReport"),
     "xpbatch.products.parquet_export": ("export_parquet", "ParquetExportSummary"),

@@ -97,8 +97,12 @@ class CatalogLayout:
         return _variable_specs(self)
 
     def to_attrs(self) -> dict[str, Any]:
-        """The layout as JSON-friendly attributes."""
-        return dataclasses.asdict(self)
+        """The layout as JSON-friendly attributes (``with_mc`` only when set, so a catalogue
+        without Monte-Carlo latents records the layout it always did)."""
+        attrs = dataclasses.asdict(self)
+        if not self.with_mc:
+            del attrs["with_mc"]
+        return attrs
 
     @classmethod
     def from_attrs(cls, attrs: Mapping[str, Any]) -> CatalogLayout:

@@ -96,15 +96,37 @@ def bench_ingest_command(
     minimum=1,
     help="Alternating runs of each contender; the fastest of each is reported.",
 )
+@click.option(
+    "--mc-samples",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Instead: the CPU cost of encode-catalog --mc-samples K (full covariance, serial, one "
+    "thread) against K bare forward passes, and DR3 on CPUs and a GPU node. Use a few 10,000 "
+    "--rows.",
+)
 @_workdir("Where to keep the mock stores between runs")
 @cluster_options
 def bench_encode_command(
-    rows: int, memory_rows: int | None, repeats: int, workdir: str | None, **kwargs: Any
+    rows: int,
+    memory_rows: int | None,
+    repeats: int,
+    mc_samples: int,
+    workdir: str | None,
+    **kwargs: Any,
 ) -> None:
     """encode-catalog spectra/s against a bare loop, worker memory at two sizes, DR3 time."""
     from xpbatch.benchmarks.encode import run_encode_benchmark
     from xpbatch.runtime.cluster import connect
 
+    if mc_samples:
+        from xpbatch.benchmarks.encode_mc import run_mc_benchmark
+
+        mc = run_mc_benchmark(
+            rows, samples=mc_samples, rounds=repeats, workdir=workdir, echo=click.echo
+        )
+        click.echo(mc.report())
+        return
     cluster = cluster_config(kwargs)
     with connect(cluster) as client:
         click.echo(f"Dask dashboard: {client.dashboard_link}", err=True)

@@ -51,7 +51,20 @@ _NOT_ENCODED = np.uint16(CatalogFlag.NOT_ENCODED)
 
 @dataclasses.dataclass(frozen=True)
 class MonteCarlo:
-    """How the Monte-Carlo latents are drawn (the kernel's option; the CLI's is EncodeConfig)."""
+    """How the Monte-Carlo latents are drawn (the kernel's option; the CLI's is EncodeConfig).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from xpbatch.encode.kernel import encode_arrays
+    >>> from xpbatch.model.trained import TrainedModel
+    >>> out = encode_arrays(TrainedModel.untrained(), np.ones((2, 110)), np.full((2, 110), 0.1),
+    ...                     np.ones(2), mc=MonteCarlo(8, seed=1), source_id=np.array([7, 9]))
+    >>> out.latent_mean_mc.shape, bool((out.latent_std_mc > 0).all())
+    ((2, 6), True)
+    >>> MonteCarlo(8, seed=1).options()
+    {'mc_samples': 8, 'mc_seed': 1, 'mc_covariance': 'diagonal'}
+    """
 
     samples: int
     """Draws per spectrum K (at least 2)."""
@@ -129,33 +142,47 @@ def _mix(z: np.uint64) -> np.uint64:
     return z ^ (z >> np.uint64(31))
 
 
-@numba.njit(cache=True, nogil=True)
 def standard_normals(source_id: np.ndarray, seed: int, out: np.ndarray) -> None:
     """Fill ``out`` (rows, n) float32 with each row's own standard normals.
 
-    Row r's stream is SplitMix64 started at ``mix(mix(seed + gamma) ^ source_id[r])``; each
-    64-bit output gives two 24-bit uniforms and, by Box-Muller, values j and n/2 + j.
+    Row r's stream is SplitMix64 started at ``mix(mix(seed + gamma) ^ source_id[r])``; its j-th
+    64-bit output gives two 24-bit uniforms and, by Box-Muller, values j and n/2 + j. The
+    logarithms and sines run as numpy's vectorised float32 functions.
     """
-    n = out.shape[1]
-    half = (n + 1) // 2
+    rows, n = out.shape
+    if n % 2:  # an odd width: draw one more and drop it
+        padded = np.empty((rows, n + 1), np.float32)
+        standard_normals(source_id, seed, padded)
+        out[:] = padded[:, :n]
+        return
+    half = n // 2
+    radius, angle = np.empty((rows, half), np.float32), out[:, half:]
+    _uniforms(np.asarray(source_id, np.int64), seed, radius, angle)
+    np.log(radius, out=radius)
+    radius *= np.float32(-2.0)
+    np.sqrt(radius, out=radius)
+    np.multiply(np.cos(angle), radius, out=out[:, :half])
+    np.sin(angle, out=angle)
+    angle *= radius
+
+
+@numba.njit(cache=True, nogil=True)
+def _uniforms(source_id: np.ndarray, seed: int, u: np.ndarray, angle: np.ndarray) -> None:
+    """Box-Muller's inputs of :func:`standard_normals`: u in (0, 1) and angle in [0, 2 pi)."""
     two_pi = np.float32(2.0 * np.pi / 16777216.0)
     scale, offset = np.float32(1.0 / 16777216.0), np.float32(0.5)
     key = _mix(np.uint64(seed) + _GAMMA)
-    for r in range(out.shape[0]):
+    for r in range(u.shape[0]):
         state = _mix(key ^ np.uint64(source_id[r]))
-        for j in range(half):
+        for j in range(u.shape[1]):
             z = _mix(state + np.uint64(j + 1) * _GAMMA)
-            u1 = (np.float32(np.uint32(z >> np.uint64(40))) + offset) * scale  # (0, 1)
-            angle = np.float32(np.uint32(z & np.uint64(0xFFFFFF))) * two_pi
-            radius = np.sqrt(np.float32(-2.0) * np.log(u1))
-            out[r, j] = radius * np.cos(angle)
-            if half + j < n:
-                out[r, half + j] = radius * np.sin(angle)
+            u[r, j] = (np.float32(np.uint32(z >> np.uint64(40))) + offset) * scale
+            angle[r, j] = np.float32(np.uint32(z & np.uint64(0xFFFFFF))) * two_pi
 
 
 @numba.njit(cache=True, nogil=True)
 def correlation_factors(packed: np.ndarray, out: np.ndarray) -> int:
-    """Transposed Cholesky factors ``L.T`` (rows, n, n) float32 of packed correlation matrices.
+    """Cholesky factors ``L`` (rows, n, n) float32, lower triangular, of packed correlations.
 
     ``packed`` (rows, n(n-1)/2) holds each strictly lower triangle row-major, as DR3 stores it
     (``numpy.tril_indices(n, k=-1)``). A row with a non-finite value (a missing band) gets the
@@ -163,10 +190,9 @@ def correlation_factors(packed: np.ndarray, out: np.ndarray) -> int:
     Returns the number of rows that needed shrinking.
     """
     n = out.shape[1]
-    work = np.empty((n, n))
-    lower = np.zeros((n, n))
     shrunk = 0
     for r in range(out.shape[0]):
+        factor = out[r]
         finite = True
         for i in range(packed.shape[1]):
             if not np.isfinite(packed[r, i]):
@@ -174,40 +200,39 @@ def correlation_factors(packed: np.ndarray, out: np.ndarray) -> int:
                 break
         done = False
         for step in range(len(SHRINKAGE) if finite else 0):
-            s = SHRINKAGE[step]
-            k = 0
-            for i in range(n):
-                work[i, i] = 1.0
-                for j in range(i):
-                    work[i, j] = (1.0 - s) * np.float64(packed[r, k])
-                    k += 1
-            done = _cholesky(work, lower)
+            done = _cholesky(packed[r], np.float32(1.0 - SHRINKAGE[step]), factor)
             if done:
                 shrunk += 1 if step > 0 else 0
                 break
-        for i in range(n):
-            for j in range(n):  # out[r] = L.T: row i holds column i of L
-                out[r, i, j] = (lower[j, i] if done else np.float64(i == j)) if j >= i else 0.0
+        if not done:
+            factor[:, :] = 0.0
+            for i in range(n):
+                factor[i, i] = 1.0
     return shrunk
 
 
-@numba.njit(cache=True, nogil=True)
-def _cholesky(a: np.ndarray, lower: np.ndarray) -> bool:
-    """``lower`` = the Cholesky factor of ``a`` (its lower triangle read); False if not PD."""
-    n = a.shape[0]
-    for j in range(n):
-        s = a[j, j]
-        for k in range(j):
-            s -= lower[j, k] * lower[j, k]
-        if not s > 1e-10:
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _cholesky(packed: np.ndarray, keep: np.float32, factor: np.ndarray) -> bool:
+    """``factor`` = the Cholesky factor of the correlation matrix with off-diagonal
+    ``keep * packed``, row by row (dot products of rows, vectorised); False if not PD."""
+    n = factor.shape[0]
+    k = 0
+    for i in range(n):
+        row = factor[i]
+        for j in range(i):
+            s = keep * packed[k]
+            k += 1
+            other = factor[j]
+            for m in range(j):
+                s -= row[m] * other[m]
+            row[j] = s / other[j]
+        s = np.float32(1.0)
+        for m in range(i):
+            s -= row[m] * row[m]
+        if not s > 1e-6:
             return False
-        d = np.sqrt(s)
-        lower[j, j] = d
-        for i in range(j + 1, n):
-            t = a[i, j]
-            for k in range(j):
-                t -= lower[i, k] * lower[j, k]
-            lower[i, j] = t / d
+        row[i] = np.sqrt(s)
+        row[i + 1 :] = 0.0
     return True
 
 
@@ -268,12 +293,8 @@ class MonteCarloKernel:
         """
         if batch_size < 1:
             raise InputShapeError(f"batch_size must be at least 1, got {batch_size}")
-        if (mc.covariance == "full") != (correlations is not None):
-            raise InputShapeError(
-                f"a {mc.covariance} covariance takes "
-                + ("the packed correlations" if mc.covariance == "full" else "no correlations")
-            )
         n_rows = len(phot_g_mean_flux)
+        self._check_correlations(correlations, mc, n_rows)
         per_pass = max(1, batch_size // mc.samples)  # rows per forward pass
         pass_rows = max(batch_size, mc.samples)  # draws per pass, padded: kernels never change
         mean, std = out[schema.LATENT_MEAN_MC], out[schema.LATENT_STD_MC]
@@ -288,6 +309,29 @@ class MonteCarloKernel:
                     np.asarray(source_id[rows], np.int64), corr, mc, pass_rows,
                 )  # fmt: skip
                 reduce_draws(mu, flags, mean[rows], std[rows])
+
+    def _check_correlations(
+        self, correlations: tuple[np.ndarray, np.ndarray] | None, mc: MonteCarlo, n_rows: int
+    ) -> None:
+        """An InputShapeError unless a full covariance has (rows, m(m-1)/2) correlations per band
+        and a diagonal one none."""
+        if correlations is None and mc.covariance == "full":
+            raise InputShapeError(
+                "a full covariance draws from the packed correlations; pass them (BP, RP), or "
+                "draw from the diagonal one (MonteCarlo(..., covariance='diagonal'))"
+            )
+        if correlations is not None and mc.covariance == "diagonal":
+            raise InputShapeError(
+                "correlations were given for a diagonal covariance; pass "
+                "MonteCarlo(..., covariance='full') to use them, or leave them out"
+            )
+        for band, packed in zip(self._bands(), correlations or (), strict=True):
+            m = band.stop - band.start
+            if np.shape(packed) != (n_rows, m * (m - 1) // 2):
+                raise InputShapeError(
+                    f"packed correlations must be ({n_rows}, {m * (m - 1) // 2}) per band (the "
+                    f"strict lower triangle of {m} x {m}), got {np.shape(packed)}"
+                )
 
     def _pass(
         self,
@@ -309,7 +353,8 @@ class MonteCarloKernel:
         if correlations is not None:
             noise = torch.cat(
                 [
-                    torch.bmm(noise[..., band], self._factors(packed, band, n))  # (n, K, band)
+                    # (n, K, band) @ (n, band, band): every draw z becomes (L z).T
+                    torch.bmm(noise[..., band], self._factors(packed, band, n).transpose(1, 2))
                     for band, packed in zip(self._bands(), correlations, strict=True)
                 ],
                 dim=2,
@@ -325,7 +370,7 @@ class MonteCarloKernel:
         return slice(0, self.n_bp), slice(self.n_bp, self.n_in)
 
     def _factors(self, packed: np.ndarray, band: slice, n: int) -> torch.Tensor:
-        """(n, m, m) ``L.T`` of one band's correlations, on the device."""
+        """(n, m, m) Cholesky factors ``L`` of one band's correlations, on the device."""
         m = band.stop - band.start
         factors = self._buffer(f"factors{band.start}", (n, m, m))
         correlation_factors(np.ascontiguousarray(packed), factors)
