@@ -159,6 +159,93 @@ def test_labels_match_the_rows(store: Path) -> None:
     assert dwarfs["logg"].between(3.9, 4.8).all() and dwarfs["teff"].between(3500, 7500).all()
     assert 0.25 < labels["is_giant"].mean() < 0.35
     assert labels["m_h"].between(-2.5, 0.6).all() and (labels["a_v"] >= 0).all()
+    np.testing.assert_array_equal(labels["star_id"].to_numpy(), arrays["source_id"])  # no repeats
+
+
+# --- repeat observations --------------------------------------------------------------------
+_STAR_LABELS = [c for c in mock.LABEL_COLUMNS if c != "star_id"]
+
+
+@pytest.fixture(scope="module")
+def pairs() -> mock.MockRows:
+    """Two blocks of rows without defects, every star observed twice."""
+    return mock.mock_rows(8192, 0, 8192, seed=11, config=dataclasses.replace(CLEAN, repeats=2))
+
+
+def test_repeats_are_one_star_observed_with_independent_noise(pairs: mock.MockRows) -> None:
+    first, second = slice(0, None, 2), slice(1, None, 2)
+    np.testing.assert_array_equal(pairs.labels["star_id"][first], pairs.source_id[first])
+    np.testing.assert_array_equal(pairs.labels["star_id"][second], pairs.source_id[first])
+    assert np.all(np.diff(pairs.source_id) > 0)  # each observation its own source_id
+    for name in _STAR_LABELS:
+        np.testing.assert_array_equal(pairs.labels[name][first], pairs.labels[name][second], name)
+    errors = pairs.coefficient_errors
+    np.testing.assert_array_equal(errors[first], errors[second])
+    np.testing.assert_array_equal(pairs.correlation_template[first],
+                                  pairs.correlation_template[second])  # fmt: skip
+    # Independent noise of the stated size: the difference of two draws has sqrt(2) sigma.
+    z = (pairs.coefficients[first] - pairs.coefficients[second]) / (np.sqrt(2) * errors[first])
+    assert 0.97 < np.std(z) < 1.03
+    assert abs(np.corrcoef(z[:, 0], z[:, 1])[0, 1]) < 0.1  # per row, not shared between columns
+    # The G flux is observed again too, around the same true magnitude.
+    assert not np.array_equal(pairs.phot_g_mean_flux[first], pairs.phot_g_mean_flux[second])
+
+
+def test_repeats_differ_only_by_their_noise() -> None:
+    config = dataclasses.replace(CLEAN, repeats=2, add_noise=False)
+    rows = mock.mock_rows(3000, 0, 3000, seed=2, config=config)
+    np.testing.assert_array_equal(rows.coefficients[0::2], rows.coefficients[1::2])
+    np.testing.assert_array_equal(rows.phot_g_mean_flux[0::2], rows.phot_g_mean_flux[1::2])
+
+
+TRIPLES = MockConfig(repeats=3)
+
+
+@pytest.fixture(scope="module")
+def triples() -> mock.MockRows:
+    return mock.mock_rows(9001, 0, 9001, seed=5, config=TRIPLES)
+
+
+def test_groups_of_repeats_stay_inside_a_block(triples: mock.MockRows) -> None:
+    # 4096 = 3 * 1365 + 1 leaves rows 4095 and 8191 stars of their own; the last block's
+    # 809 = 3 * 269 + 2 rows end with a pair.
+    _, counts = np.unique(triples.labels["star_id"], return_counts=True)
+    assert ((counts == 1).sum(), (counts == 2).sum(), set(counts.tolist())) == (2, 1, {1, 2, 3})
+    assert triples.labels["star_id"][4095] == triples.source_id[4095]
+
+
+@pytest.mark.parametrize(
+    ("start", "stop"),
+    [(4094, 4100), (1, 2), (8000, 9001)],
+    ids=["across-blocks", "second-of-a-group", "to-the-end"],
+)
+def test_repeat_rows_depend_only_on_their_index(
+    triples: mock.MockRows, start: int, stop: int
+) -> None:
+    mock_rows_module.block.cache_clear()
+    part = mock.mock_rows(9001, start, stop, seed=5, config=TRIPLES)
+    np.testing.assert_array_equal(part.coefficients, triples.coefficients[start:stop])
+    np.testing.assert_array_equal(part.labels["star_id"], triples.labels["star_id"][start:stop])
+
+
+def test_cli_repeats_write_pairs_and_say_so_in_the_labels(tmp_path: Path) -> None:
+    out = tmp_path / "pairs.zarr"
+    result = CliRunner().invoke(main, ["mock", "-n", "600", "--repeats", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    labels = mock.read_mock_labels(out)
+    assert (labels.groupby("star_id").size() == 2).all()
+    same = labels.groupby("star_id")[_STAR_LABELS].nunique()
+    assert (same == 1).all().all()
+    assert open_xp_store(out).attrs["mock"]["config"]["repeats"] == 2
+
+
+def test_flat_counts_spread_the_magnitudes_evenly() -> None:
+    config = dataclasses.replace(CLEAN, g_mag_min=9.0, g_mag_limit=17.6, counts_slope=0.0,
+                                 faint_fraction=0.0)  # fmt: skip
+    g = mock.mock_rows(8192, 0, 8192, seed=1, config=config).labels["g_mag"]
+    assert g.min() >= 9.0 and g.max() <= 17.6
+    counts, _ = np.histogram(g, bins=np.linspace(9.0, 17.6, 5))
+    assert counts.min() > 0.9 * counts.max()
 
 
 def test_missing_labels_say_where_they_should_be(tmp_path: Path) -> None:
@@ -505,8 +592,16 @@ def test_cli_prints_the_summary_and_keeps_a_config_files_settings(tmp_path: Path
         ({"n": 0}, "at least 1 row"),
         ({"seed": -1}, "seed must be a non-negative"),
         ({"chunk_rows": "4096"}, "chunk_rows must be int"),
+        ({"repeats": 0}, "repeats must be at least 1"),
     ],
-    ids=["correlations-in-bulk", "unknown-format", "no-rows", "negative-seed", "typed-int"],
+    ids=[
+        "correlations-in-bulk",
+        "unknown-format",
+        "no-rows",
+        "negative-seed",
+        "typed-int",
+        "no-observations",
+    ],
 )
 def test_mock_config_checks_the_output_options(settings: dict[str, object], match: str) -> None:
     with pytest.raises(ConfigError, match=match):

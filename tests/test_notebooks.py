@@ -255,3 +255,31 @@ def test_lsdb_exports_searches_and_joins(
     assert f"wrote {N_ROWS:,} rows" in text
     assert "as by direct separation: True" in text
     assert f"joined {N_ROWS:,} of {N_ROWS:,} rows, {N_ROWS:,} distinct source_id" in text
+
+
+@pytest.mark.slow  # a kernel running the whole notebook
+@FROM_NOTEBOOKS
+def test_uncertainties_draws_clouds_and_calibrates(
+    small_inputs: dict[str, Path],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    start: Path,
+) -> None:
+    text = _execute(
+        "06_uncertainties",
+        start,
+        monkeypatch,
+        MODEL=small_inputs["model"],
+        WORK=tmp_path / "work",
+        STARS=600,
+        K=8,
+        CLOUD=50,
+    )
+    import xpbatch
+
+    ds = xpbatch.open_catalog(tmp_path / "work" / "pairs-catalog.zarr")
+    assert ds.sizes["source"] == 1200 and "latent_std_mc" in ds
+    assert "complete pairs of 600 stars; 8 draws per spectrum" in text
+    assert text.count("cloud std") == 2 and "x the cloud" in text
+    assert "sigma = latent_std: std(z) over all pairs" in text
+    assert "sigma = latent_std_mc: std(z) over all pairs" in text

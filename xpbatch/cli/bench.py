@@ -300,3 +300,52 @@ def bench_object_storage_command(
     target = located(url, storage_options)
     check_output_storage(target)
     click.echo(run_object_storage_benchmark(target, rows=rows, repeats=repeats, workdir=workdir))
+
+
+@bench_group.command("uncertainty")
+@_count(
+    "--stars",
+    20_000,
+    minimum=100,
+    help="Mock stars, each observed twice with independent noise, G spread evenly over 9-17.6.",
+)
+@click.option(
+    "--model",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="The model to calibrate [default: train a quick one on a mock, kept in --workdir].",
+)
+@click.option(
+    "--mc-samples",
+    type=click.IntRange(min=0),
+    default=32,
+    show_default=True,
+    help="Monte-Carlo draws per spectrum (encode-catalog --mc-samples); 0: latent_std alone.",
+)
+@_count("--train-rows", 20_000, minimum=1000, help="Rows of the training mock (no --model).")
+@_count("--epochs", 20, minimum=1, help="Epochs of the quick model (no --model).")
+@_workdir("Keep the mocks, model and catalogue here")
+def bench_uncertainty_command(
+    stars: int,
+    model: str | None,
+    mc_samples: int,
+    train_rows: int,
+    epochs: int,
+    workdir: str | None,
+) -> None:
+    """std of the normalised repeat difference of the latent means, per dim and G bin."""
+    import dataclasses
+
+    from xpbatch.benchmarks.uncertainty import TRAINING, run_uncertainty_benchmark
+
+    training = dataclasses.replace(TRAINING, epochs=epochs, cycle_epochs=epochs)
+    result = run_uncertainty_benchmark(
+        stars,
+        model=model,
+        mc_samples=mc_samples,
+        train_rows=train_rows,
+        training=training,
+        workdir=workdir,
+        echo=click.echo,
+    )
+    click.echo(result.report())

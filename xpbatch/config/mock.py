@@ -56,7 +56,8 @@ class MockConfig(OutputOptions):
     g_mag_limit: float = 17.65
     """G magnitude up to which the number counts rise (DR3's XP selection limit)."""
     counts_slope: float = 0.35
-    """Slope of log10 number counts per magnitude (stars per 0.1 mag grow by 10**slope per mag)."""
+    """Slope of log10 number counts per magnitude (stars per 0.1 mag grow by 10**slope per mag);
+    0 gives counts flat in G between g_mag_min and g_mag_limit."""
     faint_fraction: float = 0.005
     """Fraction of sources fainter than g_mag_limit (down to G = 20.5), like DR3's few."""
     bp_missing_fraction: float = 0.001
@@ -75,6 +76,10 @@ class MockConfig(OutputOptions):
     """Fraction of stars with Hα and Hβ in emission (population 'emission_line')."""
     white_dwarf_fraction: float = 0.0
     """Fraction of DA white dwarfs, 7000-30000 K with broad Balmer lines ('white_dwarf')."""
+    repeats: int = 1
+    """Observations of each star: above 1, consecutive rows come in groups of this many that are
+    one star (labels, spectrum, errors) observed with independent noise, each with its own
+    source_id (the labels' star_id names the group); for calibrating uncertainties."""
 
     def __post_init__(self) -> None:
         if isinstance(self.scalars, list):  # from a TOML file
@@ -99,7 +104,7 @@ class MockConfig(OutputOptions):
                 )
         if self.n < 1:
             raise ConfigError(f"a mock catalogue needs at least 1 row, got n={self.n}")
-        for name in ("chunk_rows", "rows_per_file", "workers"):
+        for name in ("chunk_rows", "rows_per_file", "workers", "repeats"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0:

@@ -20,10 +20,22 @@ from xpbatch.storage.location import Location, as_location, is_url
 if TYPE_CHECKING:
     import pandas as pd
 
-LABEL_COLUMNS = ("teff", "logg", "m_h", "alpha_m", "a_v", "g_mag", "is_giant", "population")
+LABEL_COLUMNS = (
+    "teff",
+    "logg",
+    "m_h",
+    "alpha_m",
+    "a_v",
+    "g_mag",
+    "is_giant",
+    "population",
+    "star_id",
+)
 """Columns of the labels table besides ``source_id``: Teff (K), log g (cgs dex), [M/H] and
-[α/M] (dex), A_V (mag), the true G magnitude, whether the star is a giant, and its population
-(int8, an index into :data:`xpbatch.mock.POPULATIONS`)."""
+[α/M] (dex), A_V (mag), the true G magnitude, whether the star is a giant, its population
+(int8, an index into :data:`xpbatch.mock.POPULATIONS`), and the star it observes (int64: the
+source_id of the star's first row; rows with the same star_id are repeat observations of one
+star, ``MockConfig.repeats``; without repeats it is the row's own source_id)."""
 LABELS_FILE = "mock_labels.parquet"
 """Name of the labels table inside a bulk-file directory."""
 STORE_LABELS_SUFFIX = ".labels.parquet"
@@ -43,7 +55,7 @@ def labels_path(path: str | Path | Location) -> Path | Location:
     return path / LABELS_FILE
 
 
-_LABEL_TYPES = {"is_giant": pa.bool_(), "population": pa.int8()}
+_LABEL_TYPES = {"is_giant": pa.bool_(), "population": pa.int8(), "star_id": pa.int64()}
 """Arrow types of the label columns that are not float32."""
 
 
@@ -96,8 +108,8 @@ def read_mock_labels(path: str | Path | Location) -> pd.DataFrame:
     pandas.DataFrame
         Columns :data:`LABEL_COLUMNS` (Teff in K, log g, [M/H], [α/M], A_V in mag, the true G
         magnitude, is_giant, population: an index into
-        :data:`xpbatch.mock.POPULATIONS`), one row per
-        source in source_id order.
+        :data:`xpbatch.mock.POPULATIONS`, star_id: the source_id of the star's first
+        observation), one row per source in source_id order.
     """
     import pandas as pd
 

@@ -1,5 +1,10 @@
 """The rows of a mock catalogue, block by block: spectra observed, noise, DR3 scalars, defects.
 
+Repeats (``MockConfig.repeats`` > 1): consecutive rows of a block form groups that are one
+star, with the star's labels, spectrum, errors and correlation template, each row with its own
+noise, defects, DR3 scalars and source_id; the labels' ``star_id`` is the source_id of the
+group's first row (each row's own source_id without repeats).
+
 Determinism: rows are generated in blocks of :data:`BLOCK_ROWS` rows, block ``k`` from its own
 random stream ``numpy.random.default_rng([seed, k])`` drawn in a fixed order. A row therefore
 depends only on ``(n, seed, config, row index)``: any chunking of the output (store chunks, bulk
@@ -134,6 +139,11 @@ def block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
             labels[name][rare] = values
     errors = coefficient_errors(band_flux, n_transits, np.exp(rng.normal(0.0, 0.15, true.shape)))
     template = rng.integers(0, N_CORRELATION_TEMPLATES, (size, 2))
+    star = star_rows(size, config.repeats)
+    if config.repeats > 1:  # a repeat is its star's row but for the noise drawn below
+        labels = {name: values[star] for name, values in labels.items()}
+        g_true, n_transits, true = g_true[star], n_transits[star], true[star]
+        errors, template = errors[star], template[star]
     z = rng.standard_normal(true.shape)
     noise = np.concatenate(
         [
@@ -158,6 +168,7 @@ def block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
 
     source_id = source_ids(rows, pixel, bounds, rng.random(size))
     ra, dec = positions(source_id, rng)  # drawn last: the earlier draws stay as they were
+    labels["star_id"] = source_id[star]
     block = MockRows(
         source_id=source_id,
         coefficients=coefficients,
@@ -176,6 +187,16 @@ def block(seed: int, index: int, n: int, config: MockConfig) -> MockRows:
         for array in value.values() if isinstance(value, dict) else [value]:
             array.setflags(write=False)
     return block
+
+
+def star_rows(size: int, repeats: int) -> np.ndarray:
+    """(size,) the block row whose star each block row observes: groups of ``repeats`` rows.
+
+    Groups never cross a block (each block draws its own stars), so when ``repeats`` does not
+    divide BLOCK_ROWS the last group of a block is shorter, as is the catalogue's last group.
+    """
+    rows = np.arange(size)
+    return rows - rows % repeats
 
 
 _SAMPLES_PER_TRANSIT = 60

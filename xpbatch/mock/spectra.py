@@ -213,10 +213,14 @@ def draw_labels(
 
 
 def _draw_g_mag(rng: np.random.Generator, size: int, config: MockConfig) -> np.ndarray:
-    """G magnitudes: counts rising as 10**(slope G) up to the limit, a few fainter sources."""
+    """G magnitudes: counts rising as 10**(slope G) (flat for slope 0) up to the limit, a few
+    fainter sources."""
     slope, bright, limit = config.counts_slope, config.g_mag_min, config.g_mag_limit
     u = rng.random(size)
-    rising = bright + np.log10(1.0 + u * (10.0 ** (slope * (limit - bright)) - 1.0)) / slope
+    if slope == 0.0:
+        rising = bright + u * (limit - bright)
+    else:
+        rising = bright + np.log10(1.0 + u * (10.0 ** (slope * (limit - bright)) - 1.0)) / slope
     faint = limit + (_FAINTEST_G - limit) * rng.random(size) ** 1.5
     return np.where(rng.random(size) < config.faint_fraction, faint, rising)
 
