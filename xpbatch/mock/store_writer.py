@@ -14,6 +14,7 @@ from xpbatch.mock.labels import LabelsWriter, labels_path
 from xpbatch.mock.plan import bulk_file_plan
 from xpbatch.mock.rows import BLOCK_ROWS, check_size, mock_rows
 from xpbatch.storage.location import Location
+from xpbatch.storage.outputs import check_lock
 from xpbatch.store.xp_store import DEFAULT_CHUNK_ROWS, XPStoreWriter
 
 logger = logging.getLogger(__name__)
@@ -134,5 +135,6 @@ def write_store(path: str | Path | Location, config: MockConfig) -> Path | Locat
         labels.write_table(rows.labels_table())
         logger.debug("mock store %s: wrote rows %d..%d", writer.path, region.start, region.stop)
     labels.close()
+    check_lock(path)  # never mark complete what another writer may have touched
     writer.finalize()
     return writer.path
