@@ -15,6 +15,7 @@ from pathlib import Path
 import nbformat
 import numpy as np
 import pytest
+from test_stray_warnings import STRAY
 
 REPO = Path(__file__).resolve().parents[1]
 NOTEBOOKS = REPO / "notebooks"
@@ -116,6 +117,10 @@ def _execute(name: str, cwd: Path, monkeypatch: pytest.MonkeyPatch, **env: objec
     for cell in plotting:
         images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
         assert images, f"{name}: this cell drew no figure in its outputs:\n{cell.source}"
+    for cell in book.cells:
+        for output in cell.get("outputs", []):
+            stray = STRAY.findall(output.get("text", "")) if output.get("name") == "stderr" else []
+            assert not stray, f"{name}: this cell printed {stray}:\n{cell.source}"
     EXECUTED_DIR.mkdir(parents=True, exist_ok=True)
     copy = EXECUTED_DIR / f"{name}.ipynb"
     partial = copy.with_name(f".{copy.name}.{os.getpid()}.tmp")
