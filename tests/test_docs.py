@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS_PACKAGES = ("mkdocs", "material", "mkdocstrings_handlers.python", "mkdocs_jupyter")
 
 
-def _missing_docs_packages() -> list[str]:
+def missing_docs_packages() -> list[str]:
+    """The packages of the ``docs`` extra that are not installed."""
     missing = []
     for name in DOCS_PACKAGES:
         try:
@@ -31,17 +32,22 @@ def _missing_docs_packages() -> list[str]:
     return missing
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The site, built by ``mkdocs build --strict`` (a warning, e.g. a broken link, fails)."""
-    missing = _missing_docs_packages()
+def build_site(out: Path, *, notebooks: str) -> Path:
+    """Build the site into ``out/site`` with ``mkdocs build --strict`` (a warning, e.g. a broken
+    link, fails); ``notebooks`` is docs/executed_notebooks.py's mode (``stored``: the notebook
+    pages without outputs, ``executed``: with the tests' executed copies, or fail)."""
+    missing = missing_docs_packages()
     if missing:
         pytest.skip(
             f"the docs extra is not installed (no {', '.join(missing)}): "
             "pip install -e '.[docs]' to build the site"
         )
-    out = tmp_path_factory.mktemp("site")
-    env = {**os.environ, "NO_MKDOCS_2_WARNING": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "NO_MKDOCS_2_WARNING": "1",
+        "PYTHONPATH": str(ROOT),
+        "XPBATCH_DOCS_NOTEBOOKS": notebooks,
+    }
     config, destination = str(ROOT / "mkdocs.yml"), str(out / "site")
     result = subprocess.run(
         [
@@ -64,6 +70,12 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
     assert result.returncode == 0, f"mkdocs build --strict failed:\n{result.stderr[-6000:]}"
     return out / "site"
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The site, its notebook pages as stored (tests/test_notebooks.py checks them executed)."""
+    return build_site(tmp_path_factory.mktemp("site"), notebooks="stored")
 
 
 def _text(site: Path, page: str) -> str:

@@ -242,7 +242,7 @@ def test_an_existing_export_is_refused_and_resumed_to_the_same_files(
 
 
 def test_the_cli_writes_the_same_rows_as_the_api(
-    exported: Exported, tmp_path: Path, dask_client: Client
+    exported: Exported, tmp_path: Path, dask_client: Client, caplog: pytest.LogCaptureFixture
 ) -> None:
     from click.testing import CliRunner
 
@@ -256,6 +256,9 @@ def test_the_cli_writes_the_same_rows_as_the_api(
     assert f"wrote {N_ROWS:,} rows in " in result.output and "lsdb.open_catalog(" in result.output
     cli, api = lsdb_frame(out), lsdb_frame(exported.hats)
     assert cli.equals(api)
+    # hats-import's last check of the collection says nothing (hats' catalogue check would log
+    # "Looking for catalog - found collection." on the root logger).
+    assert not [r for r in caplog.records if "found collection" in r.getMessage()]
 
 
 def test_a_catalogue_without_positions_needs_the_source_id_fallback(

@@ -133,16 +133,41 @@ def test_sampled_spectra_are_gaiaxpys_calibration(inputs: dict[str, Path]) -> No
     )
 
 
-def test_gaiaxpy_leaves_matplotlib_settings_alone() -> None:
-    """Importing GaiaXPy sets text.usetex, which breaks every later plot without LaTeX."""
+def test_xpbatch_and_gaiaxpy_leave_the_sessions_settings_alone(inputs: dict[str, Path]) -> None:
+    """Importing GaiaXPy sets text.usetex (every later plot then needs LaTeX) and ignores every
+    RuntimeWarning: neither importing xpbatch nor drawing a spectrum may change matplotlib's
+    settings or the warning filters of the user's session."""
     code = (
-        "import matplotlib, numpy as np, xpbatch\n"
+        "import sys, warnings, matplotlib, numpy as np\n"
+        "rc, filters = dict(matplotlib.rcParams), list(warnings.filters)\n"
+        "import xpbatch\n"
+        "assert 'gaiaxpy' not in sys.modules, 'import xpbatch imported gaiaxpy'\n"
+        "rc_import, filters_import = dict(matplotlib.rcParams), list(warnings.filters)\n"
+        "fig = xpbatch.plot_spectrum(sys.argv[1], sys.argv[2], catalog=sys.argv[3])\n"
         "xpbatch.sample_spectra(np.ones((1, 110)), np.ones((1, 110)))\n"
         "import gaiaxpy\n"  # already imported: no second side effect
-        "print(matplotlib.rcParams['text.usetex'])"
+        "assert 'gaiaxpy' in sys.modules\n"
+        "rc_after = dict(matplotlib.rcParams)\n"
+        "for name in ('backend',):  # pyplot resolves the backend on first use\n"
+        "    rc.pop(name), rc_import.pop(name), rc_after.pop(name)\n"
+        "print([k for k in rc if rc[k] != rc_import[k] or rc[k] != rc_after[k]])\n"
+        "new = [f for f in warnings.filters if f not in filters_import]\n"
+        "print([f for f in new if f[0] == 'ignore' and f[1] is None])  # a whole category\n"
+        "warnings.warn('still shown', RuntimeWarning)"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert done.stdout.split()[-1] == "False"
+    import xpbatch
+
+    source_id = str(int(xpbatch.open_catalog(inputs["catalog"]).source_id[0]))
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(inputs["store"]), source_id, str(inputs["catalog"])],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    changed_rc, new_filters = done.stdout.splitlines()[-2:]
+    assert changed_rc == "[]", f"matplotlib settings changed: {changed_rc}"
+    assert new_filters == "[]", f"warnings of a whole category ignored: {new_filters}"
+    assert "RuntimeWarning: still shown" in done.stderr
 
 
 def test_plot_spectrum_draws_input_and_reconstruction_in_nm(inputs: dict[str, Path]) -> None:

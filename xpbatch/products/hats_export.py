@@ -276,7 +276,7 @@ def export_hats(
     )
     if config.margin_arcsec is not None:
         args = args.add_margin(margin_threshold=config.margin_arcsec, is_default=True)
-    with _stage_failures_named():
+    with _stage_failures_named(), _collection_checked_as_a_collection():
         pipeline_with_client(args, started_client(client))  # a lazy client starts here
     if (tmp := _local_tmp(out)) is not None:
         shutil.rmtree(tmp, ignore_errors=True)  # hats-import finished with it
@@ -332,6 +332,24 @@ def _stage_failures_named() -> Iterator[None]:
         yield
     finally:
         PipelineResumePlan.wait_for_futures = original  # type: ignore[method-assign]
+
+
+@contextlib.contextmanager
+def _collection_checked_as_a_collection() -> Iterator[None]:
+    """hats-import's last step checks the collection it wrote with hats' check for a catalogue,
+    which says "Looking for catalog - found collection." on the root logger (a user's session
+    without logging set up then gets a stderr handler for every later record) and hands over
+    to the check for a collection. For the duration of the pipeline that step calls the
+    collection check itself: the same answer, without the message."""
+    import hats_import.collection.run_import as collection_import
+    from hats.io.validation import is_valid_collection
+
+    original = collection_import.is_valid_catalog
+    collection_import.is_valid_catalog = is_valid_collection
+    try:
+        yield
+    finally:
+        collection_import.is_valid_catalog = original
 
 
 def _n_partitions(catalog_dir: Path | Location) -> int:

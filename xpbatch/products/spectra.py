@@ -114,11 +114,18 @@ def sample_spectra(
 
 
 def _gaiaxpy_calibrate():  # type: ignore[no-untyped-def]
-    """GaiaXPy's ``calibrate`` without its progress output, or one clear message."""
+    """GaiaXPy's ``calibrate`` without its progress output, or one clear message.
+
+    GaiaXPy is imported here, on first use, not with xpbatch, and what its import changes for
+    the whole session is put back: it sets matplotlib's ``text.usetex`` (every later plot then
+    needs LaTeX) and ignores every ``RuntimeWarning``.
+    """
+    import warnings
+
     import matplotlib
 
     try:
-        with matplotlib.rc_context():  # importing GaiaXPy sets text.usetex for every later plot
+        with matplotlib.rc_context(), warnings.catch_warnings():
             from gaiaxpy.calibrator import calibrator
     except ImportError as e:
         raise MissingExtraError(

@@ -6,6 +6,8 @@
 - :mod:`~xpbatch.runtime.cluster`: connect to a LocalCluster, dask-cuda or a running scheduler.
 - :mod:`~xpbatch.runtime.storage_secrets`: the worker plugin that gives workers the secrets of
   explicit storage options, outside every task.
+- :mod:`~xpbatch.runtime.report_logs`: a performance report without distributed's warning
+  about the size of the profiles it gathers.
 
 This is the only layer (with the encode stage's worker plugin) that imports ``distributed``.
 """

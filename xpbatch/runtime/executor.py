@@ -238,11 +238,25 @@ class Executor:
 
     @contextlib.contextmanager
     def _performance_report(self, filename: str) -> Iterator[None]:
+        """The report, without distributed's sizeof warning about the profiles it gathers
+        (:mod:`xpbatch.runtime.report_logs`), here (a LocalCluster's scheduler) and on the
+        workers."""
         from distributed import performance_report
 
+        from xpbatch.runtime.report_logs import SIZEOF_LOGGER, QuietSizeofFallback
+
         dask_client(self.client)  # the report needs a running client when it is entered
-        with performance_report(filename=filename):
-            yield
+        plugin = QuietSizeofFallback()
+        here = logging.getLogger(SIZEOF_LOGGER)
+        here.addFilter(plugin.filter)
+        try:
+            with (
+                self.per_process(plugin, name=plugin.name, here=lambda: None),
+                performance_report(filename=filename),
+            ):
+                yield
+        finally:
+            here.removeFilter(plugin.filter)
 
     # --- the three ways to run -------------------------------------------------------------
     def _serial(
