@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+import dask
 import numpy as np
 import pytest
 import xarray as xr
@@ -310,15 +311,18 @@ def test_hats_export_on_s3_equals_local_and_lsdb_opens_it(
         with pytest.raises(OutputExistsError, match="--overwrite"):
             export_hats(catalogue, out.url, client=client, config=config)
     assert read_lease(out) is None and not [n for n in out.list() if "intermediate" in n]
-    a = lsdb.open_catalog(tmp_path / "hats").compute().sort_index()
-    b = lsdb.open_catalog(UPath(out.url, anon=False)).compute().sort_index()
-    assert a.equals(b)
-    # (lsdb.open_catalog(url, storage_options=...) of a collection passes the options on to a
-    # relative path on Python 3.11, which upath refuses: open it through a UPath, as here)
-    index = lsdb.open_catalog(UPath(out.url, anon=False)).id_search(
-        values={"source_id": int(a["source_id"].iloc[5])}
-    )
-    assert len(index.compute()) == 1
+    # read in this process's threads, which see the AWS variables set here (not on a default
+    # client another test left, whose worker processes started without them)
+    with dask.config.set(scheduler="threads"):
+        a = lsdb.open_catalog(tmp_path / "hats").compute().sort_index()
+        b = lsdb.open_catalog(UPath(out.url, anon=False)).compute().sort_index()
+        assert a.equals(b)
+        # (lsdb.open_catalog(url, storage_options=...) of a collection passes the options on to
+        # a relative path on Python 3.11, which upath refuses: open it through a UPath, as here)
+        index = lsdb.open_catalog(UPath(out.url, anon=False)).id_search(
+            values={"source_id": int(a["source_id"].iloc[5])}
+        )
+        assert len(index.compute()) == 1
 
 
 STAGES: dict[str, Callable[[str, Path], object]] = {
