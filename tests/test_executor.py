@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 
 from xpbatch.errors import ChunkError, ConfigError, ParseError
-from xpbatch.runtime.executor import SERIAL, Executor, Progress
+from xpbatch.runtime.executor import SERIAL, Executor, LazyClient, Progress
 
 KINDS = ["serial", "threads", "dask"]
 THREADS = 3
@@ -184,3 +185,25 @@ def test_per_process_setup_runs_here_without_a_cluster() -> None:
     with Executor().per_process(None, name="p", here=lambda: calls.append("here")):  # type: ignore[arg-type]
         calls.append("body")
     assert calls == ["here", "body"]
+
+
+def test_a_lazy_client_hands_a_ctrl_c_to_the_cluster_it_started() -> None:
+    """The cluster's exit must see the Ctrl-C (it then closes quickly and silently), not a
+    normal end: a normal close waits on busy workers and prints the nannies' warnings."""
+    seen: list[type[BaseException] | None] = []
+
+    @contextlib.contextmanager
+    def start() -> Iterator[Any]:
+        try:
+            yield "a client"
+        except BaseException as error:
+            seen.append(type(error))
+            raise
+        seen.append(None)
+
+    with pytest.raises(KeyboardInterrupt), LazyClient(start) as lazy:
+        lazy()
+        raise KeyboardInterrupt
+    with LazyClient(start) as lazy:
+        lazy()
+    assert seen == [KeyboardInterrupt, None]

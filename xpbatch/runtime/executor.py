@@ -101,8 +101,11 @@ class LazyClient:
     def __enter__(self) -> LazyClient:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, *exc: Any) -> None:
+        """Close as :meth:`close`, with the exception that ended the block handed on, so that
+        the cluster's own exit sees it (after a Ctrl-C it closes quickly and silently)."""
+        self._client = None
+        self._stack.__exit__(*exc)
 
 
 def dask_client(client: Client | LazyClient | None) -> Client | None:
