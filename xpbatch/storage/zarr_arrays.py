@@ -404,7 +404,7 @@ def _ends_in_crc32c(array: zarr.Array) -> bool:
     return bool(compressors) and isinstance(compressors[-1], zarr.codecs.Crc32cCodec)
 
 
-def _checksum_of(array: zarr.Array, data: bytes) -> int:
+def _checksum_of(array: zarr.Array, data: ChunkBytes) -> int:
     """The checksum recorded for a chunk file of ``array`` holding ``data``: the crc32c trailer
     Zarr's codec appended (checked against the body on every decode), else the file's crc32c."""
     if _ends_in_crc32c(array):
@@ -446,19 +446,35 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
     return _mismatch(chunk_checksum(file, array), recorded)
 
 
-def read_chunk_file(file: Place) -> bytes | None:
+ChunkBytes = bytes | memoryview
+"""A chunk file's bytes as read: ``bytes``, or a writable memoryview (a local file, read
+straight into memory that a plain chunk's values then view, see :func:`decode_rows`)."""
+
+
+def read_chunk_file(file: Place) -> ChunkBytes | None:
     """The bytes of chunk ``file``, in one read; None if it is missing.
 
     What a check reads is what it decodes: :func:`bytes_mismatch` compares these bytes with
-    their record and :func:`decode_rows` decodes them, so a file is never read twice.
+    their record and :func:`decode_rows` decodes them, so a file is never read twice. A local
+    file is read into a writable uint8 array, which a plain chunk's decoded values view.
     """
     try:
-        return file.read_bytes()
+        if isinstance(file, Location):
+            return file.read_bytes()
+        with open(file, "rb", buffering=0) as f:
+            size = os.fstat(f.fileno()).st_size
+            data, done = np.empty(size, np.uint8).data, 0  # no zero-filling: it is read over
+            while done < size:
+                n = f.readinto(data[done:])
+                if not n:  # cut short since the stat: what was read is what the file holds
+                    return data[:done]
+                done += n
+            return data
     except FileNotFoundError:
         return None
 
 
-def bytes_mismatch(array: zarr.Array, data: bytes | None, recorded: int) -> str | None:
+def bytes_mismatch(array: zarr.Array, data: ChunkBytes | None, recorded: int) -> str | None:
     """:func:`record_mismatch` of a chunk file of ``array`` already read (``data``; None: the file
     is missing). For arrays whose codecs end in crc32c only the trailer is compared: decoding
     the bytes (:func:`decode_rows`) checks the body against it, :func:`has_checksum` without a
@@ -478,31 +494,99 @@ def _mismatch(found: int | None, recorded: int) -> str | None:
 
 
 def decode_rows(
-    reads: Sequence[tuple[zarr.Array, Mapping[int, bytes]]], rows: slice
+    reads: Sequence[tuple[zarr.Array, Mapping[int, ChunkBytes]]], rows: slice
 ) -> list[np.ndarray | Exception]:
     """``array[rows]`` of each array, decoded from its chunk files' bytes already read (chunk
-    index along ``source`` -> bytes, every chunk of ``rows``), all in one trip through Zarr's
-    event loop; in place of a value, the exception its decode raised (e.g. a crc32c mismatch:
-    the body is not the one its trailer was computed over)."""
-    arrays = []
+    index along ``source`` -> bytes, every chunk of ``rows``); in place of a value, the
+    exception its decode raised (e.g. a crc32c mismatch: the body is not the one its trailer
+    was computed over).
+
+    A plain chunk (:func:`plain_dtype`: raw values and a crc32c) is checked against its
+    trailer and viewed where it lies, without a copy; the others are decoded by Zarr, all in one
+    trip through its event loop.
+    """
+    found: list[Any] = [None] * len(reads)
+    arrays: list[tuple[int, AsyncArray[Any]]] = []
     buffer = default_buffer_prototype().buffer
-    for array, data in reads:
+    for position, (array, data) in enumerate(reads):
         chunk_rows = array.chunks[0]
-        files: dict[str, Any] = {}
-        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+        indices = range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))
+        for index in indices:
             if index not in data:  # it would read as the fill value
                 raise ValueError(f"chunk {index} of {array.basename} was not read")
-            files[_memory_key(array, index)] = buffer.from_bytes(data[index])
-        arrays.append(_in_memory(array, files).async_array)
+        dtype = plain_dtype(array)
+        if dtype is not None:
+            try:
+                found[position] = _plain_rows(array, dtype, data, rows)
+            except ValueError as e:
+                found[position] = e
+            continue
+        files = {_memory_key(array, i): buffer.from_bytes(data[i]) for i in indices}  # type: ignore[arg-type]
+        arrays.append((position, _in_memory(array, files).async_array))
 
     async def decode_all() -> list[Any]:
-        return await asyncio.gather(*(a.getitem(rows) for a in arrays), return_exceptions=True)
+        return await asyncio.gather(*(a.getitem(rows) for _, a in arrays), return_exceptions=True)
 
-    found = zarr_sync(decode_all())
-    for value in found:
+    for (position, _), value in zip(arrays, zarr_sync(decode_all()) if arrays else [], strict=True):
         if isinstance(value, BaseException) and not isinstance(value, Exception):
             raise value  # KeyboardInterrupt and the like are not a chunk's problem
-    return [v if isinstance(v, Exception) else np.asarray(v) for v in found]
+        found[position] = value if isinstance(value, Exception) else np.asarray(value)
+    return found
+
+
+def plain_dtype(array: zarr.Array) -> np.dtype[Any] | None:
+    """The dtype (with its byte order) of ``array``'s chunk files when they hold its raw values,
+    optionally followed by a crc32c (no filter, no compression: the store's row arrays); None
+    for any other codec chain."""
+    serializer = array.serializer
+    compressors = array.compressors
+    plain = (
+        isinstance(serializer, zarr.codecs.BytesCodec)
+        and not array.filters
+        and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in compressors)
+        and len(compressors) <= 1
+    )
+    if not plain:
+        return None
+    endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
+    return np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
+
+
+def _plain_rows(
+    array: zarr.Array, dtype: np.dtype[Any], data: Mapping[int, ChunkBytes], rows: slice
+) -> np.ndarray:
+    """``array[rows]`` from plain chunk files' bytes (:func:`plain_dtype`): each body checked
+    against its crc32c trailer as Zarr's codec checks it, then viewed (one chunk) or joined.
+
+    Raises ValueError, as Zarr's decode does, for a body that is not its trailer's or a file
+    of the wrong size.
+    """
+    chunk_rows = array.chunks[0]
+    shape = tuple(array.chunks)
+    body = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+    trailer = 4 if array.compressors else 0
+    pieces = []
+    for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+        raw = data[index]
+        if len(raw) != body + trailer:
+            raise ValueError(
+                f"chunk {index} of {array.basename} has {len(raw)} bytes, a chunk of "
+                f"{shape} {dtype} takes {body + trailer}: cut short or not this array's"
+            )
+        if trailer:
+            stored = int.from_bytes(memoryview(raw)[body:], sys.byteorder)
+            if int(crc32c.crc32c(memoryview(raw)[:body])) != stored:
+                raise ValueError(
+                    f"Stored and computed checksum do not match (chunk {index} of "
+                    f"{array.basename}): the file is not the one its crc32c was computed over"
+                )
+        values = np.frombuffer(raw, dtype, count=body // dtype.itemsize).reshape(shape)
+        start = index * chunk_rows
+        pieces.append(values[max(rows.start - start, 0) : min(rows.stop, array.shape[0]) - start])
+    value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    if not value.flags.writeable:  # bytes (object storage): a copy the caller may change
+        value = value.copy()
+    return value.astype(array.dtype, copy=False)
 
 
 def create_chunk_table(
@@ -526,7 +610,7 @@ def create_chunk_table(
     )
 
 
-def has_checksum(data: bytes, checksum: int) -> bool:
+def has_checksum(data: ChunkBytes, checksum: int) -> bool:
     """Whether ``data`` (a chunk file's bytes) is an encoded chunk followed by its crc32c, and
     that crc32c is ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte
     as written, checked without decoding it.
