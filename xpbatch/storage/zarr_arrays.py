@@ -20,7 +20,7 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -47,6 +47,11 @@ Place = Path | Location
 """Where a store or a catalogue is: a local directory (a ``Path``, written through the
 filesystem: temporary file, fsync, rename) or an object-storage prefix (a :class:`Location`:
 one PUT per object, atomic, no rename)."""
+
+
+ChunkBytes = bytes | memoryview
+"""A chunk file's bytes: ``bytes``, or a memoryview (as encoded, or a local file read straight
+into memory that a plain chunk's values then view, see :func:`decode_rows`)."""
 
 
 def where(path: PathLike | Location) -> Place:
@@ -269,19 +274,6 @@ def utc_now() -> str:
 
 
 # --- region writes --------------------------------------------------------------------------------
-def write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice) -> None:
-    """Write ``rows`` of several arrays in one trip through Zarr's event loop.
-
-    Zarr compresses each chunk in a thread of its own, so the arrays are encoded at once, for
-    less CPU than writing them one by one.
-    """
-
-    async def write_all() -> None:
-        await asyncio.gather(*(array.async_array.setitem(rows, v) for array, v in writes))
-
-    zarr_sync(write_all())
-
-
 def read_together(reads: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
     """``array[selection]`` of several arrays in one trip through Zarr's event loop."""
 
@@ -313,31 +305,25 @@ def write_chunks(
     """Write ``rows`` (whole chunks) of several arrays of the group at ``path``; return, per chunk
     index, the checksum of each array's chunk file as this call wrote it.
 
-    The chunks are encoded in memory (every array at once, as :func:`write_together` does), then
-    each file is written to a temporary name, fsynced and renamed into place: a record written
-    next never outlives its data, and the checksums are of these bytes, whoever writes the same
-    file at the same time (see :func:`chunk_checksum`). On object storage every chunk object is
-    PUT at once (a PUT is atomic: no temporary name, no rename); the call returns when all are
-    stored, so a record written next never outlives its data there either. ``sizes``, if
-    given, receives each chunk's file sizes in bytes, in the same order.
+    The chunks are encoded in memory (:func:`encode_chunks`), then each file is written to a
+    temporary name, fsynced and renamed into place: a record written next never outlives its
+    data, and the checksums are of these bytes, whoever writes the same file at the same time
+    (see :func:`chunk_checksum`). On object storage every chunk object is PUT at once (a PUT is
+    atomic: no temporary name, no rename); the call returns when all are stored, so a record
+    written next never outlives its data there either. ``sizes``, if given, receives each
+    chunk's file sizes in bytes, in the same order.
     """
-    buffers: list[dict[str, Any]] = []
-    in_memory = []
-    for array, values in writes:
-        found: dict[str, Any] = {}
-        buffers.append(found)
-        in_memory.append((_in_memory(array, found), values))
-    write_together(in_memory, rows)
+    encoded = encode_chunks(writes, rows)
     chunk_rows = writes[0][0].chunks[0] if writes else 1
     written: dict[int, list[int]] = {}
     objects: list[tuple[str, bytes]] = []
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
         written[index] = []
-        for (array, _), found in zip(writes, buffers, strict=True):
+        for (array, _), chunks in zip(writes, encoded, strict=True):
             key = chunk_key(array, index)
-            data = found[_memory_key(array, index)].to_bytes()
+            data = chunks[index]
             if isinstance(path, Location):
-                objects.append((f"{array.basename}/{key}", data))
+                objects.append((f"{array.basename}/{key}", bytes(data)))
             else:
                 _write_file(path / array.basename / key, data)
             written[index].append(_checksum_of(array, data))
@@ -346,6 +332,54 @@ def write_chunks(
     if isinstance(path, Location):
         put_objects(path, objects)
     return written
+
+
+def encode_chunks(
+    writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice
+) -> list[dict[int, memoryview]]:
+    """The chunk files that writing ``rows`` of each array would store, without a store: per
+    array, chunk index -> the file's bytes, all encoded in one trip through Zarr's event loop
+    (its codecs compress the arrays at once, in threads).
+
+    A whole chunk goes straight through the array's codec pipeline; a chunk that ``rows`` covers
+    in part (an array's short last chunk) is written into an in-memory copy of the array, which
+    pads it with the fill value as Zarr does.
+    """
+    prototype = default_buffer_prototype()
+
+    async def whole(array: zarr.Array, index: int, values: np.ndarray) -> Any:
+        coords = (index, 0)[: array.ndim]
+        spec = array.metadata.get_chunk_spec(coords, array.async_array.config, prototype)
+        chunk = prototype.nd_buffer.from_numpy_array(values)
+        (data,) = await array.async_array.codec_pipeline.encode([(chunk, spec)])
+        return data
+
+    async def part(array: zarr.Array, index: int, values: np.ndarray, where: slice) -> Any:
+        files: dict[str, Any] = {}
+        await _in_memory(array, files).async_array.setitem(where, values)
+        return files[_memory_key(array, index)]
+
+    jobs: list[Coroutine[Any, Any, Any]] = []
+    slots: list[tuple[int, int]] = []  # (position in writes, chunk index) of each job
+    for position, (array, values) in enumerate(writes):
+        chunk_rows = array.chunks[0]
+        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
+            lo, hi = index * chunk_rows, (index + 1) * chunk_rows
+            covered = slice(max(lo, rows.start), min(hi, rows.stop, array.shape[0]))
+            mine = values[covered.start - rows.start : covered.stop - rows.start]
+            if covered == slice(lo, hi):
+                jobs.append(whole(array, index, mine))
+            else:
+                jobs.append(part(array, index, mine, covered))
+            slots.append((position, index))
+
+    async def encode_all() -> list[Any]:
+        return await asyncio.gather(*jobs)
+
+    encoded: list[dict[int, memoryview]] = [{} for _ in writes]
+    for (position, index), data in zip(slots, zarr_sync(encode_all()), strict=True):
+        encoded[position][index] = data.as_numpy_array().data
+    return encoded
 
 
 def _in_memory(array: zarr.Array, files: dict[str, Any]) -> zarr.Array:
@@ -384,7 +418,7 @@ def put_objects(root: Location, objects: Sequence[tuple[str, bytes]]) -> None:
         zarr_sync(put_all())
 
 
-def _write_file(file: Path, data: bytes) -> None:
+def _write_file(file: Path, data: ChunkBytes) -> None:
     """Write ``file`` whole or not at all: a temporary file, fsynced, renamed into place."""
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
@@ -444,11 +478,6 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
     """Why chunk ``file`` of ``array`` is not the file its writer recorded (``recorded``), as a
     predicate ("is missing", ...); None when it is (its trailer, see :func:`chunk_checksum`)."""
     return _mismatch(chunk_checksum(file, array), recorded)
-
-
-ChunkBytes = bytes | memoryview
-"""A chunk file's bytes as read: ``bytes``, or a writable memoryview (a local file, read
-straight into memory that a plain chunk's values then view, see :func:`decode_rows`)."""
 
 
 def read_chunk_file(file: Place) -> ChunkBytes | None:
