@@ -363,9 +363,8 @@ def score_terms(density: LatentDensity) -> ScoreTerms:
     as64 = np.ascontiguousarray
     factor = as64(density.precision_cholesky, np.float64)  # (components, d, d)
     # stops[c, e]: 1 + the last j with factor[c, j, e] != 0 (e + 1 for a triangular factor).
-    nonzero = factor != 0
-    last = factor.shape[1] - 1 - np.argmax(nonzero[:, ::-1, :], axis=1)  # (components, d)
-    stops = np.where(nonzero.any(axis=1), last + 1, 0).astype(np.int64)
+    j_plus_1 = np.arange(1, factor.shape[1] + 1)[None, :, None]
+    stops = np.where(factor != 0, j_plus_1, 0).max(axis=1, initial=0).astype(np.int64)
     return (
         as64(density.centre, np.float64),
         as64(density.scale, np.float64),
