@@ -20,7 +20,7 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Coroutine, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +28,17 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
-from zarr.storage import MemoryStore, StorePath
 
 from xpbatch import schema
 from xpbatch.errors import StoreNotFoundError
+from xpbatch.storage.chunk_bytes import ChunkBytes as ChunkBytes
+from xpbatch.storage.chunk_bytes import checksum_of, ends_in_crc32c
+from xpbatch.storage.chunk_bytes import decode_rows as decode_rows
+from xpbatch.storage.chunk_bytes import encode_chunks as encode_chunks
+from xpbatch.storage.chunk_bytes import has_checksum as has_checksum
+from xpbatch.storage.chunk_bytes import plain_dtype as plain_dtype
+from xpbatch.storage.chunk_bytes import read_chunk_file as read_chunk_file
 from xpbatch.storage.kinds import CATALOG as CATALOG
 from xpbatch.storage.kinds import STORE as STORE
 from xpbatch.storage.kinds import Kind as Kind
@@ -47,11 +51,6 @@ Place = Path | Location
 """Where a store or a catalogue is: a local directory (a ``Path``, written through the
 filesystem: temporary file, fsync, rename) or an object-storage prefix (a :class:`Location`:
 one PUT per object, atomic, no rename)."""
-
-
-ChunkBytes = bytes | memoryview
-"""A chunk file's bytes: ``bytes``, or a memoryview (as encoded, or a local file read straight
-into memory that a plain chunk's values then view, see :func:`decode_rows`)."""
 
 
 def where(path: PathLike | Location) -> Place:
@@ -305,13 +304,13 @@ def write_chunks(
     """Write ``rows`` (whole chunks) of several arrays of the group at ``path``; return, per chunk
     index, the checksum of each array's chunk file as this call wrote it.
 
-    The chunks are encoded in memory (:func:`encode_chunks`), then each file is written to a
-    temporary name, fsynced and renamed into place: a record written next never outlives its
-    data, and the checksums are of these bytes, whoever writes the same file at the same time
-    (see :func:`chunk_checksum`). On object storage every chunk object is PUT at once (a PUT is
-    atomic: no temporary name, no rename); the call returns when all are stored, so a record
-    written next never outlives its data there either. ``sizes``, if given, receives each
-    chunk's file sizes in bytes, in the same order.
+    The chunks are encoded in memory (:func:`~xpbatch.storage.chunk_bytes.encode_chunks`), then
+    each file is written to a temporary name, fsynced and renamed into place: a record written
+    next never outlives its data, and the checksums are of these bytes, whoever writes the same
+    file at the same time (see :func:`chunk_checksum`). On object storage every chunk object is
+    PUT at once (a PUT is atomic: no temporary name, no rename); the call returns when all are
+    stored, so a record written next never outlives its data there either. ``sizes``, if
+    given, receives each chunk's file sizes in bytes, in the same order.
     """
     encoded = encode_chunks(writes, rows)
     chunk_rows = writes[0][0].chunks[0] if writes else 1
@@ -326,77 +325,12 @@ def write_chunks(
                 objects.append((f"{array.basename}/{key}", bytes(data)))
             else:
                 _write_file(path / array.basename / key, data)
-            written[index].append(_checksum_of(array, data))
+            written[index].append(checksum_of(array, data))
             if sizes is not None:
                 sizes.setdefault(index, []).append(len(data))
     if isinstance(path, Location):
         put_objects(path, objects)
     return written
-
-
-def encode_chunks(
-    writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice
-) -> list[dict[int, memoryview]]:
-    """The chunk files that writing ``rows`` of each array would store, without a store: per
-    array, chunk index -> the file's bytes, all encoded in one trip through Zarr's event loop
-    (its codecs compress the arrays at once, in threads).
-
-    A whole chunk goes straight through the array's codec pipeline; a chunk that ``rows`` covers
-    in part (an array's short last chunk) is written into an in-memory copy of the array, which
-    pads it with the fill value as Zarr does.
-    """
-    prototype = default_buffer_prototype()
-
-    async def whole(array: zarr.Array, index: int, values: np.ndarray) -> Any:
-        coords = (index, 0)[: array.ndim]
-        spec = array.metadata.get_chunk_spec(coords, array.async_array.config, prototype)
-        chunk = prototype.nd_buffer.from_numpy_array(values)
-        (data,) = await array.async_array.codec_pipeline.encode([(chunk, spec)])
-        return data
-
-    async def part(array: zarr.Array, index: int, values: np.ndarray, where: slice) -> Any:
-        files: dict[str, Any] = {}
-        await _in_memory(array, files).async_array.setitem(where, values)
-        return files[_memory_key(array, index)]
-
-    jobs: list[Coroutine[Any, Any, Any]] = []
-    slots: list[tuple[int, int]] = []  # (position in writes, chunk index) of each job
-    for position, (array, values) in enumerate(writes):
-        chunk_rows = array.chunks[0]
-        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-            lo, hi = index * chunk_rows, (index + 1) * chunk_rows
-            covered = slice(max(lo, rows.start), min(hi, rows.stop, array.shape[0]))
-            mine = values[covered.start - rows.start : covered.stop - rows.start]
-            if covered == slice(lo, hi):
-                jobs.append(whole(array, index, mine))
-            else:
-                jobs.append(part(array, index, mine, covered))
-            slots.append((position, index))
-
-    async def encode_all() -> list[Any]:
-        return await asyncio.gather(*jobs)
-
-    encoded: list[dict[int, memoryview]] = [{} for _ in writes]
-    for (position, index), data in zip(slots, zarr_sync(encode_all()), strict=True):
-        encoded[position][index] = data.as_numpy_array().data
-    return encoded
-
-
-def _in_memory(array: zarr.Array, files: dict[str, Any]) -> zarr.Array:
-    """``array`` (its path, metadata and codecs) over ``files``, :func:`_memory_key` -> encoded
-    bytes (a Buffer): chunks encoded into it, or decoded from bytes already read, without a
-    file."""
-    memory = AsyncArray(
-        metadata=array.metadata,
-        store_path=StorePath(MemoryStore(store_dict=files), array.path),
-        config=array.async_array.config,
-    )
-    return zarr.Array(memory)  # type: ignore[type-var]
-
-
-def _memory_key(array: zarr.Array, index: int) -> str:
-    """The key of chunk ``index`` (along ``source``) of an :func:`_in_memory` array."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((index, 0)[: array.ndim])}"
 
 
 def put_objects(root: Location, objects: Sequence[tuple[str, bytes]]) -> None:
@@ -433,29 +367,17 @@ def _write_file(file: Path, data: ChunkBytes) -> None:
     os.replace(partial, file)
 
 
-def _ends_in_crc32c(array: zarr.Array) -> bool:
-    compressors = array.compressors  # the bytes-to-bytes codecs, in order
-    return bool(compressors) and isinstance(compressors[-1], zarr.codecs.Crc32cCodec)
-
-
-def _checksum_of(array: zarr.Array, data: ChunkBytes) -> int:
-    """The checksum recorded for a chunk file of ``array`` holding ``data``: the crc32c trailer
-    Zarr's codec appended (checked against the body on every decode), else the file's crc32c."""
-    if _ends_in_crc32c(array):
-        return int.from_bytes(data[-4:], sys.byteorder) if len(data) >= 4 else -2
-    return int(crc32c.crc32c(data))
-
-
 def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     """The checksum chunk ``file`` of ``array`` carries (as :func:`write_chunks` records it),
     None if the file is missing.
 
     For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
-    still matches it is checked by every decode (and by :func:`has_checksum`).
+    still matches it is checked by every decode (and by
+    :func:`~xpbatch.storage.chunk_bytes.has_checksum`).
     """
     if isinstance(file, Location):  # object storage: one ranged GET of the object's end
         try:
-            if _ends_in_crc32c(array):
+            if ends_in_crc32c(array):
                 tail = file.read_tail(4)
                 return int.from_bytes(tail, sys.byteorder) if len(tail) == 4 else -2
             return int(crc32c.crc32c(file.read_bytes()))
@@ -466,7 +388,7 @@ def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        if _ends_in_crc32c(array):
+        if ends_in_crc32c(array):
             size = os.fstat(fd).st_size
             return int.from_bytes(os.pread(fd, 4, size - 4), sys.byteorder) if size >= 4 else -2
         return int(crc32c.crc32c(file.read_bytes()))
@@ -480,35 +402,13 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
     return _mismatch(chunk_checksum(file, array), recorded)
 
 
-def read_chunk_file(file: Place) -> ChunkBytes | None:
-    """The bytes of chunk ``file``, in one read; None if it is missing.
-
-    What a check reads is what it decodes: :func:`bytes_mismatch` compares these bytes with
-    their record and :func:`decode_rows` decodes them, so a file is never read twice. A local
-    file is read into a writable uint8 array, which a plain chunk's decoded values view.
-    """
-    try:
-        if isinstance(file, Location):
-            return file.read_bytes()
-        with open(file, "rb", buffering=0) as f:
-            size = os.fstat(f.fileno()).st_size
-            data, done = np.empty(size, np.uint8).data, 0  # no zero-filling: it is read over
-            while done < size:
-                n = f.readinto(data[done:])
-                if not n:  # cut short since the stat: what was read is what the file holds
-                    return data[:done]
-                done += n
-            return data
-    except FileNotFoundError:
-        return None
-
-
 def bytes_mismatch(array: zarr.Array, data: ChunkBytes | None, recorded: int) -> str | None:
     """:func:`record_mismatch` of a chunk file of ``array`` already read (``data``; None: the file
     is missing). For arrays whose codecs end in crc32c only the trailer is compared: decoding
-    the bytes (:func:`decode_rows`) checks the body against it, :func:`has_checksum` without a
+    the bytes (:func:`~xpbatch.storage.chunk_bytes.decode_rows`) checks the body against it,
+    :func:`~xpbatch.storage.chunk_bytes.has_checksum` without a
     decode."""
-    return _mismatch(None if data is None else _checksum_of(array, data), recorded)
+    return _mismatch(None if data is None else checksum_of(array, data), recorded)
 
 
 def _mismatch(found: int | None, recorded: int) -> str | None:
@@ -520,102 +420,6 @@ def _mismatch(found: int | None, recorded: int) -> str | None:
             f"{recorded:08x}): copied from another chunk, replaced or altered"
         )
     return None
-
-
-def decode_rows(
-    reads: Sequence[tuple[zarr.Array, Mapping[int, ChunkBytes]]], rows: slice
-) -> list[np.ndarray | Exception]:
-    """``array[rows]`` of each array, decoded from its chunk files' bytes already read (chunk
-    index along ``source`` -> bytes, every chunk of ``rows``); in place of a value, the
-    exception its decode raised (e.g. a crc32c mismatch: the body is not the one its trailer
-    was computed over).
-
-    A plain chunk (:func:`plain_dtype`: raw values and a crc32c) is checked against its
-    trailer and viewed where it lies, without a copy; the others are decoded by Zarr, all in one
-    trip through its event loop.
-    """
-    found: list[Any] = [None] * len(reads)
-    arrays: list[tuple[int, AsyncArray[Any]]] = []
-    buffer = default_buffer_prototype().buffer
-    for position, (array, data) in enumerate(reads):
-        chunk_rows = array.chunks[0]
-        indices = range(rows.start // chunk_rows, -(-rows.stop // chunk_rows))
-        for index in indices:
-            if index not in data:  # it would read as the fill value
-                raise ValueError(f"chunk {index} of {array.basename} was not read")
-        dtype = plain_dtype(array)
-        if dtype is not None:
-            try:
-                found[position] = _plain_rows(array, dtype, data, rows)
-            except ValueError as e:
-                found[position] = e
-            continue
-        files = {_memory_key(array, i): buffer.from_bytes(data[i]) for i in indices}  # type: ignore[arg-type]
-        arrays.append((position, _in_memory(array, files).async_array))
-
-    async def decode_all() -> list[Any]:
-        return await asyncio.gather(*(a.getitem(rows) for _, a in arrays), return_exceptions=True)
-
-    for (position, _), value in zip(arrays, zarr_sync(decode_all()) if arrays else [], strict=True):
-        if isinstance(value, BaseException) and not isinstance(value, Exception):
-            raise value  # KeyboardInterrupt and the like are not a chunk's problem
-        found[position] = value if isinstance(value, Exception) else np.asarray(value)
-    return found
-
-
-def plain_dtype(array: zarr.Array) -> np.dtype[Any] | None:
-    """The dtype (with its byte order) of ``array``'s chunk files when they hold its raw values,
-    optionally followed by a crc32c (no filter, no compression: the store's row arrays); None
-    for any other codec chain."""
-    serializer = array.serializer
-    compressors = array.compressors
-    plain = (
-        isinstance(serializer, zarr.codecs.BytesCodec)
-        and not array.filters
-        and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in compressors)
-        and len(compressors) <= 1
-    )
-    if not plain:
-        return None
-    endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
-    return np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
-
-
-def _plain_rows(
-    array: zarr.Array, dtype: np.dtype[Any], data: Mapping[int, ChunkBytes], rows: slice
-) -> np.ndarray:
-    """``array[rows]`` from plain chunk files' bytes (:func:`plain_dtype`): each body checked
-    against its crc32c trailer as Zarr's codec checks it, then viewed (one chunk) or joined.
-
-    Raises ValueError, as Zarr's decode does, for a body that is not its trailer's or a file
-    of the wrong size.
-    """
-    chunk_rows = array.chunks[0]
-    shape = tuple(array.chunks)
-    body = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
-    trailer = 4 if array.compressors else 0
-    pieces = []
-    for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-        raw = data[index]
-        if len(raw) != body + trailer:
-            raise ValueError(
-                f"chunk {index} of {array.basename} has {len(raw)} bytes, a chunk of "
-                f"{shape} {dtype} takes {body + trailer}: cut short or not this array's"
-            )
-        if trailer:
-            stored = int.from_bytes(memoryview(raw)[body:], sys.byteorder)
-            if int(crc32c.crc32c(memoryview(raw)[:body])) != stored:
-                raise ValueError(
-                    f"Stored and computed checksum do not match (chunk {index} of "
-                    f"{array.basename}): the file is not the one its crc32c was computed over"
-                )
-        values = np.frombuffer(raw, dtype, count=body // dtype.itemsize).reshape(shape)
-        start = index * chunk_rows
-        pieces.append(values[max(rows.start - start, 0) : min(rows.stop, array.shape[0]) - start])
-    value = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
-    if not value.flags.writeable:  # bytes (object storage): a copy the caller may change
-        value = value.copy()
-    return value.astype(array.dtype, copy=False)
 
 
 def create_chunk_table(
@@ -637,21 +441,6 @@ def create_chunk_table(
         },
         config={"write_empty_chunks": True},
     )
-
-
-def has_checksum(data: ChunkBytes, checksum: int) -> bool:
-    """Whether ``data`` (a chunk file's bytes) is an encoded chunk followed by its crc32c, and
-    that crc32c is ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte
-    as written, checked without decoding it.
-
-    (A CRC of a whole file that ends in its own CRC is a constant, so the body is checked
-    against the trailer and the trailer against ``checksum``.)
-    """
-    view = memoryview(data)
-    if len(view) < 4:
-        return False
-    trailer = int.from_bytes(view[-4:], sys.byteorder)
-    return trailer == checksum and int(crc32c.crc32c(view[:-4])) == checksum
 
 
 def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple[int, str, int]]:
