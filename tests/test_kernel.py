@@ -311,3 +311,41 @@ def test_the_fused_score_equals_the_float64_torch_score() -> None:
     assert 100 < outlier.sum() < 4900  # the threshold splits the rows
     np.testing.assert_array_equal((flags & CatalogFlag.LATENT_OUTLIER) != 0, outlier)
     assert flags[6] == CatalogFlag.NOT_ENCODED
+
+
+@pytest.mark.parametrize("factor", ["triangular", "full"])
+def test_skipping_the_factors_zeros_changes_no_bit_of_the_score(factor: str) -> None:
+    """score_rows skips the terms past each column's last nonzero (half of a triangular factor)
+    and sums rows in blocks; every row's float64 score is bit for bit what summing every term
+    gives, also where a difference is infinite or NaN (there NaN * 0 counts)."""
+    from xpbatch.model.density import SCORE_BLOCK_ROWS, score_rows, score_terms
+
+    rng = np.random.default_rng(5)
+    density = _mixture(rng)
+    if factor == "full":
+        noise = np.tril(rng.normal(size=density.precision_cholesky.shape), -1)  # below diagonal
+        density = dataclasses.replace(
+            density, precision_cholesky=density.precision_cholesky + noise
+        )
+    n = 3 * SCORE_BLOCK_ROWS + 7  # several blocks and a short one
+    mu = (rng.normal(size=(n, 6)) * 3).astype(np.float32)
+    rmse = rng.lognormal(0.1, 0.7, n).astype(np.float32)
+    mu[0, 0], mu[1, 3], mu[2, 4], mu[3, 1] = np.inf, -np.inf, np.nan, 3e38
+    rmse[4], rmse[5], rmse[6] = 0.0, np.inf, np.nan
+    centre, scale, active, log_rmse, means, factors, stops, log_norms, threshold = score_terms(
+        density
+    )
+    assert (stops < stops.shape[1]).any() == (factor == "triangular")
+    scores = {}
+    for name, used in (("skipping", stops), ("every-term", np.full_like(stops, stops.shape[1]))):
+        scores[name] = np.empty(n)
+        flags = np.zeros(n, np.uint16)
+        score_rows(
+            mu, rmse, centre, scale, active, log_rmse, means, factors, used, log_norms,
+            threshold, scores[name], flags,
+        )  # fmt: skip
+    np.testing.assert_array_equal(
+        scores["skipping"].view(np.uint64), scores["every-term"].view(np.uint64)
+    )
+    if factor == "triangular":  # an infinite difference times a skipped zero: NaN, as einsum
+        assert np.isnan(scores["skipping"][:7]).sum() >= 4

@@ -86,6 +86,40 @@ def test_chunk_reader_reads_what_zarr_reads(store: Path, rows: slice) -> None:
         np.testing.assert_array_equal(got[name], array[rows], err_msg=name)
 
 
+@pytest.mark.parametrize("endian", ["little", "big"])
+def test_plain_chunks_decode_as_zarr_decodes_them_and_refuse_damage(
+    tmp_path: Path, endian: str
+) -> None:
+    """Raw values + crc32c are viewed without Zarr's decode: same values, writable, and a
+    flipped byte or a cut file is the ValueError Zarr's crc32c codec raises."""
+    array = zarr.create_array(
+        tmp_path / "a.zarr",
+        shape=(10, 3),
+        chunks=(4, 3),
+        dtype="float32",
+        serializer=zarr.codecs.BytesCodec(endian=endian),
+        compressors=(zarr.codecs.Crc32cCodec(),),
+    )
+    values = np.arange(30, dtype=np.float32).reshape(10, 3)
+    array[:] = values
+    assert zarr_arrays.plain_dtype(array) is not None
+    where = tmp_path / "a.zarr"
+    read = [zarr_arrays.read_chunk_file(zarr_arrays.chunk_file(where, array, i)) for i in range(3)]
+    files = {i: data for i, data in enumerate(read) if data is not None}
+    assert len(files) == 3
+    for rows in (slice(0, 4), slice(4, 10), slice(8, 10)):
+        (got,) = zarr_arrays.decode_rows([(array, files)], rows)
+        assert isinstance(got, np.ndarray)
+        np.testing.assert_array_equal(got, values[rows])
+        assert got.dtype == np.float32 and got.flags.writeable
+    good = bytes(files[1])
+    flipped = bytearray(good)
+    flipped[5] ^= 1
+    for damaged in (memoryview(flipped), good[:-1]):
+        (error,) = zarr_arrays.decode_rows([(array, {1: damaged})], slice(4, 8))
+        assert isinstance(error, ValueError)
+
+
 def test_chunk_reader_names_a_damaged_chunk(store: Path, tmp_path: Path) -> None:
     damaged = tmp_path / "s.zarr"
     shutil.copytree(store, damaged)
@@ -126,6 +160,33 @@ def test_chunk_writes_land_in_their_region(template: Path) -> None:
             schema.FLAGS,
         )
     assert catalog.completed_chunks(template) == {3}
+
+
+def test_encoded_chunks_are_the_files_zarr_writes(template: Path, store: Path) -> None:
+    """encode_chunks (whole chunks straight through the codec pipeline, a short last chunk
+    padded through an in-memory array) gives byte for byte the files of Zarr's own writes, for
+    the catalogue's codecs (Blosc, crc32c) and the store's (crc32c only)."""
+    values = {
+        name: np.concatenate([_outputs(i)[name] for i in range(LAYOUT.n_chunks)])
+        for name in catalog.open_arrays(template, [s.name for s in LAYOUT.variables()])
+    }
+    group = zarr.open_group(template, mode="r+")
+    catalogue = {name: zarr_arrays.get_array(group, name, zarr_arrays.CATALOG) for name in values}
+    for name, array in catalogue.items():
+        array[:] = values[name]  # Zarr's own write of every chunk
+    inputs = open_variables(store, INPUT_VARIABLES)
+    for place, arrays, data in (
+        (template, catalogue, values),
+        (store, inputs, {name: np.asarray(array[:]) for name, array in inputs.items()}),
+    ):
+        names = list(arrays)
+        everything = slice(0, N_ROWS)
+        encoded = zarr_arrays.encode_chunks([(arrays[n], data[n]) for n in names], everything)
+        for name, chunks in zip(names, encoded, strict=True):
+            assert sorted(chunks) == list(range(LAYOUT.n_chunks))
+            for index, found in chunks.items():
+                file = zarr_arrays.chunk_file(place, arrays[name], index)
+                assert bytes(found) == Path(str(file)).read_bytes(), (name, index)
 
 
 def test_a_bad_variable_writes_nothing_of_the_chunk(template: Path) -> None:

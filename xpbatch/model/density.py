@@ -225,6 +225,10 @@ _LATENT_OUTLIER = np.uint16(CatalogFlag.LATENT_OUTLIER)
 _NOT_ENCODED = np.uint16(CatalogFlag.NOT_ENCODED)
 
 
+SCORE_BLOCK_ROWS = 256
+"""Rows :func:`score_rows` takes through the mixture together (its scratch: a few KiB)."""
+
+
 @numba.njit(cache=True, nogil=True, error_model="numpy")
 def score_rows(
     mu: np.ndarray,  # (rows, latent) float32 latent means
@@ -235,6 +239,7 @@ def score_rows(
     log_rmse: np.ndarray,  # (2,) float64 centre and scale of ln rmse, or (0,): latent only
     means: np.ndarray,  # (components, d) float64
     factor: np.ndarray,  # (components, d, d) float64 precision Cholesky factors R
+    stops: np.ndarray,  # (components, d) int64: R[c, j, e] == 0 for every j >= stops[c, e]
     log_norms: np.ndarray,  # (components,) float64 (LatentDensity.log_norms)
     threshold: np.float32,  # LATENT_OUTLIER above it (float32, as the torch path compares)
     score: np.ndarray,  # out (rows,) float32 (or float64), NaN on rows not encoded; or (0,)
@@ -244,65 +249,130 @@ def score_rows(
 
     In float64 like the torch form :meth:`LatentDensity.score` (only the order of the sums
     differs), so both give the same float32 scores and the same outlier decisions; it needs no
-    (rows, components, d) temporaries.
+    (rows, components, d) temporaries. Each row's sums run in the same order whatever the
+    block: ``y_e = sum_j (u - m)_j R_je`` over ascending ``j``, then ``sum_e y_e^2``. The terms
+    past ``stops`` (the factor's zeros, half of a triangular one) are skipped: adding them adds
+    only zeros, unless a difference is infinite or NaN, and such a row is summed in full again.
     """
     n_rows = mu.shape[0]
     n_components, d = means.shape
     n_active = active.shape[0]
-    u = np.empty(d)
-    log_p = np.empty(n_components)
+    block = max(1, min(SCORE_BLOCK_ROWS, n_rows))
+    u = np.empty((d, block))  # (coordinate, row): the standardised points, rows innermost
+    log_p = np.empty((n_components, block))
+    finite = np.empty(block)  # 0 where every difference is finite, else NaN
+    full = np.full((n_components, d), d, np.int64)  # every term, as einsum sums them
     nan = np.float32(np.nan)
-    for i in range(n_rows):
-        if flags[i] & _NOT_ENCODED:
-            if score.shape[0]:
-                score[i] = nan
-            continue
+    for start in range(0, n_rows, block):
+        nb = min(block, n_rows - start)
         for a in range(n_active):
             k = active[a]
-            u[a] = (np.float64(mu[i, k]) - centre[k]) / scale[k]
+            for b in range(nb):
+                u[a, b] = (np.float64(mu[start + b, k]) - centre[k]) / scale[k]
         if log_rmse.shape[0]:
-            u[n_active] = (np.log(np.float64(rmse[i])) - log_rmse[0]) / log_rmse[1]
-        top, broken = -np.inf, False
-        for c in range(n_components):
-            q = 0.0
-            for e in range(d):  # y_e = sum_d (u - m)_d R_de, every term (as einsum: NaN stays)
-                y = 0.0
-                for j in range(d):
-                    y += (u[j] - means[c, j]) * factor[c, j, e]
-                q += y * y
-            log_p[c] = -0.5 * q + log_norms[c]
-            broken = broken or np.isnan(log_p[c])
-            top = max(top, log_p[c])
-        if broken:
-            value = np.nan
-        elif top == -np.inf:  # every component infinitely far: torch.logsumexp gives -inf
-            value = np.inf
-        else:
-            total = 0.0
-            for c in range(n_components):
-                total += np.exp(log_p[c] - top)
-            value = -(top + np.log(total))
-        if score.shape[0]:
-            score[i] = value  # rounded to the array's dtype (float32 in the catalogue)
-        if np.float32(value) > threshold:
-            flags[i] |= _LATENT_OUTLIER
+            for b in range(nb):
+                u[n_active, b] = (np.log(np.float64(rmse[start + b])) - log_rmse[0]) / log_rmse[1]
+        _mixture_terms(u[:, :nb], means, factor, stops, log_norms, log_p[:, :nb], finite[:nb])
+        for b in range(nb):
+            i = start + b
+            if flags[i] & _NOT_ENCODED:
+                if score.shape[0]:
+                    score[i] = nan
+                continue
+            if finite[b] != 0.0:  # an infinite or NaN difference: every term counts (NaN * 0)
+                _mixture_terms(
+                    u[:, b : b + 1], means, factor, full, log_norms, log_p[:, b : b + 1],
+                    finite[b : b + 1],
+                )  # fmt: skip
+            value = _neg_log_sum_exp(log_p[:, b])
+            if score.shape[0]:
+                score[i] = value  # rounded to the array's dtype (float32 in the catalogue)
+            if np.float32(value) > threshold:
+                flags[i] |= _LATENT_OUTLIER
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _mixture_terms(
+    u: np.ndarray,  # (d, rows) standardised points
+    means: np.ndarray,  # (components, d)
+    factor: np.ndarray,  # (components, d, d)
+    stops: np.ndarray,  # (components, d) terms summed into y_e: j < stops[c, e]
+    log_norms: np.ndarray,  # (components,)
+    log_p: np.ndarray,  # out (components, rows): -q/2 + log_norms, q = |(u - m) R|^2
+    finite: np.ndarray,  # out (rows,): 0 where every difference u - m is finite, else NaN
+) -> None:
+    """Each row's log density under each component, rows innermost (so the loops vectorise
+    across rows; each row's sums keep their order)."""
+    d, nb = u.shape
+    diff = np.empty((d, nb))
+    y = np.empty(nb)
+    q = np.empty(nb)
+    finite[:] = 0.0
+    for c in range(means.shape[0]):
+        for j in range(d):
+            m = means[c, j]
+            for b in range(nb):
+                diff[j, b] = u[j, b] - m
+                finite[b] += diff[j, b] * 0.0  # NaN once a difference is infinite or NaN
+        q[:] = 0.0
+        for e in range(d):
+            y[:] = 0.0
+            for j in range(stops[c, e]):
+                r = factor[c, j, e]
+                for b in range(nb):
+                    y[b] += diff[j, b] * r
+            for b in range(nb):
+                q[b] += y[b] * y[b]
+        for b in range(nb):
+            log_p[c, b] = -0.5 * q[b] + log_norms[c]
+
+
+@numba.njit(cache=True, nogil=True, error_model="numpy", inline="always")
+def _neg_log_sum_exp(log_p: np.ndarray) -> float:
+    """-log sum_c exp(log_p[c]), as ``-torch.logsumexp``: NaN if any term is NaN, inf if every
+    term is -inf."""
+    top, broken = -np.inf, False
+    for c in range(log_p.shape[0]):
+        broken = broken or np.isnan(log_p[c])
+        top = max(top, log_p[c])
+    if broken:
+        return np.nan
+    if top == -np.inf:  # every component infinitely far: torch.logsumexp gives -inf
+        return np.inf
+    total = 0.0
+    for c in range(log_p.shape[0]):
+        total += np.exp(log_p[c] - top)
+    return -(top + np.log(total))
 
 
 ScoreTerms = tuple[
-    np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.float32
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.float32,
 ]
 
 
 def score_terms(density: LatentDensity) -> ScoreTerms:
     """The arguments of :func:`score_rows` that describe ``density``."""
     as64 = np.ascontiguousarray
+    factor = as64(density.precision_cholesky, np.float64)  # (components, d, d)
+    # stops[c, e]: 1 + the last j with factor[c, j, e] != 0 (e + 1 for a triangular factor).
+    j_plus_1 = np.arange(1, factor.shape[1] + 1)[None, :, None]
+    stops = np.where(factor != 0, j_plus_1, 0).max(axis=1, initial=0).astype(np.int64)
     return (
         as64(density.centre, np.float64),
         as64(density.scale, np.float64),
         np.flatnonzero(density.active).astype(np.int64),
         as64(np.empty(0) if density.log_rmse is None else density.log_rmse, np.float64),
         as64(density.means, np.float64),
-        as64(density.precision_cholesky, np.float64),
+        factor,
+        stops,
         density.log_norms(),
         np.float32(density.threshold),
     )

@@ -5,6 +5,8 @@
   errors, format versions).
 - :mod:`~xpbatch.storage.zarr_arrays`: the Zarr layer the XP store and the catalogue share
   (array specs, codecs, templates, region writes, chunk files and their checksums).
+- :mod:`~xpbatch.storage.chunk_bytes`: a chunk file's bytes without a store (rows encoded into
+  them and decoded from them, their checksums).
 - :mod:`~xpbatch.storage.location`: where an output or input lives, a local path or an
   ``s3://`` URL (objects, listing, removal, Zarr stores, reader options, one client per process).
 - :mod:`~xpbatch.storage.clients`: object-storage settings, one client per process, errors

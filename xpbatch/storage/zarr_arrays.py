@@ -20,7 +20,7 @@ import shutil
 import sys
 import uuid
 import warnings
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -28,13 +28,17 @@ import crc32c
 import numpy as np
 import zarr
 import zarr.codecs
-from zarr.core.array import AsyncArray
-from zarr.core.buffer import default_buffer_prototype
 from zarr.core.sync import sync as zarr_sync
-from zarr.storage import MemoryStore, StorePath
 
 from xpbatch import schema
 from xpbatch.errors import StoreNotFoundError
+from xpbatch.storage.chunk_bytes import ChunkBytes as ChunkBytes
+from xpbatch.storage.chunk_bytes import checksum_of, ends_in_crc32c
+from xpbatch.storage.chunk_bytes import decode_rows as decode_rows
+from xpbatch.storage.chunk_bytes import encode_chunks as encode_chunks
+from xpbatch.storage.chunk_bytes import has_checksum as has_checksum
+from xpbatch.storage.chunk_bytes import plain_dtype as plain_dtype
+from xpbatch.storage.chunk_bytes import read_chunk_file as read_chunk_file
 from xpbatch.storage.kinds import CATALOG as CATALOG
 from xpbatch.storage.kinds import STORE as STORE
 from xpbatch.storage.kinds import Kind as Kind
@@ -269,19 +273,6 @@ def utc_now() -> str:
 
 
 # --- region writes --------------------------------------------------------------------------------
-def write_together(writes: Sequence[tuple[zarr.Array, np.ndarray]], rows: slice) -> None:
-    """Write ``rows`` of several arrays in one trip through Zarr's event loop.
-
-    Zarr compresses each chunk in a thread of its own, so the arrays are encoded at once, for
-    less CPU than writing them one by one.
-    """
-
-    async def write_all() -> None:
-        await asyncio.gather(*(array.async_array.setitem(rows, v) for array, v in writes))
-
-    zarr_sync(write_all())
-
-
 def read_together(reads: Sequence[tuple[zarr.Array, Any]]) -> list[np.ndarray]:
     """``array[selection]`` of several arrays in one trip through Zarr's event loop."""
 
@@ -313,7 +304,7 @@ def write_chunks(
     """Write ``rows`` (whole chunks) of several arrays of the group at ``path``; return, per chunk
     index, the checksum of each array's chunk file as this call wrote it.
 
-    The chunks are encoded in memory (every array at once, as :func:`write_together` does), then
+    The chunks are encoded in memory (:func:`~xpbatch.storage.chunk_bytes.encode_chunks`), then
     each file is written to a temporary name, fsynced and renamed into place: a record written
     next never outlives its data, and the checksums are of these bytes, whoever writes the same
     file at the same time (see :func:`chunk_checksum`). On object storage every chunk object is
@@ -321,48 +312,25 @@ def write_chunks(
     stored, so a record written next never outlives its data there either. ``sizes``, if
     given, receives each chunk's file sizes in bytes, in the same order.
     """
-    buffers: list[dict[str, Any]] = []
-    in_memory = []
-    for array, values in writes:
-        found: dict[str, Any] = {}
-        buffers.append(found)
-        in_memory.append((_in_memory(array, found), values))
-    write_together(in_memory, rows)
+    encoded = encode_chunks(writes, rows)
     chunk_rows = writes[0][0].chunks[0] if writes else 1
     written: dict[int, list[int]] = {}
     objects: list[tuple[str, bytes]] = []
     for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
         written[index] = []
-        for (array, _), found in zip(writes, buffers, strict=True):
+        for (array, _), chunks in zip(writes, encoded, strict=True):
             key = chunk_key(array, index)
-            data = found[_memory_key(array, index)].to_bytes()
+            data = chunks[index]
             if isinstance(path, Location):
-                objects.append((f"{array.basename}/{key}", data))
+                objects.append((f"{array.basename}/{key}", bytes(data)))
             else:
                 _write_file(path / array.basename / key, data)
-            written[index].append(_checksum_of(array, data))
+            written[index].append(checksum_of(array, data))
             if sizes is not None:
                 sizes.setdefault(index, []).append(len(data))
     if isinstance(path, Location):
         put_objects(path, objects)
     return written
-
-
-def _in_memory(array: zarr.Array, files: dict[str, Any]) -> zarr.Array:
-    """``array`` (its path, metadata and codecs) over ``files``, :func:`_memory_key` -> encoded
-    bytes (a Buffer): chunks encoded into it, or decoded from bytes already read, without a
-    file."""
-    memory = AsyncArray(
-        metadata=array.metadata,
-        store_path=StorePath(MemoryStore(store_dict=files), array.path),
-        config=array.async_array.config,
-    )
-    return zarr.Array(memory)  # type: ignore[type-var]
-
-
-def _memory_key(array: zarr.Array, index: int) -> str:
-    """The key of chunk ``index`` (along ``source``) of an :func:`_in_memory` array."""
-    return f"{array.path}/{array.metadata.encode_chunk_key((index, 0)[: array.ndim])}"
 
 
 def put_objects(root: Location, objects: Sequence[tuple[str, bytes]]) -> None:
@@ -384,7 +352,7 @@ def put_objects(root: Location, objects: Sequence[tuple[str, bytes]]) -> None:
         zarr_sync(put_all())
 
 
-def _write_file(file: Path, data: bytes) -> None:
+def _write_file(file: Path, data: ChunkBytes) -> None:
     """Write ``file`` whole or not at all: a temporary file, fsynced, renamed into place."""
     file.parent.mkdir(parents=True, exist_ok=True)
     partial = file.with_name(f"{file.name}.{uuid.uuid4().hex}.partial")
@@ -399,29 +367,17 @@ def _write_file(file: Path, data: bytes) -> None:
     os.replace(partial, file)
 
 
-def _ends_in_crc32c(array: zarr.Array) -> bool:
-    compressors = array.compressors  # the bytes-to-bytes codecs, in order
-    return bool(compressors) and isinstance(compressors[-1], zarr.codecs.Crc32cCodec)
-
-
-def _checksum_of(array: zarr.Array, data: bytes) -> int:
-    """The checksum recorded for a chunk file of ``array`` holding ``data``: the crc32c trailer
-    Zarr's codec appended (checked against the body on every decode), else the file's crc32c."""
-    if _ends_in_crc32c(array):
-        return int.from_bytes(data[-4:], sys.byteorder) if len(data) >= 4 else -2
-    return int(crc32c.crc32c(data))
-
-
 def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     """The checksum chunk ``file`` of ``array`` carries (as :func:`write_chunks` records it),
     None if the file is missing.
 
     For arrays whose codecs end in crc32c this reads the 4-byte trailer only: whether the body
-    still matches it is checked by every decode (and by :func:`has_checksum`).
+    still matches it is checked by every decode (and by
+    :func:`~xpbatch.storage.chunk_bytes.has_checksum`).
     """
     if isinstance(file, Location):  # object storage: one ranged GET of the object's end
         try:
-            if _ends_in_crc32c(array):
+            if ends_in_crc32c(array):
                 tail = file.read_tail(4)
                 return int.from_bytes(tail, sys.byteorder) if len(tail) == 4 else -2
             return int(crc32c.crc32c(file.read_bytes()))
@@ -432,7 +388,7 @@ def chunk_checksum(file: Path | Location, array: zarr.Array) -> int | None:
     except FileNotFoundError:
         return None
     try:
-        if _ends_in_crc32c(array):
+        if ends_in_crc32c(array):
             size = os.fstat(fd).st_size
             return int.from_bytes(os.pread(fd, 4, size - 4), sys.byteorder) if size >= 4 else -2
         return int(crc32c.crc32c(file.read_bytes()))
@@ -446,24 +402,13 @@ def record_mismatch(file: Path | Location, array: zarr.Array, recorded: int) -> 
     return _mismatch(chunk_checksum(file, array), recorded)
 
 
-def read_chunk_file(file: Place) -> bytes | None:
-    """The bytes of chunk ``file``, in one read; None if it is missing.
-
-    What a check reads is what it decodes: :func:`bytes_mismatch` compares these bytes with
-    their record and :func:`decode_rows` decodes them, so a file is never read twice.
-    """
-    try:
-        return file.read_bytes()
-    except FileNotFoundError:
-        return None
-
-
-def bytes_mismatch(array: zarr.Array, data: bytes | None, recorded: int) -> str | None:
+def bytes_mismatch(array: zarr.Array, data: ChunkBytes | None, recorded: int) -> str | None:
     """:func:`record_mismatch` of a chunk file of ``array`` already read (``data``; None: the file
     is missing). For arrays whose codecs end in crc32c only the trailer is compared: decoding
-    the bytes (:func:`decode_rows`) checks the body against it, :func:`has_checksum` without a
+    the bytes (:func:`~xpbatch.storage.chunk_bytes.decode_rows`) checks the body against it,
+    :func:`~xpbatch.storage.chunk_bytes.has_checksum` without a
     decode."""
-    return _mismatch(None if data is None else _checksum_of(array, data), recorded)
+    return _mismatch(None if data is None else checksum_of(array, data), recorded)
 
 
 def _mismatch(found: int | None, recorded: int) -> str | None:
@@ -475,34 +420,6 @@ def _mismatch(found: int | None, recorded: int) -> str | None:
             f"{recorded:08x}): copied from another chunk, replaced or altered"
         )
     return None
-
-
-def decode_rows(
-    reads: Sequence[tuple[zarr.Array, Mapping[int, bytes]]], rows: slice
-) -> list[np.ndarray | Exception]:
-    """``array[rows]`` of each array, decoded from its chunk files' bytes already read (chunk
-    index along ``source`` -> bytes, every chunk of ``rows``), all in one trip through Zarr's
-    event loop; in place of a value, the exception its decode raised (e.g. a crc32c mismatch:
-    the body is not the one its trailer was computed over)."""
-    arrays = []
-    buffer = default_buffer_prototype().buffer
-    for array, data in reads:
-        chunk_rows = array.chunks[0]
-        files: dict[str, Any] = {}
-        for index in range(rows.start // chunk_rows, -(-rows.stop // chunk_rows)):
-            if index not in data:  # it would read as the fill value
-                raise ValueError(f"chunk {index} of {array.basename} was not read")
-            files[_memory_key(array, index)] = buffer.from_bytes(data[index])
-        arrays.append(_in_memory(array, files).async_array)
-
-    async def decode_all() -> list[Any]:
-        return await asyncio.gather(*(a.getitem(rows) for a in arrays), return_exceptions=True)
-
-    found = zarr_sync(decode_all())
-    for value in found:
-        if isinstance(value, BaseException) and not isinstance(value, Exception):
-            raise value  # KeyboardInterrupt and the like are not a chunk's problem
-    return [v if isinstance(v, Exception) else np.asarray(v) for v in found]
 
 
 def create_chunk_table(
@@ -524,21 +441,6 @@ def create_chunk_table(
         },
         config={"write_empty_chunks": True},
     )
-
-
-def has_checksum(data: bytes, checksum: int) -> bool:
-    """Whether ``data`` (a chunk file's bytes) is an encoded chunk followed by its crc32c, and
-    that crc32c is ``checksum`` (as :func:`write_chunks` recorded it): the file is byte for byte
-    as written, checked without decoding it.
-
-    (A CRC of a whole file that ends in its own CRC is a constant, so the body is checked
-    against the trailer and the trailer against ``checksum``.)
-    """
-    view = memoryview(data)
-    if len(view) < 4:
-        return False
-    trailer = int.from_bytes(view[-4:], sys.byteorder)
-    return trailer == checksum and int(crc32c.crc32c(view[:-4])) == checksum
 
 
 def chunk_file_sizes(path: Path | Location, array: zarr.Array) -> Iterator[tuple[int, str, int]]:

@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
-import zarr.codecs
 
 from xpbatch import schema
 from xpbatch.errors import StoreError
@@ -208,16 +207,9 @@ def sample_rows(
 def _rows_of(path: zarr_arrays.Place, array: zarr.Array, rows: np.ndarray) -> np.ndarray:
     """``array[rows]``: read at their offsets from uncompressed chunk files, else decoded (and
     always decoded on object storage)."""
-    serializer = array.serializer
-    plain = (
-        isinstance(serializer, zarr.codecs.BytesCodec)
-        and not array.filters
-        and all(isinstance(c, zarr.codecs.Crc32cCodec) for c in array.compressors)
-    )
-    if not plain or not rows.size or not isinstance(path, Path):
+    dtype = zarr_arrays.plain_dtype(array)
+    if dtype is None or not rows.size or not isinstance(path, Path):
         return np.asarray(array.get_orthogonal_selection(rows))  # type: ignore[arg-type]
-    endian = getattr(serializer.endian, "value", "little")  # type: ignore[union-attr]
-    dtype = np.dtype(array.dtype).newbyteorder("<" if endian == "little" else ">")
     row_bytes = dtype.itemsize * int(np.prod(array.chunks[1:], dtype=np.int64))
     out = np.empty((rows.size, *array.shape[1:]), dtype)
     chunk_rows = array.chunks[0]
