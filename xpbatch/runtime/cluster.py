@@ -124,11 +124,16 @@ _TRACEBACK_LOGGERS = (
 
 
 class _NoTraceback(logging.Filter):
-    """Keep a record's message, drop its traceback (the run reports the failure itself once)."""
+    """Keep a record's message, drop its traceback (the run reports the failure itself once)
+    and the records with no message at all (an exception without text: only its traceback
+    said anything)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         record.exc_info, record.exc_text, record.stack_info = None, None, None
-        return True
+        try:
+            return bool(record.getMessage().strip())
+        except (TypeError, ValueError):  # a message with arguments that do not fit: keep it
+            return True
 
 
 JUPYTERHUB_DASHBOARD_LINK = "{JUPYTERHUB_SERVICE_PREFIX}proxy/{port}/status"
@@ -188,7 +193,7 @@ def connect(config: ClusterConfig) -> Iterator[Client]:
         return
     if config.cluster is not None and config.cluster != CLUSTER_LOCAL_CUDA:
         try:
-            client = Client(config.cluster, timeout="30s")
+            client = Client(config.cluster)  # Dask's connect timeout (30 s unless configured)
         except OSError as e:
             raise ClusterUnavailableError(
                 f"could not reach the Dask scheduler at {config.cluster}: {e}. "
