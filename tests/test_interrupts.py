@@ -148,6 +148,7 @@ def test_ctrl_c_before_anything_is_written_says_so(
     assert not lock_path(out).exists()
 
 
+@pytest.mark.slow  # an interrupted CLI run on a cluster, then its resume
 def test_ctrl_c_mid_run_stops_and_resume_gives_the_same_bytes(
     inputs: tuple[Path, Path, Path],
     tmp_path: Path,

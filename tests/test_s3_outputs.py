@@ -149,6 +149,7 @@ def _parts_done(staging: Location) -> int:
         return 0
 
 
+@pytest.mark.slow  # ingests on a cluster, one of them killed
 def test_ingest_on_s3_equals_local_and_resumes_after_a_killed_driver(
     s3_url: str, tmp_path: Path, bulk: Path
 ) -> None:

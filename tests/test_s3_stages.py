@@ -136,6 +136,7 @@ def _cli(*args: str) -> list[str]:
     return [str(Path(sys.executable).parent / "xpbatch"), *args]
 
 
+@pytest.mark.slow  # a killed CLI run and its resume on a cluster
 def test_a_killed_driver_resumes_to_equal_values(s3_url: str, faults: Faults) -> None:
     from xpbatch.catalog.zarr_catalog import open_catalog
     from xpbatch.encode.stage import encode_catalog
