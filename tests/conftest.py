@@ -43,8 +43,9 @@ def shared_path(*parts: str) -> Path:
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Modules with a test marked ``slow`` run first, each module's tests kept together and in
-    order: pytest-xdist hands tests out in collection order, so the long ones start at once and
-    the short ones fill the workers' ends (a long test left to the end keeps one worker alone)."""
+    order: pytest-xdist hands tests out in collection order (``--dist worksteal`` in addopts:
+    an idle worker takes queued tests from a busy one), so the long ones start at once and the
+    short ones fill the workers' ends (a long test left to the end keeps one worker alone)."""
     slow_modules = {item.module for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.module not in slow_modules)
 
