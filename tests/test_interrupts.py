@@ -17,6 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from xpbatch.config import EncodeConfig
+from xpbatch.encode.stage import encode_catalog
 from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
 from xpbatch.storage.outputs import lock_path
@@ -34,13 +36,13 @@ pytestmark = pytest.mark.slow  # CLI runs with their clusters
 def inputs(
     tmp_path_factory: pytest.TempPathFactory, make_xp_store: Callable[..., Path]
 ) -> tuple[Path, Path, Path]:
-    """A store, a model and the catalogue an uninterrupted CLI run makes of them."""
+    """A store, a model and the catalogue an uninterrupted run makes of them."""
     root = tmp_path_factory.mktemp("interrupts")
     store = make_xp_store(root / "s.zarr", N_CHUNKS * CHUNK_ROWS, chunk_rows=CHUNK_ROWS)
     model = root / "m.safetensors"
     save_model(TrainedModel.untrained(seed=5), model)
-    clean = root / "clean.zarr"
-    subprocess.run(_encode(store, model, clean), check=True, capture_output=True)
+    clean = root / "clean.zarr"  # serial, in this process: the same bytes as the CLI on a cluster
+    encode_catalog(store, model, clean, config=EncodeConfig(batch_size=128))
     return store, model, clean
 
 
