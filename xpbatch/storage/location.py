@@ -24,7 +24,7 @@ import io
 import os
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
@@ -155,14 +155,21 @@ class Location:
     def size(self) -> int:
         """Bytes of the file or object here (one HEAD request on object storage)."""
         if self.is_local:
-            try:
+            with self._local_missing():
                 return self.path.stat().st_size
-            except FileNotFoundError:
-                raise StorageNotFoundError(f"{self.url} does not exist") from None
         import obstore
 
         with storage_errors(self, "look up"):
             return int(obstore.head(object_store(self), self.key)["size"])
+
+    @contextlib.contextmanager
+    def _local_missing(self) -> Iterator[None]:
+        """A local file that is not there as :class:`StorageNotFoundError` (as on object
+        storage, where :func:`storage_errors` says it)."""
+        try:
+            yield
+        except FileNotFoundError:
+            raise StorageNotFoundError(f"{self.url} does not exist") from None
 
     def relative_name(self, root: Location) -> str:
         """This location's name below ``root`` (``latent_mean/c/0/0``), for messages."""
@@ -172,10 +179,8 @@ class Location:
     def read_bytes(self) -> bytes:
         """The whole content of the file or object here; :class:`StorageNotFoundError` if none."""
         if self.is_local:
-            try:
+            with self._local_missing():
                 return self.path.read_bytes()
-            except FileNotFoundError:
-                raise StorageNotFoundError(f"{self.url} does not exist") from None
         import obstore
 
         with storage_errors(self, "read"):
@@ -184,13 +189,10 @@ class Location:
     def read_tail(self, n: int) -> bytes:
         """The last ``n`` bytes here (fewer if shorter): one ranged GET on object storage."""
         if self.is_local:
-            try:
-                with open(self.path, "rb") as f:
-                    size = f.seek(0, os.SEEK_END)
-                    f.seek(max(size - n, 0))
-                    return f.read()
-            except FileNotFoundError:
-                raise StorageNotFoundError(f"{self.url} does not exist") from None
+            with self._local_missing(), open(self.path, "rb") as f:
+                size = f.seek(0, os.SEEK_END)
+                f.seek(max(size - n, 0))
+                return f.read()
         import obstore
 
         with storage_errors(self, "read"):
@@ -226,10 +228,8 @@ class Location:
         """The file or object here as a binary file to read and seek (buffered ranged GETs on
         object storage, e.g. for ``pyarrow.parquet.ParquetFile``)."""
         if self.is_local:
-            try:
+            with self._local_missing():
                 return open(self.path, "rb")
-            except FileNotFoundError:
-                raise StorageNotFoundError(f"{self.url} does not exist") from None
         import obstore
 
         with storage_errors(self, "read"):
@@ -238,12 +238,9 @@ class Location:
     def read_range(self, start: int, stop: int) -> bytes:
         """Bytes ``start`` to ``stop`` of the file or object here (one ranged GET)."""
         if self.is_local:
-            try:
-                with open(self.path, "rb") as f:
-                    f.seek(start)
-                    return f.read(max(stop - start, 0))
-            except FileNotFoundError:
-                raise StorageNotFoundError(f"{self.url} does not exist") from None
+            with self._local_missing(), open(self.path, "rb") as f:
+                f.seek(start)
+                return f.read(max(stop - start, 0))
         if stop <= start:
             return b""
         import obstore
