@@ -350,3 +350,19 @@ def test_a_second_writer_of_an_s3_output_is_refused(
             STAGES[stage](out.url, catalogue)
         assert "\n" not in str(info.value)
         assert out.list() == []
+
+
+def test_bench_object_storage_replaces_only_its_own_catalogue(s3_url: str, tmp_path: Path) -> None:
+    from xpbatch.benchmarks.object_storage import run_object_storage_benchmark
+    from xpbatch.errors import OutputExistsError
+
+    foreign = as_location(s3_url) / "catalog.zarr" / "notes.txt"
+    foreign.write_bytes(b"mine")
+    with pytest.raises(OutputExistsError):
+        run_object_storage_benchmark(s3_url, rows=2000, repeats=1, workdir=str(tmp_path))
+    assert foreign.read_bytes() == b"mine"
+    report = run_object_storage_benchmark(
+        f"{s3_url}/bench", rows=2000, repeats=2, workdir=str(tmp_path)
+    )
+    assert len(report.local_s) == len(report.remote_s) == 2 and report.catalogue_bytes > 0
+    assert foreign.read_bytes() == b"mine"
