@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -124,11 +124,18 @@ def forward_cpu_seconds(model: TrainedModel, *, batch_size: int, rows: int = FOR
     return (_cpu_seconds() - cpu) / rows
 
 
-def measure_cpu_efficiency(
-    store: Path, model_path: Path, out: Path, *, rounds: int = 3
-) -> CpuEfficiency:
-    """Alternate the bare forward pass (:func:`forward_cpu_seconds`) and serial encode_catalog
-    on ``store``, one torch thread; keep the best of each."""
+def alternate_encodes(
+    store: Path,
+    model_path: Path,
+    out: Path,
+    configs: Sequence[EncodeConfig],
+    *,
+    rounds: int = 3,
+) -> tuple[int, list[float], list[list[float]]]:
+    """Per round, the bare forward pass (:func:`forward_cpu_seconds`), then serial
+    encode_catalog on ``store`` with each of ``configs`` in turn, one torch thread: the store's
+    rows, and the CPU seconds per spectrum of every round, of the forward pass and of each
+    config."""
     import torch
 
     from xpbatch.encode.stage import encode_catalog
@@ -136,21 +143,34 @@ def measure_cpu_efficiency(
 
     model = load_model(model_path)
     n_rows = int(open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
-    config = EncodeConfig(progress_bar=False)
+    batch_size = configs[0].batch_size
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    forward, encode = [], []
+    forward: list[float] = []
+    encodes: list[list[float]] = [[] for _ in configs]
     try:
-        forward_cpu_seconds(model, batch_size=config.batch_size)  # warm-up: kernels chosen once
+        forward_cpu_seconds(model, batch_size=batch_size)  # warm-up: kernels chosen once
         for _ in range(rounds):
-            forward.append(forward_cpu_seconds(model, batch_size=config.batch_size))
-            shutil.rmtree(out, ignore_errors=True)  # removing files is not encoding
-            cpu = _cpu_seconds()
-            encode_catalog(store, model_path, out, config=config)
-            encode.append((_cpu_seconds() - cpu) / n_rows)
+            forward.append(forward_cpu_seconds(model, batch_size=batch_size))
+            for config, times in zip(configs, encodes, strict=True):
+                shutil.rmtree(out, ignore_errors=True)  # removing files is not encoding
+                cpu = _cpu_seconds()
+                encode_catalog(store, model_path, out, config=config)
+                times.append((_cpu_seconds() - cpu) / n_rows)
     finally:
         torch.set_num_threads(threads)
         shutil.rmtree(out, ignore_errors=True)
+    return n_rows, forward, encodes
+
+
+def measure_cpu_efficiency(
+    store: Path, model_path: Path, out: Path, *, rounds: int = 3
+) -> CpuEfficiency:
+    """Alternate the bare forward pass and serial encode_catalog on ``store``
+    (:func:`alternate_encodes`); keep the best of each."""
+    n_rows, forward, (encode,) = alternate_encodes(
+        store, model_path, out, [EncodeConfig(progress_bar=False)], rounds=rounds
+    )
     return CpuEfficiency(n_rows, rounds, min(forward), min(encode))
 
 

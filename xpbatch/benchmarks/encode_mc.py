@@ -21,7 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from xpbatch import schema
-from xpbatch.benchmarks.encode import _cpu_seconds, bench_model, forward_cpu_seconds
+from xpbatch.benchmarks.encode import (
+    alternate_encodes,
+    bench_model,
+)
 from xpbatch.config import EncodeConfig
 from xpbatch.encode.mc import correlation_factors, reduce_draws, standard_normals
 from xpbatch.schema import DR3_N_SOURCES
@@ -181,35 +184,15 @@ def measure_mc_efficiency(
     store: Path, model_path: Path, out: Path, *, samples: int, rounds: int = 3
 ) -> McEfficiency:
     """Alternate K bare forward passes, serial encode_catalog without and with K draws (one
-    torch thread); keep the best of each. ``store`` should carry correlations (full covariance)."""
-    import torch
-
-    from xpbatch.encode.stage import encode_catalog
-    from xpbatch.model.files import load_model
-
-    model = load_model(model_path)
-    n_rows = int(open_variables(store, [schema.SOURCE_ID])[schema.SOURCE_ID].shape[0])
+    torch thread; :func:`~xpbatch.benchmarks.encode.alternate_encodes`); keep the best of each.
+    ``store`` should carry correlations (full covariance)."""
     plain = EncodeConfig(progress_bar=False)
     drawn = dataclasses.replace(plain, mc_samples=samples)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    forward: list[float] = []
-    plain_s: list[float] = []
-    mc_s: list[float] = []
-    try:
-        forward_cpu_seconds(model, batch_size=plain.batch_size)  # warm-up: kernels chosen once
-        for _ in range(rounds):
-            forward.append(forward_cpu_seconds(model, batch_size=plain.batch_size))
-            for config, times in ((plain, plain_s), (drawn, mc_s)):
-                shutil.rmtree(out, ignore_errors=True)  # removing files is not encoding
-                cpu = _cpu_seconds()
-                encode_catalog(store, model_path, out, config=config)
-                times.append((_cpu_seconds() - cpu) / n_rows)
-        covariance = "full" if store_has_correlations(store) else "diagonal"
-        host, gpu_host = host_mc_seconds(store, samples, full=covariance == "full")
-    finally:
-        torch.set_num_threads(threads)
-        shutil.rmtree(out, ignore_errors=True)
+    n_rows, forward, (plain_s, mc_s) = alternate_encodes(
+        store, model_path, out, [plain, drawn], rounds=rounds
+    )
+    covariance = "full" if store_has_correlations(store) else "diagonal"
+    host, gpu_host = host_mc_seconds(store, samples, full=covariance == "full")
     return McEfficiency(
         rows=n_rows,
         rounds=rounds,
@@ -256,8 +239,7 @@ def _run_mc_benchmark(
 ) -> McEfficiency:
     store = correlated_mock_store(rows, folder, echo=echo)
     model_path = bench_model(store, folder)
-    workdir = folder
     echo(f"K = {samples}: bare forward passes, encode_catalog without and with draws, alternating…")
     return measure_mc_efficiency(
-        store, model_path, workdir / "mc.zarr", samples=samples, rounds=rounds
+        store, model_path, folder / "mc.zarr", samples=samples, rounds=rounds
     )
