@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import zarr
 
 from xpbatch import schema
 from xpbatch.benchmarks.encode import (
@@ -26,7 +27,7 @@ from xpbatch.benchmarks.encode import (
     bench_model,
 )
 from xpbatch.config import EncodeConfig
-from xpbatch.encode.mc import correlation_factors, reduce_draws, standard_normals
+from xpbatch.encode.mc import MonteCarlo, correlation_factors, reduce_draws, standard_normals
 from xpbatch.schema import DR3_N_SOURCES
 from xpbatch.store.reader import open_variables
 from xpbatch.train.demo import store_ready
@@ -191,7 +192,9 @@ def measure_mc_efficiency(
     n_rows, forward, (plain_s, mc_s) = alternate_encodes(
         store, model_path, out, [plain, drawn], rounds=rounds
     )
-    covariance = "full" if store_has_correlations(store) else "diagonal"
+    draws = MonteCarlo.of_run(drawn, zarr.open_group(str(store), mode="r").attrs.asdict())
+    assert draws is not None
+    covariance = draws.covariance  # the run's own choice ('auto': full with correlations)
     host, gpu_host = host_mc_seconds(store, samples, full=covariance == "full")
     return McEfficiency(
         rows=n_rows,
@@ -205,14 +208,6 @@ def measure_mc_efficiency(
         gpu_host_mc_cpu_s=gpu_host,
         device_flops=device_flops(model_path, samples),
     )
-
-
-def store_has_correlations(store: Path) -> bool:
-    """Whether the store carries the packed correlations."""
-    import zarr
-
-    attrs = zarr.open_group(str(store), mode="r").attrs
-    return attrs.get(schema.STORE_ATTR_WITH_CORRELATIONS) is True
 
 
 def run_mc_benchmark(
