@@ -87,8 +87,10 @@ def _wrote_output(command: str, params: dict[str, Any]) -> bool:
     """Whether the failed command left something a ``--resume`` continues from."""
     from pathlib import Path
 
+    from xpbatch.storage.location import is_url
+
     output = params.get("output")
-    if output is None or "://" in str(output):
+    if output is None or is_url(output):
         return True  # not known (e.g. --demo), or not looked up on object storage: keep the hint
     if command == "train":  # the model file appears at the end; the checkpoint as it goes
         return Path(_checkpoint(output)).exists()
