@@ -41,6 +41,11 @@ BATCH = 256
 K = 16
 
 
+def _spectra(rows: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The coefficients, their errors and the G flux of :func:`_inputs`' rows."""
+    return rows[schema.COEFFICIENTS], rows[schema.COEFFICIENT_ERRORS], rows["phot_g_mean_flux"]
+
+
 def _inputs(n: int = N_ROWS, seed: int = 0) -> dict[str, np.ndarray]:
     """Rows like the conftest's stores (every defect included) plus mock correlations."""
     rng = np.random.default_rng(seed)
@@ -168,9 +173,7 @@ def test_full_and_diagonal_differ_with_correlations_and_agree_with_identity(
     model: TrainedModel,
 ) -> None:
     rows = _inputs(300)
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     ids = rows[schema.SOURCE_ID]
     corr = tuple(rows[schema.correlations_name(b)] for b in schema.BANDS)
     identity = tuple(np.zeros_like(a) for a in corr)
@@ -195,9 +198,7 @@ def test_a_full_covariance_needs_the_correlations(model: TrainedModel) -> None:
         del rows[schema.correlations_name(band)]
     with pytest.raises(InputShapeError, match="--with-correlations"):
         encode_chunk(model, _chunk(rows), mc=MonteCarlo(K, covariance="full"))
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     short = (np.zeros((10, 1484), np.float32), np.zeros((10, 1485), np.float32))
     with pytest.raises(InputShapeError, match=r"must be \(10, 1485\) per band"):
         encode_arrays(model, c, e, g, mc=MonteCarlo(K, covariance="full"), correlations=short)
@@ -209,9 +210,7 @@ def test_a_full_covariance_needs_the_correlations(model: TrainedModel) -> None:
 def test_the_fused_and_torch_paths_agree(model: TrainedModel, covariance: str) -> None:
     """The torch path (what runs on a GPU) on the CPU against the fused CPU path."""
     rows = _inputs(500)
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     bp, rp = (rows[schema.correlations_name(b)] for b in schema.BANDS)
     mc = MonteCarlo(K, seed=5, covariance=covariance)  # type: ignore[arg-type]
     correlations = (bp, rp) if covariance == "full" else None
@@ -227,9 +226,7 @@ def test_the_fused_and_torch_paths_agree(model: TrainedModel, covariance: str) -
 
 def test_rows_get_the_same_draws_whatever_their_batch(model: TrainedModel) -> None:
     rows = _inputs(300)
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     ids = rows[schema.SOURCE_ID]
     mc = MonteCarlo(K)
     whole = encode_arrays(model, c, e, g, batch_size=BATCH, mc=mc, source_id=ids)
@@ -365,9 +362,7 @@ def test_memory_is_flat_in_the_number_of_draws(model: TrainedModel) -> None:
     import tracemalloc
 
     rows = _inputs(1000)
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     corr = tuple(rows[schema.correlations_name(b)] for b in schema.BANDS)
     kernel = EncodeKernel(model, "cpu")
     peaks = {}
@@ -424,9 +419,7 @@ def test_the_device_draws_equal_the_hosts() -> None:
 @pytest.mark.parametrize("covariance", ["full", "diagonal"])
 def test_the_gpu_agrees_with_the_fused_cpu_path(model: TrainedModel, covariance: str) -> None:
     rows = _inputs(3000)
-    c, e, g = (
-        rows[n] for n in (schema.COEFFICIENTS, schema.COEFFICIENT_ERRORS, "phot_g_mean_flux")
-    )
+    c, e, g = _spectra(rows)
     bp, rp = (rows[schema.correlations_name(b)] for b in schema.BANDS)
     mc = MonteCarlo(32, seed=9, covariance=covariance)  # type: ignore[arg-type]
     correlations = (bp, rp) if covariance == "full" else None
