@@ -205,3 +205,45 @@ def test_ctrl_c_in_train_is_one_line(tmp_path: Path, make_xp_store: Callable[...
     stderr = interrupt([*command, "--no-progress"], after_a_checkpoint)
     one_line(stderr, "interrupted (Ctrl-C)", "--resume")
     assert not lock_path(out).exists() and not out.exists()
+
+
+_CANCEL_BEFORE_START = """
+import asyncio, logging, os, signal, sys, threading, time
+from distributed.utils import LoopRunner, sync
+logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+if sys.argv[1] == "quietly":
+    from xpbatch.runtime.interrupts import interrupt_quietly
+    signal.signal(signal.SIGINT, interrupt_quietly)
+runner = LoopRunner(asynchronous=False)
+runner.start()
+runner.loop.add_callback(time.sleep, 1.0)  # the loop is busy: the call below cannot start yet
+threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+async def call():
+    await asyncio.sleep(30)
+try:
+    sync(runner.loop, call)
+except KeyboardInterrupt:
+    time.sleep(1.5)  # the loop runs sync's cancel callback meanwhile
+    print("interrupted")
+runner.stop()
+"""
+
+
+@pytest.mark.parametrize("handler", ["default", "quietly"])
+def test_ctrl_c_before_a_dask_call_starts_logs_no_traceback(handler: str) -> None:
+    """distributed's ``sync`` cancels an interrupted call with a callback that fails when the
+    call had not started: with Python's own handler its traceback reaches stderr (so the case
+    is real, and this test sees it); with the command's handler nothing does."""
+    done = subprocess.run(
+        [sys.executable, "-c", _CANCEL_BEFORE_START, handler],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0 and done.stdout.strip() == "interrupted", done
+    if handler == "default":
+        if "NameError" not in done.stderr:
+            pytest.skip("this distributed cancels a call that has not started without an error")
+        assert "Traceback" in done.stderr, done.stderr
+    else:
+        assert done.stderr == "", done.stderr

@@ -25,6 +25,7 @@ from xpbatch.errors import (
     StoreError,
     XPBatchError,
 )
+from xpbatch.runtime.interrupts import interrupt_quietly
 
 _RERUN = {
     "encode-catalog": "rerun with --resume to continue (finished chunks are kept)",
@@ -58,7 +59,8 @@ class FailuresInOneLine(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # cleanup on Ctrl-C now
+            # Cleanup on Ctrl-C from now on, without the cluster's shutdown tracebacks.
+            signal.signal(signal.SIGINT, interrupt_quietly)
         try:
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):

@@ -8,6 +8,7 @@
   explicit storage options, outside every task.
 - :mod:`~xpbatch.runtime.report_logs`: a performance report without distributed's warning
   about the size of the profiles it gathers.
+- :mod:`~xpbatch.runtime.interrupts`: Ctrl-C without the cluster's shutdown tracebacks.
 
 This is the only layer (with the encode stage's worker plugin) that imports ``distributed``.
 """

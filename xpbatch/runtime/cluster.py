@@ -20,6 +20,7 @@ from distributed import WorkerPlugin
 from xpbatch.config import CLUSTER_LOCAL_CUDA, GPU_THREADS_PER_WORKER, ClusterConfig
 from xpbatch.errors import ClusterUnavailableError
 from xpbatch.runtime.executor import LazyClient
+from xpbatch.runtime.interrupts import quiet_cluster_logs
 
 if TYPE_CHECKING:
     from distributed import Client, LocalCluster, Worker
@@ -248,8 +249,7 @@ def _close_quickly(client: Client | None, cluster: Any) -> None:
     A worker busy with a task does not stop at once, and its nanny would report killing it;
     after a Ctrl-C the user wants the prompt back and one line, not the shutdown's log.
     """
-    for name in ("distributed", "asyncio", "tornado"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    quiet_cluster_logs()
     if client is not None:
         with contextlib.suppress(Exception):
             client.close(timeout=INTERRUPT_CLOSE_S)
