@@ -318,25 +318,28 @@ def test_encode_catalog_on_a_scheduler_file_cluster_equals_serial(
     _assert_same_catalog(out, encode_inputs["serial"])
 
 
+@pytest.fixture(scope="module")
+def slurm_up() -> bool:
+    """Whether a Slurm controller answers with an idle node, asked once: ``sinfo`` retries for
+    seconds when Slurm is installed but not running."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return False
+    idle = subprocess.run(
+        ["sinfo", "--noheader", "--states=idle,mixed"], capture_output=True, text=True, timeout=20
+    )
+    return idle.returncode == 0 and bool(idle.stdout.strip())
+
+
 @pytest.fixture
-def slurm() -> None:
-    """Skip unless a Slurm controller answers with an idle node (single-node-slurm.sh)."""
-    up = shutil.which("sbatch") is not None and shutil.which("sinfo") is not None
-    if up:
-        idle = subprocess.run(
-            ["sinfo", "--noheader", "--states=idle,mixed"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-        up = idle.returncode == 0 and bool(idle.stdout.strip())
-    if not up:
+def slurm(slurm_up: bool) -> None:
+    """Skip unless Slurm is up with an idle node (single-node-slurm.sh starts one)."""
+    if not slurm_up:
         pytest.skip("no Slurm with an idle node here (sudo deploy/slurm/single-node-slurm.sh)")
 
 
 @pytest.mark.slow
 def test_encode_sbatch_runs_on_a_single_node_slurm(
-    encode_inputs: dict[str, Path], tmp_path: Path, slurm: None
+    slurm: None, encode_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     """The real batch script through real Slurm (deploy/slurm/single-node-slurm.sh starts one)."""
     out = tmp_path / "slurm.zarr"
@@ -399,7 +402,7 @@ def test_encode_sbatch_runs_on_a_single_node_slurm(
 
 @pytest.mark.slow
 def test_jobqueue_launcher_runs_on_a_single_node_slurm(
-    encode_inputs: dict[str, Path], tmp_path: Path, slurm: None
+    slurm: None, encode_inputs: dict[str, Path], tmp_path: Path
 ) -> None:
     """encode_jobqueue.py with jobqueue.yaml made CPU-only: worker jobs really go through Slurm."""
     config = _load(DEPLOY / "slurm" / "jobqueue.yaml")
