@@ -41,7 +41,7 @@ def _sleepy() -> Callable[[int], int]:
     A closure, so it is pickled by value (workers need not import the tests)."""
 
     def task(i: int) -> int:
-        time.sleep(0.02 * (8 - i % 8))
+        time.sleep(0.01 * (8 - i % 8))
         return i * i
 
     return task
