@@ -1,6 +1,6 @@
-"""Every failure a user can cause ends in one clear message, with real processes and files:
-Ctrl-C, a killed scheduler, a read-only output, a full disk, the published checkpoint given as
-a model. No traceback (only with -v); --resume named where a rerun continues."""
+"""Every failure a user can cause ends in one clear message, with real processes and files: a
+killed scheduler, a read-only output, a full disk, the published checkpoint given as a model.
+No traceback (only with -v); --resume named where a rerun continues. Ctrl-C: test_interrupts."""
 
 from __future__ import annotations
 
@@ -19,7 +19,6 @@ from click.testing import CliRunner
 from xpbatch.cli.main import main
 from xpbatch.model.files import save_model
 from xpbatch.model.trained import TrainedModel
-from xpbatch.storage.outputs import lock_path
 
 BIN = Path(sys.executable).parent
 CHUNK_ROWS = 512
@@ -60,28 +59,6 @@ def _one_message(stderr: str, *expected: str) -> None:
     assert len(errors) == 1, stderr
     for text in expected:
         assert text in errors[0], errors[0]
-
-
-@pytest.mark.slow  # a CLI run with its cluster
-def test_ctrl_c_ends_in_one_message_naming_resume(
-    inputs: tuple[Path, Path], tmp_path: Path
-) -> None:
-    store, model = inputs
-    out = tmp_path / "c.zarr"
-    # A terminal's Ctrl-C: SIGINT to the whole process group (driver and its workers).
-    run = subprocess.Popen(
-        _encode(store, model, out), start_new_session=True, stderr=subprocess.PIPE, text=True
-    )
-    try:
-        _wait_for_records(out, 1, run)
-        os.killpg(run.pid, signal.SIGINT)
-        _, stderr = run.communicate(timeout=120)
-    finally:
-        if run.poll() is None:
-            os.killpg(run.pid, signal.SIGKILL)
-    assert run.returncode == 130
-    _one_message(stderr, "interrupted (Ctrl-C)", "--resume")
-    assert not lock_path(out).exists()
 
 
 def _free_port() -> int:
