@@ -237,7 +237,7 @@ def _wait_for(condition, what: str, timeout: float, procs: list[subprocess.Popen
 
 @pytest.fixture
 def scheduler_file_cluster(tmp_path: Path) -> Iterator[Path]:
-    """`dask scheduler --scheduler-file` and two `dask worker --scheduler-file`, as encode.sbatch
+    """`dask scheduler --scheduler-file` and a `dask worker --scheduler-file`, as encode.sbatch
     starts them (here on 127.0.0.1); every process is stopped in the end."""
     scheduler_file = tmp_path / "scheduler.json"
     log = open(tmp_path / "cluster.log", "w")  # noqa: SIM115 - closed in finally
@@ -259,23 +259,23 @@ def scheduler_file_cluster(tmp_path: Path) -> Iterator[Path]:
             "127.0.0.1:0",
         )
         _wait_for(scheduler_file.exists, "the scheduler file", 60, procs)
-        for _ in range(2):
-            start(
-                "worker",
-                "--scheduler-file",
-                str(scheduler_file),
-                "--host",
-                "127.0.0.1",
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--local-directory",
-                str(tmp_path),
-            )
+        # One worker: sharing chunks among several is test_pipeline's (on a LocalCluster).
+        start(
+            "worker",
+            "--scheduler-file",
+            str(scheduler_file),
+            "--host",
+            "127.0.0.1",
+            "--nthreads",
+            "1",
+            "--no-dashboard",
+            "--local-directory",
+            str(tmp_path),
+        )
         from distributed import Client
 
         with Client(scheduler_file=str(scheduler_file), timeout="30s") as client:
-            client.wait_for_workers(2, timeout=60)
+            client.wait_for_workers(1, timeout=60)
         yield scheduler_file
     finally:
         # Workers first, then the scheduler (as encode.sbatch does): a worker whose scheduler
@@ -346,8 +346,8 @@ def test_encode_sbatch_runs_on_a_single_node_slurm(
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "XPBATCH_WORKER_CMD": "dask worker --nworkers 2 --nthreads 1 --no-dashboard",
-        "XPBATCH_N_WORKERS": "2",
+        "XPBATCH_WORKER_CMD": "dask worker --nworkers 1 --nthreads 1 --no-dashboard",
+        "XPBATCH_N_WORKERS": "1",
         "XPBATCH_WAIT_TIMEOUT": "120",
     }
     submit = subprocess.run(
@@ -420,7 +420,7 @@ def test_jobqueue_launcher_runs_on_a_single_node_slurm(
             encode_inputs["model"],
             out,
             "--jobs",
-            "2",
+            "1",
             "--config",
             tmp_path / "cpu.yaml",
         ],

@@ -104,9 +104,9 @@ def test_a_driver_killed_mid_run_is_completed_by_resume(
     command = [
         *(str(Path(sys.executable).parent / "xpbatch"), "encode-catalog", str(inputs.store)),
         *("--model", str(inputs.model), "--output", str(out), "--batch-size", str(BATCH)),
-        *("--n-workers", "2", "--dashboard-address", ":0"),
+        *("--n-workers", "1", "--dashboard-address", ":0"),
     ]
-    # Its own session: killpg takes the driver, its scheduler, nannies and workers at once.
+    # Its own session: killpg takes the driver, its scheduler, nanny and worker at once.
     driver = subprocess.Popen(
         command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
