@@ -76,17 +76,31 @@ def dr3_samples_dir() -> Path:
     return shared_path("dr3", "samples")
 
 
+IDLE_CLUSTER = {
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "1s",
+    "distributed.scheduler.work-stealing-interval": "1s",
+}
+"""Dask settings of the shared test cluster (the scheduler here, the workers through their
+nannies): what a long-lived, mostly idle cluster spends its CPU on, turned down."""
+
+
 @pytest.fixture(scope="session")
 def dask_client() -> Iterator[Client]:
     """One real LocalCluster (2 worker processes, 1 thread each) shared by the tests needing Dask.
 
-    Worker processes, not threads, so that every task and plugin is really pickled.
+    Worker processes, not threads, so that every task and plugin is really pickled. It lives
+    from its first test to the end of the test process, mostly idle: without the workers'
+    profiler and with slower housekeeping (the event-loop tick, work stealing), which no test
+    here looks at, it costs much less CPU while it waits.
     """
+    import dask
     from distributed import Client, LocalCluster
 
-    cluster = LocalCluster(
-        n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
-    )
+    with dask.config.set(IDLE_CLUSTER):
+        cluster = LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0"
+        )
     client = Client(cluster)
     try:
         yield client
