@@ -10,7 +10,6 @@ before the ``KeyboardInterrupt`` is raised: on the event loop's thread the callb
 from __future__ import annotations
 
 import logging
-from types import FrameType
 
 CLUSTER_LOGGERS = ("distributed", "asyncio", "tornado")
 """The loggers an abandoned cluster writes its shutdown to."""
@@ -28,7 +27,7 @@ def quiet_cluster_logs() -> None:
             logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
-def interrupt_quietly(signum: int, frame: FrameType | None) -> None:
+def interrupt_quietly(signum: int, frame: object) -> None:
     """A SIGINT handler: quiet the cluster's logs, then raise ``KeyboardInterrupt`` as Python's
     own handler does (checkpoints, lock releases and the one-line message run as usual)."""
     quiet_cluster_logs()
