@@ -36,8 +36,14 @@ def test_demo_inputs_are_built_once_and_a_broken_one_is_rebuilt(tmp_path: Path) 
     assert said == [f"building the demo store {inputs.store} (3,000 mock spectra, once)…"]
 
 
+def test_demo_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path / "cache"))
+    assert demo.demo_dir() == tmp_path / "cache"
+
+
+@pytest.mark.slow  # builds the demo, then two CLI clusters
 @pytest.mark.usefixtures("tiny_demo")
-def test_encode_catalog_demo_command_needs_no_input(
+def test_encode_catalog_demo_needs_no_input_and_its_skymap_counts_every_row(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     from click.testing import CliRunner
@@ -46,34 +52,18 @@ def test_encode_catalog_demo_command_needs_no_input(
     from xpbatch.cli.main import main
 
     monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
-    command = ["encode-catalog", "--demo", "--n-workers", "1", "--dashboard-address", ":0"]
-    result = CliRunner().invoke(main, command)
-    assert result.exit_code == 0, result.output
-    assert "rows           3,000 in 3 chunks" in result.output
-    assert "xpbatch.open_catalog(" in result.output
-    assert open_catalog(tmp_path / "demo-catalog.zarr").attrs["complete"] is True
-
-
-def test_demo_dir_follows_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path / "cache"))
-    assert demo.demo_dir() == tmp_path / "cache"
-
-
-@pytest.mark.slow  # builds the demo, then two CLI clusters (~80 s on 2 cores)
-@pytest.mark.usefixtures("tiny_demo")
-def test_skymap_of_the_demo_catalogue_counts_every_row(
-    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    from click.testing import CliRunner
-
-    from xpbatch.cli.main import main
-
-    monkeypatch.setenv(demo.DEMO_DIR_ENV, str(tmp_path))
     cluster = ["--n-workers", "1", "--dashboard-address", ":0"]
-    assert CliRunner().invoke(main, ["encode-catalog", "--demo", *cluster]).exit_code == 0
+    encoded = CliRunner().invoke(main, ["encode-catalog", "--demo", *cluster])
+    assert encoded.exit_code == 0, encoded.output
+    assert "rows           3,000 in 3 chunks" in encoded.output
+    assert "xpbatch.open_catalog(" in encoded.output
+    catalog = tmp_path / "demo-catalog.zarr"
+    assert open_catalog(catalog).attrs["complete"] is True
+
     png = tmp_path / "maps.png"
-    catalog = str(tmp_path / "demo-catalog.zarr")
-    result = CliRunner().invoke(main, ["skymap", catalog, "-o", str(png), "--order", "3", *cluster])
+    result = CliRunner().invoke(
+        main, ["skymap", str(catalog), "-o", str(png), "--order", "3", *cluster]
+    )
     assert result.exit_code == 0, result.output
     assert f"wrote {png}: 3,000 sources on 768 pixels" in result.output
     assert png.read_bytes()[:4] == b"\x89PNG"
